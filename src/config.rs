@@ -1,0 +1,193 @@
+//! Command-line configuration: every limit the server enforces, with its default and its flag.
+//!
+//! Defaults suit a Raspberry Pi class board serving a few hundred tablets. `Config::validate`
+//! rejects values that would make the server misbehave, so a bad flag fails at start.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use argh::FromArgs;
+
+/// Default address for HTTP and WebSocket clients: the port the old backend used.
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:8000";
+/// Default seconds between server WebSocket pings.
+pub const DEFAULT_PING_INTERVAL_SECS: f64 = 30.0;
+/// Default seconds a client has to answer a ping (with anything) before it is dropped.
+pub const DEFAULT_PONG_TIMEOUT_SECS: f64 = 10.0;
+/// Default number of emergencies kept for catch-up.
+pub const DEFAULT_HISTORY: usize = 1000;
+/// Default bytes of serialized emergencies kept for catch-up.
+pub const DEFAULT_HISTORY_BYTES: usize = 16 * 1024 * 1024;
+/// Default largest emergency accepted: an HTTP body or one Unix-socket line.
+pub const DEFAULT_MAX_BODY_BYTES: usize = 64 * 1024;
+/// Default largest HTTP request head (request line and headers).
+pub const DEFAULT_MAX_HEAD_BYTES: usize = 8 * 1024;
+/// Default seconds to receive a whole HTTP request (head and body).
+pub const DEFAULT_HEADER_TIMEOUT_SECS: f64 = 10.0;
+/// Default seconds a write to a client may take before the client is dropped.
+pub const DEFAULT_WRITE_TIMEOUT_SECS: f64 = 10.0;
+/// Default events queued per WebSocket client before it counts as too slow and is dropped.
+pub const DEFAULT_QUEUE: usize = 64;
+/// Default connected WebSocket clients.
+pub const DEFAULT_MAX_CLIENTS: usize = 1000;
+/// Default HTTP connections that are not (yet) WebSocket clients, including those mid-head.
+pub const DEFAULT_MAX_HTTP_CONNECTIONS: usize = 128;
+/// Default simultaneous Unix-socket publisher connections.
+pub const DEFAULT_MAX_UNIX_CONNECTIONS: usize = 32;
+/// Default largest message a WebSocket client may send (clients send only pings, and later acks).
+pub const DEFAULT_MAX_CLIENT_MESSAGE_BYTES: usize = 4096;
+
+/// resq-push: WebSocket push server for emergency dispatch sites. Tablets connect to
+/// /ws/emergencias; local apps publish over a Unix socket or POST /emergencias.
+#[derive(FromArgs, Debug, Clone)]
+pub struct Config {
+    /// address for HTTP and WebSocket clients (default 0.0.0.0:8000)
+    #[argh(option, default = "default_listen()")]
+    pub listen: SocketAddr,
+
+    /// unix socket for newline-delimited JSON publishing (default: none)
+    #[argh(option)]
+    pub unix_socket: Option<PathBuf>,
+
+    /// seconds between WebSocket pings to each client, fractions allowed (default 30)
+    #[argh(option, default = "secs(DEFAULT_PING_INTERVAL_SECS)", from_str_fn(parse_seconds))]
+    pub ping_interval: Duration,
+
+    /// seconds a client has to answer a ping before it is dropped (default 10)
+    #[argh(option, default = "secs(DEFAULT_PONG_TIMEOUT_SECS)", from_str_fn(parse_seconds))]
+    pub pong_timeout: Duration,
+
+    /// emergencies kept for catch-up with ?since= (default 1000)
+    #[argh(option, default = "DEFAULT_HISTORY")]
+    pub history: usize,
+
+    /// bytes of emergencies kept for catch-up; the oldest go first (default 16 MiB)
+    #[argh(option, default = "DEFAULT_HISTORY_BYTES")]
+    pub history_bytes: usize,
+
+    /// largest emergency accepted, as an HTTP body or a Unix-socket line (default 65536)
+    #[argh(option, default = "DEFAULT_MAX_BODY_BYTES")]
+    pub max_body_bytes: usize,
+
+    /// largest HTTP request head in bytes (default 8192)
+    #[argh(option, default = "DEFAULT_MAX_HEAD_BYTES")]
+    pub max_head_bytes: usize,
+
+    /// seconds a client has to send a whole HTTP request, head and body (default 10)
+    #[argh(option, default = "secs(DEFAULT_HEADER_TIMEOUT_SECS)", from_str_fn(parse_seconds))]
+    pub header_timeout: Duration,
+
+    /// seconds one write to a client may take before it is dropped (default 10)
+    #[argh(option, default = "secs(DEFAULT_WRITE_TIMEOUT_SECS)", from_str_fn(parse_seconds))]
+    pub write_timeout: Duration,
+
+    /// events queued per WebSocket client; a client this far behind is dropped (default 64)
+    #[argh(option, default = "DEFAULT_QUEUE")]
+    pub queue: usize,
+
+    /// connected WebSocket clients; more are refused with 503 (default 1000)
+    #[argh(option, default = "DEFAULT_MAX_CLIENTS")]
+    pub max_clients: usize,
+
+    /// open HTTP connections that are not WebSocket clients (default 128)
+    #[argh(option, default = "DEFAULT_MAX_HTTP_CONNECTIONS")]
+    pub max_http_connections: usize,
+
+    /// open Unix-socket publisher connections (default 32)
+    #[argh(option, default = "DEFAULT_MAX_UNIX_CONNECTIONS")]
+    pub max_unix_connections: usize,
+
+    /// largest message a WebSocket client may send, in bytes (default 4096)
+    #[argh(option, default = "DEFAULT_MAX_CLIENT_MESSAGE_BYTES")]
+    pub max_client_message_bytes: usize,
+}
+
+impl Config {
+    /// Checks the values together; the error names the flag to fix.
+    pub fn validate(&self) -> Result<(), String> {
+        let positive_counts = [
+            ("--history", self.history),
+            ("--history-bytes", self.history_bytes),
+            ("--max-body-bytes", self.max_body_bytes),
+            ("--queue", self.queue),
+            ("--max-clients", self.max_clients),
+            ("--max-http-connections", self.max_http_connections),
+            ("--max-unix-connections", self.max_unix_connections),
+        ];
+        for (flag, value) in positive_counts {
+            if value == 0 {
+                return Err(format!("{flag} must be at least 1"));
+            }
+        }
+        if self.max_head_bytes < 256 {
+            return Err("--max-head-bytes must be at least 256".into());
+        }
+        if self.max_client_message_bytes < 128 {
+            return Err("--max-client-message-bytes must be at least 128".into());
+        }
+        let positive_durations = [
+            ("--ping-interval", self.ping_interval),
+            ("--pong-timeout", self.pong_timeout),
+            ("--header-timeout", self.header_timeout),
+            ("--write-timeout", self.write_timeout),
+        ];
+        for (flag, value) in positive_durations {
+            if value < Duration::from_millis(10) {
+                return Err(format!("{flag} must be at least 0.01 seconds"));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn default_listen() -> SocketAddr {
+    DEFAULT_LISTEN.parse().unwrap_or_else(|_| unreachable!("DEFAULT_LISTEN is a valid address"))
+}
+
+fn secs(value: f64) -> Duration {
+    Duration::from_secs_f64(value)
+}
+
+/// Parses seconds such as `30` or `0.25`.
+fn parse_seconds(text: &str) -> Result<Duration, String> {
+    let value: f64 = text.trim().parse().map_err(|_| format!("'{text}' is not a number of seconds"))?;
+    if !(0.0..=86_400.0).contains(&value) {
+        return Err(format!("'{text}' must be between 0 and 86400 seconds"));
+    }
+    Ok(Duration::from_secs_f64(value))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Config, String> {
+        Config::from_args(&["resq-push"], args).map_err(|early| early.output)
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let config = parse(&[]).unwrap();
+        assert_eq!(config.listen.to_string(), DEFAULT_LISTEN);
+        assert_eq!(config.ping_interval, Duration::from_secs(30));
+        assert_eq!(config.pong_timeout, Duration::from_secs(10));
+        config.validate().unwrap();
+    }
+
+    #[test]
+    fn fractional_seconds_are_accepted() {
+        let config = parse(&["--ping-interval", "0.25"]).unwrap();
+        assert_eq!(config.ping_interval, Duration::from_millis(250));
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        assert!(parse(&["--ping-interval", "soon"]).unwrap_err().contains("soon"));
+        assert!(parse(&["--ping-interval", "-1"]).is_err());
+        let zero_queue = parse(&["--queue", "0"]).unwrap().validate().unwrap_err();
+        assert!(zero_queue.contains("--queue"), "{zero_queue}");
+        let zero_ping = parse(&["--ping-interval", "0"]).unwrap().validate().unwrap_err();
+        assert!(zero_ping.contains("--ping-interval"), "{zero_ping}");
+    }
+}

@@ -1,0 +1,24 @@
+//! Bounding any future by a point in time, so that no peer can hold a task forever.
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use smol::{Timer, future};
+
+/// The deadline passed before the future finished.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TimedOut;
+
+/// Runs `work` until it finishes or `deadline` passes, whichever comes first.
+pub async fn before<T>(deadline: Instant, work: impl Future<Output = T>) -> Result<T, TimedOut> {
+    future::or(async { Ok(work.await) }, async {
+        Timer::at(deadline).await;
+        Err(TimedOut)
+    })
+    .await
+}
+
+/// Runs `work` for at most `limit`.
+pub async fn within<T>(limit: Duration, work: impl Future<Output = T>) -> Result<T, TimedOut> {
+    before(Instant::now() + limit, work).await
+}

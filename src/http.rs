@@ -1,0 +1,318 @@
+//! Minimal HTTP/1.1 for the routes this server has: reading a bounded request head (httparse) and
+//! body, and writing small responses. Keep-alive and pipelining work; chunked bodies are refused.
+
+use std::io;
+use std::net::Shutdown;
+use std::time::{Duration, Instant};
+
+use smol::io::{AsyncReadExt, AsyncWriteExt};
+use smol::net::TcpStream;
+
+use crate::deadline::{self, TimedOut};
+
+/// Most headers a request may have; more get `431`.
+pub const MAX_HEADERS: usize = 32;
+/// How much of an unread request body is discarded, at most, before closing after an error,
+/// so the client reads the error instead of a connection reset.
+const LINGER_BYTES: usize = 256 * 1024;
+const LINGER_TIME: Duration = Duration::from_secs(2);
+
+/// A parsed request head.
+#[derive(Debug)]
+pub struct Request {
+    pub method: String,
+    pub path: String,
+    pub query: Option<String>,
+    /// 0 for HTTP/1.0, 1 for HTTP/1.1.
+    pub minor_version: u8,
+    /// Names in lower case.
+    headers: Vec<(String, String)>,
+}
+
+impl Request {
+    /// The first value of a header, by lower-case name.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(n, _)| n == name).map(|(_, value)| value.as_str())
+    }
+
+    /// All values of a header (a header may repeat).
+    pub fn headers<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+        self.headers.iter().filter(move |(n, _)| n == name).map(|(_, value)| value.as_str())
+    }
+
+    /// Whether a comma-separated header (`Connection`, `Upgrade`) lists `token`, ignoring case.
+    pub fn header_has_token(&self, name: &str, token: &str) -> bool {
+        self.headers(name)
+            .flat_map(|value| value.split(','))
+            .any(|item| item.trim().eq_ignore_ascii_case(token))
+    }
+
+    /// The value of a query parameter, undecoded (this server's parameters are plain numbers).
+    pub fn query_param(&self, name: &str) -> Option<&str> {
+        self.query
+            .as_deref()?
+            .split('&')
+            .filter_map(|pair| pair.split_once('=').or(Some((pair, ""))))
+            .find(|(key, _)| *key == name)
+            .map(|(_, value)| value)
+    }
+
+    /// Whether the client wants the connection kept open after the response.
+    pub fn keep_alive(&self) -> bool {
+        if self.header_has_token("connection", "close") {
+            false
+        } else {
+            self.minor_version >= 1 || self.header_has_token("connection", "keep-alive")
+        }
+    }
+}
+
+/// Why no request head could be read.
+#[derive(Debug)]
+pub enum HeadError {
+    /// The client closed the connection between requests: nothing to answer.
+    Closed,
+    /// The connection ended in the middle of a head.
+    Truncated,
+    /// The head was not complete by the deadline.
+    TimedOut,
+    /// The head is larger than `--max-head-bytes` (`431`).
+    TooLarge,
+    /// More than `MAX_HEADERS` headers (`431`).
+    TooManyHeaders,
+    /// Not HTTP/1.x (`400`).
+    Malformed(httparse::Error),
+    Io(io::Error),
+}
+
+/// An HTTP connection: the stream plus bytes read past the current request (pipelined requests,
+/// a body, or the first WebSocket frames).
+pub struct HttpConnection {
+    pub stream: TcpStream,
+    pub buffered: Vec<u8>,
+}
+
+impl HttpConnection {
+    pub fn new(stream: TcpStream) -> Self {
+        HttpConnection { stream, buffered: Vec::new() }
+    }
+
+    /// Reads one request head, which must be complete by `deadline` and fit in `max_bytes`.
+    pub async fn read_head(&mut self, max_bytes: usize, deadline: Instant) -> Result<Request, HeadError> {
+        loop {
+            if let Some(request) = self.parse_buffered_head(max_bytes)? {
+                return Ok(request);
+            }
+            let mut chunk = [0u8; 2048];
+            let read = deadline::before(deadline, self.stream.read(&mut chunk))
+                .await
+                .map_err(|TimedOut| HeadError::TimedOut)?
+                .map_err(HeadError::Io)?;
+            if read == 0 {
+                return Err(if self.buffered.is_empty() { HeadError::Closed } else { HeadError::Truncated });
+            }
+            self.buffered.extend_from_slice(&chunk[..read]);
+        }
+    }
+
+    fn parse_buffered_head(&mut self, max_bytes: usize) -> Result<Option<Request>, HeadError> {
+        let Some((request, head_len)) = parse_head(&self.buffered, max_bytes)? else {
+            return Ok(None);
+        };
+        self.buffered.drain(..head_len);
+        Ok(Some(request))
+    }
+
+    /// Reads a body of exactly `len` bytes (already checked against the limit) by `deadline`.
+    pub async fn read_body(&mut self, len: usize, deadline: Instant) -> Result<Vec<u8>, BodyError> {
+        while self.buffered.len() < len {
+            let mut chunk = [0u8; 4096];
+            let wanted = (len - self.buffered.len()).min(chunk.len());
+            let read = deadline::before(deadline, self.stream.read(&mut chunk[..wanted]))
+                .await
+                .map_err(|TimedOut| BodyError::TimedOut)?
+                .map_err(|_| BodyError::Incomplete)?;
+            if read == 0 {
+                return Err(BodyError::Incomplete);
+            }
+            self.buffered.extend_from_slice(&chunk[..read]);
+        }
+        let rest = self.buffered.split_off(len);
+        Ok(std::mem::replace(&mut self.buffered, rest))
+    }
+
+    /// Writes a response by `deadline`.
+    pub async fn respond(&mut self, response: &Response, deadline: Instant) -> io::Result<()> {
+        let bytes = response.to_bytes();
+        deadline::before(deadline, self.stream.write_all(&bytes))
+            .await
+            .map_err(|TimedOut| io::Error::from(io::ErrorKind::TimedOut))?
+    }
+
+    /// Writes a response that ends the connection, then discards what the client is still
+    /// sending for a moment, so that it reads the response rather than a reset.
+    pub async fn respond_and_close(mut self, mut response: Response, write_timeout: Duration) {
+        response.keep_alive = false;
+        if self.respond(&response, Instant::now() + write_timeout).await.is_err() {
+            return;
+        }
+        let _ = self.stream.shutdown(Shutdown::Write);
+        let mut discarded = 0;
+        let mut chunk = [0u8; 4096];
+        while discarded < LINGER_BYTES {
+            match deadline::within(LINGER_TIME, self.stream.read(&mut chunk)).await {
+                Ok(Ok(read)) if read > 0 => discarded += read,
+                _ => break,
+            }
+        }
+    }
+}
+
+/// Parses a request head at the start of `buffer`: `None` while it is incomplete, else the
+/// request and the head's length in bytes.
+fn parse_head(buffer: &[u8], max_bytes: usize) -> Result<Option<(Request, usize)>, HeadError> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut parsed = httparse::Request::new(&mut headers);
+    let head_len = match parsed.parse(buffer) {
+        Ok(httparse::Status::Complete(len)) if len <= max_bytes => len,
+        Ok(httparse::Status::Complete(_)) => return Err(HeadError::TooLarge),
+        Ok(httparse::Status::Partial) if buffer.len() >= max_bytes => return Err(HeadError::TooLarge),
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooManyHeaders),
+        Err(error) => return Err(HeadError::Malformed(error)),
+    };
+    let target = parsed.path.unwrap_or("/");
+    let (path, query) = match target.split_once('?') {
+        Some((path, query)) => (path, Some(query.to_owned())),
+        None => (target, None),
+    };
+    let request = Request {
+        method: parsed.method.unwrap_or("").to_owned(),
+        path: path.to_owned(),
+        query,
+        minor_version: parsed.version.unwrap_or(1),
+        headers: parsed
+            .headers
+            .iter()
+            .map(|h| (h.name.to_ascii_lowercase(), String::from_utf8_lossy(h.value).into_owned()))
+            .collect(),
+    };
+    Ok(Some((request, head_len)))
+}
+
+/// Why a request body could not be read.
+#[derive(Debug)]
+pub enum BodyError {
+    TimedOut,
+    /// The connection ended or failed before the whole body arrived.
+    Incomplete,
+}
+
+/// A small response with a complete body.
+#[derive(Debug, Clone)]
+pub struct Response {
+    pub status: u16,
+    pub headers: Vec<(&'static str, String)>,
+    pub content_type: &'static str,
+    pub body: String,
+    pub keep_alive: bool,
+}
+
+impl Response {
+    pub fn json(status: u16, body: String) -> Self {
+        Response { status, headers: Vec::new(), content_type: "application/json", body, keep_alive: true }
+    }
+
+    pub fn with_header(mut self, name: &'static str, value: impl Into<String>) -> Self {
+        self.headers.push((name, value.into()));
+        self
+    }
+
+    fn to_bytes(&self) -> Vec<u8> {
+        let mut head = format!("HTTP/1.1 {} {}\r\n", self.status, reason_phrase(self.status));
+        if !self.body.is_empty() || self.status != 101 {
+            head.push_str(&format!(
+                "Content-Type: {}\r\nContent-Length: {}\r\nCache-Control: no-store\r\n",
+                self.content_type,
+                self.body.len()
+            ));
+        }
+        if self.status != 101 {
+            head.push_str(if self.keep_alive {
+                "Connection: keep-alive\r\n"
+            } else {
+                "Connection: close\r\n"
+            });
+        }
+        for (name, value) in &self.headers {
+            head.push_str(&format!("{name}: {value}\r\n"));
+        }
+        head.push_str("\r\n");
+        let mut bytes = head.into_bytes();
+        bytes.extend_from_slice(self.body.as_bytes());
+        bytes
+    }
+}
+
+fn reason_phrase(status: u16) -> &'static str {
+    match status {
+        100 => "Continue",
+        101 => "Switching Protocols",
+        200 => "OK",
+        202 => "Accepted",
+        400 => "Bad Request",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        408 => "Request Timeout",
+        411 => "Length Required",
+        413 => "Content Too Large",
+        426 => "Upgrade Required",
+        431 => "Request Header Fields Too Large",
+        500 => "Internal Server Error",
+        503 => "Service Unavailable",
+        _ => "Unknown",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn head(text: &str) -> Request {
+        let (request, len) = parse_head(text.as_bytes(), 1024).unwrap().unwrap();
+        assert_eq!(len, text.len());
+        request
+    }
+
+    #[test]
+    fn incomplete_and_oversized_heads() {
+        assert!(parse_head(b"GET / HTTP/1.1\r\nHost: x\r\n", 1024).unwrap().is_none());
+        assert!(matches!(parse_head(b"GET / HTTP/1.1\r\nHost: x\r\n", 10), Err(HeadError::TooLarge)));
+        assert!(matches!(parse_head(b"\x16\x03\x01garbage\r\n\r\n", 1024), Err(HeadError::Malformed(_))));
+        let many = format!("GET / HTTP/1.1\r\n{}\r\n", "X: y\r\n".repeat(MAX_HEADERS + 1));
+        assert!(matches!(parse_head(many.as_bytes(), 4096), Err(HeadError::TooManyHeaders)));
+    }
+
+    #[test]
+    fn tokens_queries_and_keep_alive() {
+        let request = head(
+            "GET /ws/emergencias?token=x&since=42 HTTP/1.1\r\nConnection: keep-alive, Upgrade\r\nUpgrade: WebSocket\r\n\r\n",
+        );
+        assert!(request.header_has_token("connection", "upgrade"));
+        assert!(request.header_has_token("upgrade", "websocket"));
+        assert_eq!(request.query_param("since"), Some("42"));
+        assert_eq!(request.query_param("missing"), None);
+        assert!(request.keep_alive());
+        assert!(!head("GET / HTTP/1.0\r\n\r\n").keep_alive());
+        assert!(!head("GET / HTTP/1.1\r\nConnection: close\r\n\r\n").keep_alive());
+    }
+
+    #[test]
+    fn responses_carry_length_and_connection() {
+        let bytes = Response::json(202, "{}".into()).to_bytes();
+        let text = String::from_utf8(bytes).unwrap();
+        assert!(text.starts_with("HTTP/1.1 202 Accepted\r\n"), "{text}");
+        assert!(text.contains("Content-Length: 2\r\n") && text.contains("Connection: keep-alive\r\n"));
+        assert!(text.ends_with("\r\n\r\n{}"));
+    }
+}

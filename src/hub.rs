@@ -1,0 +1,392 @@
+//! The hub: the one owner of the server's shared state.
+//!
+//! It holds the slab of connected clients' queue senders, the sequence counter and the ring of
+//! recent emergencies kept for catch-up. Tasks reach it as `Rc<RefCell<Hub>>` on the single
+//! executor thread; every method is synchronous, so no borrow is ever held across an `.await`.
+//! Subscribing registers the client and snapshots its replay in the same call, which is why
+//! replay and live events never overlap or leave a gap.
+
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::time::SystemTime;
+
+use async_channel::{Receiver, Sender, TrySendError};
+use async_tungstenite::tungstenite::Utf8Bytes;
+use log::warn;
+use serde_json::value::RawValue;
+use slab::Slab;
+
+use crate::protocol::{self, EmergencyEnvelope, HistoryRange, ReplayInfo, Source};
+use crate::timestamp::rfc3339_millis;
+
+pub type SharedHub = Rc<RefCell<Hub>>;
+
+/// The hub's bounds, taken from the configuration.
+#[derive(Clone, Copy, Debug)]
+pub struct HubLimits {
+    /// Emergencies kept for catch-up.
+    pub history: usize,
+    /// Bytes of serialized emergencies kept for catch-up.
+    pub history_bytes: usize,
+    /// Events queued per client before it is dropped as too slow.
+    pub queue: usize,
+    /// Connected clients.
+    pub max_clients: usize,
+}
+
+/// Why the hub closed a client's queue; the session turns it into a close code.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Farewell {
+    /// Its queue was full: it fell `queue` events behind.
+    TooSlow,
+    /// The server is shutting down.
+    ShuttingDown,
+}
+
+/// Why a client could not subscribe.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// `max_clients` are connected.
+    Full,
+    /// The server is shutting down.
+    ShuttingDown,
+}
+
+/// The result of one publish.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Receipt {
+    pub seq: u64,
+    /// Clients whose queue took the emergency.
+    pub queued_to: usize,
+}
+
+/// A connected client as the hub sees it.
+struct Subscriber {
+    /// Unique for the server's lifetime, unlike slab keys, which are reused.
+    client_id: u64,
+    peer: SocketAddr,
+    queue: Sender<Utf8Bytes>,
+    farewell: Rc<Cell<Option<Farewell>>>,
+}
+
+/// One retained emergency: its seq and its envelope, serialized once and shared by reference.
+struct Retained {
+    seq: u64,
+    json: Utf8Bytes,
+}
+
+pub struct Hub {
+    limits: HubLimits,
+    /// Connected clients; only the hub inserts and removes.
+    subscribers: Slab<Subscriber>,
+    next_client_id: u64,
+    /// The last seq assigned; 0 before the first emergency.
+    last_seq: u64,
+    /// Consecutive seqs, oldest first, bounded by `limits.history` and `limits.history_bytes`.
+    history: VecDeque<Retained>,
+    history_bytes: usize,
+    /// Set at shutdown: no new subscribers, every queue closed.
+    shutting_down: bool,
+}
+
+/// What a client gets from `Hub::subscribe`. Dropping it unsubscribes.
+pub struct Subscription {
+    pub client_id: u64,
+    /// Live events, all with seq greater than `seq`.
+    pub events: Receiver<Utf8Bytes>,
+    /// Retained events to send before the live ones, oldest first.
+    pub replay: Vec<Utf8Bytes>,
+    pub replay_info: Option<ReplayInfo>,
+    /// The last seq at the moment of subscribing.
+    pub seq: u64,
+    pub history: HistoryRange,
+    /// Set by the hub when it closes `events`, to say why.
+    pub farewell: Rc<Cell<Option<Farewell>>>,
+    /// Held for its `Drop`, which unsubscribes.
+    #[allow(dead_code)]
+    membership: Membership,
+}
+
+/// Removes the client's slab entry when its session ends, whichever side ended it.
+struct Membership {
+    hub: SharedHub,
+    key: usize,
+    client_id: u64,
+}
+
+impl Drop for Membership {
+    fn drop(&mut self) {
+        match self.hub.try_borrow_mut() {
+            Ok(mut hub) => hub.unsubscribe(self.key, self.client_id),
+            Err(_) => log::error!("client {} left while the hub was busy", self.client_id),
+        }
+    }
+}
+
+impl Hub {
+    pub fn new(limits: HubLimits) -> SharedHub {
+        Rc::new(RefCell::new(Hub {
+            limits,
+            subscribers: Slab::new(),
+            next_client_id: 1,
+            last_seq: 0,
+            history: VecDeque::new(),
+            history_bytes: 0,
+            shutting_down: false,
+        }))
+    }
+
+    /// Assigns the next seq, serializes the envelope once, queues it to every client and keeps
+    /// it for catch-up. A client whose queue is full is dropped instead of waited for.
+    pub fn publish(&mut self, data: &RawValue, source: Source) -> Receipt {
+        self.last_seq += 1;
+        let seq = self.last_seq;
+        let received_at = rfc3339_millis(SystemTime::now());
+        let envelope = EmergencyEnvelope { kind: "emergencia", seq, received_at: &received_at, source, data };
+        let json = Utf8Bytes::from(protocol::to_json(&envelope));
+
+        let mut queued_to = 0;
+        self.subscribers.retain(|_, subscriber| match subscriber.queue.try_send(json.clone()) {
+            Ok(()) => {
+                queued_to += 1;
+                true
+            }
+            Err(TrySendError::Full(_)) => {
+                warn!(
+                    "client {} ({}) dropped: {} events behind (--queue), it can resume with ?since=",
+                    subscriber.client_id,
+                    subscriber.peer,
+                    subscriber.queue.len()
+                );
+                subscriber.farewell.set(Some(Farewell::TooSlow));
+                subscriber.queue.close();
+                false
+            }
+            // The session is ending; its Membership removes the entry.
+            Err(TrySendError::Closed(_)) => true,
+        });
+        self.retain(seq, json);
+        Receipt { seq, queued_to }
+    }
+
+    /// Registers a client and snapshots what it must be replayed (`since` given) in one step.
+    pub fn subscribe(hub: &SharedHub, peer: SocketAddr, since: Option<u64>) -> Result<Subscription, Refusal> {
+        let mut this = hub.borrow_mut();
+        if this.shutting_down {
+            return Err(Refusal::ShuttingDown);
+        }
+        if this.subscribers.len() >= this.limits.max_clients {
+            return Err(Refusal::Full);
+        }
+        let (replay, replay_info) = match since {
+            Some(since) => {
+                let (entries, info) = this.retained_after(since);
+                (entries.cloned().collect(), Some(info))
+            }
+            None => (Vec::new(), None),
+        };
+        let (queue, events) = async_channel::bounded(this.limits.queue);
+        let farewell = Rc::new(Cell::new(None));
+        let client_id = this.next_client_id;
+        this.next_client_id += 1;
+        let key =
+            this.subscribers.insert(Subscriber { client_id, peer, queue, farewell: Rc::clone(&farewell) });
+        Ok(Subscription {
+            client_id,
+            events,
+            replay,
+            replay_info,
+            seq: this.last_seq,
+            history: this.history_range(),
+            farewell,
+            membership: Membership { hub: Rc::clone(hub), key, client_id },
+        })
+    }
+
+    /// Retained envelopes with seq greater than `since`, oldest first, and what that means for
+    /// a client resuming from `since`.
+    pub fn retained_after(&self, since: u64) -> (impl Iterator<Item = &Utf8Bytes>, ReplayInfo) {
+        let first_seq = self.history_range().first_seq;
+        let (start, missed, reset) = if since > self.last_seq {
+            (0, 0, true)
+        } else if since >= first_seq {
+            // Seqs in history are consecutive, so the index is a subtraction.
+            ((since + 1 - first_seq) as usize, 0, false)
+        } else {
+            (0, first_seq - 1 - since, false)
+        };
+        let start = start.min(self.history.len());
+        let info = ReplayInfo { since, count: self.history.len() - start, missed, reset };
+        (self.history.range(start..).map(|retained| &retained.json), info)
+    }
+
+    /// Closes every client's queue so each session drains it and says goodbye; refuses new ones.
+    pub fn shut_down(&mut self) {
+        self.shutting_down = true;
+        for (_, subscriber) in &self.subscribers {
+            subscriber.farewell.set(Some(Farewell::ShuttingDown));
+            subscriber.queue.close();
+        }
+    }
+
+    pub fn client_count(&self) -> usize {
+        self.subscribers.len()
+    }
+
+    pub fn last_seq(&self) -> u64 {
+        self.last_seq
+    }
+
+    pub fn history_range(&self) -> HistoryRange {
+        HistoryRange {
+            first_seq: self.history.front().map_or(self.last_seq + 1, |retained| retained.seq),
+            last_seq: self.last_seq,
+            count: self.history.len(),
+        }
+    }
+
+    fn unsubscribe(&mut self, key: usize, client_id: u64) {
+        // The key may already be gone (dropped as too slow) and even reused by a newer client.
+        if self.subscribers.get(key).is_some_and(|s| s.client_id == client_id) {
+            self.subscribers.remove(key);
+        }
+    }
+
+    /// Appends to history and drops the oldest entries beyond either bound, always keeping the
+    /// newest so a resuming client can get at least the last emergency.
+    fn retain(&mut self, seq: u64, json: Utf8Bytes) {
+        self.history_bytes += json.len();
+        self.history.push_back(Retained { seq, json });
+        while self.history.len() > 1
+            && (self.history.len() > self.limits.history || self.history_bytes > self.limits.history_bytes)
+        {
+            if let Some(oldest) = self.history.pop_front() {
+                self.history_bytes -= oldest.json.len();
+            }
+        }
+    }
+}
+
+impl Subscription {
+    /// The client's slab key, for tests of the hub's bookkeeping.
+    #[cfg(test)]
+    fn key(&self) -> usize {
+        self.membership.key
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits() -> HubLimits {
+        HubLimits { history: 3, history_bytes: 1 << 20, queue: 2, max_clients: 2 }
+    }
+
+    fn raw(text: &str) -> Box<RawValue> {
+        RawValue::from_string(text.to_owned()).unwrap()
+    }
+
+    fn peer() -> SocketAddr {
+        "127.0.0.1:9".parse().unwrap()
+    }
+
+    fn seqs(entries: &[Utf8Bytes]) -> Vec<u64> {
+        entries
+            .iter()
+            .map(|json| serde_json::from_str::<serde_json::Value>(json).unwrap()["seq"].as_u64().unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn seqs_grow_by_one_and_data_is_verbatim() {
+        let hub = Hub::new(limits());
+        let client = Hub::subscribe(&hub, peer(), None).unwrap();
+        let first = hub.borrow_mut().publish(&raw(r#"{"b": 1,  "a":[ ]}"#), Source::Unix);
+        let second = hub.borrow_mut().publish(&raw("{}"), Source::Http);
+        assert_eq!((first.seq, second.seq), (1, 2));
+        assert_eq!(first.queued_to, 1);
+        let json = client.events.try_recv().unwrap();
+        assert!(json.contains(r#""data":{"b": 1,  "a":[ ]}"#), "{json}");
+        assert!(json.starts_with(r#"{"type":"emergencia","seq":1,"received_at":""#), "{json}");
+    }
+
+    #[test]
+    fn replay_covers_exactly_what_was_missed() {
+        let hub = Hub::new(limits());
+        for _ in 0..5 {
+            hub.borrow_mut().publish(&raw("{}"), Source::Unix);
+        }
+        // History keeps seqs 3..=5.
+        let cases = [
+            (4, vec![5], 0, false),
+            (2, vec![3, 4, 5], 0, false),
+            (0, vec![3, 4, 5], 2, false),
+            (5, vec![], 0, false),
+            (9, vec![3, 4, 5], 0, true),
+        ];
+        for (since, expected, missed, reset) in cases {
+            let client = Hub::subscribe(&hub, peer(), Some(since)).unwrap();
+            assert_eq!(seqs(&client.replay), expected, "since={since}");
+            let info = client.replay_info.unwrap();
+            assert_eq!(
+                (info.missed, info.reset, info.count),
+                (missed, reset, expected.len()),
+                "since={since}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_full_queue_drops_only_that_client() {
+        let hub = Hub::new(limits());
+        let slow = Hub::subscribe(&hub, peer(), None).unwrap();
+        let fast = Hub::subscribe(&hub, peer(), None).unwrap();
+        for _ in 0..3 {
+            hub.borrow_mut().publish(&raw("{}"), Source::Unix);
+            fast.events.try_recv().unwrap();
+        }
+        assert_eq!(slow.farewell.get(), Some(Farewell::TooSlow));
+        assert!(slow.events.is_closed());
+        assert_eq!(fast.farewell.get(), None);
+        assert_eq!(hub.borrow().client_count(), 1);
+    }
+
+    #[test]
+    fn a_reused_key_is_not_removed_by_the_old_client() {
+        let hub = Hub::new(limits());
+        let slow = Hub::subscribe(&hub, peer(), None).unwrap();
+        for _ in 0..3 {
+            hub.borrow_mut().publish(&raw("{}"), Source::Unix);
+        }
+        let newcomer = Hub::subscribe(&hub, peer(), None).unwrap();
+        assert_eq!(newcomer.key(), slow.key());
+        drop(slow);
+        assert_eq!(hub.borrow().client_count(), 1);
+        drop(newcomer);
+        assert_eq!(hub.borrow().client_count(), 0);
+    }
+
+    #[test]
+    fn clients_are_capped_and_refused_at_shutdown() {
+        let hub = Hub::new(limits());
+        let _a = Hub::subscribe(&hub, peer(), None).unwrap();
+        let b = Hub::subscribe(&hub, peer(), None).unwrap();
+        assert_eq!(Hub::subscribe(&hub, peer(), None).err(), Some(Refusal::Full));
+        drop(b);
+        hub.borrow_mut().shut_down();
+        assert_eq!(Hub::subscribe(&hub, peer(), None).err(), Some(Refusal::ShuttingDown));
+    }
+
+    #[test]
+    fn history_is_bounded_by_bytes_too() {
+        let hub = Hub::new(HubLimits { history_bytes: 1, ..limits() });
+        for _ in 0..3 {
+            hub.borrow_mut().publish(&raw("{}"), Source::Unix);
+        }
+        let range = hub.borrow().history_range();
+        assert_eq!((range.first_seq, range.last_seq, range.count), (3, 3, 1));
+    }
+}

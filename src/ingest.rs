@@ -1,0 +1,90 @@
+//! What both ingest paths (HTTP POST and the Unix socket) share: checking a submission and
+//! publishing it.
+//!
+//! A submission is accepted only if it is one JSON object within the size limit; anything else is
+//! rejected with a precise message and nothing is published.
+
+use serde_json::value::RawValue;
+use smol::future;
+
+use crate::hub::{Receipt, SharedHub};
+use crate::protocol::Source;
+
+/// Why a submission was not published. `Display` gives the message sent back to the publisher.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Rejection {
+    /// Nothing but whitespace.
+    Empty,
+    /// Longer than `--max-body-bytes`.
+    TooLarge { limit: usize },
+    /// Not valid JSON (serde_json's message says where).
+    InvalidJson(String),
+    /// Valid JSON, but not an object.
+    NotAnObject,
+}
+
+impl std::fmt::Display for Rejection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Rejection::Empty => f.write_str("empty body: send one JSON object"),
+            Rejection::TooLarge { limit } => write!(f, "emergency larger than {limit} bytes"),
+            Rejection::InvalidJson(detail) => write!(f, "invalid JSON: {detail}"),
+            Rejection::NotAnObject => f.write_str("the emergency must be a JSON object"),
+        }
+    }
+}
+
+/// Checks that `bytes` hold exactly one JSON object and returns it byte for byte.
+pub fn parse_emergency(bytes: &[u8], max_bytes: usize) -> Result<&RawValue, Rejection> {
+    if bytes.len() > max_bytes {
+        return Err(Rejection::TooLarge { limit: max_bytes });
+    }
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Err(Rejection::Empty);
+    }
+    let value: &RawValue =
+        serde_json::from_slice(bytes).map_err(|e| Rejection::InvalidJson(e.to_string()))?;
+    if value.get().starts_with('{') { Ok(value) } else { Err(Rejection::NotAnObject) }
+}
+
+/// Publishes one submission, then yields so that the sessions it woke can write before this
+/// ingest connection publishes again: a burst on one connection must not starve the others.
+pub async fn submit(
+    hub: &SharedHub,
+    bytes: &[u8],
+    max_bytes: usize,
+    source: Source,
+) -> Result<Receipt, Rejection> {
+    let data = parse_emergency(bytes, max_bytes)?;
+    let receipt = hub.borrow_mut().publish(data, source);
+    future::yield_now().await;
+    Ok(receipt)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepts_one_object_verbatim() {
+        let value = parse_emergency(b" {\"a\":  [1, 2]}\n", 100).unwrap();
+        assert_eq!(value.get(), "{\"a\":  [1, 2]}");
+    }
+
+    fn rejection(bytes: &[u8], max_bytes: usize) -> Rejection {
+        parse_emergency(bytes, max_bytes).map(RawValue::get).unwrap_err()
+    }
+
+    #[test]
+    fn rejects_everything_else_precisely() {
+        assert_eq!(rejection(b" \r\n", 100), Rejection::Empty);
+        assert_eq!(rejection(b"[1]", 100), Rejection::NotAnObject);
+        assert_eq!(rejection(b"\"x\"", 100), Rejection::NotAnObject);
+        assert_eq!(rejection(b"{}", 1), Rejection::TooLarge { limit: 1 });
+        let invalid = rejection(b"{\"a\":", 100).to_string();
+        assert!(invalid.starts_with("invalid JSON: EOF while parsing"), "{invalid}");
+        let trailing = rejection(b"{} {}", 100).to_string();
+        assert!(trailing.contains("trailing characters"), "{trailing}");
+        assert!(matches!(rejection(b"\xff{}", 100), Rejection::InvalidJson(_)));
+    }
+}

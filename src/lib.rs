@@ -1,0 +1,19 @@
+//! resq-push: a WebSocket push server for emergency dispatch sites.
+//!
+//! Module map: `server` (accept loops, connection tasks, shutdown) → `routes` (HTTP requests) →
+//! `session` (one WebSocket client); `unix_ingest` and `routes` publish through `ingest` into the
+//! `hub`, which owns clients, sequence numbers and history. `protocol` holds every JSON message,
+//! `config` every limit. See ARCHITECTURE.md.
+
+pub mod config;
+mod deadline;
+mod http;
+mod hub;
+mod ingest;
+pub mod logger;
+mod protocol;
+mod routes;
+pub mod server;
+mod session;
+mod timestamp;
+pub mod unix_ingest;

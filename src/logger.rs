@@ -1,0 +1,95 @@
+//! A minimal `log` backend writing one line per record to stderr, filtered by `RUST_LOG`.
+//!
+//! `RUST_LOG` takes a default level and per-module levels, comma-separated, as env_logger does:
+//! `info`, `debug`, `warn,resq_push::session=debug`. Unset means `info`.
+
+use std::io::Write;
+use std::time::SystemTime;
+
+use log::{LevelFilter, Log, Metadata, Record};
+
+use crate::timestamp::rfc3339_millis;
+
+struct StderrLogger {
+    default_level: LevelFilter,
+    /// Module-path prefixes with their own level; the longest matching prefix wins.
+    module_levels: Vec<(String, LevelFilter)>,
+}
+
+impl StderrLogger {
+    fn from_spec(spec: &str) -> Self {
+        let mut logger = StderrLogger { default_level: LevelFilter::Info, module_levels: Vec::new() };
+        for directive in spec.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+            match directive.split_once('=') {
+                Some((module, level)) => {
+                    if let Ok(level) = level.trim().parse() {
+                        logger.module_levels.push((module.trim().to_owned(), level));
+                    }
+                }
+                None => {
+                    if let Ok(level) = directive.parse() {
+                        logger.default_level = level;
+                    }
+                }
+            }
+        }
+        logger.module_levels.sort_by_key(|(module, _)| std::cmp::Reverse(module.len()));
+        logger
+    }
+
+    fn level_for(&self, target: &str) -> LevelFilter {
+        self.module_levels
+            .iter()
+            .find(|(module, _)| target.starts_with(module.as_str()))
+            .map_or(self.default_level, |(_, level)| *level)
+    }
+
+    fn max_level(&self) -> LevelFilter {
+        self.module_levels.iter().map(|(_, level)| *level).fold(self.default_level, |a, b| a.max(b))
+    }
+}
+
+impl Log for StderrLogger {
+    fn enabled(&self, metadata: &Metadata) -> bool {
+        metadata.level() <= self.level_for(metadata.target())
+    }
+
+    fn log(&self, record: &Record) {
+        if self.enabled(record.metadata()) {
+            let line = format!(
+                "{} {:<5} {}: {}\n",
+                rfc3339_millis(SystemTime::now()),
+                record.level(),
+                record.target(),
+                record.args()
+            );
+            // A failed log write must not take the server down; there is nowhere to report it.
+            let _ = std::io::stderr().lock().write_all(line.as_bytes());
+        }
+    }
+
+    fn flush(&self) {}
+}
+
+/// Installs the logger configured by `RUST_LOG`. Call once, before anything logs.
+pub fn init() {
+    let spec = std::env::var("RUST_LOG").unwrap_or_default();
+    let logger = StderrLogger::from_spec(&spec);
+    log::set_max_level(logger.max_level());
+    // Fails only if a logger is already installed, in which case that one keeps working.
+    let _ = log::set_logger(Box::leak(Box::new(logger)));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn module_levels_override_the_default() {
+        let logger = StderrLogger::from_spec("warn, resq_push::session=debug,bogus=nonsense");
+        assert_eq!(logger.level_for("resq_push::hub"), LevelFilter::Warn);
+        assert_eq!(logger.level_for("resq_push::session"), LevelFilter::Debug);
+        assert_eq!(logger.max_level(), LevelFilter::Debug);
+        assert_eq!(StderrLogger::from_spec("").level_for("x"), LevelFilter::Info);
+    }
+}

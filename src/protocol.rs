@@ -1,0 +1,111 @@
+//! Every JSON message the server writes, in one place: the wire protocol that clients rely on.
+//!
+//! Clients must ignore fields and message `type`s they do not know; that rule is how the protocol
+//! grows (acks, per-tablet status) without breaking deployed tablets.
+
+use serde::Serialize;
+use serde_json::value::RawValue;
+
+/// The first text frame on every WebSocket connection.
+pub const WELCOME_MESSAGE: &str = "Conectado! listo para recibir emergencias";
+
+/// Which ingest path accepted an emergency.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Source {
+    Http,
+    Unix,
+}
+
+/// One emergency as pushed to tablets and stored in history: `{"type":"emergencia",...}`.
+#[derive(Serialize)]
+pub struct EmergencyEnvelope<'a> {
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub seq: u64,
+    pub received_at: &'a str,
+    pub source: Source,
+    /// The submitted JSON object, byte for byte.
+    pub data: &'a RawValue,
+}
+
+/// The retained history: seqs `first_seq..=last_seq`; empty when `count` is 0.
+#[derive(Serialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HistoryRange {
+    pub first_seq: u64,
+    pub last_seq: u64,
+    pub count: usize,
+}
+
+/// What a `?since=N` connection or poll gets replayed.
+#[derive(Serialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReplayInfo {
+    /// The `since` the client asked for.
+    pub since: u64,
+    /// Emergencies replayed before live ones.
+    pub count: usize,
+    /// Emergencies after `since` that are no longer retained: the client cannot get them here.
+    pub missed: u64,
+    /// `since` was ahead of this server's last seq (the server restarted): everything retained
+    /// is replayed.
+    pub reset: bool,
+}
+
+/// The welcome frame: `{"type":"connection",...}`.
+#[derive(Serialize)]
+pub struct Welcome {
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub message: &'static str,
+    /// Server-assigned id of this connection, as it appears in the server's logs.
+    pub client_id: u64,
+    /// The last seq assigned so far (0 before the first emergency).
+    pub seq: u64,
+    pub history: HistoryRange,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub replay: Option<ReplayInfo>,
+    pub ping_interval_ms: u128,
+    pub pong_timeout_ms: u128,
+}
+
+/// The answer to a client's `ping` text.
+pub const PONG: &str = r#"{"type":"pong"}"#;
+
+/// The answer to one publish, on either ingest path.
+#[derive(Serialize, Debug)]
+pub struct PublishReply<'a> {
+    pub ok: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub seq: Option<u64>,
+    /// How many connected clients the emergency was queued to.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub queued_to: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<&'a str>,
+}
+
+impl PublishReply<'_> {
+    pub fn accepted(seq: u64, queued_to: usize) -> String {
+        to_json(&PublishReply { ok: true, seq: Some(seq), queued_to: Some(queued_to), error: None })
+    }
+}
+
+/// An error body or line: `{"ok":false,"error":"..."}`.
+pub fn error_json(message: &str) -> String {
+    to_json(&PublishReply { ok: false, seq: None, queued_to: None, error: Some(message) })
+}
+
+/// `GET /healthz`.
+#[derive(Serialize)]
+pub struct Health {
+    pub status: &'static str,
+    pub clients: usize,
+    pub seq: u64,
+    pub history: HistoryRange,
+}
+
+/// Serializes one of the types above. They hold only strings, numbers and already-valid raw
+/// JSON, for which serde_json cannot fail.
+pub fn to_json<T: Serialize>(value: &T) -> String {
+    serde_json::to_string(value).unwrap_or_else(|_| unreachable!("protocol types always serialize"))
+}

@@ -1,0 +1,230 @@
+//! One HTTP connection: reads requests (keep-alive), routes them, and answers each.
+//!
+//! | route | method | answer |
+//! |---|---|---|
+//! | `/ws/emergencias` | GET | WebSocket upgrade (see `session`) |
+//! | `/emergencias` | POST | publish one emergency: `202` |
+//! | `/emergencias?since=N` | GET | retained emergencies after `N` (polling fallback) |
+//! | `/healthz` | GET | clients and last seq |
+//!
+//! Anything else gets `404` or `405`. A request that leaves the connection in an unknown state
+//! (a body not read, a malformed head) is answered and the connection closed.
+
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::time::Instant;
+
+use log::{debug, warn};
+use smol::future;
+use smol::io::AsyncWriteExt;
+use smol::net::TcpStream;
+
+use crate::http::{BodyError, HeadError, HttpConnection, Request, Response};
+use crate::ingest;
+use crate::protocol::{self, Health, PublishReply, Source, error_json};
+use crate::server::{Shared, SlotGuard};
+use crate::session;
+
+/// What a handled request leaves for the connection.
+enum Outcome {
+    /// Send this response; keep the connection if both sides want it.
+    Reply(Response),
+    /// Hand the connection to a WebSocket session.
+    Upgrade(Request),
+}
+
+/// Serves requests on one connection until it closes or upgrades. `slot` counts it against
+/// `--max-http-connections` until then.
+pub async fn serve_connection(shared: Rc<Shared>, stream: TcpStream, peer: SocketAddr, slot: SlotGuard) {
+    let config = &shared.config;
+    let mut connection = HttpConnection::new(stream);
+    loop {
+        let deadline = Instant::now() + config.header_timeout;
+        let head = future::or(connection.read_head(config.max_head_bytes, deadline), async {
+            let _ = shared.stop.recv().await;
+            Err(HeadError::Closed)
+        })
+        .await;
+        let request = match head {
+            Ok(request) => request,
+            Err(error) => return answer_bad_head(connection, error, peer, &shared).await,
+        };
+        debug!("{peer} {} {}", request.method, request.path);
+        let keep_alive = request.keep_alive();
+        let body_left_unread = declares_body(&request) && !is_publish(&request);
+        match handle(&shared, &mut connection, request, peer, deadline).await {
+            Outcome::Upgrade(request) => {
+                drop(slot);
+                return session::serve(shared, connection, request, peer).await;
+            }
+            Outcome::Reply(mut response) => {
+                response.keep_alive &= keep_alive && !body_left_unread;
+                if !response.keep_alive {
+                    return connection.respond_and_close(response, config.write_timeout).await;
+                }
+                if connection.respond(&response, Instant::now() + config.write_timeout).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+async fn handle(
+    shared: &Shared,
+    connection: &mut HttpConnection,
+    request: Request,
+    peer: SocketAddr,
+    deadline: Instant,
+) -> Outcome {
+    let response = match (request.path.as_str(), request.method.as_str()) {
+        ("/ws/emergencias", "GET") => return Outcome::Upgrade(request),
+        ("/ws/emergencias", _) => method_not_allowed("GET"),
+        ("/emergencias", "POST") => publish(shared, connection, &request, peer, deadline).await,
+        ("/emergencias", "GET") => poll(shared, &request),
+        ("/emergencias", _) => method_not_allowed("GET, POST"),
+        ("/healthz", "GET") => health(shared),
+        ("/healthz", _) => method_not_allowed("GET"),
+        (path, _) => Response::json(404, error_json(&format!("no such path: {path}"))),
+    };
+    Outcome::Reply(response)
+}
+
+fn is_publish(request: &Request) -> bool {
+    request.path == "/emergencias" && request.method == "POST"
+}
+
+fn declares_body(request: &Request) -> bool {
+    request.header("transfer-encoding").is_some()
+        || request.headers("content-length").any(|length| length.trim() != "0")
+}
+
+fn method_not_allowed(allow: &'static str) -> Response {
+    Response::json(405, error_json(&format!("method not allowed; use {allow}"))).with_header("Allow", allow)
+}
+
+/// A response after which the connection must close: its body was not read.
+fn closing(status: u16, message: &str) -> Response {
+    Response { keep_alive: false, ..Response::json(status, error_json(message)) }
+}
+
+/// `POST /emergencias`: one JSON object with `Content-Length`.
+async fn publish(
+    shared: &Shared,
+    connection: &mut HttpConnection,
+    request: &Request,
+    peer: SocketAddr,
+    deadline: Instant,
+) -> Response {
+    let max_bytes = shared.config.max_body_bytes;
+    if request.header("transfer-encoding").is_some() {
+        warn!("rejected publish from {peer}: chunked body");
+        return closing(411, "chunked bodies are not supported: send Content-Length");
+    }
+    let length = match content_length(request) {
+        Ok(Some(length)) => length,
+        Ok(None) => return closing(411, "Content-Length required"),
+        Err(message) => return closing(400, message),
+    };
+    if length > max_bytes {
+        warn!("rejected publish from {peer}: body of {length} bytes over --max-body-bytes");
+        return closing(413, &format!("body larger than {max_bytes} bytes"));
+    }
+    if request.header_has_token("expect", "100-continue")
+        && connection.stream.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await.is_err()
+    {
+        return closing(400, "connection failed");
+    }
+    let body = match connection.read_body(length, deadline).await {
+        Ok(body) => body,
+        Err(BodyError::TimedOut) => {
+            warn!("closed {peer}: body not complete within --header-timeout");
+            return closing(408, "body not complete within the request timeout");
+        }
+        Err(BodyError::Incomplete) => return closing(400, "body incomplete"),
+    };
+    match ingest::submit(&shared.hub, &body, max_bytes, Source::Http).await {
+        Ok(receipt) => Response::json(202, PublishReply::accepted(receipt.seq, receipt.queued_to)),
+        Err(rejection) => {
+            warn!("rejected publish from {peer}: {rejection}");
+            Response::json(400, error_json(&rejection.to_string()))
+        }
+    }
+}
+
+/// The declared body length: `None` if absent, an error if invalid or contradictory.
+fn content_length(request: &Request) -> Result<Option<usize>, &'static str> {
+    let mut length = None;
+    for value in request.headers("content-length") {
+        let parsed: usize = value.trim().parse().map_err(|_| "invalid Content-Length")?;
+        if length.is_some_and(|previous| previous != parsed) {
+            return Err("conflicting Content-Length headers");
+        }
+        length = Some(parsed);
+    }
+    Ok(length)
+}
+
+/// `GET /emergencias?since=N`: a JSON array of the retained envelopes after `N`.
+fn poll(shared: &Shared, request: &Request) -> Response {
+    let since = match parse_since(request) {
+        Ok(since) => since.unwrap_or(0),
+        Err(response) => return response,
+    };
+    let hub = shared.hub.borrow();
+    let (entries, _) = hub.retained_after(since);
+    let mut body = String::from("[");
+    for (index, json) in entries.enumerate() {
+        if index > 0 {
+            body.push(',');
+        }
+        body.push_str(json);
+    }
+    body.push(']');
+    Response::json(200, body)
+}
+
+fn health(shared: &Shared) -> Response {
+    let hub = shared.hub.borrow();
+    let health = Health {
+        status: "ok",
+        clients: hub.client_count(),
+        seq: hub.last_seq(),
+        history: hub.history_range(),
+    };
+    Response::json(200, protocol::to_json(&health))
+}
+
+/// Reads `?since=N`, the last seq the client has.
+pub fn parse_since(request: &Request) -> Result<Option<u64>, Response> {
+    match request.query_param("since") {
+        None => Ok(None),
+        Some(text) => text.parse().map(Some).map_err(|_| {
+            Response::json(400, error_json("since must be a whole number: the last seq you received"))
+        }),
+    }
+}
+
+/// Answers a request whose head could not be read, if it deserves an answer, and closes.
+async fn answer_bad_head(connection: HttpConnection, error: HeadError, peer: SocketAddr, shared: &Shared) {
+    let (status, message) = match error {
+        HeadError::Closed => return,
+        HeadError::Truncated => {
+            debug!("{peer} left in the middle of a request");
+            return;
+        }
+        HeadError::Io(error) => {
+            debug!("{peer} connection failed: {error}");
+            return;
+        }
+        HeadError::TimedOut if connection.buffered.is_empty() => return,
+        HeadError::TimedOut => (408, "request head not complete within --header-timeout".to_owned()),
+        HeadError::TooLarge => {
+            (431, format!("request head larger than {} bytes", shared.config.max_head_bytes))
+        }
+        HeadError::TooManyHeaders => (431, format!("more than {} headers", crate::http::MAX_HEADERS)),
+        HeadError::Malformed(error) => (400, format!("malformed HTTP request: {error}")),
+    };
+    warn!("closed {peer}: {message}");
+    connection.respond_and_close(closing(status, &message), shared.config.write_timeout).await;
+}

@@ -1,0 +1,378 @@
+//! One WebSocket client on `/ws/emergencias`: the upgrade, then a loop that sends the client's
+//! queue, pings on a timer and reads whatever the client sends.
+//!
+//! Tablets never have to send anything: a client stays as long as it answers pings (browsers do
+//! so automatically). Every write is bounded by `--write-timeout`, and every way out of the loop
+//! ends in `SessionEnd`, logged once; dropping the `Subscription` frees the client's slot.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use async_tungstenite::WebSocketStream;
+use async_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use async_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
+use async_tungstenite::tungstenite::{Bytes, Error as WsError, Message, Utf8Bytes};
+use futures_util::SinkExt;
+use log::{info, warn};
+use sha1::{Digest, Sha1};
+use smol::net::TcpStream;
+use smol::stream::StreamExt;
+use smol::{Timer, future};
+
+use crate::config::Config;
+use crate::deadline::{self, TimedOut};
+use crate::http::{HttpConnection, Request, Response};
+use crate::hub::{Farewell, Hub, Refusal, Subscription};
+use crate::protocol::{self, PONG, WELCOME_MESSAGE, Welcome, error_json};
+use crate::routes;
+use crate::server::Shared;
+
+/// Bytes of events written to a client before one flush, when its queue holds several.
+const WRITE_BATCH_BYTES: usize = 64 * 1024;
+/// How long a client gets to answer our Close before the connection is dropped anyway.
+const CLOSE_REPLY_TIMEOUT: Duration = Duration::from_secs(1);
+/// The GUID that RFC 6455 appends to the client's key.
+const WEBSOCKET_GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
+
+/// Answers an upgrade request on `/ws/emergencias` and runs the session until it ends.
+pub async fn serve(shared: Rc<Shared>, mut connection: HttpConnection, request: Request, peer: SocketAddr) {
+    let config = &shared.config;
+    let accept_key = match check_upgrade(&request) {
+        Ok(key) => key,
+        Err(response) => {
+            warn!("refused WebSocket upgrade from {peer}: {}", response.body);
+            return connection.respond_and_close(response, config.write_timeout).await;
+        }
+    };
+    let since = match routes::parse_since(&request) {
+        Ok(since) => since,
+        Err(response) => return connection.respond_and_close(response, config.write_timeout).await,
+    };
+    let subscription = match Hub::subscribe(&shared.hub, peer, since) {
+        Ok(subscription) => subscription,
+        Err(refusal) => {
+            let reason = match refusal {
+                Refusal::Full => "too many clients (--max-clients)",
+                Refusal::ShuttingDown => "server shutting down",
+            };
+            warn!("refused WebSocket client {peer}: {reason}");
+            let response = Response::json(503, error_json(reason)).with_header("Retry-After", "5");
+            return connection.respond_and_close(response, config.write_timeout).await;
+        }
+    };
+    let switching = Response::json(101, String::new())
+        .with_header("Upgrade", "websocket")
+        .with_header("Connection", "Upgrade")
+        .with_header("Sec-WebSocket-Accept", accept_key);
+    if connection.respond(&switching, Instant::now() + config.write_timeout).await.is_err() {
+        return;
+    }
+    let ws = WebSocketStream::from_partially_read(
+        connection.stream,
+        connection.buffered,
+        Role::Server,
+        Some(websocket_config(config)),
+    )
+    .await;
+
+    let client_id = subscription.client_id;
+    match since {
+        Some(since) => info!("client {client_id} connected from {peer}, resuming after seq {since}"),
+        None => info!("client {client_id} connected from {peer}"),
+    }
+    let started = Instant::now();
+    let mut session = Session { ws, config, subscription, events_sent: 0 };
+    let end = session.run().await;
+    let summary = format!(
+        "client {client_id} ({peer}) disconnected after {:.0?}, {} events sent: {end}",
+        started.elapsed(),
+        session.events_sent
+    );
+    if end.is_the_clients_fault() { warn!("{summary}") } else { info!("{summary}") }
+}
+
+/// Settings for clients that send almost nothing: a small read buffer and small message limits.
+fn websocket_config(config: &Config) -> WebSocketConfig {
+    let largest_event = config.max_body_bytes + 1024;
+    WebSocketConfig::default()
+        .read_buffer_size(config.max_client_message_bytes.min(4096))
+        .write_buffer_size(WRITE_BATCH_BYTES)
+        .max_write_buffer_size(WRITE_BATCH_BYTES + 2 * largest_event)
+        .max_message_size(Some(config.max_client_message_bytes))
+        .max_frame_size(Some(config.max_client_message_bytes))
+}
+
+/// Checks the RFC 6455 upgrade headers and returns the `Sec-WebSocket-Accept` value.
+fn check_upgrade(request: &Request) -> Result<String, Response> {
+    if !request.header_has_token("upgrade", "websocket") || !request.header_has_token("connection", "upgrade")
+    {
+        return Err(Response::json(426, error_json("this endpoint only speaks WebSocket"))
+            .with_header("Upgrade", "websocket")
+            .with_header("Sec-WebSocket-Version", "13"));
+    }
+    if request.header("sec-websocket-version").map(str::trim) != Some("13") {
+        return Err(Response::json(426, error_json("unsupported Sec-WebSocket-Version, use 13"))
+            .with_header("Sec-WebSocket-Version", "13"));
+    }
+    let key = request.header("sec-websocket-key").map(str::trim).unwrap_or("");
+    match data_encoding::BASE64.decode(key.as_bytes()) {
+        Ok(decoded) if decoded.len() == 16 => Ok(accept_key(key)),
+        _ => Err(Response::json(400, error_json("Sec-WebSocket-Key must be 16 bytes in base64"))),
+    }
+}
+
+fn accept_key(key: &str) -> String {
+    let digest = Sha1::new().chain_update(key.as_bytes()).chain_update(WEBSOCKET_GUID).finalize();
+    data_encoding::BASE64.encode(&digest)
+}
+
+/// How a session ended.
+#[derive(Debug)]
+enum SessionEnd {
+    /// The client sent a Close frame.
+    ClientClosed(Option<CloseCode>),
+    /// The TCP connection ended without a Close frame.
+    ConnectionLost,
+    /// Nothing came back within `--pong-timeout` of a ping.
+    PongTimeout,
+    /// The hub dropped the client because its queue was full.
+    TooSlow,
+    /// A write did not finish within `--write-timeout`.
+    WriteTimeout,
+    /// The server is shutting down.
+    Shutdown,
+    /// The client broke the protocol or sent too large a message.
+    ProtocolError(WsError),
+    /// Reading or writing failed.
+    Io(WsError),
+}
+
+impl SessionEnd {
+    /// Whether this end is worth a warning: the server dropped a client it could not serve.
+    fn is_the_clients_fault(&self) -> bool {
+        matches!(
+            self,
+            SessionEnd::PongTimeout
+                | SessionEnd::TooSlow
+                | SessionEnd::WriteTimeout
+                | SessionEnd::ProtocolError(_)
+        )
+    }
+}
+
+impl fmt::Display for SessionEnd {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SessionEnd::ClientClosed(Some(code)) => write!(f, "client closed ({})", u16::from(*code)),
+            SessionEnd::ClientClosed(None) => f.write_str("client closed"),
+            SessionEnd::ConnectionLost => f.write_str("connection lost"),
+            SessionEnd::PongTimeout => f.write_str("no answer to ping within --pong-timeout"),
+            SessionEnd::TooSlow => f.write_str("too slow, its queue was full (--queue)"),
+            SessionEnd::WriteTimeout => f.write_str("a write took longer than --write-timeout"),
+            SessionEnd::Shutdown => f.write_str("server shutting down"),
+            SessionEnd::ProtocolError(error) => write!(f, "protocol error: {error}"),
+            SessionEnd::Io(error) => write!(f, "i/o error: {error}"),
+        }
+    }
+}
+
+/// What woke the session loop.
+enum Wake {
+    Frame(Option<Result<Message, WsError>>),
+    Event(Option<Utf8Bytes>),
+    Timer,
+}
+
+struct Session<'a> {
+    ws: WebSocketStream<TcpStream>,
+    config: &'a Config,
+    subscription: Subscription,
+    events_sent: u64,
+}
+
+impl Session<'_> {
+    async fn run(&mut self) -> SessionEnd {
+        if let Err(end) = self.send_welcome_and_replay().await {
+            return end;
+        }
+        let mut timer = Timer::at(Instant::now() + self.config.ping_interval);
+        // When the last ping went out, while its answer is awaited.
+        let mut ping_sent_at: Option<Instant> = None;
+        loop {
+            let wake = {
+                let ws = &mut self.ws;
+                let events = &self.subscription.events;
+                future::or(
+                    async { Wake::Frame(ws.next().await) },
+                    future::or(async { Wake::Event(events.recv().await.ok()) }, async {
+                        (&mut timer).await;
+                        Wake::Timer
+                    }),
+                )
+                .await
+            };
+            let result = match wake {
+                Wake::Frame(frame) => {
+                    if let Some(sent_at) = ping_sent_at.take() {
+                        timer.set_at(sent_at + self.config.ping_interval);
+                    }
+                    self.handle_frame(frame).await
+                }
+                Wake::Event(Some(event)) => self.send_events(event).await,
+                Wake::Event(None) => Err(self.say_farewell().await),
+                Wake::Timer if ping_sent_at.is_some() => {
+                    self.close(CloseCode::Policy, "no pong within pong_timeout", false).await;
+                    Err(SessionEnd::PongTimeout)
+                }
+                Wake::Timer => {
+                    let now = Instant::now();
+                    ping_sent_at = Some(now);
+                    timer.set_at(now + self.config.pong_timeout);
+                    self.write(Message::Ping(Bytes::new())).await
+                }
+            };
+            if let Err(end) = result {
+                return end;
+            }
+        }
+    }
+
+    async fn send_welcome_and_replay(&mut self) -> Result<(), SessionEnd> {
+        let subscription = &self.subscription;
+        let welcome = Welcome {
+            kind: "connection",
+            message: WELCOME_MESSAGE,
+            client_id: subscription.client_id,
+            seq: subscription.seq,
+            history: subscription.history,
+            replay: subscription.replay_info,
+            ping_interval_ms: self.config.ping_interval.as_millis(),
+            pong_timeout_ms: self.config.pong_timeout.as_millis(),
+        };
+        self.feed(Message::Text(protocol::to_json(&welcome).into())).await?;
+        for event in std::mem::take(&mut self.subscription.replay) {
+            self.feed(Message::Text(event)).await?;
+            self.events_sent += 1;
+        }
+        self.flush().await
+    }
+
+    async fn handle_frame(&mut self, frame: Option<Result<Message, WsError>>) -> Result<(), SessionEnd> {
+        match frame {
+            Some(Ok(Message::Text(text))) if is_ping_text(&text) => self.write(Message::text(PONG)).await,
+            Some(Ok(Message::Close(frame))) => {
+                // tungstenite has queued the Close reply; flushing sends it.
+                let _ = deadline::within(CLOSE_REPLY_TIMEOUT, self.ws.flush()).await;
+                Err(SessionEnd::ClientClosed(frame.map(|f| f.code)))
+            }
+            // Other text, binary, and Ping/Pong frames only show the client is alive. tungstenite
+            // answers Pings itself on the next write or flush.
+            Some(Ok(_)) => Ok(()),
+            Some(Err(error @ (WsError::Capacity(_) | WsError::Protocol(_) | WsError::Utf8(_)))) => {
+                let _ = deadline::within(CLOSE_REPLY_TIMEOUT, self.ws.flush()).await;
+                Err(SessionEnd::ProtocolError(error))
+            }
+            Some(Err(error)) => Err(SessionEnd::Io(error)),
+            None => Err(SessionEnd::ConnectionLost),
+        }
+    }
+
+    /// Sends `first` and whatever else is already queued, with one flush.
+    async fn send_events(&mut self, first: Utf8Bytes) -> Result<(), SessionEnd> {
+        let mut batch_bytes = first.len();
+        self.feed(Message::Text(first)).await?;
+        self.events_sent += 1;
+        while batch_bytes < WRITE_BATCH_BYTES {
+            let Ok(event) = self.subscription.events.try_recv() else { break };
+            batch_bytes += event.len();
+            self.feed(Message::Text(event)).await?;
+            self.events_sent += 1;
+        }
+        self.flush().await
+    }
+
+    /// The hub closed the queue (after it was drained): say why, with the matching close code.
+    async fn say_farewell(&mut self) -> SessionEnd {
+        match self.subscription.farewell.get() {
+            Some(Farewell::TooSlow) => {
+                self.close(CloseCode::Policy, "too slow: reconnect with ?since=", false).await;
+                SessionEnd::TooSlow
+            }
+            Some(Farewell::ShuttingDown) | None => {
+                self.close(CloseCode::Away, "server shutting down", true).await;
+                SessionEnd::Shutdown
+            }
+        }
+    }
+
+    /// Sends a Close frame; with `await_reply`, waits briefly for the client's own Close.
+    async fn close(&mut self, code: CloseCode, reason: &'static str, await_reply: bool) {
+        let frame = CloseFrame { code, reason: Utf8Bytes::from_static(reason) };
+        if deadline::within(self.config.write_timeout.min(CLOSE_REPLY_TIMEOUT), self.ws.close(Some(frame)))
+            .await
+            .is_ok()
+            && await_reply
+        {
+            let _ = deadline::within(CLOSE_REPLY_TIMEOUT, async {
+                while let Some(Ok(_)) = self.ws.next().await {}
+            })
+            .await;
+        }
+    }
+
+    async fn write(&mut self, message: Message) -> Result<(), SessionEnd> {
+        self.feed(message).await?;
+        self.flush().await
+    }
+
+    async fn feed(&mut self, message: Message) -> Result<(), SessionEnd> {
+        Self::bounded(self.config.write_timeout, self.ws.feed(message)).await
+    }
+
+    async fn flush(&mut self) -> Result<(), SessionEnd> {
+        Self::bounded(self.config.write_timeout, self.ws.flush()).await
+    }
+
+    async fn bounded(
+        limit: Duration,
+        write: impl Future<Output = Result<(), WsError>>,
+    ) -> Result<(), SessionEnd> {
+        match deadline::within(limit, write).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(error)) => Err(SessionEnd::Io(error)),
+            Err(TimedOut) => Err(SessionEnd::WriteTimeout),
+        }
+    }
+}
+
+/// Whether a client's text is a heartbeat: `ping` or `{"type":"ping"}`.
+fn is_ping_text(text: &str) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Typed<'a> {
+        #[serde(rename = "type", borrow)]
+        kind: &'a str,
+    }
+    let text = text.trim();
+    text == "ping" || serde_json::from_str::<Typed>(text).is_ok_and(|typed| typed.kind == "ping")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accept_key_matches_rfc_6455_example() {
+        assert_eq!(accept_key("dGhlIHNhbXBsZSBub25jZQ=="), "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
+    }
+
+    #[test]
+    fn heartbeat_texts() {
+        assert!(is_ping_text("ping"));
+        assert!(is_ping_text(" {\"type\": \"ping\"} "));
+        assert!(!is_ping_text("{\"type\":\"ack\",\"seq\":3}"));
+        assert!(!is_ping_text("pingpong"));
+        assert!(!is_ping_text("{\"type\":\"ping\""));
+    }
+}
