@@ -157,10 +157,11 @@ impl HttpConnection {
             return;
         }
         let _ = self.stream.shutdown(Shutdown::Write);
+        let linger_until = Instant::now() + LINGER_TIME;
         let mut discarded = 0;
         let mut chunk = [0u8; 4096];
         while discarded < LINGER_BYTES {
-            match deadline::within(LINGER_TIME, self.stream.read(&mut chunk)).await {
+            match deadline::before(linger_until, self.stream.read(&mut chunk)).await {
                 Ok(Ok(read)) if read > 0 => discarded += read,
                 _ => break,
             }

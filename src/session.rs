@@ -17,6 +17,7 @@ use async_tungstenite::tungstenite::{Bytes, Error as WsError, Message, Utf8Bytes
 use futures_util::SinkExt;
 use log::{info, warn};
 use sha1::{Digest, Sha1};
+use smol::io::AsyncReadExt;
 use smol::net::TcpStream;
 use smol::stream::StreamExt;
 use smol::{Timer, future};
@@ -223,7 +224,7 @@ impl Session<'_> {
                 Wake::Event(Some(event)) => self.send_events(event).await,
                 Wake::Event(None) => Err(self.say_farewell().await),
                 Wake::Timer if ping_sent_at.is_some() => {
-                    self.close(CloseCode::Policy, "no pong within pong_timeout", false).await;
+                    self.close(CloseCode::Policy, "no pong within pong_timeout").await;
                     Err(SessionEnd::PongTimeout)
                 }
                 Wake::Timer => {
@@ -270,8 +271,12 @@ impl Session<'_> {
             // Other text, binary, and Ping/Pong frames only show the client is alive. tungstenite
             // answers Pings itself on the next write or flush.
             Some(Ok(_)) => Ok(()),
-            Some(Err(error @ (WsError::Capacity(_) | WsError::Protocol(_) | WsError::Utf8(_)))) => {
-                let _ = deadline::within(CLOSE_REPLY_TIMEOUT, self.ws.flush()).await;
+            Some(Err(error @ WsError::Capacity(_))) => {
+                self.close(CloseCode::Size, "message too large").await;
+                Err(SessionEnd::ProtocolError(error))
+            }
+            Some(Err(error @ (WsError::Protocol(_) | WsError::Utf8(_)))) => {
+                self.close(CloseCode::Protocol, "protocol error").await;
                 Err(SessionEnd::ProtocolError(error))
             }
             Some(Err(error)) => Err(SessionEnd::Io(error)),
@@ -297,29 +302,37 @@ impl Session<'_> {
     async fn say_farewell(&mut self) -> SessionEnd {
         match self.subscription.farewell.get() {
             Some(Farewell::TooSlow) => {
-                self.close(CloseCode::Policy, "too slow: reconnect with ?since=", false).await;
+                self.close(CloseCode::Policy, "too slow: reconnect with ?since=").await;
                 SessionEnd::TooSlow
             }
             Some(Farewell::ShuttingDown) | None => {
-                self.close(CloseCode::Away, "server shutting down", true).await;
+                self.close(CloseCode::Away, "server shutting down").await;
                 SessionEnd::Shutdown
             }
         }
     }
 
-    /// Sends a Close frame; with `await_reply`, waits briefly for the client's own Close.
-    async fn close(&mut self, code: CloseCode, reason: &'static str, await_reply: bool) {
+    /// Sends a Close frame, then reads (and discards) what the client still sends until its
+    /// own Close or `CLOSE_REPLY_TIMEOUT`: closing a socket with unread input would reset the
+    /// connection and could destroy our Close before the client reads it.
+    async fn close(&mut self, code: CloseCode, reason: &'static str) {
         let frame = CloseFrame { code, reason: Utf8Bytes::from_static(reason) };
-        if deadline::within(self.config.write_timeout.min(CLOSE_REPLY_TIMEOUT), self.ws.close(Some(frame)))
-            .await
-            .is_ok()
-            && await_reply
-        {
-            let _ = deadline::within(CLOSE_REPLY_TIMEOUT, async {
-                while let Some(Ok(_)) = self.ws.next().await {}
-            })
-            .await;
+        let limit = self.config.write_timeout.min(CLOSE_REPLY_TIMEOUT);
+        if deadline::within(limit, self.ws.close(Some(frame))).await.is_err() {
+            return;
         }
+        let _ = deadline::within(CLOSE_REPLY_TIMEOUT, async {
+            // After a read error tungstenite reads no more frames, so drain the socket directly.
+            while let Some(Ok(_)) = self.ws.next().await {}
+            let _ = self.ws.get_ref().shutdown(std::net::Shutdown::Write);
+            let mut discard = [0u8; 1024];
+            for _ in 0..64 {
+                if !matches!(self.ws.get_mut().read(&mut discard).await, Ok(n) if n > 0) {
+                    break;
+                }
+            }
+        })
+        .await;
     }
 
     async fn write(&mut self, message: Message) -> Result<(), SessionEnd> {

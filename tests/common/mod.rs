@@ -1,0 +1,370 @@
+//! Test harness: starts the real `resq-push` binary on an ephemeral port (and a Unix socket in a
+//! temporary directory) and talks to it over real sockets.
+//!
+//! Waits are on events (a log line, a frame, a condition polled with a deadline), never fixed sleeps.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tungstenite::protocol::CloseFrame;
+use tungstenite::{Message, WebSocket};
+
+/// Longest any single wait in a test may take before it fails.
+pub const PATIENCE: Duration = Duration::from_secs(10);
+
+/// A temporary directory removed on drop.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new() -> TempDir {
+        static COUNTER: AtomicUsize = AtomicUsize::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "resq-push-test-{}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&path).unwrap();
+        TempDir(path)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A running server process.
+pub struct Server {
+    child: Child,
+    pub addr: SocketAddr,
+    pub unix_socket: PathBuf,
+    logs: Arc<Mutex<String>>,
+    pub dir: TempDir,
+}
+
+impl Server {
+    /// Starts the server with a Unix socket and `extra` flags.
+    pub fn start(extra: &[&str]) -> Server {
+        let dir = TempDir::new();
+        Server::start_in(dir, extra)
+    }
+
+    /// Starts the server with its Unix socket at `dir/resq.sock`.
+    pub fn start_in(dir: TempDir, extra: &[&str]) -> Server {
+        let unix_socket = dir.path().join("resq.sock");
+        let (child, logs, addr) = spawn(&unix_socket, extra).unwrap_or_else(|output| {
+            panic!("server did not start:\n{output}");
+        });
+        Server { child, addr, unix_socket, logs, dir }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Everything the server has logged so far.
+    pub fn logs(&self) -> String {
+        self.logs.lock().unwrap().clone()
+    }
+
+    /// Waits until the logs contain `needle`.
+    pub fn wait_for_log(&self, needle: &str) {
+        wait_until(&format!("log line containing {needle:?}"), || self.logs().contains(needle));
+    }
+
+    pub fn ws(&self, path_and_query: &str) -> Client {
+        Client::connect(self.addr, path_and_query)
+    }
+
+    /// Connects to `/ws/emergencias` and reads the welcome.
+    pub fn subscribe(&self) -> (Client, Value) {
+        let mut client = self.ws("/ws/emergencias");
+        let welcome = client.recv_json();
+        assert_eq!(welcome["type"], "connection", "{welcome}");
+        (client, welcome)
+    }
+
+    /// Sends raw bytes as one HTTP request on a new connection and reads one response.
+    pub fn http(&self, request: &[u8]) -> HttpResponse {
+        let mut stream = TcpStream::connect(self.addr).unwrap();
+        stream.set_read_timeout(Some(PATIENCE)).unwrap();
+        stream.write_all(request).unwrap();
+        HttpResponse::read(&mut BufReader::new(stream))
+    }
+
+    pub fn get(&self, path: &str) -> HttpResponse {
+        self.http(format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n").as_bytes())
+    }
+
+    pub fn post(&self, body: &str) -> HttpResponse {
+        self.http(
+            format!(
+                "POST /emergencias HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            )
+            .as_bytes(),
+        )
+    }
+
+    pub fn health(&self) -> Value {
+        let response = self.get("/healthz");
+        assert_eq!(response.status, 200);
+        response.json()
+    }
+
+    pub fn clients(&self) -> u64 {
+        self.health()["clients"].as_u64().unwrap()
+    }
+
+    pub fn last_seq(&self) -> u64 {
+        self.health()["seq"].as_u64().unwrap()
+    }
+
+    /// Waits until `/healthz` shows `expected` clients.
+    pub fn wait_for_clients(&self, expected: u64) {
+        wait_until(&format!("{expected} clients in /healthz"), || self.clients() == expected);
+    }
+
+    pub fn unix(&self) -> UnixPublisher {
+        UnixPublisher::connect(&self.unix_socket)
+    }
+
+    /// Sends SIGTERM.
+    pub fn terminate(&self) {
+        signal(self.pid(), "TERM");
+    }
+
+    /// Waits for the process to exit.
+    pub fn wait_exit(&mut self) -> ExitStatus {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "server did not exit; logs:\n{}", self.logs());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn signal(pid: u32, name: &str) {
+    let status = Command::new("kill").arg(format!("-{name}")).arg(pid.to_string()).status().unwrap();
+    assert!(status.success());
+}
+
+/// Starts the binary; returns it with its log buffer and address, or all it printed on failure.
+pub fn spawn(unix_socket: &Path, extra: &[&str]) -> Result<(Child, Arc<Mutex<String>>, SocketAddr), String> {
+    let (mut child, logs) = spawn_raw(
+        &[&["--listen", "127.0.0.1:0", "--unix-socket", unix_socket.to_str().unwrap()], extra].concat(),
+    );
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let text = logs.lock().unwrap().clone();
+        if let Some(addr) = text.split("listening on ").nth(1).and_then(|rest| rest.split(' ').next()) {
+            return Ok((child, logs, addr.parse().unwrap()));
+        }
+        if child.try_wait().unwrap().is_some() || Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(logs.lock().unwrap().clone());
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Starts the binary with exactly `args`, collecting its stderr in the background.
+pub fn spawn_raw(args: &[&str]) -> (Child, Arc<Mutex<String>>) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_resq-push"))
+        .args(args)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let logs = Arc::new(Mutex::new(String::new()));
+    let stderr = child.stderr.take().unwrap();
+    let sink = Arc::clone(&logs);
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            let mut logs = sink.lock().unwrap();
+            logs.push_str(&line);
+            logs.push('\n');
+        }
+    });
+    (child, logs)
+}
+
+/// Polls `condition` until it holds, failing the test after `PATIENCE`.
+pub fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + PATIENCE;
+    while !condition() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A WebSocket client (tungstenite, blocking) with a read timeout.
+pub struct Client {
+    pub ws: WebSocket<TcpStream>,
+    /// Ping frames seen so far.
+    pub pings: usize,
+}
+
+impl Client {
+    pub fn connect(addr: SocketAddr, path_and_query: &str) -> Client {
+        let stream = TcpStream::connect(addr).unwrap();
+        stream.set_read_timeout(Some(PATIENCE)).unwrap();
+        let url = format!("ws://{addr}{path_and_query}");
+        let (ws, _) = tungstenite::client(url.as_str(), stream).unwrap();
+        Client { ws, pings: 0 }
+    }
+
+    /// The next text frame; Ping and Pong frames are counted and skipped.
+    pub fn recv_text(&mut self) -> String {
+        loop {
+            match self.ws.read().unwrap() {
+                Message::Text(text) => return text.to_string(),
+                Message::Ping(_) => self.pings += 1,
+                Message::Pong(_) => {}
+                other => panic!("expected a text frame, got {other:?}"),
+            }
+        }
+    }
+
+    pub fn recv_json(&mut self) -> Value {
+        serde_json::from_str(&self.recv_text()).unwrap()
+    }
+
+    /// Reads an emergency and checks its seq.
+    pub fn recv_emergency(&mut self, seq: u64) -> Value {
+        let event = self.recv_json();
+        assert_eq!(event["type"], "emergencia", "{event}");
+        assert_eq!(event["seq"], seq, "{event}");
+        event
+    }
+
+    pub fn send_text(&mut self, text: &str) {
+        self.ws.send(Message::text(text)).unwrap();
+    }
+
+    /// Reads until the server's Close frame and returns it; fails on any text frame.
+    pub fn recv_close(&mut self) -> Option<CloseFrame> {
+        loop {
+            match self.ws.read() {
+                Ok(Message::Close(frame)) => return frame,
+                Ok(Message::Ping(_) | Message::Pong(_)) => {}
+                Ok(other) => panic!("expected Close, got {other:?}"),
+                Err(error) => panic!("expected Close, got error {error}"),
+            }
+        }
+    }
+}
+
+/// A parsed HTTP response.
+#[derive(Debug)]
+pub struct HttpResponse {
+    pub status: u16,
+    pub head: String,
+    pub body: String,
+}
+
+impl HttpResponse {
+    /// Reads one response (with `Content-Length`) from `reader`.
+    pub fn read(reader: &mut impl BufRead) -> HttpResponse {
+        let mut head = String::new();
+        loop {
+            let mut line = String::new();
+            let read = reader.read_line(&mut line).unwrap();
+            assert!(read > 0, "connection closed before a complete response head: {head:?}");
+            head.push_str(&line);
+            if line == "\r\n" {
+                break;
+            }
+        }
+        let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+        let length: usize = head
+            .lines()
+            .find_map(|line| {
+                line.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse().unwrap())
+            })
+            .unwrap_or(0);
+        let mut body = vec![0; length];
+        reader.read_exact(&mut body).unwrap();
+        HttpResponse { status, head, body: String::from_utf8(body).unwrap() }
+    }
+
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("body is not JSON ({e}): {}", self.body))
+    }
+
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.head.lines().find_map(|line| {
+            let (line_name, value) = line.split_once(':')?;
+            line_name.eq_ignore_ascii_case(name).then(|| value.trim().to_owned())
+        })
+    }
+
+    /// The `error` message of a JSON error body.
+    pub fn error(&self) -> String {
+        let json = self.json();
+        assert_eq!(json["ok"], false, "{json}");
+        json["error"].as_str().unwrap().to_owned()
+    }
+}
+
+/// A publisher on the Unix socket.
+pub struct UnixPublisher {
+    pub stream: UnixStream,
+    replies: BufReader<UnixStream>,
+}
+
+impl UnixPublisher {
+    pub fn connect(path: &Path) -> UnixPublisher {
+        let stream = UnixStream::connect(path).unwrap();
+        stream.set_read_timeout(Some(PATIENCE)).unwrap();
+        let replies = BufReader::new(stream.try_clone().unwrap());
+        UnixPublisher { stream, replies }
+    }
+
+    pub fn send(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).unwrap();
+    }
+
+    pub fn reply(&mut self) -> Value {
+        let mut line = String::new();
+        self.replies.read_line(&mut line).unwrap();
+        assert!(line.ends_with('\n'), "reply line not terminated: {line:?}");
+        serde_json::from_str(&line).unwrap()
+    }
+
+    /// Publishes one line and returns its seq.
+    pub fn publish(&mut self, json: &str) -> u64 {
+        self.send(format!("{json}\n").as_bytes());
+        let reply = self.reply();
+        assert_eq!(reply["ok"], true, "{reply}");
+        reply["seq"].as_u64().unwrap()
+    }
+}

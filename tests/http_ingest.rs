@@ -1,0 +1,197 @@
+//! HTTP: publishing with POST, polling, health, and every kind of bad request answered
+//! precisely, with nothing broadcast by mistake.
+
+mod common;
+
+use std::io::{BufReader, Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use common::{HttpResponse, PATIENCE, Server};
+
+fn post_raw(server: &Server, head_extra: &str, body: &str) -> HttpResponse {
+    server.http(
+        format!("POST /emergencias HTTP/1.1\r\nHost: t\r\nConnection: close\r\n{head_extra}\r\n{body}")
+            .as_bytes(),
+    )
+}
+
+#[test]
+fn a_post_is_accepted_pushed_and_counted() {
+    let server = Server::start(&[]);
+    let (mut client, _) = server.subscribe();
+    let response = server.post(r#"{"tipo":"incendio","lat":-33.45}"#);
+    assert_eq!(response.status, 202);
+    assert_eq!(response.header("content-type").as_deref(), Some("application/json"));
+    assert_eq!(response.json(), serde_json::json!({"ok": true, "seq": 1, "queued_to": 1}));
+    let event = client.recv_emergency(1);
+    assert_eq!(event["source"], "http");
+    assert_eq!(event["data"], serde_json::json!({"tipo": "incendio", "lat": -33.45}));
+    let received_at = event["received_at"].as_str().unwrap();
+    assert!(received_at.len() == 24 && received_at.ends_with('Z'), "{received_at}");
+    assert_eq!(server.health()["seq"], 1);
+}
+
+#[test]
+fn bad_bodies_get_400_and_nothing_is_broadcast() {
+    let server = Server::start(&["--max-body-bytes", "100"]);
+    let (mut client, _) = server.subscribe();
+    let cases = [
+        ("{\"a\":", "invalid JSON: EOF while parsing"),
+        ("not json", "invalid JSON: expected"),
+        ("[1,2]", "must be a JSON object"),
+        ("\"text\"", "must be a JSON object"),
+        ("  ", "empty body"),
+        ("", "empty body"),
+        ("{} {}", "trailing characters"),
+    ];
+    for (body, message) in cases {
+        let response = server.post(body);
+        assert_eq!(response.status, 400, "{body:?}: {}", response.body);
+        assert!(response.error().contains(message), "{body:?}: {}", response.body);
+    }
+    let too_big = server.post(&format!(r#"{{"x":"{}"}}"#, "y".repeat(100)));
+    assert_eq!(too_big.status, 413);
+    assert_eq!(too_big.error(), "body larger than 100 bytes");
+
+    assert_eq!(server.last_seq(), 0);
+    // The next thing the client sees is the next good emergency, seq 1.
+    assert_eq!(server.post("{}").status, 202);
+    client.recv_emergency(1);
+}
+
+#[test]
+fn wrong_methods_and_paths() {
+    let server = Server::start(&[]);
+    let put = server.http(b"PUT /emergencias HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}");
+    assert_eq!(put.status, 405);
+    assert_eq!(put.header("allow").as_deref(), Some("GET, POST"));
+    let post_health = server.http(b"POST /healthz HTTP/1.1\r\nContent-Length: 0\r\n\r\n");
+    assert_eq!(post_health.status, 405);
+    let post_ws = server.http(b"POST /ws/emergencias HTTP/1.1\r\nContent-Length: 0\r\n\r\n");
+    assert_eq!((post_ws.status, post_ws.header("allow").as_deref()), (405, Some("GET")));
+    let missing = server.get("/nope");
+    assert_eq!(missing.status, 404);
+    assert!(missing.error().contains("/nope"));
+    assert_eq!(server.last_seq(), 0);
+}
+
+#[test]
+fn chunked_and_unsized_bodies_get_411() {
+    let server = Server::start(&[]);
+    let chunked = post_raw(&server, "Transfer-Encoding: chunked\r\n", "2\r\n{}\r\n0\r\n\r\n");
+    assert_eq!(chunked.status, 411);
+    assert!(chunked.error().contains("Content-Length"));
+    let no_length = post_raw(&server, "", "");
+    assert_eq!(no_length.status, 411);
+    let bad_length = post_raw(&server, "Content-Length: ten\r\n", "");
+    assert_eq!(bad_length.status, 400);
+    let conflicting = post_raw(&server, "Content-Length: 2\r\nContent-Length: 3\r\n", "{} ");
+    assert_eq!(conflicting.status, 400);
+    assert_eq!(server.last_seq(), 0);
+}
+
+#[test]
+fn keep_alive_and_pipelined_requests_share_one_connection() {
+    let server = Server::start(&[]);
+    let stream = TcpStream::connect(server.addr).unwrap();
+    stream.set_read_timeout(Some(PATIENCE)).unwrap();
+    let mut writer = stream.try_clone().unwrap();
+    let mut reader = BufReader::new(stream);
+    let post = |n: u32| {
+        format!("POST /emergencias HTTP/1.1\r\nHost: t\r\nContent-Length: 8\r\n\r\n{{\"n\":{n:>2}}}")
+    };
+    writer.write_all(post(1).as_bytes()).unwrap();
+    let first = HttpResponse::read(&mut reader);
+    assert_eq!((first.status, first.header("connection").as_deref()), (202, Some("keep-alive")));
+    // Two requests in one write, then a GET, all on the same connection.
+    writer.write_all(format!("{}{}GET /healthz HTTP/1.1\r\n\r\n", post(2), post(3)).as_bytes()).unwrap();
+    assert_eq!(HttpResponse::read(&mut reader).json()["seq"], 2);
+    assert_eq!(HttpResponse::read(&mut reader).json()["seq"], 3);
+    assert_eq!(HttpResponse::read(&mut reader).json()["seq"], 3);
+}
+
+#[test]
+fn expect_100_continue_is_honoured() {
+    let server = Server::start(&[]);
+    let mut stream = TcpStream::connect(server.addr).unwrap();
+    stream.set_read_timeout(Some(PATIENCE)).unwrap();
+    stream
+        .write_all(b"POST /emergencias HTTP/1.1\r\nContent-Length: 2\r\nExpect: 100-continue\r\n\r\n")
+        .unwrap();
+    let mut interim = [0u8; 25];
+    stream.read_exact(&mut interim).unwrap();
+    assert_eq!(&interim, b"HTTP/1.1 100 Continue\r\n\r\n");
+    stream.write_all(b"{}").unwrap();
+    assert_eq!(HttpResponse::read(&mut BufReader::new(stream)).status, 202);
+}
+
+#[test]
+fn a_stalled_head_or_body_is_closed_after_the_header_timeout() {
+    let server = Server::start(&["--header-timeout", "0.3"]);
+    for partial in
+        ["GET /healthz HTTP/1.1\r\nHost:", "POST /emergencias HTTP/1.1\r\nContent-Length: 10\r\n\r\n{\"a\""]
+    {
+        let mut stream = TcpStream::connect(server.addr).unwrap();
+        stream.set_read_timeout(Some(PATIENCE)).unwrap();
+        let started = Instant::now();
+        stream.write_all(partial.as_bytes()).unwrap();
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).unwrap();
+        let waited = started.elapsed();
+        assert!(answer.starts_with("HTTP/1.1 408 "), "{partial:?}: {answer}");
+        assert!(waited >= Duration::from_millis(250) && waited < Duration::from_secs(3), "{waited:?}");
+    }
+    // A byte every 100 ms does not extend the deadline: it covers the whole head.
+    let trickle = TcpStream::connect(server.addr).unwrap();
+    let mut reader = trickle.try_clone().unwrap();
+    let started = Instant::now();
+    let answered = std::thread::spawn(move || {
+        let mut answer = [0u8; 12];
+        let result = reader.read_exact(&mut answer);
+        (result.is_ok() && &answer == b"HTTP/1.1 408", started.elapsed())
+    });
+    let mut writer = &trickle;
+    while !answered.is_finished() && started.elapsed() < PATIENCE {
+        let _ = writer.write_all(b"a");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (got_408, waited) = answered.join().unwrap();
+    assert!(got_408 && waited < Duration::from_secs(2), "408: {got_408}, after {waited:?}");
+    assert_eq!(server.last_seq(), 0);
+    assert_eq!(server.health()["status"], "ok");
+}
+
+#[test]
+fn oversized_heads_and_garbage_are_refused() {
+    let server = Server::start(&["--max-head-bytes", "1024"]);
+    let long_header =
+        server.http(format!("GET /healthz HTTP/1.1\r\nX-Big: {}\r\n\r\n", "a".repeat(2000)).as_bytes());
+    assert_eq!(long_header.status, 431);
+    let many = server.http(format!("GET /healthz HTTP/1.1\r\n{}\r\n", "X-A: b\r\n".repeat(40)).as_bytes());
+    assert_eq!(many.status, 431);
+    assert!(many.error().contains("headers"));
+    let garbage = server.http(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n");
+    assert_eq!(garbage.status, 400);
+    assert!(garbage.error().starts_with("malformed HTTP request"));
+    assert_eq!(server.health()["status"], "ok");
+}
+
+#[test]
+fn polling_returns_retained_emergencies_after_since() {
+    let server = Server::start(&["--history", "3"]);
+    for n in 1..=4 {
+        assert_eq!(server.post(&format!(r#"{{"n":{n}}}"#)).status, 202);
+    }
+    let all = server.get("/emergencias").json();
+    let seqs: Vec<u64> = all.as_array().unwrap().iter().map(|e| e["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, [2, 3, 4]);
+    let after_three = server.get("/emergencias?since=3").json();
+    assert_eq!(after_three.as_array().unwrap().len(), 1);
+    assert_eq!(after_three[0]["data"], serde_json::json!({"n": 4}));
+    assert_eq!(server.get("/emergencias?since=4").body, "[]");
+    assert_eq!(server.get("/emergencias?since=-1").status, 400);
+    let health = server.health();
+    assert_eq!(health["history"], serde_json::json!({"first_seq": 2, "last_seq": 4, "count": 3}));
+    assert_eq!(health["clients"], 0);
+}

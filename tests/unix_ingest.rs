@@ -1,0 +1,104 @@
+//! The Unix socket: newline-delimited JSON in, one reply line per input line out; the socket
+//! file's mode, stale files, and a second instance on a socket in use.
+
+mod common;
+
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+
+use common::{Server, TempDir, spawn_raw, wait_until};
+
+#[test]
+fn several_lines_in_one_write_and_one_line_over_several_writes() {
+    let server = Server::start(&[]);
+    let (mut client, _) = server.subscribe();
+    let mut unix = server.unix();
+    unix.send(b"{\"n\":1}\n{\"n\": 2}\r\n{\"n\":3}\n");
+    for seq in 1..=3 {
+        assert_eq!(unix.reply(), serde_json::json!({"ok": true, "seq": seq, "queued_to": 1}));
+    }
+    for piece in [&b"{\"n\""[..], b":", b"4, \"s\":\"a", b"b\"}", b"\n"] {
+        unix.send(piece);
+    }
+    assert_eq!(unix.reply()["seq"], 4);
+    for seq in 1..=3 {
+        client.recv_emergency(seq);
+    }
+    let fourth = client.recv_text();
+    assert!(fourth.ends_with(r#","data":{"n":4, "s":"ab"}}"#), "{fourth}");
+}
+
+#[test]
+fn bad_and_long_lines_get_error_lines_and_the_connection_keeps_working() {
+    let server = Server::start(&["--max-body-bytes", "64"]);
+    let (mut client, _) = server.subscribe();
+    let mut unix = server.unix();
+    let long = format!("{{\"x\":\"{}\"}}", "y".repeat(200));
+    unix.send(format!("nonsense\n[1]\n\n{long}\n{{\"good\":1}}\n\x00\x01\x02\n").as_bytes());
+    let replies: Vec<_> = (0..6).map(|_| unix.reply()).collect();
+    assert!(replies[0]["error"].as_str().unwrap().starts_with("invalid JSON"), "{}", replies[0]);
+    assert_eq!(replies[1]["error"], "the emergency must be a JSON object");
+    assert_eq!(replies[2]["error"], "empty body: send one JSON object");
+    assert_eq!(replies[3]["error"], "emergency larger than 64 bytes");
+    assert_eq!(replies[4], serde_json::json!({"ok": true, "seq": 1, "queued_to": 1}));
+    assert!(replies[5]["error"].as_str().unwrap().starts_with("invalid JSON"), "{}", replies[5]);
+    // A long line split over writes is still one error, and the next line works.
+    unix.send(&long.as_bytes()[..100]);
+    unix.send(&long.as_bytes()[100..]);
+    unix.send(b"\n{\"good\":2}\n");
+    assert_eq!(unix.reply()["error"], "emergency larger than 64 bytes");
+    assert_eq!(unix.reply()["seq"], 2);
+    client.recv_emergency(1);
+    client.recv_emergency(2);
+    assert_eq!(server.last_seq(), 2);
+}
+
+#[test]
+fn a_last_line_without_newline_is_published_at_end_of_input() {
+    let server = Server::start(&[]);
+    let mut unix = server.unix();
+    unix.send(b"{\"last\":true}");
+    unix.stream.shutdown(std::net::Shutdown::Write).unwrap();
+    assert_eq!(unix.reply()["seq"], 1);
+}
+
+#[test]
+fn the_socket_is_group_writable_at_most() {
+    let server = Server::start(&[]);
+    let metadata = std::fs::metadata(&server.unix_socket).unwrap();
+    assert!(metadata.file_type().is_socket());
+    assert_eq!(metadata.permissions().mode() & 0o777, 0o660);
+}
+
+#[test]
+fn a_stale_socket_file_does_not_stop_a_start() {
+    let dir = TempDir::new();
+    let path = dir.path().join("resq.sock");
+    // A socket file nobody listens on, as a killed instance leaves behind.
+    drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+    assert!(path.exists());
+    let server = Server::start_in(dir, &[]);
+    server.wait_for_log("removing stale socket");
+    assert_eq!(server.unix().publish("{}"), 1);
+}
+
+#[test]
+fn a_second_instance_on_a_live_socket_fails_and_leaves_the_first_alone() {
+    let first = Server::start(&[]);
+    let (mut second, logs) =
+        spawn_raw(&["--listen", "127.0.0.1:0", "--unix-socket", first.unix_socket.to_str().unwrap()]);
+    let status = second.wait().unwrap();
+    assert!(!status.success());
+    wait_until("the second instance's error", || logs.lock().unwrap().contains("in use by a running server"));
+    assert_eq!(first.unix().publish("{}"), 1);
+}
+
+#[test]
+fn a_path_that_is_not_a_socket_is_never_replaced() {
+    let dir = TempDir::new();
+    let path = dir.path().join("precious.txt");
+    std::fs::write(&path, "keep me").unwrap();
+    let (mut server, logs) = spawn_raw(&["--listen", "127.0.0.1:0", "--unix-socket", path.to_str().unwrap()]);
+    assert!(!server.wait().unwrap().success());
+    wait_until("the error", || logs.lock().unwrap().contains("is not a socket"));
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), "keep me");
+}

@@ -1,0 +1,302 @@
+//! The WebSocket endpoint: the welcome, staying connected, heartbeats, dead and slow clients,
+//! fan-out to many clients, and catch-up with `?since=`.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use common::{Client, PATIENCE, Server, wait_until};
+use tungstenite::protocol::frame::coding::CloseCode;
+
+#[test]
+fn welcome_names_the_stream_state() {
+    let server = Server::start(&["--ping-interval", "7.5", "--pong-timeout", "2"]);
+    server.unix().publish(r#"{"n":1}"#);
+    let (_client, welcome) = server.subscribe();
+    assert_eq!(welcome["message"], "Conectado! listo para recibir emergencias");
+    assert_eq!(welcome["seq"], 1);
+    assert_eq!(welcome["history"], serde_json::json!({"first_seq": 1, "last_seq": 1, "count": 1}));
+    assert_eq!(welcome["ping_interval_ms"], 7500);
+    assert_eq!(welcome["pong_timeout_ms"], 2000);
+    assert!(welcome.get("replay").is_none(), "{welcome}");
+}
+
+#[test]
+fn a_passive_client_stays_connected_through_many_pings() {
+    let server = Server::start(&["--ping-interval", "0.1", "--pong-timeout", "0.3"]);
+    let (mut client, _) = server.subscribe();
+    // Reading answers the server's pings (tungstenite replies automatically); the client sends
+    // nothing else. Wait for 20 pings: 2 s, more than six pong timeouts.
+    client.ws.get_ref().set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+    let deadline = Instant::now() + PATIENCE;
+    while client.pings < 20 {
+        assert!(Instant::now() < deadline, "only {} pings arrived", client.pings);
+        match client.ws.read() {
+            Ok(tungstenite::Message::Ping(_)) => client.pings += 1,
+            Ok(other) => panic!("unexpected {other:?}"),
+            Err(tungstenite::Error::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                let _ = client.ws.flush();
+            }
+            Err(error) => panic!("connection ended after {} pings: {error}", client.pings),
+        }
+    }
+    client.ws.get_ref().set_read_timeout(Some(PATIENCE)).unwrap();
+    assert_eq!(server.clients(), 1);
+    let seq = server.unix().publish(r#"{"still":"here"}"#);
+    client.recv_emergency(seq);
+}
+
+#[test]
+fn a_client_that_never_answers_pings_is_dropped_and_its_slot_freed() {
+    let server = Server::start(&["--ping-interval", "0.2", "--pong-timeout", "0.3"]);
+    // The healthy client reads on its own thread, which answers every ping.
+    let (mut healthy, _) = server.subscribe();
+    let reader = std::thread::spawn(move || while healthy.ws.read().is_ok() {});
+    // Completes the handshake and then never reads, so it never answers a ping.
+    let _silent = server.ws("/ws/emergencias");
+    server.wait_for_log("no answer to ping within --pong-timeout");
+    server.wait_for_clients(1);
+    assert_eq!(server.logs().matches("no answer to ping").count(), 1, "{}", server.logs());
+    drop(server);
+    reader.join().unwrap();
+}
+
+#[test]
+fn text_pings_get_pongs_and_other_text_is_ignored() {
+    let server = Server::start(&[]);
+    let (mut client, _) = server.subscribe();
+    client.send_text("ping");
+    assert_eq!(client.recv_text(), r#"{"type":"pong"}"#);
+    client.send_text(r#"{"type":"ping"}"#);
+    assert_eq!(client.recv_text(), r#"{"type":"pong"}"#);
+    client.send_text("hola");
+    client.send_text(r#"{"type":"ack","seq":99}"#);
+    client.ws.send(tungstenite::Message::binary(vec![1, 2, 3])).unwrap();
+    let seq = server.unix().publish("{}");
+    client.recv_emergency(seq);
+    assert_eq!(server.clients(), 1);
+}
+
+#[test]
+fn a_client_close_is_answered_and_frees_the_slot() {
+    let server = Server::start(&[]);
+    let (mut client, _) = server.subscribe();
+    client
+        .ws
+        .close(Some(tungstenite::protocol::CloseFrame { code: CloseCode::Normal, reason: "bye".into() }))
+        .unwrap();
+    let reply = loop {
+        match client.ws.read() {
+            Ok(tungstenite::Message::Close(frame)) => break frame,
+            Ok(_) => continue,
+            Err(error) => panic!("no Close reply: {error}"),
+        }
+    };
+    assert_eq!(reply.map(|f| f.code), Some(CloseCode::Normal));
+    server.wait_for_clients(0);
+    server.wait_for_log("disconnected after");
+}
+
+#[test]
+fn fifty_clients_get_every_emergency_from_both_paths_in_order_verbatim() {
+    let server = Server::start(&[]);
+    let mut clients: Vec<Client> = (0..50).map(|_| server.subscribe().0).collect();
+    server.wait_for_clients(50);
+
+    let mut published = Vec::new();
+    let mut unix = server.unix();
+    for n in 1..=20 {
+        let data = format!(r#"{{"n":{n}, "via":"unix",  "text":"calle {n} \u00f1 ✓"}}"#);
+        let seq = unix.publish(&data);
+        published.push((seq, data));
+        let data = format!(r#"{{ "n" : {n},"via":"http" }}"#);
+        let response = server.post(&data);
+        assert_eq!(response.status, 202, "{}", response.body);
+        let reply = response.json();
+        assert_eq!(reply["queued_to"], 50, "{reply}");
+        published.push((reply["seq"].as_u64().unwrap(), data));
+    }
+    let seqs: Vec<u64> = published.iter().map(|(seq, _)| *seq).collect();
+    assert_eq!(seqs, (1..=40).collect::<Vec<u64>>());
+
+    for client in &mut clients {
+        for (seq, data) in &published {
+            let text = client.recv_text();
+            let expected_prefix = format!(r#"{{"type":"emergencia","seq":{seq},"received_at":""#);
+            assert!(text.starts_with(&expected_prefix), "{text}");
+            assert!(text.ends_with(&format!(r#","data":{data}}}"#)), "data not verbatim: {text}");
+        }
+    }
+}
+
+#[test]
+fn since_replays_what_was_missed_then_continues_live() {
+    let server = Server::start(&[]);
+    let mut unix = server.unix();
+    for n in 1..=5 {
+        unix.publish(&format!(r#"{{"n":{n}}}"#));
+    }
+    let mut client = server.ws("/ws/emergencias?since=2");
+    let welcome = client.recv_json();
+    assert_eq!(welcome["replay"], serde_json::json!({"since": 2, "count": 3, "missed": 0, "reset": false}));
+    for seq in 3..=5 {
+        assert_eq!(client.recv_emergency(seq)["data"]["n"], seq);
+    }
+    unix.publish(r#"{"n":6}"#);
+    client.recv_emergency(6);
+
+    // Already up to date: nothing replayed.
+    let mut current = server.ws("/ws/emergencias?since=6");
+    assert_eq!(current.recv_json()["replay"]["count"], 0);
+    unix.publish(r#"{"n":7}"#);
+    current.recv_emergency(7);
+}
+
+#[test]
+fn since_ahead_of_the_server_replays_everything_retained() {
+    let server = Server::start(&[]);
+    let mut unix = server.unix();
+    unix.publish("{}");
+    unix.publish("{}");
+    let mut client = server.ws("/ws/emergencias?since=500");
+    let welcome = client.recv_json();
+    assert_eq!(welcome["replay"], serde_json::json!({"since": 500, "count": 2, "missed": 0, "reset": true}));
+    client.recv_emergency(1);
+    client.recv_emergency(2);
+}
+
+#[test]
+fn since_older_than_history_says_how_many_are_gone() {
+    let server = Server::start(&["--history", "3"]);
+    let mut unix = server.unix();
+    for _ in 0..10 {
+        unix.publish("{}");
+    }
+    let mut client = server.ws("/ws/emergencias?since=2");
+    let welcome = client.recv_json();
+    assert_eq!(welcome["history"], serde_json::json!({"first_seq": 8, "last_seq": 10, "count": 3}));
+    assert_eq!(welcome["replay"], serde_json::json!({"since": 2, "count": 3, "missed": 5, "reset": false}));
+    for seq in 8..=10 {
+        client.recv_emergency(seq);
+    }
+}
+
+#[test]
+fn replay_and_live_meet_without_gap_or_duplicate_while_publishing() {
+    let server = Server::start(&[]);
+    let socket = server.unix_socket.clone();
+    let publisher = std::thread::spawn(move || {
+        let mut unix = common::UnixPublisher::connect(&socket);
+        for n in 0..400 {
+            unix.publish(&format!(r#"{{"n":{n}}}"#));
+        }
+    });
+    wait_until("some emergencies published", || server.last_seq() >= 50);
+    let mut client = server.ws("/ws/emergencias?since=10");
+    let welcome = client.recv_json();
+    assert_eq!(welcome["replay"]["missed"], 0);
+    for seq in 11..=400 {
+        client.recv_emergency(seq);
+    }
+    publisher.join().unwrap();
+}
+
+#[test]
+fn a_client_that_stops_reading_is_dropped_while_others_get_everything() {
+    let server = Server::start(&["--queue", "8", "--write-timeout", "2"]);
+    let (mut reader, _) = server.subscribe();
+    // A raw WebSocket handshake, then never a read: the kernel buffers fill, then its queue.
+    let mut stalled = TcpStream::connect(server.addr).unwrap();
+    stalled
+        .write_all(
+            b"GET /ws/emergencias HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        )
+        .unwrap();
+    let mut first = [0u8; 12];
+    stalled.read_exact(&mut first).unwrap();
+    assert_eq!(&first, b"HTTP/1.1 101");
+    server.wait_for_clients(2);
+
+    let blob = "x".repeat(60_000);
+    let payload = format!(r#"{{"blob":"{blob}"}}"#);
+    let started = Instant::now();
+    let mut unix = server.unix();
+    let total = 300; // about 18 MB through each client
+    for n in 1..=total {
+        assert_eq!(unix.publish(&payload), n);
+        // The healthy client keeps up, as a tablet on a working network does.
+        reader.recv_emergency(n);
+    }
+    let elapsed = started.elapsed();
+    server.wait_for_log("events behind (--queue)");
+    server.wait_for_clients(1);
+    assert!(elapsed < PATIENCE, "publishing took {elapsed:?}");
+    println!("{total} emergencies of {} bytes to the healthy client in {elapsed:?}", payload.len());
+}
+
+#[test]
+fn clients_over_the_limit_are_refused_with_503() {
+    let server = Server::start(&["--max-clients", "2"]);
+    let (mut first, _) = server.subscribe();
+    let (_second, _) = server.subscribe();
+    let refused = server.http(
+        b"GET /ws/emergencias HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    );
+    assert_eq!(refused.status, 503);
+    assert_eq!(refused.header("retry-after").as_deref(), Some("5"));
+    assert!(refused.error().contains("--max-clients"));
+    let seq = server.unix().publish("{}");
+    first.recv_emergency(seq);
+}
+
+#[test]
+fn bad_upgrades_are_refused_before_switching_protocols() {
+    let server = Server::start(&[]);
+    let plain = server.get("/ws/emergencias");
+    assert_eq!(plain.status, 426);
+    assert_eq!(plain.header("upgrade").as_deref(), Some("websocket"));
+
+    let upgrade = |extra: &str| {
+        server.http(
+            format!(
+                "GET /ws/emergencias{extra} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
+            )
+            .replace("\r\n\r\n", "\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
+            .as_bytes(),
+        )
+    };
+    let bad_since = upgrade("?since=abc");
+    assert_eq!(bad_since.status, 400);
+    assert!(bad_since.error().contains("since"));
+
+    let old_version = server.http(
+        b"GET /ws/emergencias HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 8\r\n\r\n",
+    );
+    assert_eq!(old_version.status, 426);
+    assert_eq!(old_version.header("sec-websocket-version").as_deref(), Some("13"));
+
+    let bad_key = server.http(
+        b"GET /ws/emergencias HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+          Sec-WebSocket-Key: short\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    );
+    assert_eq!(bad_key.status, 400);
+    assert_eq!(server.clients(), 0);
+}
+
+#[test]
+fn an_oversized_client_message_closes_only_that_client() {
+    let server = Server::start(&["--max-client-message-bytes", "256"]);
+    let (mut other, _) = server.subscribe();
+    let (mut noisy, _) = server.subscribe();
+    noisy.send_text(&"x".repeat(1000));
+    let close = noisy.recv_close();
+    assert_eq!(close.map(|f| f.code), Some(CloseCode::Size));
+    server.wait_for_clients(1);
+    let seq = server.unix().publish("{}");
+    other.recv_emergency(seq);
+}
