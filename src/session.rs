@@ -269,13 +269,17 @@ impl Session<'_> {
                 Err(SessionEnd::ClientClosed(frame.map(|f| f.code)))
             }
             // Other text, binary, and Ping/Pong frames only show the client is alive. tungstenite
-            // answers Pings itself on the next write or flush.
+            // queues the answer to a Ping and sends it on the next read, write or flush.
             Some(Ok(_)) => Ok(()),
             Some(Err(error @ WsError::Capacity(_))) => {
                 self.close(CloseCode::Size, "message too large").await;
                 Err(SessionEnd::ProtocolError(error))
             }
-            Some(Err(error @ (WsError::Protocol(_) | WsError::Utf8(_)))) => {
+            Some(Err(error @ WsError::Utf8(_))) => {
+                self.close(CloseCode::Invalid, "text is not UTF-8").await;
+                Err(SessionEnd::ProtocolError(error))
+            }
+            Some(Err(error @ WsError::Protocol(_))) => {
                 self.close(CloseCode::Protocol, "protocol error").await;
                 Err(SessionEnd::ProtocolError(error))
             }

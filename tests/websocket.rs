@@ -300,3 +300,15 @@ fn an_oversized_client_message_closes_only_that_client() {
     let seq = server.unix().publish("{}");
     other.recv_emergency(seq);
 }
+
+#[test]
+fn text_that_is_not_utf8_closes_with_1007() {
+    use tungstenite::protocol::frame::Frame;
+    use tungstenite::protocol::frame::coding::{Data, OpCode};
+    let server = Server::start(&[]);
+    let (mut client, _) = server.subscribe();
+    let invalid = Frame::message(vec![0xff, 0xfe], OpCode::Data(Data::Text), true);
+    client.ws.send(tungstenite::Message::Frame(invalid)).unwrap();
+    assert_eq!(client.recv_close().map(|f| f.code), Some(CloseCode::Invalid));
+    server.wait_for_clients(0);
+}
