@@ -21,6 +21,10 @@ pub const DEFAULT_HISTORY: usize = 1000;
 pub const DEFAULT_HISTORY_BYTES: usize = 16 * 1024 * 1024;
 /// Default largest emergency accepted: an HTTP body or one Unix-socket line.
 pub const DEFAULT_MAX_BODY_BYTES: usize = 64 * 1024;
+/// Default largest `GET /emergencias` response; a poller asks again from the last seq it got.
+pub const DEFAULT_MAX_POLL_BYTES: usize = 1024 * 1024;
+/// Upper bound for `--max-body-bytes`, so size arithmetic stays far from overflow.
+pub const MAX_MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
 /// Default largest HTTP request head (request line and headers).
 pub const DEFAULT_MAX_HEAD_BYTES: usize = 8 * 1024;
 /// Default seconds to receive a whole HTTP request (head and body).
@@ -70,6 +74,10 @@ pub struct Config {
     #[argh(option, default = "DEFAULT_MAX_BODY_BYTES")]
     pub max_body_bytes: usize,
 
+    /// largest GET /emergencias response in bytes (default 1 MiB)
+    #[argh(option, default = "DEFAULT_MAX_POLL_BYTES")]
+    pub max_poll_bytes: usize,
+
     /// largest HTTP request head in bytes (default 8192)
     #[argh(option, default = "DEFAULT_MAX_HEAD_BYTES")]
     pub max_head_bytes: usize,
@@ -110,6 +118,7 @@ impl Config {
             ("--history", self.history),
             ("--history-bytes", self.history_bytes),
             ("--max-body-bytes", self.max_body_bytes),
+            ("--max-poll-bytes", self.max_poll_bytes),
             ("--queue", self.queue),
             ("--max-clients", self.max_clients),
             ("--max-http-connections", self.max_http_connections),
@@ -119,6 +128,9 @@ impl Config {
             if value == 0 {
                 return Err(format!("{flag} must be at least 1"));
             }
+        }
+        if self.max_body_bytes > MAX_MAX_BODY_BYTES {
+            return Err(format!("--max-body-bytes must be at most {MAX_MAX_BODY_BYTES}"));
         }
         if self.max_head_bytes < 256 {
             return Err("--max-head-bytes must be at least 256".into());

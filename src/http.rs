@@ -97,19 +97,31 @@ impl HttpConnection {
         HttpConnection { stream, buffered: Vec::new() }
     }
 
-    /// Reads one request head, which must be complete by `deadline` and fit in `max_bytes`.
-    pub async fn read_head(&mut self, max_bytes: usize, deadline: Instant) -> Result<Request, HeadError> {
+    /// Reads one request head of at most `max_bytes`. The first byte must come by `idle_until`;
+    /// from then on the whole request has `timeout`. Returns the request and that deadline,
+    /// which the body must also meet.
+    pub async fn read_head(
+        &mut self,
+        max_bytes: usize,
+        idle_until: Instant,
+        timeout: Duration,
+    ) -> Result<(Request, Instant), HeadError> {
+        let mut deadline = if self.buffered.is_empty() { idle_until } else { Instant::now() + timeout };
         loop {
             if let Some(request) = self.parse_buffered_head(max_bytes)? {
-                return Ok(request);
+                return Ok((request, deadline));
             }
+            let was_idle = self.buffered.is_empty();
             let mut chunk = [0u8; 2048];
             let read = deadline::before(deadline, self.stream.read(&mut chunk))
                 .await
                 .map_err(|TimedOut| HeadError::TimedOut)?
                 .map_err(HeadError::Io)?;
             if read == 0 {
-                return Err(if self.buffered.is_empty() { HeadError::Closed } else { HeadError::Truncated });
+                return Err(if was_idle { HeadError::Closed } else { HeadError::Truncated });
+            }
+            if was_idle {
+                deadline = Instant::now() + timeout;
             }
             self.buffered.extend_from_slice(&chunk[..read]);
         }
@@ -217,11 +229,20 @@ pub struct Response {
     pub content_type: &'static str,
     pub body: String,
     pub keep_alive: bool,
+    /// The answer to a HEAD request: headers as for GET, no body.
+    pub head_only: bool,
 }
 
 impl Response {
     pub fn json(status: u16, body: String) -> Self {
-        Response { status, headers: Vec::new(), content_type: "application/json", body, keep_alive: true }
+        Response {
+            status,
+            headers: Vec::new(),
+            content_type: "application/json",
+            body,
+            keep_alive: true,
+            head_only: false,
+        }
     }
 
     pub fn with_header(mut self, name: &'static str, value: impl Into<String>) -> Self {
@@ -250,7 +271,9 @@ impl Response {
         }
         head.push_str("\r\n");
         let mut bytes = head.into_bytes();
-        bytes.extend_from_slice(self.body.as_bytes());
+        if !self.head_only {
+            bytes.extend_from_slice(self.body.as_bytes());
+        }
         bytes
     }
 }
@@ -266,6 +289,7 @@ fn reason_phrase(status: u16) -> &'static str {
         405 => "Method Not Allowed",
         408 => "Request Timeout",
         411 => "Length Required",
+        417 => "Expectation Failed",
         413 => "Content Too Large",
         426 => "Upgrade Required",
         431 => "Request Header Fields Too Large",

@@ -45,7 +45,7 @@ pub enum Farewell {
     ShuttingDown,
 }
 
-/// Why a client could not subscribe.
+/// Why the hub refused a subscriber or a publish.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Refusal {
     /// `max_clients` are connected.
@@ -139,8 +139,12 @@ impl Hub {
     }
 
     /// Assigns the next seq, serializes the envelope once, queues it to every client and keeps
-    /// it for catch-up. A client whose queue is full is dropped instead of waited for.
-    pub fn publish(&mut self, data: &RawValue, source: Source) -> Receipt {
+    /// it for catch-up. A client whose queue is full is dropped instead of waited for. Refused
+    /// once shutdown has begun, since nobody could receive it any more.
+    pub fn publish(&mut self, data: &RawValue, source: Source) -> Result<Receipt, Refusal> {
+        if self.shutting_down {
+            return Err(Refusal::ShuttingDown);
+        }
         self.last_seq += 1;
         let seq = self.last_seq;
         let received_at = rfc3339_millis(SystemTime::now());
@@ -164,11 +168,11 @@ impl Hub {
                 subscriber.queue.close();
                 false
             }
-            // The session is ending; its Membership removes the entry.
-            Err(TrySendError::Closed(_)) => true,
+            // The session has ended; its Membership finds the entry gone, which is fine.
+            Err(TrySendError::Closed(_)) => false,
         });
         self.retain(seq, json);
-        Receipt { seq, queued_to }
+        Ok(Receipt { seq, queued_to })
     }
 
     /// Registers a client and snapshots what it must be replayed (`since` given) in one step.
@@ -281,6 +285,12 @@ impl Subscription {
 mod tests {
     use super::*;
 
+    impl Hub {
+        fn publish_ok(&mut self, data: &RawValue, source: Source) -> Receipt {
+            self.publish(data, source).unwrap()
+        }
+    }
+
     fn limits() -> HubLimits {
         HubLimits { history: 3, history_bytes: 1 << 20, queue: 2, max_clients: 2 }
     }
@@ -304,8 +314,8 @@ mod tests {
     fn seqs_grow_by_one_and_data_is_verbatim() {
         let hub = Hub::new(limits());
         let client = Hub::subscribe(&hub, peer(), None).unwrap();
-        let first = hub.borrow_mut().publish(&raw(r#"{"b": 1,  "a":[ ]}"#), Source::Unix);
-        let second = hub.borrow_mut().publish(&raw("{}"), Source::Http);
+        let first = hub.borrow_mut().publish_ok(&raw(r#"{"b": 1,  "a":[ ]}"#), Source::Unix);
+        let second = hub.borrow_mut().publish_ok(&raw("{}"), Source::Http);
         assert_eq!((first.seq, second.seq), (1, 2));
         assert_eq!(first.queued_to, 1);
         let json = client.events.try_recv().unwrap();
@@ -317,7 +327,7 @@ mod tests {
     fn replay_covers_exactly_what_was_missed() {
         let hub = Hub::new(limits());
         for _ in 0..5 {
-            hub.borrow_mut().publish(&raw("{}"), Source::Unix);
+            hub.borrow_mut().publish_ok(&raw("{}"), Source::Unix);
         }
         // History keeps seqs 3..=5.
         let cases = [
@@ -345,7 +355,7 @@ mod tests {
         let slow = Hub::subscribe(&hub, peer(), None).unwrap();
         let fast = Hub::subscribe(&hub, peer(), None).unwrap();
         for _ in 0..3 {
-            hub.borrow_mut().publish(&raw("{}"), Source::Unix);
+            hub.borrow_mut().publish_ok(&raw("{}"), Source::Unix);
             fast.events.try_recv().unwrap();
         }
         assert_eq!(slow.farewell.get(), Some(Farewell::TooSlow));
@@ -359,7 +369,7 @@ mod tests {
         let hub = Hub::new(limits());
         let slow = Hub::subscribe(&hub, peer(), None).unwrap();
         for _ in 0..3 {
-            hub.borrow_mut().publish(&raw("{}"), Source::Unix);
+            hub.borrow_mut().publish_ok(&raw("{}"), Source::Unix);
         }
         let newcomer = Hub::subscribe(&hub, peer(), None).unwrap();
         assert_eq!(newcomer.key(), slow.key());
@@ -378,13 +388,15 @@ mod tests {
         drop(b);
         hub.borrow_mut().shut_down();
         assert_eq!(Hub::subscribe(&hub, peer(), None).err(), Some(Refusal::ShuttingDown));
+        assert_eq!(hub.borrow_mut().publish(&raw("{}"), Source::Http), Err(Refusal::ShuttingDown));
+        assert_eq!(hub.borrow().last_seq(), 0);
     }
 
     #[test]
     fn history_is_bounded_by_bytes_too() {
         let hub = Hub::new(HubLimits { history_bytes: 1, ..limits() });
         for _ in 0..3 {
-            hub.borrow_mut().publish(&raw("{}"), Source::Unix);
+            hub.borrow_mut().publish_ok(&raw("{}"), Source::Unix);
         }
         let range = hub.borrow().history_range();
         assert_eq!((range.first_seq, range.last_seq, range.count), (3, 3, 1));

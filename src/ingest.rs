@@ -5,9 +5,8 @@
 //! rejected with a precise message and nothing is published.
 
 use serde_json::value::RawValue;
-use smol::future;
 
-use crate::hub::{Receipt, SharedHub};
+use crate::hub::{Receipt, Refusal, SharedHub};
 use crate::protocol::Source;
 
 /// Why a submission was not published. `Display` gives the message sent back to the publisher.
@@ -21,6 +20,8 @@ pub enum Rejection {
     InvalidJson(String),
     /// Valid JSON, but not an object.
     NotAnObject,
+    /// The server is shutting down and accepts nothing more.
+    ShuttingDown,
 }
 
 impl std::fmt::Display for Rejection {
@@ -30,6 +31,7 @@ impl std::fmt::Display for Rejection {
             Rejection::TooLarge { limit } => write!(f, "emergency larger than {limit} bytes"),
             Rejection::InvalidJson(detail) => write!(f, "invalid JSON: {detail}"),
             Rejection::NotAnObject => f.write_str("the emergency must be a JSON object"),
+            Rejection::ShuttingDown => f.write_str("server shutting down: publish again after it restarts"),
         }
     }
 }
@@ -47,18 +49,11 @@ pub fn parse_emergency(bytes: &[u8], max_bytes: usize) -> Result<&RawValue, Reje
     if value.get().starts_with('{') { Ok(value) } else { Err(Rejection::NotAnObject) }
 }
 
-/// Publishes one submission, then yields so that the sessions it woke can write before this
-/// ingest connection publishes again: a burst on one connection must not starve the others.
-pub async fn submit(
-    hub: &SharedHub,
-    bytes: &[u8],
-    max_bytes: usize,
-    source: Source,
-) -> Result<Receipt, Rejection> {
+/// Checks and publishes one submission. Callers yield to the executor after each one, so that
+/// the sessions it woke write before the same connection publishes again.
+pub fn submit(hub: &SharedHub, bytes: &[u8], max_bytes: usize, source: Source) -> Result<Receipt, Rejection> {
     let data = parse_emergency(bytes, max_bytes)?;
-    let receipt = hub.borrow_mut().publish(data, source);
-    future::yield_now().await;
-    Ok(receipt)
+    hub.borrow_mut().publish(data, source).map_err(|_: Refusal| Rejection::ShuttingDown)
 }
 
 #[cfg(test)]

@@ -19,8 +19,9 @@ use smol::future;
 use smol::io::AsyncWriteExt;
 use smol::net::TcpStream;
 
+use crate::deadline;
 use crate::http::{BodyError, HeadError, HttpConnection, Request, Response};
-use crate::ingest;
+use crate::ingest::{self, Rejection};
 use crate::protocol::{self, Health, PublishReply, Source, error_json};
 use crate::server::{Shared, SlotGuard};
 use crate::session;
@@ -39,14 +40,17 @@ pub async fn serve_connection(shared: Rc<Shared>, stream: TcpStream, peer: Socke
     let config = &shared.config;
     let mut connection = HttpConnection::new(stream);
     loop {
-        let deadline = Instant::now() + config.header_timeout;
-        let head = future::or(connection.read_head(config.max_head_bytes, deadline), async {
-            let _ = shared.stop.recv().await;
-            Err(HeadError::Closed)
-        })
+        let idle_until = Instant::now() + config.header_timeout;
+        let head = future::or(
+            connection.read_head(config.max_head_bytes, idle_until, config.header_timeout),
+            async {
+                let _ = shared.stop.recv().await;
+                Err(HeadError::Closed)
+            },
+        )
         .await;
-        let request = match head {
-            Ok(request) => request,
+        let (request, deadline) = match head {
+            Ok(head) => head,
             Err(error) => return answer_bad_head(connection, error, peer, &shared).await,
         };
         debug!("{peer} {} {}", request.method, request.path);
@@ -54,8 +58,7 @@ pub async fn serve_connection(shared: Rc<Shared>, stream: TcpStream, peer: Socke
         let body_left_unread = declares_body(&request) && !is_publish(&request);
         match handle(&shared, &mut connection, request, peer, deadline).await {
             Outcome::Upgrade(request) => {
-                drop(slot);
-                return session::serve(shared, connection, request, peer).await;
+                return session::serve(shared, connection, request, peer, slot).await;
             }
             Outcome::Reply(mut response) => {
                 response.keep_alive &= keep_alive && !body_left_unread;
@@ -67,6 +70,8 @@ pub async fn serve_connection(shared: Rc<Shared>, stream: TcpStream, peer: Socke
                 }
             }
         }
+        // Pipelined requests must not monopolize the thread.
+        future::yield_now().await;
     }
 }
 
@@ -77,16 +82,19 @@ async fn handle(
     peer: SocketAddr,
     deadline: Instant,
 ) -> Outcome {
-    let response = match (request.path.as_str(), request.method.as_str()) {
-        ("/ws/emergencias", "GET") => return Outcome::Upgrade(request),
+    let head_only = request.method == "HEAD";
+    let method = if head_only { "GET" } else { request.method.as_str() };
+    let mut response = match (request.path.as_str(), method) {
+        ("/ws/emergencias", "GET") if !head_only => return Outcome::Upgrade(request),
         ("/ws/emergencias", _) => method_not_allowed("GET"),
         ("/emergencias", "POST") => publish(shared, connection, &request, peer, deadline).await,
-        ("/emergencias", "GET") => poll(shared, &request),
+        ("/emergencias", "GET") => poll(shared, &request, peer),
         ("/emergencias", _) => method_not_allowed("GET, POST"),
         ("/healthz", "GET") => health(shared),
         ("/healthz", _) => method_not_allowed("GET"),
         (path, _) => Response::json(404, error_json(&format!("no such path: {path}"))),
     };
+    response.head_only = head_only;
     Outcome::Reply(response)
 }
 
@@ -130,10 +138,15 @@ async fn publish(
         warn!("rejected publish from {peer}: body of {length} bytes over --max-body-bytes");
         return closing(413, &format!("body larger than {max_bytes} bytes"));
     }
-    if request.header_has_token("expect", "100-continue")
-        && connection.stream.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await.is_err()
-    {
-        return closing(400, "connection failed");
+    if let Some(expectation) = request.header("expect") {
+        if !expectation.trim().eq_ignore_ascii_case("100-continue") {
+            return closing(417, "only Expect: 100-continue is supported");
+        }
+        let interim =
+            deadline::before(deadline, connection.stream.write_all(b"HTTP/1.1 100 Continue\r\n\r\n"));
+        if request.minor_version >= 1 && !matches!(interim.await, Ok(Ok(()))) {
+            return closing(408, "could not send 100 Continue");
+        }
     }
     let body = match connection.read_body(length, deadline).await {
         Ok(body) => body,
@@ -143,8 +156,10 @@ async fn publish(
         }
         Err(BodyError::Incomplete) => return closing(400, "body incomplete"),
     };
-    match ingest::submit(&shared.hub, &body, max_bytes, Source::Http).await {
+    match ingest::submit(&shared.hub, &body, max_bytes, Source::Http) {
         Ok(receipt) => Response::json(202, PublishReply::accepted(receipt.seq, receipt.queued_to)),
+        Err(Rejection::ShuttingDown) => Response::json(503, error_json(&Rejection::ShuttingDown.to_string()))
+            .with_header("Retry-After", "5"),
         Err(rejection) => {
             warn!("rejected publish from {peer}: {rejection}");
             Response::json(400, error_json(&rejection.to_string()))
@@ -156,7 +171,12 @@ async fn publish(
 fn content_length(request: &Request) -> Result<Option<usize>, &'static str> {
     let mut length = None;
     for value in request.headers("content-length") {
-        let parsed: usize = value.trim().parse().map_err(|_| "invalid Content-Length")?;
+        let digits = value.trim();
+        // Only plain digits: `+7` could be read differently by a proxy in front.
+        if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+            return Err("invalid Content-Length");
+        }
+        let parsed: usize = digits.parse().map_err(|_| "invalid Content-Length")?;
         if length.is_some_and(|previous| previous != parsed) {
             return Err("conflicting Content-Length headers");
         }
@@ -165,17 +185,21 @@ fn content_length(request: &Request) -> Result<Option<usize>, &'static str> {
     Ok(length)
 }
 
-/// `GET /emergencias?since=N`: a JSON array of the retained envelopes after `N`.
-fn poll(shared: &Shared, request: &Request) -> Response {
-    let since = match parse_since(request) {
+/// `GET /emergencias?since=N`: a JSON array of the retained envelopes after `N`, oldest first,
+/// at most `--max-poll-bytes` of them (always at least one): poll again from the last seq.
+fn poll(shared: &Shared, request: &Request, peer: SocketAddr) -> Response {
+    let since = match parse_since(request, peer) {
         Ok(since) => since.unwrap_or(0),
         Err(response) => return response,
     };
     let hub = shared.hub.borrow();
     let (entries, _) = hub.retained_after(since);
     let mut body = String::from("[");
-    for (index, json) in entries.enumerate() {
-        if index > 0 {
+    for json in entries {
+        if body.len() > 1 {
+            if body.len() + json.len() + 2 > shared.config.max_poll_bytes {
+                break;
+            }
             body.push(',');
         }
         body.push_str(json);
@@ -196,10 +220,11 @@ fn health(shared: &Shared) -> Response {
 }
 
 /// Reads `?since=N`, the last seq the client has.
-pub fn parse_since(request: &Request) -> Result<Option<u64>, Response> {
+pub fn parse_since(request: &Request, peer: SocketAddr) -> Result<Option<u64>, Response> {
     match request.query_param("since") {
         None => Ok(None),
         Some(text) => text.parse().map(Some).map_err(|_| {
+            warn!("refused {peer}: since={text:?} is not a whole number");
             Response::json(400, error_json("since must be a whole number: the last seq you received"))
         }),
     }

@@ -7,9 +7,9 @@
 use std::cell::Cell;
 use std::future::Future;
 use std::io;
-use std::net::{SocketAddr, TcpListener as StdTcpListener};
+use std::net::TcpListener as StdTcpListener;
 use std::rc::Rc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_channel::{Receiver, Sender};
 use log::{info, warn};
@@ -133,11 +133,13 @@ async fn accept_tcp(
     task_token: Sender<()>,
 ) {
     let slots = ConnectionSlots::new(shared.config.max_http_connections);
+    let refusals = WarningThrottle::default();
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
                 let Some(slot) = slots.try_take() else {
-                    refuse_busy(stream, peer).await;
+                    refusals.note("connection refused: --max-http-connections reached");
+                    refuse_busy(stream).await;
                     continue;
                 };
                 let _ = stream.set_nodelay(true);
@@ -151,8 +153,7 @@ async fn accept_tcp(
 
 /// Answers a connection over `--max-http-connections` with a 503 if the socket takes it at
 /// once, and closes it. No task is spawned for it: a flood must not cost memory.
-async fn refuse_busy(mut stream: smol::net::TcpStream, peer: SocketAddr) {
-    warn!("refused {peer}: --max-http-connections reached");
+async fn refuse_busy(mut stream: smol::net::TcpStream) {
     let body = r#"{"ok":false,"error":"server busy: too many connections"}"#;
     let response = format!(
         "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: {}\r\nRetry-After: 5\r\nConnection: close\r\n\r\n{body}",
@@ -160,6 +161,31 @@ async fn refuse_busy(mut stream: smol::net::TcpStream, peer: SocketAddr) {
     );
     // One non-blocking attempt: a fresh socket's send buffer is empty, so it normally succeeds.
     let _ = future::poll_once(stream.write(response.as_bytes())).await;
+}
+
+/// Logs a repeated warning at most once per `WarningThrottle::PERIOD`, with how many were held
+/// back, so that a flood of refused connections cannot flood the log.
+#[derive(Default)]
+pub struct WarningThrottle {
+    last_logged: Cell<Option<Instant>>,
+    held_back: Cell<u64>,
+}
+
+impl WarningThrottle {
+    const PERIOD: Duration = Duration::from_secs(10);
+
+    pub fn note(&self, message: &str) {
+        let now = Instant::now();
+        if self.last_logged.get().is_some_and(|last| now < last + Self::PERIOD) {
+            self.held_back.set(self.held_back.get() + 1);
+            return;
+        }
+        match self.held_back.replace(0) {
+            0 => warn!("{message}"),
+            held_back => warn!("{message} (and {held_back} more in the last {:?})", Self::PERIOD),
+        }
+        self.last_logged.set(Some(now));
+    }
 }
 
 /// Logs an accept error and pauses; out of file descriptors, this keeps the loop from spinning.

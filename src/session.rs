@@ -28,7 +28,7 @@ use crate::http::{HttpConnection, Request, Response};
 use crate::hub::{Farewell, Hub, Refusal, Subscription};
 use crate::protocol::{self, PONG, WELCOME_MESSAGE, Welcome, error_json};
 use crate::routes;
-use crate::server::Shared;
+use crate::server::{Shared, SlotGuard};
 
 /// Bytes of events written to a client before one flush, when its queue holds several.
 const WRITE_BATCH_BYTES: usize = 64 * 1024;
@@ -38,7 +38,14 @@ const CLOSE_REPLY_TIMEOUT: Duration = Duration::from_secs(1);
 const WEBSOCKET_GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
 
 /// Answers an upgrade request on `/ws/emergencias` and runs the session until it ends.
-pub async fn serve(shared: Rc<Shared>, mut connection: HttpConnection, request: Request, peer: SocketAddr) {
+/// `slot` counts the connection against `--max-http-connections` until it has upgraded.
+pub async fn serve(
+    shared: Rc<Shared>,
+    mut connection: HttpConnection,
+    request: Request,
+    peer: SocketAddr,
+    slot: SlotGuard,
+) {
     let config = &shared.config;
     let accept_key = match check_upgrade(&request) {
         Ok(key) => key,
@@ -47,7 +54,7 @@ pub async fn serve(shared: Rc<Shared>, mut connection: HttpConnection, request: 
             return connection.respond_and_close(response, config.write_timeout).await;
         }
     };
-    let since = match routes::parse_since(&request) {
+    let since = match routes::parse_since(&request, peer) {
         Ok(since) => since,
         Err(response) => return connection.respond_and_close(response, config.write_timeout).await,
     };
@@ -70,6 +77,8 @@ pub async fn serve(shared: Rc<Shared>, mut connection: HttpConnection, request: 
     if connection.respond(&switching, Instant::now() + config.write_timeout).await.is_err() {
         return;
     }
+    // From here on the hub counts this connection, under --max-clients.
+    drop(slot);
     let ws = WebSocketStream::from_partially_read(
         connection.stream,
         connection.buffered,
@@ -219,7 +228,11 @@ impl Session<'_> {
                     if let Some(sent_at) = ping_sent_at.take() {
                         timer.set_at(sent_at + self.config.ping_interval);
                     }
-                    self.handle_frame(frame).await
+                    let handled = self.handle_frame(frame).await;
+                    // A client flooding frames must not monopolize the thread: frames already
+                    // buffered are read without ever returning Pending.
+                    future::yield_now().await;
+                    handled
                 }
                 Wake::Event(Some(event)) => self.send_events(event).await,
                 Wake::Event(None) => Err(self.say_farewell().await),

@@ -6,7 +6,7 @@
 
 use std::fs::{self, Permissions};
 use std::io;
-use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener as StdUnixListener, UnixStream as StdUnixStream};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
@@ -20,7 +20,7 @@ use smol::{LocalExecutor, future};
 use crate::deadline;
 use crate::ingest::{self, Rejection};
 use crate::protocol::{PublishReply, Source, error_json};
-use crate::server::{self, ConnectionSlots, Shared, SlotGuard};
+use crate::server::{self, ConnectionSlots, Shared, SlotGuard, WarningThrottle};
 
 /// Mode of the socket file: publishers must be the service's user or in its group.
 const SOCKET_MODE: u32 = 0o660;
@@ -59,11 +59,25 @@ pub fn bind(path: &Path) -> io::Result<BoundUnixSocket> {
         Err(error) if error.kind() == io::ErrorKind::NotFound => {}
         Err(error) => return Err(io::Error::new(error.kind(), format!("{shown}: {error}"))),
     }
-    let listener = StdUnixListener::bind(path)
+    let listener = bind_with_mode(path, SOCKET_MODE)
         .map_err(|error| io::Error::new(error.kind(), format!("cannot bind {shown}: {error}")))?;
-    fs::set_permissions(path, Permissions::from_mode(SOCKET_MODE))?;
     let metadata = fs::metadata(path)?;
     Ok(BoundUnixSocket { path: path.to_owned(), listener, identity: (metadata.dev(), metadata.ino()) })
+}
+
+/// Binds inside a fresh private (0700) directory beside `path`, sets `mode`, then renames the
+/// socket into place: nobody can connect before the mode is set, whatever the umask.
+fn bind_with_mode(path: &Path, mode: u32) -> io::Result<StdUnixListener> {
+    let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let private_dir = parent.join(format!(".resq-push-bind-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&private_dir);
+    fs::DirBuilder::new().mode(0o700).create(&private_dir)?;
+    let staged = private_dir.join("socket");
+    let bound = StdUnixListener::bind(&staged)
+        .and_then(|listener| fs::set_permissions(&staged, Permissions::from_mode(mode)).map(|()| listener))
+        .and_then(|listener| fs::rename(&staged, path).map(|()| listener));
+    let _ = fs::remove_dir_all(&private_dir);
+    bound
 }
 
 impl BoundUnixSocket {
@@ -96,11 +110,16 @@ pub async fn accept(
 ) {
     let Some(listener) = listener else { return future::pending().await };
     let slots = ConnectionSlots::new(shared.config.max_unix_connections);
+    let refusals = WarningThrottle::default();
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
                 let Some(slot) = slots.try_take() else {
-                    warn!("refused a Unix-socket publisher: --max-unix-connections reached");
+                    refusals.note("Unix-socket publisher refused: --max-unix-connections reached");
+                    let mut stream = stream;
+                    let line = format!("{}\n", error_json("server busy: too many publisher connections"));
+                    // One non-blocking attempt; no task is spawned for a refused connection.
+                    let _ = future::poll_once(stream.write_all(line.as_bytes())).await;
                     continue;
                 };
                 server::spawn_connection(
@@ -169,45 +188,37 @@ fn strip_cr(line: &[u8]) -> &[u8] {
     line.strip_suffix(b"\r").unwrap_or(line)
 }
 
-/// Serves one publisher connection until it closes or the server stops.
+/// Serves one publisher connection until it closes or the server stops. At shutdown a partial
+/// line is dropped unanswered: it was never a complete submission.
 async fn serve_publisher(shared: Rc<Shared>, mut stream: UnixStream, _slot: SlotGuard) {
     let max_line = shared.config.max_body_bytes;
     let mut splitter = LineSplitter::new(max_line);
     let mut chunk = vec![0u8; 16 * 1024];
     loop {
-        let read = future::or(stream.read(&mut chunk), async {
+        let read = future::or(async { Some(stream.read(&mut chunk).await) }, async {
             let _ = shared.stop.recv().await;
-            Ok(0)
+            None
         })
         .await;
         let mut lines: Vec<Result<Vec<u8>, Rejection>> = Vec::new();
-        let at_end = !matches!(read, Ok(n) if n > 0);
         let collect = |line: Line<'_>| {
             lines.push(match line {
                 Line::Complete(bytes) => Ok(bytes.to_vec()),
                 Line::TooLong => Err(Rejection::TooLarge { limit: max_line }),
             })
         };
-        match read {
-            Ok(n) if n > 0 => splitter.feed(&chunk[..n], collect),
-            _ => splitter.finish(collect),
-        }
-        let mut replies = String::new();
-        for line in lines {
-            let outcome = match line {
-                Ok(bytes) => ingest::submit(&shared.hub, &bytes, max_line, Source::Unix).await,
-                Err(rejection) => Err(rejection),
-            };
-            let reply = match outcome {
-                Ok(receipt) => PublishReply::accepted(receipt.seq, receipt.queued_to),
-                Err(rejection) => {
-                    warn!("rejected line on Unix socket: {rejection}");
-                    error_json(&rejection.to_string())
-                }
-            };
-            replies.push_str(&reply);
-            replies.push('\n');
-        }
+        let at_end = match read {
+            None => return,
+            Some(Ok(0)) | Some(Err(_)) => {
+                splitter.finish(collect);
+                true
+            }
+            Some(Ok(n)) => {
+                splitter.feed(&chunk[..n], collect);
+                false
+            }
+        };
+        let replies = publish_lines(&shared, lines, max_line).await;
         if !replies.is_empty()
             && !matches!(
                 deadline::within(shared.config.write_timeout, stream.write_all(replies.as_bytes())).await,
@@ -221,6 +232,33 @@ async fn serve_publisher(shared: Rc<Shared>, mut stream: UnixStream, _slot: Slot
             return;
         }
     }
+}
+
+/// Publishes each line in order and returns the reply lines. Yields after each line so that a
+/// burst from one publisher lets the sessions it woke write in between.
+async fn publish_lines(shared: &Shared, lines: Vec<Result<Vec<u8>, Rejection>>, max_line: usize) -> String {
+    let mut replies = String::new();
+    let mut rejected = 0;
+    let mut first_rejection = None;
+    for line in lines {
+        let outcome = line.and_then(|bytes| ingest::submit(&shared.hub, &bytes, max_line, Source::Unix));
+        let reply = match outcome {
+            Ok(receipt) => PublishReply::accepted(receipt.seq, receipt.queued_to),
+            Err(rejection) => {
+                rejected += 1;
+                let message = rejection.to_string();
+                first_rejection.get_or_insert_with(|| message.clone());
+                error_json(&message)
+            }
+        };
+        replies.push_str(&reply);
+        replies.push('\n');
+        future::yield_now().await;
+    }
+    if let Some(first) = first_rejection {
+        warn!("rejected {rejected} line(s) on the Unix socket: {first}");
+    }
+    replies
 }
 
 #[cfg(test)]

@@ -195,3 +195,87 @@ fn polling_returns_retained_emergencies_after_since() {
     assert_eq!(health["history"], serde_json::json!({"first_seq": 2, "last_seq": 4, "count": 3}));
     assert_eq!(health["clients"], 0);
 }
+
+#[test]
+fn head_requests_get_headers_without_a_body() {
+    let server = Server::start(&[]);
+    let stream = TcpStream::connect(server.addr).unwrap();
+    stream.set_read_timeout(Some(PATIENCE)).unwrap();
+    let mut writer = stream.try_clone().unwrap();
+    writer
+        .write_all(b"HEAD /healthz HTTP/1.1\r\n\r\nHEAD /nope HTTP/1.1\r\n\r\nGET /healthz HTTP/1.1\r\n\r\n")
+        .unwrap();
+    let mut reader = BufReader::new(stream);
+    // HttpResponse::read would wait for a body that never comes: read heads by hand.
+    let mut read_head = || {
+        let mut head = String::new();
+        while !head.ends_with("\r\n\r\n") {
+            let mut byte = [0u8; 1];
+            reader.read_exact(&mut byte).unwrap();
+            head.push(byte[0] as char);
+        }
+        head
+    };
+    let health = read_head();
+    assert!(health.starts_with("HTTP/1.1 200 OK\r\n") && health.contains("Content-Length: "), "{health}");
+    assert!(read_head().starts_with("HTTP/1.1 404 "));
+    // The GET right behind them parses cleanly: no stray body bytes in between.
+    assert!(read_head().starts_with("HTTP/1.1 200 OK\r\n"));
+}
+
+#[test]
+fn ambiguous_lengths_and_unknown_expectations_are_refused() {
+    let server = Server::start(&[]);
+    let plus = post_raw(&server, "Content-Length: +2\r\n", "{}");
+    assert_eq!(plus.status, 400);
+    assert_eq!(plus.error(), "invalid Content-Length");
+    let expect = post_raw(&server, "Content-Length: 2\r\nExpect: something-else\r\n", "{}");
+    assert_eq!(expect.status, 417);
+    assert_eq!(server.last_seq(), 0);
+}
+
+#[test]
+fn the_request_timeout_starts_at_the_first_byte_not_at_idle() {
+    let server = Server::start(&["--header-timeout", "1"]);
+    let stream = TcpStream::connect(server.addr).unwrap();
+    stream.set_read_timeout(Some(PATIENCE)).unwrap();
+    let mut writer = stream.try_clone().unwrap();
+    let mut reader = BufReader::new(stream);
+    writer.write_all(b"GET /healthz HTTP/1.1\r\n\r\n").unwrap();
+    assert_eq!(HttpResponse::read(&mut reader).status, 200);
+    // Idle for most of the timeout, then a request that itself takes half of it.
+    std::thread::sleep(Duration::from_millis(700));
+    writer.write_all(b"POST /emergencias HTTP/1.1\r\nContent-Length: 2\r\n").unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    writer.write_all(b"\r\n{}").unwrap();
+    assert_eq!(HttpResponse::read(&mut reader).status, 202);
+}
+
+#[test]
+fn polling_is_capped_in_bytes_but_always_makes_progress() {
+    let server = Server::start(&["--max-poll-bytes", "300"]);
+    for n in 1..=5 {
+        assert_eq!(server.post(&format!(r#"{{"n":{n},"pad":"{}"}}"#, "p".repeat(60))).status, 202);
+    }
+    let mut since = 0;
+    let mut pages = 0;
+    while since < 5 {
+        let page = server.get(&format!("/emergencias?since={since}")).json();
+        let page = page.as_array().unwrap();
+        assert!(!page.is_empty() && page.len() < 5, "page of {}", page.len());
+        for event in page {
+            since += 1;
+            assert_eq!(event["seq"], since);
+        }
+        pages += 1;
+    }
+    assert!(pages >= 2);
+}
+
+#[test]
+fn an_upgraded_connection_frees_its_http_slot() {
+    let server = Server::start(&["--max-http-connections", "1"]);
+    let (mut client, _) = server.subscribe();
+    assert_eq!(server.post("{}").status, 202);
+    client.recv_emergency(1);
+}

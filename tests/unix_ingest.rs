@@ -102,3 +102,13 @@ fn a_path_that_is_not_a_socket_is_never_replaced() {
     wait_until("the error", || logs.lock().unwrap().contains("is not a socket"));
     assert_eq!(std::fs::read_to_string(&path).unwrap(), "keep me");
 }
+
+#[test]
+fn a_publisher_over_the_limit_gets_an_error_line() {
+    let server = Server::start(&["--max-unix-connections", "1"]);
+    let mut first = server.unix();
+    assert_eq!(first.publish("{}"), 1);
+    let mut second = server.unix();
+    assert_eq!(second.reply()["error"], "server busy: too many publisher connections");
+    assert_eq!(first.publish("{}"), 2);
+}

@@ -312,3 +312,32 @@ fn text_that_is_not_utf8_closes_with_1007() {
     assert_eq!(client.recv_close().map(|f| f.code), Some(CloseCode::Invalid));
     server.wait_for_clients(0);
 }
+
+#[test]
+fn a_client_flooding_frames_does_not_starve_the_server() {
+    let server = Server::start(&[]);
+    let (mut flooder, _) = server.subscribe();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flooding = {
+        let stop = stop.clone();
+        // Empty masked Pong frames, written 60 KiB at a time straight to the socket.
+        let frames: Vec<u8> = [0x8a, 0x80, 1, 2, 3, 4].repeat(10_000);
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                if flooder.ws.get_mut().write_all(&frames).is_err() {
+                    break;
+                }
+            }
+        })
+    };
+    // While the flood goes on, other requests keep being answered promptly.
+    let started = Instant::now();
+    let mut answered = 0;
+    while started.elapsed() < Duration::from_secs(2) {
+        assert_eq!(server.health()["status"], "ok");
+        answered += 1;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    flooding.join().unwrap();
+    assert!(answered >= 20, "only {answered} health checks answered in 2 s during the flood");
+}
