@@ -106,6 +106,21 @@ pub struct Config {
     #[argh(option, default = "DEFAULT_MAX_UNIX_CONNECTIONS")]
     pub max_unix_connections: usize,
 
+    /// file of tokens (`TOKEN` or `NAME TOKEN` per line) that POST /emergencias must present as
+    /// `Authorization: Bearer`; reloaded on SIGHUP (default: publishing over HTTP is open)
+    #[argh(option)]
+    pub publish_token_file: Option<PathBuf>,
+
+    /// file of tokens that WebSocket clients and pollers must present, as ?token= or
+    /// `Authorization: Bearer`; reloaded on SIGHUP (default: listening is open)
+    #[argh(option)]
+    pub subscribe_token_file: Option<PathBuf>,
+
+    /// browser origin allowed to open WebSockets and call the HTTP API cross-origin, e.g.
+    /// https://console.example; repeatable (default: any origin may connect, no CORS headers)
+    #[argh(option)]
+    pub allowed_origin: Vec<String>,
+
     /// largest message a WebSocket client may send, in bytes (default 4096)
     #[argh(option, default = "DEFAULT_MAX_CLIENT_MESSAGE_BYTES")]
     pub max_client_message_bytes: usize,
@@ -137,6 +152,15 @@ impl Config {
         }
         if self.max_client_message_bytes < 128 {
             return Err("--max-client-message-bytes must be at least 128".into());
+        }
+        let has_tokens = self.publish_token_file.is_some() || self.subscribe_token_file.is_some();
+        if has_tokens && self.allowed_origin.iter().any(|origin| origin == "*") {
+            return Err("--allowed-origin '*' cannot be combined with token files: list the origins".into());
+        }
+        if let Some(origin) = self.allowed_origin.iter().find(|o| *o != "*" && !o.contains("://")) {
+            return Err(format!(
+                "--allowed-origin {origin}: give a scheme and host, like https://console.example"
+            ));
         }
         let positive_durations = [
             ("--ping-interval", self.ping_interval),

@@ -18,7 +18,8 @@ use log::warn;
 use serde_json::value::RawValue;
 use slab::Slab;
 
-use crate::protocol::{self, EmergencyEnvelope, HistoryRange, ReplayInfo, Source};
+use crate::auth::Identity;
+use crate::protocol::{self, ClientInfo, EmergencyEnvelope, HistoryRange, ReplayInfo, Source};
 use crate::timestamp::rfc3339_millis;
 
 pub type SharedHub = Rc<RefCell<Hub>>;
@@ -43,6 +44,8 @@ pub enum Farewell {
     TooSlow,
     /// The server is shutting down.
     ShuttingDown,
+    /// Its token is no longer in the subscribe token file.
+    Revoked,
 }
 
 /// Why the hub refused a subscriber or a publish.
@@ -67,6 +70,9 @@ struct Subscriber {
     /// Unique for the server's lifetime, unlike slab keys, which are reused.
     client_id: u64,
     peer: SocketAddr,
+    /// The token it connected with, when subscribe tokens are configured.
+    identity: Option<Identity>,
+    connected_at: SystemTime,
     queue: Sender<Utf8Bytes>,
     farewell: Rc<Cell<Option<Farewell>>>,
 }
@@ -176,7 +182,12 @@ impl Hub {
     }
 
     /// Registers a client and snapshots what it must be replayed (`since` given) in one step.
-    pub fn subscribe(hub: &SharedHub, peer: SocketAddr, since: Option<u64>) -> Result<Subscription, Refusal> {
+    pub fn subscribe(
+        hub: &SharedHub,
+        peer: SocketAddr,
+        identity: Option<Identity>,
+        since: Option<u64>,
+    ) -> Result<Subscription, Refusal> {
         let mut this = hub.borrow_mut();
         if this.shutting_down {
             return Err(Refusal::ShuttingDown);
@@ -195,8 +206,14 @@ impl Hub {
         let farewell = Rc::new(Cell::new(None));
         let client_id = this.next_client_id;
         this.next_client_id += 1;
-        let key =
-            this.subscribers.insert(Subscriber { client_id, peer, queue, farewell: Rc::clone(&farewell) });
+        let key = this.subscribers.insert(Subscriber {
+            client_id,
+            peer,
+            identity,
+            connected_at: SystemTime::now(),
+            queue,
+            farewell: Rc::clone(&farewell),
+        });
         Ok(Subscription {
             client_id,
             events,
@@ -233,6 +250,38 @@ impl Hub {
             subscriber.farewell.set(Some(Farewell::ShuttingDown));
             subscriber.queue.close();
         }
+    }
+
+    /// Closes the queue of every client whose token `still_valid` rejects; returns how many.
+    pub fn revoke(&mut self, still_valid: impl Fn(&str) -> bool) -> usize {
+        let before = self.subscribers.len();
+        self.subscribers.retain(|_, subscriber| match &subscriber.identity {
+            Some(identity) if !still_valid(&identity.token) => {
+                warn!(
+                    "client {} ({}) disconnected: its token was revoked",
+                    subscriber.client_id, identity.name
+                );
+                subscriber.farewell.set(Some(Farewell::Revoked));
+                subscriber.queue.close();
+                false
+            }
+            _ => true,
+        });
+        before - self.subscribers.len()
+    }
+
+    /// The connected clients, for `/healthz`.
+    pub fn clients(&self) -> Vec<ClientInfo> {
+        self.subscribers
+            .iter()
+            .map(|(_, subscriber)| ClientInfo {
+                client_id: subscriber.client_id,
+                name: subscriber.identity.as_ref().map(|identity| identity.name.to_string()),
+                peer: subscriber.peer.to_string(),
+                connected_at: rfc3339_millis(subscriber.connected_at),
+                queued: subscriber.queue.len(),
+            })
+            .collect()
     }
 
     pub fn client_count(&self) -> usize {
@@ -313,7 +362,7 @@ mod tests {
     #[test]
     fn seqs_grow_by_one_and_data_is_verbatim() {
         let hub = Hub::new(limits());
-        let client = Hub::subscribe(&hub, peer(), None).unwrap();
+        let client = Hub::subscribe(&hub, peer(), None, None).unwrap();
         let first = hub.borrow_mut().publish_ok(&raw(r#"{"b": 1,  "a":[ ]}"#), Source::Unix);
         let second = hub.borrow_mut().publish_ok(&raw("{}"), Source::Http);
         assert_eq!((first.seq, second.seq), (1, 2));
@@ -338,7 +387,7 @@ mod tests {
             (9, vec![3, 4, 5], 0, true),
         ];
         for (since, expected, missed, reset) in cases {
-            let client = Hub::subscribe(&hub, peer(), Some(since)).unwrap();
+            let client = Hub::subscribe(&hub, peer(), None, Some(since)).unwrap();
             assert_eq!(seqs(&client.replay), expected, "since={since}");
             let info = client.replay_info.unwrap();
             assert_eq!(
@@ -352,8 +401,8 @@ mod tests {
     #[test]
     fn a_full_queue_drops_only_that_client() {
         let hub = Hub::new(limits());
-        let slow = Hub::subscribe(&hub, peer(), None).unwrap();
-        let fast = Hub::subscribe(&hub, peer(), None).unwrap();
+        let slow = Hub::subscribe(&hub, peer(), None, None).unwrap();
+        let fast = Hub::subscribe(&hub, peer(), None, None).unwrap();
         for _ in 0..3 {
             hub.borrow_mut().publish_ok(&raw("{}"), Source::Unix);
             fast.events.try_recv().unwrap();
@@ -367,11 +416,11 @@ mod tests {
     #[test]
     fn a_reused_key_is_not_removed_by_the_old_client() {
         let hub = Hub::new(limits());
-        let slow = Hub::subscribe(&hub, peer(), None).unwrap();
+        let slow = Hub::subscribe(&hub, peer(), None, None).unwrap();
         for _ in 0..3 {
             hub.borrow_mut().publish_ok(&raw("{}"), Source::Unix);
         }
-        let newcomer = Hub::subscribe(&hub, peer(), None).unwrap();
+        let newcomer = Hub::subscribe(&hub, peer(), None, None).unwrap();
         assert_eq!(newcomer.key(), slow.key());
         drop(slow);
         assert_eq!(hub.borrow().client_count(), 1);
@@ -382,14 +431,30 @@ mod tests {
     #[test]
     fn clients_are_capped_and_refused_at_shutdown() {
         let hub = Hub::new(limits());
-        let _a = Hub::subscribe(&hub, peer(), None).unwrap();
-        let b = Hub::subscribe(&hub, peer(), None).unwrap();
-        assert_eq!(Hub::subscribe(&hub, peer(), None).err(), Some(Refusal::Full));
+        let _a = Hub::subscribe(&hub, peer(), None, None).unwrap();
+        let b = Hub::subscribe(&hub, peer(), None, None).unwrap();
+        assert_eq!(Hub::subscribe(&hub, peer(), None, None).err(), Some(Refusal::Full));
         drop(b);
         hub.borrow_mut().shut_down();
-        assert_eq!(Hub::subscribe(&hub, peer(), None).err(), Some(Refusal::ShuttingDown));
+        assert_eq!(Hub::subscribe(&hub, peer(), None, None).err(), Some(Refusal::ShuttingDown));
         assert_eq!(hub.borrow_mut().publish(&raw("{}"), Source::Http), Err(Refusal::ShuttingDown));
         assert_eq!(hub.borrow().last_seq(), 0);
+    }
+
+    #[test]
+    fn revoking_closes_only_the_revoked_tokens() {
+        let hub = Hub::new(limits());
+        let identity =
+            |name: &str| Some(Identity { name: name.into(), token: format!("{name}-token").into() });
+        let kept = Hub::subscribe(&hub, peer(), identity("kept"), None).unwrap();
+        let revoked = Hub::subscribe(&hub, peer(), identity("revoked"), None).unwrap();
+        assert_eq!(hub.borrow_mut().revoke(|token| token == "kept-token"), 1);
+        assert_eq!(revoked.farewell.get(), Some(Farewell::Revoked));
+        assert!(revoked.events.is_closed());
+        assert_eq!(kept.farewell.get(), None);
+        let clients = hub.borrow().clients();
+        assert_eq!(clients.len(), 1);
+        assert_eq!(clients[0].name.as_deref(), Some("kept"));
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! `hub`, which owns clients, sequence numbers and history. `protocol` holds every JSON message,
 //! `config` every limit. See ARCHITECTURE.md.
 
+pub mod auth;
 pub mod config;
 mod deadline;
 mod http;
@@ -15,5 +16,6 @@ mod protocol;
 mod routes;
 pub mod server;
 mod session;
+mod slots;
 mod timestamp;
 pub mod unix_ingest;

@@ -1,11 +1,13 @@
 //! The `resq-push` binary: parse flags, bind the sockets, serve until SIGTERM or SIGINT.
 
-use std::net::TcpListener;
+use std::net::{SocketAddr, TcpListener};
 use std::process::ExitCode;
 
 use async_signal::{Signal, Signals};
 use log::{error, info, warn};
+use resq_push::auth::Access;
 use resq_push::config::Config;
+use resq_push::server::Control;
 use resq_push::{logger, server, unix_ingest};
 use smol::stream::StreamExt;
 
@@ -26,7 +28,12 @@ fn main() -> ExitCode {
 }
 
 fn start(config: Config) -> Result<(), String> {
-    let mut signals = Signals::new([Signal::Term, Signal::Int])
+    let access = Access::load(
+        config.publish_token_file.as_deref(),
+        config.subscribe_token_file.as_deref(),
+        &config.allowed_origin,
+    )?;
+    let signals = Signals::new([Signal::Term, Signal::Int, Signal::Hup])
         .map_err(|e| format!("cannot install signal handlers: {e}"))?;
     let tcp =
         TcpListener::bind(config.listen).map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
@@ -42,16 +49,36 @@ fn start(config: Config) -> Result<(), String> {
         "ping every {:?}, pong timeout {:?}, history {} emergencies, queue {} per client, at most {} clients",
         config.ping_interval, config.pong_timeout, config.history, config.queue, config.max_clients
     );
-    if !local_addr.ip().is_loopback() {
+    warn_if_open(&config, &access, local_addr);
+    let controls = signals.filter_map(|signal| match signal {
+        Ok(Signal::Hup) => Some(Control::Reload),
+        Ok(signal) => {
+            info!("received {signal:?}");
+            Some(Control::Shutdown)
+        }
+        Err(_) => None,
+    });
+    server::serve(config, access, tcp, unix, controls).map_err(|e| e.to_string())
+}
+
+/// Warns at start when the server can be reached from the network without tokens.
+fn warn_if_open(config: &Config, access: &Access, local_addr: SocketAddr) {
+    if local_addr.ip().is_loopback() {
+        return;
+    }
+    if access.subscribe.is_none() {
         warn!(
-            "listening on {} without access control: anyone on the network can read and publish",
+            "listening on {} without --subscribe-token-file: anyone on the network can read the emergencies",
             local_addr.ip()
         );
     }
-    let shutdown = async move {
-        if let Some(Ok(signal)) = signals.next().await {
-            info!("received {signal:?}");
-        }
-    };
-    server::serve(config, tcp, unix, shutdown).map_err(|e| e.to_string())
+    if access.publish.is_none() {
+        warn!(
+            "listening on {} without --publish-token-file: anyone on the network can publish over HTTP",
+            local_addr.ip()
+        );
+    }
+    if config.allowed_origin.is_empty() {
+        info!("no --allowed-origin: pages from any origin may open WebSockets (tokens still apply)");
+    }
 }

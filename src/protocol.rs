@@ -102,6 +102,19 @@ pub struct Health {
     pub clients: usize,
     pub seq: u64,
     pub history: HistoryRange,
+    pub client_list: Vec<ClientInfo>,
+}
+
+/// One connected client in `/healthz`.
+#[derive(Serialize, Debug)]
+pub struct ClientInfo {
+    pub client_id: u64,
+    /// The name of its token, when subscribe tokens are configured.
+    pub name: Option<String>,
+    pub peer: String,
+    pub connected_at: String,
+    /// Emergencies waiting in its queue.
+    pub queued: usize,
 }
 
 /// Serializes one of the types above. They hold only strings, numbers and already-valid raw

@@ -19,12 +19,15 @@ use smol::future;
 use smol::io::AsyncWriteExt;
 use smol::net::TcpStream;
 
+use crate::auth::{Access, Identity, TokenSet, Verdict};
 use crate::deadline;
+use crate::http;
 use crate::http::{BodyError, HeadError, HttpConnection, Request, Response};
 use crate::ingest::{self, Rejection};
 use crate::protocol::{self, Health, PublishReply, Source, error_json};
-use crate::server::{Shared, SlotGuard};
+use crate::server::Shared;
 use crate::session;
+use crate::slots::SlotGuard;
 
 /// What a handled request leaves for the connection.
 enum Outcome {
@@ -41,14 +44,17 @@ pub async fn serve_connection(shared: Rc<Shared>, stream: TcpStream, peer: Socke
     let mut connection = HttpConnection::new(stream);
     loop {
         let idle_until = Instant::now() + config.header_timeout;
+        // Waiting for a request, the connection may be evicted to make room for a newer one.
+        slot.set_idle(true);
         let head = future::or(
             connection.read_head(config.max_head_bytes, idle_until, config.header_timeout),
             async {
-                let _ = shared.stop.recv().await;
+                future::or(shared.stopping(), slot.evicted()).await;
                 Err(HeadError::Closed)
             },
         )
         .await;
+        slot.set_idle(false);
         let (request, deadline) = match head {
             Ok(head) => head,
             Err(error) => return answer_bad_head(connection, error, peer, &shared).await,
@@ -89,13 +95,66 @@ async fn handle(
         ("/ws/emergencias", _) => method_not_allowed("GET"),
         ("/emergencias", "POST") => publish(shared, connection, &request, peer, deadline).await,
         ("/emergencias", "GET") => poll(shared, &request, peer),
+        ("/emergencias", "OPTIONS") => preflight(shared, &request, "GET, POST"),
         ("/emergencias", _) => method_not_allowed("GET, POST"),
         ("/healthz", "GET") => health(shared),
+        ("/healthz", "OPTIONS") => preflight(shared, &request, "GET"),
         ("/healthz", _) => method_not_allowed("GET"),
         (path, _) => Response::json(404, error_json(&format!("no such path: {path}"))),
     };
+    if let Some(origin) = shared.access.borrow().cors_origin(request.header("origin")) {
+        response = response.with_header("Access-Control-Allow-Origin", origin).with_header("Vary", "Origin");
+    }
     response.head_only = head_only;
     Outcome::Reply(response)
+}
+
+/// Answers a CORS preflight: allowed for the origins in `--allowed-origin`, refused otherwise.
+/// The `Access-Control-Allow-Origin` header itself is added by `handle`, as for every response.
+fn preflight(shared: &Shared, request: &Request, methods: &'static str) -> Response {
+    let access = shared.access.borrow();
+    if access.cors_origin(request.header("origin")).is_none() {
+        return Response::json(403, error_json("origin not allowed (--allowed-origin)"));
+    }
+    Response::json(204, String::new())
+        .with_header("Access-Control-Allow-Methods", methods)
+        .with_header("Access-Control-Allow-Headers", "Authorization, Content-Type")
+        .with_header("Access-Control-Max-Age", "600")
+}
+
+/// The token a request presents: `Authorization: Bearer <token>`, or `?token=` where allowed
+/// (browsers cannot set headers on a WebSocket).
+fn presented_token(request: &Request, query_allowed: bool) -> Option<String> {
+    let bearer = request.header("authorization").and_then(|value| {
+        let (scheme, token) = value.trim().split_once(' ')?;
+        scheme.eq_ignore_ascii_case("bearer").then(|| token.trim().to_owned())
+    });
+    bearer.or_else(|| {
+        query_allowed.then(|| request.query_param("token").and_then(http::percent_decode)).flatten()
+    })
+}
+
+/// Checks a request's token against `tokens` (if configured): the holder's identity, or the
+/// `401` to send. Refusals are logged with the peer address, never with a token.
+pub fn authorize(
+    tokens: Option<&TokenSet>,
+    request: &Request,
+    query_allowed: bool,
+    action: &str,
+    peer: SocketAddr,
+) -> Result<Option<Identity>, Response> {
+    let presented = presented_token(request, query_allowed);
+    let problem = match Access::check(tokens, presented.as_deref()) {
+        Verdict::Open => return Ok(None),
+        Verdict::Holder(name) => {
+            let token = presented.unwrap_or_default().into_boxed_str();
+            return Ok(Some(Identity { name, token }));
+        }
+        Verdict::Missing => "missing token",
+        Verdict::Invalid => "invalid token",
+    };
+    warn!("refused {action} from {peer}: {problem}");
+    Err(Response::json(401, error_json(problem)).with_header("WWW-Authenticate", "Bearer"))
 }
 
 fn is_publish(request: &Request) -> bool {
@@ -125,6 +184,10 @@ async fn publish(
     deadline: Instant,
 ) -> Response {
     let max_bytes = shared.config.max_body_bytes;
+    let authorized = authorize(shared.access.borrow().publish.as_ref(), request, false, "publish", peer);
+    if let Err(refusal) = authorized {
+        return Response { keep_alive: false, ..refusal };
+    }
     if request.header("transfer-encoding").is_some() {
         warn!("rejected publish from {peer}: chunked body");
         return closing(411, "chunked bodies are not supported: send Content-Length");
@@ -188,6 +251,9 @@ fn content_length(request: &Request) -> Result<Option<usize>, &'static str> {
 /// `GET /emergencias?since=N`: a JSON array of the retained envelopes after `N`, oldest first,
 /// at most `--max-poll-bytes` of them (always at least one): poll again from the last seq.
 fn poll(shared: &Shared, request: &Request, peer: SocketAddr) -> Response {
+    if let Err(refusal) = authorize(shared.access.borrow().subscribe.as_ref(), request, true, "poll", peer) {
+        return refusal;
+    }
     let since = match parse_since(request, peer) {
         Ok(since) => since.unwrap_or(0),
         Err(response) => return response,
@@ -215,6 +281,7 @@ fn health(shared: &Shared) -> Response {
         clients: hub.client_count(),
         seq: hub.last_seq(),
         history: hub.history_range(),
+        client_list: hub.clients(),
     };
     Response::json(200, protocol::to_json(&health))
 }

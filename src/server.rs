@@ -2,9 +2,10 @@
 //! per connection, connection caps, and the shutdown sequence.
 //!
 //! Everything runs on one `LocalExecutor` on the calling thread. `main` binds the sockets and
-//! hands them to `serve` with a future that completes when it is time to stop.
+//! hands them to `serve` with a stream of `Control`s (from signals): reload the token files, or
+//! shut down.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::future::Future;
 use std::io;
 use std::net::TcpListener as StdTcpListener;
@@ -12,14 +13,17 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use async_channel::{Receiver, Sender};
-use log::{info, warn};
+use log::{error, info, warn};
 use smol::io::AsyncWriteExt;
 use smol::net::TcpListener;
+use smol::stream::{Stream, StreamExt};
 use smol::{LocalExecutor, Timer, future};
 
+use crate::auth::{Access, TokenSet};
 use crate::config::Config;
 use crate::hub::{Hub, HubLimits, SharedHub};
 use crate::routes;
+use crate::slots::{Admission, ConnectionSlots};
 use crate::unix_ingest::{self, BoundUnixSocket};
 
 /// How long shutdown waits for sessions to drain their queues and close.
@@ -31,44 +35,35 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 pub struct Shared {
     pub config: Config,
     pub hub: SharedHub,
+    /// Tokens and origins; replaced as a whole on reload. Borrowed only between awaits.
+    pub access: RefCell<Access>,
     /// Its `recv` fails once shutdown begins: idle connections race it to close promptly.
     pub stop: Receiver<()>,
 }
 
-/// A cap on open connections of one kind; a taken slot is given back when its guard drops.
-pub struct ConnectionSlots {
-    open: Cell<usize>,
-    max: usize,
-}
-
-pub struct SlotGuard(Rc<ConnectionSlots>);
-
-impl ConnectionSlots {
-    pub fn new(max: usize) -> Rc<Self> {
-        Rc::new(ConnectionSlots { open: Cell::new(0), max })
-    }
-
-    pub fn try_take(self: &Rc<Self>) -> Option<SlotGuard> {
-        let open = self.open.get();
-        (open < self.max).then(|| {
-            self.open.set(open + 1);
-            SlotGuard(Rc::clone(self))
-        })
+impl Shared {
+    /// Completes once shutdown has begun.
+    pub async fn stopping(&self) {
+        let _ = self.stop.recv().await;
     }
 }
 
-impl Drop for SlotGuard {
-    fn drop(&mut self) {
-        self.0.open.set(self.0.open.get() - 1);
-    }
+/// What the process asks of a running server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Control {
+    /// Re-read the token files (SIGHUP).
+    Reload,
+    /// Stop (SIGTERM, SIGINT).
+    Shutdown,
 }
 
-/// Serves until `shutdown` completes, then closes every client with 1001 and returns.
+/// Serves until `controls` asks to shut down (or ends), then closes every client with 1001.
 pub fn serve(
     config: Config,
+    access: Access,
     tcp: StdTcpListener,
     unix: Option<BoundUnixSocket>,
-    shutdown: impl Future<Output = ()>,
+    mut controls: impl Stream<Item = Control> + Unpin,
 ) -> io::Result<()> {
     let tcp = TcpListener::try_from(tcp)?;
     let unix_listener = unix.as_ref().map(BoundUnixSocket::listener).transpose()?;
@@ -79,7 +74,7 @@ pub fn serve(
         max_clients: config.max_clients,
     });
     let (stop_sender, stop) = async_channel::bounded(1);
-    let shared = Rc::new(Shared { config, hub, stop });
+    let shared = Rc::new(Shared { config, hub, access: RefCell::new(access), stop });
     // Every connection task holds a clone of `task_token`; when all are dropped, `tasks_done`
     // reports it, which is how shutdown knows the sessions have finished.
     let (task_token, tasks_done) = async_channel::bounded::<()>(1);
@@ -90,7 +85,12 @@ pub fn serve(
             accept_tcp(&executor, &shared, tcp, task_token.clone()),
             unix_ingest::accept(&executor, &shared, unix_listener, task_token.clone()),
         );
-        future::or(async { accepting.await.0 }, shutdown).await;
+        let controlled = async {
+            while let Some(Control::Reload) = controls.next().await {
+                reload_access(&shared);
+            }
+        };
+        future::or(async { accepting.await.0 }, controlled).await;
 
         info!("shutting down: closing {} clients", shared.hub.borrow().client_count());
         stop_sender.close();
@@ -109,6 +109,28 @@ pub fn serve(
     }));
     drop(unix);
     Ok(())
+}
+
+/// Re-reads the token files; clients whose subscribe token is gone are disconnected, everyone
+/// else stays. On any error the current tokens stay in force.
+fn reload_access(shared: &Shared) {
+    let reloaded = shared.access.borrow().reload();
+    match reloaded {
+        Ok(access) => {
+            let revoked = match &access.subscribe {
+                Some(tokens) => shared.hub.borrow_mut().revoke(|token| tokens.holder(token).is_some()),
+                None => 0,
+            };
+            let count = |tokens: &Option<TokenSet>| tokens.as_ref().map_or(0, TokenSet::token_count);
+            info!(
+                "reloaded token files: {} publish and {} subscribe tokens; {revoked} clients revoked",
+                count(&access.publish),
+                count(&access.subscribe)
+            );
+            *shared.access.borrow_mut() = access;
+        }
+        Err(error) => error!("reload failed, keeping the current tokens: {error}"),
+    }
 }
 
 /// Spawns `work` as a detached connection task that holds a shutdown token while it runs.
@@ -133,20 +155,28 @@ async fn accept_tcp(
     task_token: Sender<()>,
 ) {
     let slots = ConnectionSlots::new(shared.config.max_http_connections);
-    let refusals = WarningThrottle::default();
+    let (refusals, evictions, errors) =
+        (WarningThrottle::default(), WarningThrottle::default(), WarningThrottle::default());
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
-                let Some(slot) = slots.try_take() else {
-                    refusals.note("connection refused: --max-http-connections reached");
-                    refuse_busy(stream).await;
-                    continue;
+                let slot = match slots.try_take() {
+                    Admission::Granted(slot) => slot,
+                    Admission::GrantedByEviction(slot) => {
+                        evictions.note("--max-http-connections reached: closed the connection idle longest");
+                        slot
+                    }
+                    Admission::Refused => {
+                        refusals.note("connection refused: --max-http-connections busy");
+                        refuse_busy(stream).await;
+                        continue;
+                    }
                 };
                 let _ = stream.set_nodelay(true);
                 let connection = routes::serve_connection(Rc::clone(shared), stream, peer, slot);
                 spawn_connection(executor, &task_token, connection);
             }
-            Err(error) => back_off_after_accept_error("TCP", error).await,
+            Err(error) => back_off_after_accept_error("TCP", error, &errors).await,
         }
     }
 }
@@ -189,7 +219,7 @@ impl WarningThrottle {
 }
 
 /// Logs an accept error and pauses; out of file descriptors, this keeps the loop from spinning.
-pub async fn back_off_after_accept_error(kind: &str, error: io::Error) {
-    warn!("{kind} accept failed: {error}; pausing {ACCEPT_BACKOFF:?}");
+pub async fn back_off_after_accept_error(kind: &str, error: io::Error, throttle: &WarningThrottle) {
+    throttle.note(&format!("{kind} accept failed: {error}; pausing {ACCEPT_BACKOFF:?} after each failure"));
     Timer::after(ACCEPT_BACKOFF).await;
 }

@@ -28,7 +28,8 @@ use crate::http::{HttpConnection, Request, Response};
 use crate::hub::{Farewell, Hub, Refusal, Subscription};
 use crate::protocol::{self, PONG, WELCOME_MESSAGE, Welcome, error_json};
 use crate::routes;
-use crate::server::{Shared, SlotGuard};
+use crate::server::Shared;
+use crate::slots::SlotGuard;
 
 /// Bytes of events written to a client before one flush, when its queue holds several.
 const WRITE_BATCH_BYTES: usize = 64 * 1024;
@@ -54,11 +55,30 @@ pub async fn serve(
             return connection.respond_and_close(response, config.write_timeout).await;
         }
     };
+    if let Some(origin) = request.header("origin")
+        && !shared.access.borrow().origin_allowed(origin)
+    {
+        warn!("refused WebSocket client {peer}: origin {origin:?} not in --allowed-origin");
+        let response = Response::json(403, error_json("origin not allowed"));
+        return connection.respond_and_close(response, config.write_timeout).await;
+    }
+    let authorized = routes::authorize(
+        shared.access.borrow().subscribe.as_ref(),
+        &request,
+        true,
+        "WebSocket client",
+        peer,
+    );
+    let identity = match authorized {
+        Ok(identity) => identity,
+        Err(response) => return connection.respond_and_close(response, config.write_timeout).await,
+    };
+    let name = identity.as_ref().map(|identity| format!(" ({})", identity.name)).unwrap_or_default();
     let since = match routes::parse_since(&request, peer) {
         Ok(since) => since,
         Err(response) => return connection.respond_and_close(response, config.write_timeout).await,
     };
-    let subscription = match Hub::subscribe(&shared.hub, peer, since) {
+    let subscription = match Hub::subscribe(&shared.hub, peer, identity, since) {
         Ok(subscription) => subscription,
         Err(refusal) => {
             let reason = match refusal {
@@ -89,14 +109,14 @@ pub async fn serve(
 
     let client_id = subscription.client_id;
     match since {
-        Some(since) => info!("client {client_id} connected from {peer}, resuming after seq {since}"),
-        None => info!("client {client_id} connected from {peer}"),
+        Some(since) => info!("client {client_id}{name} connected from {peer}, resuming after seq {since}"),
+        None => info!("client {client_id}{name} connected from {peer}"),
     }
     let started = Instant::now();
     let mut session = Session { ws, config, subscription, events_sent: 0 };
     let end = session.run().await;
     let summary = format!(
-        "client {client_id} ({peer}) disconnected after {:.0?}, {} events sent: {end}",
+        "client {client_id}{name} ({peer}) disconnected after {:.0?}, {} events sent: {end}",
         started.elapsed(),
         session.events_sent
     );
@@ -153,6 +173,8 @@ enum SessionEnd {
     WriteTimeout,
     /// The server is shutting down.
     Shutdown,
+    /// Its token was removed from the subscribe token file.
+    Revoked,
     /// The client broke the protocol or sent too large a message.
     ProtocolError(WsError),
     /// Reading or writing failed.
@@ -182,6 +204,7 @@ impl fmt::Display for SessionEnd {
             SessionEnd::TooSlow => f.write_str("too slow, its queue was full (--queue)"),
             SessionEnd::WriteTimeout => f.write_str("a write took longer than --write-timeout"),
             SessionEnd::Shutdown => f.write_str("server shutting down"),
+            SessionEnd::Revoked => f.write_str("token revoked"),
             SessionEnd::ProtocolError(error) => write!(f, "protocol error: {error}"),
             SessionEnd::Io(error) => write!(f, "i/o error: {error}"),
         }
@@ -321,6 +344,10 @@ impl Session<'_> {
             Some(Farewell::TooSlow) => {
                 self.close(CloseCode::Policy, "too slow: reconnect with ?since=").await;
                 SessionEnd::TooSlow
+            }
+            Some(Farewell::Revoked) => {
+                self.close(CloseCode::Policy, "token revoked").await;
+                SessionEnd::Revoked
             }
             Some(Farewell::ShuttingDown) | None => {
                 self.close(CloseCode::Away, "server shutting down").await;

@@ -20,7 +20,8 @@ use smol::{LocalExecutor, future};
 use crate::deadline;
 use crate::ingest::{self, Rejection};
 use crate::protocol::{PublishReply, Source, error_json};
-use crate::server::{self, ConnectionSlots, Shared, SlotGuard, WarningThrottle};
+use crate::server::{self, Shared, WarningThrottle};
+use crate::slots::{Admission, ConnectionSlots, SlotGuard};
 
 /// Mode of the socket file: publishers must be the service's user or in its group.
 const SOCKET_MODE: u32 = 0o660;
@@ -110,17 +111,25 @@ pub async fn accept(
 ) {
     let Some(listener) = listener else { return future::pending().await };
     let slots = ConnectionSlots::new(shared.config.max_unix_connections);
-    let refusals = WarningThrottle::default();
+    let (refusals, evictions, errors) =
+        (WarningThrottle::default(), WarningThrottle::default(), WarningThrottle::default());
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
-                let Some(slot) = slots.try_take() else {
-                    refusals.note("Unix-socket publisher refused: --max-unix-connections reached");
-                    let mut stream = stream;
-                    let line = format!("{}\n", error_json("server busy: too many publisher connections"));
-                    // One non-blocking attempt; no task is spawned for a refused connection.
-                    let _ = future::poll_once(stream.write_all(line.as_bytes())).await;
-                    continue;
+                let slot = match slots.try_take() {
+                    Admission::Granted(slot) => slot,
+                    Admission::GrantedByEviction(slot) => {
+                        evictions.note("--max-unix-connections reached: closed the publisher idle longest");
+                        slot
+                    }
+                    Admission::Refused => {
+                        refusals.note("Unix-socket publisher refused: --max-unix-connections busy");
+                        let mut stream = stream;
+                        let line = format!("{}\n", error_json("server busy: too many publisher connections"));
+                        // One non-blocking attempt; no task is spawned for a refused connection.
+                        let _ = future::poll_once(stream.write_all(line.as_bytes())).await;
+                        continue;
+                    }
                 };
                 server::spawn_connection(
                     executor,
@@ -128,7 +137,7 @@ pub async fn accept(
                     serve_publisher(Rc::clone(shared), stream, slot),
                 );
             }
-            Err(error) => server::back_off_after_accept_error("Unix socket", error).await,
+            Err(error) => server::back_off_after_accept_error("Unix socket", error, &errors).await,
         }
     }
 }
@@ -188,18 +197,21 @@ fn strip_cr(line: &[u8]) -> &[u8] {
     line.strip_suffix(b"\r").unwrap_or(line)
 }
 
-/// Serves one publisher connection until it closes or the server stops. At shutdown a partial
-/// line is dropped unanswered: it was never a complete submission.
-async fn serve_publisher(shared: Rc<Shared>, mut stream: UnixStream, _slot: SlotGuard) {
+/// Serves one publisher connection until it closes, the server stops, or it is evicted (idle
+/// while every slot is taken). Then a partial line is dropped unanswered: it was never a
+/// complete submission.
+async fn serve_publisher(shared: Rc<Shared>, mut stream: UnixStream, slot: SlotGuard) {
     let max_line = shared.config.max_body_bytes;
     let mut splitter = LineSplitter::new(max_line);
     let mut chunk = vec![0u8; 16 * 1024];
     loop {
-        let read = future::or(async { Some(stream.read(&mut chunk).await) }, async {
-            let _ = shared.stop.recv().await;
+        slot.set_idle(true);
+        let stopped_or_evicted = async {
+            future::or(shared.stopping(), slot.evicted()).await;
             None
-        })
-        .await;
+        };
+        let read = future::or(async { Some(stream.read(&mut chunk).await) }, stopped_or_evicted).await;
+        slot.set_idle(false);
         let mut lines: Vec<Result<Vec<u8>, Rejection>> = Vec::new();
         let collect = |line: Line<'_>| {
             lines.push(match line {

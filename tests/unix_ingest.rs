@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::io::Read;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 
 use common::{Server, TempDir, spawn_raw, wait_until};
@@ -104,11 +105,18 @@ fn a_path_that_is_not_a_socket_is_never_replaced() {
 }
 
 #[test]
-fn a_publisher_over_the_limit_gets_an_error_line() {
-    let server = Server::start(&["--max-unix-connections", "1"]);
-    let mut first = server.unix();
-    assert_eq!(first.publish("{}"), 1);
-    let mut second = server.unix();
-    assert_eq!(second.reply()["error"], "server busy: too many publisher connections");
-    assert_eq!(first.publish("{}"), 2);
+fn a_publisher_over_the_limit_takes_the_slot_of_the_longest_idle_one() {
+    let server = Server::start(&["--max-unix-connections", "2"]);
+    let mut oldest = server.unix();
+    assert_eq!(oldest.publish("{}"), 1);
+    let mut idle = server.unix();
+    assert_eq!(idle.publish("{}"), 2);
+    let mut newcomer = server.unix();
+    assert_eq!(newcomer.publish("{}"), 3);
+    // The oldest idle publisher was closed to make room; the other one still works.
+    let mut rest = Vec::new();
+    oldest.stream.read_to_end(&mut rest).unwrap();
+    assert!(rest.is_empty());
+    assert_eq!(idle.publish("{}"), 4);
+    server.wait_for_log("closed the publisher idle longest");
 }

@@ -195,8 +195,14 @@ pub fn spawn(unix_socket: &Path, extra: &[&str]) -> Result<(Child, Arc<Mutex<Str
 
 /// Starts the binary with exactly `args`, collecting its stderr in the background.
 pub fn spawn_raw(args: &[&str]) -> (Child, Arc<Mutex<String>>) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_resq-push"))
-        .args(args)
+    let mut command = Command::new(env!("CARGO_BIN_EXE_resq-push"));
+    command.args(args);
+    spawn_command(command)
+}
+
+/// Starts `command` (which runs the binary), collecting its stderr in the background.
+pub fn spawn_command(mut command: Command) -> (Child, Arc<Mutex<String>>) {
+    let mut child = command
         .env("RUST_LOG", "info")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -235,11 +241,40 @@ pub struct Client {
 
 impl Client {
     pub fn connect(addr: SocketAddr, path_and_query: &str) -> Client {
+        Client::try_connect(addr, path_and_query, &[])
+            .unwrap_or_else(|error| panic!("handshake failed: {error}"))
+    }
+
+    /// Connects with extra request headers; the error carries the HTTP status of a refusal.
+    pub fn try_connect(
+        addr: SocketAddr,
+        path_and_query: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<Client, tungstenite::Error> {
+        use tungstenite::client::IntoClientRequest;
         let stream = TcpStream::connect(addr).unwrap();
         stream.set_read_timeout(Some(PATIENCE)).unwrap();
-        let url = format!("ws://{addr}{path_and_query}");
-        let (ws, _) = tungstenite::client(url.as_str(), stream).unwrap();
-        Client { ws, pings: 0 }
+        let mut request = format!("ws://{addr}{path_and_query}").into_client_request().unwrap();
+        for (name, value) in headers {
+            request.headers_mut().insert(
+                tungstenite::http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                value.parse().unwrap(),
+            );
+        }
+        match tungstenite::client(request, stream) {
+            Ok((ws, _)) => Ok(Client { ws, pings: 0 }),
+            Err(tungstenite::HandshakeError::Failure(error)) => Err(error),
+            Err(tungstenite::HandshakeError::Interrupted(_)) => panic!("handshake interrupted"),
+        }
+    }
+
+    /// The HTTP status with which a handshake was refused.
+    pub fn refusal_status(addr: SocketAddr, path_and_query: &str, headers: &[(&str, &str)]) -> u16 {
+        match Client::try_connect(addr, path_and_query, headers) {
+            Err(tungstenite::Error::Http(response)) => response.status().as_u16(),
+            Err(other) => panic!("expected an HTTP refusal, got {other}"),
+            Ok(_) => panic!("expected a refusal, the handshake succeeded"),
+        }
     }
 
     /// The next text frame; Ping and Pong frames are counted and skipped.

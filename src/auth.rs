@@ -1,0 +1,241 @@
+//! Access control: publish and subscribe tokens, and the Origin allowlist.
+//!
+//! A token file holds one token per line, optionally named (`tablet-3 <token>`); blank lines and
+//! `#` comments are skipped. The name is the holder's identity in logs and `/healthz`. Tokens are
+//! compared in constant time and never logged. Files are read at start and again on SIGHUP.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+
+/// Shortest token accepted: shorter ones are guessable.
+pub const MIN_TOKEN_LEN: usize = 16;
+
+/// The tokens from one file.
+#[derive(Clone)]
+pub struct TokenSet {
+    path: PathBuf,
+    entries: Vec<TokenEntry>,
+}
+
+#[derive(Clone)]
+struct TokenEntry {
+    name: Rc<str>,
+    token: Box<[u8]>,
+}
+
+impl fmt::Debug for TokenSet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TokenSet").field("path", &self.path).field("entries", &self.entries).finish()
+    }
+}
+
+impl fmt::Debug for TokenEntry {
+    /// The name only: a token must never reach a log line.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.name)
+    }
+}
+
+impl TokenSet {
+    /// Reads and parses a token file; the error says which file and line is wrong.
+    pub fn load(path: &Path) -> Result<TokenSet, String> {
+        let text =
+            std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let entries = parse_tokens(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        Ok(TokenSet { path: path.to_owned(), entries })
+    }
+
+    /// Re-reads the file this set came from.
+    pub fn reload(&self) -> Result<TokenSet, String> {
+        TokenSet::load(&self.path)
+    }
+
+    /// The name of the holder of `presented`, if it is one of the tokens. Every entry is compared
+    /// in full, so the time taken does not depend on which one matches or where it differs.
+    pub fn holder(&self, presented: &str) -> Option<Rc<str>> {
+        let mut found = None;
+        for entry in &self.entries {
+            if constant_time_eq(&entry.token, presented.as_bytes()) {
+                found = Some(Rc::clone(&entry.name));
+            }
+        }
+        found
+    }
+
+    pub fn token_count(&self) -> usize {
+        self.entries.len()
+    }
+}
+
+fn parse_tokens(text: &str) -> Result<Vec<TokenEntry>, String> {
+    let mut entries = Vec::new();
+    for (index, line) in text.lines().enumerate() {
+        let line_number = index + 1;
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let (name, token) = match words[..] {
+            [token] => (format!("token-{line_number}"), token),
+            [name, token] => (name.to_owned(), token),
+            _ => return Err(format!("line {line_number}: expected `TOKEN` or `NAME TOKEN`")),
+        };
+        if token.len() < MIN_TOKEN_LEN {
+            return Err(format!("line {line_number}: token shorter than {MIN_TOKEN_LEN} characters"));
+        }
+        if !token.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(format!("line {line_number}: token must be printable ASCII"));
+        }
+        entries.push(TokenEntry { name: name.into(), token: token.as_bytes().into() });
+    }
+    if entries.is_empty() {
+        return Err("no tokens: everyone would be refused".to_owned());
+    }
+    Ok(entries)
+}
+
+/// Compares two byte strings in time that depends only on their lengths.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    let difference = a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y));
+    std::hint::black_box(difference) == 0
+}
+
+/// Who may do what. Owned by `server::Shared` and replaced as a whole on SIGHUP.
+#[derive(Debug, Clone, Default)]
+pub struct Access {
+    /// When set, `POST /emergencias` needs one of these as a Bearer token.
+    pub publish: Option<TokenSet>,
+    /// When set, the WebSocket handshake and polling need one of these.
+    pub subscribe: Option<TokenSet>,
+    /// Browser origins allowed to open WebSockets and to call the HTTP API cross-origin.
+    pub allowed_origins: Vec<String>,
+}
+
+/// Who a subscriber is: the name and token it connected with.
+#[derive(Clone)]
+pub struct Identity {
+    pub name: Rc<str>,
+    /// Kept to re-check the client after a reload; never logged or shown.
+    pub token: Box<str>,
+}
+
+impl fmt::Debug for Identity {
+    /// The name only: a token must never reach a log line.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.name)
+    }
+}
+
+/// The outcome of checking a request's credentials.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// No token is configured for this action.
+    Open,
+    /// A valid token; its holder's name.
+    Holder(Rc<str>),
+    Missing,
+    Invalid,
+}
+
+impl Access {
+    /// Loads the token files named in the configuration.
+    pub fn load(
+        publish_file: Option<&Path>,
+        subscribe_file: Option<&Path>,
+        allowed_origins: &[String],
+    ) -> Result<Access, String> {
+        Ok(Access {
+            publish: publish_file.map(TokenSet::load).transpose()?,
+            subscribe: subscribe_file.map(TokenSet::load).transpose()?,
+            allowed_origins: allowed_origins.to_vec(),
+        })
+    }
+
+    /// Re-reads both token files; on any error the caller keeps the current access.
+    pub fn reload(&self) -> Result<Access, String> {
+        Ok(Access {
+            publish: self.publish.as_ref().map(TokenSet::reload).transpose()?,
+            subscribe: self.subscribe.as_ref().map(TokenSet::reload).transpose()?,
+            allowed_origins: self.allowed_origins.clone(),
+        })
+    }
+
+    pub fn check(tokens: Option<&TokenSet>, presented: Option<&str>) -> Verdict {
+        match (tokens, presented) {
+            (None, _) => Verdict::Open,
+            (Some(_), None) => Verdict::Missing,
+            (Some(tokens), Some(presented)) => {
+                tokens.holder(presented).map_or(Verdict::Invalid, Verdict::Holder)
+            }
+        }
+    }
+
+    /// Whether a browser page from `origin` may use this server. Without an allowlist, any.
+    pub fn origin_allowed(&self, origin: &str) -> bool {
+        self.allowed_origins.is_empty()
+            || self
+                .allowed_origins
+                .iter()
+                .any(|allowed| allowed == "*" || allowed.eq_ignore_ascii_case(origin))
+    }
+
+    /// The `Access-Control-Allow-Origin` value for a request from `origin`, if any.
+    pub fn cors_origin(&self, origin: Option<&str>) -> Option<String> {
+        let origin = origin?;
+        if self.allowed_origins.iter().any(|allowed| allowed == "*") {
+            Some("*".to_owned())
+        } else {
+            self.allowed_origins
+                .iter()
+                .any(|allowed| allowed.eq_ignore_ascii_case(origin))
+                .then(|| origin.to_owned())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn named_and_unnamed_tokens() {
+        let entries =
+            parse_tokens("# tablets\n\ntablet-3  abcdefghijklmnop\nqrstuvwxyz0123456789\n").unwrap();
+        let set = TokenSet { path: PathBuf::new(), entries };
+        assert_eq!(set.holder("abcdefghijklmnop").as_deref(), Some("tablet-3"));
+        assert_eq!(set.holder("qrstuvwxyz0123456789").as_deref(), Some("token-4"));
+        assert_eq!(set.holder("abcdefghijklmnoq"), None);
+        assert_eq!(set.holder(""), None);
+        assert!(!format!("{set:?}").contains("abcdefghijklmnop"));
+    }
+
+    #[test]
+    fn bad_files_name_the_line() {
+        assert!(parse_tokens("a b c\n").unwrap_err().contains("line 1"));
+        assert!(parse_tokens("\nname short\n").unwrap_err().contains("line 2: token shorter"));
+        assert!(parse_tokens("# only comments\n").unwrap_err().contains("no tokens"));
+    }
+
+    #[test]
+    fn constant_time_eq_compares_fully() {
+        assert!(constant_time_eq(b"same", b"same"));
+        assert!(!constant_time_eq(b"same", b"sane"));
+        assert!(!constant_time_eq(b"same", b"same!"));
+    }
+
+    #[test]
+    fn origins_and_cors() {
+        let access = Access { allowed_origins: vec!["https://console.site".into()], ..Access::default() };
+        assert!(access.origin_allowed("https://console.site"));
+        assert!(!access.origin_allowed("https://evil.example"));
+        assert_eq!(access.cors_origin(Some("https://console.site")).as_deref(), Some("https://console.site"));
+        assert_eq!(access.cors_origin(Some("https://evil.example")), None);
+        assert!(Access::default().origin_allowed("https://anything"));
+        assert_eq!(Access::default().cors_origin(Some("https://anything")), None);
+    }
+}

@@ -1,0 +1,152 @@
+//! Caps on open connections of one kind (HTTP, Unix-socket publishers), with eviction.
+//!
+//! A connection holds a `SlotGuard` while it is open and marks itself idle while it waits for
+//! input. When every slot is taken, a new connection closes the one that has been idle longest,
+//! so a flood of idle or trickling connections cannot lock real clients out: a real client sends
+//! its request right after connecting and is busy, not idle, when the flood needs room.
+
+use std::cell::{Cell, RefCell};
+use std::rc::Rc;
+use std::time::Instant;
+
+use async_channel::{Receiver, Sender};
+use slab::Slab;
+
+pub struct ConnectionSlots {
+    entries: RefCell<Slab<Slot>>,
+    max: usize,
+    next_id: Cell<u64>,
+}
+
+struct Slot {
+    /// Unique, unlike slab keys, which are reused.
+    id: u64,
+    /// Since when the connection has been waiting for input; `None` while it is busy.
+    idle_since: Option<Instant>,
+    /// Closing it tells the connection it was evicted.
+    evict: Sender<()>,
+}
+
+/// Proof of a taken slot; dropping it gives the slot back.
+pub struct SlotGuard {
+    slots: Rc<ConnectionSlots>,
+    key: usize,
+    id: u64,
+    evicted: Receiver<()>,
+}
+
+/// How a slot was obtained.
+pub enum Admission {
+    Granted(SlotGuard),
+    /// Granted after evicting the connection idle the longest.
+    GrantedByEviction(SlotGuard),
+    /// Every slot is busy.
+    Refused,
+}
+
+impl ConnectionSlots {
+    pub fn new(max: usize) -> Rc<Self> {
+        Rc::new(ConnectionSlots { entries: RefCell::new(Slab::new()), max, next_id: Cell::new(0) })
+    }
+
+    pub fn try_take(self: &Rc<Self>) -> Admission {
+        let evicted_someone = self.entries.borrow().len() >= self.max;
+        if evicted_someone && !self.evict_longest_idle() {
+            return Admission::Refused;
+        }
+        let (evict, evicted) = async_channel::bounded(1);
+        let id = self.next_id.get();
+        self.next_id.set(id + 1);
+        // A new connection counts as idle until its first request or line arrives.
+        let key = self.entries.borrow_mut().insert(Slot { id, idle_since: Some(Instant::now()), evict });
+        let guard = SlotGuard { slots: Rc::clone(self), key, id, evicted };
+        if evicted_someone { Admission::GrantedByEviction(guard) } else { Admission::Granted(guard) }
+    }
+
+    #[cfg(test)]
+    fn open(&self) -> usize {
+        self.entries.borrow().len()
+    }
+
+    fn evict_longest_idle(&self) -> bool {
+        let mut entries = self.entries.borrow_mut();
+        let oldest = entries
+            .iter()
+            .filter_map(|(key, slot)| slot.idle_since.map(|since| (since, key)))
+            .min()
+            .map(|(_, key)| key);
+        match oldest {
+            Some(key) => {
+                entries.remove(key).evict.close();
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+impl SlotGuard {
+    /// Marks the connection as waiting for input (evictable) or busy.
+    pub fn set_idle(&self, idle: bool) {
+        if let Some(slot) = self.slots.entries.borrow_mut().get_mut(self.key).filter(|s| s.id == self.id) {
+            slot.idle_since = if idle { Some(slot.idle_since.unwrap_or_else(Instant::now)) } else { None };
+        }
+    }
+
+    /// Completes when the connection has been evicted to make room for a newer one.
+    pub async fn evicted(&self) {
+        let _ = self.evicted.recv().await;
+    }
+}
+
+impl Drop for SlotGuard {
+    fn drop(&mut self) {
+        let mut entries = self.slots.entries.borrow_mut();
+        // The key may have been evicted already and even reused by a newer connection.
+        if entries.get(self.key).is_some_and(|slot| slot.id == self.id) {
+            entries.remove(self.key);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn take(slots: &Rc<ConnectionSlots>) -> Option<SlotGuard> {
+        match slots.try_take() {
+            Admission::Granted(guard) | Admission::GrantedByEviction(guard) => Some(guard),
+            Admission::Refused => None,
+        }
+    }
+
+    #[test]
+    fn busy_connections_are_never_evicted() {
+        let slots = ConnectionSlots::new(2);
+        let a = take(&slots).unwrap();
+        let b = take(&slots).unwrap();
+        a.set_idle(false);
+        b.set_idle(false);
+        assert!(matches!(slots.try_take(), Admission::Refused));
+        assert_eq!(slots.open(), 2);
+    }
+
+    #[test]
+    fn the_longest_idle_connection_makes_room() {
+        let slots = ConnectionSlots::new(2);
+        let older = take(&slots).unwrap();
+        let newer = take(&slots).unwrap();
+        older.set_idle(true);
+        newer.set_idle(true);
+        let newest = take(&slots).unwrap();
+        assert!(older.evicted.is_closed());
+        assert!(!newer.evicted.is_closed());
+        assert_eq!(slots.open(), 2);
+        // The evicted guard's drop must not free the slot its key now holds.
+        drop(older);
+        assert_eq!(slots.open(), 2);
+        drop(newest);
+        drop(newer);
+        assert_eq!(slots.open(), 0);
+    }
+}
