@@ -3,12 +3,14 @@
 
 use std::io;
 use std::net::Shutdown;
+use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use smol::io::{AsyncReadExt, AsyncWriteExt};
 use smol::net::TcpStream;
 
 use crate::deadline::{self, TimedOut};
+use crate::metrics::Metrics;
 
 /// Most headers a request may have; more get `431`.
 pub const MAX_HEADERS: usize = 32;
@@ -110,11 +112,13 @@ pub enum HeadError {
 pub struct HttpConnection {
     pub stream: TcpStream,
     pub buffered: Vec<u8>,
+    /// Every response is counted by status.
+    metrics: Rc<Metrics>,
 }
 
 impl HttpConnection {
-    pub fn new(stream: TcpStream) -> Self {
-        HttpConnection { stream, buffered: Vec::new() }
+    pub fn new(stream: TcpStream, metrics: Rc<Metrics>) -> Self {
+        HttpConnection { stream, buffered: Vec::new(), metrics }
     }
 
     /// Reads one request head of at most `max_bytes`. The first byte must come by `idle_until`;
@@ -175,6 +179,7 @@ impl HttpConnection {
 
     /// Writes a response by `deadline`.
     pub async fn respond(&mut self, response: &Response, deadline: Instant) -> io::Result<()> {
+        self.metrics.count_http_response(response.status);
         let bytes = response.to_bytes();
         deadline::before(deadline, self.stream.write_all(&bytes))
             .await

@@ -14,7 +14,6 @@ use std::time::SystemTime;
 
 use async_channel::{Receiver, Sender, TrySendError};
 use async_tungstenite::tungstenite::Utf8Bytes;
-use log::warn;
 use serde_json::value::RawValue;
 use slab::Slab;
 
@@ -164,12 +163,7 @@ impl Hub {
                 true
             }
             Err(TrySendError::Full(_)) => {
-                warn!(
-                    "client {} ({}) dropped: {} events behind (--queue), it can resume with ?since=",
-                    subscriber.client_id,
-                    subscriber.peer,
-                    subscriber.queue.len()
-                );
+                // The session logs the disconnection, with the reason set here.
                 subscriber.farewell.set(Some(Farewell::TooSlow));
                 subscriber.queue.close();
                 false
@@ -257,10 +251,6 @@ impl Hub {
         let before = self.subscribers.len();
         self.subscribers.retain(|_, subscriber| match &subscriber.identity {
             Some(identity) if !still_valid(&identity.token) => {
-                warn!(
-                    "client {} ({}) disconnected: its token was revoked",
-                    subscriber.client_id, identity.name
-                );
                 subscriber.farewell.set(Some(Farewell::Revoked));
                 subscriber.queue.close();
                 false
@@ -282,6 +272,10 @@ impl Hub {
                 queued: subscriber.queue.len(),
             })
             .collect()
+    }
+
+    pub fn history_bytes(&self) -> usize {
+        self.history_bytes
     }
 
     pub fn client_count(&self) -> usize {

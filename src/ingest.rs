@@ -6,8 +6,9 @@
 
 use serde_json::value::RawValue;
 
-use crate::hub::{Receipt, Refusal, SharedHub};
+use crate::hub::{Receipt, Refusal};
 use crate::protocol::Source;
+use crate::server::Shared;
 
 /// Why a submission was not published. `Display` gives the message sent back to the publisher.
 #[derive(Debug, PartialEq, Eq)]
@@ -22,6 +23,19 @@ pub enum Rejection {
     NotAnObject,
     /// The server is shutting down and accepts nothing more.
     ShuttingDown,
+}
+
+impl Rejection {
+    /// The reason's name in metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Rejection::Empty => "empty",
+            Rejection::TooLarge { .. } => "too_large",
+            Rejection::InvalidJson(_) => "invalid_json",
+            Rejection::NotAnObject => "not_an_object",
+            Rejection::ShuttingDown => "shutting_down",
+        }
+    }
 }
 
 impl std::fmt::Display for Rejection {
@@ -51,9 +65,12 @@ pub fn parse_emergency(bytes: &[u8], max_bytes: usize) -> Result<&RawValue, Reje
 
 /// Checks and publishes one submission. Callers yield to the executor after each one, so that
 /// the sessions it woke write before the same connection publishes again.
-pub fn submit(hub: &SharedHub, bytes: &[u8], max_bytes: usize, source: Source) -> Result<Receipt, Rejection> {
-    let data = parse_emergency(bytes, max_bytes)?;
-    hub.borrow_mut().publish(data, source).map_err(|_: Refusal| Rejection::ShuttingDown)
+pub fn submit(shared: &Shared, bytes: &[u8], source: Source) -> Result<Receipt, Rejection> {
+    let data = parse_emergency(bytes, shared.config.max_body_bytes)?;
+    let receipt =
+        shared.hub.borrow_mut().publish(data, source).map_err(|_: Refusal| Rejection::ShuttingDown)?;
+    shared.metrics.count("resq_push_published_total", source.label());
+    Ok(receipt)
 }
 
 #[cfg(test)]

@@ -12,6 +12,7 @@ mod http;
 mod hub;
 mod ingest;
 pub mod logger;
+mod metrics;
 mod protocol;
 mod routes;
 pub mod server;

@@ -17,6 +17,15 @@ pub enum Source {
     Unix,
 }
 
+impl Source {
+    pub fn label(self) -> &'static str {
+        match self {
+            Source::Http => "http",
+            Source::Unix => "unix",
+        }
+    }
+}
+
 /// One emergency as pushed to tablets and stored in history: `{"type":"emergencia",...}`.
 #[derive(Serialize)]
 pub struct EmergencyEnvelope<'a> {

@@ -41,7 +41,7 @@ enum Outcome {
 /// `--max-http-connections` until then.
 pub async fn serve_connection(shared: Rc<Shared>, stream: TcpStream, peer: SocketAddr, slot: SlotGuard) {
     let config = &shared.config;
-    let mut connection = HttpConnection::new(stream);
+    let mut connection = HttpConnection::new(stream, Rc::clone(&shared.metrics));
     loop {
         let idle_until = Instant::now() + config.header_timeout;
         // Waiting for a request, the connection may be evicted to make room for a newer one.
@@ -99,6 +99,8 @@ async fn handle(
         ("/emergencias", _) => method_not_allowed("GET, POST"),
         ("/healthz", "GET") => health(shared),
         ("/healthz", "OPTIONS") => preflight(shared, &request, "GET"),
+        ("/metrics", "GET") => metrics(shared),
+        ("/metrics", _) => method_not_allowed("GET"),
         ("/healthz", _) => method_not_allowed("GET"),
         (path, _) => Response::json(404, error_json(&format!("no such path: {path}"))),
     };
@@ -219,7 +221,7 @@ async fn publish(
         }
         Err(BodyError::Incomplete) => return closing(400, "body incomplete"),
     };
-    match ingest::submit(&shared.hub, &body, max_bytes, Source::Http) {
+    match ingest::submit(shared, &body, Source::Http) {
         Ok(receipt) => Response::json(202, PublishReply::accepted(receipt.seq, receipt.queued_to)),
         Err(Rejection::ShuttingDown) => Response::json(503, error_json(&Rejection::ShuttingDown.to_string()))
             .with_header("Retry-After", "5"),
@@ -272,6 +274,12 @@ fn poll(shared: &Shared, request: &Request, peer: SocketAddr) -> Response {
     }
     body.push(']');
     Response::json(200, body)
+}
+
+/// `GET /metrics`: Prometheus text format.
+fn metrics(shared: &Shared) -> Response {
+    let page = shared.metrics.render(&shared.hub.borrow());
+    Response { content_type: "text/plain; version=0.0.4; charset=utf-8", ..Response::json(200, page) }
 }
 
 fn health(shared: &Shared) -> Response {

@@ -22,6 +22,7 @@ use smol::{LocalExecutor, Timer, future};
 use crate::auth::{Access, TokenSet};
 use crate::config::Config;
 use crate::hub::{Hub, HubLimits, SharedHub};
+use crate::metrics::Metrics;
 use crate::routes;
 use crate::slots::{Admission, ConnectionSlots};
 use crate::unix_ingest::{self, BoundUnixSocket};
@@ -37,6 +38,7 @@ pub struct Shared {
     pub hub: SharedHub,
     /// Tokens and origins; replaced as a whole on reload. Borrowed only between awaits.
     pub access: RefCell<Access>,
+    pub metrics: Rc<Metrics>,
     /// Its `recv` fails once shutdown begins: idle connections race it to close promptly.
     pub stop: Receiver<()>,
 }
@@ -74,7 +76,8 @@ pub fn serve(
         max_clients: config.max_clients,
     });
     let (stop_sender, stop) = async_channel::bounded(1);
-    let shared = Rc::new(Shared { config, hub, access: RefCell::new(access), stop });
+    let metrics = Rc::new(Metrics::default());
+    let shared = Rc::new(Shared { config, hub, access: RefCell::new(access), metrics, stop });
     // Every connection task holds a clone of `task_token`; when all are dropped, `tasks_done`
     // reports it, which is how shutdown knows the sessions have finished.
     let (task_token, tasks_done) = async_channel::bounded::<()>(1);
@@ -164,10 +167,12 @@ async fn accept_tcp(
                     Admission::Granted(slot) => slot,
                     Admission::GrantedByEviction(slot) => {
                         evictions.note("--max-http-connections reached: closed the connection idle longest");
+                        shared.metrics.count("resq_push_connections_evicted_total", "max_http_connections");
                         slot
                     }
                     Admission::Refused => {
                         refusals.note("connection refused: --max-http-connections busy");
+                        shared.metrics.count("resq_push_connections_refused_total", "max_http_connections");
                         refuse_busy(stream).await;
                         continue;
                     }

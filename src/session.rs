@@ -86,6 +86,9 @@ pub async fn serve(
                 Refusal::ShuttingDown => "server shutting down",
             };
             warn!("refused WebSocket client {peer}: {reason}");
+            if refusal == Refusal::Full {
+                shared.metrics.count("resq_push_connections_refused_total", "max_clients");
+            }
             let response = Response::json(503, error_json(reason)).with_header("Retry-After", "5");
             return connection.respond_and_close(response, config.write_timeout).await;
         }
@@ -120,7 +123,14 @@ pub async fn serve(
         started.elapsed(),
         session.events_sent
     );
-    if end.is_the_clients_fault() { warn!("{summary}") } else { info!("{summary}") }
+    shared.metrics.count_delivered(session.events_sent);
+    match end.drop_reason() {
+        Some(reason) => {
+            shared.metrics.count("resq_push_clients_dropped_total", reason);
+            warn!("{summary}");
+        }
+        None => info!("{summary}"),
+    }
 }
 
 /// Settings for clients that send almost nothing: a small read buffer and small message limits.
@@ -182,15 +192,16 @@ enum SessionEnd {
 }
 
 impl SessionEnd {
-    /// Whether this end is worth a warning: the server dropped a client it could not serve.
-    fn is_the_clients_fault(&self) -> bool {
-        matches!(
-            self,
-            SessionEnd::PongTimeout
-                | SessionEnd::TooSlow
-                | SessionEnd::WriteTimeout
-                | SessionEnd::ProtocolError(_)
-        )
+    /// Why the server dropped the client, when it did: worth a warning and a metric.
+    fn drop_reason(&self) -> Option<&'static str> {
+        match self {
+            SessionEnd::PongTimeout => Some("pong_timeout"),
+            SessionEnd::TooSlow => Some("slow"),
+            SessionEnd::WriteTimeout => Some("write_timeout"),
+            SessionEnd::ProtocolError(_) => Some("protocol"),
+            SessionEnd::Revoked => Some("revoked"),
+            _ => None,
+        }
     }
 }
 
@@ -201,7 +212,7 @@ impl fmt::Display for SessionEnd {
             SessionEnd::ClientClosed(None) => f.write_str("client closed"),
             SessionEnd::ConnectionLost => f.write_str("connection lost"),
             SessionEnd::PongTimeout => f.write_str("no answer to ping within --pong-timeout"),
-            SessionEnd::TooSlow => f.write_str("too slow, its queue was full (--queue)"),
+            SessionEnd::TooSlow => f.write_str("too slow: --queue events behind, it can resume with ?since="),
             SessionEnd::WriteTimeout => f.write_str("a write took longer than --write-timeout"),
             SessionEnd::Shutdown => f.write_str("server shutting down"),
             SessionEnd::Revoked => f.write_str("token revoked"),
@@ -271,8 +282,21 @@ impl Session<'_> {
                 }
             };
             if let Err(end) = result {
-                return end;
+                return self.explain(end);
             }
+        }
+    }
+
+    /// A write that failed or timed out after the hub dropped the client as too slow ended
+    /// because the client was too slow: say so.
+    fn explain(&self, end: SessionEnd) -> SessionEnd {
+        match end {
+            SessionEnd::WriteTimeout | SessionEnd::Io(_)
+                if self.subscription.farewell.get() == Some(Farewell::TooSlow) =>
+            {
+                SessionEnd::TooSlow
+            }
+            end => end,
         }
     }
 

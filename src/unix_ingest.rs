@@ -120,10 +120,12 @@ pub async fn accept(
                     Admission::Granted(slot) => slot,
                     Admission::GrantedByEviction(slot) => {
                         evictions.note("--max-unix-connections reached: closed the publisher idle longest");
+                        shared.metrics.count("resq_push_connections_evicted_total", "max_unix_connections");
                         slot
                     }
                     Admission::Refused => {
                         refusals.note("Unix-socket publisher refused: --max-unix-connections busy");
+                        shared.metrics.count("resq_push_connections_refused_total", "max_unix_connections");
                         let mut stream = stream;
                         let line = format!("{}\n", error_json("server busy: too many publisher connections"));
                         // One non-blocking attempt; no task is spawned for a refused connection.
@@ -230,7 +232,7 @@ async fn serve_publisher(shared: Rc<Shared>, mut stream: UnixStream, slot: SlotG
                 false
             }
         };
-        let replies = publish_lines(&shared, lines, max_line).await;
+        let replies = publish_lines(&shared, lines).await;
         if !replies.is_empty()
             && !matches!(
                 deadline::within(shared.config.write_timeout, stream.write_all(replies.as_bytes())).await,
@@ -248,16 +250,17 @@ async fn serve_publisher(shared: Rc<Shared>, mut stream: UnixStream, slot: SlotG
 
 /// Publishes each line in order and returns the reply lines. Yields after each line so that a
 /// burst from one publisher lets the sessions it woke write in between.
-async fn publish_lines(shared: &Shared, lines: Vec<Result<Vec<u8>, Rejection>>, max_line: usize) -> String {
+async fn publish_lines(shared: &Shared, lines: Vec<Result<Vec<u8>, Rejection>>) -> String {
     let mut replies = String::new();
     let mut rejected = 0;
     let mut first_rejection = None;
     for line in lines {
-        let outcome = line.and_then(|bytes| ingest::submit(&shared.hub, &bytes, max_line, Source::Unix));
+        let outcome = line.and_then(|bytes| ingest::submit(shared, &bytes, Source::Unix));
         let reply = match outcome {
             Ok(receipt) => PublishReply::accepted(receipt.seq, receipt.queued_to),
             Err(rejection) => {
                 rejected += 1;
+                shared.metrics.count("resq_push_unix_rejections_total", rejection.label());
                 let message = rejection.to_string();
                 first_rejection.get_or_insert_with(|| message.clone());
                 error_json(&message)

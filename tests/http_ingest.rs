@@ -279,3 +279,39 @@ fn an_upgraded_connection_frees_its_http_slot() {
     assert_eq!(server.post("{}").status, 202);
     client.recv_emergency(1);
 }
+
+#[test]
+fn metrics_count_what_happened() {
+    let server = Server::start(&[]);
+    let (mut client, _) = server.subscribe();
+    assert_eq!(server.post("{}").status, 202);
+    assert_eq!(server.post("[]").status, 400);
+    server.unix().publish("{}");
+    let mut unix = server.unix();
+    unix.send(b"nope\n");
+    unix.reply();
+    client.recv_emergency(1);
+    client.recv_emergency(2);
+    let metrics = server.get("/metrics");
+    assert_eq!(metrics.status, 200);
+    assert!(metrics.header("content-type").unwrap().starts_with("text/plain; version=0.0.4"));
+    let page = metrics.body;
+    for line in [
+        "resq_push_clients 1\n",
+        "resq_push_last_seq 2\n",
+        "resq_push_history_entries 2\n",
+        "resq_push_published_total{source=\"http\"} 1\n",
+        "resq_push_published_total{source=\"unix\"} 1\n",
+        "resq_push_http_responses_total{status=\"202\"} 1\n",
+        "resq_push_http_responses_total{status=\"400\"} 1\n",
+        "resq_push_http_responses_total{status=\"101\"} 1\n",
+        "resq_push_unix_rejections_total{reason=\"invalid_json\"} 1\n",
+        "# TYPE resq_push_start_time_seconds gauge\n",
+    ] {
+        assert!(page.contains(line), "missing {line:?} in:\n{page}");
+    }
+    // Deliveries are counted when a session ends.
+    drop(client);
+    let delivered = "resq_push_delivered_total 2\n";
+    common::wait_until(delivered, || server.get("/metrics").body.contains(delivered));
+}

@@ -59,6 +59,8 @@ fn a_client_that_never_answers_pings_is_dropped_and_its_slot_freed() {
     server.wait_for_log("no answer to ping within --pong-timeout");
     server.wait_for_clients(1);
     assert_eq!(server.logs().matches("no answer to ping").count(), 1, "{}", server.logs());
+    let metrics = server.get("/metrics").body;
+    assert!(metrics.contains("resq_push_clients_dropped_total{reason=\"pong_timeout\"} 1\n"), "{metrics}");
     drop(server);
     reader.join().unwrap();
 }
@@ -231,7 +233,7 @@ fn a_client_that_stops_reading_is_dropped_while_others_get_everything() {
         reader.recv_emergency(n);
     }
     let elapsed = started.elapsed();
-    server.wait_for_log("events behind (--queue)");
+    server.wait_for_log("too slow: --queue events behind");
     server.wait_for_clients(1);
     assert!(elapsed < PATIENCE, "publishing took {elapsed:?}");
     println!("{total} emergencies of {} bytes to the healthy client in {elapsed:?}", payload.len());

@@ -1,0 +1,135 @@
+//! Counters for `GET /metrics`, in the Prometheus text format.
+//!
+//! Plain `Cell` counters on the one thread; labelled families live in a small ordered map keyed
+//! by static strings, so counting allocates nothing. Gauges (clients, history) are read from the
+//! hub when the page is rendered.
+
+use std::cell::{Cell, RefCell};
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::hub::Hub;
+
+/// Labelled counter families: (metric name, help, label name).
+const FAMILIES: &[(&str, &str, &str)] = &[
+    ("resq_push_published_total", "Emergencies published, by ingest path.", "source"),
+    ("resq_push_clients_dropped_total", "WebSocket clients the server disconnected, by reason.", "reason"),
+    ("resq_push_connections_refused_total", "Connections refused at a connection limit.", "limit"),
+    ("resq_push_connections_evicted_total", "Idle connections closed to make room for new ones.", "limit"),
+    ("resq_push_http_responses_total", "HTTP responses, by status code.", "status"),
+    ("resq_push_unix_rejections_total", "Unix-socket lines rejected, by reason.", "reason"),
+];
+
+#[derive(Debug)]
+pub struct Metrics {
+    started_at: SystemTime,
+    /// Emergencies written to WebSocket clients (replay included).
+    delivered: Cell<u64>,
+    labelled: RefCell<BTreeMap<(&'static str, &'static str), u64>>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics { started_at: SystemTime::now(), delivered: Cell::new(0), labelled: RefCell::default() }
+    }
+}
+
+impl Metrics {
+    pub fn count(&self, family: &'static str, label: &'static str) {
+        *self.labelled.borrow_mut().entry((family, label)).or_insert(0) += 1;
+    }
+
+    pub fn count_delivered(&self, events: u64) {
+        self.delivered.set(self.delivered.get() + events);
+    }
+
+    pub fn count_http_response(&self, status: u16) {
+        self.count("resq_push_http_responses_total", status_label(status));
+    }
+
+    /// The whole page.
+    pub fn render(&self, hub: &Hub) -> String {
+        let history = hub.history_range();
+        let started = self.started_at.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs_f64();
+        let mut page = String::new();
+        let gauges: [(&str, &str, &str, f64); 6] = [
+            ("resq_push_clients", "gauge", "Connected WebSocket clients.", hub.client_count() as f64),
+            ("resq_push_last_seq", "gauge", "The last sequence number assigned.", history.last_seq as f64),
+            (
+                "resq_push_history_entries",
+                "gauge",
+                "Emergencies retained for catch-up.",
+                history.count as f64,
+            ),
+            (
+                "resq_push_history_bytes",
+                "gauge",
+                "Bytes of emergencies retained for catch-up.",
+                hub.history_bytes() as f64,
+            ),
+            (
+                "resq_push_delivered_total",
+                "counter",
+                "Emergencies written to WebSocket clients.",
+                self.delivered.get() as f64,
+            ),
+            ("resq_push_start_time_seconds", "gauge", "Start time of the process, Unix seconds.", started),
+        ];
+        for (name, kind, help, value) in gauges {
+            let _ = write!(page, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n");
+        }
+        let labelled = self.labelled.borrow();
+        for (family, help, label) in FAMILIES {
+            let _ = write!(page, "# HELP {family} {help}\n# TYPE {family} counter\n");
+            for ((_, value), count) in labelled.range((*family, "")..).take_while(|((f, _), _)| f == family) {
+                let _ = writeln!(page, "{family}{{{label}=\"{value}\"}} {count}");
+            }
+        }
+        page
+    }
+}
+
+fn status_label(status: u16) -> &'static str {
+    match status {
+        101 => "101",
+        200 => "200",
+        202 => "202",
+        204 => "204",
+        400 => "400",
+        401 => "401",
+        403 => "403",
+        404 => "404",
+        405 => "405",
+        408 => "408",
+        411 => "411",
+        413 => "413",
+        417 => "417",
+        426 => "426",
+        431 => "431",
+        503 => "503",
+        _ => "other",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hub::HubLimits;
+
+    #[test]
+    fn renders_gauges_and_labelled_counters() {
+        let metrics = Metrics::default();
+        let hub = Hub::new(HubLimits { history: 10, history_bytes: 1000, queue: 1, max_clients: 1 });
+        metrics.count("resq_push_published_total", "unix");
+        metrics.count("resq_push_published_total", "unix");
+        metrics.count_http_response(401);
+        metrics.count_delivered(3);
+        let page = metrics.render(&hub.borrow());
+        assert!(page.contains("# TYPE resq_push_clients gauge\nresq_push_clients 0\n"), "{page}");
+        assert!(page.contains("resq_push_published_total{source=\"unix\"} 2\n"), "{page}");
+        assert!(page.contains("resq_push_http_responses_total{status=\"401\"} 1\n"), "{page}");
+        assert!(page.contains("resq_push_delivered_total 3\n"), "{page}");
+        assert!(page.contains("# TYPE resq_push_unix_rejections_total counter\n"), "{page}");
+    }
+}
