@@ -17,6 +17,10 @@ pub const DEFAULT_PING_INTERVAL_SECS: f64 = 30.0;
 pub const DEFAULT_PONG_TIMEOUT_SECS: f64 = 10.0;
 /// Default number of emergencies kept for catch-up.
 pub const DEFAULT_HISTORY: usize = 1000;
+/// Default age after which an emergency leaves the history: a week.
+pub const DEFAULT_HISTORY_MAX_AGE_SECS: f64 = 7.0 * 86_400.0;
+/// Default directory of the durable history, relative to the working directory.
+pub const DEFAULT_DATA_DIR: &str = "data";
 /// Default bytes of serialized emergencies kept for catch-up.
 pub const DEFAULT_HISTORY_BYTES: usize = 16 * 1024 * 1024;
 /// Default largest emergency accepted: an HTTP body or one Unix-socket line.
@@ -66,7 +70,19 @@ pub struct Config {
     #[argh(option, default = "DEFAULT_HISTORY")]
     pub history: usize,
 
-    /// bytes of emergencies kept for catch-up; the oldest go first (default 16 MiB)
+    /// seconds an emergency stays in the history, on disk and in memory (default 604800, a week)
+    #[argh(option, default = "secs(DEFAULT_HISTORY_MAX_AGE_SECS)", from_str_fn(parse_age))]
+    pub history_max_age: Duration,
+
+    /// directory of the durable history; created if missing (default ./data)
+    #[argh(option, default = "PathBuf::from(DEFAULT_DATA_DIR)")]
+    pub data_dir: PathBuf,
+
+    /// keep the history in memory only: lost at restart (tests, diskless boards)
+    #[argh(switch)]
+    pub in_memory: bool,
+
+    /// bytes of emergencies kept in memory for catch-up; the oldest go first (default 16 MiB)
     #[argh(option, default = "DEFAULT_HISTORY_BYTES")]
     pub history_bytes: usize,
 
@@ -183,6 +199,15 @@ fn default_listen() -> SocketAddr {
 
 fn secs(value: f64) -> Duration {
     Duration::from_secs_f64(value)
+}
+
+/// Parses an age in seconds, up to ten years.
+fn parse_age(text: &str) -> Result<Duration, String> {
+    let value: f64 = text.trim().parse().map_err(|_| format!("'{text}' is not a number of seconds"))?;
+    if !(1.0..=10.0 * 365.0 * 86_400.0).contains(&value) {
+        return Err(format!("'{text}' must be between 1 second and ten years"));
+    }
+    Ok(Duration::from_secs_f64(value))
 }
 
 /// Parses seconds such as `30` or `0.25`.

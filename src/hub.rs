@@ -10,7 +10,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::rc::Rc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use async_channel::{Receiver, Sender, TrySendError};
 use async_tungstenite::tungstenite::Utf8Bytes;
@@ -18,7 +18,8 @@ use serde_json::value::RawValue;
 use slab::Slab;
 
 use crate::auth::Identity;
-use crate::protocol::{self, ClientInfo, EmergencyEnvelope, HistoryRange, ReplayInfo, Source};
+use crate::journal::Stored;
+use crate::protocol::{self, ClientInfo, HistoryRange, ReplayInfo, Source};
 use crate::timestamp::rfc3339_millis;
 
 pub type SharedHub = Rc<RefCell<Hub>>;
@@ -34,6 +35,15 @@ pub struct HubLimits {
     pub queue: usize,
     /// Connected clients.
     pub max_clients: usize,
+    /// Age after which an emergency leaves the history.
+    pub history_max_age: Duration,
+}
+
+/// Where a reconnecting client left off: `?since=N`, and `&stream=ID` if it knows the history.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Resume {
+    pub since: u64,
+    pub stream: Option<String>,
 }
 
 /// Why the hub closed a client's queue; the session turns it into a close code.
@@ -80,10 +90,13 @@ struct Subscriber {
 struct Retained {
     seq: u64,
     json: Utf8Bytes,
+    received_at: SystemTime,
 }
 
 pub struct Hub {
     limits: HubLimits,
+    /// The identity of this history: from the data dir, or new at each start in memory.
+    stream_id: Rc<str>,
     /// Connected clients; only the hub inserts and removes.
     subscribers: Slab<Subscriber>,
     next_client_id: u64,
@@ -99,6 +112,8 @@ pub struct Hub {
 /// What a client gets from `Hub::subscribe`. Dropping it unsubscribes.
 pub struct Subscription {
     pub client_id: u64,
+    /// The history's identity, for the welcome.
+    pub stream: Rc<str>,
     /// Live events, all with seq greater than `seq`.
     pub events: Receiver<Utf8Bytes>,
     /// Retained events to send before the live ones, oldest first.
@@ -131,9 +146,10 @@ impl Drop for Membership {
 }
 
 impl Hub {
-    pub fn new(limits: HubLimits) -> SharedHub {
+    pub fn new(limits: HubLimits, stream_id: &str) -> SharedHub {
         Rc::new(RefCell::new(Hub {
             limits,
+            stream_id: stream_id.into(),
             subscribers: Slab::new(),
             next_client_id: 1,
             last_seq: 0,
@@ -150,12 +166,19 @@ impl Hub {
         if self.shutting_down {
             return Err(Refusal::ShuttingDown);
         }
-        self.last_seq += 1;
-        let seq = self.last_seq;
-        let received_at = rfc3339_millis(SystemTime::now());
-        let envelope = EmergencyEnvelope { kind: "emergencia", seq, received_at: &received_at, source, data };
-        let json = Utf8Bytes::from(protocol::to_json(&envelope));
+        let seq = self.last_seq + 1;
+        let received_at = SystemTime::now();
+        let envelope = protocol::envelope_json(seq, received_at, source, data);
+        Ok(self.deliver(Stored { seq, received_at, envelope }))
+    }
 
+    /// Queues an emergency whose seq is assigned (by `publish`, or by the journal when it was
+    /// committed) to every client and keeps it for catch-up. Also after shutdown has begun: a
+    /// committed emergency must reach the history.
+    pub fn deliver(&mut self, stored: Stored) -> Receipt {
+        let Stored { seq, received_at, envelope } = stored;
+        self.last_seq = seq;
+        let json = Utf8Bytes::from(envelope);
         let mut queued_to = 0;
         self.subscribers.retain(|_, subscriber| match subscriber.queue.try_send(json.clone()) {
             Ok(()) => {
@@ -171,8 +194,37 @@ impl Hub {
             // The session has ended; its Membership finds the entry gone, which is fine.
             Err(TrySendError::Closed(_)) => false,
         });
-        self.retain(seq, json);
-        Ok(Receipt { seq, queued_to })
+        self.retain(Retained { seq, json, received_at });
+        Receipt { seq, queued_to }
+    }
+
+    /// Loads the history a data dir held at start.
+    pub fn restore(&mut self, last_seq: u64, retained: Vec<Stored>) {
+        for stored in retained {
+            let Stored { seq, received_at, envelope } = stored;
+            self.retain(Retained { seq, json: Utf8Bytes::from(envelope), received_at });
+        }
+        self.last_seq = last_seq;
+    }
+
+    /// Drops history entries older than `history_max_age`.
+    pub fn expire(&mut self, now: SystemTime) {
+        while let Some(oldest) = self.history.front() {
+            if now.duration_since(oldest.received_at).unwrap_or_default() <= self.limits.history_max_age {
+                break;
+            }
+            if let Some(oldest) = self.history.pop_front() {
+                self.history_bytes -= oldest.json.len();
+            }
+        }
+    }
+
+    pub fn stream_id(&self) -> &str {
+        &self.stream_id
+    }
+
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down
     }
 
     /// Registers a client and snapshots what it must be replayed (`since` given) in one step.
@@ -180,7 +232,7 @@ impl Hub {
         hub: &SharedHub,
         peer: SocketAddr,
         identity: Option<Identity>,
-        since: Option<u64>,
+        resume: Option<&Resume>,
     ) -> Result<Subscription, Refusal> {
         let mut this = hub.borrow_mut();
         if this.shutting_down {
@@ -189,9 +241,9 @@ impl Hub {
         if this.subscribers.len() >= this.limits.max_clients {
             return Err(Refusal::Full);
         }
-        let (replay, replay_info) = match since {
-            Some(since) => {
-                let (entries, info) = this.retained_after(since);
+        let (replay, replay_info) = match resume {
+            Some(resume) => {
+                let (entries, info) = this.retained_after(resume);
                 (entries.cloned().collect(), Some(info))
             }
             None => (Vec::new(), None),
@@ -210,6 +262,7 @@ impl Hub {
         });
         Ok(Subscription {
             client_id,
+            stream: Rc::clone(&this.stream_id),
             events,
             replay,
             replay_info,
@@ -222,18 +275,20 @@ impl Hub {
 
     /// Retained envelopes with seq greater than `since`, oldest first, and what that means for
     /// a client resuming from `since`.
-    pub fn retained_after(&self, since: u64) -> (impl Iterator<Item = &Utf8Bytes>, ReplayInfo) {
+    /// A client resuming from another history (`stream` differs) or from a seq this server has
+    /// not reached (it lost its history) gets everything retained.
+    pub fn retained_after(&self, resume: &Resume) -> (impl Iterator<Item = &Utf8Bytes>, ReplayInfo) {
+        let since = resume.since;
+        let stream_changed = resume.stream.as_deref().is_some_and(|stream| stream != &*self.stream_id);
+        let reset = !stream_changed && since > self.last_seq;
         let first_seq = self.history_range().first_seq;
-        let (start, missed, reset) = if since > self.last_seq {
-            (0, 0, true)
-        } else if since >= first_seq {
-            // Seqs in history are consecutive, so the index is a subtraction.
-            ((since + 1 - first_seq) as usize, 0, false)
+        let (start, missed) = if stream_changed || reset {
+            (0, 0)
         } else {
-            (0, first_seq - 1 - since, false)
+            let missed = first_seq.saturating_sub(1).saturating_sub(since);
+            (self.history.partition_point(|retained| retained.seq <= since), missed)
         };
-        let start = start.min(self.history.len());
-        let info = ReplayInfo { since, count: self.history.len() - start, missed, reset };
+        let info = ReplayInfo { since, count: self.history.len() - start, missed, reset, stream_changed };
         (self.history.range(start..).map(|retained| &retained.json), info)
     }
 
@@ -303,9 +358,9 @@ impl Hub {
 
     /// Appends to history and drops the oldest entries beyond either bound, always keeping the
     /// newest so a resuming client can get at least the last emergency.
-    fn retain(&mut self, seq: u64, json: Utf8Bytes) {
-        self.history_bytes += json.len();
-        self.history.push_back(Retained { seq, json });
+    fn retain(&mut self, retained: Retained) {
+        self.history_bytes += retained.json.len();
+        self.history.push_back(retained);
         while self.history.len() > 1
             && (self.history.len() > self.limits.history || self.history_bytes > self.limits.history_bytes)
         {
@@ -335,7 +390,13 @@ mod tests {
     }
 
     fn limits() -> HubLimits {
-        HubLimits { history: 3, history_bytes: 1 << 20, queue: 2, max_clients: 2 }
+        HubLimits {
+            history: 3,
+            history_bytes: 1 << 20,
+            queue: 2,
+            max_clients: 2,
+            history_max_age: Duration::from_secs(3600),
+        }
     }
 
     fn raw(text: &str) -> Box<RawValue> {
@@ -355,7 +416,7 @@ mod tests {
 
     #[test]
     fn seqs_grow_by_one_and_data_is_verbatim() {
-        let hub = Hub::new(limits());
+        let hub = Hub::new(limits(), "stream-a");
         let client = Hub::subscribe(&hub, peer(), None, None).unwrap();
         let first = hub.borrow_mut().publish_ok(&raw(r#"{"b": 1,  "a":[ ]}"#), Source::Unix);
         let second = hub.borrow_mut().publish_ok(&raw("{}"), Source::Http);
@@ -368,7 +429,7 @@ mod tests {
 
     #[test]
     fn replay_covers_exactly_what_was_missed() {
-        let hub = Hub::new(limits());
+        let hub = Hub::new(limits(), "stream-a");
         for _ in 0..5 {
             hub.borrow_mut().publish_ok(&raw("{}"), Source::Unix);
         }
@@ -381,7 +442,7 @@ mod tests {
             (9, vec![3, 4, 5], 0, true),
         ];
         for (since, expected, missed, reset) in cases {
-            let client = Hub::subscribe(&hub, peer(), None, Some(since)).unwrap();
+            let client = Hub::subscribe(&hub, peer(), None, Some(&Resume { since, stream: None })).unwrap();
             assert_eq!(seqs(&client.replay), expected, "since={since}");
             let info = client.replay_info.unwrap();
             assert_eq!(
@@ -393,8 +454,35 @@ mod tests {
     }
 
     #[test]
+    fn a_client_from_another_history_gets_everything() {
+        let hub = Hub::new(limits(), "stream-a");
+        for _ in 0..5 {
+            hub.borrow_mut().publish_ok(&raw("{}"), Source::Unix);
+        }
+        let elsewhere = Resume { since: 4, stream: Some("stream-b".into()) };
+        let client = Hub::subscribe(&hub, peer(), None, Some(&elsewhere)).unwrap();
+        assert_eq!(seqs(&client.replay), [3, 4, 5]);
+        let info = client.replay_info.unwrap();
+        assert!(info.stream_changed && !info.reset && info.missed == 0);
+        let same = Resume { since: 4, stream: Some("stream-a".into()) };
+        let client = Hub::subscribe(&hub, peer(), None, Some(&same)).unwrap();
+        assert_eq!(seqs(&client.replay), [5]);
+    }
+
+    #[test]
+    fn old_entries_expire_by_age() {
+        let hub = Hub::new(limits(), "stream-a");
+        hub.borrow_mut().publish_ok(&raw("{}"), Source::Unix);
+        let later = SystemTime::now() + Duration::from_secs(3601);
+        hub.borrow_mut().expire(later);
+        let range = hub.borrow().history_range();
+        assert_eq!((range.count, range.first_seq, range.last_seq), (0, 2, 1));
+        assert_eq!(hub.borrow().history_bytes(), 0);
+    }
+
+    #[test]
     fn a_full_queue_drops_only_that_client() {
-        let hub = Hub::new(limits());
+        let hub = Hub::new(limits(), "stream-a");
         let slow = Hub::subscribe(&hub, peer(), None, None).unwrap();
         let fast = Hub::subscribe(&hub, peer(), None, None).unwrap();
         for _ in 0..3 {
@@ -409,7 +497,7 @@ mod tests {
 
     #[test]
     fn a_reused_key_is_not_removed_by_the_old_client() {
-        let hub = Hub::new(limits());
+        let hub = Hub::new(limits(), "stream-a");
         let slow = Hub::subscribe(&hub, peer(), None, None).unwrap();
         for _ in 0..3 {
             hub.borrow_mut().publish_ok(&raw("{}"), Source::Unix);
@@ -424,7 +512,7 @@ mod tests {
 
     #[test]
     fn clients_are_capped_and_refused_at_shutdown() {
-        let hub = Hub::new(limits());
+        let hub = Hub::new(limits(), "stream-a");
         let _a = Hub::subscribe(&hub, peer(), None, None).unwrap();
         let b = Hub::subscribe(&hub, peer(), None, None).unwrap();
         assert_eq!(Hub::subscribe(&hub, peer(), None, None).err(), Some(Refusal::Full));
@@ -437,7 +525,7 @@ mod tests {
 
     #[test]
     fn revoking_closes_only_the_revoked_tokens() {
-        let hub = Hub::new(limits());
+        let hub = Hub::new(limits(), "stream-a");
         let identity =
             |name: &str| Some(Identity { name: name.into(), token: format!("{name}-token").into() });
         let kept = Hub::subscribe(&hub, peer(), identity("kept"), None).unwrap();
@@ -453,7 +541,7 @@ mod tests {
 
     #[test]
     fn history_is_bounded_by_bytes_too() {
-        let hub = Hub::new(HubLimits { history_bytes: 1, ..limits() });
+        let hub = Hub::new(HubLimits { history_bytes: 1, ..limits() }, "stream-a");
         for _ in 0..3 {
             hub.borrow_mut().publish_ok(&raw("{}"), Source::Unix);
         }

@@ -4,6 +4,7 @@
 //! A submission is accepted only if it is one JSON object within the size limit; anything else is
 //! rejected with a precise message and nothing is published.
 
+use async_channel::Receiver;
 use serde_json::value::RawValue;
 
 use crate::hub::{Receipt, Refusal};
@@ -11,7 +12,7 @@ use crate::protocol::Source;
 use crate::server::Shared;
 
 /// Why a submission was not published. `Display` gives the message sent back to the publisher.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Rejection {
     /// Nothing but whitespace.
     Empty,
@@ -23,9 +24,18 @@ pub enum Rejection {
     NotAnObject,
     /// The server is shutting down and accepts nothing more.
     ShuttingDown,
+    /// `journal::MAX_QUEUED` submissions are already waiting for the disk.
+    StorageBusy,
+    /// Writing to the data dir failed; nothing was stored.
+    StorageFailed(String),
 }
 
 impl Rejection {
+    /// Whether the server, not the submission, is at fault: the publisher should retry.
+    pub fn is_temporary(&self) -> bool {
+        matches!(self, Rejection::ShuttingDown | Rejection::StorageBusy | Rejection::StorageFailed(_))
+    }
+
     /// The reason's name in metrics.
     pub fn label(&self) -> &'static str {
         match self {
@@ -34,6 +44,8 @@ impl Rejection {
             Rejection::InvalidJson(_) => "invalid_json",
             Rejection::NotAnObject => "not_an_object",
             Rejection::ShuttingDown => "shutting_down",
+            Rejection::StorageBusy => "storage_busy",
+            Rejection::StorageFailed(_) => "storage_failed",
         }
     }
 }
@@ -46,6 +58,8 @@ impl std::fmt::Display for Rejection {
             Rejection::InvalidJson(detail) => write!(f, "invalid JSON: {detail}"),
             Rejection::NotAnObject => f.write_str("the emergency must be a JSON object"),
             Rejection::ShuttingDown => f.write_str("server shutting down: publish again after it restarts"),
+            Rejection::StorageBusy => f.write_str("storage busy: publish again shortly"),
+            Rejection::StorageFailed(detail) => write!(f, "storage failed, nothing was stored: {detail}"),
         }
     }
 }
@@ -63,14 +77,54 @@ pub fn parse_emergency(bytes: &[u8], max_bytes: usize) -> Result<&RawValue, Reje
     if value.get().starts_with('{') { Ok(value) } else { Err(Rejection::NotAnObject) }
 }
 
-/// Checks and publishes one submission. Callers yield to the executor after each one, so that
-/// the sessions it woke write before the same connection publishes again.
-pub fn submit(shared: &Shared, bytes: &[u8], source: Source) -> Result<Receipt, Rejection> {
+/// A checked submission on its way into the history.
+#[derive(Debug)]
+pub enum Staged {
+    /// In-memory history: published at once.
+    Published(Receipt),
+    /// Durable history: waiting for the journal to commit it.
+    Storing(Receiver<Result<Receipt, Rejection>>),
+}
+
+/// Checks a submission and hands it to the history: to the hub at once when the history is in
+/// memory, to the journal when it is durable. Never waits, so a publisher can stage a burst of
+/// lines and have them committed together.
+pub fn stage(shared: &Shared, bytes: &[u8], source: Source) -> Result<Staged, Rejection> {
     let data = parse_emergency(bytes, shared.config.max_body_bytes)?;
-    let receipt =
-        shared.hub.borrow_mut().publish(data, source).map_err(|_: Refusal| Rejection::ShuttingDown)?;
-    shared.metrics.count("resq_push_published_total", source.label());
-    Ok(receipt)
+    if shared.hub.borrow().is_shutting_down() {
+        return Err(Rejection::ShuttingDown);
+    }
+    match &shared.journal {
+        Some(journal) => journal.append(data.to_owned(), source).map(Staged::Storing),
+        None => {
+            let receipt = shared
+                .hub
+                .borrow_mut()
+                .publish(data, source)
+                .map_err(|_: Refusal| Rejection::ShuttingDown)?;
+            Ok(Staged::Published(receipt))
+        }
+    }
+}
+
+/// Waits until a staged submission is accepted (committed and broadcast) or refused.
+pub async fn settle(shared: &Shared, staged: Staged, source: Source) -> Result<Receipt, Rejection> {
+    let outcome = match staged {
+        Staged::Published(receipt) => Ok(receipt),
+        Staged::Storing(outcome) => outcome
+            .recv()
+            .await
+            .unwrap_or_else(|_| Err(Rejection::StorageFailed("the storage thread stopped".into()))),
+    };
+    if outcome.is_ok() {
+        shared.metrics.count("resq_push_published_total", source.label());
+    }
+    outcome
+}
+
+/// Stages one submission and waits for its outcome.
+pub async fn submit(shared: &Shared, bytes: &[u8], source: Source) -> Result<Receipt, Rejection> {
+    settle(shared, stage(shared, bytes, source)?, source).await
 }
 
 #[cfg(test)]

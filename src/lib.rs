@@ -11,6 +11,7 @@ mod deadline;
 mod http;
 mod hub;
 mod ingest;
+pub mod journal;
 pub mod logger;
 mod metrics;
 mod protocol;

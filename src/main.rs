@@ -7,6 +7,7 @@ use async_signal::{Signal, Signals};
 use log::{error, info, warn};
 use resq_push::auth::Access;
 use resq_push::config::Config;
+use resq_push::journal::{self, Retention, Storage};
 use resq_push::server::Control;
 use resq_push::{logger, server, unix_ingest};
 use smol::stream::StreamExt;
@@ -39,6 +40,7 @@ fn start(config: Config) -> Result<(), String> {
         TcpListener::bind(config.listen).map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
     let local_addr = tcp.local_addr().map_err(|e| e.to_string())?;
     let unix = config.unix_socket.as_deref().map(unix_ingest::bind).transpose().map_err(|e| e.to_string())?;
+    let storage = open_storage(&config)?;
 
     info!(
         "resq-push {} listening on {local_addr} (ws://{local_addr}/ws/emergencias){}",
@@ -58,7 +60,25 @@ fn start(config: Config) -> Result<(), String> {
         }
         Err(_) => None,
     });
-    server::serve(config, access, tcp, unix, controls).map_err(|e| e.to_string())
+    server::serve(config, access, storage, tcp, unix, controls).map_err(|e| e.to_string())
+}
+
+/// Opens the durable history in `--data-dir`, or says plainly that there is none.
+fn open_storage(config: &Config) -> Result<Storage, String> {
+    if config.in_memory {
+        warn!("--in-memory: the history is NOT durable; emergencies not yet seen are lost at restart");
+        return Ok(Storage::Memory);
+    }
+    let retention = Retention { max_count: config.history, max_age: config.history_max_age };
+    let (journal, loaded, committed) = journal::open(&config.data_dir, retention)?;
+    info!(
+        "history {} in {}: last seq {}, {} emergencies retained",
+        loaded.stream_id,
+        config.data_dir.display(),
+        loaded.last_seq,
+        loaded.retained.len()
+    );
+    Ok(Storage::Durable { journal, loaded, committed })
 }
 
 /// Warns at start when the server can be reached from the network without tokens.

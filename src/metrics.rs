@@ -120,7 +120,14 @@ mod tests {
     #[test]
     fn renders_gauges_and_labelled_counters() {
         let metrics = Metrics::default();
-        let hub = Hub::new(HubLimits { history: 10, history_bytes: 1000, queue: 1, max_clients: 1 });
+        let limits = HubLimits {
+            history: 10,
+            history_bytes: 1000,
+            queue: 1,
+            max_clients: 1,
+            history_max_age: std::time::Duration::from_secs(60),
+        };
+        let hub = Hub::new(limits, "stream");
         metrics.count("resq_push_published_total", "unix");
         metrics.count("resq_push_published_total", "unix");
         metrics.count_http_response(401);

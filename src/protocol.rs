@@ -3,8 +3,12 @@
 //! Clients must ignore fields and message `type`s they do not know; that rule is how the protocol
 //! grows (acks, per-tablet status) without breaking deployed tablets.
 
+use std::time::SystemTime;
+
 use serde::Serialize;
 use serde_json::value::RawValue;
+
+use crate::timestamp::rfc3339_millis;
 
 /// The first text frame on every WebSocket connection.
 pub const WELCOME_MESSAGE: &str = "Conectado! listo para recibir emergencias";
@@ -26,9 +30,15 @@ impl Source {
     }
 }
 
+/// Serializes one emergency's envelope, once; clients and history share the result.
+pub fn envelope_json(seq: u64, received_at: SystemTime, source: Source, data: &RawValue) -> String {
+    let received_at = rfc3339_millis(received_at);
+    to_json(&EmergencyEnvelope { kind: "emergencia", seq, received_at: &received_at, source, data })
+}
+
 /// One emergency as pushed to tablets and stored in history: `{"type":"emergencia",...}`.
 #[derive(Serialize)]
-pub struct EmergencyEnvelope<'a> {
+struct EmergencyEnvelope<'a> {
     #[serde(rename = "type")]
     pub kind: &'static str,
     pub seq: u64,
@@ -58,6 +68,9 @@ pub struct ReplayInfo {
     /// `since` was ahead of this server's last seq (the server restarted): everything retained
     /// is replayed.
     pub reset: bool,
+    /// The client's `stream` is not this server's history (data dir wiped, another box):
+    /// everything retained is replayed, and the client's seqs mean nothing here.
+    pub stream_changed: bool,
 }
 
 /// The welcome frame: `{"type":"connection",...}`.
@@ -68,6 +81,8 @@ pub struct Welcome {
     pub message: &'static str,
     /// Server-assigned id of this connection, as it appears in the server's logs.
     pub client_id: u64,
+    /// The identity of this history; send it back as `&stream=` when resuming.
+    pub stream: String,
     /// The last seq assigned so far (0 before the first emergency).
     pub seq: u64,
     pub history: HistoryRange,
@@ -85,6 +100,8 @@ pub const PONG: &str = r#"{"type":"pong"}"#;
 pub struct PublishReply<'a> {
     pub ok: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
+    pub stream: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub seq: Option<u64>,
     /// How many connected clients the emergency was queued to.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -94,20 +111,28 @@ pub struct PublishReply<'a> {
 }
 
 impl PublishReply<'_> {
-    pub fn accepted(seq: u64, queued_to: usize) -> String {
-        to_json(&PublishReply { ok: true, seq: Some(seq), queued_to: Some(queued_to), error: None })
+    pub fn accepted(stream: &str, seq: u64, queued_to: usize) -> String {
+        let reply = PublishReply {
+            ok: true,
+            stream: Some(stream),
+            seq: Some(seq),
+            queued_to: Some(queued_to),
+            error: None,
+        };
+        to_json(&reply)
     }
 }
 
 /// An error body or line: `{"ok":false,"error":"..."}`.
 pub fn error_json(message: &str) -> String {
-    to_json(&PublishReply { ok: false, seq: None, queued_to: None, error: Some(message) })
+    to_json(&PublishReply { ok: false, stream: None, seq: None, queued_to: None, error: Some(message) })
 }
 
 /// `GET /healthz`.
 #[derive(Serialize)]
-pub struct Health {
+pub struct Health<'a> {
     pub status: &'static str,
+    pub stream: &'a str,
     pub clients: usize,
     pub seq: u64,
     pub history: HistoryRange,

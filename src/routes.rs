@@ -23,7 +23,8 @@ use crate::auth::{Access, Identity, TokenSet, Verdict};
 use crate::deadline;
 use crate::http;
 use crate::http::{BodyError, HeadError, HttpConnection, Request, Response};
-use crate::ingest::{self, Rejection};
+use crate::hub::Resume;
+use crate::ingest;
 use crate::protocol::{self, Health, PublishReply, Source, error_json};
 use crate::server::Shared;
 use crate::session;
@@ -221,10 +222,15 @@ async fn publish(
         }
         Err(BodyError::Incomplete) => return closing(400, "body incomplete"),
     };
-    match ingest::submit(shared, &body, Source::Http) {
-        Ok(receipt) => Response::json(202, PublishReply::accepted(receipt.seq, receipt.queued_to)),
-        Err(Rejection::ShuttingDown) => Response::json(503, error_json(&Rejection::ShuttingDown.to_string()))
-            .with_header("Retry-After", "5"),
+    match ingest::submit(shared, &body, Source::Http).await {
+        Ok(receipt) => {
+            let stream = shared.hub.borrow().stream_id().to_owned();
+            Response::json(202, PublishReply::accepted(&stream, receipt.seq, receipt.queued_to))
+        }
+        Err(rejection) if rejection.is_temporary() => {
+            warn!("could not take a publish from {peer}: {rejection}");
+            Response::json(503, error_json(&rejection.to_string())).with_header("Retry-After", "5")
+        }
         Err(rejection) => {
             warn!("rejected publish from {peer}: {rejection}");
             Response::json(400, error_json(&rejection.to_string()))
@@ -256,12 +262,12 @@ fn poll(shared: &Shared, request: &Request, peer: SocketAddr) -> Response {
     if let Err(refusal) = authorize(shared.access.borrow().subscribe.as_ref(), request, true, "poll", peer) {
         return refusal;
     }
-    let since = match parse_since(request, peer) {
-        Ok(since) => since.unwrap_or(0),
+    let resume = match parse_resume(request, peer) {
+        Ok(resume) => resume.unwrap_or(Resume { since: 0, stream: None }),
         Err(response) => return response,
     };
     let hub = shared.hub.borrow();
-    let (entries, _) = hub.retained_after(since);
+    let (entries, _) = hub.retained_after(&resume);
     let mut body = String::from("[");
     for json in entries {
         if body.len() > 1 {
@@ -286,6 +292,7 @@ fn health(shared: &Shared) -> Response {
     let hub = shared.hub.borrow();
     let health = Health {
         status: "ok",
+        stream: hub.stream_id(),
         clients: hub.client_count(),
         seq: hub.last_seq(),
         history: hub.history_range(),
@@ -294,15 +301,15 @@ fn health(shared: &Shared) -> Response {
     Response::json(200, protocol::to_json(&health))
 }
 
-/// Reads `?since=N`, the last seq the client has.
-pub fn parse_since(request: &Request, peer: SocketAddr) -> Result<Option<u64>, Response> {
-    match request.query_param("since") {
-        None => Ok(None),
-        Some(text) => text.parse().map(Some).map_err(|_| {
-            warn!("refused {peer}: since={text:?} is not a whole number");
-            Response::json(400, error_json("since must be a whole number: the last seq you received"))
-        }),
-    }
+/// Reads `?since=N` (the last seq the client has) and `&stream=ID` (the history it came from).
+pub fn parse_resume(request: &Request, peer: SocketAddr) -> Result<Option<Resume>, Response> {
+    let Some(text) = request.query_param("since") else { return Ok(None) };
+    let since = text.parse().map_err(|_| {
+        warn!("refused {peer}: since={text:?} is not a whole number");
+        Response::json(400, error_json("since must be a whole number: the last seq you received"))
+    })?;
+    let stream = request.query_param("stream").map(str::to_owned);
+    Ok(Some(Resume { since, stream }))
 }
 
 /// Answers a request whose head could not be read, if it deserves an answer, and closes.

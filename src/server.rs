@@ -10,7 +10,7 @@ use std::future::Future;
 use std::io;
 use std::net::TcpListener as StdTcpListener;
 use std::rc::Rc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use async_channel::{Receiver, Sender};
 use log::{error, info, warn};
@@ -22,6 +22,7 @@ use smol::{LocalExecutor, Timer, future};
 use crate::auth::{Access, TokenSet};
 use crate::config::Config;
 use crate::hub::{Hub, HubLimits, SharedHub};
+use crate::journal::{self, Committed, Journal, Storage};
 use crate::metrics::Metrics;
 use crate::routes;
 use crate::slots::{Admission, ConnectionSlots};
@@ -29,6 +30,8 @@ use crate::unix_ingest::{self, BoundUnixSocket};
 
 /// How long shutdown waits for sessions to drain their queues and close.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// How often aged-out history is swept.
+const EXPIRY_SWEEP: Duration = Duration::from_secs(60);
 /// Pause after an accept error, so that running out of file descriptors does not spin the CPU.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
@@ -38,6 +41,9 @@ pub struct Shared {
     pub hub: SharedHub,
     /// Tokens and origins; replaced as a whole on reload. Borrowed only between awaits.
     pub access: RefCell<Access>,
+    /// Where accepted emergencies are committed before they are acknowledged; `None` when the
+    /// history is in memory only.
+    pub journal: Option<Journal>,
     pub metrics: Rc<Metrics>,
     /// Its `recv` fails once shutdown begins: idle connections race it to close promptly.
     pub stop: Receiver<()>,
@@ -63,25 +69,40 @@ pub enum Control {
 pub fn serve(
     config: Config,
     access: Access,
+    storage: Storage,
     tcp: StdTcpListener,
     unix: Option<BoundUnixSocket>,
     mut controls: impl Stream<Item = Control> + Unpin,
 ) -> io::Result<()> {
     let tcp = TcpListener::try_from(tcp)?;
     let unix_listener = unix.as_ref().map(BoundUnixSocket::listener).transpose()?;
-    let hub = Hub::new(HubLimits {
+    let limits = HubLimits {
         history: config.history,
         history_bytes: config.history_bytes,
         queue: config.queue,
         max_clients: config.max_clients,
-    });
+        history_max_age: config.history_max_age,
+    };
+    let (hub, journal, committed) = match storage {
+        Storage::Memory => (Hub::new(limits, &journal::new_stream_id()), None, None),
+        Storage::Durable { journal, loaded, committed } => {
+            let hub = Hub::new(limits, &loaded.stream_id);
+            hub.borrow_mut().restore(loaded.last_seq, loaded.retained);
+            (hub, Some(journal), Some(committed))
+        }
+    };
     let (stop_sender, stop) = async_channel::bounded(1);
     let metrics = Rc::new(Metrics::default());
-    let shared = Rc::new(Shared { config, hub, access: RefCell::new(access), metrics, stop });
+    let shared = Rc::new(Shared { config, hub, access: RefCell::new(access), journal, metrics, stop });
     // Every connection task holds a clone of `task_token`; when all are dropped, `tasks_done`
     // reports it, which is how shutdown knows the sessions have finished.
     let (task_token, tasks_done) = async_channel::bounded::<()>(1);
     let executor = LocalExecutor::new();
+
+    if let Some(committed) = committed {
+        executor.spawn(deliver_committed(Rc::clone(&shared), committed)).detach();
+    }
+    executor.spawn(expire_history(Rc::clone(&shared))).detach();
 
     smol::block_on(executor.run(async {
         let accepting = future::zip(
@@ -112,6 +133,29 @@ pub fn serve(
     }));
     drop(unix);
     Ok(())
+}
+
+/// Hands what the journal committed to the hub, in seq order, and answers each publisher.
+async fn deliver_committed(shared: Rc<Shared>, committed: Receiver<Committed>) {
+    while let Ok(Committed(batch)) = committed.recv().await {
+        for (stored, reply) in batch {
+            let receipt = shared.hub.borrow_mut().deliver(stored);
+            let _ = reply.try_send(Ok(receipt));
+        }
+        // A large batch woke many sessions: let them write.
+        future::yield_now().await;
+    }
+}
+
+/// Drops aged-out emergencies from memory and disk, even when nothing is published.
+async fn expire_history(shared: Rc<Shared>) {
+    loop {
+        Timer::after(EXPIRY_SWEEP).await;
+        shared.hub.borrow_mut().expire(SystemTime::now());
+        if let Some(journal) = &shared.journal {
+            journal.sweep();
+        }
+    }
 }
 
 /// Re-reads the token files; clients whose subscribe token is gone are disconnected, everyone

@@ -74,11 +74,11 @@ pub async fn serve(
         Err(response) => return connection.respond_and_close(response, config.write_timeout).await,
     };
     let name = identity.as_ref().map(|identity| format!(" ({})", identity.name)).unwrap_or_default();
-    let since = match routes::parse_since(&request, peer) {
-        Ok(since) => since,
+    let resume = match routes::parse_resume(&request, peer) {
+        Ok(resume) => resume,
         Err(response) => return connection.respond_and_close(response, config.write_timeout).await,
     };
-    let subscription = match Hub::subscribe(&shared.hub, peer, identity, since) {
+    let subscription = match Hub::subscribe(&shared.hub, peer, identity, resume.as_ref()) {
         Ok(subscription) => subscription,
         Err(refusal) => {
             let reason = match refusal {
@@ -111,7 +111,7 @@ pub async fn serve(
     .await;
 
     let client_id = subscription.client_id;
-    match since {
+    match resume.map(|resume| resume.since) {
         Some(since) => info!("client {client_id}{name} connected from {peer}, resuming after seq {since}"),
         None => info!("client {client_id}{name} connected from {peer}"),
     }
@@ -306,6 +306,7 @@ impl Session<'_> {
             kind: "connection",
             message: WELCOME_MESSAGE,
             client_id: subscription.client_id,
+            stream: subscription.stream.to_string(),
             seq: subscription.seq,
             history: subscription.history,
             replay: subscription.replay_info,

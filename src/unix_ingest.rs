@@ -248,16 +248,27 @@ async fn serve_publisher(shared: Rc<Shared>, mut stream: UnixStream, slot: SlotG
     }
 }
 
-/// Publishes each line in order and returns the reply lines. Yields after each line so that a
-/// burst from one publisher lets the sessions it woke write in between.
+/// Stages every line (yielding after each, so the sessions a burst wakes get to write), then
+/// waits for each outcome in order: a burst on one connection is committed together. Returns
+/// one reply line per input line.
 async fn publish_lines(shared: &Shared, lines: Vec<Result<Vec<u8>, Rejection>>) -> String {
+    let mut staged = Vec::with_capacity(lines.len());
+    for line in lines {
+        staged.push(line.and_then(|bytes| ingest::stage(shared, &bytes, Source::Unix)));
+        future::yield_now().await;
+    }
     let mut replies = String::new();
     let mut rejected = 0;
     let mut first_rejection = None;
-    for line in lines {
-        let outcome = line.and_then(|bytes| ingest::submit(shared, &bytes, Source::Unix));
+    for staged in staged {
+        let outcome = match staged {
+            Ok(staged) => ingest::settle(shared, staged, Source::Unix).await,
+            Err(rejection) => Err(rejection),
+        };
         let reply = match outcome {
-            Ok(receipt) => PublishReply::accepted(receipt.seq, receipt.queued_to),
+            Ok(receipt) => {
+                PublishReply::accepted(shared.hub.borrow().stream_id(), receipt.seq, receipt.queued_to)
+            }
             Err(rejection) => {
                 rejected += 1;
                 shared.metrics.count("resq_push_unix_rejections_total", rejection.label());
@@ -268,7 +279,6 @@ async fn publish_lines(shared: &Shared, lines: Vec<Result<Vec<u8>, Rejection>>) 
         };
         replies.push_str(&reply);
         replies.push('\n');
-        future::yield_now().await;
     }
     if let Some(first) = first_rejection {
         warn!("rejected {rejected} line(s) on the Unix socket: {first}");

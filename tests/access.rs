@@ -254,7 +254,7 @@ fn out_of_file_descriptors_the_accept_loop_backs_off_and_recovers() {
     let binary = env!("CARGO_BIN_EXE_resq-push");
     let mut command = Command::new("sh");
     command.arg("-c").arg(format!(
-        "ulimit -n 32 && exec {binary} --listen 127.0.0.1:0 --unix-socket {} --header-timeout 30",
+        "ulimit -n 32 && exec {binary} --listen 127.0.0.1:0 --unix-socket {} --header-timeout 30 --in-memory",
         socket.display()
     ));
     let (mut child, logs) = spawn_command(command);

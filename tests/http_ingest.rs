@@ -23,7 +23,12 @@ fn a_post_is_accepted_pushed_and_counted() {
     let response = server.post(r#"{"tipo":"incendio","lat":-33.45}"#);
     assert_eq!(response.status, 202);
     assert_eq!(response.header("content-type").as_deref(), Some("application/json"));
-    assert_eq!(response.json(), serde_json::json!({"ok": true, "seq": 1, "queued_to": 1}));
+    let reply = response.json();
+    assert_eq!(
+        (reply["ok"].as_bool(), reply["seq"].as_u64(), reply["queued_to"].as_u64()),
+        (Some(true), Some(1), Some(1))
+    );
+    assert_eq!(reply["stream"], server.health()["stream"]);
     let event = client.recv_emergency(1);
     assert_eq!(event["source"], "http");
     assert_eq!(event["data"], serde_json::json!({"tipo": "incendio", "lat": -33.45}));

@@ -15,7 +15,11 @@ fn several_lines_in_one_write_and_one_line_over_several_writes() {
     let mut unix = server.unix();
     unix.send(b"{\"n\":1}\n{\"n\": 2}\r\n{\"n\":3}\n");
     for seq in 1..=3 {
-        assert_eq!(unix.reply(), serde_json::json!({"ok": true, "seq": seq, "queued_to": 1}));
+        let reply = unix.reply();
+        assert_eq!(
+            (reply["ok"].as_bool(), reply["seq"].as_u64(), reply["queued_to"].as_u64()),
+            (Some(true), Some(seq), Some(1))
+        );
     }
     for piece in [&b"{\"n\""[..], b":", b"4, \"s\":\"a", b"b\"}", b"\n"] {
         unix.send(piece);
@@ -40,7 +44,7 @@ fn bad_and_long_lines_get_error_lines_and_the_connection_keeps_working() {
     assert_eq!(replies[1]["error"], "the emergency must be a JSON object");
     assert_eq!(replies[2]["error"], "empty body: send one JSON object");
     assert_eq!(replies[3]["error"], "emergency larger than 64 bytes");
-    assert_eq!(replies[4], serde_json::json!({"ok": true, "seq": 1, "queued_to": 1}));
+    assert_eq!((replies[4]["ok"].as_bool(), replies[4]["seq"].as_u64()), (Some(true), Some(1)));
     assert!(replies[5]["error"].as_str().unwrap().starts_with("invalid JSON"), "{}", replies[5]);
     // A long line split over writes is still one error, and the next line works.
     unix.send(&long.as_bytes()[..100]);

@@ -142,7 +142,10 @@ fn since_replays_what_was_missed_then_continues_live() {
     }
     let mut client = server.ws("/ws/emergencias?since=2");
     let welcome = client.recv_json();
-    assert_eq!(welcome["replay"], serde_json::json!({"since": 2, "count": 3, "missed": 0, "reset": false}));
+    assert_eq!(
+        welcome["replay"],
+        serde_json::json!({"since": 2, "count": 3, "missed": 0, "reset": false, "stream_changed": false})
+    );
     for seq in 3..=5 {
         assert_eq!(client.recv_emergency(seq)["data"]["n"], seq);
     }
@@ -164,7 +167,10 @@ fn since_ahead_of_the_server_replays_everything_retained() {
     unix.publish("{}");
     let mut client = server.ws("/ws/emergencias?since=500");
     let welcome = client.recv_json();
-    assert_eq!(welcome["replay"], serde_json::json!({"since": 500, "count": 2, "missed": 0, "reset": true}));
+    assert_eq!(
+        welcome["replay"],
+        serde_json::json!({"since": 500, "count": 2, "missed": 0, "reset": true, "stream_changed": false})
+    );
     client.recv_emergency(1);
     client.recv_emergency(2);
 }
@@ -179,7 +185,10 @@ fn since_older_than_history_says_how_many_are_gone() {
     let mut client = server.ws("/ws/emergencias?since=2");
     let welcome = client.recv_json();
     assert_eq!(welcome["history"], serde_json::json!({"first_seq": 8, "last_seq": 10, "count": 3}));
-    assert_eq!(welcome["replay"], serde_json::json!({"since": 2, "count": 3, "missed": 5, "reset": false}));
+    assert_eq!(
+        welcome["replay"],
+        serde_json::json!({"since": 2, "count": 3, "missed": 5, "reset": false, "stream_changed": false})
+    );
     for seq in 8..=10 {
         client.recv_emergency(seq);
     }

@@ -39,11 +39,18 @@ impl TempDir {
     pub fn path(&self) -> &Path {
         &self.0
     }
+
+    /// Moves the directory out of `self`, which then removes nothing.
+    fn take(&mut self) -> TempDir {
+        TempDir(std::mem::take(&mut self.0))
+    }
 }
 
 impl Drop for TempDir {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+        if !self.0.as_os_str().is_empty() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
     }
 }
 
@@ -148,6 +155,34 @@ impl Server {
         signal(self.pid(), "TERM");
     }
 
+    /// Kills the process with SIGKILL, as a power cut would, and hands back its directory.
+    pub fn kill9(mut self) -> TempDir {
+        signal(self.pid(), "KILL");
+        let _ = self.child.wait();
+        self.dir.take()
+    }
+
+    /// Stops the process with SIGTERM and hands back its directory.
+    pub fn stop(mut self) -> TempDir {
+        self.terminate();
+        assert!(self.wait_exit().success());
+        self.dir.take()
+    }
+
+    /// Every retained emergency, oldest first, fetched page by page.
+    pub fn poll_all(&self) -> Vec<Value> {
+        let mut all: Vec<Value> = Vec::new();
+        loop {
+            let since = all.last().map_or(0, |event| event["seq"].as_u64().unwrap());
+            let page = self.get(&format!("/emergencias?since={since}")).json();
+            let page = page.as_array().unwrap();
+            if page.is_empty() {
+                return all;
+            }
+            all.extend(page.iter().cloned());
+        }
+    }
+
     /// Waits for the process to exit.
     pub fn wait_exit(&mut self) -> ExitStatus {
         let deadline = Instant::now() + PATIENCE;
@@ -175,9 +210,13 @@ pub fn signal(pid: u32, name: &str) {
 
 /// Starts the binary; returns it with its log buffer and address, or all it printed on failure.
 pub fn spawn(unix_socket: &Path, extra: &[&str]) -> Result<(Child, Arc<Mutex<String>>, SocketAddr), String> {
-    let (mut child, logs) = spawn_raw(
-        &[&["--listen", "127.0.0.1:0", "--unix-socket", unix_socket.to_str().unwrap()], extra].concat(),
-    );
+    let data_dir = unix_socket.with_file_name("data");
+    let mut args = vec!["--listen", "127.0.0.1:0", "--unix-socket", unix_socket.to_str().unwrap()];
+    if !extra.iter().any(|arg| *arg == "--in-memory" || *arg == "--data-dir") {
+        args.extend(["--data-dir", data_dir.to_str().unwrap()]);
+    }
+    args.extend(extra);
+    let (mut child, logs) = spawn_raw(&args);
     let deadline = Instant::now() + PATIENCE;
     loop {
         let text = logs.lock().unwrap().clone();

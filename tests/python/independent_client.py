@@ -63,12 +63,14 @@ class Server:
     def __init__(self, binary, tmp):
         self.socket_path = os.path.join(tmp, "resq.sock")
         args = [binary, "--listen", "127.0.0.1:0", "--unix-socket", self.socket_path,
+                "--data-dir", os.path.join(tmp, "data"),
                 "--ping-interval", str(PING_INTERVAL), "--pong-timeout", str(PONG_TIMEOUT)]
         self.proc = subprocess.Popen(
             args, env={**os.environ, "RUST_LOG": "info"}, stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, errors="replace")
         self.lines = []
         self.port = None
+        self.stream = None  # the history's id, from the first welcome
         self.listening = threading.Event()
         self.drainer = threading.Thread(target=self._drain, daemon=True)
         self.drainer.start()
@@ -163,7 +165,7 @@ async def publish_unix(server, emergencies, texts, queued_to):
     check(len(replies) == len(texts), f"expected {len(texts)} reply lines, got {replies}")
     for text, reply in zip(texts, replies):
         seq = emergencies.add("unix", text)
-        want = f'{{"ok":true,"seq":{seq},"queued_to":{queued_to}}}'
+        want = f'{{"ok":true,"stream":"{server.stream}","seq":{seq},"queued_to":{queued_to}}}'
         check(reply == want, f"Unix publish of {text}: expected reply {want}, got {reply}")
 
 
@@ -172,7 +174,7 @@ async def publish_http(server, emergencies, text, queued_to):
         asyncio.to_thread(http_request, server.port, "POST", "/emergencias", text.encode()),
         "the HTTP publish response")
     seq = emergencies.add("http", text)
-    want = f'{{"ok":true,"seq":{seq},"queued_to":{queued_to}}}'
+    want = f'{{"ok":true,"stream":"{server.stream}","seq":{seq},"queued_to":{queued_to}}}'
     check(status == 202, f"POST /emergencias: expected 202, got {status} {body}")
     check(content_type == "application/json", f"POST /emergencias: Content-Type {content_type}")
     check(body == want, f"POST /emergencias: expected body {want}, got {body}")
@@ -201,6 +203,10 @@ async def open_client(server, query, seq, history, replay):
     check(welcome.get("pong_timeout_ms") == round(PONG_TIMEOUT * 1000), f"pong_timeout_ms: {welcome}")
     client_id = welcome.get("client_id")
     check(isinstance(client_id, int) and client_id >= 1, f"welcome client_id: {welcome}")
+    stream = welcome.get("stream")
+    check(isinstance(stream, str) and stream, f"welcome stream: {welcome}")
+    check(server.stream in (None, stream), f"the stream changed within one run: {welcome}")
+    server.stream = stream
     return ws, client_id
 
 
@@ -247,7 +253,7 @@ async def check_resume(server, emergencies, first, first_id, since):
     """A second client with ?since= gets the missed events oldest first, then live ones."""
     last = len(emergencies.published)
     history = {"first_seq": 1, "last_seq": last, "count": last}
-    replay = {"since": since, "count": last - since, "missed": 0, "reset": False}
+    replay = {"since": since, "count": last - since, "missed": 0, "reset": False, "stream_changed": False}
     second, second_id = await open_client(server, f"?since={since}", last, history, replay)
     check(second_id > first_id, f"client ids: second {second_id} after first {first_id}")
     for seq in range(since + 1, last + 1):

@@ -1,0 +1,232 @@
+//! Durable history: what was acknowledged survives `kill -9` with the same seq and data, the
+//! sequence goes on after a restart, resuming clients get exactly what they missed, retention
+//! holds on disk, and a wiped or broken data dir is never a silent gap.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::{Server, TempDir, spawn_raw, wait_until};
+
+/// Publishes over the Unix socket in batches of `batch` lines until the server goes away,
+/// recording every acknowledged (seq, data).
+fn publish_until_gone(socket: std::path::PathBuf, batch: usize, acked: Arc<Mutex<BTreeMap<u64, String>>>) {
+    let Ok(stream) = UnixStream::connect(&socket) else { return };
+    let mut writer = stream.try_clone().unwrap();
+    let mut replies = BufReader::new(stream);
+    for round in 0.. {
+        let lines: Vec<String> = (0..batch)
+            .map(|i| format!(r#"{{"round":{round}, "line":{i},"text":"calle {round}-{i}"}}"#))
+            .collect();
+        if writer.write_all(lines.iter().map(|l| format!("{l}\n")).collect::<String>().as_bytes()).is_err() {
+            return;
+        }
+        for line in lines {
+            let mut reply = String::new();
+            if replies.read_line(&mut reply).unwrap_or(0) == 0 {
+                return;
+            }
+            let reply: serde_json::Value = serde_json::from_str(&reply).unwrap();
+            if reply["ok"] == true {
+                acked.lock().unwrap().insert(reply["seq"].as_u64().unwrap(), line);
+            }
+        }
+    }
+}
+
+#[test]
+fn kill_9_during_a_burst_loses_nothing_that_was_acknowledged() {
+    let server = Server::start(&[]);
+    let stream_id = server.health()["stream"].as_str().unwrap().to_owned();
+    let acked = Arc::new(Mutex::new(BTreeMap::new()));
+    let publishers: Vec<_> = (0..3)
+        .map(|n| {
+            let (socket, acked) = (server.unix_socket.clone(), Arc::clone(&acked));
+            std::thread::spawn(move || publish_until_gone(socket, 1 + n * 7, acked))
+        })
+        .collect();
+    wait_until("300 acknowledged emergencies", || acked.lock().unwrap().len() >= 300);
+    let dir = server.kill9();
+    for publisher in publishers {
+        publisher.join().unwrap();
+    }
+    let acked = acked.lock().unwrap().clone();
+
+    let server = Server::start_in(dir, &["--max-poll-bytes", "16777216"]);
+    let health = server.health();
+    assert_eq!(health["stream"], stream_id.as_str());
+    let stored = server.poll_all();
+    let seqs: Vec<u64> = stored.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
+    let last = *seqs.last().unwrap();
+    assert_eq!(
+        seqs,
+        (1..=last).collect::<Vec<_>>(),
+        "seqs on disk are not 1..={last} without gaps or repeats"
+    );
+    assert_eq!(health["seq"], last);
+    for (seq, data) in &acked {
+        let event = &stored[*seq as usize - 1];
+        let raw = serde_json::to_string(&event["data"]).unwrap();
+        assert_eq!(
+            serde_json::from_str::<serde_json::Value>(data).unwrap(),
+            event["data"],
+            "seq {seq}: {raw}"
+        );
+    }
+    // The bytes too: the stored envelope carries the data verbatim.
+    let (seq, data) = acked.iter().next_back().unwrap();
+    let page = server.get(&format!("/emergencias?since={}", seq - 1)).body;
+    assert!(page.contains(&format!(r#","data":{data}}}"#)), "{page}");
+    // The sequence goes on.
+    assert_eq!(server.unix().publish("{}"), last + 1);
+    println!("{} acknowledged before kill -9, {last} on disk", acked.len());
+}
+
+#[test]
+fn a_client_resuming_after_a_restart_gets_exactly_what_it_missed() {
+    let server = Server::start(&[]);
+    let (mut client, welcome) = server.subscribe();
+    let stream = welcome["stream"].as_str().unwrap().to_owned();
+    let mut unix = server.unix();
+    for n in 1..=5 {
+        unix.publish(&format!(r#"{{"n":{n}}}"#));
+        client.recv_emergency(n);
+    }
+    drop(client);
+    for n in 6..=8 {
+        unix.publish(&format!(r#"{{"n":{n}}}"#));
+    }
+    drop(unix);
+    let dir = server.kill9();
+
+    let server = Server::start_in(dir, &[]);
+    let mut client = server.ws(&format!("/ws/emergencias?since=5&stream={stream}"));
+    let welcome = client.recv_json();
+    assert_eq!(welcome["stream"], stream.as_str());
+    assert_eq!(
+        welcome["replay"],
+        serde_json::json!({"since": 5, "count": 3, "missed": 0, "reset": false, "stream_changed": false})
+    );
+    for n in 6..=8 {
+        assert_eq!(client.recv_emergency(n)["data"]["n"], n);
+    }
+    assert_eq!(server.unix().publish(r#"{"n":9}"#), 9);
+    client.recv_emergency(9);
+}
+
+#[test]
+fn retention_by_count_holds_on_disk_across_restarts() {
+    let server = Server::start(&["--history", "5"]);
+    let mut unix = server.unix();
+    for n in 1..=12 {
+        unix.publish(&format!(r#"{{"n":{n}}}"#));
+    }
+    drop(unix);
+    let dir = server.stop();
+
+    let server = Server::start_in(dir, &["--history", "5"]);
+    let seqs: Vec<u64> = server.poll_all().iter().map(|e| e["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, [8, 9, 10, 11, 12]);
+    let mut client = server.ws("/ws/emergencias?since=3");
+    let welcome = client.recv_json();
+    assert_eq!(welcome["history"], serde_json::json!({"first_seq": 8, "last_seq": 12, "count": 5}));
+    assert_eq!(welcome["replay"]["missed"], 4);
+    for seq in 8..=12 {
+        client.recv_emergency(seq);
+    }
+    assert_eq!(server.unix().publish("{}"), 13);
+    // The database holds no more than the limit either.
+    let dir = server.stop();
+    let count = sqlite_count(&dir);
+    assert_eq!(count, 5);
+}
+
+/// Rows in the emergencies table, read with SQLite itself.
+fn sqlite_count(dir: &TempDir) -> i64 {
+    let db = rusqlite::Connection::open(dir.path().join("data/history.sqlite3")).unwrap();
+    db.query_row("SELECT COUNT(*) FROM emergencies", [], |row| row.get(0)).unwrap()
+}
+
+#[test]
+fn retention_by_age_empties_the_history_but_keeps_the_sequence() {
+    let server = Server::start(&["--history-max-age", "1"]);
+    let mut unix = server.unix();
+    unix.publish("{}");
+    unix.publish("{}");
+    drop(unix);
+    let dir = server.stop();
+    // The history's age limit is what is under test: let it pass.
+    std::thread::sleep(Duration::from_millis(1100));
+    let server = Server::start_in(dir, &["--history-max-age", "1"]);
+    let health = server.health();
+    assert_eq!(health["history"]["count"], 0);
+    assert_eq!(health["seq"], 2);
+    assert_eq!(server.unix().publish("{}"), 3);
+}
+
+#[test]
+fn a_wiped_data_dir_is_a_new_history_and_resuming_clients_are_told() {
+    let server = Server::start(&[]);
+    let mut unix = server.unix();
+    for _ in 0..3 {
+        unix.publish("{}");
+    }
+    drop(unix);
+    let old_stream = server.health()["stream"].as_str().unwrap().to_owned();
+    let dir = server.stop();
+    std::fs::remove_dir_all(dir.path().join("data")).unwrap();
+
+    let server = Server::start_in(dir, &[]);
+    let new_stream = server.health()["stream"].as_str().unwrap().to_owned();
+    assert_ne!(new_stream, old_stream);
+    server.unix().publish(r#"{"after":"wipe"}"#);
+    // The client's seq 3 belongs to the old history: it gets everything from the start.
+    let mut client = server.ws(&format!("/ws/emergencias?since=3&stream={old_stream}"));
+    let welcome = client.recv_json();
+    assert_eq!(welcome["replay"]["stream_changed"], true);
+    assert_eq!(welcome["replay"]["count"], 1);
+    assert_eq!(client.recv_emergency(1)["data"]["after"], "wipe");
+}
+
+#[test]
+fn a_corrupt_or_unusable_data_dir_fails_at_start_with_a_clear_error() {
+    let dir = TempDir::new();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::write(data.join("history.sqlite3"), vec![0x5a; 8192]).unwrap();
+    let (mut child, logs) = spawn_raw(&["--listen", "127.0.0.1:0", "--data-dir", data.to_str().unwrap()]);
+    assert!(!child.wait().unwrap().success());
+    wait_until("the error", || logs.lock().unwrap().contains("is unusable"));
+    assert_eq!(
+        std::fs::read(data.join("history.sqlite3")).unwrap(),
+        vec![0x5a; 8192],
+        "the file was touched"
+    );
+
+    let file = dir.path().join("not-a-dir");
+    std::fs::write(&file, "x").unwrap();
+    let (mut child, logs) = spawn_raw(&["--listen", "127.0.0.1:0", "--data-dir", file.to_str().unwrap()]);
+    assert!(!child.wait().unwrap().success());
+    wait_until("the error", || logs.lock().unwrap().contains("cannot create data dir"));
+}
+
+#[test]
+fn two_servers_cannot_share_a_data_dir() {
+    let first = Server::start(&[]);
+    let data = first.dir.path().join("data");
+    let (mut second, logs) = spawn_raw(&["--listen", "127.0.0.1:0", "--data-dir", data.to_str().unwrap()]);
+    assert!(!second.wait().unwrap().success());
+    wait_until("the error", || logs.lock().unwrap().contains("in use by another resq-push"));
+    assert_eq!(first.unix().publish("{}"), 1);
+}
+
+#[test]
+fn in_memory_mode_says_it_is_not_durable() {
+    let server = Server::start(&["--in-memory"]);
+    server.wait_for_log("the history is NOT durable");
+    assert_eq!(server.unix().publish("{}"), 1);
+}
