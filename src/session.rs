@@ -48,55 +48,14 @@ pub async fn serve(
     slot: SlotGuard,
 ) {
     let config = &shared.config;
-    let accept_key = match check_upgrade(&request) {
-        Ok(key) => key,
-        Err(response) => {
-            warn!("refused WebSocket upgrade from {peer}: {}", response.body);
-            return connection.respond_and_close(response, config.write_timeout).await;
-        }
-    };
-    if let Some(origin) = request.header("origin")
-        && !shared.access.borrow().origin_allowed(origin)
-    {
-        warn!("refused WebSocket client {peer}: origin {origin:?} not in --allowed-origin");
-        let response = Response::json(403, error_json("origin not allowed"));
-        return connection.respond_and_close(response, config.write_timeout).await;
-    }
-    let authorized = routes::authorize(
-        shared.access.borrow().subscribe.as_ref(),
-        &request,
-        true,
-        "WebSocket client",
-        peer,
-    );
-    let identity = match authorized {
-        Ok(identity) => identity,
-        Err(response) => return connection.respond_and_close(response, config.write_timeout).await,
-    };
-    let name = identity.as_ref().map(|identity| format!(" ({})", identity.name)).unwrap_or_default();
-    let resume = match routes::parse_resume(&request, peer) {
-        Ok(resume) => resume,
-        Err(response) => return connection.respond_and_close(response, config.write_timeout).await,
-    };
-    let subscription = match Hub::subscribe(&shared.hub, peer, identity, resume.as_ref()) {
-        Ok(subscription) => subscription,
-        Err(refusal) => {
-            let reason = match refusal {
-                Refusal::Full => "too many clients (--max-clients)",
-                Refusal::ShuttingDown => "server shutting down",
-            };
-            warn!("refused WebSocket client {peer}: {reason}");
-            if refusal == Refusal::Full {
-                shared.metrics.count("resq_push_connections_refused_total", "max_clients");
-            }
-            let response = Response::json(503, error_json(reason)).with_header("Retry-After", "5");
-            return connection.respond_and_close(response, config.write_timeout).await;
-        }
+    let admitted = match admit(&shared, &request, peer) {
+        Ok(admitted) => admitted,
+        Err(refusal) => return connection.respond_and_close(refusal, config.write_timeout).await,
     };
     let switching = Response::json(101, String::new())
         .with_header("Upgrade", "websocket")
         .with_header("Connection", "Upgrade")
-        .with_header("Sec-WebSocket-Accept", accept_key);
+        .with_header("Sec-WebSocket-Accept", admitted.accept_key);
     if connection.respond(&switching, Instant::now() + config.write_timeout).await.is_err() {
         return;
     }
@@ -110,13 +69,13 @@ pub async fn serve(
     )
     .await;
 
-    let client_id = subscription.client_id;
-    match resume.map(|resume| resume.since) {
+    let (client_id, name) = (admitted.subscription.client_id, admitted.name);
+    match admitted.since {
         Some(since) => info!("client {client_id}{name} connected from {peer}, resuming after seq {since}"),
         None => info!("client {client_id}{name} connected from {peer}"),
     }
     let started = Instant::now();
-    let mut session = Session { ws, config, subscription, events_sent: 0 };
+    let mut session = Session { ws, config, subscription: admitted.subscription, events_sent: 0 };
     let end = session.run().await;
     let summary = format!(
         "client {client_id}{name} ({peer}) disconnected after {:.0?}, {} events sent: {end}",
@@ -131,6 +90,50 @@ pub async fn serve(
         }
         None => info!("{summary}"),
     }
+}
+
+/// A client that passed every check and is registered with the hub.
+struct Admitted {
+    accept_key: String,
+    /// ` (token name)` for log lines, or nothing.
+    name: String,
+    since: Option<u64>,
+    subscription: Subscription,
+}
+
+/// Everything that can refuse a client with a plain HTTP status, before the 101: the upgrade
+/// headers, the origin, the token, `since`, and room in the hub (which then registers it).
+fn admit(shared: &Shared, request: &Request, peer: SocketAddr) -> Result<Admitted, Response> {
+    let accept_key = check_upgrade(request).inspect_err(|refusal| {
+        warn!("refused WebSocket upgrade from {peer}: {}", refusal.body);
+    })?;
+    if let Some(origin) = request.header("origin")
+        && !shared.access.borrow().origin_allowed(origin)
+    {
+        warn!("refused WebSocket client {peer}: origin {origin:?} not in --allowed-origin");
+        return Err(Response::json(403, error_json("origin not allowed")));
+    }
+    let identity = routes::authorize(
+        shared.access.borrow().subscribe.as_ref(),
+        request,
+        true,
+        "WebSocket client",
+        peer,
+    )?;
+    let name = identity.as_ref().map(|identity| format!(" ({})", identity.name)).unwrap_or_default();
+    let resume = routes::parse_resume(request, peer)?;
+    let subscription = Hub::subscribe(&shared.hub, peer, identity, resume.as_ref()).map_err(|refusal| {
+        let reason = match refusal {
+            Refusal::Full => "too many clients (--max-clients)",
+            Refusal::ShuttingDown => "server shutting down",
+        };
+        warn!("refused WebSocket client {peer}: {reason}");
+        if refusal == Refusal::Full {
+            shared.metrics.count("resq_push_connections_refused_total", "max_clients");
+        }
+        Response::json(503, error_json(reason)).with_header("Retry-After", "5")
+    })?;
+    Ok(Admitted { accept_key, name, since: resume.map(|resume| resume.since), subscription })
 }
 
 /// Settings for clients that send almost nothing: a small read buffer and small message limits.
