@@ -11,6 +11,9 @@ use argh::FromArgs;
 
 /// Default address for HTTP and WebSocket clients: the port the old backend used.
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:8000";
+/// Default connections the kernel queues before the server accepts them: a site's tablets all
+/// reconnecting at once after a Wi-Fi outage must not overflow it.
+pub const DEFAULT_LISTEN_BACKLOG: u32 = 1024;
 /// Default seconds between server WebSocket pings.
 pub const DEFAULT_PING_INTERVAL_SECS: f64 = 30.0;
 /// Default seconds a client has to answer a ping (with anything) before it is dropped.
@@ -36,7 +39,7 @@ pub const DEFAULT_HEADER_TIMEOUT_SECS: f64 = 10.0;
 /// Default seconds a write to a client may take before the client is dropped.
 pub const DEFAULT_WRITE_TIMEOUT_SECS: f64 = 10.0;
 /// Default events queued per WebSocket client before it counts as too slow and is dropped.
-pub const DEFAULT_QUEUE: usize = 64;
+pub const DEFAULT_QUEUE: usize = 16;
 /// Default connected WebSocket clients.
 pub const DEFAULT_MAX_CLIENTS: usize = 1000;
 /// Default HTTP connections that are not (yet) WebSocket clients, including those mid-head.
@@ -53,6 +56,11 @@ pub struct Config {
     /// address for HTTP and WebSocket clients (default 0.0.0.0:8000)
     #[argh(option, default = "default_listen()")]
     pub listen: SocketAddr,
+
+    /// connections the kernel queues before they are accepted (default 1024; the kernel caps it at
+    /// net.core.somaxconn)
+    #[argh(option, default = "DEFAULT_LISTEN_BACKLOG")]
+    pub listen_backlog: u32,
 
     /// unix socket for newline-delimited JSON publishing (default: none)
     #[argh(option)]
@@ -106,7 +114,7 @@ pub struct Config {
     #[argh(option, default = "secs(DEFAULT_WRITE_TIMEOUT_SECS)", from_str_fn(parse_seconds))]
     pub write_timeout: Duration,
 
-    /// events queued per WebSocket client; a client this far behind is dropped (default 64)
+    /// events queued per WebSocket client; a client this far behind is dropped (default 16)
     #[argh(option, default = "DEFAULT_QUEUE")]
     pub queue: usize,
 
@@ -143,6 +151,13 @@ pub struct Config {
 }
 
 impl Config {
+    /// How many emergencies an ingest path publishes before it yields to the sessions. Half a
+    /// queue: a client that writes whenever it is woken never falls `--queue` behind, and a burst
+    /// reaches each client in one write of several frames instead of one write per frame.
+    pub fn publish_burst(&self) -> usize {
+        (self.queue / 2).max(1)
+    }
+
     /// Checks the values together; the error names the flag to fix.
     pub fn validate(&self) -> Result<(), String> {
         let positive_counts = [

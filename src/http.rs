@@ -12,6 +12,9 @@ use smol::net::TcpStream;
 use crate::deadline::{self, TimedOut};
 use crate::metrics::Metrics;
 
+/// Bytes read at a time while waiting for a request head, and for a body.
+const HEAD_CHUNK: usize = 1024;
+const BODY_CHUNK: usize = 4096;
 /// Most headers a request may have; more get `431`.
 pub const MAX_HEADERS: usize = 32;
 /// How much of an unread request body is discarded, at most, before closing after an error,
@@ -136,8 +139,8 @@ impl HttpConnection {
                 return Ok((request, deadline));
             }
             let was_idle = self.buffered.is_empty();
-            let mut chunk = [0u8; 2048];
-            let read = deadline::before(deadline, self.stream.read(&mut chunk))
+            let read = self
+                .read_more(HEAD_CHUNK, deadline)
                 .await
                 .map_err(|TimedOut| HeadError::TimedOut)?
                 .map_err(HeadError::Io)?;
@@ -147,8 +150,22 @@ impl HttpConnection {
             if was_idle {
                 deadline = Instant::now() + timeout;
             }
-            self.buffered.extend_from_slice(&chunk[..read]);
         }
+    }
+
+    /// Reads at most `at_most` bytes onto the end of `buffered`. Reading straight into the heap
+    /// buffer keeps the connection's future small: a stack array would live in every
+    /// connection's task for as long as the connection does.
+    async fn read_more(&mut self, at_most: usize, deadline: Instant) -> Result<io::Result<usize>, TimedOut> {
+        let start = self.buffered.len();
+        self.buffered.resize(start + at_most, 0);
+        let read = deadline::before(deadline, self.stream.read(&mut self.buffered[start..])).await;
+        let filled = match &read {
+            Ok(Ok(n)) => *n,
+            _ => 0,
+        };
+        self.buffered.truncate(start + filled);
+        read
     }
 
     fn parse_buffered_head(&mut self, max_bytes: usize) -> Result<Option<Request>, HeadError> {
@@ -162,16 +179,15 @@ impl HttpConnection {
     /// Reads a body of exactly `len` bytes (already checked against the limit) by `deadline`.
     pub async fn read_body(&mut self, len: usize, deadline: Instant) -> Result<Vec<u8>, BodyError> {
         while self.buffered.len() < len {
-            let mut chunk = [0u8; 4096];
-            let wanted = (len - self.buffered.len()).min(chunk.len());
-            let read = deadline::before(deadline, self.stream.read(&mut chunk[..wanted]))
+            let wanted = (len - self.buffered.len()).min(BODY_CHUNK);
+            let read = self
+                .read_more(wanted, deadline)
                 .await
                 .map_err(|TimedOut| BodyError::TimedOut)?
                 .map_err(|_| BodyError::Incomplete)?;
             if read == 0 {
                 return Err(BodyError::Incomplete);
             }
-            self.buffered.extend_from_slice(&chunk[..read]);
         }
         let rest = self.buffered.split_off(len);
         Ok(std::mem::replace(&mut self.buffered, rest))
@@ -196,9 +212,9 @@ impl HttpConnection {
         let _ = self.stream.shutdown(Shutdown::Write);
         let linger_until = Instant::now() + LINGER_TIME;
         let mut discarded = 0;
-        let mut chunk = [0u8; 4096];
         while discarded < LINGER_BYTES {
-            match deadline::before(linger_until, self.stream.read(&mut chunk)).await {
+            self.buffered.clear();
+            match self.read_more(BODY_CHUNK, linger_until).await {
                 Ok(Ok(read)) if read > 0 => discarded += read,
                 _ => break,
             }

@@ -11,6 +11,7 @@ use resq_push::journal::{self, Retention, Storage};
 use resq_push::server::Control;
 use resq_push::{logger, server, unix_ingest};
 use smol::stream::StreamExt;
+use socket2::{Domain, Protocol, Socket, Type};
 
 fn main() -> ExitCode {
     let config: Config = argh::from_env();
@@ -36,8 +37,8 @@ fn start(config: Config) -> Result<(), String> {
     )?;
     let signals = Signals::new([Signal::Term, Signal::Int, Signal::Hup])
         .map_err(|e| format!("cannot install signal handlers: {e}"))?;
-    let tcp =
-        TcpListener::bind(config.listen).map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
+    let tcp = listen(config.listen, config.listen_backlog)
+        .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
     let local_addr = tcp.local_addr().map_err(|e| e.to_string())?;
     let unix = config.unix_socket.as_deref().map(unix_ingest::bind).transpose().map_err(|e| e.to_string())?;
     let storage = open_storage(&config)?;
@@ -79,6 +80,15 @@ fn open_storage(config: &Config) -> Result<Storage, String> {
         loaded.retained.len()
     );
     Ok(Storage::Durable { journal, loaded, committed })
+}
+
+/// Binds the TCP listener with a listen backlog of our choosing (std's is fixed at 128).
+fn listen(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(backlog.min(i32::MAX as u32) as i32)?;
+    Ok(socket.into())
 }
 
 /// Warns at start when the server can be reached from the network without tokens.

@@ -47,32 +47,37 @@ pub async fn serve_connection(shared: Rc<Shared>, stream: TcpStream, peer: Socke
         let idle_until = Instant::now() + config.header_timeout;
         // Waiting for a request, the connection may be evicted to make room for a newer one.
         slot.set_idle(true);
-        let head = future::or(
+        let head = Box::pin(future::or(
             connection.read_head(config.max_head_bytes, idle_until, config.header_timeout),
             async {
                 future::or(shared.stopping(), slot.evicted()).await;
                 Err(HeadError::Closed)
             },
-        )
+        ))
         .await;
         slot.set_idle(false);
         let (request, deadline) = match head {
             Ok(head) => head,
-            Err(error) => return answer_bad_head(connection, error, peer, &shared).await,
+            Err(error) => return Box::pin(answer_bad_head(connection, error, peer, &shared)).await,
         };
         debug!("{peer} {} {}", request.method, request.path);
         let keep_alive = request.keep_alive();
         let body_left_unread = declares_body(&request) && !is_publish(&request);
-        match handle(&shared, &mut connection, request, peer, deadline).await {
+        // The futures of handling a request and of a WebSocket session are boxed: the task's own
+        // allocation lasts as long as the connection, so it must hold only what every state needs.
+        match Box::pin(handle(&shared, &mut connection, request, peer, deadline)).await {
             Outcome::Upgrade(request) => {
-                return session::serve(shared, connection, request, peer, slot).await;
+                return Box::pin(session::serve(shared, connection, request, peer, slot)).await;
             }
             Outcome::Reply(mut response) => {
                 response.keep_alive &= keep_alive && !body_left_unread;
                 if !response.keep_alive {
-                    return connection.respond_and_close(response, config.write_timeout).await;
+                    return Box::pin(connection.respond_and_close(response, config.write_timeout)).await;
                 }
-                if connection.respond(&response, Instant::now() + config.write_timeout).await.is_err() {
+                if Box::pin(connection.respond(&response, Instant::now() + config.write_timeout))
+                    .await
+                    .is_err()
+                {
                     return;
                 }
             }

@@ -138,11 +138,14 @@ pub fn serve(
 /// Hands what the journal committed to the hub, in seq order, and answers each publisher.
 async fn deliver_committed(shared: Rc<Shared>, committed: Receiver<Committed>) {
     while let Ok(Committed(batch)) = committed.recv().await {
-        for (stored, reply) in batch {
+        for (index, (stored, reply)) in batch.into_iter().enumerate() {
             let receipt = shared.hub.borrow_mut().deliver(stored);
             let _ = reply.try_send(Ok(receipt));
+            // Let the sessions this woke write before more is queued to them.
+            if (index + 1) % shared.config.publish_burst() == 0 {
+                future::yield_now().await;
+            }
         }
-        // A large batch woke many sessions: let them write.
         future::yield_now().await;
     }
 }
@@ -224,6 +227,9 @@ async fn accept_tcp(
                 let _ = stream.set_nodelay(true);
                 let connection = routes::serve_connection(Rc::clone(shared), stream, peer, slot);
                 spawn_connection(executor, &task_token, connection);
+                // Let the new connection read its request before the next is accepted: in a
+                // reconnect storm this keeps connections from piling up unread.
+                future::yield_now().await;
             }
             Err(error) => back_off_after_accept_error("TCP", error, &errors).await,
         }

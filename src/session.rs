@@ -7,7 +7,9 @@
 
 use std::fmt;
 use std::net::SocketAddr;
+use std::pin::pin;
 use std::rc::Rc;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use async_tungstenite::WebSocketStream;
@@ -31,6 +33,9 @@ use crate::routes;
 use crate::server::Shared;
 use crate::slots::SlotGuard;
 
+/// Initial read buffer per client. Clients send pongs and pings of a few bytes; tungstenite
+/// grows the buffer for a larger message, up to `--max-client-message-bytes`.
+const READ_BUFFER_BYTES: usize = 256;
 /// Bytes of events written to a client before one flush, when its queue holds several.
 const WRITE_BATCH_BYTES: usize = 64 * 1024;
 /// How long a client gets to answer our Close before the connection is dropped anyway.
@@ -61,9 +66,13 @@ pub async fn serve(
     }
     // From here on the hub counts this connection, under --max-clients.
     drop(slot);
+    // What the client sent after its request head; shrunk, because tungstenite keeps this
+    // vector's allocation as its read buffer.
+    let mut early_frames = connection.buffered;
+    early_frames.shrink_to_fit();
     let ws = WebSocketStream::from_partially_read(
         connection.stream,
-        connection.buffered,
+        early_frames,
         Role::Server,
         Some(websocket_config(config)),
     )
@@ -74,6 +83,7 @@ pub async fn serve(
         Some(since) => info!("client {client_id}{name} connected from {peer}, resuming after seq {since}"),
         None => info!("client {client_id}{name} connected from {peer}"),
     }
+    drop(request);
     let started = Instant::now();
     let mut session = Session { ws, config, subscription: admitted.subscription, events_sent: 0 };
     let end = session.run().await;
@@ -140,7 +150,7 @@ fn admit(shared: &Shared, request: &Request, peer: SocketAddr) -> Result<Admitte
 fn websocket_config(config: &Config) -> WebSocketConfig {
     let largest_event = config.max_body_bytes + 1024;
     WebSocketConfig::default()
-        .read_buffer_size(config.max_client_message_bytes.min(4096))
+        .read_buffer_size(READ_BUFFER_BYTES)
         .write_buffer_size(WRITE_BATCH_BYTES)
         .max_write_buffer_size(WRITE_BATCH_BYTES + 2 * largest_event)
         .max_message_size(Some(config.max_client_message_bytes))
@@ -251,13 +261,28 @@ impl Session<'_> {
             let wake = {
                 let ws = &mut self.ws;
                 let events = &self.subscription.events;
-                future::or(
-                    async { Wake::Frame(ws.next().await) },
-                    future::or(async { Wake::Event(events.recv().await.ok()) }, async {
-                        (&mut timer).await;
-                        Wake::Timer
-                    }),
-                )
+                let mut frame = pin!(async { Wake::Frame(ws.next().await) });
+                let mut event = pin!(async { Wake::Event(events.recv().await.ok()) });
+                let mut tick = pin!(async {
+                    (&mut timer).await;
+                    Wake::Timer
+                });
+                // Every poll of the socket costs a read system call, so queued events go first;
+                // while a pong is awaited the client's frames go first, so that no burst of
+                // events can make a live client look dead.
+                let frames_first = ping_sent_at.is_some();
+                future::poll_fn(|cx| {
+                    if frames_first && let Poll::Ready(wake) = frame.as_mut().poll(cx) {
+                        return Poll::Ready(wake);
+                    }
+                    if let Poll::Ready(wake) = event.as_mut().poll(cx) {
+                        return Poll::Ready(wake);
+                    }
+                    if !frames_first && let Poll::Ready(wake) = frame.as_mut().poll(cx) {
+                        return Poll::Ready(wake);
+                    }
+                    tick.as_mut().poll(cx)
+                })
                 .await
             };
             let result = match wake {
@@ -397,7 +422,7 @@ impl Session<'_> {
             // After a read error tungstenite reads no more frames, so drain the socket directly.
             while let Some(Ok(_)) = self.ws.next().await {}
             let _ = self.ws.get_ref().shutdown(std::net::Shutdown::Write);
-            let mut discard = [0u8; 1024];
+            let mut discard = vec![0u8; 1024];
             for _ in 0..64 {
                 if !matches!(self.ws.get_mut().read(&mut discard).await, Ok(n) if n > 0) {
                     break;
