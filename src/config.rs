@@ -43,7 +43,7 @@ pub const DEFAULT_QUEUE: usize = 16;
 /// Default connected WebSocket clients.
 pub const DEFAULT_MAX_CLIENTS: usize = 1000;
 /// Default HTTP connections that are not (yet) WebSocket clients, including those mid-head.
-pub const DEFAULT_MAX_HTTP_CONNECTIONS: usize = 128;
+pub const DEFAULT_MAX_HTTP_CONNECTIONS: usize = 1024;
 /// Default simultaneous Unix-socket publisher connections.
 pub const DEFAULT_MAX_UNIX_CONNECTIONS: usize = 32;
 /// Default largest message a WebSocket client may send (clients send only pings, and later acks).
@@ -122,7 +122,7 @@ pub struct Config {
     #[argh(option, default = "DEFAULT_MAX_CLIENTS")]
     pub max_clients: usize,
 
-    /// open HTTP connections that are not WebSocket clients (default 128)
+    /// open HTTP connections that are not WebSocket clients (default 1024)
     #[argh(option, default = "DEFAULT_MAX_HTTP_CONNECTIONS")]
     pub max_http_connections: usize,
 
