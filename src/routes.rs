@@ -38,47 +38,67 @@ enum Outcome {
     Upgrade(Request),
 }
 
-/// Serves requests on one connection until it closes or upgrades. `slot` counts it against
-/// `--max-http-connections` until then.
+/// A connection whose request asked for `/ws/emergencias`, handed over to `session::serve`.
+pub struct Upgrade {
+    pub connection: HttpConnection,
+    pub request: Request,
+    /// Still counts against `--max-http-connections` until the upgrade is answered.
+    pub slot: SlotGuard,
+}
+
+/// Serves one connection: its HTTP requests, then its WebSocket session if it asks for one.
+/// Each phase is boxed, so the task's own allocation, which lives as long as the connection,
+/// holds neither: the HTTP phase's memory is gone once the client is a WebSocket client.
 pub async fn serve_connection(shared: Rc<Shared>, stream: TcpStream, peer: SocketAddr, slot: SlotGuard) {
+    let upgrade = Box::pin(serve_requests(&shared, stream, peer, slot)).await;
+    if let Some(Upgrade { connection, request, slot }) = upgrade {
+        Box::pin(session::serve(shared, connection, request, peer, slot)).await;
+    }
+}
+
+/// Serves requests until the connection closes, or returns it when it asks for an upgrade.
+/// `slot` counts it against `--max-http-connections` until then.
+async fn serve_requests(
+    shared: &Shared,
+    stream: TcpStream,
+    peer: SocketAddr,
+    slot: SlotGuard,
+) -> Option<Upgrade> {
     let config = &shared.config;
     let mut connection = HttpConnection::new(stream, Rc::clone(&shared.metrics));
     loop {
         let idle_until = Instant::now() + config.header_timeout;
         // Waiting for a request, the connection may be evicted to make room for a newer one.
         slot.set_idle(true);
-        let head = Box::pin(future::or(
+        let head = future::or(
             connection.read_head(config.max_head_bytes, idle_until, config.header_timeout),
             async {
                 future::or(shared.stopping(), slot.evicted()).await;
                 Err(HeadError::Closed)
             },
-        ))
+        )
         .await;
         slot.set_idle(false);
         let (request, deadline) = match head {
             Ok(head) => head,
-            Err(error) => return Box::pin(answer_bad_head(connection, error, peer, &shared)).await,
+            Err(error) => {
+                answer_bad_head(connection, error, peer, shared).await;
+                return None;
+            }
         };
         debug!("{peer} {} {}", request.method, request.path);
         let keep_alive = request.keep_alive();
         let body_left_unread = declares_body(&request) && !is_publish(&request);
-        // The futures of handling a request and of a WebSocket session are boxed: the task's own
-        // allocation lasts as long as the connection, so it must hold only what every state needs.
-        match Box::pin(handle(&shared, &mut connection, request, peer, deadline)).await {
-            Outcome::Upgrade(request) => {
-                return Box::pin(session::serve(shared, connection, request, peer, slot)).await;
-            }
+        match handle(shared, &mut connection, request, peer, deadline).await {
+            Outcome::Upgrade(request) => return Some(Upgrade { connection, request, slot }),
             Outcome::Reply(mut response) => {
                 response.keep_alive &= keep_alive && !body_left_unread;
                 if !response.keep_alive {
-                    return Box::pin(connection.respond_and_close(response, config.write_timeout)).await;
+                    connection.respond_and_close(response, config.write_timeout).await;
+                    return None;
                 }
-                if Box::pin(connection.respond(&response, Instant::now() + config.write_timeout))
-                    .await
-                    .is_err()
-                {
-                    return;
+                if connection.respond(&response, Instant::now() + config.write_timeout).await.is_err() {
+                    return None;
                 }
             }
         }

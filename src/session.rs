@@ -251,7 +251,9 @@ struct Session<'a> {
 
 impl Session<'_> {
     async fn run(&mut self) -> SessionEnd {
-        if let Err(end) = self.send_welcome_and_replay().await {
+        // Paths taken once or rarely are boxed: this future lives as long as the client, and
+        // inline it would be as large as its largest path.
+        if let Err(end) = Box::pin(self.send_welcome_and_replay()).await {
             return end;
         }
         let mut timer = Timer::at(Instant::now() + self.config.ping_interval);
@@ -290,23 +292,23 @@ impl Session<'_> {
                     if let Some(sent_at) = ping_sent_at.take() {
                         timer.set_at(sent_at + self.config.ping_interval);
                     }
-                    let handled = self.handle_frame(frame).await;
+                    let handled = Box::pin(self.handle_frame(frame)).await;
                     // A client flooding frames must not monopolize the thread: frames already
                     // buffered are read without ever returning Pending.
                     future::yield_now().await;
                     handled
                 }
                 Wake::Event(Some(event)) => self.send_events(event).await,
-                Wake::Event(None) => Err(self.say_farewell().await),
+                Wake::Event(None) => Err(Box::pin(self.say_farewell()).await),
                 Wake::Timer if ping_sent_at.is_some() => {
-                    self.close(CloseCode::Policy, "no pong within pong_timeout").await;
+                    Box::pin(self.close(CloseCode::Policy, "no pong within pong_timeout")).await;
                     Err(SessionEnd::PongTimeout)
                 }
                 Wake::Timer => {
                     let now = Instant::now();
                     ping_sent_at = Some(now);
                     timer.set_at(now + self.config.pong_timeout);
-                    self.write(Message::Ping(Bytes::new())).await
+                    Box::pin(self.write(Message::Ping(Bytes::new()))).await
                 }
             };
             if let Err(end) = result {
