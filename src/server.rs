@@ -25,7 +25,7 @@ use crate::hub::{Hub, HubLimits, SharedHub};
 use crate::journal::{self, Committed, Journal, Storage};
 use crate::metrics::Metrics;
 use crate::routes;
-use crate::slots::{Admission, ConnectionSlots};
+use crate::slots::{ConnectionSlots, HTTP_CONNECTIONS};
 use crate::unix_ingest::{self, BoundUnixSocket};
 
 /// How long shutdown waits for sessions to drain their queues and close.
@@ -204,25 +204,14 @@ async fn accept_tcp(
     listener: TcpListener,
     task_token: Sender<()>,
 ) {
-    let slots = ConnectionSlots::new(shared.config.max_http_connections);
-    let (refusals, evictions, errors) =
-        (WarningThrottle::default(), WarningThrottle::default(), WarningThrottle::default());
+    let slots = ConnectionSlots::new(shared.config.max_http_connections, HTTP_CONNECTIONS);
+    let errors = WarningThrottle::default();
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
-                let slot = match slots.try_take() {
-                    Admission::Granted(slot) => slot,
-                    Admission::GrantedByEviction(slot) => {
-                        evictions.note("--max-http-connections reached: closed the connection idle longest");
-                        shared.metrics.count("resq_push_connections_evicted_total", "max_http_connections");
-                        slot
-                    }
-                    Admission::Refused => {
-                        refusals.note("connection refused: --max-http-connections busy");
-                        shared.metrics.count("resq_push_connections_refused_total", "max_http_connections");
-                        refuse_busy(stream).await;
-                        continue;
-                    }
+                let Some(slot) = slots.admit(&shared.metrics) else {
+                    refuse_busy(stream).await;
+                    continue;
                 };
                 let _ = stream.set_nodelay(true);
                 let connection = routes::serve_connection(Rc::clone(shared), stream, peer, slot);

@@ -12,10 +12,30 @@ use std::time::Instant;
 use async_channel::{Receiver, Sender};
 use slab::Slab;
 
+use crate::metrics::Metrics;
+use crate::server::WarningThrottle;
+
+/// Which cap a set of slots enforces, as log lines and metrics name it.
+#[derive(Debug)]
+pub struct Limit {
+    pub flag: &'static str,
+    pub metric_label: &'static str,
+    /// What a connection is called in log lines.
+    pub what: &'static str,
+}
+
+pub const HTTP_CONNECTIONS: Limit =
+    Limit { flag: "--max-http-connections", metric_label: "max_http_connections", what: "connection" };
+pub const UNIX_CONNECTIONS: Limit =
+    Limit { flag: "--max-unix-connections", metric_label: "max_unix_connections", what: "publisher" };
+
 pub struct ConnectionSlots {
     entries: RefCell<Slab<Slot>>,
     max: usize,
     next_id: Cell<u64>,
+    limit: Limit,
+    evictions: WarningThrottle,
+    refusals: WarningThrottle,
 }
 
 struct Slot {
@@ -36,7 +56,7 @@ pub struct SlotGuard {
 }
 
 /// How a slot was obtained.
-pub enum Admission {
+enum Admission {
     Granted(SlotGuard),
     /// Granted after evicting the connection idle the longest.
     GrantedByEviction(SlotGuard),
@@ -45,11 +65,37 @@ pub enum Admission {
 }
 
 impl ConnectionSlots {
-    pub fn new(max: usize) -> Rc<Self> {
-        Rc::new(ConnectionSlots { entries: RefCell::new(Slab::new()), max, next_id: Cell::new(0) })
+    pub fn new(max: usize, limit: Limit) -> Rc<Self> {
+        Rc::new(ConnectionSlots {
+            entries: RefCell::new(Slab::new()),
+            max,
+            next_id: Cell::new(0),
+            limit,
+            evictions: WarningThrottle::default(),
+            refusals: WarningThrottle::default(),
+        })
     }
 
-    pub fn try_take(self: &Rc<Self>) -> Admission {
+    /// Takes a slot for a new connection, logging and counting an eviction it causes; `None`
+    /// (logged and counted too) when every slot is busy and the caller must refuse.
+    pub fn admit(self: &Rc<Self>, metrics: &Metrics) -> Option<SlotGuard> {
+        let Limit { flag, metric_label, what } = self.limit;
+        match self.try_take() {
+            Admission::Granted(slot) => Some(slot),
+            Admission::GrantedByEviction(slot) => {
+                self.evictions.note(&format!("{flag} reached: closed the {what} idle longest"));
+                metrics.count("resq_push_connections_evicted_total", metric_label);
+                Some(slot)
+            }
+            Admission::Refused => {
+                self.refusals.note(&format!("{what} refused: {flag} busy"));
+                metrics.count("resq_push_connections_refused_total", metric_label);
+                None
+            }
+        }
+    }
+
+    fn try_take(self: &Rc<Self>) -> Admission {
         let evicted_someone = self.entries.borrow().len() >= self.max;
         if evicted_someone && !self.evict_longest_idle() {
             return Admission::Refused;
@@ -122,7 +168,7 @@ mod tests {
 
     #[test]
     fn busy_connections_are_never_evicted() {
-        let slots = ConnectionSlots::new(2);
+        let slots = ConnectionSlots::new(2, HTTP_CONNECTIONS);
         let a = take(&slots).unwrap();
         let b = take(&slots).unwrap();
         a.set_idle(false);
@@ -133,7 +179,7 @@ mod tests {
 
     #[test]
     fn the_longest_idle_connection_makes_room() {
-        let slots = ConnectionSlots::new(2);
+        let slots = ConnectionSlots::new(2, HTTP_CONNECTIONS);
         let older = take(&slots).unwrap();
         let newer = take(&slots).unwrap();
         older.set_idle(true);

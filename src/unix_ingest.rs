@@ -21,7 +21,7 @@ use crate::deadline;
 use crate::ingest::{self, Rejection};
 use crate::protocol::{PublishReply, Source, error_json};
 use crate::server::{self, Shared, WarningThrottle};
-use crate::slots::{Admission, ConnectionSlots, SlotGuard};
+use crate::slots::{ConnectionSlots, SlotGuard, UNIX_CONNECTIONS};
 
 /// Mode of the socket file: publishers must be the service's user or in its group.
 const SOCKET_MODE: u32 = 0o660;
@@ -110,28 +110,16 @@ pub async fn accept(
     task_token: Sender<()>,
 ) {
     let Some(listener) = listener else { return future::pending().await };
-    let slots = ConnectionSlots::new(shared.config.max_unix_connections);
-    let (refusals, evictions, errors) =
-        (WarningThrottle::default(), WarningThrottle::default(), WarningThrottle::default());
+    let slots = ConnectionSlots::new(shared.config.max_unix_connections, UNIX_CONNECTIONS);
+    let errors = WarningThrottle::default();
     loop {
         match listener.accept().await {
-            Ok((stream, _)) => {
-                let slot = match slots.try_take() {
-                    Admission::Granted(slot) => slot,
-                    Admission::GrantedByEviction(slot) => {
-                        evictions.note("--max-unix-connections reached: closed the publisher idle longest");
-                        shared.metrics.count("resq_push_connections_evicted_total", "max_unix_connections");
-                        slot
-                    }
-                    Admission::Refused => {
-                        refusals.note("Unix-socket publisher refused: --max-unix-connections busy");
-                        shared.metrics.count("resq_push_connections_refused_total", "max_unix_connections");
-                        let mut stream = stream;
-                        let line = format!("{}\n", error_json("server busy: too many publisher connections"));
-                        // One non-blocking attempt; no task is spawned for a refused connection.
-                        let _ = future::poll_once(stream.write_all(line.as_bytes())).await;
-                        continue;
-                    }
+            Ok((mut stream, _)) => {
+                let Some(slot) = slots.admit(&shared.metrics) else {
+                    let line = format!("{}\n", error_json("server busy: too many publisher connections"));
+                    // One non-blocking attempt; no task is spawned for a refused connection.
+                    let _ = future::poll_once(stream.write_all(line.as_bytes())).await;
+                    continue;
                 };
                 server::spawn_connection(
                     executor,

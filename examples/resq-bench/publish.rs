@@ -204,6 +204,17 @@ impl PublishLog {
     }
 }
 
+impl PublishLog {
+    /// The log of a publisher that could not even connect.
+    fn cannot_open(error: io::Error) -> PublishLog {
+        PublishLog {
+            first_error: Some(format!("cannot open publisher: {error}")),
+            broken: true,
+            ..Default::default()
+        }
+    }
+}
+
 /// Publishes `count` emergencies of `size` bytes at `rate` per second, one at a time, each
 /// stamped with the moment it is written; stops after `give_up_after` if the server cannot keep
 /// up with the rate, so that a run stays bounded.
@@ -219,11 +230,7 @@ pub async fn paced(
     let mut log = PublishLog::default();
     let (mut writer, mut reader) = match open(ingest, target).await {
         Ok(pair) => pair,
-        Err(error) => {
-            log.first_error = Some(format!("cannot open publisher: {error}"));
-            log.broken = true;
-            return log;
-        }
+        Err(error) => return PublishLog::cannot_open(error),
     };
     let period = Duration::from_secs_f64(1.0 / rate);
     let start = Instant::now();
@@ -271,11 +278,7 @@ pub async fn flood(
     let mut log = PublishLog::default();
     let (mut writer, mut reader) = match open(ingest, target).await {
         Ok(pair) => pair,
-        Err(error) => {
-            log.first_error = Some(format!("cannot open publisher: {error}"));
-            log.broken = true;
-            return log;
-        }
+        Err(error) => return PublishLog::cannot_open(error),
     };
     // Send instants of the emergencies in flight; its capacity is the window.
     let (in_flight, replies_due) = async_channel::bounded::<Instant>(window.max(1));
