@@ -1,25 +1,29 @@
 //! The hub: the one owner of the server's shared state.
 //!
-//! It holds the slab of connected clients' queue senders, the sequence counter and the ring of
-//! recent emergencies kept for catch-up. Tasks reach it as `Rc<RefCell<Hub>>` on the single
-//! executor thread; every method is synchronous, so no borrow is ever held across an `.await`.
-//! Subscribing registers the client and snapshots its replay in the same call, which is why
-//! replay and live events never overlap or leave a gap.
+//! It holds the slab of connected clients, the sequence counter and the ring of recent
+//! emergencies. The ring is also every client's queue: a client is a cursor into it (the last
+//! seq it has been handed) and a `Doorbell` that the hub rings when something new arrives. Each emergency is serialized once, kept once, and its bytes are
+//! shared by every client's write; a client costs the same memory however far behind it is.
+//!
+//! Tasks reach the hub as `Rc<RefCell<Hub>>` on the single executor thread; every method is
+//! synchronous, so no borrow is ever held across an `.await`. Subscribing places the cursor in
+//! the same call that registers the client, which is why replay and live events never overlap
+//! or leave a gap: they are one sequence read from one place.
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::rc::Rc;
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, SystemTime};
 
-use async_channel::{Receiver, Sender, TrySendError};
 use async_tungstenite::tungstenite::Utf8Bytes;
 use serde_json::value::RawValue;
 use slab::Slab;
 
 use crate::auth::Identity;
 use crate::journal::Stored;
-use crate::protocol::{self, ClientInfo, HistoryRange, ReplayInfo, Source};
+use crate::protocol::{self, ClientInfo, Frame, HistoryRange, ReplayInfo, Source};
 use crate::timestamp::rfc3339_millis;
 
 pub type SharedHub = Rc<RefCell<Hub>>;
@@ -31,7 +35,7 @@ pub struct HubLimits {
     pub history: usize,
     /// Bytes of serialized emergencies kept for catch-up.
     pub history_bytes: usize,
-    /// Events queued per client before it is dropped as too slow.
+    /// Live events a client may fall behind before it is dropped as too slow.
     pub queue: usize,
     /// Connected clients.
     pub max_clients: usize,
@@ -46,10 +50,10 @@ pub struct Resume {
     pub stream: Option<String>,
 }
 
-/// Why the hub closed a client's queue; the session turns it into a close code.
+/// Why the hub closed a client's doorbell; the session turns it into a close code.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Farewell {
-    /// Its queue was full: it fell `queue` events behind.
+    /// It fell more than `queue` live events behind.
     TooSlow,
     /// The server is shutting down.
     ShuttingDown,
@@ -70,7 +74,7 @@ pub enum Refusal {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Receipt {
     pub seq: u64,
-    /// Clients whose queue took the emergency.
+    /// Clients told of the emergency (all but those dropped as too slow).
     pub queued_to: usize,
 }
 
@@ -82,8 +86,66 @@ struct Subscriber {
     /// The token it connected with, when subscribe tokens are configured.
     identity: Option<Identity>,
     connected_at: SystemTime,
-    queue: Sender<Utf8Bytes>,
-    farewell: Rc<Cell<Option<Farewell>>>,
+    /// Rung when there is something after `cursor`; closed to end the session.
+    doorbell: Rc<Doorbell>,
+    /// The last seq handed to its session for writing.
+    cursor: u64,
+    /// The last seq when it subscribed: what came after is live, what came before is replay.
+    live_from: u64,
+}
+
+impl Subscriber {
+    /// Live events published that its session has not taken yet.
+    fn lag(&self, last_seq: u64) -> u64 {
+        last_seq.saturating_sub(self.cursor.max(self.live_from))
+    }
+
+    fn say_farewell(&self, farewell: Farewell) {
+        self.doorbell.close(farewell);
+    }
+}
+
+/// How the hub tells one session that there is something to send, or that it must end. The
+/// hub rings, the session awaits; one ring covers any number of events, and ringing never
+/// blocks. On one thread, cells are all the synchronization this needs: an `async-channel`
+/// here cost 770 bytes per client (its queue is padded to cache lines).
+#[derive(Default)]
+pub struct Doorbell {
+    rung: Cell<bool>,
+    farewell: Cell<Option<Farewell>>,
+    waker: Cell<Option<Waker>>,
+}
+
+impl Doorbell {
+    fn ring(&self) {
+        self.rung.set(true);
+        if let Some(waker) = self.waker.take() {
+            waker.wake();
+        }
+    }
+
+    fn close(&self, farewell: Farewell) {
+        self.farewell.set(Some(farewell));
+        self.ring();
+    }
+
+    /// Ready once rung since the last time it was, or once closed (and from then on).
+    pub fn poll_rung(&self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.rung.replace(false) || self.farewell.get().is_some() {
+            return Poll::Ready(());
+        }
+        let waker = match self.waker.take() {
+            Some(waker) if waker.will_wake(cx.waker()) => waker,
+            _ => cx.waker().clone(),
+        };
+        self.waker.set(Some(waker));
+        Poll::Pending
+    }
+
+    /// Why the hub closed it, once it has.
+    pub fn farewell(&self) -> Option<Farewell> {
+        self.farewell.get()
+    }
 }
 
 /// One retained emergency: its seq and its envelope, serialized once and shared by reference.
@@ -102,31 +164,32 @@ pub struct Hub {
     next_client_id: u64,
     /// The last seq assigned; 0 before the first emergency.
     last_seq: u64,
-    /// Consecutive seqs, oldest first, bounded by `limits.history` and `limits.history_bytes`.
+    /// Consecutive seqs, oldest first: the catch-up history, bounded by `limits.history`,
+    /// `limits.history_bytes` and `limits.history_max_age`, except that an entry a connected
+    /// client has yet to be sent stays until it is (at most `queue` live events per client).
     history: VecDeque<Retained>,
     history_bytes: usize,
-    /// Set at shutdown: no new subscribers, every queue closed.
+    /// Set at shutdown: no new subscribers, every doorbell closed.
     shutting_down: bool,
 }
 
 /// What a client gets from `Hub::subscribe`. Dropping it unsubscribes.
 pub struct Subscription {
     pub client_id: u64,
-    /// The history's identity, for the welcome.
+    /// Rung when there is something to send; closed, with the reason, to end the session.
+    pub doorbell: Rc<Doorbell>,
+    /// Held for its `Drop`, which unsubscribes, and to reach the hub.
+    membership: Membership,
+}
+
+/// What the welcome tells a new client about the history, as of its subscription.
+pub struct Greeting {
     pub stream: Rc<str>,
-    /// Live events, all with seq greater than `seq`.
-    pub events: Receiver<Utf8Bytes>,
-    /// Retained events to send before the live ones, oldest first.
-    pub replay: Vec<Utf8Bytes>,
-    pub replay_info: Option<ReplayInfo>,
-    /// The last seq at the moment of subscribing.
+    /// The last seq when it subscribed; live events come after it.
     pub seq: u64,
     pub history: HistoryRange,
-    /// Set by the hub when it closes `events`, to say why.
-    pub farewell: Rc<Cell<Option<Farewell>>>,
-    /// Held for its `Drop`, which unsubscribes.
-    #[allow(dead_code)]
-    membership: Membership,
+    /// What it will be replayed first, when it resumed with `since`.
+    pub replay: Option<ReplayInfo>,
 }
 
 /// Removes the client's slab entry when its session ends, whichever side ended it.
@@ -159,9 +222,8 @@ impl Hub {
         }))
     }
 
-    /// Assigns the next seq, serializes the envelope once, queues it to every client and keeps
-    /// it for catch-up. A client whose queue is full is dropped instead of waited for. Refused
-    /// once shutdown has begun, since nobody could receive it any more.
+    /// Assigns the next seq, serializes the envelope once and delivers it. Refused once
+    /// shutdown has begun, since nobody could receive it any more.
     pub fn publish(&mut self, data: &RawValue, source: Source) -> Result<Receipt, Refusal> {
         if self.shutting_down {
             return Err(Refusal::ShuttingDown);
@@ -172,29 +234,29 @@ impl Hub {
         Ok(self.deliver(Stored { seq, received_at, envelope }))
     }
 
-    /// Queues an emergency whose seq is assigned (by `publish`, or by the journal when it was
-    /// committed) to every client and keeps it for catch-up. Also after shutdown has begun: a
+    /// Appends an emergency whose seq is assigned (by `publish`, or by the journal when it was
+    /// committed) to the history and rings every client's doorbell. A client more than `queue`
+    /// live events behind is dropped instead of waited for. Also after shutdown has begun: a
     /// committed emergency must reach the history.
     pub fn deliver(&mut self, stored: Stored) -> Receipt {
         let Stored { seq, received_at, envelope } = stored;
         self.last_seq = seq;
         let json = Utf8Bytes::from(envelope);
+        self.history_bytes += json.len();
+        self.history.push_back(Retained { seq, json, received_at });
+        let queue = self.limits.queue as u64;
         let mut queued_to = 0;
-        self.subscribers.retain(|_, subscriber| match subscriber.queue.try_send(json.clone()) {
-            Ok(()) => {
-                queued_to += 1;
-                true
-            }
-            Err(TrySendError::Full(_)) => {
+        self.subscribers.retain(|_, subscriber| {
+            if subscriber.lag(seq) > queue {
                 // The session logs the disconnection, with the reason set here.
-                subscriber.farewell.set(Some(Farewell::TooSlow));
-                subscriber.queue.close();
-                false
+                subscriber.say_farewell(Farewell::TooSlow);
+                return false;
             }
-            // The session has ended; its Membership finds the entry gone, which is fine.
-            Err(TrySendError::Closed(_)) => false,
+            subscriber.doorbell.ring();
+            queued_to += 1;
+            true
         });
-        self.retain(Retained { seq, json, received_at });
+        self.trim(|_| false);
         Receipt { seq, queued_to }
     }
 
@@ -202,21 +264,48 @@ impl Hub {
     pub fn restore(&mut self, last_seq: u64, retained: Vec<Stored>) {
         for stored in retained {
             let Stored { seq, received_at, envelope } = stored;
-            self.retain(Retained { seq, json: Utf8Bytes::from(envelope), received_at });
+            self.history_bytes += envelope.len();
+            self.history.push_back(Retained { seq, json: Utf8Bytes::from(envelope), received_at });
         }
         self.last_seq = last_seq;
+        self.trim(|_| false);
     }
 
     /// Drops history entries older than `history_max_age`.
     pub fn expire(&mut self, now: SystemTime) {
-        while let Some(oldest) = self.history.front() {
-            if now.duration_since(oldest.received_at).unwrap_or_default() <= self.limits.history_max_age {
+        let max_age = self.limits.history_max_age;
+        self.trim(|oldest| now.duration_since(oldest.received_at).unwrap_or_default() > max_age);
+    }
+
+    /// Moves the frames after the client's cursor into `batch`, oldest first, up to
+    /// `max_frames` and to the first that reaches `max_bytes`, and advances the cursor past
+    /// them. Returns how many; none once the client is no longer subscribed.
+    fn take_frames(
+        &mut self,
+        membership: &Membership,
+        batch: &mut Vec<Frame>,
+        max_frames: usize,
+        max_bytes: usize,
+    ) -> usize {
+        let Some(subscriber) =
+            self.subscribers.get_mut(membership.key).filter(|s| s.client_id == membership.client_id)
+        else {
+            return 0;
+        };
+        let first_seq = self.history.front().map_or(self.last_seq + 1, |retained| retained.seq);
+        // `trim` keeps every entry after a subscriber's cursor, so this never skips one.
+        let start = (subscriber.cursor + 1).saturating_sub(first_seq) as usize;
+        let (mut taken, mut bytes) = (0, 0);
+        for retained in self.history.range(start..) {
+            if taken == max_frames || bytes >= max_bytes {
                 break;
             }
-            if let Some(oldest) = self.history.pop_front() {
-                self.history_bytes -= oldest.json.len();
-            }
+            bytes += retained.json.len();
+            batch.push(Frame::text(retained.json.clone()));
+            subscriber.cursor = retained.seq;
+            taken += 1;
         }
+        taken
     }
 
     pub fn stream_id(&self) -> &str {
@@ -227,13 +316,14 @@ impl Hub {
         self.shutting_down
     }
 
-    /// Registers a client and snapshots what it must be replayed (`since` given) in one step.
+    /// Registers a client and places its cursor: after `since` when it resumes (the replay),
+    /// else after the last seq.
     pub fn subscribe(
         hub: &SharedHub,
         peer: SocketAddr,
         identity: Option<Identity>,
         resume: Option<&Resume>,
-    ) -> Result<Subscription, Refusal> {
+    ) -> Result<(Subscription, Greeting), Refusal> {
         let mut this = hub.borrow_mut();
         if this.shutting_down {
             return Err(Refusal::ShuttingDown);
@@ -241,43 +331,48 @@ impl Hub {
         if this.subscribers.len() >= this.limits.max_clients {
             return Err(Refusal::Full);
         }
-        let (replay, replay_info) = match resume {
+        let (cursor, replay) = match resume {
             Some(resume) => {
-                let (entries, info) = this.retained_after(resume);
-                (entries.cloned().collect(), Some(info))
+                let (start, info) = this.replay_start(resume);
+                let cursor = this.history.get(start).map_or(this.last_seq, |retained| retained.seq - 1);
+                (cursor, Some(info))
             }
-            None => (Vec::new(), None),
+            None => (this.last_seq, None),
         };
-        let (queue, events) = async_channel::bounded(this.limits.queue);
-        let farewell = Rc::new(Cell::new(None));
+        let doorbell = Rc::new(Doorbell::default());
         let client_id = this.next_client_id;
         this.next_client_id += 1;
+        let live_from = this.last_seq;
         let key = this.subscribers.insert(Subscriber {
             client_id,
             peer,
             identity,
             connected_at: SystemTime::now(),
-            queue,
-            farewell: Rc::clone(&farewell),
+            doorbell: Rc::clone(&doorbell),
+            cursor,
+            live_from,
         });
-        Ok(Subscription {
-            client_id,
+        let greeting = Greeting {
             stream: Rc::clone(&this.stream_id),
-            events,
-            replay,
-            replay_info,
             seq: this.last_seq,
             history: this.history_range(),
-            farewell,
-            membership: Membership { hub: Rc::clone(hub), key, client_id },
-        })
+            replay,
+        };
+        let membership = Membership { hub: Rc::clone(hub), key, client_id };
+        Ok((Subscription { client_id, doorbell, membership }, greeting))
     }
 
     /// Retained envelopes with seq greater than `since`, oldest first, and what that means for
     /// a client resuming from `since`.
+    pub fn retained_after(&self, resume: &Resume) -> (impl Iterator<Item = &Utf8Bytes>, ReplayInfo) {
+        let (start, info) = self.replay_start(resume);
+        (self.history.range(start..).map(|retained| &retained.json), info)
+    }
+
+    /// The history index a client resuming from `resume` starts at, and what it gets.
     /// A client resuming from another history (`stream` differs) or from a seq this server has
     /// not reached (it lost its history) gets everything retained.
-    pub fn retained_after(&self, resume: &Resume) -> (impl Iterator<Item = &Utf8Bytes>, ReplayInfo) {
+    fn replay_start(&self, resume: &Resume) -> (usize, ReplayInfo) {
         let since = resume.since;
         let stream_changed = resume.stream.as_deref().is_some_and(|stream| stream != &*self.stream_id);
         let reset = !stream_changed && since > self.last_seq;
@@ -289,25 +384,24 @@ impl Hub {
             (self.history.partition_point(|retained| retained.seq <= since), missed)
         };
         let info = ReplayInfo { since, count: self.history.len() - start, missed, reset, stream_changed };
-        (self.history.range(start..).map(|retained| &retained.json), info)
+        (start, info)
     }
 
-    /// Closes every client's queue so each session drains it and says goodbye; refuses new ones.
+    /// Closes every client's doorbell so each session sends what it has not yet sent and says
+    /// goodbye; refuses new ones.
     pub fn shut_down(&mut self) {
         self.shutting_down = true;
         for (_, subscriber) in &self.subscribers {
-            subscriber.farewell.set(Some(Farewell::ShuttingDown));
-            subscriber.queue.close();
+            subscriber.say_farewell(Farewell::ShuttingDown);
         }
     }
 
-    /// Closes the queue of every client whose token `still_valid` rejects; returns how many.
+    /// Drops every client whose token `still_valid` rejects; returns how many.
     pub fn revoke(&mut self, still_valid: impl Fn(&str) -> bool) -> usize {
         let before = self.subscribers.len();
         self.subscribers.retain(|_, subscriber| match &subscriber.identity {
             Some(identity) if !still_valid(&identity.token) => {
-                subscriber.farewell.set(Some(Farewell::Revoked));
-                subscriber.queue.close();
+                subscriber.say_farewell(Farewell::Revoked);
                 false
             }
             _ => true,
@@ -324,7 +418,7 @@ impl Hub {
                 name: subscriber.identity.as_ref().map(|identity| identity.name.to_string()),
                 peer: subscriber.peer.to_string(),
                 connected_at: rfc3339_millis(subscriber.connected_at),
-                queued: subscriber.queue.len(),
+                queued: self.last_seq - subscriber.cursor,
             })
             .collect()
     }
@@ -356,22 +450,34 @@ impl Hub {
         }
     }
 
-    /// Appends to history and drops the oldest entries beyond either bound, always keeping the
-    /// newest so a resuming client can get at least the last emergency.
-    fn retain(&mut self, retained: Retained) {
-        self.history_bytes += retained.json.len();
-        self.history.push_back(retained);
-        while self.history.len() > 1
-            && (self.history.len() > self.limits.history || self.history_bytes > self.limits.history_bytes)
-        {
-            if let Some(oldest) = self.history.pop_front() {
-                self.history_bytes -= oldest.json.len();
+    /// Drops the oldest entries while the history is beyond a bound or `expired` says so,
+    /// always keeping the newest (a resuming client gets at least the last emergency) and
+    /// every entry a connected client has yet to be sent.
+    fn trim(&mut self, expired: impl Fn(&Retained) -> bool) {
+        let oldest_unsent = self.subscribers.iter().map(|(_, s)| s.cursor + 1).min().unwrap_or(u64::MAX);
+        while let Some(oldest) = self.history.front() {
+            let over_bounds = self.history.len() > 1
+                && (self.history.len() > self.limits.history
+                    || self.history_bytes > self.limits.history_bytes);
+            if oldest.seq >= oldest_unsent || !(over_bounds || expired(oldest)) {
+                break;
             }
+            self.history_bytes -= oldest.json.len();
+            self.history.pop_front();
         }
     }
 }
 
 impl Subscription {
+    /// Moves what this client has not been sent yet into `batch` (see `Hub::take_frames`).
+    pub fn take_frames(&self, batch: &mut Vec<Frame>, max_frames: usize, max_bytes: usize) -> usize {
+        let membership = &self.membership;
+        match membership.hub.try_borrow_mut() {
+            Ok(mut hub) => hub.take_frames(membership, batch, max_frames, max_bytes),
+            Err(_) => 0,
+        }
+    }
+
     /// The client's slab key, for tests of the hub's bookkeeping.
     #[cfg(test)]
     fn key(&self) -> usize {
@@ -407,24 +513,37 @@ mod tests {
         "127.0.0.1:9".parse().unwrap()
     }
 
-    fn seqs(entries: &[Utf8Bytes]) -> Vec<u64> {
-        entries
-            .iter()
-            .map(|json| serde_json::from_str::<serde_json::Value>(json).unwrap()["seq"].as_u64().unwrap())
-            .collect()
+    fn subscribe(hub: &SharedHub, resume: Option<&Resume>) -> (Subscription, Greeting) {
+        Hub::subscribe(hub, peer(), None, resume).unwrap()
+    }
+
+    /// The envelopes the client has not been sent yet, taken as its session would.
+    fn take_all(client: &Subscription) -> Vec<serde_json::Value> {
+        let mut batch = Vec::new();
+        client.take_frames(&mut batch, usize::MAX, usize::MAX);
+        batch.iter().map(|frame| serde_json::from_slice(frame.parts()[1]).unwrap()).collect()
+    }
+
+    fn pending_seqs(client: &Subscription) -> Vec<u64> {
+        take_all(client).iter().map(|json| json["seq"].as_u64().unwrap()).collect()
     }
 
     #[test]
     fn seqs_grow_by_one_and_data_is_verbatim() {
         let hub = Hub::new(limits(), "stream-a");
-        let client = Hub::subscribe(&hub, peer(), None, None).unwrap();
+        let (client, _) = subscribe(&hub, None);
         let first = hub.borrow_mut().publish_ok(&raw(r#"{"b": 1,  "a":[ ]}"#), Source::Unix);
         let second = hub.borrow_mut().publish_ok(&raw("{}"), Source::Http);
         assert_eq!((first.seq, second.seq), (1, 2));
         assert_eq!(first.queued_to, 1);
-        let json = client.events.try_recv().unwrap();
+        assert!(client.doorbell.rung.get());
+        let mut batch = Vec::new();
+        assert_eq!(client.take_frames(&mut batch, 1, usize::MAX), 1);
+        let json = std::str::from_utf8(batch[0].parts()[1]).unwrap();
         assert!(json.contains(r#""data":{"b": 1,  "a":[ ]}"#), "{json}");
         assert!(json.starts_with(r#"{"type":"emergencia","seq":1,"received_at":""#), "{json}");
+        assert_eq!(pending_seqs(&client), [2]);
+        assert_eq!(pending_seqs(&client), [] as [u64; 0]);
     }
 
     #[test]
@@ -442,9 +561,9 @@ mod tests {
             (9, vec![3, 4, 5], 0, true),
         ];
         for (since, expected, missed, reset) in cases {
-            let client = Hub::subscribe(&hub, peer(), None, Some(&Resume { since, stream: None })).unwrap();
-            assert_eq!(seqs(&client.replay), expected, "since={since}");
-            let info = client.replay_info.unwrap();
+            let (client, greeting) = subscribe(&hub, Some(&Resume { since, stream: None }));
+            assert_eq!(pending_seqs(&client), expected, "since={since}");
+            let info = greeting.replay.unwrap();
             assert_eq!(
                 (info.missed, info.reset, info.count),
                 (missed, reset, expected.len()),
@@ -460,13 +579,13 @@ mod tests {
             hub.borrow_mut().publish_ok(&raw("{}"), Source::Unix);
         }
         let elsewhere = Resume { since: 4, stream: Some("stream-b".into()) };
-        let client = Hub::subscribe(&hub, peer(), None, Some(&elsewhere)).unwrap();
-        assert_eq!(seqs(&client.replay), [3, 4, 5]);
-        let info = client.replay_info.unwrap();
+        let (client, greeting) = subscribe(&hub, Some(&elsewhere));
+        assert_eq!(pending_seqs(&client), [3, 4, 5]);
+        let info = greeting.replay.unwrap();
         assert!(info.stream_changed && !info.reset && info.missed == 0);
         let same = Resume { since: 4, stream: Some("stream-a".into()) };
-        let client = Hub::subscribe(&hub, peer(), None, Some(&same)).unwrap();
-        assert_eq!(seqs(&client.replay), [5]);
+        let (client, _) = subscribe(&hub, Some(&same));
+        assert_eq!(pending_seqs(&client), [5]);
     }
 
     #[test]
@@ -481,28 +600,80 @@ mod tests {
     }
 
     #[test]
-    fn a_full_queue_drops_only_that_client() {
+    fn falling_queue_events_behind_drops_only_that_client() {
         let hub = Hub::new(limits(), "stream-a");
-        let slow = Hub::subscribe(&hub, peer(), None, None).unwrap();
-        let fast = Hub::subscribe(&hub, peer(), None, None).unwrap();
+        let (slow, _) = subscribe(&hub, None);
+        let (fast, _) = subscribe(&hub, None);
+        for seq in 1..=3 {
+            hub.borrow_mut().publish_ok(&raw("{}"), Source::Unix);
+            assert_eq!(pending_seqs(&fast), [seq]);
+        }
+        assert_eq!(slow.doorbell.farewell(), Some(Farewell::TooSlow));
+        assert_eq!(pending_seqs(&slow), [] as [u64; 0]);
+        assert_eq!(fast.doorbell.farewell(), None);
+        assert_eq!(hub.borrow().client_count(), 1);
+    }
+
+    #[test]
+    fn replay_does_not_count_as_falling_behind() {
+        let hub = Hub::new(HubLimits { history: 10, ..limits() }, "stream-a");
+        for _ in 0..5 {
+            hub.borrow_mut().publish_ok(&raw("{}"), Source::Unix);
+        }
+        let (client, _) = subscribe(&hub, Some(&Resume { since: 0, stream: None }));
+        for _ in 0..2 {
+            hub.borrow_mut().publish_ok(&raw("{}"), Source::Unix);
+        }
+        assert_eq!(client.doorbell.farewell(), None);
+        assert_eq!(pending_seqs(&client), [1, 2, 3, 4, 5, 6, 7]);
+        hub.borrow_mut().publish_ok(&raw("{}"), Source::Unix);
         for _ in 0..3 {
             hub.borrow_mut().publish_ok(&raw("{}"), Source::Unix);
-            fast.events.try_recv().unwrap();
         }
-        assert_eq!(slow.farewell.get(), Some(Farewell::TooSlow));
-        assert!(slow.events.is_closed());
-        assert_eq!(fast.farewell.get(), None);
-        assert_eq!(hub.borrow().client_count(), 1);
+        assert_eq!(client.doorbell.farewell(), Some(Farewell::TooSlow));
+    }
+
+    #[test]
+    fn history_keeps_what_a_client_has_not_been_sent() {
+        // history 3, queue 2: the client may lag 2 live events, so up to 3 + 2 stay.
+        let hub = Hub::new(limits(), "stream-a");
+        for _ in 0..3 {
+            hub.borrow_mut().publish_ok(&raw("{}"), Source::Unix);
+        }
+        let (client, _) = subscribe(&hub, Some(&Resume { since: 0, stream: None }));
+        for _ in 0..2 {
+            hub.borrow_mut().publish_ok(&raw("{}"), Source::Unix);
+        }
+        assert_eq!(hub.borrow().history_range().count, 5);
+        let mut batch = Vec::new();
+        client.take_frames(&mut batch, 4, usize::MAX);
+        hub.borrow_mut().publish_ok(&raw("{}"), Source::Unix);
+        assert_eq!(hub.borrow().history_range().first_seq, 4);
+        assert_eq!(pending_seqs(&client), [5, 6]);
+        assert_eq!(client.doorbell.farewell(), None);
+    }
+
+    #[test]
+    fn a_batch_stops_at_its_limits() {
+        let hub = Hub::new(HubLimits { history: 10, queue: 10, ..limits() }, "stream-a");
+        let (client, _) = subscribe(&hub, None);
+        for _ in 0..5 {
+            hub.borrow_mut().publish_ok(&raw("{}"), Source::Unix);
+        }
+        let mut batch = Vec::new();
+        assert_eq!(client.take_frames(&mut batch, 2, usize::MAX), 2);
+        assert_eq!(client.take_frames(&mut batch, 10, 1), 1);
+        assert_eq!(pending_seqs(&client), [4, 5]);
     }
 
     #[test]
     fn a_reused_key_is_not_removed_by_the_old_client() {
         let hub = Hub::new(limits(), "stream-a");
-        let slow = Hub::subscribe(&hub, peer(), None, None).unwrap();
+        let (slow, _) = subscribe(&hub, None);
         for _ in 0..3 {
             hub.borrow_mut().publish_ok(&raw("{}"), Source::Unix);
         }
-        let newcomer = Hub::subscribe(&hub, peer(), None, None).unwrap();
+        let (newcomer, _) = subscribe(&hub, None);
         assert_eq!(newcomer.key(), slow.key());
         drop(slow);
         assert_eq!(hub.borrow().client_count(), 1);
@@ -513,8 +684,8 @@ mod tests {
     #[test]
     fn clients_are_capped_and_refused_at_shutdown() {
         let hub = Hub::new(limits(), "stream-a");
-        let _a = Hub::subscribe(&hub, peer(), None, None).unwrap();
-        let b = Hub::subscribe(&hub, peer(), None, None).unwrap();
+        let _a = subscribe(&hub, None);
+        let b = subscribe(&hub, None);
         assert_eq!(Hub::subscribe(&hub, peer(), None, None).err(), Some(Refusal::Full));
         drop(b);
         hub.borrow_mut().shut_down();
@@ -528,12 +699,11 @@ mod tests {
         let hub = Hub::new(limits(), "stream-a");
         let identity =
             |name: &str| Some(Identity { name: name.into(), token: format!("{name}-token").into() });
-        let kept = Hub::subscribe(&hub, peer(), identity("kept"), None).unwrap();
-        let revoked = Hub::subscribe(&hub, peer(), identity("revoked"), None).unwrap();
+        let (kept, _) = Hub::subscribe(&hub, peer(), identity("kept"), None).unwrap();
+        let (revoked, _) = Hub::subscribe(&hub, peer(), identity("revoked"), None).unwrap();
         assert_eq!(hub.borrow_mut().revoke(|token| token == "kept-token"), 1);
-        assert_eq!(revoked.farewell.get(), Some(Farewell::Revoked));
-        assert!(revoked.events.is_closed());
-        assert_eq!(kept.farewell.get(), None);
+        assert_eq!(revoked.doorbell.farewell(), Some(Farewell::Revoked));
+        assert_eq!(kept.doorbell.farewell(), None);
         let clients = hub.borrow().clients();
         assert_eq!(clients.len(), 1);
         assert_eq!(clients[0].name.as_deref(), Some("kept"));

@@ -38,7 +38,7 @@ enum Outcome {
     Upgrade(Request),
 }
 
-/// A connection whose request asked for `/ws/emergencias`, handed over to `session::serve`.
+/// A connection whose request asked for `/ws/emergencias`, handed over to `session::upgrade`.
 pub struct Upgrade {
     pub connection: HttpConnection,
     pub request: Request,
@@ -47,23 +47,33 @@ pub struct Upgrade {
 }
 
 /// Serves one connection: its HTTP requests, then its WebSocket session if it asks for one.
-/// Each phase is boxed, so the task's own allocation, which lives as long as the connection,
-/// holds neither: the HTTP phase's memory is gone once the client is a WebSocket client.
-pub async fn serve_connection(shared: Rc<Shared>, stream: TcpStream, peer: SocketAddr, slot: SlotGuard) {
-    let upgrade = Box::pin(serve_requests(&shared, stream, peer, slot)).await;
-    if let Some(Upgrade { connection, request, slot }) = upgrade {
-        Box::pin(session::serve(shared, connection, request, peer, slot)).await;
+/// Each phase is boxed and freed when it ends, so a connected client's task holds only its
+/// `Session` and the session loop.
+pub fn serve_connection(
+    shared: Rc<Shared>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    slot: SlotGuard,
+) -> impl Future<Output = ()> {
+    // Boxed here rather than in the async block, which would keep its arguments (the stream,
+    // the slot) for as long as the connection lives.
+    let requests = Box::pin(serve_requests(Rc::clone(&shared), stream, peer, slot));
+    async move {
+        let Some(upgrade) = requests.await else { return };
+        let Some(mut session) = Box::pin(session::upgrade(&shared, upgrade, peer)).await else { return };
+        Box::pin(session.serve()).await;
     }
 }
 
 /// Serves requests until the connection closes, or returns it when it asks for an upgrade.
 /// `slot` counts it against `--max-http-connections` until then.
 async fn serve_requests(
-    shared: &Shared,
+    shared: Rc<Shared>,
     stream: TcpStream,
     peer: SocketAddr,
     slot: SlotGuard,
 ) -> Option<Upgrade> {
+    let shared = &*shared;
     let config = &shared.config;
     let mut connection = HttpConnection::new(stream, Rc::clone(&shared.metrics));
     loop {

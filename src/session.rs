@@ -1,75 +1,79 @@
-//! One WebSocket client on `/ws/emergencias`: the upgrade, then a loop that sends the client's
-//! queue, pings on a timer and reads whatever the client sends.
+//! One WebSocket client on `/ws/emergencias`: the upgrade, then a loop that sends what the
+//! hub has for the client, pings on a timer and reads whatever the client sends.
 //!
 //! Tablets never have to send anything: a client stays as long as it answers pings (browsers do
-//! so automatically). Every write is bounded by `--write-timeout`, and every way out of the loop
-//! ends in `SessionEnd`, logged once; dropping the `Subscription` frees the client's slot.
+//! so automatically). Emergencies are written as the hub framed them, straight to the socket,
+//! several per system call when several are waiting; tungstenite reads the client's frames and
+//! runs the close handshake. Every write is bounded by `--write-timeout`, and every way out of
+//! the loop ends in `SessionEnd`, logged once; dropping the `Subscription` frees the client.
 
 use std::fmt;
+use std::io::{self, IoSlice};
 use std::net::SocketAddr;
-use std::pin::pin;
+use std::pin::{Pin, pin};
 use std::rc::Rc;
+use std::sync::Arc;
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use async_tungstenite::WebSocketStream;
 use async_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use async_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
-use async_tungstenite::tungstenite::{Bytes, Error as WsError, Message, Utf8Bytes};
+use async_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
 use futures_util::SinkExt;
 use log::{info, warn};
 use sha1::{Digest, Sha1};
-use smol::io::AsyncReadExt;
+use smol::io::{AsyncReadExt, AsyncWrite};
 use smol::net::TcpStream;
 use smol::stream::StreamExt;
-use smol::{Timer, future};
+use smol::{Async, Timer, future};
 
 use crate::config::Config;
 use crate::deadline::{self, TimedOut};
-use crate::http::{HttpConnection, Request, Response};
-use crate::hub::{Farewell, Hub, Refusal, Subscription};
-use crate::protocol::{self, PONG, WELCOME_MESSAGE, Welcome, error_json};
-use crate::routes;
+use crate::http::{Request, Response};
+use crate::hub::{Farewell, Greeting, Hub, Refusal, Subscription};
+use crate::protocol::{self, Frame, PONG, WELCOME_MESSAGE, Welcome, error_json};
+use crate::routes::{self, Upgrade};
 use crate::server::Shared;
-use crate::slots::SlotGuard;
 
 /// Initial read buffer per client. Clients send pongs and pings of a few bytes; tungstenite
 /// grows the buffer for a larger message, up to `--max-client-message-bytes`.
 const READ_BUFFER_BYTES: usize = 256;
-/// Bytes of events written to a client before one flush, when its queue holds several.
+/// A write stops adding emergencies at this many bytes...
 const WRITE_BATCH_BYTES: usize = 64 * 1024;
+/// ...or at this many (each is two slices, header and payload, of one `writev`).
+const WRITE_BATCH_FRAMES: usize = 32;
 /// How long a client gets to answer our Close before the connection is dropped anyway.
 const CLOSE_REPLY_TIMEOUT: Duration = Duration::from_secs(1);
 /// The GUID that RFC 6455 appends to the client's key.
 const WEBSOCKET_GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
 
-/// Answers an upgrade request on `/ws/emergencias` and runs the session until it ends.
-/// `slot` counts the connection against `--max-http-connections` until it has upgraded.
-pub async fn serve(
-    shared: Rc<Shared>,
-    mut connection: HttpConnection,
-    request: Request,
-    peer: SocketAddr,
-    slot: SlotGuard,
-) {
+/// Answers an upgrade request on `/ws/emergencias`: the client's session, or `None` when it
+/// was refused with a plain HTTP status. Until the 101 the connection counts against
+/// `--max-http-connections`; from then on the hub counts it, under `--max-clients`.
+pub async fn upgrade(shared: &Rc<Shared>, upgrade: Upgrade, peer: SocketAddr) -> Option<Session> {
+    let Upgrade { mut connection, request, slot } = upgrade;
     let config = &shared.config;
-    let admitted = match admit(&shared, &request, peer) {
+    let admitted = match admit(shared, &request, peer) {
         Ok(admitted) => admitted,
-        Err(refusal) => return connection.respond_and_close(refusal, config.write_timeout).await,
+        Err(refusal) => {
+            connection.respond_and_close(refusal, config.write_timeout).await;
+            return None;
+        }
     };
     let switching = Response::json(101, String::new())
         .with_header("Upgrade", "websocket")
         .with_header("Connection", "Upgrade")
         .with_header("Sec-WebSocket-Accept", admitted.accept_key);
     if connection.respond(&switching, Instant::now() + config.write_timeout).await.is_err() {
-        return;
+        return None;
     }
-    // From here on the hub counts this connection, under --max-clients.
     drop(slot);
     // What the client sent after its request head; shrunk, because tungstenite keeps this
     // vector's allocation as its read buffer.
     let mut early_frames = connection.buffered;
     early_frames.shrink_to_fit();
+    let socket = Arc::from(connection.stream.clone());
     let ws = WebSocketStream::from_partially_read(
         connection.stream,
         early_frames,
@@ -77,29 +81,21 @@ pub async fn serve(
         Some(websocket_config(config)),
     )
     .await;
-
     let (client_id, name) = (admitted.subscription.client_id, admitted.name);
     match admitted.since {
         Some(since) => info!("client {client_id}{name} connected from {peer}, resuming after seq {since}"),
         None => info!("client {client_id}{name} connected from {peer}"),
     }
-    drop(request);
-    let started = Instant::now();
-    let mut session = Session { ws, config, subscription: admitted.subscription, events_sent: 0 };
-    let end = session.run().await;
-    let summary = format!(
-        "client {client_id}{name} ({peer}) disconnected after {:.0?}, {} events sent: {end}",
-        started.elapsed(),
-        session.events_sent
-    );
-    shared.metrics.count_delivered(session.events_sent);
-    match end.drop_reason() {
-        Some(reason) => {
-            shared.metrics.count("resq_push_clients_dropped_total", reason);
-            warn!("{summary}");
-        }
-        None => info!("{summary}"),
-    }
+    Some(Session {
+        ws,
+        socket,
+        shared: Rc::clone(shared),
+        subscription: admitted.subscription,
+        greeting: Some(Box::new(admitted.greeting)),
+        label: format!("client {client_id}{name} ({peer})").into_boxed_str(),
+        started: Instant::now(),
+        events_sent: 0,
+    })
 }
 
 /// A client that passed every check and is registered with the hub.
@@ -109,6 +105,7 @@ struct Admitted {
     name: String,
     since: Option<u64>,
     subscription: Subscription,
+    greeting: Greeting,
 }
 
 /// Everything that can refuse a client with a plain HTTP status, before the 101: the upgrade
@@ -132,18 +129,19 @@ fn admit(shared: &Shared, request: &Request, peer: SocketAddr) -> Result<Admitte
     )?;
     let name = identity.as_ref().map(|identity| format!(" ({})", identity.name)).unwrap_or_default();
     let resume = routes::parse_resume(request, peer)?;
-    let subscription = Hub::subscribe(&shared.hub, peer, identity, resume.as_ref()).map_err(|refusal| {
-        let reason = match refusal {
-            Refusal::Full => "too many clients (--max-clients)",
-            Refusal::ShuttingDown => "server shutting down",
-        };
-        warn!("refused WebSocket client {peer}: {reason}");
-        if refusal == Refusal::Full {
-            shared.metrics.count("resq_push_connections_refused_total", "max_clients");
-        }
-        Response::json(503, error_json(reason)).with_header("Retry-After", "5")
-    })?;
-    Ok(Admitted { accept_key, name, since: resume.map(|resume| resume.since), subscription })
+    let (subscription, greeting) =
+        Hub::subscribe(&shared.hub, peer, identity, resume.as_ref()).map_err(|refusal| {
+            let reason = match refusal {
+                Refusal::Full => "too many clients (--max-clients)",
+                Refusal::ShuttingDown => "server shutting down",
+            };
+            warn!("refused WebSocket client {peer}: {reason}");
+            if refusal == Refusal::Full {
+                shared.metrics.count("resq_push_connections_refused_total", "max_clients");
+            }
+            Response::json(503, error_json(reason)).with_header("Retry-After", "5")
+        })?;
+    Ok(Admitted { accept_key, name, since: resume.map(|resume| resume.since), subscription, greeting })
 }
 
 /// Settings for clients that send almost nothing: a small read buffer and small message limits.
@@ -237,69 +235,97 @@ impl fmt::Display for SessionEnd {
 
 /// What woke the session loop.
 enum Wake {
-    Frame(Option<Result<Message, WsError>>),
-    Event(Option<Utf8Bytes>),
+    /// The client sent something (or closed the connection).
+    Readable,
+    /// The hub rang, or closed the doorbell to end the session.
+    Doorbell,
     Timer,
 }
 
-struct Session<'a> {
+/// A connected client, from its 101 to its end.
+pub struct Session {
+    /// Reads the client's frames; answers its Pings and runs the close handshake.
     ws: WebSocketStream<TcpStream>,
-    config: &'a Config,
+    /// The same socket, to write frames as the hub framed them and to wait for input.
+    socket: Arc<Async<std::net::TcpStream>>,
+    shared: Rc<Shared>,
     subscription: Subscription,
+    /// For the welcome; taken when it is sent.
+    greeting: Option<Box<Greeting>>,
+    /// `client ID (name) (peer)`, for its last log line.
+    label: Box<str>,
+    started: Instant,
     events_sent: u64,
 }
 
-impl Session<'_> {
+impl Session {
+    /// Runs the session to its end and logs how it ended.
+    pub async fn serve(&mut self) {
+        let end = self.run().await;
+        let shared = &self.shared;
+        let summary = format!(
+            "{} disconnected after {:.0?}, {} events sent: {end}",
+            self.label,
+            self.started.elapsed(),
+            self.events_sent
+        );
+        shared.metrics.count_delivered(self.events_sent);
+        match end.drop_reason() {
+            Some(reason) => {
+                shared.metrics.count("resq_push_clients_dropped_total", reason);
+                warn!("{summary}");
+            }
+            None => info!("{summary}"),
+        }
+    }
+
+    fn config(&self) -> &Config {
+        &self.shared.config
+    }
+
     async fn run(&mut self) -> SessionEnd {
         // Paths taken once or rarely are boxed: this future lives as long as the client, and
         // inline it would be as large as its largest path.
         if let Err(end) = Box::pin(self.send_welcome_and_replay()).await {
             return end;
         }
-        let mut timer = Timer::at(Instant::now() + self.config.ping_interval);
+        let mut timer = Timer::at(Instant::now() + self.config().ping_interval);
         // When the last ping went out, while its answer is awaited.
         let mut ping_sent_at: Option<Instant> = None;
         loop {
             let wake = {
-                let ws = &mut self.ws;
-                let events = &self.subscription.events;
-                let mut frame = pin!(async { Wake::Frame(ws.next().await) });
-                let mut event = pin!(async { Wake::Event(events.recv().await.ok()) });
-                let mut tick = pin!(async {
-                    (&mut timer).await;
-                    Wake::Timer
-                });
-                // Every poll of the socket costs a read system call, so queued events go first;
-                // while a pong is awaited the client's frames go first, so that no burst of
-                // events can make a live client look dead.
-                let frames_first = ping_sent_at.is_some();
+                let socket = &self.socket;
+                let doorbell = &self.subscription.doorbell;
+                let mut tick = pin!(&mut timer);
+                // The socket is polled for readiness, not read: a read that finds nothing
+                // would cost a system call on every wake. While a pong is awaited the client
+                // goes first, so that no burst of events can make a live client look dead.
+                let client_first = ping_sent_at.is_some();
                 future::poll_fn(|cx| {
-                    if frames_first && let Poll::Ready(wake) = frame.as_mut().poll(cx) {
-                        return Poll::Ready(wake);
+                    if client_first && socket.poll_readable(cx).is_ready() {
+                        return Poll::Ready(Wake::Readable);
                     }
-                    if let Poll::Ready(wake) = event.as_mut().poll(cx) {
-                        return Poll::Ready(wake);
+                    if doorbell.poll_rung(cx).is_ready() {
+                        return Poll::Ready(Wake::Doorbell);
                     }
-                    if !frames_first && let Poll::Ready(wake) = frame.as_mut().poll(cx) {
-                        return Poll::Ready(wake);
+                    if !client_first && socket.poll_readable(cx).is_ready() {
+                        return Poll::Ready(Wake::Readable);
                     }
-                    tick.as_mut().poll(cx)
+                    tick.as_mut().poll(cx).map(|_| Wake::Timer)
                 })
                 .await
             };
             let result = match wake {
-                Wake::Frame(frame) => {
+                Wake::Readable => {
                     if let Some(sent_at) = ping_sent_at.take() {
-                        timer.set_at(sent_at + self.config.ping_interval);
+                        timer.set_at(sent_at + self.config().ping_interval);
                     }
-                    let handled = Box::pin(self.handle_frame(frame)).await;
-                    // A client flooding frames must not monopolize the thread: frames already
-                    // buffered are read without ever returning Pending.
-                    future::yield_now().await;
-                    handled
+                    Box::pin(self.read_frames()).await
                 }
-                Wake::Event(Some(event)) => self.send_events(event).await,
-                Wake::Event(None) => Err(Box::pin(self.say_farewell()).await),
+                Wake::Doorbell if self.subscription.doorbell.farewell().is_some() => {
+                    Err(Box::pin(self.say_farewell()).await)
+                }
+                Wake::Doorbell => self.send_pending(Vec::new()).await,
                 Wake::Timer if ping_sent_at.is_some() => {
                     Box::pin(self.close(CloseCode::Policy, "no pong within pong_timeout")).await;
                     Err(SessionEnd::PongTimeout)
@@ -307,8 +333,8 @@ impl Session<'_> {
                 Wake::Timer => {
                     let now = Instant::now();
                     ping_sent_at = Some(now);
-                    timer.set_at(now + self.config.pong_timeout);
-                    Box::pin(self.write(Message::Ping(Bytes::new()))).await
+                    timer.set_at(now + self.config().pong_timeout);
+                    Box::pin(self.write(&[Frame::ping()])).await
                 }
             };
             if let Err(end) = result {
@@ -322,7 +348,7 @@ impl Session<'_> {
     fn explain(&self, end: SessionEnd) -> SessionEnd {
         match end {
             SessionEnd::WriteTimeout | SessionEnd::Io(_)
-                if self.subscription.farewell.get() == Some(Farewell::TooSlow) =>
+                if self.subscription.doorbell.farewell() == Some(Farewell::TooSlow) =>
             {
                 SessionEnd::TooSlow
             }
@@ -330,37 +356,63 @@ impl Session<'_> {
         }
     }
 
+    /// The welcome, then the replay (when the client resumed) and whatever came since, with
+    /// the welcome in the first write.
     async fn send_welcome_and_replay(&mut self) -> Result<(), SessionEnd> {
-        let subscription = &self.subscription;
+        let Some(greeting) = self.greeting.take() else { return Ok(()) };
+        let config = self.config();
         let welcome = Welcome {
             kind: "connection",
             message: WELCOME_MESSAGE,
-            client_id: subscription.client_id,
-            stream: subscription.stream.to_string(),
-            seq: subscription.seq,
-            history: subscription.history,
-            replay: subscription.replay_info,
-            ping_interval_ms: self.config.ping_interval.as_millis(),
-            pong_timeout_ms: self.config.pong_timeout.as_millis(),
+            client_id: self.subscription.client_id,
+            stream: greeting.stream.to_string(),
+            seq: greeting.seq,
+            history: greeting.history,
+            replay: greeting.replay,
+            ping_interval_ms: config.ping_interval.as_millis(),
+            pong_timeout_ms: config.pong_timeout.as_millis(),
         };
-        self.feed(Message::Text(protocol::to_json(&welcome).into())).await?;
-        for event in std::mem::take(&mut self.subscription.replay) {
-            self.feed(Message::Text(event)).await?;
-            self.events_sent += 1;
+        self.send_pending(vec![Frame::text(protocol::to_json(&welcome).into())]).await
+    }
+
+    /// Writes `first` and everything the hub has for this client, in batches of up to
+    /// `WRITE_BATCH_FRAMES`, one system call each when the socket has room.
+    async fn send_pending(&mut self, first: Vec<Frame>) -> Result<(), SessionEnd> {
+        let mut batch = first;
+        loop {
+            let taken = self.subscription.take_frames(&mut batch, WRITE_BATCH_FRAMES, WRITE_BATCH_BYTES);
+            if batch.is_empty() {
+                return Ok(());
+            }
+            self.write(&batch).await?;
+            self.events_sent += taken as u64;
+            batch.clear();
         }
-        self.flush().await
+    }
+
+    /// Handles every frame the client has sent; returns when no complete frame is left.
+    async fn read_frames(&mut self) -> Result<(), SessionEnd> {
+        while let Some(frame) = future::poll_once(self.ws.next()).await {
+            self.handle_frame(frame).await?;
+            // A client flooding frames must not monopolize the thread: frames already
+            // buffered are read without ever returning Pending.
+            future::yield_now().await;
+        }
+        Ok(())
     }
 
     async fn handle_frame(&mut self, frame: Option<Result<Message, WsError>>) -> Result<(), SessionEnd> {
         match frame {
-            Some(Ok(Message::Text(text))) if is_ping_text(&text) => self.write(Message::text(PONG)).await,
+            Some(Ok(Message::Text(text))) if is_ping_text(&text) => {
+                self.write(&[Frame::text(Utf8Bytes::from_static(PONG))]).await
+            }
             Some(Ok(Message::Close(frame))) => {
                 // tungstenite has queued the Close reply; flushing sends it.
                 let _ = deadline::within(CLOSE_REPLY_TIMEOUT, self.ws.flush()).await;
                 Err(SessionEnd::ClientClosed(frame.map(|f| f.code)))
             }
             // Other text, binary, and Ping/Pong frames only show the client is alive. tungstenite
-            // queues the answer to a Ping and sends it on the next read, write or flush.
+            // queues the answer to a Ping; `write` sends it before anything else.
             Some(Ok(_)) => Ok(()),
             Some(Err(error @ WsError::Capacity(_))) => {
                 self.close(CloseCode::Size, "message too large").await;
@@ -379,23 +431,10 @@ impl Session<'_> {
         }
     }
 
-    /// Sends `first` and whatever else is already queued, with one flush.
-    async fn send_events(&mut self, first: Utf8Bytes) -> Result<(), SessionEnd> {
-        let mut batch_bytes = first.len();
-        self.feed(Message::Text(first)).await?;
-        self.events_sent += 1;
-        while batch_bytes < WRITE_BATCH_BYTES {
-            let Ok(event) = self.subscription.events.try_recv() else { break };
-            batch_bytes += event.len();
-            self.feed(Message::Text(event)).await?;
-            self.events_sent += 1;
-        }
-        self.flush().await
-    }
-
-    /// The hub closed the queue (after it was drained): say why, with the matching close code.
+    /// The hub closed the doorbell: say why, with the matching close code. At shutdown the
+    /// client first gets everything it has not been sent.
     async fn say_farewell(&mut self) -> SessionEnd {
-        match self.subscription.farewell.get() {
+        match self.subscription.doorbell.farewell() {
             Some(Farewell::TooSlow) => {
                 self.close(CloseCode::Policy, "too slow: reconnect with ?since=").await;
                 SessionEnd::TooSlow
@@ -405,6 +444,9 @@ impl Session<'_> {
                 SessionEnd::Revoked
             }
             Some(Farewell::ShuttingDown) | None => {
+                if let Err(end) = self.send_pending(Vec::new()).await {
+                    return end;
+                }
                 self.close(CloseCode::Away, "server shutting down").await;
                 SessionEnd::Shutdown
             }
@@ -416,7 +458,7 @@ impl Session<'_> {
     /// connection and could destroy our Close before the client reads it.
     async fn close(&mut self, code: CloseCode, reason: &'static str) {
         let frame = CloseFrame { code, reason: Utf8Bytes::from_static(reason) };
-        let limit = self.config.write_timeout.min(CLOSE_REPLY_TIMEOUT);
+        let limit = self.config().write_timeout.min(CLOSE_REPLY_TIMEOUT);
         if deadline::within(limit, self.ws.close(Some(frame))).await.is_err() {
             return;
         }
@@ -434,28 +476,76 @@ impl Session<'_> {
         .await;
     }
 
-    async fn write(&mut self, message: Message) -> Result<(), SessionEnd> {
-        self.feed(message).await?;
-        self.flush().await
-    }
-
-    async fn feed(&mut self, message: Message) -> Result<(), SessionEnd> {
-        Self::bounded(self.config.write_timeout, self.ws.feed(message)).await
-    }
-
-    async fn flush(&mut self) -> Result<(), SessionEnd> {
-        Self::bounded(self.config.write_timeout, self.ws.flush()).await
-    }
-
-    async fn bounded(
-        limit: Duration,
-        write: impl Future<Output = Result<(), WsError>>,
-    ) -> Result<(), SessionEnd> {
-        match deadline::within(limit, write).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(error)) => Err(SessionEnd::Io(error)),
-            Err(TimedOut) => Err(SessionEnd::WriteTimeout),
+    /// Writes `frames` to the socket. What tungstenite still holds (the answer to a client's
+    /// Ping) goes first, so that frames never interleave.
+    async fn write(&mut self, frames: &[Frame]) -> Result<(), SessionEnd> {
+        let limit = self.config().write_timeout;
+        if future::poll_once(self.ws.flush()).await.is_none_or(|flushed| flushed.is_err()) {
+            Box::pin(bounded(limit, self.ws.flush())).await?;
         }
+        write_all(&self.socket, frames, limit).await
+    }
+}
+
+/// Writes every byte of `frames` with as few `writev` calls as the socket allows. The clock
+/// starts only if the socket is full: a write that goes through at once costs no timer.
+async fn write_all(
+    socket: &Async<std::net::TcpStream>,
+    frames: &[Frame],
+    limit: Duration,
+) -> Result<(), SessionEnd> {
+    let total: usize = frames.iter().map(Frame::len).sum();
+    let mut written = 0;
+    let mut deadline: Option<Timer> = None;
+    future::poll_fn(|cx| {
+        while written < total {
+            let mut slices = [IoSlice::new(&[]); 2 * WRITE_BATCH_FRAMES];
+            let count = unwritten_slices(frames, written, &mut slices);
+            match Pin::new(&mut &*socket).poll_write_vectored(cx, &slices[..count]) {
+                Poll::Ready(Ok(0)) => {
+                    return Poll::Ready(Err(SessionEnd::Io(
+                        io::Error::from(io::ErrorKind::WriteZero).into(),
+                    )));
+                }
+                Poll::Ready(Ok(n)) => written += n,
+                Poll::Ready(Err(error)) => return Poll::Ready(Err(SessionEnd::Io(error.into()))),
+                Poll::Pending => {
+                    let timer = deadline.get_or_insert_with(|| Timer::after(limit));
+                    return match Pin::new(timer).poll(cx) {
+                        Poll::Ready(_) => Poll::Ready(Err(SessionEnd::WriteTimeout)),
+                        Poll::Pending => Poll::Pending,
+                    };
+                }
+            }
+        }
+        Poll::Ready(Ok(()))
+    })
+    .await
+}
+
+/// Fills `slices` with the parts of `frames` after the first `skip` bytes; returns how many.
+fn unwritten_slices<'a>(frames: &'a [Frame], mut skip: usize, slices: &mut [IoSlice<'a>]) -> usize {
+    let mut count = 0;
+    for part in frames.iter().flat_map(Frame::parts) {
+        if skip >= part.len() {
+            skip -= part.len();
+            continue;
+        }
+        if count == slices.len() {
+            break;
+        }
+        slices[count] = IoSlice::new(&part[skip..]);
+        skip = 0;
+        count += 1;
+    }
+    count
+}
+
+async fn bounded(limit: Duration, work: impl Future<Output = Result<(), WsError>>) -> Result<(), SessionEnd> {
+    match deadline::within(limit, work).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(error)) => Err(SessionEnd::Io(error)),
+        Err(TimedOut) => Err(SessionEnd::WriteTimeout),
     }
 }
 
@@ -477,6 +567,20 @@ mod tests {
     #[test]
     fn accept_key_matches_rfc_6455_example() {
         assert_eq!(accept_key("dGhlIHNhbXBsZSBub25jZQ=="), "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
+    }
+
+    #[test]
+    fn unwritten_slices_resume_mid_frame() {
+        let frames = [Frame::text("abc".into()), Frame::ping(), Frame::text("de".into())];
+        let wire: Vec<u8> = frames.iter().flat_map(Frame::parts).flatten().copied().collect();
+        for skip in 0..=wire.len() {
+            let mut slices = [IoSlice::new(&[]); 6];
+            let count = unwritten_slices(&frames, skip, &mut slices);
+            let rest: Vec<u8> = slices[..count].iter().flat_map(|slice| slice.iter().copied()).collect();
+            assert_eq!(rest, wire[skip..], "skip {skip}");
+        }
+        let mut two = [IoSlice::new(&[]); 2];
+        assert_eq!(unwritten_slices(&frames, 1, &mut two), 2);
     }
 
     #[test]
