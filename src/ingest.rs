@@ -102,6 +102,7 @@ pub fn stage(shared: &Shared, bytes: &[u8], source: Source) -> Result<Staged, Re
                 .borrow_mut()
                 .publish(data, source)
                 .map_err(|_: Refusal| Rejection::ShuttingDown)?;
+            shared.fan_out.published();
             Ok(Staged::Published(receipt))
         }
     }

@@ -16,6 +16,7 @@ pub mod logger;
 mod metrics;
 mod protocol;
 mod routes;
+mod scheduler;
 pub mod server;
 mod session;
 mod slots;

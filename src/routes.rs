@@ -27,7 +27,7 @@ use crate::hub::Resume;
 use crate::ingest;
 use crate::protocol::{self, Health, PublishReply, Source, error_json};
 use crate::server::Shared;
-use crate::session;
+use crate::session::{self, Session};
 use crate::slots::SlotGuard;
 
 /// What a handled request leaves for the connection.
@@ -46,34 +46,26 @@ pub struct Upgrade {
     pub slot: SlotGuard,
 }
 
-/// Serves one connection: its HTTP requests, then its WebSocket session if it asks for one.
-/// Each phase is boxed and freed when it ends, so a connected client's task holds only its
-/// `Session` and the session loop.
-pub fn serve_connection(
+/// Serves one connection's HTTP requests; returns its WebSocket session if it asks for one and
+/// is admitted, for the caller to run as a task of its own.
+pub async fn serve_connection(
     shared: Rc<Shared>,
     stream: TcpStream,
     peer: SocketAddr,
     slot: SlotGuard,
-) -> impl Future<Output = ()> {
-    // Boxed here rather than in the async block, which would keep its arguments (the stream,
-    // the slot) for as long as the connection lives.
-    let requests = Box::pin(serve_requests(Rc::clone(&shared), stream, peer, slot));
-    async move {
-        let Some(upgrade) = requests.await else { return };
-        let Some(mut session) = Box::pin(session::upgrade(&shared, upgrade, peer)).await else { return };
-        Box::pin(session.serve()).await;
-    }
+) -> Option<Session> {
+    let upgrade = serve_requests(&shared, stream, peer, slot).await?;
+    session::upgrade(&shared, upgrade, peer).await
 }
 
 /// Serves requests until the connection closes, or returns it when it asks for an upgrade.
 /// `slot` counts it against `--max-http-connections` until then.
 async fn serve_requests(
-    shared: Rc<Shared>,
+    shared: &Shared,
     stream: TcpStream,
     peer: SocketAddr,
     slot: SlotGuard,
 ) -> Option<Upgrade> {
-    let shared = &*shared;
     let config = &shared.config;
     let mut connection = HttpConnection::new(stream, Rc::clone(&shared.metrics));
     loop {
@@ -112,8 +104,8 @@ async fn serve_requests(
                 }
             }
         }
-        // Pipelined requests must not monopolize the thread.
-        future::yield_now().await;
+        // Pipelined requests must not monopolize the thread, nor publishes outrun the sessions.
+        shared.fan_out.pace().await;
     }
 }
 

@@ -1,11 +1,11 @@
 //! The running server: accept loops for the TCP listener and the Unix socket, one spawned task
-//! per connection, connection caps, and the shutdown sequence.
+//! per connection (and one per WebSocket session once it upgrades), connection caps, and the
+//! shutdown sequence.
 //!
-//! Everything runs on one `LocalExecutor` on the calling thread. `main` binds the sockets and
+//! Everything runs on the calling thread, under the `Scheduler`. `main` binds the sockets and
 //! hands them to `serve` with a stream of `Control`s (from signals): reload the token files, or
 //! shut down.
 
-use futures_util::FutureExt;
 use std::cell::{Cell, RefCell};
 use std::future::Future;
 use std::io;
@@ -14,6 +14,7 @@ use std::rc::Rc;
 use std::time::{Duration, Instant, SystemTime};
 
 use async_channel::{Receiver, Sender};
+use futures_util::FutureExt;
 use log::{error, info, warn};
 use smol::io::AsyncWriteExt;
 use smol::net::TcpListener;
@@ -26,6 +27,7 @@ use crate::hub::{Hub, HubLimits, SharedHub};
 use crate::journal::{self, Committed, Journal, Storage};
 use crate::metrics::Metrics;
 use crate::routes;
+use crate::scheduler::{FanOut, Scheduler};
 use crate::slots::{ConnectionSlots, HTTP_CONNECTIONS};
 use crate::unix_ingest::{self, BoundUnixSocket};
 
@@ -46,6 +48,9 @@ pub struct Shared {
     /// history is in memory only.
     pub journal: Option<Journal>,
     pub metrics: Rc<Metrics>,
+    /// Paces publishing to the sessions' fan-out; every path that hands emergencies to the hub
+    /// counts them here and calls `pace` between them.
+    pub fan_out: Rc<FanOut>,
     /// Its `recv` fails once shutdown begins: idle connections race it to close promptly.
     pub stop: Receiver<()>,
 }
@@ -94,21 +99,22 @@ pub fn serve(
     };
     let (stop_sender, stop) = async_channel::bounded(1);
     let metrics = Rc::new(Metrics::default());
-    let shared = Rc::new(Shared { config, hub, access: RefCell::new(access), journal, metrics, stop });
+    let scheduler = Scheduler::new(config.publish_burst());
+    let fan_out = Rc::clone(&scheduler.fan_out);
+    let shared =
+        Rc::new(Shared { config, hub, access: RefCell::new(access), journal, metrics, fan_out, stop });
     // Every connection task holds a clone of `task_token`; when all are dropped, `tasks_done`
     // reports it, which is how shutdown knows the sessions have finished.
     let (task_token, tasks_done) = async_channel::bounded::<()>(1);
-    let executor = LocalExecutor::new();
-
     if let Some(committed) = committed {
-        executor.spawn(deliver_committed(Rc::clone(&shared), committed)).detach();
+        scheduler.control.spawn(deliver_committed(Rc::clone(&shared), committed)).detach();
     }
-    executor.spawn(expire_history(Rc::clone(&shared))).detach();
+    scheduler.control.spawn(expire_history(Rc::clone(&shared))).detach();
 
-    smol::block_on(executor.run(async {
+    scheduler.block_on(async {
         let accepting = future::zip(
-            accept_tcp(&executor, &shared, tcp, task_token.clone()),
-            unix_ingest::accept(&executor, &shared, unix_listener, task_token.clone()),
+            accept_tcp(&scheduler, &shared, tcp, task_token.clone()),
+            unix_ingest::accept(&scheduler.control, &shared, unix_listener, task_token.clone()),
         );
         let controlled = async {
             while let Some(Control::Reload) = controls.next().await {
@@ -131,7 +137,7 @@ pub fn serve(
         } else {
             warn!("shutdown: connections still open after {SHUTDOWN_GRACE:?}, closing them");
         }
-    }));
+    });
     drop(unix);
     Ok(())
 }
@@ -139,15 +145,12 @@ pub fn serve(
 /// Hands what the journal committed to the hub, in seq order, and answers each publisher.
 async fn deliver_committed(shared: Rc<Shared>, committed: Receiver<Committed>) {
     while let Ok(Committed(batch)) = committed.recv().await {
-        for (index, (stored, reply)) in batch.into_iter().enumerate() {
+        for (stored, reply) in batch {
             let receipt = shared.hub.borrow_mut().deliver(stored);
+            shared.fan_out.published();
             let _ = reply.try_send(Ok(receipt));
-            // Let the sessions this woke write before more is queued to them.
-            if (index + 1) % shared.config.publish_burst() == 0 {
-                future::yield_now().await;
-            }
+            shared.fan_out.pace().await;
         }
-        future::yield_now().await;
     }
 }
 
@@ -185,19 +188,19 @@ fn reload_access(shared: &Shared) {
 }
 
 /// Spawns `work` as a detached connection task that holds a shutdown token while it runs.
-pub fn spawn_connection(
+pub fn spawn_connection<T: 'static>(
     executor: &LocalExecutor<'static>,
     task_token: &Sender<()>,
-    work: impl Future<Output = ()> + 'static,
+    work: impl Future<Output = T> + 'static,
 ) {
     let token = task_token.clone();
     // `map`, not an async block: a block would hold `work` twice (as its capture and as the
     // future it awaits), doubling what every connection's task allocates.
-    executor.spawn(work.map(move |()| drop(token))).detach();
+    executor.spawn(work.map(move |_| drop(token))).detach();
 }
 
 async fn accept_tcp(
-    executor: &LocalExecutor<'static>,
+    scheduler: &Scheduler,
     shared: &Rc<Shared>,
     listener: TcpListener,
     task_token: Sender<()>,
@@ -212,8 +215,15 @@ async fn accept_tcp(
                     continue;
                 };
                 let _ = stream.set_nodelay(true);
-                let connection = routes::serve_connection(Rc::clone(shared), stream, peer, slot);
-                spawn_connection(executor, &task_token, connection);
+                // Its requests are control work; once it upgrades, its session moves over.
+                let (sessions, token) = (Rc::clone(&scheduler.sessions), task_token.clone());
+                let connection =
+                    routes::serve_connection(Rc::clone(shared), stream, peer, slot).map(move |upgraded| {
+                        if let Some(session) = upgraded {
+                            spawn_connection(&sessions, &token, session.serve());
+                        }
+                    });
+                spawn_connection(&scheduler.control, &task_token, connection);
                 // Let the new connection read its request before the next is accepted: in a
                 // reconnect storm this keeps connections from piling up unread.
                 future::yield_now().await;

@@ -260,8 +260,17 @@ pub struct Session {
 
 impl Session {
     /// Runs the session to its end and logs how it ended.
-    pub async fn serve(&mut self) {
-        let end = self.run().await;
+    pub fn serve(self) -> impl Future<Output = ()> + 'static {
+        // Moved into the block and borrowed by the future it awaits, never moved again: an
+        // `async fn` taking `self` would keep two copies of it for the client's whole life.
+        let mut session = self;
+        async move {
+            let end = session.run().await;
+            session.log_end(end);
+        }
+    }
+
+    fn log_end(&self, end: SessionEnd) {
         let shared = &self.shared;
         let summary = format!(
             "{} disconnected after {:.0?}, {} events sent: {end}",

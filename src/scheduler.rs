@@ -1,0 +1,151 @@
+//! The one thread's scheduler: two `LocalExecutor`s and the loop that drives them, giving the
+//! control tasks (accepting, HTTP requests, ingest, delivery from the journal, expiry) their
+//! turns before the WebSocket sessions'.
+//!
+//! Why two: a publish wakes every session, and each session's write is a system call. With one
+//! run queue in FIFO order, a publish that arrives during a fan-out waits behind every session
+//! woken before it, so the server takes in one publish per fan-out and falls behind a steady
+//! rate. Taken in first, the publish reaches the hub while the fan-out is under way, and every
+//! session not yet served sends both emergencies in one write: under load the fan-out
+//! coalesces. Each side has a bounded number of turns per round and the reactor is polled
+//! between rounds, so neither side can starve the other, and pings, accepts and signals keep
+//! their turns.
+//!
+//! Going first, ingest could outrun the sessions and push clients that keep up past
+//! `--queue`; `FanOut` bounds that: after half a queue of emergencies, publishing waits until
+//! every woken session has had its turn.
+
+use std::cell::{Cell, RefCell};
+use std::future::Future;
+use std::rc::Rc;
+use std::task::{Poll, Waker};
+
+use smol::{LocalExecutor, future};
+
+/// Control tasks run per round, at most. Each does a bounded piece of work per turn.
+const CONTROL_TURNS: usize = 64;
+/// Session turns per round, at most: about one write each, a fraction of a millisecond in all.
+const SESSION_TURNS: usize = 64;
+
+pub struct Scheduler {
+    pub control: LocalExecutor<'static>,
+    /// Shared with the control tasks, which hand each upgraded connection over to it.
+    pub sessions: Rc<LocalExecutor<'static>>,
+    pub fan_out: Rc<FanOut>,
+}
+
+impl Scheduler {
+    pub fn new(publish_burst: usize) -> Scheduler {
+        Scheduler {
+            control: LocalExecutor::new(),
+            sessions: Rc::new(LocalExecutor::new()),
+            fan_out: Rc::new(FanOut::new(publish_burst)),
+        }
+    }
+
+    /// Runs `main` and every spawned task on this thread until `main` completes.
+    pub fn block_on<T>(&self, main: impl Future<Output = T>) -> T {
+        smol::block_on(future::or(main, self.run_tasks()))
+    }
+
+    async fn run_tasks<T>(&self) -> T {
+        loop {
+            let control_ran = (0..CONTROL_TURNS).take_while(|_| self.control.try_tick()).count();
+            let sessions_ran = (0..SESSION_TURNS).take_while(|_| self.sessions.try_tick()).count();
+            if sessions_ran < SESSION_TURNS {
+                self.fan_out.caught_up();
+            }
+            if control_ran + sessions_ran > 0 {
+                // Returning to `block_on` for a moment polls the reactor without blocking, so
+                // input that arrived during this round wakes its tasks before the next.
+                future::yield_now().await;
+            } else {
+                future::or(self.control.tick(), self.sessions.tick()).await;
+            }
+        }
+    }
+}
+
+/// How far publishing may run ahead of the sessions.
+pub struct FanOut {
+    /// Emergencies handed to the hub since every woken session last had its turn.
+    published: Cell<usize>,
+    /// At most this many (half a queue, `Config::publish_burst`) before publishing waits.
+    burst: usize,
+    waiting: RefCell<Vec<Waker>>,
+}
+
+impl FanOut {
+    fn new(burst: usize) -> FanOut {
+        FanOut { published: Cell::new(0), burst: burst.max(1), waiting: RefCell::new(Vec::new()) }
+    }
+
+    /// Counts one emergency handed to the hub.
+    pub fn published(&self) {
+        self.published.set(self.published.get() + 1);
+    }
+
+    /// Gives the sessions their turn: once a burst has been published, waits until every
+    /// session it woke has run (each then sends the whole burst in one write); otherwise just
+    /// yields, so that one publisher cannot monopolize the thread either.
+    pub async fn pace(&self) {
+        if self.published.get() < self.burst {
+            return future::yield_now().await;
+        }
+        future::poll_fn(|cx| {
+            if self.published.get() < self.burst {
+                return Poll::Ready(());
+            }
+            self.waiting.borrow_mut().push(cx.waker().clone());
+            Poll::Pending
+        })
+        .await
+    }
+
+    /// The sessions have nothing left to run.
+    fn caught_up(&self) {
+        self.published.set(0);
+        for waker in self.waiting.take() {
+            waker.wake();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::RefCell;
+
+    #[test]
+    fn control_tasks_go_before_waiting_sessions() {
+        let scheduler = Scheduler::new(8);
+        let order = Rc::new(RefCell::new(Vec::new()));
+        for i in 0..3 {
+            let order = Rc::clone(&order);
+            scheduler.sessions.spawn(async move { order.borrow_mut().push(format!("session {i}")) }).detach();
+        }
+        let log = Rc::clone(&order);
+        scheduler.control.spawn(async move { log.borrow_mut().push("control".into()) }).detach();
+        let done = scheduler.sessions.spawn(future::yield_now());
+        scheduler.block_on(done);
+        assert_eq!(order.borrow().as_slice(), ["control", "session 0", "session 1", "session 2"]);
+    }
+
+    #[test]
+    fn publishing_waits_for_the_sessions_after_a_burst() {
+        let scheduler = Scheduler::new(2);
+        let order = Rc::new(RefCell::new(Vec::new()));
+        let log = Rc::clone(&order);
+        let session = scheduler.sessions.spawn(async move { log.borrow_mut().push("session") });
+        let (log, fan_out) = (Rc::clone(&order), Rc::clone(&scheduler.fan_out));
+        let publisher = scheduler.control.spawn(async move {
+            for _ in 0..4 {
+                fan_out.published();
+                log.borrow_mut().push("publish");
+                fan_out.pace().await;
+            }
+        });
+        scheduler.block_on(future::zip(session, publisher));
+        assert_eq!(order.borrow().as_slice(), ["publish", "publish", "session", "publish", "publish"]);
+    }
+}
