@@ -16,6 +16,7 @@ use smol::lock::Semaphore;
 use smol::net::TcpStream;
 use smol::stream::StreamExt;
 use smol::{Timer, future};
+use socket2::{Domain, Protocol, Socket, Type};
 
 /// Where the server is, parsed from `--url ws://HOST:PORT[/path]`.
 #[derive(Clone, Debug)]
@@ -243,9 +244,8 @@ fn expected_accept(key: &str) -> String {
 
 const WEBSOCKET_GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
 
-/// The client's side of the RFC 6455 upgrade, written here rather than taken from tungstenite so
-/// that a refusal is reported precisely (`HTTP 503: ...`, reset before any answer, ...).
-async fn handshake(target: &Target, mut stream: TcpStream) -> Result<WebSocketStream<TcpStream>, String> {
+/// The upgrade request, and the `Sec-WebSocket-Key` it carries.
+fn upgrade_request(target: &Target) -> (String, String) {
     let key = websocket_key();
     let path = target.ws_url.strip_prefix("ws://").and_then(|r| r.find('/').map(|i| &r[i..])).unwrap_or("/");
     let auth = target.token.as_ref().map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
@@ -254,7 +254,39 @@ async fn handshake(target: &Target, mut stream: TcpStream) -> Result<WebSocketSt
          Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n{auth}\r\n",
         target.authority
     );
-    stream.write_all(request.as_bytes()).await.map_err(|e| format!("sending the upgrade: {e}"))?;
+    (key, request)
+}
+
+/// Opens a TCP connection and writes `request` as soon as it is up, as a tablet does. The write is
+/// tried right after `connect()`, in the same poll: on loopback the handshake is already done by
+/// then. `TcpStream::connect` would first wait for a reactor tick, and since one executor thread
+/// runs its tasks in FIFO order, a storm's requests would then all wait behind its connects.
+async fn connect_and_send(addr: SocketAddr, request: &[u8]) -> Result<TcpStream, String> {
+    let connect_error = |e: std::io::Error| format!("connect: {}", e.kind());
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
+        .and_then(|s| s.set_nonblocking(true).map(|()| s))
+        .map_err(connect_error)?;
+    let _ = socket.set_tcp_nodelay(true);
+    match socket.connect(&addr.into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) => return Err(connect_error(e)),
+    }
+    let mut stream = TcpStream::try_from(std::net::TcpStream::from(socket)).map_err(connect_error)?;
+    // Not yet connected, the write waits for writability; a failed connect fails it.
+    if let Err(e) = stream.write_all(request).await {
+        return Err(match stream.peer_addr() {
+            Ok(_) => format!("sending the upgrade: {e}"),
+            Err(_) => connect_error(e),
+        });
+    }
+    Ok(stream)
+}
+
+/// The client's side of the RFC 6455 upgrade once the request carrying `key` is sent: reads and
+/// checks the answer. Written here rather than taken from tungstenite so that a refusal is
+/// reported precisely (`HTTP 503: ...`, reset before any answer, ...).
+async fn handshake(key: &str, mut stream: TcpStream) -> Result<WebSocketStream<TcpStream>, String> {
     let mut buffer = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
     let head_end = loop {
@@ -283,7 +315,7 @@ async fn handshake(target: &Target, mut stream: TcpStream) -> Result<WebSocketSt
         .lines()
         .find_map(|line| line.split_once(':').filter(|(n, _)| n.eq_ignore_ascii_case("sec-websocket-accept")))
         .map(|(_, v)| v.trim().to_owned());
-    if accept.as_deref() != Some(expected_accept(&key).as_str()) {
+    if accept.as_deref() != Some(expected_accept(key).as_str()) {
         return Err(format!("bad Sec-WebSocket-Accept {accept:?}"));
     }
     let rest = buffer[head_end..].to_vec();
@@ -292,9 +324,9 @@ async fn handshake(target: &Target, mut stream: TcpStream) -> Result<WebSocketSt
 
 /// Connects and reads the welcome: the socket, and the welcome's `seq`.
 pub async fn connect(target: &Target) -> Result<(WebSocketStream<TcpStream>, u64), String> {
-    let stream = TcpStream::connect(target.addr).await.map_err(|e| format!("connect: {}", e.kind()))?;
-    let _ = stream.set_nodelay(true);
-    let mut ws = handshake(target, stream).await?;
+    let (key, request) = upgrade_request(target);
+    let stream = connect_and_send(target.addr, request.as_bytes()).await?;
+    let mut ws = handshake(&key, stream).await?;
     loop {
         match ws.next().await {
             Some(Ok(Message::Text(text))) => {
