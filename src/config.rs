@@ -12,8 +12,9 @@ use argh::FromArgs;
 /// Default address for HTTP and WebSocket clients: the port the old backend used.
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:8000";
 /// Default connections the kernel queues before the server accepts them: a site's tablets all
-/// reconnecting at once after a Wi-Fi outage must not overflow it.
-pub const DEFAULT_LISTEN_BACKLOG: u32 = 1024;
+/// reconnecting at once after a Wi-Fi outage must not overflow it (a dropped SYN is retried only
+/// after a second). Linux caps it at `net.core.somaxconn`, 4096 by default since 5.4.
+pub const DEFAULT_LISTEN_BACKLOG: u32 = 4096;
 /// Default seconds between server WebSocket pings.
 pub const DEFAULT_PING_INTERVAL_SECS: f64 = 30.0;
 /// Default seconds a client has to answer a ping (with anything) before it is dropped.
@@ -57,7 +58,7 @@ pub struct Config {
     #[argh(option, default = "default_listen()")]
     pub listen: SocketAddr,
 
-    /// connections the kernel queues before they are accepted (default 1024; the kernel caps it at
+    /// connections the kernel queues before they are accepted (default 4096; the kernel caps it at
     /// net.core.somaxconn)
     #[argh(option, default = "DEFAULT_LISTEN_BACKLOG")]
     pub listen_backlog: u32,

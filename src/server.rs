@@ -35,6 +35,8 @@ use crate::unix_ingest::{self, BoundUnixSocket};
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// How often aged-out history is swept.
 const EXPIRY_SWEEP: Duration = Duration::from_secs(60);
+/// Connections accepted in one go before their tasks get a turn.
+const ACCEPT_BATCH: usize = 64;
 /// Pause after an accept error, so that running out of file descriptors does not spin the CPU.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
@@ -207,6 +209,7 @@ async fn accept_tcp(
 ) {
     let slots = ConnectionSlots::new(shared.config.max_http_connections, HTTP_CONNECTIONS);
     let errors = WarningThrottle::default();
+    let mut accepted = 0usize;
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
@@ -224,9 +227,12 @@ async fn accept_tcp(
                         }
                     });
                 spawn_connection(&scheduler.control, &task_token, connection);
-                // Let the new connection read its request before the next is accepted: in a
-                // reconnect storm this keeps connections from piling up unread.
-                future::yield_now().await;
+                // In a reconnect storm, let a batch of new connections read their requests
+                // before more are accepted, so that connections do not pile up unread.
+                accepted += 1;
+                if accepted.is_multiple_of(ACCEPT_BATCH) {
+                    future::yield_now().await;
+                }
             }
             Err(error) => back_off_after_accept_error("TCP", error, &errors).await,
         }
