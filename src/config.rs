@@ -39,7 +39,7 @@ pub const DEFAULT_MAX_HEAD_BYTES: usize = 8 * 1024;
 pub const DEFAULT_HEADER_TIMEOUT_SECS: f64 = 10.0;
 /// Default seconds a write to a client may take before the client is dropped.
 pub const DEFAULT_WRITE_TIMEOUT_SECS: f64 = 10.0;
-/// Default events queued per WebSocket client before it counts as too slow and is dropped.
+/// Default live events a WebSocket client may fall behind before it counts as too slow and is dropped.
 pub const DEFAULT_QUEUE: usize = 16;
 /// Default connected WebSocket clients.
 pub const DEFAULT_MAX_CLIENTS: usize = 1000;
@@ -115,7 +115,7 @@ pub struct Config {
     #[argh(option, default = "secs(DEFAULT_WRITE_TIMEOUT_SECS)", from_str_fn(parse_seconds))]
     pub write_timeout: Duration,
 
-    /// events queued per WebSocket client; a client this far behind is dropped (default 16)
+    /// live events a WebSocket client may fall behind before it is dropped (default 16)
     #[argh(option, default = "DEFAULT_QUEUE")]
     pub queue: usize,
 
@@ -152,9 +152,10 @@ pub struct Config {
 }
 
 impl Config {
-    /// How many emergencies an ingest path publishes before it yields to the sessions. Half a
-    /// queue: a client that writes whenever it is woken never falls `--queue` behind, and a burst
-    /// reaches each client in one write of several frames instead of one write per frame.
+    /// How many emergencies may be published before publishing waits for every woken session to
+    /// write (`scheduler::FanOut`). Half a queue: a client that writes whenever it is woken never
+    /// falls `--queue` behind, and a burst reaches each client in one write of several frames
+    /// instead of one write per frame.
     pub fn publish_burst(&self) -> usize {
         (self.queue / 2).max(1)
     }
