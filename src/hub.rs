@@ -295,6 +295,7 @@ impl Hub {
         let first_seq = self.history.front().map_or(self.last_seq + 1, |retained| retained.seq);
         // `trim` keeps every entry after a subscriber's cursor, so this never skips one.
         let start = (subscriber.cursor + 1).saturating_sub(first_seq) as usize;
+        batch.reserve(self.history.len().saturating_sub(start).min(max_frames));
         let (mut taken, mut bytes) = (0, 0);
         for retained in self.history.range(start..) {
             if taken == max_frames || bytes >= max_bytes {

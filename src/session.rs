@@ -396,6 +396,10 @@ impl Session {
             self.write(&batch).await?;
             self.events_sent += taken as u64;
             batch.clear();
+            if taken == WRITE_BATCH_FRAMES {
+                // A long replay must not hold the thread: other clients write between batches.
+                future::yield_now().await;
+            }
         }
     }
 

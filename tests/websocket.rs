@@ -8,6 +8,8 @@ use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use common::{Client, PATIENCE, Server, wait_until};
+use serde_json::Value;
+use tungstenite::Message;
 use tungstenite::protocol::frame::coding::CloseCode;
 
 #[test]
@@ -351,4 +353,39 @@ fn a_client_flooding_frames_does_not_starve_the_server() {
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     flooding.join().unwrap();
     assert!(answered >= 20, "only {answered} health checks answered in 2 s during the flood");
+}
+
+/// Emergencies are framed once by the server and written straight to every socket: frames with
+/// 7-, 16- and 64-bit lengths, a replay longer than one write, and a client Ping answered
+/// between them must all reach a standard client intact.
+#[test]
+fn frames_of_every_length_arrive_intact_in_replay_and_live() {
+    let server = Server::start(&["--history", "100"]);
+    let (mut live, _) = server.subscribe();
+    let mut unix = server.unix();
+    let pads = [0, 100, 60_000, 65_400];
+    let data: Vec<String> =
+        (0..40).map(|i| format!(r#"{{"i":{i},"pad":"{}"}}"#, "x".repeat(pads[i % 4]))).collect();
+    for json in &data {
+        unix.publish(json);
+    }
+    live.ws.send(Message::Ping("mid-stream".into())).unwrap();
+    let mut pong = false;
+    let mut received = Vec::new();
+    while received.len() < data.len() || !pong {
+        match live.ws.read().unwrap() {
+            Message::Text(text) => received.push(text.to_string()),
+            Message::Pong(payload) => pong = &payload[..] == b"mid-stream",
+            Message::Ping(_) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    let mut replayed = server.ws("/ws/emergencias?since=0");
+    assert_eq!(replayed.recv_json()["replay"]["count"], 40);
+    for (seq, json) in (1..).zip(&data) {
+        let frame = &received[seq as usize - 1];
+        assert!(frame.ends_with(&format!(r#","data":{json}}}"#)), "live seq {seq} altered");
+        let again = replayed.recv_emergency(seq);
+        assert_eq!(again.to_string(), serde_json::from_str::<Value>(frame).unwrap().to_string());
+    }
 }
