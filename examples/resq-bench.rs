@@ -854,9 +854,13 @@ async fn probe_loop(target: Target, interval: Duration, stop: async_channel::Rec
             }
         }
     };
-    future::or(body, async {
-        let _ = stop.recv().await;
-    })
+    // Stop first: a probe that fails because the server was told to shut down is no failure.
+    future::or(
+        async {
+            let _ = stop.recv().await;
+        },
+        body,
+    )
     .await;
     probes
 }
@@ -912,6 +916,8 @@ fn burst(ctx: &Ctx, a: &BurstArgs) -> Result<Report, String> {
             );
             let signal = async {
                 Timer::at(deadline).await;
+                // The probes measure the burst; once SIGTERM is sent, refusing them is correct.
+                probe_stop.close();
                 let sent = Instant::now();
                 spawned.terminate();
                 loop {
