@@ -113,7 +113,7 @@ struct IdleArgs {
     /// seconds to hold them once all are connected (default 20)
     #[argh(option, default = "20.0")]
     hold: f64,
-    /// connects in flight at once (default 64: the server's --max-http-connections is 128)
+    /// connects in flight at once (default 64; the server's --max-http-connections is 1024)
     #[argh(option, default = "64")]
     concurrency: usize,
 }
@@ -137,7 +137,7 @@ struct FanoutArgs {
     /// http or unix (default http)
     #[argh(option, default = "String::from(\"http\")")]
     ingest: String,
-    /// connects in flight at once (default 64: the server's --max-http-connections is 128)
+    /// connects in flight at once (default 64; the server's --max-http-connections is 1024)
     #[argh(option, default = "64")]
     concurrency: usize,
 }
@@ -172,7 +172,7 @@ struct BurstArgs {
     /// check that everything accepted is delivered before the 1001 close
     #[argh(switch)]
     sigterm: bool,
-    /// connects in flight at once (default 64: the server's --max-http-connections is 128)
+    /// connects in flight at once (default 64; the server's --max-http-connections is 1024)
     #[argh(option, default = "64")]
     concurrency: usize,
 }
