@@ -43,6 +43,8 @@ const READ_BUFFER_BYTES: usize = 256;
 const WRITE_BATCH_BYTES: usize = 64 * 1024;
 /// ...or at this many (each is two slices, header and payload, of one `writev`).
 const WRITE_BATCH_FRAMES: usize = 32;
+/// Room for the control frames tungstenite writes when the socket is full (a Pong, a Close).
+const CONTROL_WRITE_BUFFER_BYTES: usize = 1024;
 /// How long a client gets to answer our Close before the connection is dropped anyway.
 const CLOSE_REPLY_TIMEOUT: Duration = Duration::from_secs(1);
 /// The GUID that RFC 6455 appends to the client's key.
@@ -145,12 +147,12 @@ fn admit(shared: &Shared, request: &Request, peer: SocketAddr) -> Result<Admitte
 }
 
 /// Settings for clients that send almost nothing: a small read buffer and small message limits.
+/// tungstenite writes only control frames (Pongs, Close: at most 131 bytes each), at once.
 fn websocket_config(config: &Config) -> WebSocketConfig {
-    let largest_event = config.max_body_bytes + 1024;
     WebSocketConfig::default()
         .read_buffer_size(READ_BUFFER_BYTES)
-        .write_buffer_size(WRITE_BATCH_BYTES)
-        .max_write_buffer_size(WRITE_BATCH_BYTES + 2 * largest_event)
+        .write_buffer_size(0)
+        .max_write_buffer_size(CONTROL_WRITE_BUFFER_BYTES)
         .max_message_size(Some(config.max_client_message_bytes))
         .max_frame_size(Some(config.max_client_message_bytes))
 }
