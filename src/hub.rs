@@ -260,10 +260,16 @@ impl Hub {
         Receipt { seq, queued_to }
     }
 
-    /// Loads the history a data dir held at start.
+    /// Loads the history a data dir held at start, oldest first. Only its newest unbroken run of
+    /// seqs is kept: the ring holds consecutive seqs, and a resuming client is told of the rest
+    /// as `missed` instead of skipping a gap in silence.
     pub fn restore(&mut self, last_seq: u64, retained: Vec<Stored>) {
         for stored in retained {
             let Stored { seq, received_at, envelope } = stored;
+            if self.history.back().is_some_and(|newest| newest.seq + 1 != seq) {
+                self.history.clear();
+                self.history_bytes = 0;
+            }
             self.history_bytes += envelope.len();
             self.history.push_back(Retained { seq, json: Utf8Bytes::from(envelope), received_at });
         }
@@ -292,9 +298,8 @@ impl Hub {
         else {
             return 0;
         };
-        let first_seq = self.history.front().map_or(self.last_seq + 1, |retained| retained.seq);
         // `trim` keeps every entry after a subscriber's cursor, so this never skips one.
-        let start = (subscriber.cursor + 1).saturating_sub(first_seq) as usize;
+        let start = self.history.partition_point(|retained| retained.seq <= subscriber.cursor);
         batch.reserve(self.history.len().saturating_sub(start).min(max_frames));
         let (mut taken, mut bytes) = (0, 0);
         for retained in self.history.range(start..) {
@@ -652,6 +657,21 @@ mod tests {
         assert_eq!(hub.borrow().history_range().first_seq, 4);
         assert_eq!(pending_seqs(&client), [5, 6]);
         assert_eq!(client.doorbell.farewell(), None);
+    }
+
+    #[test]
+    fn a_restored_history_with_a_gap_keeps_its_newest_run_and_reports_the_rest_missed() {
+        let hub = Hub::new(HubLimits { history: 10, ..limits() }, "stream-a");
+        let stored =
+            |seq| Stored { seq, received_at: SystemTime::now(), envelope: format!(r#"{{"seq":{seq}}}"#) };
+        hub.borrow_mut().restore(5, vec![stored(1), stored(2), stored(4), stored(5)]);
+        let range = hub.borrow().history_range();
+        assert_eq!((range.first_seq, range.count), (4, 2));
+        let (client, greeting) = subscribe(&hub, Some(&Resume { since: 2, stream: None }));
+        assert_eq!(greeting.replay.unwrap().missed, 1);
+        assert_eq!(pending_seqs(&client), [4, 5]);
+        let (newcomer, _) = subscribe(&hub, None);
+        assert_eq!(pending_seqs(&newcomer), [] as [u64; 0]);
     }
 
     #[test]

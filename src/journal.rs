@@ -303,8 +303,11 @@ fn write_batch(
 fn delete_expired(db: &Connection, last_seq: u64, retention: Retention) -> rusqlite::Result<usize> {
     let oldest_kept_seq = last_seq.saturating_sub(retention.max_count as u64);
     let oldest_kept_ms = unix_millis(SystemTime::now()) - retention.max_age.as_millis() as i64;
+    // By age, everything up to the newest seq that is too old: the history stays one unbroken
+    // run of seqs even if the clock jumped (a board without a real-time clock before NTP).
     db.execute(
-        "DELETE FROM emergencies WHERE seq <= ?1 OR received_at_ms < ?2",
+        "DELETE FROM emergencies WHERE seq <= ?1
+             OR seq <= (SELECT MAX(seq) FROM emergencies WHERE received_at_ms < ?2)",
         params![oldest_kept_seq as i64, oldest_kept_ms],
     )
 }
@@ -343,6 +346,29 @@ mod tests {
         assert_eq!(batch[0].0.seq, 1);
         assert_eq!(journal.queued.load(Ordering::Relaxed), 0);
         drop(journal);
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn expiry_by_age_never_leaves_a_gap() {
+        let dir = std::env::temp_dir().join(format!("resq-push-journal-gap-{}", std::process::id()));
+        let retention = Retention { max_count: 10, max_age: Duration::from_secs(3600) };
+        let (journal, _, committed) = open(&dir, retention).unwrap();
+        for _ in 0..5 {
+            journal.append(RawValue::from_string("{}".into()).unwrap(), Source::Unix).unwrap();
+            committed.recv_blocking().unwrap();
+        }
+        drop(journal);
+        // Seq 3 stamped before the clock was set: it and everything before it go, nothing after.
+        let db = Connection::open(dir.join(DATABASE_FILE)).unwrap();
+        db.execute("UPDATE emergencies SET received_at_ms = 1000 WHERE seq = 3", []).unwrap();
+        delete_expired(&db, 5, retention).unwrap();
+        let seqs: Vec<i64> = {
+            let mut query = db.prepare("SELECT seq FROM emergencies ORDER BY seq").unwrap();
+            query.query_map([], |row| row.get(0)).unwrap().map(Result::unwrap).collect()
+        };
+        assert_eq!(seqs, [4, 5]);
+        drop(db);
         fs::remove_dir_all(dir).unwrap();
     }
 }
