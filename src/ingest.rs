@@ -86,6 +86,14 @@ pub enum Staged {
     Storing(Receiver<Result<Receipt, Rejection>>),
 }
 
+/// Waits, when the history is in memory and `stage` publishes at once, until the hub may take
+/// another emergency (`FanOut`). With the journal, `server::deliver_committed` waits instead.
+pub async fn wait_for_room(shared: &Shared) {
+    if shared.journal.is_none() {
+        shared.room_to_publish().await;
+    }
+}
+
 /// Checks a submission and hands it to the history: to the hub at once when the history is in
 /// memory, to the journal when it is durable. Never waits, so a publisher can stage a burst of
 /// lines and have them committed together.
@@ -125,6 +133,7 @@ pub async fn settle(shared: &Shared, staged: Staged, source: Source) -> Result<R
 
 /// Stages one submission and waits for its outcome.
 pub async fn submit(shared: &Shared, bytes: &[u8], source: Source) -> Result<Receipt, Rejection> {
+    wait_for_room(shared).await;
     settle(shared, stage(shared, bytes, source)?, source).await
 }
 

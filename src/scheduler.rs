@@ -13,7 +13,7 @@
 //!
 //! Going first, ingest could outrun the sessions and push clients that keep up past
 //! `--queue`; `FanOut` bounds that: after half a queue of emergencies, publishing waits until
-//! every woken session has had its turn.
+//! every session they woke has had its turn.
 
 use std::cell::{Cell, RefCell};
 use std::future::Future;
@@ -52,9 +52,7 @@ impl Scheduler {
         loop {
             let control_ran = (0..CONTROL_TURNS).take_while(|_| self.control.try_tick()).count();
             let sessions_ran = (0..SESSION_TURNS).take_while(|_| self.sessions.try_tick()).count();
-            if sessions_ran < SESSION_TURNS {
-                self.fan_out.caught_up();
-            }
+            self.fan_out.sessions_ran(sessions_ran, sessions_ran < SESSION_TURNS);
             if control_ran + sessions_ran > 0 {
                 // Returning to `block_on` for a moment polls the reactor without blocking, so
                 // input that arrived during this round wakes its tasks before the next.
@@ -68,16 +66,27 @@ impl Scheduler {
 
 /// How far publishing may run ahead of the sessions.
 pub struct FanOut {
-    /// Emergencies handed to the hub since every woken session last had its turn.
+    /// Emergencies handed to the hub since the sessions last caught up.
     published: Cell<usize>,
     /// At most this many (half a queue, `Config::publish_burst`) before publishing waits.
     burst: usize,
+    /// Session turns run so far.
+    session_turns: Cell<u64>,
+    /// While publishing waits: the turn count by which every session the burst woke has run,
+    /// even if the sessions never all go idle (clients that keep sending keep theirs busy).
+    release_at: Cell<Option<u64>>,
     waiting: RefCell<Vec<Waker>>,
 }
 
 impl FanOut {
     fn new(burst: usize) -> FanOut {
-        FanOut { published: Cell::new(0), burst: burst.max(1), waiting: RefCell::new(Vec::new()) }
+        FanOut {
+            published: Cell::new(0),
+            burst: burst.max(1),
+            session_turns: Cell::new(0),
+            release_at: Cell::new(None),
+            waiting: RefCell::new(Vec::new()),
+        }
     }
 
     /// Counts one emergency handed to the hub.
@@ -85,28 +94,41 @@ impl FanOut {
         self.published.set(self.published.get() + 1);
     }
 
-    /// Gives the sessions their turn: once a burst has been published, waits until every
-    /// session it woke has run (each then sends the whole burst in one write); otherwise just
-    /// yields, so that one publisher cannot monopolize the thread either.
-    pub async fn pace(&self) {
+    /// Called before handing the hub an emergency: once a burst has been published, waits
+    /// until every session it woke (at most `sessions`) has had its turn, each then sending the
+    /// whole burst in one write. Returns at once otherwise, so that nothing else can publish
+    /// between this check and the caller's publish.
+    pub async fn room(&self, sessions: usize) {
         if self.published.get() < self.burst {
-            return future::yield_now().await;
+            return;
+        }
+        if self.release_at.get().is_none() {
+            // The session run queue is FIFO: after as many turns as there are sessions, every
+            // session queued when the wait began has run.
+            self.release_at.set(Some(self.session_turns.get() + sessions as u64));
         }
         future::poll_fn(|cx| {
             if self.published.get() < self.burst {
                 return Poll::Ready(());
             }
-            self.waiting.borrow_mut().push(cx.waker().clone());
+            let mut waiting = self.waiting.borrow_mut();
+            if !waiting.iter().any(|waker| waker.will_wake(cx.waker())) {
+                waiting.push(cx.waker().clone());
+            }
             Poll::Pending
         })
         .await
     }
 
-    /// The sessions have nothing left to run.
-    fn caught_up(&self) {
-        self.published.set(0);
-        for waker in self.waiting.take() {
-            waker.wake();
+    /// After a round: `turns` sessions ran, and `idle` says none is left to run.
+    fn sessions_ran(&self, turns: usize, idle: bool) {
+        self.session_turns.set(self.session_turns.get() + turns as u64);
+        if idle || self.release_at.get().is_some_and(|at| self.session_turns.get() >= at) {
+            self.published.set(0);
+            self.release_at.set(None);
+            for waker in self.waiting.take() {
+                waker.wake();
+            }
         }
     }
 }
@@ -140,12 +162,36 @@ mod tests {
         let (log, fan_out) = (Rc::clone(&order), Rc::clone(&scheduler.fan_out));
         let publisher = scheduler.control.spawn(async move {
             for _ in 0..4 {
+                fan_out.room(1).await;
                 fan_out.published();
                 log.borrow_mut().push("publish");
-                fan_out.pace().await;
             }
         });
         scheduler.block_on(future::zip(session, publisher));
         assert_eq!(order.borrow().as_slice(), ["publish", "publish", "session", "publish", "publish"]);
+    }
+
+    #[test]
+    fn sessions_that_never_go_idle_still_let_publishing_go_on() {
+        let scheduler = Scheduler::new(1);
+        // More always-busy sessions than one round runs: the session queue is never empty.
+        for _ in 0..2 * SESSION_TURNS {
+            scheduler
+                .sessions
+                .spawn(async {
+                    loop {
+                        future::yield_now().await
+                    }
+                })
+                .detach();
+        }
+        let fan_out = Rc::clone(&scheduler.fan_out);
+        let publisher = scheduler.control.spawn(async move {
+            for _ in 0..5 {
+                fan_out.room(2 * SESSION_TURNS).await;
+                fan_out.published();
+            }
+        });
+        scheduler.block_on(publisher);
     }
 }

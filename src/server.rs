@@ -50,14 +50,21 @@ pub struct Shared {
     /// history is in memory only.
     pub journal: Option<Journal>,
     pub metrics: Rc<Metrics>,
-    /// Paces publishing to the sessions' fan-out; every path that hands emergencies to the hub
-    /// counts them here and calls `pace` between them.
+    /// Paces publishing to the sessions' fan-out: every path that hands emergencies to the hub
+    /// waits for `room_to_publish` before each and counts it here after.
     pub fan_out: Rc<FanOut>,
     /// Its `recv` fails once shutdown begins: idle connections race it to close promptly.
     pub stop: Receiver<()>,
 }
 
 impl Shared {
+    /// Waits until the hub may take another emergency (`FanOut::room`). The caller must
+    /// publish right after it returns, with no await in between.
+    pub async fn room_to_publish(&self) {
+        let sessions = self.hub.borrow().client_count();
+        self.fan_out.room(sessions).await;
+    }
+
     /// Completes once shutdown has begun.
     pub async fn stopping(&self) {
         let _ = self.stop.recv().await;
@@ -148,11 +155,12 @@ pub fn serve(
 async fn deliver_committed(shared: Rc<Shared>, committed: Receiver<Committed>) {
     while let Ok(Committed(batch)) = committed.recv().await {
         for (stored, reply) in batch {
+            shared.room_to_publish().await;
             let receipt = shared.hub.borrow_mut().deliver(stored);
             shared.fan_out.published();
             let _ = reply.try_send(Ok(receipt));
-            shared.fan_out.pace().await;
         }
+        future::yield_now().await;
     }
 }
 

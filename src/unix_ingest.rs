@@ -236,14 +236,18 @@ async fn serve_publisher(shared: Rc<Shared>, mut stream: UnixStream, slot: SlotG
     }
 }
 
-/// Stages every line (paced by `FanOut`, so the sessions a burst wakes get to write), then
+/// Stages every line (paced by `FanOut`, so the sessions a burst wakes get to write, and
+/// yielding after each `Config::publish_burst` lines), then
 /// waits for each outcome in order: a burst on one connection is committed together. Returns
 /// one reply line per input line.
 async fn publish_lines(shared: &Shared, lines: Vec<Result<Vec<u8>, Rejection>>) -> String {
     let mut staged = Vec::with_capacity(lines.len());
-    for line in lines {
+    for (index, line) in lines.into_iter().enumerate() {
+        ingest::wait_for_room(shared).await;
         staged.push(line.and_then(|bytes| ingest::stage(shared, &bytes, Source::Unix)));
-        shared.fan_out.pace().await;
+        if (index + 1) % shared.config.publish_burst() == 0 {
+            future::yield_now().await;
+        }
     }
     let mut replies = String::new();
     let mut rejected = 0;

@@ -320,3 +320,44 @@ fn metrics_count_what_happened() {
     let delivered = "resq_push_delivered_total 2\n";
     common::wait_until(delivered, || server.get("/metrics").body.contains(delivered));
 }
+
+/// Publishers whose requests arrive in the same instant each wait for room before publishing,
+/// so even 40 at once never push a client that keeps up past `--queue` (16).
+#[test]
+fn concurrent_publishers_never_push_a_client_that_keeps_up_past_its_queue() {
+    let server = Server::start(&["--in-memory"]);
+    let mut clients: Vec<_> = (0..3).map(|_| server.subscribe().0).collect();
+    let ready = std::sync::Arc::new(std::sync::Barrier::new(40));
+    let publishers: Vec<_> = (0..40)
+        .map(|n| {
+            let (addr, ready) = (server.addr, ready.clone());
+            std::thread::spawn(move || {
+                let stream = TcpStream::connect(addr).unwrap();
+                stream.set_read_timeout(Some(PATIENCE)).unwrap();
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut writer = stream;
+                // A first request on the same connection: once it is answered, the server
+                // is waiting for this connection's next request.
+                writer.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+                assert_eq!(HttpResponse::read(&mut reader).status, 200);
+                ready.wait();
+                let body = format!(r#"{{"n":{n}}}"#);
+                let post = format!(
+                    "POST /emergencias HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+                writer.write_all(post.as_bytes()).unwrap();
+                HttpResponse::read(&mut reader).status
+            })
+        })
+        .collect();
+    for publisher in publishers {
+        assert_eq!(publisher.join().unwrap(), 202);
+    }
+    for client in &mut clients {
+        for seq in 1..=40 {
+            client.recv_emergency(seq);
+        }
+    }
+    assert_eq!(server.clients(), 3);
+}

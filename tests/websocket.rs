@@ -389,3 +389,42 @@ fn frames_of_every_length_arrive_intact_in_replay_and_live() {
         assert_eq!(again.to_string(), serde_json::from_str::<Value>(frame).unwrap().to_string());
     }
 }
+
+/// Clients that never stop sending keep their sessions runnable in every scheduling round;
+/// publishing, which waits for the sessions after each burst, must still go on.
+#[test]
+fn publishing_goes_on_while_many_clients_flood_frames() {
+    let server = Server::start(&["--max-clients", "200"]);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // More than one scheduling round's worth of sessions (64), each with frames always waiting.
+    let flooders: Vec<_> = (0..70)
+        .map(|_| {
+            let (mut flooder, _) = server.subscribe();
+            let stop = stop.clone();
+            // Empty masked Pong frames, 12 KiB at a time straight to the socket: far more than
+            // the server reads between two writes (one frame per turn).
+            let frames: Vec<u8> = [0x8a, 0x80, 1, 2, 3, 4].repeat(2_000);
+            std::thread::spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    if flooder.ws.get_mut().write_all(&frames).is_err() {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            })
+        })
+        .collect();
+    let (mut listener, _) = server.subscribe();
+    let mut unix = server.unix();
+    // Each publish waits for its reply, at most PATIENCE: a stalled publisher fails here.
+    for n in 1..=40 {
+        assert_eq!(unix.publish(&format!(r#"{{"n":{n}}}"#)), n);
+    }
+    for seq in 1..=40 {
+        listener.recv_emergency(seq);
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for flooder in flooders {
+        flooder.join().unwrap();
+    }
+}
