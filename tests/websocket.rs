@@ -326,23 +326,32 @@ fn text_that_is_not_utf8_closes_with_1007() {
     server.wait_for_clients(0);
 }
 
+/// Writes `count` empty masked Pong frames at a time straight to the client's socket, pausing
+/// `pause` between writes, until `stop` is set.
+fn flood_pongs(
+    mut flooder: Client,
+    count: usize,
+    pause: Duration,
+    stop: &std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<()> {
+    let stop = stop.clone();
+    let frames: Vec<u8> = [0x8a, 0x80, 1, 2, 3, 4].repeat(count);
+    std::thread::spawn(move || {
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            if flooder.ws.get_mut().write_all(&frames).is_err() {
+                break;
+            }
+            std::thread::sleep(pause);
+        }
+    })
+}
+
 #[test]
 fn a_client_flooding_frames_does_not_starve_the_server() {
     let server = Server::start(&[]);
-    let (mut flooder, _) = server.subscribe();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let flooding = {
-        let stop = stop.clone();
-        // Empty masked Pong frames, written 60 KiB at a time straight to the socket.
-        let frames: Vec<u8> = [0x8a, 0x80, 1, 2, 3, 4].repeat(10_000);
-        std::thread::spawn(move || {
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                if flooder.ws.get_mut().write_all(&frames).is_err() {
-                    break;
-                }
-            }
-        })
-    };
+    // 60 KiB at a time, without pause.
+    let flooding = flood_pongs(server.subscribe().0, 10_000, Duration::ZERO, &stop);
     // While the flood goes on, other requests keep being answered promptly.
     let started = Instant::now();
     let mut answered = 0;
@@ -397,23 +406,9 @@ fn publishing_goes_on_while_many_clients_flood_frames() {
     let server = Server::start(&["--max-clients", "200"]);
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     // More than one scheduling round's worth of sessions (64), each with frames always waiting.
-    let flooders: Vec<_> = (0..70)
-        .map(|_| {
-            let (mut flooder, _) = server.subscribe();
-            let stop = stop.clone();
-            // Empty masked Pong frames, 12 KiB at a time straight to the socket: far more than
-            // the server reads between two writes (one frame per turn).
-            let frames: Vec<u8> = [0x8a, 0x80, 1, 2, 3, 4].repeat(2_000);
-            std::thread::spawn(move || {
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    if flooder.ws.get_mut().write_all(&frames).is_err() {
-                        break;
-                    }
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-            })
-        })
-        .collect();
+    // 12 KiB every 5 ms: far more than the server reads between two writes (one frame a turn).
+    let flooders: Vec<_> =
+        (0..70).map(|_| flood_pongs(server.subscribe().0, 2_000, Duration::from_millis(5), &stop)).collect();
     let (mut listener, _) = server.subscribe();
     let mut unix = server.unix();
     // Each publish waits for its reply, at most PATIENCE: a stalled publisher fails here.
