@@ -300,6 +300,11 @@ impl Session {
         if let Err(end) = Box::pin(self.send_welcome_and_replay()).await {
             return end;
         }
+        // Frames that came with the upgrade request are already buffered: the socket will not
+        // signal them.
+        if let Err(end) = Box::pin(self.read_frames()).await {
+            return self.explain(end);
+        }
         let mut timer = Timer::at(Instant::now() + self.config().ping_interval);
         // When the last ping went out, while its answer is awaited.
         let mut ping_sent_at: Option<Instant> = None;
@@ -405,7 +410,8 @@ impl Session {
         }
     }
 
-    /// Handles every frame the client has sent; returns when no complete frame is left.
+    /// Handles every frame the client has sent; returns when no complete frame is left, with
+    /// tungstenite's answers to the client's Pings sent.
     async fn read_frames(&mut self) -> Result<(), SessionEnd> {
         while let Some(frame) = future::poll_once(self.ws.next()).await {
             self.handle_frame(frame).await?;
@@ -413,7 +419,7 @@ impl Session {
             // buffered are read without ever returning Pending.
             future::yield_now().await;
         }
-        Ok(())
+        self.flush_control_frames().await
     }
 
     async fn handle_frame(&mut self, frame: Option<Result<Message, WsError>>) -> Result<(), SessionEnd> {
@@ -494,11 +500,17 @@ impl Session {
     /// Writes `frames` to the socket. What tungstenite still holds (the answer to a client's
     /// Ping) goes first, so that frames never interleave.
     async fn write(&mut self, frames: &[Frame]) -> Result<(), SessionEnd> {
-        let limit = self.config().write_timeout;
+        self.flush_control_frames().await?;
+        write_all(&self.socket, frames, self.config().write_timeout).await
+    }
+
+    /// Sends what tungstenite holds (an answer to a client's Ping that met a full socket);
+    /// nothing to do, and no system call, in the common case.
+    async fn flush_control_frames(&mut self) -> Result<(), SessionEnd> {
         if future::poll_once(self.ws.flush()).await.is_none_or(|flushed| flushed.is_err()) {
-            Box::pin(bounded(limit, self.ws.flush())).await?;
+            Box::pin(bounded(self.config().write_timeout, self.ws.flush())).await?;
         }
-        write_all(&self.socket, frames, limit).await
+        Ok(())
     }
 }
 

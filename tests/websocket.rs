@@ -423,3 +423,31 @@ fn publishing_goes_on_while_many_clients_flood_frames() {
         flooder.join().unwrap();
     }
 }
+
+/// A client may send frames right behind its upgrade request, in the same packet: they are
+/// buffered before the session starts, and must still be read.
+#[test]
+fn frames_sent_with_the_upgrade_request_are_answered() {
+    let server = Server::start(&[]);
+    let mut stream = TcpStream::connect(server.addr).unwrap();
+    stream.set_read_timeout(Some(PATIENCE)).unwrap();
+    let mut request = format!(
+        "GET /ws/emergencias HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        server.addr
+    )
+    .into_bytes();
+    // A masked text frame "ping" (mask 1, 2, 3, 4).
+    let mask = [1u8, 2, 3, 4];
+    request.extend_from_slice(&[0x81, 0x84]);
+    request.extend_from_slice(&mask);
+    request.extend(b"ping".iter().zip(mask.iter().cycle()).map(|(byte, key)| byte ^ key));
+    stream.write_all(&request).unwrap();
+    let mut received = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while !String::from_utf8_lossy(&received).contains(r#"{"type":"pong"}"#) {
+        let n = stream.read(&mut chunk).expect("no pong before the read timeout");
+        assert!(n > 0, "closed before the pong: {}", String::from_utf8_lossy(&received));
+        received.extend_from_slice(&chunk[..n]);
+    }
+}
