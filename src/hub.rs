@@ -382,12 +382,13 @@ impl Hub {
         let since = resume.since;
         let stream_changed = resume.stream.as_deref().is_some_and(|stream| stream != &*self.stream_id);
         let reset = !stream_changed && since > self.last_seq;
+        let floor = self.catch_up_start();
         let first_seq = self.history_range().first_seq;
         let (start, missed) = if stream_changed || reset {
-            (0, 0)
+            (floor, 0)
         } else {
             let missed = first_seq.saturating_sub(1).saturating_sub(since);
-            (self.history.partition_point(|retained| retained.seq <= since), missed)
+            (self.history.partition_point(|retained| retained.seq <= since).max(floor), missed)
         };
         let info = ReplayInfo { since, count: self.history.len() - start, missed, reset, stream_changed };
         (start, info)
@@ -441,12 +442,29 @@ impl Hub {
         self.last_seq
     }
 
+    /// The catch-up history: what the bounds keep, without the older entries kept only until
+    /// lagging clients have been sent them.
     pub fn history_range(&self) -> HistoryRange {
+        let floor = self.catch_up_start();
         HistoryRange {
-            first_seq: self.history.front().map_or(self.last_seq + 1, |retained| retained.seq),
+            first_seq: self.history.get(floor).map_or(self.last_seq + 1, |retained| retained.seq),
             last_seq: self.last_seq,
-            count: self.history.len(),
+            count: self.history.len() - floor,
         }
+    }
+
+    /// Where the catch-up history starts in the ring: entries before it are beyond the bounds
+    /// and kept only for clients still to be sent them. Replay and polls never start earlier,
+    /// or clients resuming one after another could keep old entries forever.
+    fn catch_up_start(&self) -> usize {
+        let (mut start, mut bytes) = (0, self.history_bytes);
+        while self.history.len() - start > 1
+            && (self.history.len() - start > self.limits.history || bytes > self.limits.history_bytes)
+        {
+            bytes -= self.history[start].json.len();
+            start += 1;
+        }
+        start
     }
 
     fn unsubscribe(&mut self, key: usize, client_id: u64) {
@@ -650,7 +668,8 @@ mod tests {
         for _ in 0..2 {
             hub.borrow_mut().publish_ok(&raw("{}"), Source::Unix);
         }
-        assert_eq!(hub.borrow().history_range().count, 5);
+        assert_eq!(hub.borrow().history_range().count, 3);
+        assert_eq!(hub.borrow().history.len(), 5);
         let mut batch = Vec::new();
         client.take_frames(&mut batch, 4, usize::MAX);
         hub.borrow_mut().publish_ok(&raw("{}"), Source::Unix);
@@ -672,6 +691,20 @@ mod tests {
         assert_eq!(pending_seqs(&client), [4, 5]);
         let (newcomer, _) = subscribe(&hub, None);
         assert_eq!(pending_seqs(&newcomer), [] as [u64; 0]);
+    }
+
+    #[test]
+    fn resuming_clients_cannot_keep_old_entries_forever() {
+        // history 3, queue 2. One client holds entry 1; later ones resuming from 0 start at the
+        // catch-up history, not at what the first one holds.
+        let hub = Hub::new(HubLimits { max_clients: 10, ..limits() }, "stream-a");
+        let mut clients = Vec::new();
+        for _ in 0..10 {
+            let (client, _) = subscribe(&hub, Some(&Resume { since: 0, stream: None }));
+            clients.push(client);
+            hub.borrow_mut().publish_ok(&raw("{}"), Source::Unix);
+        }
+        assert!(hub.borrow().history.len() <= 3 + 2 + 1, "{} entries kept", hub.borrow().history.len());
     }
 
     #[test]
