@@ -498,7 +498,14 @@ impl Subscription {
         let membership = &self.membership;
         match membership.hub.try_borrow_mut() {
             Ok(mut hub) => hub.take_frames(membership, batch, max_frames, max_bytes),
-            Err(_) => 0,
+            Err(_) => {
+                // Unreachable while no borrow spans an await; say so loudly if that changes.
+                log::error!(
+                    "client {} found the hub busy; it waits for the next emergency",
+                    membership.client_id
+                );
+                0
+            }
         }
     }
 

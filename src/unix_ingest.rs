@@ -236,7 +236,7 @@ async fn serve_publisher(shared: Rc<Shared>, mut stream: UnixStream, slot: SlotG
     }
 }
 
-/// Stages every line (paced by `FanOut`, so the sessions a burst wakes get to write, and
+/// Stages every line (waiting for room in `FanOut`, so the sessions a burst wakes get to write,
 /// yielding after each `Config::publish_burst` lines), then
 /// waits for each outcome in order: a burst on one connection is committed together. Returns
 /// one reply line per input line.
