@@ -316,6 +316,8 @@ pub async fn flood(
                 break;
             }
         }
+        // The write side may be waiting for a slot that no reply will free now.
+        replies_due.close();
     };
     // A server that stops answering (killed) must not hang the bench.
     let hard_stop = until + Duration::from_secs(30);
