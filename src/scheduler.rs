@@ -72,6 +72,8 @@ pub struct FanOut {
     burst: usize,
     /// Session turns run so far.
     session_turns: Cell<u64>,
+    /// Session tasks alive (`SessionTicket`s): at most this many are in the session run queue.
+    sessions: Cell<usize>,
     /// While publishing waits: the turn count by which every session the burst woke has run,
     /// even if the sessions never all go idle (clients that keep sending keep theirs busy).
     release_at: Cell<Option<u64>>,
@@ -84,6 +86,7 @@ impl FanOut {
             published: Cell::new(0),
             burst: burst.max(1),
             session_turns: Cell::new(0),
+            sessions: Cell::new(0),
             release_at: Cell::new(None),
             waiting: RefCell::new(Vec::new()),
         }
@@ -94,18 +97,24 @@ impl FanOut {
         self.published.set(self.published.get() + 1);
     }
 
+    /// Counts a session task for as long as the ticket lives; the task holds it.
+    pub fn session_ticket(self: &Rc<Self>) -> SessionTicket {
+        self.sessions.set(self.sessions.get() + 1);
+        SessionTicket(Rc::clone(self))
+    }
+
     /// Called before handing the hub an emergency: once a burst has been published, waits
-    /// until every session it woke (at most `sessions`) has had its turn, each then sending the
-    /// whole burst in one write. Returns at once otherwise, so that nothing else can publish
-    /// between this check and the caller's publish.
-    pub async fn room(&self, sessions: usize) {
+    /// until every session it woke has had its turn, each then sending the whole burst in one
+    /// write. Returns at once otherwise, so that nothing else can publish between this check
+    /// and the caller's publish.
+    pub async fn room(&self) {
         if self.published.get() < self.burst {
             return;
         }
         if self.release_at.get().is_none() {
-            // The session run queue is FIFO: after as many turns as there are sessions, every
-            // session queued when the wait began has run.
-            self.release_at.set(Some(self.session_turns.get() + sessions as u64));
+            // The session run queue is FIFO and holds each task at most once: after as many
+            // turns as there are session tasks, every one queued when the wait began has run.
+            self.release_at.set(Some(self.session_turns.get() + self.sessions.get() as u64));
         }
         future::poll_fn(|cx| {
             if self.published.get() < self.burst {
@@ -130,6 +139,15 @@ impl FanOut {
                 waker.wake();
             }
         }
+    }
+}
+
+/// A live session task, counted by `FanOut`.
+pub struct SessionTicket(Rc<FanOut>);
+
+impl Drop for SessionTicket {
+    fn drop(&mut self) {
+        self.0.sessions.set(self.0.sessions.get() - 1);
     }
 }
 
@@ -162,7 +180,7 @@ mod tests {
         let (log, fan_out) = (Rc::clone(&order), Rc::clone(&scheduler.fan_out));
         let publisher = scheduler.control.spawn(async move {
             for _ in 0..4 {
-                fan_out.room(1).await;
+                fan_out.room().await;
                 fan_out.published();
                 log.borrow_mut().push("publish");
             }
@@ -188,7 +206,7 @@ mod tests {
         let fan_out = Rc::clone(&scheduler.fan_out);
         let publisher = scheduler.control.spawn(async move {
             for _ in 0..5 {
-                fan_out.room(2 * SESSION_TURNS).await;
+                fan_out.room().await;
                 fan_out.published();
             }
         });

@@ -61,8 +61,7 @@ impl Shared {
     /// Waits until the hub may take another emergency (`FanOut::room`). The caller must
     /// publish right after it returns, with no await in between.
     pub async fn room_to_publish(&self) {
-        let sessions = self.hub.borrow().client_count();
-        self.fan_out.room(sessions).await;
+        self.fan_out.room().await;
     }
 
     /// Completes once shutdown has begun.
@@ -228,10 +227,12 @@ async fn accept_tcp(
                 let _ = stream.set_nodelay(true);
                 // Its requests are control work; once it upgrades, its session moves over.
                 let (sessions, token) = (Rc::clone(&scheduler.sessions), task_token.clone());
+                let fan_out = Rc::clone(&scheduler.fan_out);
                 let connection =
                     routes::serve_connection(Rc::clone(shared), stream, peer, slot).map(move |upgraded| {
                         if let Some(session) = upgraded {
-                            spawn_connection(&sessions, &token, session.serve());
+                            let ticket = fan_out.session_ticket();
+                            spawn_connection(&sessions, &token, session.serve().map(move |()| drop(ticket)));
                         }
                     });
                 spawn_connection(&scheduler.control, &task_token, connection);
