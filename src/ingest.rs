@@ -90,7 +90,7 @@ pub enum Staged {
 /// another emergency (`FanOut`). With the journal, `server::deliver_committed` waits instead.
 pub async fn wait_for_room(shared: &Shared) {
     if shared.journal.is_none() {
-        shared.room_to_publish().await;
+        shared.fan_out.room().await;
     }
 }
 

@@ -154,6 +154,7 @@ impl Drop for SessionTicket {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use futures_util::FutureExt;
     use std::cell::RefCell;
 
     #[test]
@@ -194,14 +195,13 @@ mod tests {
         let scheduler = Scheduler::new(1);
         // More always-busy sessions than one round runs: the session queue is never empty.
         for _ in 0..2 * SESSION_TURNS {
-            scheduler
-                .sessions
-                .spawn(async {
-                    loop {
-                        future::yield_now().await
-                    }
-                })
-                .detach();
+            let ticket = scheduler.fan_out.session_ticket();
+            let busy = async {
+                loop {
+                    future::yield_now().await
+                }
+            };
+            scheduler.sessions.spawn(busy.map(move |()| drop(ticket))).detach();
         }
         let fan_out = Rc::clone(&scheduler.fan_out);
         let publisher = scheduler.control.spawn(async move {
@@ -209,7 +209,12 @@ mod tests {
                 fan_out.room().await;
                 fan_out.published();
             }
+            true
         });
-        scheduler.block_on(publisher);
+        let gave_up = async {
+            smol::Timer::after(std::time::Duration::from_secs(5)).await;
+            false
+        };
+        assert!(scheduler.block_on(future::or(publisher, gave_up)), "publishing stalled");
     }
 }

@@ -51,19 +51,13 @@ pub struct Shared {
     pub journal: Option<Journal>,
     pub metrics: Rc<Metrics>,
     /// Paces publishing to the sessions' fan-out: every path that hands emergencies to the hub
-    /// waits for `room_to_publish` before each and counts it here after.
+    /// waits for `FanOut::room` right before each (no await in between) and counts it after.
     pub fan_out: Rc<FanOut>,
     /// Its `recv` fails once shutdown begins: idle connections race it to close promptly.
     pub stop: Receiver<()>,
 }
 
 impl Shared {
-    /// Waits until the hub may take another emergency (`FanOut::room`). The caller must
-    /// publish right after it returns, with no await in between.
-    pub async fn room_to_publish(&self) {
-        self.fan_out.room().await;
-    }
-
     /// Completes once shutdown has begun.
     pub async fn stopping(&self) {
         let _ = self.stop.recv().await;
@@ -154,7 +148,7 @@ pub fn serve(
 async fn deliver_committed(shared: Rc<Shared>, committed: Receiver<Committed>) {
     while let Ok(Committed(batch)) = committed.recv().await {
         for (stored, reply) in batch {
-            shared.room_to_publish().await;
+            shared.fan_out.room().await;
             let receipt = shared.hub.borrow_mut().deliver(stored);
             shared.fan_out.published();
             let _ = reply.try_send(Ok(receipt));
