@@ -1,24 +1,38 @@
 //! resq-push: a WebSocket push server for emergency dispatch sites.
 //!
-//! Module map: `server` (accept loops, connection tasks, shutdown) → `routes` (HTTP requests) →
-//! `session` (one WebSocket client); `unix_ingest` and `routes` publish through `ingest` into the
-//! `hub`, which owns clients, sequence numbers and history. `protocol` holds every JSON message,
-//! `config` every limit. See ARCHITECTURE.md.
+//! The folders are the layers, and dependencies point down this list only (ARCHITECTURE.md,
+//! "The dependency rule"; `tests/architecture.rs` checks it):
+//!
+//! - `server`: the composition root, imported by `main` alone.
+//! - transports: `http` (requests and handlers), `ws` (the handshake and the session; may use
+//!   `http`), `unix` (the Unix-socket publishers).
+//! - `app`: `App`, what every connection task sees.
+//! - `ingest`: the one publish path (check, store, hand to the hub).
+//! - `store` (the SQLite journal) and `runtime` (scheduler, tasks, connection caps, deadlines).
+//! - `core`: the hub and its subscriptions; synchronous, no I/O.
+//! - `protocol` (JSON on the wire), `auth` (tokens, origins), `config` (flags and limits).
+//! - `support`: leaves (metrics, logger, timestamps).
+//!
+//! Every module is private: the library exports the few items the binary needs, below, and
+//! nothing else.
 
-pub mod auth;
-pub mod config;
-mod deadline;
+mod app;
+mod auth;
+mod config;
+mod core;
 mod http;
-mod hub;
 mod ingest;
-pub mod journal;
-pub mod logger;
-mod metrics;
 mod protocol;
-mod routes;
-mod scheduler;
-pub mod server;
-mod session;
-mod slots;
-mod timestamp;
-pub mod unix_ingest;
+mod runtime;
+mod server;
+mod store;
+mod support;
+mod unix;
+mod ws;
+
+pub use auth::Access;
+pub use config::Config;
+pub use server::{Control, serve};
+pub use store::journal::{Retention, Storage, open as open_journal};
+pub use support::logger::init as init_logging;
+pub use unix::bind as bind_unix_socket;

@@ -5,17 +5,13 @@ use std::process::ExitCode;
 
 use async_signal::{Signal, Signals};
 use log::{error, info, warn};
-use resq_push::auth::Access;
-use resq_push::config::Config;
-use resq_push::journal::{self, Retention, Storage};
-use resq_push::server::Control;
-use resq_push::{logger, server, unix_ingest};
+use resq_push::{Access, Config, Control, Retention, Storage};
 use smol::stream::StreamExt;
 use socket2::{Domain, Protocol, Socket, Type};
 
 fn main() -> ExitCode {
     let config: Config = argh::from_env();
-    logger::init();
+    resq_push::init_logging();
     if let Err(message) = config.validate() {
         error!("invalid configuration: {message}");
         return ExitCode::from(2);
@@ -40,7 +36,12 @@ fn start(config: Config) -> Result<(), String> {
     let tcp = listen(config.listen, config.listen_backlog)
         .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
     let local_addr = tcp.local_addr().map_err(|e| e.to_string())?;
-    let unix = config.unix_socket.as_deref().map(unix_ingest::bind).transpose().map_err(|e| e.to_string())?;
+    let unix = config
+        .unix_socket
+        .as_deref()
+        .map(resq_push::bind_unix_socket)
+        .transpose()
+        .map_err(|e| e.to_string())?;
     let storage = open_storage(&config)?;
 
     info!(
@@ -61,7 +62,7 @@ fn start(config: Config) -> Result<(), String> {
         }
         Err(_) => None,
     });
-    server::serve(config, access, storage, tcp, unix, controls).map_err(|e| e.to_string())
+    resq_push::serve(config, access, storage, tcp, unix, controls).map_err(|e| e.to_string())
 }
 
 /// Opens the durable history in `--data-dir`, or says plainly that there is none.
@@ -71,7 +72,7 @@ fn open_storage(config: &Config) -> Result<Storage, String> {
         return Ok(Storage::Memory);
     }
     let retention = Retention { max_count: config.history, max_age: config.history_max_age };
-    let (journal, loaded, committed) = journal::open(&config.data_dir, retention)?;
+    let (journal, loaded, committed) = resq_push::open_journal(&config.data_dir, retention)?;
     info!(
         "history {} in {}: last seq {}, {} emergencies retained",
         loaded.stream_id,

@@ -5,11 +5,10 @@
 
 use std::time::SystemTime;
 
-use async_tungstenite::tungstenite::{Bytes, Utf8Bytes};
 use serde::Serialize;
 use serde_json::value::RawValue;
 
-use crate::timestamp::rfc3339_millis;
+use crate::support::timestamp::rfc3339_millis;
 
 /// The first text frame on every WebSocket connection.
 pub const WELCOME_MESSAGE: &str = "Conectado! listo para recibir emergencias";
@@ -93,67 +92,6 @@ pub struct Welcome {
     pub pong_timeout_ms: u128,
 }
 
-/// One frame as the server writes it: final, unmasked, so the same bytes suit every client.
-/// The payload is shared, never copied: an emergency is framed once and written from the
-/// history's own buffer to every socket.
-pub struct Frame {
-    header: FrameHeader,
-    payload: Bytes,
-}
-
-impl Frame {
-    pub fn text(json: Utf8Bytes) -> Frame {
-        Frame { header: FrameHeader::new(OPCODE_TEXT, json.len()), payload: json.into() }
-    }
-
-    pub fn ping() -> Frame {
-        Frame { header: FrameHeader::new(OPCODE_PING, 0), payload: Bytes::new() }
-    }
-
-    /// The header's bytes, then the payload's.
-    pub fn parts(&self) -> [&[u8]; 2] {
-        [&self.header.bytes[..usize::from(self.header.len)], &self.payload]
-    }
-
-    pub fn len(&self) -> usize {
-        usize::from(self.header.len) + self.payload.len()
-    }
-}
-
-const OPCODE_TEXT: u8 = 0x1;
-const OPCODE_PING: u8 = 0x9;
-
-/// RFC 6455 section 5.2: FIN and the opcode, then the length in 7, 7+16 or 7+64 bits, no mask.
-#[derive(Clone, Copy)]
-struct FrameHeader {
-    bytes: [u8; 10],
-    len: u8,
-}
-
-impl FrameHeader {
-    fn new(opcode: u8, payload_len: usize) -> FrameHeader {
-        let mut bytes = [0u8; 10];
-        bytes[0] = 0x80 | opcode;
-        let len = match u16::try_from(payload_len) {
-            Ok(short @ 0..=125) => {
-                bytes[1] = short as u8;
-                2
-            }
-            Ok(medium) => {
-                bytes[1] = 126;
-                bytes[2..4].copy_from_slice(&medium.to_be_bytes());
-                4
-            }
-            Err(_) => {
-                bytes[1] = 127;
-                bytes[2..10].copy_from_slice(&(payload_len as u64).to_be_bytes());
-                10
-            }
-        };
-        FrameHeader { bytes, len }
-    }
-}
-
 /// The answer to a client's `ping` text.
 pub const PONG: &str = r#"{"type":"pong"}"#;
 
@@ -217,32 +155,4 @@ pub struct ClientInfo {
 /// JSON, for which serde_json cannot fail.
 pub fn to_json<T: Serialize>(value: &T) -> String {
     serde_json::to_string(value).unwrap_or_else(|_| unreachable!("protocol types always serialize"))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use async_tungstenite::tungstenite::protocol::frame::Frame as TungsteniteFrame;
-    use async_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
-
-    fn wire(frame: &Frame) -> Vec<u8> {
-        frame.parts().concat()
-    }
-
-    #[test]
-    fn frames_match_tungstenite_at_every_length_boundary() {
-        for len in [0, 1, 125, 126, 127, 65535, 65536, 70000] {
-            let text = "x".repeat(len);
-            let mut expected = Vec::new();
-            TungsteniteFrame::message(text.clone(), OpCode::Data(Data::Text), true)
-                .format(&mut expected)
-                .unwrap();
-            let ours = Frame::text(text.into());
-            assert_eq!(wire(&ours), expected, "length {len}");
-            assert_eq!(ours.len(), expected.len());
-        }
-        let mut ping = Vec::new();
-        TungsteniteFrame::ping(Bytes::new()).format(&mut ping).unwrap();
-        assert_eq!(wire(&Frame::ping()), ping);
-    }
 }

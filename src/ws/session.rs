@@ -1,15 +1,14 @@
-//! One WebSocket client on `/ws/emergencias`: the upgrade, then a loop that sends what the
-//! hub has for the client, pings on a timer and reads whatever the client sends.
+//! One WebSocket client from its 101 to its end: a loop that sends what the hub has for the
+//! client, pings on a timer and reads whatever the client sends.
 //!
 //! Tablets never have to send anything: a client stays as long as it answers pings (browsers do
-//! so automatically). Emergencies are written as the hub framed them, straight to the socket,
-//! several per system call when several are waiting; tungstenite reads the client's frames and
-//! runs the close handshake. Every write is bounded by `--write-timeout`, and every way out of
-//! the loop ends in `SessionEnd`, logged once; dropping the `Subscription` frees the client.
+//! so automatically). Emergencies are written as `Frame`s straight to the socket, several per
+//! system call when several are waiting; tungstenite reads the client's frames and runs the close
+//! handshake. Every write is bounded by `--write-timeout`, and every way out of the loop ends in
+//! `SessionEnd`, logged once; dropping the `Subscription` frees the client.
 
 use std::fmt;
 use std::io::{self, IoSlice};
-use std::net::SocketAddr;
 use std::pin::{Pin, pin};
 use std::rc::Rc;
 use std::sync::Arc;
@@ -17,169 +16,31 @@ use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use async_tungstenite::WebSocketStream;
+use async_tungstenite::tungstenite::protocol::CloseFrame;
 use async_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use async_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use async_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
 use futures_util::SinkExt;
 use log::{info, warn};
-use sha1::{Digest, Sha1};
 use smol::io::{AsyncReadExt, AsyncWrite};
 use smol::net::TcpStream;
 use smol::stream::StreamExt;
 use smol::{Async, Timer, future};
 
+use crate::app::App;
 use crate::config::Config;
-use crate::deadline::{self, TimedOut};
-use crate::http::{Request, Response};
-use crate::hub::{Farewell, Greeting, Hub, Refusal, Subscription};
-use crate::protocol::{self, Frame, PONG, WELCOME_MESSAGE, Welcome, error_json};
-use crate::routes::{self, Upgrade};
-use crate::server::Shared;
+use crate::core::doorbell::Farewell;
+use crate::core::hub::Greeting;
+use crate::core::subscription::Subscription;
+use crate::protocol::{self, PONG, WELCOME_MESSAGE, Welcome};
+use crate::runtime::deadline::{self, TimedOut};
+use crate::ws::frame::{Frame, unwritten_slices};
 
-/// Initial read buffer per client. Clients send pongs and pings of a few bytes; tungstenite
-/// grows the buffer for a larger message, up to `--max-client-message-bytes`.
-const READ_BUFFER_BYTES: usize = 256;
 /// A write stops adding emergencies at this many bytes...
 const WRITE_BATCH_BYTES: usize = 64 * 1024;
 /// ...or at this many (each is two slices, header and payload, of one `writev`).
 const WRITE_BATCH_FRAMES: usize = 32;
-/// Room for the control frames tungstenite writes when the socket is full (a Pong, a Close).
-const CONTROL_WRITE_BUFFER_BYTES: usize = 1024;
 /// How long a client gets to answer our Close before the connection is dropped anyway.
 const CLOSE_REPLY_TIMEOUT: Duration = Duration::from_secs(1);
-/// The GUID that RFC 6455 appends to the client's key.
-const WEBSOCKET_GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
-
-/// Answers an upgrade request on `/ws/emergencias`: the client's session, or `None` when it
-/// was refused with a plain HTTP status. Until the 101 the connection counts against
-/// `--max-http-connections`; from then on the hub counts it, under `--max-clients`.
-pub async fn upgrade(shared: &Rc<Shared>, upgrade: Upgrade, peer: SocketAddr) -> Option<Session> {
-    let Upgrade { mut connection, request, slot } = upgrade;
-    let config = &shared.config;
-    let admitted = match admit(shared, &request, peer) {
-        Ok(admitted) => admitted,
-        Err(refusal) => {
-            connection.respond_and_close(refusal, config.write_timeout).await;
-            return None;
-        }
-    };
-    let switching = Response::json(101, String::new())
-        .with_header("Upgrade", "websocket")
-        .with_header("Connection", "Upgrade")
-        .with_header("Sec-WebSocket-Accept", admitted.accept_key);
-    if connection.respond(&switching, Instant::now() + config.write_timeout).await.is_err() {
-        return None;
-    }
-    drop(slot);
-    // What the client sent after its request head; shrunk, because tungstenite keeps this
-    // vector's allocation as its read buffer.
-    let mut early_frames = connection.buffered;
-    early_frames.shrink_to_fit();
-    let socket = Arc::from(connection.stream.clone());
-    let ws = WebSocketStream::from_partially_read(
-        connection.stream,
-        early_frames,
-        Role::Server,
-        Some(websocket_config(config)),
-    )
-    .await;
-    let (client_id, name) = (admitted.subscription.client_id, admitted.name);
-    match admitted.since {
-        Some(since) => info!("client {client_id}{name} connected from {peer}, resuming after seq {since}"),
-        None => info!("client {client_id}{name} connected from {peer}"),
-    }
-    Some(Session {
-        ws,
-        socket,
-        shared: Rc::clone(shared),
-        subscription: admitted.subscription,
-        greeting: Some(Box::new(admitted.greeting)),
-        label: format!("client {client_id}{name} ({peer})").into_boxed_str(),
-        started: Instant::now(),
-        events_sent: 0,
-    })
-}
-
-/// A client that passed every check and is registered with the hub.
-struct Admitted {
-    accept_key: String,
-    /// ` (token name)` for log lines, or nothing.
-    name: String,
-    since: Option<u64>,
-    subscription: Subscription,
-    greeting: Greeting,
-}
-
-/// Everything that can refuse a client with a plain HTTP status, before the 101: the upgrade
-/// headers, the origin, the token, `since`, and room in the hub (which then registers it).
-fn admit(shared: &Shared, request: &Request, peer: SocketAddr) -> Result<Admitted, Response> {
-    let accept_key = check_upgrade(request).inspect_err(|refusal| {
-        warn!("refused WebSocket upgrade from {peer}: {}", refusal.body);
-    })?;
-    if let Some(origin) = request.header("origin")
-        && !shared.access.borrow().origin_allowed(origin)
-    {
-        warn!("refused WebSocket client {peer}: origin {origin:?} not in --allowed-origin");
-        return Err(Response::json(403, error_json("origin not allowed")));
-    }
-    let identity = routes::authorize(
-        shared.access.borrow().subscribe.as_ref(),
-        request,
-        true,
-        "WebSocket client",
-        peer,
-    )?;
-    let name = identity.as_ref().map(|identity| format!(" ({})", identity.name)).unwrap_or_default();
-    let resume = routes::parse_resume(request, peer)?;
-    let (subscription, greeting) =
-        Hub::subscribe(&shared.hub, peer, identity, resume.as_ref()).map_err(|refusal| {
-            let reason = match refusal {
-                Refusal::Full => "too many clients (--max-clients)",
-                Refusal::ShuttingDown => "server shutting down",
-            };
-            warn!("refused WebSocket client {peer}: {reason}");
-            if refusal == Refusal::Full {
-                shared.metrics.count("resq_push_connections_refused_total", "max_clients");
-            }
-            Response::json(503, error_json(reason)).with_header("Retry-After", "5")
-        })?;
-    Ok(Admitted { accept_key, name, since: resume.map(|resume| resume.since), subscription, greeting })
-}
-
-/// Settings for clients that send almost nothing: a small read buffer and small message limits.
-/// tungstenite writes only control frames (Pongs, Close: at most 131 bytes each), at once.
-fn websocket_config(config: &Config) -> WebSocketConfig {
-    WebSocketConfig::default()
-        .read_buffer_size(READ_BUFFER_BYTES)
-        .write_buffer_size(0)
-        .max_write_buffer_size(CONTROL_WRITE_BUFFER_BYTES)
-        .max_message_size(Some(config.max_client_message_bytes))
-        .max_frame_size(Some(config.max_client_message_bytes))
-}
-
-/// Checks the RFC 6455 upgrade headers and returns the `Sec-WebSocket-Accept` value.
-fn check_upgrade(request: &Request) -> Result<String, Response> {
-    if !request.header_has_token("upgrade", "websocket") || !request.header_has_token("connection", "upgrade")
-    {
-        return Err(Response::json(426, error_json("this endpoint only speaks WebSocket"))
-            .with_header("Upgrade", "websocket")
-            .with_header("Sec-WebSocket-Version", "13"));
-    }
-    if request.header("sec-websocket-version").map(str::trim) != Some("13") {
-        return Err(Response::json(426, error_json("unsupported Sec-WebSocket-Version, use 13"))
-            .with_header("Sec-WebSocket-Version", "13"));
-    }
-    let key = request.header("sec-websocket-key").map(str::trim).unwrap_or("");
-    match data_encoding::BASE64.decode(key.as_bytes()) {
-        Ok(decoded) if decoded.len() == 16 => Ok(accept_key(key)),
-        _ => Err(Response::json(400, error_json("Sec-WebSocket-Key must be 16 bytes in base64"))),
-    }
-}
-
-fn accept_key(key: &str) -> String {
-    let digest = Sha1::new().chain_update(key.as_bytes()).chain_update(WEBSOCKET_GUID).finalize();
-    data_encoding::BASE64.encode(&digest)
-}
 
 /// How a session ended.
 #[derive(Debug)]
@@ -250,7 +111,7 @@ pub struct Session {
     ws: WebSocketStream<TcpStream>,
     /// The same socket, to write frames as the hub framed them and to wait for input.
     socket: Arc<Async<std::net::TcpStream>>,
-    shared: Rc<Shared>,
+    app: Rc<App>,
     subscription: Subscription,
     /// For the welcome; taken when it is sent.
     greeting: Option<Box<Greeting>>,
@@ -261,6 +122,27 @@ pub struct Session {
 }
 
 impl Session {
+    /// A session for a client the handshake admitted; `label` names it in its last log line.
+    pub fn new(
+        ws: WebSocketStream<TcpStream>,
+        socket: Arc<Async<std::net::TcpStream>>,
+        app: Rc<App>,
+        subscription: Subscription,
+        greeting: Greeting,
+        label: Box<str>,
+    ) -> Session {
+        Session {
+            ws,
+            socket,
+            app,
+            subscription,
+            greeting: Some(Box::new(greeting)),
+            label,
+            started: Instant::now(),
+            events_sent: 0,
+        }
+    }
+
     /// Runs the session to its end and logs how it ended.
     pub fn serve(self) -> impl Future<Output = ()> + 'static {
         // Moved into the block and borrowed by the future it awaits, never moved again: an
@@ -273,17 +155,17 @@ impl Session {
     }
 
     fn log_end(&self, end: SessionEnd) {
-        let shared = &self.shared;
+        let app = &self.app;
         let summary = format!(
             "{} disconnected after {:.0?}, {} events sent: {end}",
             self.label,
             self.started.elapsed(),
             self.events_sent
         );
-        shared.metrics.count_delivered(self.events_sent);
+        app.metrics.count_delivered(self.events_sent);
         match end.drop_reason() {
             Some(reason) => {
-                shared.metrics.count("resq_push_clients_dropped_total", reason);
+                app.metrics.count("resq_push_clients_dropped_total", reason);
                 warn!("{summary}");
             }
             None => info!("{summary}"),
@@ -291,7 +173,7 @@ impl Session {
     }
 
     fn config(&self) -> &Config {
-        &self.shared.config
+        &self.app.config
     }
 
     async fn run(&mut self) -> SessionEnd {
@@ -396,7 +278,9 @@ impl Session {
     async fn send_pending(&mut self, first: Vec<Frame>) -> Result<(), SessionEnd> {
         let mut batch = first;
         loop {
-            let taken = self.subscription.take_frames(&mut batch, WRITE_BATCH_FRAMES, WRITE_BATCH_BYTES);
+            let taken = self
+                .subscription
+                .take_pending(WRITE_BATCH_FRAMES, WRITE_BATCH_BYTES, |json| batch.push(Frame::text(json)));
             if batch.is_empty() {
                 return Ok(());
             }
@@ -425,7 +309,7 @@ impl Session {
     async fn handle_frame(&mut self, frame: Option<Result<Message, WsError>>) -> Result<(), SessionEnd> {
         match frame {
             Some(Ok(Message::Text(text))) if is_ping_text(&text) => {
-                self.write(&[Frame::text(Utf8Bytes::from_static(PONG))]).await
+                self.write(&[Frame::text(PONG.into())]).await
             }
             Some(Ok(Message::Close(frame))) => {
                 // tungstenite has queued the Close reply; flushing sends it.
@@ -550,24 +434,6 @@ async fn write_all(
     .await
 }
 
-/// Fills `slices` with the parts of `frames` after the first `skip` bytes; returns how many.
-fn unwritten_slices<'a>(frames: &'a [Frame], mut skip: usize, slices: &mut [IoSlice<'a>]) -> usize {
-    let mut count = 0;
-    for part in frames.iter().flat_map(Frame::parts) {
-        if skip >= part.len() {
-            skip -= part.len();
-            continue;
-        }
-        if count == slices.len() {
-            break;
-        }
-        slices[count] = IoSlice::new(&part[skip..]);
-        skip = 0;
-        count += 1;
-    }
-    count
-}
-
 async fn bounded(limit: Duration, work: impl Future<Output = Result<(), WsError>>) -> Result<(), SessionEnd> {
     match deadline::within(limit, work).await {
         Ok(Ok(())) => Ok(()),
@@ -590,24 +456,26 @@ fn is_ping_text(text: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use async_tungstenite::tungstenite::protocol::Role;
+
+    /// What a connected client's task may hold: the session's future is allocated once per
+    /// client and lives as long as it does, so a refactor that grows it grows every client.
+    const MAX_SESSION_FUTURE_BYTES: usize = 1024;
 
     #[test]
-    fn accept_key_matches_rfc_6455_example() {
-        assert_eq!(accept_key("dGhlIHNhbXBsZSBub25jZQ=="), "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
-    }
-
-    #[test]
-    fn unwritten_slices_resume_mid_frame() {
-        let frames = [Frame::text("abc".into()), Frame::ping(), Frame::text("de".into())];
-        let wire: Vec<u8> = frames.iter().flat_map(Frame::parts).flatten().copied().collect();
-        for skip in 0..=wire.len() {
-            let mut slices = [IoSlice::new(&[]); 6];
-            let count = unwritten_slices(&frames, skip, &mut slices);
-            let rest: Vec<u8> = slices[..count].iter().flat_map(|slice| slice.iter().copied()).collect();
-            assert_eq!(rest, wire[skip..], "skip {skip}");
-        }
-        let mut two = [IoSlice::new(&[]); 2];
-        assert_eq!(unwritten_slices(&frames, 1, &mut two), 2);
+    fn a_session_future_stays_small() {
+        smol::block_on(async {
+            let listener = smol::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let _client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+            let (stream, peer) = listener.accept().await.unwrap();
+            let app = App::for_tests();
+            let socket = Arc::from(stream.clone());
+            let ws = WebSocketStream::from_raw_socket(stream, Role::Server, None).await;
+            let (subscription, greeting) = Subscription::open(&app.hub, peer, None, None).unwrap();
+            let session = Session::new(ws, socket, Rc::clone(&app), subscription, greeting, "test".into());
+            let size = std::mem::size_of_val(&session.serve());
+            assert!(size <= MAX_SESSION_FUTURE_BYTES, "a session's future is {size} bytes");
+        });
     }
 
     #[test]

@@ -21,8 +21,7 @@ use log::{error, info};
 use rusqlite::{Connection, OptionalExtension, params};
 use serde_json::value::RawValue;
 
-use crate::hub::Receipt;
-use crate::ingest::Rejection;
+use crate::core::{Receipt, Stored};
 use crate::protocol::{self, Source};
 
 /// Submissions waiting for the storage thread; more are refused as "storage busy".
@@ -41,15 +40,6 @@ pub struct Retention {
     pub max_age: Duration,
 }
 
-/// One stored emergency.
-#[derive(Debug)]
-pub struct Stored {
-    pub seq: u64,
-    pub received_at: SystemTime,
-    /// The envelope exactly as sent to clients.
-    pub envelope: String,
-}
-
 /// What a data dir holds at start.
 #[derive(Debug)]
 pub struct Loaded {
@@ -60,8 +50,17 @@ pub struct Loaded {
     pub retained: Vec<Stored>,
 }
 
+/// Why the journal did not store a submission.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StorageError {
+    /// `MAX_QUEUED` submissions are already waiting for the disk.
+    Busy,
+    /// Writing to the data dir failed, or the storage thread has stopped; nothing was stored.
+    Failed(String),
+}
+
 /// The publisher's side of a submission: its `Receipt`, or why it was not stored.
-pub type Reply = Sender<Result<Receipt, Rejection>>;
+pub type Reply = Sender<Result<Receipt, StorageError>>;
 
 /// Emergencies committed in one transaction, in seq order, with their publishers' replies.
 #[derive(Debug)]
@@ -145,10 +144,10 @@ impl Journal {
         &self,
         data: Box<RawValue>,
         source: Source,
-    ) -> Result<Receiver<Result<Receipt, Rejection>>, Rejection> {
+    ) -> Result<Receiver<Result<Receipt, StorageError>>, StorageError> {
         if self.queued.fetch_add(1, Ordering::Relaxed) >= MAX_QUEUED {
             self.queued.fetch_sub(1, Ordering::Relaxed);
-            return Err(Rejection::StorageBusy);
+            return Err(StorageError::Busy);
         }
         let (reply, receipt) = async_channel::bounded(1);
         let request = Request::Append { data, source, received_at: SystemTime::now(), reply };
@@ -156,7 +155,7 @@ impl Journal {
             Ok(()) => Ok(receipt),
             Err(_) => {
                 self.queued.fetch_sub(1, Ordering::Relaxed);
-                Err(Rejection::StorageFailed("the storage thread has stopped".into()))
+                Err(StorageError::Failed("the storage thread has stopped".into()))
             }
         }
     }
@@ -265,7 +264,7 @@ fn run(
             Err(e) => {
                 error!("storing {} emergencies failed, none was accepted: {e}", appends.len());
                 for (_, _, _, reply) in appends {
-                    let _ = reply.try_send(Err(Rejection::StorageFailed(e.to_string())));
+                    let _ = reply.try_send(Err(StorageError::Failed(e.to_string())));
                 }
             }
         }
@@ -339,7 +338,7 @@ mod tests {
         let (journal, _, committed) = open(&dir, retention).unwrap();
         let data = || RawValue::from_string("{}".into()).unwrap();
         journal.queued.store(MAX_QUEUED, Ordering::Relaxed);
-        assert!(matches!(journal.append(data(), Source::Unix), Err(Rejection::StorageBusy)));
+        assert_eq!(journal.append(data(), Source::Unix).err(), Some(StorageError::Busy));
         journal.queued.store(0, Ordering::Relaxed);
         let _receipt = journal.append(data(), Source::Unix).unwrap();
         let Committed(batch) = committed.recv_blocking().unwrap();

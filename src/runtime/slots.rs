@@ -12,8 +12,8 @@ use std::time::Instant;
 use async_channel::{Receiver, Sender};
 use slab::Slab;
 
-use crate::metrics::Metrics;
-use crate::server::WarningThrottle;
+use crate::support::logger::WarningThrottle;
+use crate::support::metrics::Metrics;
 
 /// Which cap a set of slots enforces, as log lines and metrics name it.
 #[derive(Debug)]

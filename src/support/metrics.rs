@@ -1,15 +1,14 @@
 //! Counters for `GET /metrics`, in the Prometheus text format.
 //!
 //! Plain `Cell` counters on the one thread; labelled families live in a small ordered map keyed
-//! by static strings, so counting allocates nothing. Gauges (clients, history) are read from the
-//! hub when the page is rendered.
+//! by static strings, so counting allocates nothing. Gauges (clients, history) are filled in by
+//! whoever renders the page (the `/metrics` handler reads them from the hub): this module is a
+//! leaf and knows nothing of the hub or of HTTP.
 
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::time::{SystemTime, UNIX_EPOCH};
-
-use crate::hub::Hub;
 
 /// Labelled counter families: (metric name, help, label name).
 const FAMILIES: &[(&str, &str, &str)] = &[
@@ -20,6 +19,15 @@ const FAMILIES: &[(&str, &str, &str)] = &[
     ("resq_push_http_responses_total", "HTTP responses, by status code.", "status"),
     ("resq_push_unix_rejections_total", "Unix-socket lines rejected, by reason.", "reason"),
 ];
+
+/// The values read from the server's state when the page is rendered.
+#[derive(Debug, Default)]
+pub struct Gauges {
+    pub clients: usize,
+    pub last_seq: u64,
+    pub history_entries: usize,
+    pub history_bytes: usize,
+}
 
 #[derive(Debug)]
 pub struct Metrics {
@@ -44,29 +52,24 @@ impl Metrics {
         self.delivered.set(self.delivered.get() + events);
     }
 
-    pub fn count_http_response(&self, status: u16) {
-        self.count("resq_push_http_responses_total", status_label(status));
-    }
-
-    /// The whole page.
-    pub fn render(&self, hub: &Hub) -> String {
-        let history = hub.history_range();
+    /// The whole page, with the gauges as of now.
+    pub fn render(&self, gauges: &Gauges) -> String {
         let started = self.started_at.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs_f64();
         let mut page = String::new();
         let gauges: [(&str, &str, &str, f64); 6] = [
-            ("resq_push_clients", "gauge", "Connected WebSocket clients.", hub.client_count() as f64),
-            ("resq_push_last_seq", "gauge", "The last sequence number assigned.", history.last_seq as f64),
+            ("resq_push_clients", "gauge", "Connected WebSocket clients.", gauges.clients as f64),
+            ("resq_push_last_seq", "gauge", "The last sequence number assigned.", gauges.last_seq as f64),
             (
                 "resq_push_history_entries",
                 "gauge",
                 "Emergencies retained for catch-up.",
-                history.count as f64,
+                gauges.history_entries as f64,
             ),
             (
                 "resq_push_history_bytes",
                 "gauge",
                 "Bytes of emergencies retained for catch-up.",
-                hub.history_bytes() as f64,
+                gauges.history_bytes as f64,
             ),
             (
                 "resq_push_delivered_total",
@@ -90,53 +93,23 @@ impl Metrics {
     }
 }
 
-fn status_label(status: u16) -> &'static str {
-    match status {
-        101 => "101",
-        200 => "200",
-        202 => "202",
-        204 => "204",
-        400 => "400",
-        401 => "401",
-        403 => "403",
-        404 => "404",
-        405 => "405",
-        408 => "408",
-        411 => "411",
-        413 => "413",
-        417 => "417",
-        426 => "426",
-        431 => "431",
-        503 => "503",
-        _ => "other",
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::hub::HubLimits;
 
     #[test]
     fn renders_gauges_and_labelled_counters() {
         let metrics = Metrics::default();
-        let limits = HubLimits {
-            history: 10,
-            history_bytes: 1000,
-            queue: 1,
-            max_clients: 1,
-            history_max_age: std::time::Duration::from_secs(60),
-        };
-        let hub = Hub::new(limits, "stream");
         metrics.count("resq_push_published_total", "unix");
         metrics.count("resq_push_published_total", "unix");
-        metrics.count_http_response(401);
+        metrics.count("resq_push_http_responses_total", "401");
         metrics.count_delivered(3);
-        let page = metrics.render(&hub.borrow());
+        let page = metrics.render(&Gauges { last_seq: 7, ..Gauges::default() });
         assert!(page.contains("# TYPE resq_push_clients gauge\nresq_push_clients 0\n"), "{page}");
         assert!(page.contains("resq_push_published_total{source=\"unix\"} 2\n"), "{page}");
         assert!(page.contains("resq_push_http_responses_total{status=\"401\"} 1\n"), "{page}");
         assert!(page.contains("resq_push_delivered_total 3\n"), "{page}");
+        assert!(page.contains("resq_push_last_seq 7\n"), "{page}");
         assert!(page.contains("# TYPE resq_push_unix_rejections_total counter\n"), "{page}");
     }
 }

@@ -1,14 +1,16 @@
-//! A minimal `log` backend writing one line per record to stderr, filtered by `RUST_LOG`.
+//! A minimal `log` backend writing one line per record to stderr, filtered by `RUST_LOG`, and
+//! `WarningThrottle`, which keeps a repeated warning from flooding it.
 //!
 //! `RUST_LOG` takes a default level and per-module levels, comma-separated, as env_logger does:
-//! `info`, `debug`, `warn,resq_push::session=debug`. Unset means `info`.
+//! `info`, `debug`, `warn,resq_push::ws::session=debug`. Unset means `info`.
 
+use std::cell::Cell;
 use std::io::Write;
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
-use log::{LevelFilter, Log, Metadata, Record};
+use log::{LevelFilter, Log, Metadata, Record, warn};
 
-use crate::timestamp::rfc3339_millis;
+use crate::support::timestamp::rfc3339_millis;
 
 struct StderrLogger {
     default_level: LevelFilter,
@@ -78,6 +80,31 @@ pub fn init() {
     log::set_max_level(logger.max_level());
     // Fails only if a logger is already installed, in which case that one keeps working.
     let _ = log::set_logger(Box::leak(Box::new(logger)));
+}
+
+/// Logs a repeated warning at most once per `WarningThrottle::PERIOD`, with how many were held
+/// back, so that a flood of refused connections cannot flood the log.
+#[derive(Default)]
+pub struct WarningThrottle {
+    last_logged: Cell<Option<Instant>>,
+    held_back: Cell<u64>,
+}
+
+impl WarningThrottle {
+    const PERIOD: Duration = Duration::from_secs(10);
+
+    pub fn note(&self, message: &str) {
+        let now = Instant::now();
+        if self.last_logged.get().is_some_and(|last| now < last + Self::PERIOD) {
+            self.held_back.set(self.held_back.get() + 1);
+            return;
+        }
+        match self.held_back.replace(0) {
+            0 => warn!("{message}"),
+            held_back => warn!("{message} (and {held_back} more in the last {:?})", Self::PERIOD),
+        }
+        self.last_logged.set(Some(now));
+    }
 }
 
 #[cfg(test)]

@@ -2,31 +2,28 @@
 //!
 //! It holds the slab of connected clients, the sequence counter and the ring of recent
 //! emergencies. The ring is also every client's queue: a client is a cursor into it (the last
-//! seq it has been handed) and a `Doorbell` that the hub rings when something new arrives. Each emergency is serialized once, kept once, and its bytes are
-//! shared by every client's write; a client costs the same memory however far behind it is.
+//! seq it has been handed) and a `Doorbell` that the hub rings when something new arrives. Each
+//! emergency is serialized once, kept once, and its bytes are shared by every client's write; a
+//! client costs the same memory however far behind it is.
 //!
-//! Tasks reach the hub as `Rc<RefCell<Hub>>` on the single executor thread; every method is
-//! synchronous, so no borrow is ever held across an `.await`. Subscribing places the cursor in
-//! the same call that registers the client, which is why replay and live events never overlap
-//! or leave a gap: they are one sequence read from one place.
+//! Every method is synchronous and tasks reach the hub only through `HubHandle`, so no borrow
+//! is ever held across an `.await`. Subscribing places the cursor in the same call that
+//! registers the client, which is why replay and live events never overlap or leave a gap: they
+//! are one sequence read from one place.
 
-use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::rc::Rc;
-use std::task::{Context, Poll, Waker};
 use std::time::{Duration, SystemTime};
 
-use async_tungstenite::tungstenite::Utf8Bytes;
 use serde_json::value::RawValue;
 use slab::Slab;
 
 use crate::auth::Identity;
-use crate::journal::Stored;
-use crate::protocol::{self, ClientInfo, Frame, HistoryRange, ReplayInfo, Source};
-use crate::timestamp::rfc3339_millis;
-
-pub type SharedHub = Rc<RefCell<Hub>>;
+use crate::core::doorbell::{Doorbell, Farewell};
+use crate::core::{Receipt, SharedEnvelope, Stored};
+use crate::protocol::{self, ClientInfo, HistoryRange, ReplayInfo, Source};
+use crate::support::timestamp::rfc3339_millis;
 
 /// The hub's bounds, taken from the configuration.
 #[derive(Clone, Copy, Debug)]
@@ -50,17 +47,6 @@ pub struct Resume {
     pub stream: Option<String>,
 }
 
-/// Why the hub closed a client's doorbell; the session turns it into a close code.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Farewell {
-    /// It fell more than `queue` live events behind.
-    TooSlow,
-    /// The server is shutting down.
-    ShuttingDown,
-    /// Its token is no longer in the subscribe token file.
-    Revoked,
-}
-
 /// Why the hub refused a subscriber or a publish.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Refusal {
@@ -68,14 +54,6 @@ pub enum Refusal {
     Full,
     /// The server is shutting down.
     ShuttingDown,
-}
-
-/// The result of one publish.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Receipt {
-    pub seq: u64,
-    /// Clients told of the emergency (all but those dropped as too slow).
-    pub queued_to: usize,
 }
 
 /// A connected client as the hub sees it.
@@ -105,53 +83,10 @@ impl Subscriber {
     }
 }
 
-/// How the hub tells one session that there is something to send, or that it must end. The
-/// hub rings, the session awaits; one ring covers any number of events, and ringing never
-/// blocks. On one thread, cells are all the synchronization this needs: an `async-channel`
-/// here cost 770 bytes per client (its queue is padded to cache lines).
-#[derive(Default)]
-pub struct Doorbell {
-    rung: Cell<bool>,
-    farewell: Cell<Option<Farewell>>,
-    waker: Cell<Option<Waker>>,
-}
-
-impl Doorbell {
-    fn ring(&self) {
-        self.rung.set(true);
-        if let Some(waker) = self.waker.take() {
-            waker.wake();
-        }
-    }
-
-    fn close(&self, farewell: Farewell) {
-        self.farewell.set(Some(farewell));
-        self.ring();
-    }
-
-    /// Ready once rung since the last time it was, or once closed (and from then on).
-    pub fn poll_rung(&self, cx: &mut Context<'_>) -> Poll<()> {
-        if self.rung.replace(false) || self.farewell.get().is_some() {
-            return Poll::Ready(());
-        }
-        let waker = match self.waker.take() {
-            Some(waker) if waker.will_wake(cx.waker()) => waker,
-            _ => cx.waker().clone(),
-        };
-        self.waker.set(Some(waker));
-        Poll::Pending
-    }
-
-    /// Why the hub closed it, once it has.
-    pub fn farewell(&self) -> Option<Farewell> {
-        self.farewell.get()
-    }
-}
-
 /// One retained emergency: its seq and its envelope, serialized once and shared by reference.
 struct Retained {
     seq: u64,
-    json: Utf8Bytes,
+    json: SharedEnvelope,
     received_at: SystemTime,
 }
 
@@ -173,15 +108,6 @@ pub struct Hub {
     shutting_down: bool,
 }
 
-/// What a client gets from `Hub::subscribe`. Dropping it unsubscribes.
-pub struct Subscription {
-    pub client_id: u64,
-    /// Rung when there is something to send; closed, with the reason, to end the session.
-    pub doorbell: Rc<Doorbell>,
-    /// Held for its `Drop`, which unsubscribes, and to reach the hub.
-    membership: Membership,
-}
-
 /// What the welcome tells a new client about the history, as of its subscription.
 pub struct Greeting {
     pub stream: Rc<str>,
@@ -192,25 +118,9 @@ pub struct Greeting {
     pub replay: Option<ReplayInfo>,
 }
 
-/// Removes the client's slab entry when its session ends, whichever side ended it.
-struct Membership {
-    hub: SharedHub,
-    key: usize,
-    client_id: u64,
-}
-
-impl Drop for Membership {
-    fn drop(&mut self) {
-        match self.hub.try_borrow_mut() {
-            Ok(mut hub) => hub.unsubscribe(self.key, self.client_id),
-            Err(_) => log::error!("client {} left while the hub was busy", self.client_id),
-        }
-    }
-}
-
 impl Hub {
-    pub fn new(limits: HubLimits, stream_id: &str) -> SharedHub {
-        Rc::new(RefCell::new(Hub {
+    pub fn new(limits: HubLimits, stream_id: &str) -> Hub {
+        Hub {
             limits,
             stream_id: stream_id.into(),
             subscribers: Slab::new(),
@@ -219,7 +129,7 @@ impl Hub {
             history: VecDeque::new(),
             history_bytes: 0,
             shutting_down: false,
-        }))
+        }
     }
 
     /// Assigns the next seq, serializes the envelope once and delivers it. Refused once
@@ -241,7 +151,7 @@ impl Hub {
     pub fn deliver(&mut self, stored: Stored) -> Receipt {
         let Stored { seq, received_at, envelope } = stored;
         self.last_seq = seq;
-        let json = Utf8Bytes::from(envelope);
+        let json = SharedEnvelope::from(envelope);
         self.history_bytes += json.len();
         self.history.push_back(Retained { seq, json, received_at });
         let queue = self.limits.queue as u64;
@@ -271,7 +181,7 @@ impl Hub {
                 self.history_bytes = 0;
             }
             self.history_bytes += envelope.len();
-            self.history.push_back(Retained { seq, json: Utf8Bytes::from(envelope), received_at });
+            self.history.push_back(Retained { seq, json: SharedEnvelope::from(envelope), received_at });
         }
         self.last_seq = last_seq;
         self.trim(|_| false);
@@ -283,31 +193,27 @@ impl Hub {
         self.trim(|oldest| now.duration_since(oldest.received_at).unwrap_or_default() > max_age);
     }
 
-    /// Moves the frames after the client's cursor into `batch`, oldest first, up to
-    /// `max_frames` and to the first that reaches `max_bytes`, and advances the cursor past
-    /// them. Returns how many; none once the client is no longer subscribed.
-    fn take_frames(
+    /// Hands `push` the envelopes after a client's cursor (see `Subscription::take_pending`).
+    pub(super) fn take_pending(
         &mut self,
-        membership: &Membership,
-        batch: &mut Vec<Frame>,
+        key: usize,
+        client_id: u64,
         max_frames: usize,
         max_bytes: usize,
+        mut push: impl FnMut(SharedEnvelope),
     ) -> usize {
-        let Some(subscriber) =
-            self.subscribers.get_mut(membership.key).filter(|s| s.client_id == membership.client_id)
-        else {
+        let Some(subscriber) = self.subscribers.get_mut(key).filter(|s| s.client_id == client_id) else {
             return 0;
         };
         // `trim` keeps every entry after a subscriber's cursor, so this never skips one.
         let start = self.history.partition_point(|retained| retained.seq <= subscriber.cursor);
-        batch.reserve(self.history.len().saturating_sub(start).min(max_frames));
         let (mut taken, mut bytes) = (0, 0);
         for retained in self.history.range(start..) {
             if taken == max_frames || bytes >= max_bytes {
                 break;
             }
             bytes += retained.json.len();
-            batch.push(Frame::text(retained.json.clone()));
+            push(Rc::clone(&retained.json));
             subscriber.cursor = retained.seq;
             taken += 1;
         }
@@ -322,57 +228,54 @@ impl Hub {
         self.shutting_down
     }
 
-    /// Registers a client and places its cursor: after `since` when it resumes (the replay),
-    /// else after the last seq.
-    pub fn subscribe(
-        hub: &SharedHub,
+    /// Registers a client and places its cursor (see `Subscription::open`): its slab key, its
+    /// client id, its doorbell and its welcome.
+    pub(super) fn subscribe(
+        &mut self,
         peer: SocketAddr,
         identity: Option<Identity>,
         resume: Option<&Resume>,
-    ) -> Result<(Subscription, Greeting), Refusal> {
-        let mut this = hub.borrow_mut();
-        if this.shutting_down {
+    ) -> Result<(usize, u64, Rc<Doorbell>, Greeting), Refusal> {
+        if self.shutting_down {
             return Err(Refusal::ShuttingDown);
         }
-        if this.subscribers.len() >= this.limits.max_clients {
+        if self.subscribers.len() >= self.limits.max_clients {
             return Err(Refusal::Full);
         }
         let (cursor, replay) = match resume {
             Some(resume) => {
-                let (start, info) = this.replay_start(resume);
-                let cursor = this.history.get(start).map_or(this.last_seq, |retained| retained.seq - 1);
+                let (start, info) = self.replay_start(resume);
+                let cursor = self.history.get(start).map_or(self.last_seq, |retained| retained.seq - 1);
                 (cursor, Some(info))
             }
-            None => (this.last_seq, None),
+            None => (self.last_seq, None),
         };
         let doorbell = Rc::new(Doorbell::default());
-        let client_id = this.next_client_id;
-        this.next_client_id += 1;
-        let live_from = this.last_seq;
-        let key = this.subscribers.insert(Subscriber {
+        let client_id = self.next_client_id;
+        self.next_client_id += 1;
+        let key = self.subscribers.insert(Subscriber {
             client_id,
             peer,
             identity,
             connected_at: SystemTime::now(),
             doorbell: Rc::clone(&doorbell),
             cursor,
-            live_from,
+            live_from: self.last_seq,
         });
         let greeting = Greeting {
-            stream: Rc::clone(&this.stream_id),
-            seq: this.last_seq,
-            history: this.history_range(),
+            stream: Rc::clone(&self.stream_id),
+            seq: self.last_seq,
+            history: self.history_range(),
             replay,
         };
-        let membership = Membership { hub: Rc::clone(hub), key, client_id };
-        Ok((Subscription { client_id, doorbell, membership }, greeting))
+        Ok((key, client_id, doorbell, greeting))
     }
 
     /// Retained envelopes with seq greater than `since`, oldest first, and what that means for
     /// a client resuming from `since`.
-    pub fn retained_after(&self, resume: &Resume) -> (impl Iterator<Item = &Utf8Bytes>, ReplayInfo) {
+    pub fn retained_after(&self, resume: &Resume) -> (impl Iterator<Item = &str>, ReplayInfo) {
         let (start, info) = self.replay_start(resume);
-        (self.history.range(start..).map(|retained| &retained.json), info)
+        (self.history.range(start..).map(|retained| &*retained.json), info)
     }
 
     /// The history index a client resuming from `resume` starts at, and what it gets.
@@ -467,7 +370,7 @@ impl Hub {
         start
     }
 
-    fn unsubscribe(&mut self, key: usize, client_id: u64) {
+    pub(super) fn unsubscribe(&mut self, key: usize, client_id: u64) {
         // The key may already be gone (dropped as too slow) and even reused by a newer client.
         if self.subscribers.get(key).is_some_and(|s| s.client_id == client_id) {
             self.subscribers.remove(key);
@@ -492,33 +395,15 @@ impl Hub {
     }
 }
 
-impl Subscription {
-    /// Moves what this client has not been sent yet into `batch` (see `Hub::take_frames`).
-    pub fn take_frames(&self, batch: &mut Vec<Frame>, max_frames: usize, max_bytes: usize) -> usize {
-        let membership = &self.membership;
-        match membership.hub.try_borrow_mut() {
-            Ok(mut hub) => hub.take_frames(membership, batch, max_frames, max_bytes),
-            Err(_) => {
-                // Unreachable while no borrow spans an await; say so loudly if that changes.
-                log::error!(
-                    "client {} found the hub busy; it waits for the next emergency",
-                    membership.client_id
-                );
-                0
-            }
-        }
-    }
-
-    /// The client's slab key, for tests of the hub's bookkeeping.
-    #[cfg(test)]
-    fn key(&self) -> usize {
-        self.membership.key
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::core::handle::HubHandle;
+    use crate::core::subscription::Subscription;
+
+    fn new_hub(limits: HubLimits, stream_id: &str) -> HubHandle {
+        HubHandle::new(Hub::new(limits, stream_id))
+    }
 
     impl Hub {
         fn publish_ok(&mut self, data: &RawValue, source: Source) -> Receipt {
@@ -544,15 +429,15 @@ mod tests {
         "127.0.0.1:9".parse().unwrap()
     }
 
-    fn subscribe(hub: &SharedHub, resume: Option<&Resume>) -> (Subscription, Greeting) {
-        Hub::subscribe(hub, peer(), None, resume).unwrap()
+    fn subscribe(hub: &HubHandle, resume: Option<&Resume>) -> (Subscription, Greeting) {
+        Subscription::open(hub, peer(), None, resume).unwrap()
     }
 
     /// The envelopes the client has not been sent yet, taken as its session would.
     fn take_all(client: &Subscription) -> Vec<serde_json::Value> {
         let mut batch = Vec::new();
-        client.take_frames(&mut batch, usize::MAX, usize::MAX);
-        batch.iter().map(|frame| serde_json::from_slice(frame.parts()[1]).unwrap()).collect()
+        client.take_pending(usize::MAX, usize::MAX, |json| batch.push(json));
+        batch.iter().map(|json| serde_json::from_str(json).unwrap()).collect()
     }
 
     fn pending_seqs(client: &Subscription) -> Vec<u64> {
@@ -561,16 +446,16 @@ mod tests {
 
     #[test]
     fn seqs_grow_by_one_and_data_is_verbatim() {
-        let hub = Hub::new(limits(), "stream-a");
+        let hub = new_hub(limits(), "stream-a");
         let (client, _) = subscribe(&hub, None);
-        let first = hub.borrow_mut().publish_ok(&raw(r#"{"b": 1,  "a":[ ]}"#), Source::Unix);
-        let second = hub.borrow_mut().publish_ok(&raw("{}"), Source::Http);
+        let first = hub.borrow().publish_ok(&raw(r#"{"b": 1,  "a":[ ]}"#), Source::Unix);
+        let second = hub.borrow().publish_ok(&raw("{}"), Source::Http);
         assert_eq!((first.seq, second.seq), (1, 2));
         assert_eq!(first.queued_to, 1);
-        assert!(client.doorbell.rung.get());
+        assert!(client.doorbell.is_rung());
         let mut batch = Vec::new();
-        assert_eq!(client.take_frames(&mut batch, 1, usize::MAX), 1);
-        let json = std::str::from_utf8(batch[0].parts()[1]).unwrap();
+        assert_eq!(client.take_pending(1, usize::MAX, |json| batch.push(json)), 1);
+        let json = &batch[0];
         assert!(json.contains(r#""data":{"b": 1,  "a":[ ]}"#), "{json}");
         assert!(json.starts_with(r#"{"type":"emergencia","seq":1,"received_at":""#), "{json}");
         assert_eq!(pending_seqs(&client), [2]);
@@ -579,9 +464,9 @@ mod tests {
 
     #[test]
     fn replay_covers_exactly_what_was_missed() {
-        let hub = Hub::new(limits(), "stream-a");
+        let hub = new_hub(limits(), "stream-a");
         for _ in 0..5 {
-            hub.borrow_mut().publish_ok(&raw("{}"), Source::Unix);
+            hub.borrow().publish_ok(&raw("{}"), Source::Unix);
         }
         // History keeps seqs 3..=5.
         let cases = [
@@ -605,9 +490,9 @@ mod tests {
 
     #[test]
     fn a_client_from_another_history_gets_everything() {
-        let hub = Hub::new(limits(), "stream-a");
+        let hub = new_hub(limits(), "stream-a");
         for _ in 0..5 {
-            hub.borrow_mut().publish_ok(&raw("{}"), Source::Unix);
+            hub.borrow().publish_ok(&raw("{}"), Source::Unix);
         }
         let elsewhere = Resume { since: 4, stream: Some("stream-b".into()) };
         let (client, greeting) = subscribe(&hub, Some(&elsewhere));
@@ -621,10 +506,10 @@ mod tests {
 
     #[test]
     fn old_entries_expire_by_age() {
-        let hub = Hub::new(limits(), "stream-a");
-        hub.borrow_mut().publish_ok(&raw("{}"), Source::Unix);
+        let hub = new_hub(limits(), "stream-a");
+        hub.borrow().publish_ok(&raw("{}"), Source::Unix);
         let later = SystemTime::now() + Duration::from_secs(3601);
-        hub.borrow_mut().expire(later);
+        hub.borrow().expire(later);
         let range = hub.borrow().history_range();
         assert_eq!((range.count, range.first_seq, range.last_seq), (0, 2, 1));
         assert_eq!(hub.borrow().history_bytes(), 0);
@@ -632,11 +517,11 @@ mod tests {
 
     #[test]
     fn falling_queue_events_behind_drops_only_that_client() {
-        let hub = Hub::new(limits(), "stream-a");
+        let hub = new_hub(limits(), "stream-a");
         let (slow, _) = subscribe(&hub, None);
         let (fast, _) = subscribe(&hub, None);
         for seq in 1..=3 {
-            hub.borrow_mut().publish_ok(&raw("{}"), Source::Unix);
+            hub.borrow().publish_ok(&raw("{}"), Source::Unix);
             assert_eq!(pending_seqs(&fast), [seq]);
         }
         assert_eq!(slow.doorbell.farewell(), Some(Farewell::TooSlow));
@@ -647,19 +532,19 @@ mod tests {
 
     #[test]
     fn replay_does_not_count_as_falling_behind() {
-        let hub = Hub::new(HubLimits { history: 10, ..limits() }, "stream-a");
+        let hub = new_hub(HubLimits { history: 10, ..limits() }, "stream-a");
         for _ in 0..5 {
-            hub.borrow_mut().publish_ok(&raw("{}"), Source::Unix);
+            hub.borrow().publish_ok(&raw("{}"), Source::Unix);
         }
         let (client, _) = subscribe(&hub, Some(&Resume { since: 0, stream: None }));
         for _ in 0..2 {
-            hub.borrow_mut().publish_ok(&raw("{}"), Source::Unix);
+            hub.borrow().publish_ok(&raw("{}"), Source::Unix);
         }
         assert_eq!(client.doorbell.farewell(), None);
         assert_eq!(pending_seqs(&client), [1, 2, 3, 4, 5, 6, 7]);
-        hub.borrow_mut().publish_ok(&raw("{}"), Source::Unix);
+        hub.borrow().publish_ok(&raw("{}"), Source::Unix);
         for _ in 0..3 {
-            hub.borrow_mut().publish_ok(&raw("{}"), Source::Unix);
+            hub.borrow().publish_ok(&raw("{}"), Source::Unix);
         }
         assert_eq!(client.doorbell.farewell(), Some(Farewell::TooSlow));
     }
@@ -667,19 +552,19 @@ mod tests {
     #[test]
     fn history_keeps_what_a_client_has_not_been_sent() {
         // history 3, queue 2: the client may lag 2 live events, so up to 3 + 2 stay.
-        let hub = Hub::new(limits(), "stream-a");
+        let hub = new_hub(limits(), "stream-a");
         for _ in 0..3 {
-            hub.borrow_mut().publish_ok(&raw("{}"), Source::Unix);
+            hub.borrow().publish_ok(&raw("{}"), Source::Unix);
         }
         let (client, _) = subscribe(&hub, Some(&Resume { since: 0, stream: None }));
         for _ in 0..2 {
-            hub.borrow_mut().publish_ok(&raw("{}"), Source::Unix);
+            hub.borrow().publish_ok(&raw("{}"), Source::Unix);
         }
         assert_eq!(hub.borrow().history_range().count, 3);
         assert_eq!(hub.borrow().history.len(), 5);
         let mut batch = Vec::new();
-        client.take_frames(&mut batch, 4, usize::MAX);
-        hub.borrow_mut().publish_ok(&raw("{}"), Source::Unix);
+        client.take_pending(4, usize::MAX, |json| batch.push(json));
+        hub.borrow().publish_ok(&raw("{}"), Source::Unix);
         assert_eq!(hub.borrow().history_range().first_seq, 4);
         assert_eq!(pending_seqs(&client), [5, 6]);
         assert_eq!(client.doorbell.farewell(), None);
@@ -687,10 +572,10 @@ mod tests {
 
     #[test]
     fn a_restored_history_with_a_gap_keeps_its_newest_run_and_reports_the_rest_missed() {
-        let hub = Hub::new(HubLimits { history: 10, ..limits() }, "stream-a");
+        let hub = new_hub(HubLimits { history: 10, ..limits() }, "stream-a");
         let stored =
             |seq| Stored { seq, received_at: SystemTime::now(), envelope: format!(r#"{{"seq":{seq}}}"#) };
-        hub.borrow_mut().restore(5, vec![stored(1), stored(2), stored(4), stored(5)]);
+        hub.borrow().restore(5, vec![stored(1), stored(2), stored(4), stored(5)]);
         let range = hub.borrow().history_range();
         assert_eq!((range.first_seq, range.count), (4, 2));
         let (client, greeting) = subscribe(&hub, Some(&Resume { since: 2, stream: None }));
@@ -704,35 +589,35 @@ mod tests {
     fn resuming_clients_cannot_keep_old_entries_forever() {
         // history 3, queue 2. One client holds entry 1; later ones resuming from 0 start at the
         // catch-up history, not at what the first one holds.
-        let hub = Hub::new(HubLimits { max_clients: 10, ..limits() }, "stream-a");
+        let hub = new_hub(HubLimits { max_clients: 10, ..limits() }, "stream-a");
         let mut clients = Vec::new();
         for _ in 0..10 {
             let (client, _) = subscribe(&hub, Some(&Resume { since: 0, stream: None }));
             clients.push(client);
-            hub.borrow_mut().publish_ok(&raw("{}"), Source::Unix);
+            hub.borrow().publish_ok(&raw("{}"), Source::Unix);
         }
         assert!(hub.borrow().history.len() <= 3 + 2 + 1, "{} entries kept", hub.borrow().history.len());
     }
 
     #[test]
     fn a_batch_stops_at_its_limits() {
-        let hub = Hub::new(HubLimits { history: 10, queue: 10, ..limits() }, "stream-a");
+        let hub = new_hub(HubLimits { history: 10, queue: 10, ..limits() }, "stream-a");
         let (client, _) = subscribe(&hub, None);
         for _ in 0..5 {
-            hub.borrow_mut().publish_ok(&raw("{}"), Source::Unix);
+            hub.borrow().publish_ok(&raw("{}"), Source::Unix);
         }
         let mut batch = Vec::new();
-        assert_eq!(client.take_frames(&mut batch, 2, usize::MAX), 2);
-        assert_eq!(client.take_frames(&mut batch, 10, 1), 1);
+        assert_eq!(client.take_pending(2, usize::MAX, |json| batch.push(json)), 2);
+        assert_eq!(client.take_pending(10, 1, |json| batch.push(json)), 1);
         assert_eq!(pending_seqs(&client), [4, 5]);
     }
 
     #[test]
     fn a_reused_key_is_not_removed_by_the_old_client() {
-        let hub = Hub::new(limits(), "stream-a");
+        let hub = new_hub(limits(), "stream-a");
         let (slow, _) = subscribe(&hub, None);
         for _ in 0..3 {
-            hub.borrow_mut().publish_ok(&raw("{}"), Source::Unix);
+            hub.borrow().publish_ok(&raw("{}"), Source::Unix);
         }
         let (newcomer, _) = subscribe(&hub, None);
         assert_eq!(newcomer.key(), slow.key());
@@ -744,25 +629,25 @@ mod tests {
 
     #[test]
     fn clients_are_capped_and_refused_at_shutdown() {
-        let hub = Hub::new(limits(), "stream-a");
+        let hub = new_hub(limits(), "stream-a");
         let _a = subscribe(&hub, None);
         let b = subscribe(&hub, None);
-        assert_eq!(Hub::subscribe(&hub, peer(), None, None).err(), Some(Refusal::Full));
+        assert_eq!(Subscription::open(&hub, peer(), None, None).err(), Some(Refusal::Full));
         drop(b);
-        hub.borrow_mut().shut_down();
-        assert_eq!(Hub::subscribe(&hub, peer(), None, None).err(), Some(Refusal::ShuttingDown));
-        assert_eq!(hub.borrow_mut().publish(&raw("{}"), Source::Http), Err(Refusal::ShuttingDown));
+        hub.borrow().shut_down();
+        assert_eq!(Subscription::open(&hub, peer(), None, None).err(), Some(Refusal::ShuttingDown));
+        assert_eq!(hub.borrow().publish(&raw("{}"), Source::Http), Err(Refusal::ShuttingDown));
         assert_eq!(hub.borrow().last_seq(), 0);
     }
 
     #[test]
     fn revoking_closes_only_the_revoked_tokens() {
-        let hub = Hub::new(limits(), "stream-a");
+        let hub = new_hub(limits(), "stream-a");
         let identity =
             |name: &str| Some(Identity { name: name.into(), token: format!("{name}-token").into() });
-        let (kept, _) = Hub::subscribe(&hub, peer(), identity("kept"), None).unwrap();
-        let (revoked, _) = Hub::subscribe(&hub, peer(), identity("revoked"), None).unwrap();
-        assert_eq!(hub.borrow_mut().revoke(|token| token == "kept-token"), 1);
+        let (kept, _) = Subscription::open(&hub, peer(), identity("kept"), None).unwrap();
+        let (revoked, _) = Subscription::open(&hub, peer(), identity("revoked"), None).unwrap();
+        assert_eq!(hub.borrow().revoke(|token| token == "kept-token"), 1);
         assert_eq!(revoked.doorbell.farewell(), Some(Farewell::Revoked));
         assert_eq!(kept.doorbell.farewell(), None);
         let clients = hub.borrow().clients();
@@ -772,9 +657,9 @@ mod tests {
 
     #[test]
     fn history_is_bounded_by_bytes_too() {
-        let hub = Hub::new(HubLimits { history_bytes: 1, ..limits() }, "stream-a");
+        let hub = new_hub(HubLimits { history_bytes: 1, ..limits() }, "stream-a");
         for _ in 0..3 {
-            hub.borrow_mut().publish_ok(&raw("{}"), Source::Unix);
+            hub.borrow().publish_ok(&raw("{}"), Source::Unix);
         }
         let range = hub.borrow().history_range();
         assert_eq!((range.first_seq, range.last_seq, range.count), (3, 3, 1));

@@ -1,5 +1,7 @@
 //! Minimal HTTP/1.1 for the routes this server has: reading a bounded request head (httparse) and
 //! body, and writing small responses. Keep-alive and pipelining work; chunked bodies are refused.
+//! The connection knows whether the current request's body has been read, which makes it the one
+//! owner of the keep-alive decision (`HttpConnection::can_continue`).
 
 use std::io;
 use std::net::Shutdown;
@@ -9,8 +11,9 @@ use std::time::{Duration, Instant};
 use smol::io::{AsyncReadExt, AsyncWriteExt};
 use smol::net::TcpStream;
 
-use crate::deadline::{self, TimedOut};
-use crate::metrics::Metrics;
+use crate::http::status::Status;
+use crate::runtime::deadline::{self, TimedOut};
+use crate::support::metrics::Metrics;
 
 /// Bytes read at a time while waiting for a request head, and for a body.
 const HEAD_CHUNK: usize = 1024;
@@ -60,6 +63,12 @@ impl Request {
             .filter_map(|pair| pair.split_once('=').or(Some((pair, ""))))
             .find(|(key, _)| *key == name)
             .map(|(_, value)| value)
+    }
+
+    /// Whether the request announces a body (`Transfer-Encoding`, or a non-zero `Content-Length`).
+    pub fn declares_body(&self) -> bool {
+        self.header("transfer-encoding").is_some()
+            || self.headers("content-length").any(|length| length.trim() != "0")
     }
 
     /// Whether the client wants the connection kept open after the response.
@@ -115,13 +124,16 @@ pub enum HeadError {
 pub struct HttpConnection {
     pub stream: TcpStream,
     pub buffered: Vec<u8>,
+    /// The current request declared a body that has not been read (in full): after it, the
+    /// connection cannot tell where the next request starts.
+    body_unread: bool,
     /// Every response is counted by status.
     metrics: Rc<Metrics>,
 }
 
 impl HttpConnection {
     pub fn new(stream: TcpStream, metrics: Rc<Metrics>) -> Self {
-        HttpConnection { stream, buffered: Vec::new(), metrics }
+        HttpConnection { stream, buffered: Vec::new(), body_unread: false, metrics }
     }
 
     /// Reads one request head of at most `max_bytes`. The first byte must come by `idle_until`;
@@ -173,6 +185,7 @@ impl HttpConnection {
             return Ok(None);
         };
         self.buffered.drain(..head_len);
+        self.body_unread = request.declares_body();
         Ok(Some(request))
     }
 
@@ -190,13 +203,25 @@ impl HttpConnection {
             }
         }
         let rest = self.buffered.split_off(len);
+        self.body_unread = false;
         Ok(std::mem::replace(&mut self.buffered, rest))
     }
 
-    /// Writes a response by `deadline`.
-    pub async fn respond(&mut self, response: &Response, deadline: Instant) -> io::Result<()> {
-        self.metrics.count_http_response(response.status);
-        let bytes = response.to_bytes();
+    /// Whether the connection can take another request once the current one is answered: the
+    /// client wants it (`Request::keep_alive`) and the request's body, if any, has been read.
+    pub fn can_continue(&self, client_wants_it: bool) -> bool {
+        client_wants_it && !self.body_unread
+    }
+
+    /// Writes a response by `deadline`, saying whether the connection stays open after it.
+    pub async fn respond(
+        &mut self,
+        response: &Response,
+        keep_alive: bool,
+        deadline: Instant,
+    ) -> io::Result<()> {
+        self.metrics.count("resq_push_http_responses_total", response.status.label);
+        let bytes = response.to_bytes(keep_alive);
         deadline::before(deadline, self.stream.write_all(&bytes))
             .await
             .map_err(|TimedOut| io::Error::from(io::ErrorKind::TimedOut))?
@@ -204,9 +229,8 @@ impl HttpConnection {
 
     /// Writes a response that ends the connection, then discards what the client is still
     /// sending for a moment, so that it reads the response rather than a reset.
-    pub async fn respond_and_close(mut self, mut response: Response, write_timeout: Duration) {
-        response.keep_alive = false;
-        if self.respond(&response, Instant::now() + write_timeout).await.is_err() {
+    pub async fn respond_and_close(mut self, response: Response, write_timeout: Duration) {
+        if self.respond(&response, false, Instant::now() + write_timeout).await.is_err() {
             return;
         }
         let _ = self.stream.shutdown(Shutdown::Write);
@@ -265,25 +289,17 @@ pub enum BodyError {
 /// A small response with a complete body.
 #[derive(Debug, Clone)]
 pub struct Response {
-    pub status: u16,
+    pub status: Status,
     pub headers: Vec<(&'static str, String)>,
     pub content_type: &'static str,
     pub body: String,
-    pub keep_alive: bool,
     /// The answer to a HEAD request: headers as for GET, no body.
     pub head_only: bool,
 }
 
 impl Response {
-    pub fn json(status: u16, body: String) -> Self {
-        Response {
-            status,
-            headers: Vec::new(),
-            content_type: "application/json",
-            body,
-            keep_alive: true,
-            head_only: false,
-        }
+    pub fn json(status: Status, body: String) -> Self {
+        Response { status, headers: Vec::new(), content_type: "application/json", body, head_only: false }
     }
 
     pub fn with_header(mut self, name: &'static str, value: impl Into<String>) -> Self {
@@ -291,21 +307,18 @@ impl Response {
         self
     }
 
-    fn to_bytes(&self) -> Vec<u8> {
-        let mut head = format!("HTTP/1.1 {} {}\r\n", self.status, reason_phrase(self.status));
-        if !self.body.is_empty() || self.status != 101 {
+    fn to_bytes(&self, keep_alive: bool) -> Vec<u8> {
+        let switching = self.status == Status::SWITCHING_PROTOCOLS;
+        let mut head = format!("HTTP/1.1 {} {}\r\n", self.status.code, self.status.reason);
+        if !self.body.is_empty() || !switching {
             head.push_str(&format!(
                 "Content-Type: {}\r\nContent-Length: {}\r\nCache-Control: no-store\r\n",
                 self.content_type,
                 self.body.len()
             ));
         }
-        if self.status != 101 {
-            head.push_str(if self.keep_alive {
-                "Connection: keep-alive\r\n"
-            } else {
-                "Connection: close\r\n"
-            });
+        if !switching {
+            head.push_str(if keep_alive { "Connection: keep-alive\r\n" } else { "Connection: close\r\n" });
         }
         for (name, value) in &self.headers {
             head.push_str(&format!("{name}: {value}\r\n"));
@@ -316,30 +329,6 @@ impl Response {
             bytes.extend_from_slice(self.body.as_bytes());
         }
         bytes
-    }
-}
-
-fn reason_phrase(status: u16) -> &'static str {
-    match status {
-        100 => "Continue",
-        101 => "Switching Protocols",
-        200 => "OK",
-        202 => "Accepted",
-        204 => "No Content",
-        400 => "Bad Request",
-        401 => "Unauthorized",
-        403 => "Forbidden",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        408 => "Request Timeout",
-        411 => "Length Required",
-        417 => "Expectation Failed",
-        413 => "Content Too Large",
-        426 => "Upgrade Required",
-        431 => "Request Header Fields Too Large",
-        500 => "Internal Server Error",
-        503 => "Service Unavailable",
-        _ => "Unknown",
     }
 }
 
@@ -387,7 +376,7 @@ mod tests {
 
     #[test]
     fn responses_carry_length_and_connection() {
-        let bytes = Response::json(202, "{}".into()).to_bytes();
+        let bytes = Response::json(Status::ACCEPTED, "{}".into()).to_bytes(true);
         let text = String::from_utf8(bytes).unwrap();
         assert!(text.starts_with("HTTP/1.1 202 Accepted\r\n"), "{text}");
         assert!(text.contains("Content-Length: 2\r\n") && text.contains("Connection: keep-alive\r\n"));

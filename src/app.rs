@@ -1,0 +1,64 @@
+//! `App`: what every connection task sees. Built by `server`, shared as `Rc<App>` by the
+//! transports (`http`, `ws`, `unix`).
+
+use std::cell::RefCell;
+use std::rc::Rc;
+
+use async_channel::Receiver;
+
+use crate::auth::Access;
+use crate::config::Config;
+use crate::core::handle::HubHandle;
+use crate::core::hub::HubLimits;
+use crate::ingest::Publisher;
+use crate::support::metrics::Metrics;
+
+pub struct App {
+    pub config: Config,
+    pub hub: HubHandle,
+    /// Tokens and origins; replaced as a whole on reload. Borrowed only between awaits.
+    pub access: RefCell<Access>,
+    /// The one publish path, for every ingest transport.
+    pub publisher: Publisher,
+    pub metrics: Rc<Metrics>,
+    /// Its `recv` fails once shutdown begins: idle connections race it to close promptly.
+    pub stop: Receiver<()>,
+}
+
+/// The hub's bounds, from the flags.
+pub fn hub_limits(config: &Config) -> HubLimits {
+    HubLimits {
+        history: config.history,
+        history_bytes: config.history_bytes,
+        queue: config.queue,
+        max_clients: config.max_clients,
+        history_max_age: config.history_max_age,
+    }
+}
+
+impl App {
+    /// Completes once shutdown has begun.
+    pub async fn stopping(&self) {
+        let _ = self.stop.recv().await;
+    }
+}
+
+#[cfg(test)]
+impl App {
+    /// An app on default flags with an in-memory history, for tests of the transports.
+    pub fn for_tests() -> Rc<App> {
+        use argh::FromArgs;
+
+        use crate::core::hub::Hub;
+        use crate::runtime::scheduler::Scheduler;
+
+        let config = Config::from_args(&["resq-push"], &["--in-memory"]).unwrap_or_else(|_| unreachable!());
+        let hub = HubHandle::new(Hub::new(hub_limits(&config), "test-stream"));
+        let metrics = Rc::new(Metrics::default());
+        let fan_out = Rc::clone(&Scheduler::new(config.publish_burst()).fan_out);
+        let publisher =
+            Publisher::new(hub.clone(), None, fan_out, Rc::clone(&metrics), config.max_body_bytes);
+        let (_, stop) = async_channel::bounded(1);
+        Rc::new(App { config, hub, access: RefCell::new(Access::default()), publisher, metrics, stop })
+    }
+}

@@ -1,0 +1,63 @@
+//! How the hub tells one session that there is something to send, or that it must end.
+
+use std::cell::Cell;
+use std::task::{Context, Poll, Waker};
+
+/// Why the hub closed a client's doorbell; the session turns it into a close code.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Farewell {
+    /// It fell more than `queue` live events behind.
+    TooSlow,
+    /// The server is shutting down.
+    ShuttingDown,
+    /// Its token is no longer in the subscribe token file.
+    Revoked,
+}
+
+/// The hub rings, the session awaits; one ring covers any number of events, and ringing never
+/// blocks. On one thread, cells are all the synchronization this needs: an `async-channel`
+/// here cost 770 bytes per client (its queue is padded to cache lines).
+#[derive(Default)]
+pub struct Doorbell {
+    rung: Cell<bool>,
+    farewell: Cell<Option<Farewell>>,
+    waker: Cell<Option<Waker>>,
+}
+
+impl Doorbell {
+    pub(super) fn ring(&self) {
+        self.rung.set(true);
+        if let Some(waker) = self.waker.take() {
+            waker.wake();
+        }
+    }
+
+    pub(super) fn close(&self, farewell: Farewell) {
+        self.farewell.set(Some(farewell));
+        self.ring();
+    }
+
+    /// Ready once rung since the last time it was, or once closed (and from then on).
+    pub fn poll_rung(&self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.rung.replace(false) || self.farewell.get().is_some() {
+            return Poll::Ready(());
+        }
+        let waker = match self.waker.take() {
+            Some(waker) if waker.will_wake(cx.waker()) => waker,
+            _ => cx.waker().clone(),
+        };
+        self.waker.set(Some(waker));
+        Poll::Pending
+    }
+
+    /// Why the hub closed it, once it has.
+    pub fn farewell(&self) -> Option<Farewell> {
+        self.farewell.get()
+    }
+
+    /// Whether it was rung and not yet awaited, for tests of the hub.
+    #[cfg(test)]
+    pub(super) fn is_rung(&self) -> bool {
+        self.rung.get()
+    }
+}

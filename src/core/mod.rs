@@ -1,0 +1,34 @@
+//! The domain core: clients, sequence numbers and the history, as synchronous state with no I/O.
+//! Read this first.
+//!
+//! Nothing here knows of HTTP, WebSocket framing, SQLite or the configuration: the core hands out
+//! serialized envelopes and doorbells, and the layers around it (stores, ingest, transports) do
+//! the I/O. It uses only `support`, `protocol` (the envelope's JSON) and `auth::Identity`.
+
+pub mod doorbell;
+pub mod handle;
+pub mod hub;
+pub mod subscription;
+
+use std::rc::Rc;
+use std::time::SystemTime;
+
+/// An emergency's envelope, serialized once and shared by every client's write and every poll.
+pub type SharedEnvelope = Rc<str>;
+
+/// One stored emergency, as the store or the hub stamped it.
+#[derive(Debug)]
+pub struct Stored {
+    pub seq: u64,
+    pub received_at: SystemTime,
+    /// The envelope exactly as sent to clients.
+    pub envelope: String,
+}
+
+/// The result of one publish.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Receipt {
+    pub seq: u64,
+    /// Clients told of the emergency (all but those dropped as too slow).
+    pub queued_to: usize,
+}

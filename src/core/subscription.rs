@@ -1,0 +1,69 @@
+//! `Subscription`: a connected client's membership in the hub, from `open` to its drop.
+
+use std::net::SocketAddr;
+use std::rc::Rc;
+
+use crate::auth::Identity;
+use crate::core::SharedEnvelope;
+use crate::core::doorbell::Doorbell;
+use crate::core::handle::HubHandle;
+use crate::core::hub::{Greeting, Refusal, Resume};
+
+/// What a client holds while it is connected. Dropping it unsubscribes, whichever side ended
+/// the session: join and leave come in pairs.
+pub struct Subscription {
+    pub client_id: u64,
+    /// Rung when there is something to send; closed, with the reason, to end the session.
+    pub doorbell: Rc<Doorbell>,
+    hub: HubHandle,
+    /// Its slab key; checked against `client_id`, because keys are reused.
+    key: usize,
+}
+
+impl Subscription {
+    /// Registers a client and places its cursor: after `since` when it resumes (the replay),
+    /// else after the last seq.
+    pub fn open(
+        hub: &HubHandle,
+        peer: SocketAddr,
+        identity: Option<Identity>,
+        resume: Option<&Resume>,
+    ) -> Result<(Subscription, Greeting), Refusal> {
+        let (key, client_id, doorbell, greeting) = hub.with(|hub| hub.subscribe(peer, identity, resume))?;
+        Ok((Subscription { client_id, doorbell, hub: hub.clone(), key }, greeting))
+    }
+
+    /// Hands `push` the envelopes this client has not been sent yet, oldest first, up to
+    /// `max_frames` and to the first that reaches `max_bytes`, and advances its cursor past them.
+    /// Returns how many; none once the client is no longer subscribed.
+    pub fn take_pending(
+        &self,
+        max_frames: usize,
+        max_bytes: usize,
+        push: impl FnMut(SharedEnvelope),
+    ) -> usize {
+        let taken =
+            self.hub.try_with(|hub| hub.take_pending(self.key, self.client_id, max_frames, max_bytes, push));
+        taken.unwrap_or_else(|| {
+            // Unreachable while the hub is borrowed only through `HubHandle::with`; say so loudly
+            // if that changes.
+            log::error!("client {} found the hub busy; it waits for the next emergency", self.client_id);
+            0
+        })
+    }
+
+    /// The client's slab key, for tests of the hub's bookkeeping.
+    #[cfg(test)]
+    pub(crate) fn key(&self) -> usize {
+        self.key
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        let (key, client_id) = (self.key, self.client_id);
+        if self.hub.try_with(|hub| hub.unsubscribe(key, client_id)).is_none() {
+            log::error!("client {client_id} left while the hub was busy");
+        }
+    }
+}

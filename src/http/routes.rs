@@ -1,0 +1,311 @@
+//! One HTTP connection: reads requests (keep-alive), routes them, and answers each.
+//!
+//! | route | method | answer |
+//! |---|---|---|
+//! | `/ws/emergencias` | GET | handed over as an `Upgrade` (see `ws::handshake`) |
+//! | `/emergencias` | POST | publish one emergency: `202` |
+//! | `/emergencias?since=N` | GET | retained emergencies after `N` (polling fallback) |
+//! | `/healthz` | GET | clients and last seq |
+//!
+//! Anything else gets `404` or `405`. A request that leaves the connection in an unknown state
+//! (a body not read, a malformed head) is answered and the connection closed.
+
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::time::Instant;
+
+use log::{debug, warn};
+use smol::future;
+use smol::io::AsyncWriteExt;
+use smol::net::TcpStream;
+
+use crate::app::App;
+use crate::core::hub::Resume;
+use crate::http::conn::{BodyError, HeadError, HttpConnection, MAX_HEADERS, Request, Response};
+use crate::http::credentials::{authorize, parse_resume};
+use crate::http::status::Status;
+use crate::protocol::{self, Health, PublishReply, Source, error_json};
+use crate::runtime::deadline;
+use crate::runtime::slots::SlotGuard;
+use crate::support::metrics::Gauges;
+
+/// What a handled request leaves for the connection.
+enum Outcome {
+    /// Send this response; keep the connection if both sides want it.
+    Reply(Response),
+    /// Hand the connection to a WebSocket session.
+    Upgrade(Request),
+}
+
+/// A connection whose request asked for `/ws/emergencias`, handed over to `ws::handshake`.
+pub struct Upgrade {
+    pub connection: HttpConnection,
+    pub request: Request,
+    /// Still counts against `--max-http-connections` until the upgrade is answered.
+    pub slot: SlotGuard,
+}
+
+/// Serves requests until the connection closes, or returns it when it asks for an upgrade.
+/// `slot` counts it against `--max-http-connections` until then.
+pub async fn serve_requests(
+    app: &App,
+    stream: TcpStream,
+    peer: SocketAddr,
+    slot: SlotGuard,
+) -> Option<Upgrade> {
+    let config = &app.config;
+    let mut connection = HttpConnection::new(stream, Rc::clone(&app.metrics));
+    loop {
+        let idle_until = Instant::now() + config.header_timeout;
+        // Waiting for a request, the connection may be evicted to make room for a newer one.
+        slot.set_idle(true);
+        let head = future::or(
+            connection.read_head(config.max_head_bytes, idle_until, config.header_timeout),
+            async {
+                future::or(app.stopping(), slot.evicted()).await;
+                Err(HeadError::Closed)
+            },
+        )
+        .await;
+        slot.set_idle(false);
+        let (request, deadline) = match head {
+            Ok(head) => head,
+            Err(error) => {
+                answer_bad_head(connection, error, peer, app).await;
+                return None;
+            }
+        };
+        debug!("{peer} {} {}", request.method, request.path);
+        let wants_keep_alive = request.keep_alive();
+        match handle(app, &mut connection, request, peer, deadline).await {
+            Outcome::Upgrade(request) => return Some(Upgrade { connection, request, slot }),
+            Outcome::Reply(response) if !connection.can_continue(wants_keep_alive) => {
+                connection.respond_and_close(response, config.write_timeout).await;
+                return None;
+            }
+            Outcome::Reply(response) => {
+                let written = connection.respond(&response, true, Instant::now() + config.write_timeout);
+                if written.await.is_err() {
+                    return None;
+                }
+            }
+        }
+        // Pipelined requests must not monopolize the thread.
+        future::yield_now().await;
+    }
+}
+
+async fn handle(
+    app: &App,
+    connection: &mut HttpConnection,
+    request: Request,
+    peer: SocketAddr,
+    deadline: Instant,
+) -> Outcome {
+    let head_only = request.method == "HEAD";
+    let method = if head_only { "GET" } else { request.method.as_str() };
+    let mut response = match (request.path.as_str(), method) {
+        ("/ws/emergencias", "GET") if !head_only => return Outcome::Upgrade(request),
+        ("/ws/emergencias", _) => method_not_allowed("GET"),
+        ("/emergencias", "POST") => publish(app, connection, &request, peer, deadline).await,
+        ("/emergencias", "GET") => poll(app, &request, peer),
+        ("/emergencias", "OPTIONS") => preflight(app, &request, "GET, POST"),
+        ("/emergencias", _) => method_not_allowed("GET, POST"),
+        ("/healthz", "GET") => health(app),
+        ("/healthz", "OPTIONS") => preflight(app, &request, "GET"),
+        ("/metrics", "GET") => metrics(app),
+        ("/metrics", _) => method_not_allowed("GET"),
+        ("/healthz", _) => method_not_allowed("GET"),
+        (path, _) => Response::json(Status::NOT_FOUND, error_json(&format!("no such path: {path}"))),
+    };
+    if let Some(origin) = app.access.borrow().cors_origin(request.header("origin")) {
+        response = response.with_header("Access-Control-Allow-Origin", origin).with_header("Vary", "Origin");
+    }
+    response.head_only = head_only;
+    Outcome::Reply(response)
+}
+
+/// Answers a CORS preflight: allowed for the origins in `--allowed-origin`, refused otherwise.
+/// The `Access-Control-Allow-Origin` header itself is added by `handle`, as for every response.
+fn preflight(app: &App, request: &Request, methods: &'static str) -> Response {
+    let access = app.access.borrow();
+    if access.cors_origin(request.header("origin")).is_none() {
+        return Response::json(Status::FORBIDDEN, error_json("origin not allowed (--allowed-origin)"));
+    }
+    Response::json(Status::NO_CONTENT, String::new())
+        .with_header("Access-Control-Allow-Methods", methods)
+        .with_header("Access-Control-Allow-Headers", "Authorization, Content-Type")
+        .with_header("Access-Control-Max-Age", "600")
+}
+
+fn method_not_allowed(allow: &'static str) -> Response {
+    Response::json(Status::METHOD_NOT_ALLOWED, error_json(&format!("method not allowed; use {allow}")))
+        .with_header("Allow", allow)
+}
+
+/// An error response; the connection closes after it when the request's body was not read.
+fn error(status: Status, message: &str) -> Response {
+    Response::json(status, error_json(message))
+}
+
+/// `POST /emergencias`: one JSON object with `Content-Length`.
+async fn publish(
+    app: &App,
+    connection: &mut HttpConnection,
+    request: &Request,
+    peer: SocketAddr,
+    deadline: Instant,
+) -> Response {
+    let max_bytes = app.config.max_body_bytes;
+    if let Err(refusal) = authorize(app.access.borrow().publish.as_ref(), request, false, "publish", peer) {
+        return refusal;
+    }
+    if request.header("transfer-encoding").is_some() {
+        warn!("rejected publish from {peer}: chunked body");
+        return error(Status::LENGTH_REQUIRED, "chunked bodies are not supported: send Content-Length");
+    }
+    let length = match content_length(request) {
+        Ok(Some(length)) => length,
+        Ok(None) => return error(Status::LENGTH_REQUIRED, "Content-Length required"),
+        Err(message) => return error(Status::BAD_REQUEST, message),
+    };
+    if length > max_bytes {
+        warn!("rejected publish from {peer}: body of {length} bytes over --max-body-bytes");
+        return error(Status::CONTENT_TOO_LARGE, &format!("body larger than {max_bytes} bytes"));
+    }
+    if let Some(expectation) = request.header("expect") {
+        if !expectation.trim().eq_ignore_ascii_case("100-continue") {
+            return error(Status::EXPECTATION_FAILED, "only Expect: 100-continue is supported");
+        }
+        let interim = format!("HTTP/1.1 {} {}\r\n\r\n", Status::CONTINUE.code, Status::CONTINUE.reason);
+        let interim = deadline::before(deadline, connection.stream.write_all(interim.as_bytes()));
+        if request.minor_version >= 1 && !matches!(interim.await, Ok(Ok(()))) {
+            return error(Status::REQUEST_TIMEOUT, "could not send 100 Continue");
+        }
+    }
+    let body = match connection.read_body(length, deadline).await {
+        Ok(body) => body,
+        Err(BodyError::TimedOut) => {
+            warn!("closed {peer}: body not complete within --header-timeout");
+            return error(Status::REQUEST_TIMEOUT, "body not complete within the request timeout");
+        }
+        Err(BodyError::Incomplete) => return error(Status::BAD_REQUEST, "body incomplete"),
+    };
+    match app.publisher.submit(&body, Source::Http).await {
+        Ok(receipt) => {
+            let reply =
+                app.hub.with(|hub| PublishReply::accepted(hub.stream_id(), receipt.seq, receipt.queued_to));
+            Response::json(Status::ACCEPTED, reply)
+        }
+        Err(rejection) if rejection.is_temporary() => {
+            warn!("could not take a publish from {peer}: {rejection}");
+            error(Status::SERVICE_UNAVAILABLE, &rejection.to_string()).with_header("Retry-After", "5")
+        }
+        Err(rejection) => {
+            warn!("rejected publish from {peer}: {rejection}");
+            error(Status::BAD_REQUEST, &rejection.to_string())
+        }
+    }
+}
+
+/// The declared body length: `None` if absent, an error if invalid or contradictory.
+fn content_length(request: &Request) -> Result<Option<usize>, &'static str> {
+    let mut length = None;
+    for value in request.headers("content-length") {
+        let digits = value.trim();
+        // Only plain digits: `+7` could be read differently by a proxy in front.
+        if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+            return Err("invalid Content-Length");
+        }
+        let parsed: usize = digits.parse().map_err(|_| "invalid Content-Length")?;
+        if length.is_some_and(|previous| previous != parsed) {
+            return Err("conflicting Content-Length headers");
+        }
+        length = Some(parsed);
+    }
+    Ok(length)
+}
+
+/// `GET /emergencias?since=N`: a JSON array of the retained envelopes after `N`, oldest first,
+/// at most `--max-poll-bytes` of them (always at least one): poll again from the last seq.
+fn poll(app: &App, request: &Request, peer: SocketAddr) -> Response {
+    if let Err(refusal) = authorize(app.access.borrow().subscribe.as_ref(), request, true, "poll", peer) {
+        return refusal;
+    }
+    let resume = match parse_resume(request, peer) {
+        Ok(resume) => resume.unwrap_or(Resume { since: 0, stream: None }),
+        Err(response) => return response,
+    };
+    let max_bytes = app.config.max_poll_bytes;
+    let body = app.hub.with(|hub| {
+        let (entries, _) = hub.retained_after(&resume);
+        let mut body = String::from("[");
+        for json in entries {
+            if body.len() > 1 {
+                if body.len() + json.len() + 2 > max_bytes {
+                    break;
+                }
+                body.push(',');
+            }
+            body.push_str(json);
+        }
+        body.push(']');
+        body
+    });
+    Response::json(Status::OK, body)
+}
+
+/// `GET /metrics`: Prometheus text format.
+fn metrics(app: &App) -> Response {
+    let gauges = app.hub.with(|hub| Gauges {
+        clients: hub.client_count(),
+        last_seq: hub.last_seq(),
+        history_entries: hub.history_range().count,
+        history_bytes: hub.history_bytes(),
+    });
+    let page = app.metrics.render(&gauges);
+    Response { content_type: "text/plain; version=0.0.4; charset=utf-8", ..Response::json(Status::OK, page) }
+}
+
+fn health(app: &App) -> Response {
+    let body = app.hub.with(|hub| {
+        protocol::to_json(&Health {
+            status: "ok",
+            stream: hub.stream_id(),
+            clients: hub.client_count(),
+            seq: hub.last_seq(),
+            history: hub.history_range(),
+            client_list: hub.clients(),
+        })
+    });
+    Response::json(Status::OK, body)
+}
+
+/// Answers a request whose head could not be read, if it deserves an answer, and closes.
+async fn answer_bad_head(connection: HttpConnection, failure: HeadError, peer: SocketAddr, app: &App) {
+    let (status, message) = match failure {
+        HeadError::Closed => return,
+        HeadError::Truncated => {
+            debug!("{peer} left in the middle of a request");
+            return;
+        }
+        HeadError::Io(error) => {
+            debug!("{peer} connection failed: {error}");
+            return;
+        }
+        HeadError::TimedOut if connection.buffered.is_empty() => return,
+        HeadError::TimedOut => {
+            (Status::REQUEST_TIMEOUT, "request head not complete within --header-timeout".to_owned())
+        }
+        HeadError::TooLarge => (
+            Status::HEADER_FIELDS_TOO_LARGE,
+            format!("request head larger than {} bytes", app.config.max_head_bytes),
+        ),
+        HeadError::TooManyHeaders => {
+            (Status::HEADER_FIELDS_TOO_LARGE, format!("more than {MAX_HEADERS} headers"))
+        }
+        HeadError::Malformed(error) => (Status::BAD_REQUEST, format!("malformed HTTP request: {error}")),
+    };
+    warn!("closed {peer}: {message}");
+    connection.respond_and_close(error(status, &message), app.config.write_timeout).await;
+}

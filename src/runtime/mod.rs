@@ -1,0 +1,7 @@
+//! How work runs on the one thread: the scheduler and its two executors, connection tasks and
+//! their shutdown tokens, connection caps, deadlines. Knows nothing of HTTP, WebSocket or the hub.
+
+pub mod deadline;
+pub mod scheduler;
+pub mod slots;
+pub mod tasks;

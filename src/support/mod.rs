@@ -1,0 +1,6 @@
+//! Leaf utilities that know nothing of the server: counters and their page, the log backend,
+//! timestamps. Nothing here imports another layer.
+
+pub mod logger;
+pub mod metrics;
+pub mod timestamp;

@@ -1,0 +1,108 @@
+//! One Unix-socket publisher connection: read lines, stage them as one burst, reply in order.
+
+use std::rc::Rc;
+
+use log::warn;
+use smol::future;
+use smol::io::{AsyncReadExt, AsyncWriteExt};
+use smol::net::unix::UnixStream;
+
+use crate::app::App;
+use crate::ingest::Rejection;
+use crate::protocol::{PublishReply, Source, error_json};
+use crate::runtime::deadline;
+use crate::runtime::slots::SlotGuard;
+use crate::unix::lines::{Line, LineSplitter};
+
+/// Serves one publisher connection until it closes, the server stops, or it is evicted (idle
+/// while every slot is taken). Then a partial line is dropped unanswered: it was never a
+/// complete submission.
+pub async fn serve(app: Rc<App>, mut stream: UnixStream, slot: SlotGuard) {
+    let max_line = app.config.max_body_bytes;
+    let mut splitter = LineSplitter::new(max_line);
+    let mut chunk = vec![0u8; 16 * 1024];
+    loop {
+        slot.set_idle(true);
+        let stopped_or_evicted = async {
+            future::or(app.stopping(), slot.evicted()).await;
+            None
+        };
+        let read = future::or(async { Some(stream.read(&mut chunk).await) }, stopped_or_evicted).await;
+        slot.set_idle(false);
+        let mut lines: Vec<Result<Vec<u8>, Rejection>> = Vec::new();
+        let collect = |line: Line<'_>| {
+            lines.push(match line {
+                Line::Complete(bytes) => Ok(bytes.to_vec()),
+                Line::TooLong => Err(Rejection::TooLarge { limit: max_line }),
+            })
+        };
+        let at_end = match read {
+            None => return,
+            Some(Ok(0)) | Some(Err(_)) => {
+                splitter.finish(collect);
+                true
+            }
+            Some(Ok(n)) => {
+                splitter.feed(&chunk[..n], collect);
+                false
+            }
+        };
+        let replies = publish_lines(&app, lines).await;
+        if !replies.is_empty()
+            && !matches!(
+                deadline::within(app.config.write_timeout, stream.write_all(replies.as_bytes())).await,
+                Ok(Ok(()))
+            )
+        {
+            warn!("closed a Unix-socket publisher that stopped reading its replies");
+            return;
+        }
+        if at_end {
+            return;
+        }
+    }
+}
+
+/// Stages every line (in memory, each waits for room in `FanOut`, so the sessions a burst wakes
+/// get to write; the task yields after each `Config::publish_burst` lines), then waits for each
+/// outcome in order: a burst on one connection is committed together. Returns one reply line per
+/// input line.
+async fn publish_lines(app: &App, lines: Vec<Result<Vec<u8>, Rejection>>) -> String {
+    let mut staged = Vec::with_capacity(lines.len());
+    for (index, line) in lines.into_iter().enumerate() {
+        staged.push(match line {
+            Ok(bytes) => app.publisher.stage(&bytes, Source::Unix).await,
+            Err(rejection) => Err(rejection),
+        });
+        if (index + 1) % app.config.publish_burst() == 0 {
+            future::yield_now().await;
+        }
+    }
+    let mut replies = String::new();
+    let mut rejected = 0;
+    let mut first_rejection = None;
+    for staged in staged {
+        let outcome = match staged {
+            Ok(staged) => app.publisher.settle(staged, Source::Unix).await,
+            Err(rejection) => Err(rejection),
+        };
+        let reply = match outcome {
+            Ok(receipt) => {
+                app.hub.with(|hub| PublishReply::accepted(hub.stream_id(), receipt.seq, receipt.queued_to))
+            }
+            Err(rejection) => {
+                rejected += 1;
+                app.metrics.count("resq_push_unix_rejections_total", rejection.label());
+                let message = rejection.to_string();
+                first_rejection.get_or_insert_with(|| message.clone());
+                error_json(&message)
+            }
+        };
+        replies.push_str(&reply);
+        replies.push('\n');
+    }
+    if let Some(first) = first_rejection {
+        warn!("rejected {rejected} line(s) on the Unix socket: {first}");
+    }
+    replies
+}

@@ -1,0 +1,128 @@
+//! WebSocket frames as the server writes them, and the `writev` slices that send them.
+
+use std::io::IoSlice;
+use std::rc::Rc;
+
+use crate::core::SharedEnvelope;
+
+/// One frame as the server writes it: final, unmasked, so the same bytes suit every client.
+/// The payload is shared, never copied: an emergency is framed once and written from the
+/// history's own buffer to every socket.
+pub struct Frame {
+    header: FrameHeader,
+    payload: SharedEnvelope,
+}
+
+impl Frame {
+    pub fn text(json: SharedEnvelope) -> Frame {
+        Frame { header: FrameHeader::new(OPCODE_TEXT, json.len()), payload: json }
+    }
+
+    pub fn ping() -> Frame {
+        Frame { header: FrameHeader::new(OPCODE_PING, 0), payload: Rc::from("") }
+    }
+
+    /// The header's bytes, then the payload's.
+    pub fn parts(&self) -> [&[u8]; 2] {
+        [&self.header.bytes[..usize::from(self.header.len)], self.payload.as_bytes()]
+    }
+
+    pub fn len(&self) -> usize {
+        usize::from(self.header.len) + self.payload.len()
+    }
+}
+
+const OPCODE_TEXT: u8 = 0x1;
+const OPCODE_PING: u8 = 0x9;
+
+/// RFC 6455 section 5.2: FIN and the opcode, then the length in 7, 7+16 or 7+64 bits, no mask.
+#[derive(Clone, Copy)]
+struct FrameHeader {
+    bytes: [u8; 10],
+    len: u8,
+}
+
+impl FrameHeader {
+    fn new(opcode: u8, payload_len: usize) -> FrameHeader {
+        let mut bytes = [0u8; 10];
+        bytes[0] = 0x80 | opcode;
+        let len = match u16::try_from(payload_len) {
+            Ok(short @ 0..=125) => {
+                bytes[1] = short as u8;
+                2
+            }
+            Ok(medium) => {
+                bytes[1] = 126;
+                bytes[2..4].copy_from_slice(&medium.to_be_bytes());
+                4
+            }
+            Err(_) => {
+                bytes[1] = 127;
+                bytes[2..10].copy_from_slice(&(payload_len as u64).to_be_bytes());
+                10
+            }
+        };
+        FrameHeader { bytes, len }
+    }
+}
+
+/// Fills `slices` with the parts of `frames` after the first `skip` bytes; returns how many.
+pub fn unwritten_slices<'a>(frames: &'a [Frame], mut skip: usize, slices: &mut [IoSlice<'a>]) -> usize {
+    let mut count = 0;
+    for part in frames.iter().flat_map(Frame::parts) {
+        if skip >= part.len() {
+            skip -= part.len();
+            continue;
+        }
+        if count == slices.len() {
+            break;
+        }
+        slices[count] = IoSlice::new(&part[skip..]);
+        skip = 0;
+        count += 1;
+    }
+    count
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use async_tungstenite::tungstenite::Bytes;
+    use async_tungstenite::tungstenite::protocol::frame::Frame as TungsteniteFrame;
+    use async_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+
+    #[test]
+    fn unwritten_slices_resume_mid_frame() {
+        let frames = [Frame::text("abc".into()), Frame::ping(), Frame::text("de".into())];
+        let wire: Vec<u8> = frames.iter().flat_map(Frame::parts).flatten().copied().collect();
+        for skip in 0..=wire.len() {
+            let mut slices = [IoSlice::new(&[]); 6];
+            let count = unwritten_slices(&frames, skip, &mut slices);
+            let rest: Vec<u8> = slices[..count].iter().flat_map(|slice| slice.iter().copied()).collect();
+            assert_eq!(rest, wire[skip..], "skip {skip}");
+        }
+        let mut two = [IoSlice::new(&[]); 2];
+        assert_eq!(unwritten_slices(&frames, 1, &mut two), 2);
+    }
+
+    fn wire(frame: &Frame) -> Vec<u8> {
+        frame.parts().concat()
+    }
+
+    #[test]
+    fn frames_match_tungstenite_at_every_length_boundary() {
+        for len in [0, 1, 125, 126, 127, 65535, 65536, 70000] {
+            let text = "x".repeat(len);
+            let mut expected = Vec::new();
+            TungsteniteFrame::message(text.clone(), OpCode::Data(Data::Text), true)
+                .format(&mut expected)
+                .unwrap();
+            let ours = Frame::text(text.as_str().into());
+            assert_eq!(wire(&ours), expected, "length {len}");
+            assert_eq!(ours.len(), expected.len());
+        }
+        let mut ping = Vec::new();
+        TungsteniteFrame::ping(Bytes::new()).format(&mut ping).unwrap();
+        assert_eq!(wire(&Frame::ping()), ping);
+    }
+}

@@ -1,0 +1,169 @@
+//! The WebSocket handshake on `/ws/emergencias`: every check that can refuse a client with a
+//! plain HTTP status before the 101 (upgrade headers, origin, token, `since`, room in the hub),
+//! the 101 itself, and the `Session` that follows.
+
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Instant;
+
+use async_tungstenite::WebSocketStream;
+use async_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use log::{info, warn};
+use sha1::{Digest, Sha1};
+
+use crate::app::App;
+use crate::config::Config;
+use crate::core::hub::{Greeting, Refusal};
+use crate::core::subscription::Subscription;
+use crate::http::conn::{Request, Response};
+use crate::http::credentials::{authorize, parse_resume};
+use crate::http::routes::Upgrade;
+use crate::http::status::Status;
+use crate::protocol::error_json;
+use crate::ws::session::Session;
+
+/// Initial read buffer per client. Clients send pongs and pings of a few bytes; tungstenite
+/// grows the buffer for a larger message, up to `--max-client-message-bytes`.
+const READ_BUFFER_BYTES: usize = 256;
+/// Room for the control frames tungstenite writes when the socket is full (a Pong, a Close).
+const CONTROL_WRITE_BUFFER_BYTES: usize = 1024;
+/// The GUID that RFC 6455 appends to the client's key.
+const WEBSOCKET_GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
+
+/// Answers an upgrade request on `/ws/emergencias`: the client's session, or `None` when it
+/// was refused with a plain HTTP status. Until the 101 the connection counts against
+/// `--max-http-connections`; from then on the hub counts it, under `--max-clients`.
+pub async fn upgrade(app: &Rc<App>, upgrade: Upgrade, peer: SocketAddr) -> Option<Session> {
+    let Upgrade { mut connection, request, slot } = upgrade;
+    let config = &app.config;
+    let admitted = match admit(app, &request, peer) {
+        Ok(admitted) => admitted,
+        Err(refusal) => {
+            connection.respond_and_close(refusal, config.write_timeout).await;
+            return None;
+        }
+    };
+    let switching = Response::json(Status::SWITCHING_PROTOCOLS, String::new())
+        .with_header("Upgrade", "websocket")
+        .with_header("Connection", "Upgrade")
+        .with_header("Sec-WebSocket-Accept", admitted.accept_key);
+    if connection.respond(&switching, true, Instant::now() + config.write_timeout).await.is_err() {
+        return None;
+    }
+    drop(slot);
+    // What the client sent after its request head; shrunk, because tungstenite keeps this
+    // vector's allocation as its read buffer.
+    let mut early_frames = connection.buffered;
+    early_frames.shrink_to_fit();
+    let socket = Arc::from(connection.stream.clone());
+    let ws = WebSocketStream::from_partially_read(
+        connection.stream,
+        early_frames,
+        Role::Server,
+        Some(websocket_config(config)),
+    )
+    .await;
+    let (client_id, name) = (admitted.subscription.client_id, admitted.name);
+    match admitted.since {
+        Some(since) => info!("client {client_id}{name} connected from {peer}, resuming after seq {since}"),
+        None => info!("client {client_id}{name} connected from {peer}"),
+    }
+    let label = format!("client {client_id}{name} ({peer})").into_boxed_str();
+    Some(Session::new(ws, socket, Rc::clone(app), admitted.subscription, admitted.greeting, label))
+}
+
+/// A client that passed every check and is registered with the hub.
+struct Admitted {
+    accept_key: String,
+    /// ` (token name)` for log lines, or nothing.
+    name: String,
+    since: Option<u64>,
+    subscription: Subscription,
+    greeting: Greeting,
+}
+
+/// Everything that can refuse a client with a plain HTTP status, before the 101: the upgrade
+/// headers, the origin, the token, `since`, and room in the hub (which then registers it).
+fn admit(app: &App, request: &Request, peer: SocketAddr) -> Result<Admitted, Response> {
+    let accept_key = check_upgrade(request).inspect_err(|refusal| {
+        warn!("refused WebSocket upgrade from {peer}: {}", refusal.body);
+    })?;
+    if let Some(origin) = request.header("origin")
+        && !app.access.borrow().origin_allowed(origin)
+    {
+        warn!("refused WebSocket client {peer}: origin {origin:?} not in --allowed-origin");
+        return Err(Response::json(Status::FORBIDDEN, error_json("origin not allowed")));
+    }
+    let identity =
+        authorize(app.access.borrow().subscribe.as_ref(), request, true, "WebSocket client", peer)?;
+    let name = identity.as_ref().map(|identity| format!(" ({})", identity.name)).unwrap_or_default();
+    let resume = parse_resume(request, peer)?;
+    let (subscription, greeting) =
+        Subscription::open(&app.hub, peer, identity, resume.as_ref()).map_err(|refusal| {
+            let reason = match refusal {
+                Refusal::Full => "too many clients (--max-clients)",
+                Refusal::ShuttingDown => "server shutting down",
+            };
+            warn!("refused WebSocket client {peer}: {reason}");
+            if refusal == Refusal::Full {
+                app.metrics.count("resq_push_connections_refused_total", "max_clients");
+            }
+            Response::json(Status::SERVICE_UNAVAILABLE, error_json(reason)).with_header("Retry-After", "5")
+        })?;
+    Ok(Admitted { accept_key, name, since: resume.map(|resume| resume.since), subscription, greeting })
+}
+
+/// Settings for clients that send almost nothing: a small read buffer and small message limits.
+/// tungstenite writes only control frames (Pongs, Close: at most 131 bytes each), at once.
+fn websocket_config(config: &Config) -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(READ_BUFFER_BYTES)
+        .write_buffer_size(0)
+        .max_write_buffer_size(CONTROL_WRITE_BUFFER_BYTES)
+        .max_message_size(Some(config.max_client_message_bytes))
+        .max_frame_size(Some(config.max_client_message_bytes))
+}
+
+/// Checks the RFC 6455 upgrade headers and returns the `Sec-WebSocket-Accept` value.
+fn check_upgrade(request: &Request) -> Result<String, Response> {
+    if !request.header_has_token("upgrade", "websocket") || !request.header_has_token("connection", "upgrade")
+    {
+        return Err(Response::json(
+            Status::UPGRADE_REQUIRED,
+            error_json("this endpoint only speaks WebSocket"),
+        )
+        .with_header("Upgrade", "websocket")
+        .with_header("Sec-WebSocket-Version", "13"));
+    }
+    if request.header("sec-websocket-version").map(str::trim) != Some("13") {
+        return Err(Response::json(
+            Status::UPGRADE_REQUIRED,
+            error_json("unsupported Sec-WebSocket-Version, use 13"),
+        )
+        .with_header("Sec-WebSocket-Version", "13"));
+    }
+    let key = request.header("sec-websocket-key").map(str::trim).unwrap_or("");
+    match data_encoding::BASE64.decode(key.as_bytes()) {
+        Ok(decoded) if decoded.len() == 16 => Ok(accept_key(key)),
+        _ => Err(Response::json(
+            Status::BAD_REQUEST,
+            error_json("Sec-WebSocket-Key must be 16 bytes in base64"),
+        )),
+    }
+}
+
+fn accept_key(key: &str) -> String {
+    let digest = Sha1::new().chain_update(key.as_bytes()).chain_update(WEBSOCKET_GUID).finalize();
+    data_encoding::BASE64.encode(&digest)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accept_key_matches_rfc_6455_example() {
+        assert_eq!(accept_key("dGhlIHNhbXBsZSBub25jZQ=="), "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
+    }
+}
