@@ -6,7 +6,8 @@
 //! replay, a client-side close, and close code 1001 plus a clean exit on SIGTERM. A bug that
 //! both halves of the Rust stack would agree on shows up here.
 //!
-//! Needs `python3` with `websockets`: `pip install -r tests/python/requirements.txt`. Without
+//! Needs `python3` with `websockets`: `bash scripts/test` puts it in a virtual environment first
+//! (or `pip install -r tests/python/requirements.txt`). Without
 //! them the test fails rather than skips, so a missing dependency cannot pass unnoticed.
 
 use std::path::Path;
