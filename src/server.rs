@@ -12,12 +12,13 @@ use std::net::{SocketAddr, TcpListener as StdTcpListener};
 use std::rc::Rc;
 use std::time::{Duration, SystemTime};
 
+use async_channel::Sender;
 use futures_util::FutureExt;
 use log::{error, info, warn};
 use smol::io::AsyncWriteExt;
 use smol::net::{TcpListener, TcpStream};
 use smol::stream::{Stream, StreamExt};
-use smol::{Timer, future};
+use smol::{Task, Timer, future};
 
 use crate::app::{App, hub_limits};
 use crate::auth::{Access, TokenSet};
@@ -26,9 +27,10 @@ use crate::core::handle::HubHandle;
 use crate::core::hub::Hub;
 use crate::http;
 use crate::ingest::Publisher;
+use crate::runtime::deadline;
 use crate::runtime::scheduler::Scheduler;
 use crate::runtime::slots::{ConnectionSlots, HTTP_CONNECTIONS, SlotGuard};
-use crate::runtime::tasks::{TaskTokens, back_off_after_accept_error};
+use crate::runtime::tasks::{AllTasksDone, TaskTokens, back_off_after_accept_error};
 use crate::store::journal::{self, Storage};
 use crate::support::logger::WarningThrottle;
 use crate::support::metrics::Metrics;
@@ -36,7 +38,8 @@ use crate::unix::{self, BoundUnixSocket};
 use crate::ws;
 use crate::ws::session::Session;
 
-/// How long shutdown waits for sessions to drain their queues and close.
+/// How long shutdown waits for each of its steps: the journal to hand over what it committed,
+/// then the sessions to drain their queues and close.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// How often aged-out history is swept.
 const EXPIRY_SWEEP: Duration = Duration::from_secs(60);
@@ -85,10 +88,10 @@ pub fn serve(
     );
     let app = Rc::new(App { config, hub, access: RefCell::new(access), publisher, metrics, stop });
     let (tasks, all_tasks_done) = TaskTokens::new();
-    if let Some(committed) = committed {
+    let delivery = committed.map(|committed| {
         let app = Rc::clone(&app);
-        scheduler.control.spawn(async move { app.publisher.deliver_committed(committed).await }).detach();
-    }
+        scheduler.control.spawn(async move { app.publisher.deliver_committed(committed).await })
+    });
     scheduler.control.spawn(expire_history(Rc::clone(&app))).detach();
 
     scheduler.block_on(async {
@@ -101,31 +104,48 @@ pub fn serve(
                 reload_access(&app);
             }
         };
+        // Returning drops the accept loops: no new connections from here on.
         future::or(async { accepting.await.0 }, controlled).await;
-
-        info!("shutting down: closing {} clients", app.hub.with(|hub| hub.client_count()));
-        stop_sender.close();
-        app.hub.with(Hub::shut_down);
-        drop(tasks);
-        if future::or(
-            async {
-                all_tasks_done.wait().await;
-                true
-            },
-            async {
-                Timer::after(SHUTDOWN_GRACE).await;
-                false
-            },
-        )
-        .await
-        {
-            info!("all connections closed");
-        } else {
-            warn!("shutdown: connections still open after {SHUTDOWN_GRACE:?}, closing them");
-        }
+        stop_ingest(&app, &stop_sender);
+        drain_journal(delivery).await;
+        close_clients(&app, tasks, all_tasks_done).await;
     });
     drop(unix);
     Ok(())
+}
+
+/// Shutdown, step 1: every new submission is refused (`Rejection::ShuttingDown`) and idle
+/// connections are told to close; the journal commits what it has queued and stops.
+fn stop_ingest(app: &App, stop_sender: &Sender<()>) {
+    info!("shutting down: refusing new emergencies");
+    stop_sender.close();
+    app.publisher.stop_accepting();
+}
+
+/// Shutdown, step 2: waits until every emergency the journal committed is in the hub, while the
+/// clients are still there to be sent it. Past `SHUTDOWN_GRACE` (a stuck disk) delivery is
+/// cancelled: those publishers get an error or no answer, never an "ok" no tablet would see.
+async fn drain_journal(delivery: Option<Task<()>>) {
+    let Some(delivery) = delivery else { return };
+    if deadline::within(SHUTDOWN_GRACE, delivery).await.is_err() {
+        warn!(
+            "shutdown: the journal did not finish within {SHUTDOWN_GRACE:?}; emergencies not yet \
+             delivered get no \"ok\" (they may still be on disk)"
+        );
+    }
+}
+
+/// Shutdown, step 3: every session sends what it has not been sent, then Close 1001; waits for
+/// every connection task, up to `SHUTDOWN_GRACE`.
+async fn close_clients(app: &App, tasks: TaskTokens, all_tasks_done: AllTasksDone) {
+    info!("shutting down: closing {} clients", app.hub.with(|hub| hub.client_count()));
+    app.hub.with(Hub::shut_down);
+    drop(tasks);
+    if deadline::within(SHUTDOWN_GRACE, all_tasks_done.wait()).await.is_ok() {
+        info!("all connections closed");
+    } else {
+        warn!("shutdown: connections still open after {SHUTDOWN_GRACE:?}, closing them");
+    }
 }
 
 /// Drops aged-out emergencies from memory and disk, even when nothing is published.

@@ -3,7 +3,11 @@
 
 mod common;
 
-use common::{Server, signal, spawn_raw, wait_until};
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+
+use common::{PATIENCE, Server, signal, spawn_raw, wait_until};
+use tungstenite::Message;
 use tungstenite::protocol::frame::coding::CloseCode;
 
 #[test]
@@ -46,4 +50,80 @@ fn invalid_flags_fail_at_start_with_the_flag_named() {
         assert!(!status.success(), "{args:?} started");
         wait_until(&format!("error naming {expected}"), || logs.lock().unwrap().contains(expected));
     }
+}
+
+/// What a tablet got before the server closed it: the seqs, in order, and the close code.
+fn read_until_close(mut client: common::Client) -> (Vec<u64>, Option<CloseCode>) {
+    let mut seqs = Vec::new();
+    loop {
+        match client.ws.read().unwrap() {
+            Message::Text(text) => {
+                let event: serde_json::Value = serde_json::from_str(&text).unwrap();
+                seqs.push(event["seq"].as_u64().unwrap());
+            }
+            Message::Close(frame) => return (seqs, frame.map(|frame| frame.code)),
+            _ => {}
+        }
+    }
+}
+
+/// SIGTERM in the middle of a burst of Unix-socket lines (many reads, so several commits are in
+/// flight when the signal comes): every line answered "ok" must have reached the connected
+/// tablet before its Close 1001, and its `queued_to` must count that tablet.
+fn shutdown_during_a_burst(flags: &[&str]) {
+    const LINES: usize = 2000;
+    let mut server = Server::start(flags);
+    let (client, _) = server.subscribe();
+    let tablet = std::thread::spawn(move || read_until_close(client));
+    let publisher = UnixStream::connect(&server.unix_socket).unwrap();
+    publisher.set_read_timeout(Some(PATIENCE)).unwrap();
+    // About 1 KB a line: the server reads the burst 16 KiB at a time, a commit per read.
+    let padding = "x".repeat(1000);
+    let burst: String = (0..LINES).map(|n| format!("{{\"n\":{n},\"pad\":\"{padding}\"}}\n")).collect();
+    let mut writer = publisher.try_clone().unwrap();
+    // The server stops reading once it has shut down, so the write may fail part way.
+    let writing = std::thread::spawn(move || writer.write_all(burst.as_bytes()).is_ok());
+    let mut replies = BufReader::new(publisher);
+    let mut acknowledged = Vec::new();
+    let mut answered = 0;
+    loop {
+        let mut line = String::new();
+        match replies.read_line(&mut line) {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+        if answered == 0 {
+            server.terminate();
+        }
+        answered += 1;
+        let reply: serde_json::Value = serde_json::from_str(&line).unwrap();
+        if reply["ok"] == true {
+            acknowledged.push((reply["seq"].as_u64().unwrap(), reply["queued_to"].as_u64().unwrap()));
+        }
+    }
+    let (seqs, close) = tablet.join().unwrap();
+    let _ = writing.join().unwrap();
+    assert!(server.wait_exit().success(), "{}", server.logs());
+    assert_eq!(close, Some(CloseCode::Away), "{}", server.logs());
+    let unsent: Vec<u64> =
+        acknowledged.iter().map(|&(seq, _)| seq).filter(|seq| !seqs.contains(seq)).collect();
+    assert!(
+        unsent.is_empty(),
+        "{} of {} acknowledged emergencies never reached the tablet before its close: {unsent:?}",
+        unsent.len(),
+        acknowledged.len()
+    );
+    assert!(acknowledged.iter().all(|&(_, queued_to)| queued_to == 1), "{acknowledged:?}");
+    assert!(acknowledged.len() < LINES, "the signal came after the whole burst: nothing was tested");
+    println!("{answered} lines answered, {} acknowledged and sent before the close", acknowledged.len());
+}
+
+#[test]
+fn shutdown_sends_every_acknowledged_emergency_before_closing() {
+    shutdown_during_a_burst(&[]);
+}
+
+#[test]
+fn shutdown_sends_every_acknowledged_emergency_before_closing_in_memory() {
+    shutdown_during_a_burst(&["--in-memory"]);
 }

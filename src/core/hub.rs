@@ -224,10 +224,6 @@ impl Hub {
         &self.stream_id
     }
 
-    pub fn is_shutting_down(&self) -> bool {
-        self.shutting_down
-    }
-
     /// Registers a client and places its cursor (see `Subscription::open`): its slab key, its
     /// client id, its doorbell and its welcome.
     pub(super) fn subscribe(

@@ -5,6 +5,7 @@
 //! rejected with a precise message and nothing is published. Every emergency reaches the hub
 //! through `Publisher::hand_over`: wait for room in the fan-out, deliver, count.
 
+use std::cell::Cell;
 use std::rc::Rc;
 
 use async_channel::Receiver;
@@ -113,6 +114,8 @@ pub struct Publisher {
     metrics: Rc<Metrics>,
     /// `--max-body-bytes`.
     max_bytes: usize,
+    /// Cleared when shutdown begins: from then on every submission is refused.
+    accepting: Cell<bool>,
 }
 
 impl Publisher {
@@ -123,7 +126,17 @@ impl Publisher {
         metrics: Rc<Metrics>,
         max_bytes: usize,
     ) -> Publisher {
-        Publisher { hub, journal, fan_out, metrics, max_bytes }
+        Publisher { hub, journal, fan_out, metrics, max_bytes, accepting: Cell::new(true) }
+    }
+
+    /// The first step of shutdown: every submission from now on is refused as
+    /// `Rejection::ShuttingDown`, and the journal commits what it has queued and stops, so that
+    /// `deliver_committed` ends once everything accepted is in the hub.
+    pub fn stop_accepting(&self) {
+        self.accepting.set(false);
+        if let Some(journal) = &self.journal {
+            journal.close();
+        }
     }
 
     pub fn journal(&self) -> Option<&Journal> {
@@ -135,7 +148,7 @@ impl Publisher {
     /// never waits, so a publisher can stage a burst of lines and have them committed together.
     pub async fn stage(&self, bytes: &[u8], source: Source) -> Result<Staged, Rejection> {
         let data = parse_emergency(bytes, self.max_bytes)?;
-        if self.hub.with(|hub| hub.is_shutting_down()) {
+        if !self.accepting.get() {
             return Err(Rejection::ShuttingDown);
         }
         match &self.journal {
@@ -169,10 +182,10 @@ impl Publisher {
     }
 
     /// Hands what the journal committed to the hub, in seq order, and answers each publisher.
+    /// Ends when the journal has stopped and everything it committed is delivered.
     pub async fn deliver_committed(&self, committed: Receiver<Committed>) {
         while let Ok(Committed(batch)) = committed.recv().await {
             for (stored, reply) in batch {
-                // A committed emergency reaches the history even after shutdown has begun.
                 let delivered = self.hand_over(|hub| Ok(hub.deliver(stored))).await;
                 let _ =
                     reply.try_send(delivered.map_err(|_| StorageError::Failed("refused by the hub".into())));

@@ -164,12 +164,19 @@ impl Journal {
     pub fn sweep(&self) {
         let _ = self.requests.try_send(Request::Sweep);
     }
+
+    /// Takes no more submissions: the storage thread commits what is queued, hands it over and
+    /// stops, which closes the committed channel. Unlike dropping the journal, this does not
+    /// wait for the thread, so the executor can go on delivering what it commits.
+    pub fn close(&self) {
+        self.requests.close();
+    }
 }
 
 impl Drop for Journal {
     /// Lets the storage thread finish what it has, then waits for it.
     fn drop(&mut self) {
-        self.requests.close();
+        self.close();
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
