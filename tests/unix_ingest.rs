@@ -4,6 +4,7 @@
 mod common;
 
 use std::io::Read;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 
 use common::{Server, TempDir, spawn_raw, wait_until};
@@ -64,6 +65,27 @@ fn a_last_line_without_newline_is_published_at_end_of_input() {
     unix.send(b"{\"last\":true}");
     unix.stream.shutdown(std::net::Shutdown::Write).unwrap();
     assert_eq!(unix.reply()["seq"], 1);
+}
+
+#[test]
+fn a_partial_line_is_dropped_when_the_read_fails() {
+    let server = Server::start(&[]);
+    let (mut client, _) = server.subscribe();
+    let mut unix = server.unix();
+    unix.send(b"{\"whole\":1}\n{\"partial\":1}");
+    // Closing a Unix socket with input unread makes the peer's next read fail with ECONNRESET
+    // (not end-of-file): wait until the reply to the whole line is here, and leave it unread.
+    let mut byte = 0u8;
+    let peeked = unsafe { libc::recv(unix.stream.as_raw_fd(), (&raw mut byte).cast(), 1, libc::MSG_PEEK) };
+    assert_eq!(peeked, 1, "no reply to the whole line");
+    drop(unix);
+    wait_until("the read error handled", || {
+        server.logs().contains("dropped a partial line") || server.last_seq() > 1
+    });
+    assert_eq!(server.last_seq(), 1, "the partial line was published:\n{}", server.logs());
+    assert_eq!(server.unix().publish("{\"after\":1}"), 2);
+    client.recv_emergency(1);
+    assert!(client.recv_text().ends_with(r#","data":{"after":1}}"#));
 }
 
 #[test]

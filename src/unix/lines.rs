@@ -45,9 +45,14 @@ impl LineSplitter {
 
     /// At end of input: the last line if it had no newline.
     pub fn finish(&mut self, on_line: impl FnMut(Line<'_>)) {
-        if self.discarding || !self.partial.is_empty() {
+        if self.has_unfinished_line() {
             self.feed(b"\n", on_line);
         }
+    }
+
+    /// Whether bytes after the last newline are waiting for the rest of their line.
+    pub fn has_unfinished_line(&self) -> bool {
+        self.discarding || !self.partial.is_empty()
     }
 }
 
@@ -91,8 +96,10 @@ mod tests {
     fn the_last_line_without_newline_counts_at_end() {
         let mut splitter = LineSplitter::new(8);
         split(&mut splitter, b"{}\n{\"b\":2}");
+        assert!(splitter.has_unfinished_line());
         let mut last = Vec::new();
         splitter.finish(|line| last.push(matches!(line, Line::Complete(b"{\"b\":2}"))));
         assert_eq!(last, [true]);
+        assert!(!splitter.has_unfinished_line());
     }
 }

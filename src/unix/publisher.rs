@@ -1,8 +1,9 @@
 //! One Unix-socket publisher connection: read lines, stage them as one burst, reply in order.
 
+use std::io;
 use std::rc::Rc;
 
-use log::warn;
+use log::{debug, warn};
 use smol::future;
 use smol::io::{AsyncReadExt, AsyncWriteExt};
 use smol::net::unix::UnixStream;
@@ -14,9 +15,9 @@ use crate::runtime::deadline;
 use crate::runtime::slots::SlotGuard;
 use crate::unix::lines::{Line, LineSplitter};
 
-/// Serves one publisher connection until it closes, the server stops, or it is evicted (idle
-/// while every slot is taken). Then a partial line is dropped unanswered: it was never a
-/// complete submission.
+/// Serves one publisher connection until it closes, fails, the server stops, or it is evicted
+/// (idle while every slot is taken). Only a clean end of input completes a last line without
+/// newline; otherwise a partial line is dropped unanswered: it was never a complete submission.
 pub async fn serve(app: Rc<App>, mut stream: UnixStream, slot: SlotGuard) {
     let max_line = app.config.max_body_bytes;
     let mut splitter = LineSplitter::new(max_line);
@@ -38,7 +39,11 @@ pub async fn serve(app: Rc<App>, mut stream: UnixStream, slot: SlotGuard) {
         };
         let at_end = match read {
             None => return,
-            Some(Ok(0)) | Some(Err(_)) => {
+            Some(Err(error)) => {
+                drop_unfinished_line(&splitter, &error);
+                return;
+            }
+            Some(Ok(0)) => {
                 splitter.finish(collect);
                 true
             }
@@ -60,6 +65,16 @@ pub async fn serve(app: Rc<App>, mut stream: UnixStream, slot: SlotGuard) {
         if at_end {
             return;
         }
+    }
+}
+
+/// A failed read is not the end of the input: the last line may have been cut anywhere, and
+/// its reply could not be read, so the publisher would send it again. It is not published.
+fn drop_unfinished_line(splitter: &LineSplitter, error: &io::Error) {
+    if splitter.has_unfinished_line() {
+        warn!("dropped a partial line from a Unix-socket publisher whose connection failed: {error}");
+    } else {
+        debug!("a Unix-socket publisher's connection failed: {error}");
     }
 }
 
