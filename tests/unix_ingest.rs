@@ -59,6 +59,21 @@ fn bad_and_long_lines_get_error_lines_and_the_connection_keeps_working() {
 }
 
 #[test]
+fn a_line_of_exactly_max_body_bytes_is_accepted_with_either_line_ending() {
+    let server = Server::start(&["--max-body-bytes", "64"]);
+    let body = format!("{{\"x\":\"{}\"}}", "y".repeat(56));
+    assert_eq!(body.len(), 64);
+    assert_eq!(server.post(&body).status, 202, "HTTP takes it as a body");
+    let mut unix = server.unix();
+    assert_eq!(unix.publish(&body), 2);
+    unix.send(format!("{body}\r\n").as_bytes());
+    let reply = unix.reply();
+    assert_eq!((reply["ok"].as_bool(), reply["seq"].as_u64()), (Some(true), Some(3)), "{reply}");
+    unix.send(format!("{body} \r\n").as_bytes());
+    assert_eq!(unix.reply()["error"], "emergency larger than 64 bytes");
+}
+
+#[test]
 fn a_last_line_without_newline_is_published_at_end_of_input() {
     let server = Server::start(&[]);
     let mut unix = server.unix();

@@ -1,7 +1,9 @@
 //! Splitting a publisher's byte stream into bounded lines.
 
-/// Splits a byte stream into lines of at most `max_line` bytes, remembering a partial line
-/// between reads. A longer line is discarded up to its newline and reported once, as too large.
+/// Splits a byte stream into lines of at most `max_line` bytes (not counting the `\n` or the
+/// `\r\n` that ends them, as an HTTP body of `max_line` bytes has none), remembering a partial
+/// line between reads. A longer line is discarded up to its newline and reported once, as too
+/// large.
 pub struct LineSplitter {
     partial: Vec<u8>,
     max_line: usize,
@@ -25,7 +27,7 @@ impl LineSplitter {
         while let Some(newline) = bytes.iter().position(|&b| b == b'\n') {
             let segment = &bytes[..newline];
             bytes = &bytes[newline + 1..];
-            if std::mem::take(&mut self.discarding) || self.partial.len() + segment.len() > self.max_line {
+            if std::mem::take(&mut self.discarding) || content_len(&self.partial, segment) > self.max_line {
                 on_line(Line::TooLong);
             } else if self.partial.is_empty() {
                 on_line(Line::Complete(strip_cr(segment)));
@@ -35,7 +37,9 @@ impl LineSplitter {
             }
             self.partial.clear();
         }
-        if self.discarding || self.partial.len() + bytes.len() > self.max_line {
+        // A `\r` at the end may be the line ending, with its `\n` still to come: it is held
+        // (one byte over the limit at most) and counted once the line is complete.
+        if self.discarding || content_len(&self.partial, bytes) > self.max_line {
             self.discarding = true;
             self.partial.clear();
         } else {
@@ -54,6 +58,12 @@ impl LineSplitter {
     pub fn has_unfinished_line(&self) -> bool {
         self.discarding || !self.partial.is_empty()
     }
+}
+
+/// The length of `partial` followed by `segment`, without a final `\r`.
+fn content_len(partial: &[u8], segment: &[u8]) -> usize {
+    let last = segment.last().or(partial.last());
+    partial.len() + segment.len() - usize::from(last == Some(&b'\r'))
 }
 
 fn strip_cr(line: &[u8]) -> &[u8] {
@@ -90,6 +100,20 @@ mod tests {
         assert_eq!(split(&mut splitter, b"789"), Vec::<String>::new());
         assert_eq!(split(&mut splitter, b"0\n{}\n12345\n"), ["<too long>", "{}", "<too long>"]);
         assert!(splitter.partial.is_empty());
+    }
+
+    #[test]
+    fn the_limit_is_on_the_line_without_its_crlf() {
+        let mut splitter = LineSplitter::new(8);
+        assert_eq!(split(&mut splitter, b"12345678\r\n123456789\r\n"), ["12345678", "<too long>"]);
+        // The `\r` and the `\n` in different reads, and a line over several.
+        assert_eq!(split(&mut splitter, b"12345678\r"), Vec::<String>::new());
+        assert_eq!(split(&mut splitter, b"\n1234"), ["12345678"]);
+        assert_eq!(split(&mut splitter, b"5678\r"), Vec::<String>::new());
+        assert_eq!(split(&mut splitter, b"\n"), ["12345678"]);
+        // A `\r` that turns out not to end the line counts like any byte.
+        assert_eq!(split(&mut splitter, b"12345678\r"), Vec::<String>::new());
+        assert_eq!(split(&mut splitter, b"x\n{}\n"), ["<too long>", "{}"]);
     }
 
     #[test]
