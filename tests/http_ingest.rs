@@ -361,3 +361,55 @@ fn concurrent_publishers_never_push_a_client_that_keeps_up_past_its_queue() {
     }
     assert_eq!(server.clients(), 3);
 }
+
+/// The seqs of a poll answer's emergencies.
+fn polled_seqs(response: &HttpResponse) -> Vec<u64> {
+    response.json().as_array().unwrap().iter().map(|event| event["seq"].as_u64().unwrap()).collect()
+}
+
+/// A poll answer's replay headers: last seq, missed, reset, stream changed.
+fn poll_info(response: &HttpResponse) -> [Option<String>; 4] {
+    ["x-resq-last-seq", "x-resq-missed", "x-resq-reset", "x-resq-stream-changed"]
+        .map(|name| response.header(name))
+}
+
+#[test]
+fn a_poll_says_when_the_history_changed_under_the_poller() {
+    let origin = "https://console.site";
+    let args = ["--history", "3", "--allowed-origin", origin];
+    let server = Server::start(&args);
+    for n in 1..=4 {
+        assert_eq!(server.post(&format!(r#"{{"n":{n}}}"#)).status, 202);
+    }
+    let first = server.get("/emergencias?since=0");
+    let stream = first.header("x-resq-stream").expect("an X-Resq-Stream header");
+    assert_eq!(stream, server.health()["stream"].as_str().unwrap());
+    let (yes, no) = (Some("true".to_owned()), Some("false".to_owned()));
+    assert_eq!(poll_info(&first), [Some("4".to_owned()), Some("1".to_owned()), no.clone(), no.clone()]);
+    assert_eq!(polled_seqs(&first), [2, 3, 4]);
+
+    // The data dir is wiped: a new history, whose seqs start again at 1.
+    let dir = server.stop();
+    std::fs::remove_dir_all(dir.path().join("data")).unwrap();
+    let server = Server::start_in(dir, &args);
+    assert_eq!(server.post(r#"{"n":"new"}"#).status, 202);
+    let changed = server.get(&format!("/emergencias?since=4&stream={stream}"));
+    assert_ne!(changed.header("x-resq-stream"), Some(stream.clone()));
+    assert_eq!(poll_info(&changed), [Some("1".to_owned()), Some("0".to_owned()), no.clone(), yes.clone()]);
+    assert_eq!(polled_seqs(&changed), [1], "the new emergency must not hide behind the old seq");
+    // A poller that sends no stream is told its seq is ahead of this history.
+    let ahead = server.get("/emergencias?since=4");
+    assert_eq!(poll_info(&ahead), [Some("1".to_owned()), Some("0".to_owned()), yes, no]);
+    assert_eq!(polled_seqs(&ahead), [1]);
+
+    // A browser page may read them.
+    let cors = server.http(
+        format!("GET /emergencias?since=0 HTTP/1.1\r\nOrigin: {origin}\r\nConnection: close\r\n\r\n")
+            .as_bytes(),
+    );
+    let exposed = cors.header("access-control-expose-headers").unwrap_or_default().to_ascii_lowercase();
+    for name in ["x-resq-stream", "x-resq-last-seq", "x-resq-missed", "x-resq-reset", "x-resq-stream-changed"]
+    {
+        assert!(exposed.split(',').any(|item| item.trim() == name), "{name} not in {exposed:?}");
+    }
+}

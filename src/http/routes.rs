@@ -4,7 +4,7 @@
 //! |---|---|---|
 //! | `/ws/emergencias` | GET | handed over as an `Upgrade` (see `ws::handshake`) |
 //! | `/emergencias` | POST | publish one emergency: `202` |
-//! | `/emergencias?since=N` | GET | retained emergencies after `N` (polling fallback) |
+//! | `/emergencias?since=N` | GET | retained emergencies after `N` (polling fallback), `X-Resq-*` headers |
 //! | `/healthz` | GET | clients and last seq |
 //!
 //! Anything else gets `404` or `405`. A request that leaves the connection in an unknown state
@@ -119,10 +119,21 @@ async fn handle(
         (path, _) => Response::json(Status::NOT_FOUND, error_json(&format!("no such path: {path}"))),
     };
     if let Some(origin) = app.access.borrow().cors_origin(request.header("origin")) {
+        let exposed = own_header_names(&response);
         response = response.with_header("Access-Control-Allow-Origin", origin).with_header("Vary", "Origin");
+        if !exposed.is_empty() {
+            response = response.with_header("Access-Control-Expose-Headers", exposed);
+        }
     }
     response.head_only = head_only;
     Outcome::Reply(response)
+}
+
+/// The server's own `X-Resq-*` headers on a response, comma-separated: a browser lets a page
+/// read them only if they are listed in `Access-Control-Expose-Headers`.
+fn own_header_names(response: &Response) -> String {
+    let own = response.headers.iter().map(|(name, _)| *name).filter(|name| name.starts_with("X-Resq-"));
+    own.collect::<Vec<_>>().join(", ")
 }
 
 /// Answers a CORS preflight: allowed for the origins in `--allowed-origin`, refused otherwise.
@@ -228,31 +239,44 @@ fn content_length(request: &Request) -> Result<Option<usize>, &'static str> {
 
 /// `GET /emergencias?since=N`: a JSON array of the retained envelopes after `N`, oldest first,
 /// at most `--max-poll-bytes` of them (always at least one): poll again from the last seq.
+/// The body stays a bare array for old pollers; the welcome's `stream` and `replay` come as
+/// `X-Resq-*` headers, so that a poller can tell its seq belongs to another history.
 fn poll(app: &App, request: &Request, peer: SocketAddr) -> Response {
     if let Err(refusal) = authorize(app.access.borrow().subscribe.as_ref(), request, true, "poll", peer) {
         return refusal;
     }
     let resume = match parse_resume(request, peer) {
-        Ok(resume) => resume.unwrap_or(Resume { since: 0, stream: None }),
+        Ok(Some(resume)) => resume,
+        Ok(None) => Resume { since: 0, stream: request.query_param("stream").map(str::to_owned) },
         Err(response) => return response,
     };
     let max_bytes = app.config.max_poll_bytes;
-    let body = app.hub.with(|hub| {
-        let (entries, _) = hub.retained_after(&resume);
-        let mut body = String::from("[");
-        for json in entries {
-            if body.len() > 1 {
-                if body.len() + json.len() + 2 > max_bytes {
-                    break;
-                }
-                body.push(',');
+    app.hub.with(|hub| {
+        let (entries, replay) = hub.retained_after(&resume);
+        let body = json_array(entries, max_bytes);
+        Response::json(Status::OK, body)
+            .with_header("X-Resq-Stream", hub.stream_id())
+            .with_header("X-Resq-Last-Seq", hub.last_seq().to_string())
+            .with_header("X-Resq-Missed", replay.missed.to_string())
+            .with_header("X-Resq-Reset", replay.reset.to_string())
+            .with_header("X-Resq-Stream-Changed", replay.stream_changed.to_string())
+    })
+}
+
+/// Joins envelopes into a JSON array of at most `max_bytes`, but never leaves out the first.
+fn json_array<'a>(entries: impl Iterator<Item = &'a str>, max_bytes: usize) -> String {
+    let mut body = String::from("[");
+    for json in entries {
+        if body.len() > 1 {
+            if body.len() + json.len() + 2 > max_bytes {
+                break;
             }
-            body.push_str(json);
+            body.push(',');
         }
-        body.push(']');
-        body
-    });
-    Response::json(Status::OK, body)
+        body.push_str(json);
+    }
+    body.push(']');
+    body
 }
 
 /// `GET /metrics`: Prometheus text format.
