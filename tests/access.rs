@@ -3,12 +3,12 @@
 
 mod common;
 
-use std::io::Write;
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{Client, HttpResponse, Server, TempDir, signal, spawn_command, spawn_raw, wait_until};
+use common::{Client, HttpResponse, PATIENCE, Server, TempDir, signal, spawn_command, spawn_raw, wait_until};
 use tungstenite::protocol::frame::coding::CloseCode;
 
 const TABLET_1: &str = "t1-Zq8xR2vW9mK4pL7s";
@@ -278,4 +278,55 @@ fn out_of_file_descriptors_the_accept_loop_backs_off_and_recovers() {
     assert_eq!(client.recv_json()["type"], "connection");
     child.kill().unwrap();
     child.wait().unwrap();
+}
+
+/// Sends a request that is answered with an error while the server still expects more of it,
+/// reads the answer and the end of the server's side: the server is then lingering, discarding
+/// what the client still sends so that it reads the answer rather than a reset.
+fn lingering(server: &Server, request: &[u8], status: u16) -> (TcpStream, Instant) {
+    let mut stream = TcpStream::connect(server.addr).unwrap();
+    stream.set_read_timeout(Some(PATIENCE)).unwrap();
+    stream.write_all(request).unwrap();
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    assert_eq!(HttpResponse::read(&mut reader).status, status);
+    let mut rest = Vec::new();
+    reader.read_to_end(&mut rest).unwrap();
+    (stream, Instant::now())
+}
+
+/// `GET /healthz` on a new connection kept open: the status, or what went wrong reading it.
+fn health_kept_open(server: &Server) -> (Result<u16, std::io::Error>, TcpStream) {
+    let mut stream = TcpStream::connect(server.addr).unwrap();
+    stream.set_read_timeout(Some(PATIENCE)).unwrap();
+    stream.write_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+    let mut status_line = String::new();
+    let read = BufReader::new(stream.try_clone().unwrap()).read_line(&mut status_line);
+    let status = read.map(|_| status_line.split(' ').nth(1).and_then(|code| code.parse().ok()).unwrap_or(0));
+    (status, stream)
+}
+
+#[test]
+fn connections_lingering_after_an_error_make_room_for_real_clients() {
+    const LINGER: Duration = Duration::from_secs(2);
+    let server = Server::start(&["--max-http-connections", "3"]);
+    // One per path that answers and lingers: a request whose body is left unread, a malformed
+    // head, and a refused WebSocket upgrade. Each client stays, as a slow or hostile one would.
+    let lingerers = [
+        lingering(&server, b"POST /nope HTTP/1.1\r\nContent-Length: 100000\r\n\r\n", 404),
+        lingering(&server, b"\x16\x03\x01garbage\r\n\r\n", 400),
+        lingering(&server, b"GET /ws/emergencias HTTP/1.1\r\nHost: t\r\n\r\n", 426),
+    ];
+    // Every slot is taken by one of them; real clients still get in, one eviction each.
+    let mut kept = Vec::new();
+    for n in 0..lingerers.len() {
+        let (status, stream) = health_kept_open(&server);
+        assert_eq!(status.as_ref().ok(), Some(&200), "request {n} during the linger: {status:?}");
+        kept.push(stream);
+    }
+    // An evicted connection stops lingering at once rather than at the end of its linger.
+    for (mut stream, lingering_since) in lingerers {
+        wait_until("the evicted connection to be closed", || stream.write_all(b"x").is_err());
+        let lingered = lingering_since.elapsed();
+        assert!(lingered < LINGER * 3 / 4, "lingered {lingered:?} after its eviction");
+    }
 }

@@ -8,11 +8,13 @@ use std::net::Shutdown;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
+use smol::future;
 use smol::io::{AsyncReadExt, AsyncWriteExt};
 use smol::net::TcpStream;
 
 use crate::http::status::Status;
 use crate::runtime::deadline::{self, TimedOut};
+use crate::runtime::slots::SlotGuard;
 use crate::support::metrics::Metrics;
 
 /// Bytes read at a time while waiting for a request head, and for a body.
@@ -228,17 +230,23 @@ impl HttpConnection {
     }
 
     /// Writes a response that ends the connection, then discards what the client is still
-    /// sending for a moment, so that it reads the response rather than a reset.
-    pub async fn respond_and_close(mut self, response: Response, write_timeout: Duration) {
+    /// sending for a moment, so that it reads the response rather than a reset. Meanwhile its
+    /// `slot` may be evicted, which ends the linger: the client has its answer.
+    pub async fn respond_and_close(mut self, response: Response, write_timeout: Duration, slot: &SlotGuard) {
         if self.respond(&response, false, Instant::now() + write_timeout).await.is_err() {
             return;
         }
+        slot.set_lingering();
         let _ = self.stream.shutdown(Shutdown::Write);
-        let linger_until = Instant::now() + LINGER_TIME;
+        future::or(self.discard_input(Instant::now() + LINGER_TIME), slot.evicted()).await;
+    }
+
+    /// Reads and drops input until the client closes, `LINGER_BYTES` have come, or `until`.
+    async fn discard_input(&mut self, until: Instant) {
         let mut discarded = 0;
         while discarded < LINGER_BYTES {
             self.buffered.clear();
-            match self.read_more(BODY_CHUNK, linger_until).await {
+            match self.read_more(BODY_CHUNK, until).await {
                 Ok(Ok(read)) if read > 0 => discarded += read,
                 _ => break,
             }

@@ -71,7 +71,7 @@ pub async fn serve_requests(
         let (request, deadline) = match head {
             Ok(head) => head,
             Err(error) => {
-                answer_bad_head(connection, error, peer, app).await;
+                answer_bad_head(connection, error, peer, app, &slot).await;
                 return None;
             }
         };
@@ -80,7 +80,7 @@ pub async fn serve_requests(
         match handle(app, &mut connection, request, peer, deadline).await {
             Outcome::Upgrade(request) => return Some(Upgrade { connection, request, slot }),
             Outcome::Reply(response) if !connection.can_continue(wants_keep_alive) => {
-                connection.respond_and_close(response, config.write_timeout).await;
+                connection.respond_and_close(response, config.write_timeout, &slot).await;
                 return None;
             }
             Outcome::Reply(response) => {
@@ -306,7 +306,13 @@ fn health(app: &App) -> Response {
 }
 
 /// Answers a request whose head could not be read, if it deserves an answer, and closes.
-async fn answer_bad_head(connection: HttpConnection, failure: HeadError, peer: SocketAddr, app: &App) {
+async fn answer_bad_head(
+    connection: HttpConnection,
+    failure: HeadError,
+    peer: SocketAddr,
+    app: &App,
+    slot: &SlotGuard,
+) {
     let (status, message) = match failure {
         HeadError::Closed => return,
         HeadError::Truncated => {
@@ -331,5 +337,5 @@ async fn answer_bad_head(connection: HttpConnection, failure: HeadError, peer: S
         HeadError::Malformed(error) => (Status::BAD_REQUEST, format!("malformed HTTP request: {error}")),
     };
     warn!("closed {peer}: {message}");
-    connection.respond_and_close(error(status, &message), app.config.write_timeout).await;
+    connection.respond_and_close(error(status, &message), app.config.write_timeout, slot).await;
 }

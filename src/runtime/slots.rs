@@ -1,9 +1,10 @@
 //! Caps on open connections of one kind (HTTP, Unix-socket publishers), with eviction.
 //!
 //! A connection holds a `SlotGuard` while it is open and marks itself idle while it waits for
-//! input. When every slot is taken, a new connection closes the one that has been idle longest,
-//! so a flood of idle or trickling connections cannot lock real clients out: a real client sends
-//! its request right after connecting and is busy, not idle, when the flood needs room.
+//! input, or lingering while it closes after an error. When every slot is taken, a new connection
+//! closes a lingering one, else the one that has been idle longest, so a flood of idle, trickling
+//! or refused connections cannot lock real clients out: a real client sends its request right
+//! after connecting and is busy, not idle, when the flood needs room.
 
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
@@ -41,10 +42,19 @@ pub struct ConnectionSlots {
 struct Slot {
     /// Unique, unlike slab keys, which are reused.
     id: u64,
-    /// Since when the connection has been waiting for input; `None` while it is busy.
-    idle_since: Option<Instant>,
+    /// What the connection waits for and since when; `None` while it is busy.
+    idle: Option<(Idleness, Instant)>,
     /// Closing it tells the connection it was evicted.
     evict: Sender<()>,
+}
+
+/// Why a connection may be evicted; the first kind goes first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Idleness {
+    /// Answered and closing: evicting it costs its client nothing.
+    Lingering,
+    /// Waiting for a request (or a line): evicting it costs its client a reconnect.
+    Waiting,
 }
 
 /// Proof of a taken slot; dropping it gives the slot back.
@@ -104,7 +114,8 @@ impl ConnectionSlots {
         let id = self.next_id.get();
         self.next_id.set(id + 1);
         // A new connection counts as idle until its first request or line arrives.
-        let key = self.entries.borrow_mut().insert(Slot { id, idle_since: Some(Instant::now()), evict });
+        let idle = Some((Idleness::Waiting, Instant::now()));
+        let key = self.entries.borrow_mut().insert(Slot { id, idle, evict });
         let guard = SlotGuard { slots: Rc::clone(self), key, id, evicted };
         if evicted_someone { Admission::GrantedByEviction(guard) } else { Admission::Granted(guard) }
     }
@@ -118,9 +129,9 @@ impl ConnectionSlots {
         let mut entries = self.entries.borrow_mut();
         let oldest = entries
             .iter()
-            .filter_map(|(key, slot)| slot.idle_since.map(|since| (since, key)))
+            .filter_map(|(key, slot)| slot.idle.map(|(idleness, since)| (idleness, since, key)))
             .min()
-            .map(|(_, key)| key);
+            .map(|(_, _, key)| key);
         match oldest {
             Some(key) => {
                 entries.remove(key).evict.close();
@@ -134,8 +145,21 @@ impl ConnectionSlots {
 impl SlotGuard {
     /// Marks the connection as waiting for input (evictable) or busy.
     pub fn set_idle(&self, idle: bool) {
+        self.update(|slot| {
+            let since = slot.idle.map_or_else(Instant::now, |(_, since)| since);
+            slot.idle = idle.then_some((Idleness::Waiting, since));
+        });
+    }
+
+    /// Marks the connection as answered and closing: the first to be evicted.
+    pub fn set_lingering(&self) {
+        self.update(|slot| slot.idle = Some((Idleness::Lingering, Instant::now())));
+    }
+
+    /// Changes this guard's slot, unless it was evicted (and its key perhaps reused).
+    fn update(&self, change: impl FnOnce(&mut Slot)) {
         if let Some(slot) = self.slots.entries.borrow_mut().get_mut(self.key).filter(|s| s.id == self.id) {
-            slot.idle_since = if idle { Some(slot.idle_since.unwrap_or_else(Instant::now)) } else { None };
+            change(slot);
         }
     }
 
@@ -194,5 +218,17 @@ mod tests {
         drop(newest);
         drop(newer);
         assert_eq!(slots.open(), 0);
+    }
+
+    #[test]
+    fn a_lingering_connection_goes_before_any_waiting_one() {
+        let slots = ConnectionSlots::new(2, HTTP_CONNECTIONS);
+        let waiting = take(&slots).unwrap();
+        let lingering = take(&slots).unwrap();
+        waiting.set_idle(true);
+        lingering.set_lingering();
+        let _newest = take(&slots).unwrap();
+        assert!(lingering.evicted.is_closed());
+        assert!(!waiting.evicted.is_closed());
     }
 }

@@ -40,7 +40,7 @@ pub async fn upgrade(app: &Rc<App>, upgrade: Upgrade, peer: SocketAddr) -> Optio
     let admitted = match admit(app, &request, peer) {
         Ok(admitted) => admitted,
         Err(refusal) => {
-            connection.respond_and_close(refusal, config.write_timeout).await;
+            connection.respond_and_close(refusal, config.write_timeout, &slot).await;
             return None;
         }
     };
