@@ -330,3 +330,27 @@ fn connections_lingering_after_an_error_make_room_for_real_clients() {
         assert!(lingered < LINGER * 3 / 4, "lingered {lingered:?} after its eviction");
     }
 }
+
+#[test]
+fn a_preflight_answer_carries_no_content_headers() {
+    let console = "https://console.site";
+    let server = Server::start(&["--allowed-origin", console]);
+    let stream = TcpStream::connect(server.addr).unwrap();
+    stream.set_read_timeout(Some(PATIENCE)).unwrap();
+    let preflight = format!(
+        "OPTIONS /emergencias HTTP/1.1\r\nHost: t\r\nOrigin: {console}\r\nAccess-Control-Request-Method: POST\r\n\r\n\
+         GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+    );
+    (&stream).write_all(preflight.as_bytes()).unwrap();
+    let mut reader = BufReader::new(stream);
+    let mut head = String::new();
+    while !head.ends_with("\r\n\r\n") {
+        assert!(reader.read_line(&mut head).unwrap() > 0, "closed in the head: {head:?}");
+    }
+    assert!(head.starts_with("HTTP/1.1 204 No Content\r\n"), "{head}");
+    let lower = head.to_ascii_lowercase();
+    assert!(!lower.contains("\r\ncontent-length:") && !lower.contains("\r\ncontent-type:"), "{head}");
+    assert!(lower.contains(&format!("\r\naccess-control-allow-origin: {console}\r\n")), "{head}");
+    // Nothing follows the head: the next response starts right after it.
+    assert_eq!(HttpResponse::read(&mut reader).status, 200);
+}

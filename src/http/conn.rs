@@ -315,17 +315,17 @@ impl Response {
         self
     }
 
+    /// The response as sent. A status without content (1xx, 204) gets no body and no
+    /// `Content-*` headers; an informational one, no `Connection` either (the 101 sets its own).
     fn to_bytes(&self, keep_alive: bool) -> Vec<u8> {
-        let switching = self.status == Status::SWITCHING_PROTOCOLS;
-        let mut head = format!("HTTP/1.1 {} {}\r\n", self.status.code, self.status.reason);
-        if !self.body.is_empty() || !switching {
-            head.push_str(&format!(
-                "Content-Type: {}\r\nContent-Length: {}\r\nCache-Control: no-store\r\n",
-                self.content_type,
-                self.body.len()
-            ));
+        let status = self.status;
+        let mut head = format!("HTTP/1.1 {} {}\r\n", status.code, status.reason);
+        if status.has_content() {
+            let length = self.body.len();
+            head.push_str(&format!("Content-Type: {}\r\nContent-Length: {length}\r\n", self.content_type));
         }
-        if !switching {
+        if !status.is_informational() {
+            head.push_str("Cache-Control: no-store\r\n");
             head.push_str(if keep_alive { "Connection: keep-alive\r\n" } else { "Connection: close\r\n" });
         }
         for (name, value) in &self.headers {
@@ -333,7 +333,7 @@ impl Response {
         }
         head.push_str("\r\n");
         let mut bytes = head.into_bytes();
-        if !self.head_only {
+        if status.has_content() && !self.head_only {
             bytes.extend_from_slice(self.body.as_bytes());
         }
         bytes

@@ -1,5 +1,5 @@
 //! Every HTTP status this server sends, in one table: its code, its reason phrase, and its label
-//! in `resq_push_http_responses_total`.
+//! in `resq_push_http_responses_total`; and which statuses have no content.
 
 /// One HTTP status.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -19,6 +19,19 @@ macro_rules! statuses {
         #[cfg(test)]
         const ALL: &[Status] = &[$(Status::$name),*];
     };
+}
+
+impl Status {
+    /// Informational (1xx): an interim answer, or the switch to another protocol.
+    pub fn is_informational(self) -> bool {
+        (100..200).contains(&self.code)
+    }
+
+    /// Whether a response with this status has content (RFC 9110 §6.4.1): not 1xx, 204 or 304.
+    /// Without content it carries no `Content-Length` or `Content-Type` (§8.6, §15.3.5).
+    pub fn has_content(self) -> bool {
+        !self.is_informational() && self.code != 204 && self.code != 304
+    }
 }
 
 statuses! {
@@ -51,5 +64,11 @@ mod tests {
             assert_eq!(status.label, status.code.to_string());
             assert!(ALL[..index].iter().all(|earlier| earlier.code != status.code), "{status:?}");
         }
+    }
+
+    #[test]
+    fn informational_and_no_content_statuses_have_no_content() {
+        let without: Vec<u16> = ALL.iter().filter(|status| !status.has_content()).map(|s| s.code).collect();
+        assert_eq!(without, [100, 101, 204]);
     }
 }
