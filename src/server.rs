@@ -6,11 +6,11 @@
 //! hands them to `serve` with a stream of `Control`s (from signals): reload the token files, or
 //! shut down.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::io;
-use std::net::{SocketAddr, TcpListener as StdTcpListener};
+use std::net::{Shutdown, SocketAddr, TcpListener as StdTcpListener};
 use std::rc::Rc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use async_channel::Sender;
 use futures_util::FutureExt;
@@ -18,7 +18,7 @@ use log::{error, info, warn};
 use smol::io::AsyncWriteExt;
 use smol::net::{TcpListener, TcpStream};
 use smol::stream::{Stream, StreamExt};
-use smol::{Task, Timer, future};
+use smol::{LocalExecutor, Task, Timer, future};
 
 use crate::app::{App, hub_limits};
 use crate::auth::{Access, TokenSet};
@@ -45,6 +45,15 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 const EXPIRY_SWEEP: Duration = Duration::from_secs(60);
 /// Connections accepted in one go before their tasks get a turn.
 const ACCEPT_BATCH: usize = 64;
+/// Connections refused over `--max-http-connections` that may linger at once after their 503,
+/// reading what their clients still send; beyond that a refusal closes at once, so that a flood
+/// costs at most this many small tasks.
+const MAX_LINGERING_REFUSALS: usize = 16;
+/// How long, and how much, a refused connection is read: a request at the default limits fits.
+const REFUSAL_LINGER_TIME: Duration = Duration::from_secs(1);
+const REFUSAL_LINGER_BYTES: usize = 128 * 1024;
+/// The buffer a lingering refusal reads into.
+const REFUSAL_SCRATCH_BYTES: usize = 4096;
 
 /// What the process asks of a running server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -184,12 +193,13 @@ fn reload_access(app: &App) {
 async fn accept_tcp(scheduler: &Scheduler, app: &Rc<App>, listener: TcpListener, tasks: TaskTokens) {
     let slots = ConnectionSlots::new(app.config.max_http_connections, HTTP_CONNECTIONS);
     let errors = WarningThrottle::default();
+    let lingering_refusals = Rc::new(Cell::new(0));
     let mut accepted = 0usize;
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
                 let Some(slot) = slots.admit(&app.metrics) else {
-                    refuse_busy(stream).await;
+                    refuse_busy(&scheduler.control, stream, &lingering_refusals).await;
                     continue;
                 };
                 let _ = stream.set_nodelay(true);
@@ -223,13 +233,30 @@ async fn serve_tcp(app: Rc<App>, stream: TcpStream, peer: SocketAddr, slot: Slot
 }
 
 /// Answers a connection over `--max-http-connections` with a 503 if the socket takes it at
-/// once, and closes it. No task is spawned for it: a flood must not cost memory.
-async fn refuse_busy(mut stream: TcpStream) {
+/// once, and closes it. Its client should read the 503 rather than a reset, so the connection
+/// lingers in a task of its own, but only while fewer than `MAX_LINGERING_REFUSALS` do: a flood
+/// must not cost memory.
+async fn refuse_busy(control: &LocalExecutor<'static>, mut stream: TcpStream, lingering: &Rc<Cell<usize>>) {
     let body = r#"{"ok":false,"error":"server busy: too many connections"}"#;
     let response = format!(
         "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: {}\r\nRetry-After: 5\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
     // One non-blocking attempt: a fresh socket's send buffer is empty, so it normally succeeds.
-    let _ = future::poll_once(stream.write(response.as_bytes())).await;
+    let written = future::poll_once(stream.write(response.as_bytes())).await;
+    if matches!(written, Some(Ok(n)) if n == response.len()) && lingering.get() < MAX_LINGERING_REFUSALS {
+        // Counted now, not when the task first runs: more connections may be refused before.
+        lingering.set(lingering.get() + 1);
+        control.spawn(linger_refused(stream, Rc::clone(lingering))).detach();
+    }
+}
+
+/// Closes a refused connection whose 503 is written: ends the writing side, and reads what the
+/// client still sends for a moment, since closing with its request unread would reset it.
+async fn linger_refused(mut stream: TcpStream, lingering: Rc<Cell<usize>>) {
+    let _ = stream.shutdown(Shutdown::Write);
+    let mut scratch = vec![0; REFUSAL_SCRATCH_BYTES];
+    let until = Instant::now() + REFUSAL_LINGER_TIME;
+    http::conn::discard_input(&mut stream, &mut scratch, REFUSAL_LINGER_BYTES, until).await;
+    lingering.set(lingering.get() - 1);
 }

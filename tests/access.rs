@@ -354,3 +354,37 @@ fn a_preflight_answer_carries_no_content_headers() {
     // Nothing follows the head: the next response starts right after it.
     assert_eq!(HttpResponse::read(&mut reader).status, 200);
 }
+
+/// A connection that is busy: its request head was read (the `100 Continue` says so) and the
+/// server waits for a body that does not come.
+fn busy_connection(server: &Server) -> TcpStream {
+    let mut stream = TcpStream::connect(server.addr).unwrap();
+    stream.set_read_timeout(Some(PATIENCE)).unwrap();
+    stream
+        .write_all(b"POST /emergencias HTTP/1.1\r\nContent-Length: 2\r\nExpect: 100-continue\r\n\r\n")
+        .unwrap();
+    let mut interim = [0u8; 25];
+    stream.read_exact(&mut interim).unwrap();
+    assert_eq!(&interim, b"HTTP/1.1 100 Continue\r\n\r\n");
+    stream
+}
+
+#[test]
+fn a_client_refused_for_busy_slots_reads_the_503_not_a_reset() {
+    let server = Server::start(&["--max-http-connections", "2"]);
+    let _busy = [busy_connection(&server), busy_connection(&server)];
+    for attempt in 0..10 {
+        let mut stream = TcpStream::connect(server.addr).unwrap();
+        stream.set_read_timeout(Some(PATIENCE)).unwrap();
+        let body = format!(r#"{{"attempt":{attempt},"pad":"{}"}}"#, "p".repeat(2000));
+        let request =
+            format!("POST /emergencias HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+        stream.write_all(request.as_bytes()).unwrap();
+        let mut answer = Vec::new();
+        let read = stream.read_to_end(&mut answer);
+        let text = String::from_utf8_lossy(&answer);
+        assert!(read.is_ok(), "attempt {attempt}: {read:?} after reading {text:?}");
+        assert!(text.starts_with("HTTP/1.1 503 Service Unavailable\r\n"), "attempt {attempt}: {text}");
+        assert!(text.ends_with(r#"{"ok":false,"error":"server busy: too many connections"}"#), "{text}");
+    }
+}

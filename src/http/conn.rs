@@ -238,18 +238,21 @@ impl HttpConnection {
         }
         slot.set_lingering();
         let _ = self.stream.shutdown(Shutdown::Write);
-        future::or(self.discard_input(Instant::now() + LINGER_TIME), slot.evicted()).await;
+        self.buffered.resize(BODY_CHUNK, 0);
+        let until = Instant::now() + LINGER_TIME;
+        future::or(discard_input(&mut self.stream, &mut self.buffered, LINGER_BYTES, until), slot.evicted())
+            .await;
     }
+}
 
-    /// Reads and drops input until the client closes, `LINGER_BYTES` have come, or `until`.
-    async fn discard_input(&mut self, until: Instant) {
-        let mut discarded = 0;
-        while discarded < LINGER_BYTES {
-            self.buffered.clear();
-            match self.read_more(BODY_CHUNK, until).await {
-                Ok(Ok(read)) if read > 0 => discarded += read,
-                _ => break,
-            }
+/// Reads and drops what the peer still sends, into `scratch`, until it closes, `max_bytes` have
+/// come, or `until`: closing with unread input would send it a reset instead of our answer.
+pub async fn discard_input(stream: &mut TcpStream, scratch: &mut [u8], max_bytes: usize, until: Instant) {
+    let mut discarded = 0;
+    while discarded < max_bytes {
+        match deadline::before(until, stream.read(scratch)).await {
+            Ok(Ok(read)) if read > 0 => discarded += read,
+            _ => break,
         }
     }
 }
