@@ -26,7 +26,10 @@ use crate::config::Config;
 use crate::core::handle::HubHandle;
 use crate::core::hub::Hub;
 use crate::http;
+use crate::http::conn::Response;
+use crate::http::status::Status;
 use crate::ingest::Publisher;
+use crate::protocol::error_json;
 use crate::runtime::deadline;
 use crate::runtime::scheduler::Scheduler;
 use crate::runtime::slots::{ConnectionSlots, HTTP_CONNECTIONS, SlotGuard};
@@ -237,13 +240,12 @@ async fn serve_tcp(app: Rc<App>, stream: TcpStream, peer: SocketAddr, slot: Slot
 /// lingers in a task of its own, but only while fewer than `MAX_LINGERING_REFUSALS` do: a flood
 /// must not cost memory.
 async fn refuse_busy(control: &LocalExecutor<'static>, mut stream: TcpStream, lingering: &Rc<Cell<usize>>) {
-    let body = r#"{"ok":false,"error":"server busy: too many connections"}"#;
-    let response = format!(
-        "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: {}\r\nRetry-After: 5\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
+    let response =
+        Response::json(Status::SERVICE_UNAVAILABLE, error_json("server busy: too many connections"))
+            .with_header("Retry-After", "5")
+            .to_bytes(false);
     // One non-blocking attempt: a fresh socket's send buffer is empty, so it normally succeeds.
-    let written = future::poll_once(stream.write(response.as_bytes())).await;
+    let written = future::poll_once(stream.write(&response)).await;
     if matches!(written, Some(Ok(n)) if n == response.len()) && lingering.get() < MAX_LINGERING_REFUSALS {
         // Counted now, not when the task first runs: more connections may be refused before.
         lingering.set(lingering.get() + 1);

@@ -320,7 +320,8 @@ impl Response {
 
     /// The response as sent. A status without content (1xx, 204) gets no body and no
     /// `Content-*` headers; an informational one, no `Connection` either (the 101 sets its own).
-    fn to_bytes(&self, keep_alive: bool) -> Vec<u8> {
+    /// The response on the wire, with `Connection: keep-alive` or `close`.
+    pub fn to_bytes(&self, keep_alive: bool) -> Vec<u8> {
         let status = self.status;
         let mut head = format!("HTTP/1.1 {} {}\r\n", status.code, status.reason);
         if status.has_content() {
