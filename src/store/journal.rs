@@ -338,11 +338,60 @@ pub fn new_stream_id() -> String {
 mod tests {
     use super::*;
 
+    /// A data dir of one test's own, removed when the test ends, passed or failed.
+    struct TestDir(PathBuf);
+
+    impl TestDir {
+        /// Unique per process, per call and per test, so parallel tests and concurrent runs never
+        /// share one; a leftover from a killed run with the same pid is removed first.
+        fn new(test: &str) -> TestDir {
+            static CREATED: AtomicUsize = AtomicUsize::new(0);
+            let serial = CREATED.fetch_add(1, Ordering::Relaxed);
+            let name = format!("resq-push-journal-{}-{serial}-{test}", std::process::id());
+            TestDir::at(std::env::temp_dir().join(name))
+        }
+
+        fn at(path: PathBuf) -> TestDir {
+            match fs::remove_dir_all(&path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => panic!("{}: {e}", path.display()),
+                _ => {}
+            }
+            fs::create_dir(&path).unwrap();
+            TestDir(path)
+        }
+
+        fn path(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    impl Drop for TestDir {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    #[test]
+    fn a_test_dir_starts_empty_and_is_removed_even_when_its_test_fails() {
+        let leftover =
+            std::env::temp_dir().join(format!("resq-push-journal-{}-leftover", std::process::id()));
+        fs::create_dir_all(&leftover).unwrap();
+        fs::write(leftover.join(DATABASE_FILE), "from a killed run").unwrap();
+        let dir = TestDir::at(leftover.clone());
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 0);
+        let failed = std::panic::catch_unwind(move || {
+            let _dir = dir;
+            panic!("a failing test");
+        });
+        assert!(failed.is_err());
+        assert!(!leftover.exists());
+    }
+
     #[test]
     fn appends_beyond_max_queued_are_refused_as_storage_busy() {
-        let dir = std::env::temp_dir().join(format!("resq-push-journal-test-{}", std::process::id()));
+        let dir = TestDir::new("storage-busy");
         let retention = Retention { max_count: 10, max_age: Duration::from_secs(3600) };
-        let (journal, _, committed) = open(&dir, retention).unwrap();
+        let (journal, _, committed) = open(dir.path(), retention).unwrap();
         let data = || RawValue::from_string("{}".into()).unwrap();
         journal.queued.store(MAX_QUEUED, Ordering::Relaxed);
         assert_eq!(journal.append(data(), Source::Unix).err(), Some(StorageError::Busy));
@@ -351,22 +400,20 @@ mod tests {
         let Committed(batch) = committed.recv_blocking().unwrap();
         assert_eq!(batch[0].0.seq, 1);
         assert_eq!(journal.queued.load(Ordering::Relaxed), 0);
-        drop(journal);
-        fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]
     fn expiry_by_age_never_leaves_a_gap() {
-        let dir = std::env::temp_dir().join(format!("resq-push-journal-gap-{}", std::process::id()));
+        let dir = TestDir::new("gap");
         let retention = Retention { max_count: 10, max_age: Duration::from_secs(3600) };
-        let (journal, _, committed) = open(&dir, retention).unwrap();
+        let (journal, _, committed) = open(dir.path(), retention).unwrap();
         for _ in 0..5 {
             journal.append(RawValue::from_string("{}".into()).unwrap(), Source::Unix).unwrap();
             committed.recv_blocking().unwrap();
         }
         drop(journal);
         // Seq 3 stamped before the clock was set: it and everything before it go, nothing after.
-        let db = Connection::open(dir.join(DATABASE_FILE)).unwrap();
+        let db = Connection::open(dir.path().join(DATABASE_FILE)).unwrap();
         db.execute("UPDATE emergencies SET received_at_ms = 1000 WHERE seq = 3", []).unwrap();
         delete_expired(&db, 5, retention).unwrap();
         let seqs: Vec<i64> = {
@@ -374,7 +421,5 @@ mod tests {
             query.query_map([], |row| row.get(0)).unwrap().map(Result::unwrap).collect()
         };
         assert_eq!(seqs, [4, 5]);
-        drop(db);
-        fs::remove_dir_all(dir).unwrap();
     }
 }
