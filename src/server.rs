@@ -10,7 +10,7 @@ use std::cell::{Cell, RefCell};
 use std::io;
 use std::net::{Shutdown, SocketAddr, TcpListener as StdTcpListener};
 use std::rc::Rc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use async_channel::Sender;
 use futures_util::FutureExt;
@@ -23,6 +23,7 @@ use smol::{LocalExecutor, Task, Timer, future};
 use crate::app::{App, hub_limits};
 use crate::auth::{Access, TokenSet};
 use crate::config::Config;
+use crate::core::clock::Reading;
 use crate::core::handle::HubHandle;
 use crate::core::hub::Hub;
 use crate::http;
@@ -79,7 +80,7 @@ pub fn serve(
     let tcp = TcpListener::try_from(tcp)?;
     let unix_listener = unix.as_ref().map(BoundUnixSocket::listener).transpose()?;
     let limits = hub_limits(&config);
-    let (hub, journal, committed) = match storage {
+    let (mut hub, journal, committed) = match storage {
         Storage::Memory => (Hub::new(limits, &journal::new_stream_id()), None, None),
         Storage::Durable { journal, loaded, committed } => {
             let mut hub = Hub::new(limits, &loaded.stream_id);
@@ -87,6 +88,8 @@ pub fn serve(
             (hub, Some(journal), Some(committed))
         }
     };
+    // The clock at start is what the sweeps' readings are checked against.
+    hub.expire(Reading::now());
     let hub = HubHandle::new(hub);
     let (stop_sender, stop) = async_channel::bounded(1);
     let metrics = Rc::new(Metrics::default());
@@ -164,7 +167,7 @@ async fn close_clients(app: &App, tasks: TaskTokens, all_tasks_done: AllTasksDon
 async fn expire_history(app: Rc<App>) {
     loop {
         Timer::after(EXPIRY_SWEEP).await;
-        app.hub.with(|hub| hub.expire(SystemTime::now()));
+        app.hub.with(|hub| hub.expire(Reading::now()));
         if let Some(journal) = app.publisher.journal() {
             journal.sweep();
         }

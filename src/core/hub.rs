@@ -20,6 +20,7 @@ use serde_json::value::RawValue;
 use slab::Slab;
 
 use crate::auth::Identity;
+use crate::core::clock::{Reading, RetentionClock};
 use crate::core::doorbell::{Doorbell, Farewell};
 use crate::core::{Receipt, SharedEnvelope, Stored};
 use crate::protocol::{self, ClientInfo, HistoryRange, ReplayInfo, Source};
@@ -104,6 +105,10 @@ pub struct Hub {
     /// client has yet to be sent stays until it is (at most `queue` live events per client).
     history: VecDeque<Retained>,
     history_bytes: usize,
+    /// The newest emergency's `received_at`, kept even once it has left the history.
+    newest_received_at: SystemTime,
+    /// Whether the wall clock can be trusted to expire by.
+    clock: RetentionClock,
     /// Set at shutdown: no new subscribers, every doorbell closed.
     shutting_down: bool,
 }
@@ -128,6 +133,8 @@ impl Hub {
             last_seq: 0,
             history: VecDeque::new(),
             history_bytes: 0,
+            newest_received_at: SystemTime::UNIX_EPOCH,
+            clock: RetentionClock::new(limits.history_max_age),
             shutting_down: false,
         }
     }
@@ -139,7 +146,8 @@ impl Hub {
             return Err(Refusal::ShuttingDown);
         }
         let seq = self.last_seq + 1;
-        let received_at = SystemTime::now();
+        // Never before the previous emergency, so the history stays in order if the clock steps back.
+        let received_at = SystemTime::now().max(self.newest_received_at);
         let envelope = protocol::envelope_json(seq, received_at, source, data);
         Ok(self.deliver(Stored { seq, received_at, envelope }))
     }
@@ -151,6 +159,7 @@ impl Hub {
     pub fn deliver(&mut self, stored: Stored) -> Receipt {
         let Stored { seq, received_at, envelope } = stored;
         self.last_seq = seq;
+        self.newest_received_at = self.newest_received_at.max(received_at);
         let json = SharedEnvelope::from(envelope);
         self.history_bytes += json.len();
         self.history.push_back(Retained { seq, json, received_at });
@@ -181,14 +190,17 @@ impl Hub {
                 self.history_bytes = 0;
             }
             self.history_bytes += envelope.len();
+            self.newest_received_at = self.newest_received_at.max(received_at);
             self.history.push_back(Retained { seq, json: SharedEnvelope::from(envelope), received_at });
         }
         self.last_seq = last_seq;
         self.trim(|_| false);
     }
 
-    /// Drops history entries older than `history_max_age`.
-    pub fn expire(&mut self, now: SystemTime) {
+    /// Drops history entries older than `history_max_age` by the clock read now, if it can be
+    /// trusted (`RetentionClock`).
+    pub fn expire(&mut self, reading: Reading) {
+        let Some(now) = self.clock.expiry_now(reading) else { return };
         let max_age = self.limits.history_max_age;
         self.trim(|oldest| now.duration_since(oldest.received_at).unwrap_or_default() > max_age);
     }
@@ -393,7 +405,10 @@ impl Hub {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Instant;
+
     use super::*;
+    use crate::core::clock::tests::{HOUR, MINUTE, SECOND, YEARS, reading_after};
     use crate::core::handle::HubHandle;
     use crate::core::subscription::Subscription;
 
@@ -504,11 +519,58 @@ mod tests {
     fn old_entries_expire_by_age() {
         let hub = new_hub(limits(), "stream-a");
         hub.borrow().publish_ok(&raw("{}"), Source::Unix);
-        let later = SystemTime::now() + Duration::from_secs(3601);
-        hub.borrow().expire(later);
+        let later = Reading::now();
+        hub.borrow().expire(Reading { wall: later.wall + Duration::from_secs(3601), ..later });
         let range = hub.borrow().history_range();
         assert_eq!((range.count, range.first_seq, range.last_seq), (0, 2, 1));
         assert_eq!(hub.borrow().history_bytes(), 0);
+    }
+
+    fn stored_at(seq: u64, received_at: SystemTime) -> Stored {
+        Stored { seq, received_at, envelope: format!(r#"{{"seq":{seq}}}"#) }
+    }
+
+    #[test]
+    fn a_clock_that_jumps_ahead_expires_nothing_until_it_has_kept_time_for_max_age() {
+        let hub = new_hub(limits(), "stream-a");
+        let start = Reading::now();
+        hub.borrow().expire(start);
+        hub.borrow().publish_ok(&raw("{}"), Source::Unix);
+        let jumped = start.wall + YEARS;
+        hub.borrow().expire(reading_after(start, MINUTE, jumped));
+        assert_eq!(hub.borrow().history_range().count, 1);
+        hub.borrow().expire(reading_after(start, MINUTE + HOUR - SECOND, jumped + HOUR - SECOND));
+        assert_eq!(hub.borrow().history_range().count, 1);
+        hub.borrow().expire(reading_after(start, MINUTE + HOUR, jumped + HOUR));
+        assert_eq!(hub.borrow().history_range().count, 0);
+    }
+
+    #[test]
+    fn a_clock_set_after_boot_expires_nothing_received_before_it_was_set() {
+        // A board without a real-time clock boots in 1970 and stamps what it receives by it.
+        let hub = new_hub(limits(), "stream-a");
+        let boot = Reading { wall: SystemTime::UNIX_EPOCH + 10 * MINUTE, mono: Instant::now() };
+        hub.borrow().expire(boot);
+        hub.borrow().deliver(stored_at(1, boot.wall));
+        hub.borrow().deliver(stored_at(2, boot.wall));
+        let set = SystemTime::now();
+        hub.borrow().expire(reading_after(boot, MINUTE, set));
+        assert_eq!(hub.borrow().history_range().count, 2);
+        hub.borrow().expire(reading_after(boot, MINUTE + HOUR, set + HOUR));
+        assert_eq!(hub.borrow().history_range().count, 0);
+    }
+
+    #[test]
+    fn a_clock_that_steps_back_never_stamps_an_emergency_before_the_one_before_it() {
+        let hub = new_hub(limits(), "stream-a");
+        // Stamped an hour ahead of the clock as it reads now, that is before it stepped back.
+        let before_the_step = SystemTime::now() + HOUR;
+        hub.borrow().restore(1, vec![stored_at(1, before_the_step)]);
+        hub.borrow().publish_ok(&raw("{}"), Source::Unix);
+        let hub = hub.borrow();
+        let newest = hub.history.back().unwrap();
+        assert_eq!(newest.received_at, before_the_step);
+        assert!(newest.json.contains(&rfc3339_millis(before_the_step)), "{}", newest.json);
     }
 
     #[test]
@@ -569,8 +631,7 @@ mod tests {
     #[test]
     fn a_restored_history_with_a_gap_keeps_its_newest_run_and_reports_the_rest_missed() {
         let hub = new_hub(HubLimits { history: 10, ..limits() }, "stream-a");
-        let stored =
-            |seq| Stored { seq, received_at: SystemTime::now(), envelope: format!(r#"{{"seq":{seq}}}"#) };
+        let stored = |seq| stored_at(seq, SystemTime::now());
         hub.borrow().restore(5, vec![stored(1), stored(2), stored(4), stored(5)]);
         let range = hub.borrow().history_range();
         assert_eq!((range.first_seq, range.count), (4, 2));

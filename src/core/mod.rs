@@ -5,6 +5,7 @@
 //! serialized envelopes and doorbells, and the layers around it (stores, ingest, transports) do
 //! the I/O. It uses only `support`, `protocol` (the envelope's JSON) and `auth::Identity`.
 
+pub mod clock;
 pub mod doorbell;
 pub mod handle;
 pub mod hub;

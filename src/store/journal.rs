@@ -6,7 +6,8 @@
 //! disk gap-free whatever fails. It commits everything waiting in its queue as one transaction
 //! (group commit: a burst pays one fsync), then hands the committed emergencies, in seq order, to
 //! the executor, which broadcasts them and answers their publishers. A failed commit assigns no
-//! seq and answers those publishers with an error.
+//! seq and answers those publishers with an error. Each transaction also deletes what retention
+//! no longer keeps: by count, and by age when the clock can be trusted (`core::clock`).
 
 use std::fs::{self, File};
 use std::io::Read;
@@ -21,6 +22,7 @@ use log::{error, info};
 use rusqlite::{Connection, OptionalExtension, params};
 use serde_json::value::RawValue;
 
+use crate::core::clock::{Reading, RetentionClock};
 use crate::core::{Receipt, Stored};
 use crate::protocol::{self, Source};
 
@@ -38,6 +40,21 @@ const LOCK_FILE: &str = "lock";
 pub struct Retention {
     pub max_count: usize,
     pub max_age: Duration,
+}
+
+/// Retention as the storage thread applies it: by count always, by age when the clock can be
+/// trusted (`RetentionClock`).
+#[derive(Debug)]
+struct Expiry {
+    retention: Retention,
+    clock: RetentionClock,
+}
+
+/// The newest emergency stored: the next one follows it.
+#[derive(Clone, Copy, Debug)]
+struct Tail {
+    seq: u64,
+    received_at: SystemTime,
 }
 
 /// What a data dir holds at start.
@@ -116,8 +133,9 @@ pub fn open(dir: &Path, retention: Retention) -> Result<(Journal, Loaded, Receiv
     let path = dir.join(DATABASE_FILE);
     let mut db =
         open_database(&path).map_err(|e| format!("data dir {shown}: {} is unusable: {e}", path.display()))?;
-    let loaded =
-        load(&mut db, retention).map_err(|e| format!("data dir {shown}: cannot read the history: {e}"))?;
+    let mut expiry = Expiry::new(retention);
+    let loaded = load(&mut db, &mut expiry, Reading::now())
+        .map_err(|e| format!("data dir {shown}: cannot read the history: {e}"))?;
 
     let (requests, incoming) = async_channel::unbounded();
     let queued = Arc::new(AtomicUsize::new(0));
@@ -125,13 +143,13 @@ pub fn open(dir: &Path, retention: Retention) -> Result<(Journal, Loaded, Receiv
     // Batches, each up to MAX_BATCH emergencies: a few cover everything the requests can hold.
     // (async-channel writes every slot up front; 4096 of them were 132 KB of idle RSS.)
     let (committed_sender, committed) = async_channel::bounded(COMMITTED_BATCHES);
-    let last_seq = loaded.last_seq;
+    let tail = loaded.tail();
     let thread = std::thread::Builder::new()
         .name("resq-journal".into())
         .spawn(move || {
             // The lock lives as long as the thread that writes.
             let _lock = lock;
-            run(db, last_seq, retention, incoming, &taken, committed_sender);
+            run(db, tail, expiry, incoming, &taken, committed_sender);
         })
         .map_err(|e| format!("cannot start the storage thread: {e}"))?;
     Ok((Journal { requests, queued, thread: Some(thread) }, loaded, committed))
@@ -203,7 +221,7 @@ fn open_database(path: &PathBuf) -> rusqlite::Result<Connection> {
     Ok(db)
 }
 
-fn load(db: &mut Connection, retention: Retention) -> rusqlite::Result<Loaded> {
+fn load(db: &mut Connection, expiry: &mut Expiry, reading: Reading) -> rusqlite::Result<Loaded> {
     let existing: Option<String> =
         db.query_row("SELECT value FROM meta WHERE key = 'stream_id'", [], |row| row.get(0)).optional()?;
     let stream_id = match existing {
@@ -222,7 +240,7 @@ fn load(db: &mut Connection, retention: Retention) -> rusqlite::Result<Loaded> {
         db.query_row("SELECT value FROM meta WHERE key = 'last_seq'", [], |row| row.get(0)).optional()?;
     let highest: Option<i64> = db.query_row("SELECT MAX(seq) FROM emergencies", [], |row| row.get(0))?;
     let last_seq = recorded.and_then(|text| text.parse().ok()).unwrap_or(0).max(highest.unwrap_or(0) as u64);
-    delete_expired(db, last_seq, retention)?;
+    expiry.delete_expired(db, last_seq, reading)?;
     let mut statement = db.prepare("SELECT seq, received_at_ms, envelope FROM emergencies ORDER BY seq")?;
     let retained = statement
         .query_map([], |row| {
@@ -237,11 +255,18 @@ fn load(db: &mut Connection, retention: Retention) -> rusqlite::Result<Loaded> {
     Ok(Loaded { stream_id, last_seq, retained })
 }
 
+impl Loaded {
+    fn tail(&self) -> Tail {
+        let received_at = self.retained.iter().map(|stored| stored.received_at).max();
+        Tail { seq: self.last_seq, received_at: received_at.unwrap_or(UNIX_EPOCH) }
+    }
+}
+
 /// The storage thread: commit what is queued, hand it to the executor, repeat.
 fn run(
     mut db: Connection,
-    mut last_seq: u64,
-    retention: Retention,
+    mut tail: Tail,
+    mut expiry: Expiry,
     incoming: Receiver<Request>,
     queued: &AtomicUsize,
     committed: Sender<Committed>,
@@ -258,9 +283,11 @@ fn run(
                 request = incoming.try_recv().ok();
             }
         }
-        match write_batch(&mut db, last_seq, &appends, retention) {
+        match write_batch(&mut db, tail, &appends, &mut expiry, Reading::now()) {
             Ok(stored) => {
-                last_seq += stored.len() as u64;
+                if let Some(newest) = stored.last() {
+                    tail = Tail { seq: newest.seq, received_at: newest.received_at };
+                }
                 let replies = appends.into_iter().map(|(_, _, _, reply)| reply);
                 if !stored.is_empty()
                     && committed.send_blocking(Committed(stored.into_iter().zip(replies).collect())).is_err()
@@ -278,44 +305,69 @@ fn run(
     }
 }
 
-/// Stores `appends` as seqs `last_seq + 1 ..` in one transaction, with the retention applied.
+/// Stores `appends` after `tail` in one transaction, with the retention applied by the clocks
+/// read at `reading`.
 fn write_batch(
     db: &mut Connection,
-    last_seq: u64,
+    tail: Tail,
     appends: &[(Box<RawValue>, Source, SystemTime, Reply)],
-    retention: Retention,
+    expiry: &mut Expiry,
+    reading: Reading,
 ) -> rusqlite::Result<Vec<Stored>> {
     let transaction = db.transaction()?;
     let mut stored = Vec::with_capacity(appends.len());
     {
         let mut insert = transaction
             .prepare("INSERT INTO emergencies (seq, received_at_ms, envelope) VALUES (?1, ?2, ?3)")?;
+        let mut previous = tail.received_at;
         for (offset, (data, source, received_at, _)) in appends.iter().enumerate() {
-            let seq = last_seq + 1 + offset as u64;
-            let envelope = protocol::envelope_json(seq, *received_at, *source, data);
-            insert.execute(params![seq as i64, unix_millis(*received_at), envelope])?;
-            stored.push(Stored { seq, received_at: *received_at, envelope });
+            let seq = tail.seq + 1 + offset as u64;
+            // Never before the previous emergency, so the history stays in order if the clock
+            // steps back, and expiring by age is always deleting the oldest.
+            let received_at = (*received_at).max(previous);
+            previous = received_at;
+            let envelope = protocol::envelope_json(seq, received_at, *source, data);
+            insert.execute(params![seq as i64, unix_millis(received_at), envelope])?;
+            stored.push(Stored { seq, received_at, envelope });
         }
     }
-    let new_last = last_seq + stored.len() as u64;
+    let new_last = tail.seq + stored.len() as u64;
     if !stored.is_empty() {
         transaction.execute("UPDATE meta SET value = ?1 WHERE key = 'last_seq'", [new_last.to_string()])?;
     }
-    delete_expired(&transaction, new_last, retention)?;
+    expiry.delete_expired(&transaction, new_last, reading)?;
     transaction.commit()?;
     Ok(stored)
 }
 
-fn delete_expired(db: &Connection, last_seq: u64, retention: Retention) -> rusqlite::Result<usize> {
-    let oldest_kept_seq = last_seq.saturating_sub(retention.max_count as u64);
-    let oldest_kept_ms = unix_millis(SystemTime::now()) - retention.max_age.as_millis() as i64;
-    // By age, everything up to the newest seq that is too old: the history stays one unbroken
-    // run of seqs even if the clock jumped (a board without a real-time clock before NTP).
-    db.execute(
-        "DELETE FROM emergencies WHERE seq <= ?1
-             OR seq <= (SELECT MAX(seq) FROM emergencies WHERE received_at_ms < ?2)",
-        params![oldest_kept_seq as i64, oldest_kept_ms],
-    )
+impl Expiry {
+    fn new(retention: Retention) -> Expiry {
+        Expiry { retention, clock: RetentionClock::new(retention.max_age) }
+    }
+
+    /// Deletes what the retention no longer keeps, `last_seq` being the newest seq and `reading`
+    /// the clocks read now.
+    fn delete_expired(
+        &mut self,
+        db: &Connection,
+        last_seq: u64,
+        reading: Reading,
+    ) -> rusqlite::Result<usize> {
+        let oldest_kept_seq = last_seq.saturating_sub(self.retention.max_count as u64);
+        let max_age_ms = i64::try_from(self.retention.max_age.as_millis()).unwrap_or(i64::MAX);
+        let too_old_before_ms = self
+            .clock
+            .expiry_now(reading)
+            .map_or(i64::MIN, |now| unix_millis(now).saturating_sub(max_age_ms));
+        // By age, the oldest while they are too old, as in the hub: the history stays one
+        // unbroken run of seqs, and one stamped too early (by a clock that stepped back, before
+        // stamps were kept in order) does not take newer emergencies with it.
+        db.execute(
+            "DELETE FROM emergencies WHERE seq <= ?1
+                 OR seq < COALESCE((SELECT MIN(seq) FROM emergencies WHERE received_at_ms >= ?2), ?3)",
+            params![oldest_kept_seq as i64, too_old_before_ms, i64::MAX],
+        )
+    }
 }
 
 fn unix_millis(time: SystemTime) -> i64 {
@@ -336,7 +388,11 @@ pub fn new_stream_id() -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Instant;
+
     use super::*;
+    use crate::core::clock::tests::{HOUR, MINUTE, SECOND, YEARS, kept_time, reading_after};
+    use crate::support::timestamp::rfc3339_millis;
 
     /// A data dir of one test's own, removed when the test ends, passed or failed.
     struct TestDir(PathBuf);
@@ -402,24 +458,126 @@ mod tests {
         assert_eq!(journal.queued.load(Ordering::Relaxed), 0);
     }
 
+    const RETENTION: Retention = Retention { max_count: 10, max_age: HOUR };
+    const EMPTY: Tail = Tail { seq: 0, received_at: UNIX_EPOCH };
+
+    /// A new history in `dir`, its clock first read at `start`, keeping 10 emergencies an hour.
+    fn new_history(dir: &TestDir, start: Reading) -> (Connection, Expiry) {
+        let mut db = open_database(&dir.path().join(DATABASE_FILE)).unwrap();
+        let mut expiry = Expiry::new(RETENTION);
+        load(&mut db, &mut expiry, start).unwrap();
+        (db, expiry)
+    }
+
+    /// Commits one emergency per stamp after `tail`, as the storage thread would at `reading`.
+    fn commit(
+        db: &mut Connection,
+        tail: Tail,
+        stamps: &[SystemTime],
+        expiry: &mut Expiry,
+        reading: Reading,
+    ) -> Vec<Stored> {
+        let appends: Vec<_> = stamps
+            .iter()
+            .map(|&at| {
+                (RawValue::from_string("{}".into()).unwrap(), Source::Unix, at, async_channel::bounded(1).0)
+            })
+            .collect();
+        write_batch(db, tail, &appends, expiry, reading).unwrap()
+    }
+
+    fn seqs(db: &Connection) -> Vec<i64> {
+        let mut query = db.prepare("SELECT seq FROM emergencies ORDER BY seq").unwrap();
+        query.query_map([], |row| row.get(0)).unwrap().map(Result::unwrap).collect()
+    }
+
     #[test]
-    fn expiry_by_age_never_leaves_a_gap() {
+    fn expiry_by_age_never_leaves_a_gap_nor_takes_a_recent_emergency_with_it() {
         let dir = TestDir::new("gap");
-        let retention = Retention { max_count: 10, max_age: Duration::from_secs(3600) };
-        let (journal, _, committed) = open(dir.path(), retention).unwrap();
-        for _ in 0..5 {
-            journal.append(RawValue::from_string("{}".into()).unwrap(), Source::Unix).unwrap();
-            committed.recv_blocking().unwrap();
-        }
-        drop(journal);
-        // Seq 3 stamped before the clock was set: it and everything before it go, nothing after.
-        let db = Connection::open(dir.path().join(DATABASE_FILE)).unwrap();
-        db.execute("UPDATE emergencies SET received_at_ms = 1000 WHERE seq = 3", []).unwrap();
-        delete_expired(&db, 5, retention).unwrap();
-        let seqs: Vec<i64> = {
-            let mut query = db.prepare("SELECT seq FROM emergencies ORDER BY seq").unwrap();
+        let start = Reading::now();
+        let (mut db, mut expiry) = new_history(&dir, start);
+        commit(&mut db, EMPTY, &[start.wall; 5], &mut expiry, start);
+        // Written before stamps were kept in order: seq 4 by a clock that had stepped back. The
+        // oldest go while they are too old; seq 3 is not, so seq 4 stays too.
+        let too_old = unix_millis(start.wall - 2 * HOUR);
+        db.execute("UPDATE emergencies SET received_at_ms = ?1 WHERE seq IN (1, 2, 4)", [too_old]).unwrap();
+        expiry.delete_expired(&db, 5, kept_time(start, MINUTE)).unwrap();
+        assert_eq!(seqs(&db), [3, 4, 5]);
+        expiry.delete_expired(&db, 5, kept_time(start, HOUR + MINUTE)).unwrap();
+        assert_eq!(seqs(&db), [] as [i64; 0]);
+    }
+
+    #[test]
+    fn a_clock_that_steps_back_never_stamps_an_emergency_before_the_one_before_it() {
+        let dir = TestDir::new("step-back");
+        let start = Reading::now();
+        let (mut db, mut expiry) = new_history(&dir, start);
+        let stepped_back = start.wall - HOUR;
+        let stored = commit(&mut db, EMPTY, &[start.wall, stepped_back], &mut expiry, start);
+        assert_eq!(stored[1].received_at, start.wall);
+        assert!(stored[1].envelope.contains(&rfc3339_millis(start.wall)), "{}", stored[1].envelope);
+        let tail = Tail { seq: 2, received_at: stored[1].received_at };
+        let next = commit(&mut db, tail, &[stepped_back + MINUTE], &mut expiry, kept_time(start, MINUTE));
+        assert_eq!(next[0].received_at, start.wall);
+        let on_disk: Vec<i64> = {
+            let mut query = db.prepare("SELECT received_at_ms FROM emergencies ORDER BY seq").unwrap();
             query.query_map([], |row| row.get(0)).unwrap().map(Result::unwrap).collect()
         };
-        assert_eq!(seqs, [4, 5]);
+        assert_eq!(on_disk, [unix_millis(start.wall); 3]);
+    }
+
+    #[test]
+    fn a_clock_that_jumps_ahead_and_back_deletes_nothing_recent() {
+        let dir = TestDir::new("jump-and-back");
+        let start = Reading::now();
+        let (mut db, mut expiry) = new_history(&dir, start);
+        commit(&mut db, EMPTY, &[start.wall; 3], &mut expiry, start);
+        expiry.delete_expired(&db, 3, reading_after(start, MINUTE, start.wall + YEARS)).unwrap();
+        assert_eq!(seqs(&db), [1, 2, 3]);
+        // Corrected: trusted again at once, so what is really an hour old goes.
+        expiry.delete_expired(&db, 3, kept_time(start, 2 * MINUTE)).unwrap();
+        assert_eq!(seqs(&db), [1, 2, 3]);
+        expiry.delete_expired(&db, 3, kept_time(start, HOUR + 3 * MINUTE)).unwrap();
+        assert_eq!(seqs(&db), [] as [i64; 0]);
+    }
+
+    #[test]
+    fn a_clock_that_jumps_ahead_is_trusted_once_it_has_kept_time_for_max_age() {
+        let dir = TestDir::new("jump");
+        let start = Reading::now();
+        let (mut db, mut expiry) = new_history(&dir, start);
+        commit(&mut db, EMPTY, &[start.wall; 3], &mut expiry, start);
+        let jumped = reading_after(start, MINUTE, start.wall + YEARS);
+        expiry.delete_expired(&db, 3, jumped).unwrap();
+        expiry.delete_expired(&db, 3, kept_time(jumped, HOUR - SECOND)).unwrap();
+        assert_eq!(seqs(&db), [1, 2, 3]);
+        expiry.delete_expired(&db, 3, kept_time(jumped, HOUR)).unwrap();
+        assert_eq!(seqs(&db), [] as [i64; 0]);
+    }
+
+    #[test]
+    fn a_clock_set_after_boot_deletes_nothing_received_before_it_was_set() {
+        // A board without a real-time clock boots in 1970 and stamps what it receives by it.
+        let dir = TestDir::new("set-after-boot");
+        let boot = Reading { wall: UNIX_EPOCH + 10 * MINUTE, mono: Instant::now() };
+        let (mut db, mut expiry) = new_history(&dir, boot);
+        commit(&mut db, EMPTY, &[boot.wall; 2], &mut expiry, boot);
+        let set = reading_after(boot, MINUTE, SystemTime::now());
+        expiry.delete_expired(&db, 2, set).unwrap();
+        assert_eq!(seqs(&db), [1, 2]);
+        expiry.delete_expired(&db, 2, kept_time(set, HOUR)).unwrap();
+        assert_eq!(seqs(&db), [] as [i64; 0]);
+    }
+
+    #[test]
+    fn the_clock_at_start_expires_what_aged_out_while_the_server_was_down() {
+        let dir = TestDir::new("restart");
+        let start = Reading::now();
+        let (mut db, mut expiry) = new_history(&dir, start);
+        commit(&mut db, EMPTY, &[start.wall - 2 * HOUR, start.wall], &mut expiry, start);
+        assert_eq!(seqs(&db), [2]);
+        let restart = Reading { wall: start.wall + 2 * HOUR, mono: Instant::now() };
+        let loaded = load(&mut db, &mut Expiry::new(RETENTION), restart).unwrap();
+        assert_eq!((loaded.last_seq, loaded.retained.len()), (2, 0));
     }
 }
