@@ -214,6 +214,41 @@ fn a_corrupt_or_unusable_data_dir_fails_at_start_with_a_clear_error() {
     wait_until("the error", || logs.lock().unwrap().contains("cannot create data dir"));
 }
 
+/// Overwrites the root page of the emergencies table with garbage: the file is still a
+/// database, and the table is not.
+fn corrupt_the_emergencies_table(path: &std::path::Path) {
+    let (root, page_size) = {
+        let db = rusqlite::Connection::open(path).unwrap();
+        let root: i64 = db
+            .query_row("SELECT rootpage FROM sqlite_schema WHERE name = 'emergencies'", [], |row| row.get(0))
+            .unwrap();
+        let page_size: i64 = db.query_row("PRAGMA page_size", [], |row| row.get(0)).unwrap();
+        (root as usize, page_size as usize)
+    };
+    let mut bytes = std::fs::read(path).unwrap();
+    bytes[(root - 1) * page_size..root * page_size].fill(0x5a);
+    std::fs::write(path, bytes).unwrap();
+}
+
+#[test]
+fn a_database_that_fails_its_integrity_check_stops_the_start_saying_what_to_do() {
+    let server = Server::start(&[]);
+    let mut unix = server.unix();
+    for n in 0..8 {
+        unix.publish(&format!(r#"{{"n":{n},"text":"{}"}}"#, "x".repeat(1000)));
+    }
+    drop(unix);
+    let dir = server.stop();
+    let data = dir.path().join("data");
+    corrupt_the_emergencies_table(&data.join("history.sqlite3"));
+    let (mut child, logs) = spawn_raw(&["--listen", "127.0.0.1:0", "--data-dir", data.to_str().unwrap()]);
+    assert!(!child.wait().unwrap().success());
+    wait_until("the error", || logs.lock().unwrap().contains("failed its integrity check"));
+    let logs = logs.lock().unwrap().clone();
+    assert!(logs.contains("or restore it from a backup"), "{logs}");
+    assert!(!logs.contains("Invalid parameter name"), "{logs}");
+}
+
 #[test]
 fn two_servers_cannot_share_a_data_dir() {
     let first = Server::start(&[]);

@@ -11,7 +11,7 @@
 
 use std::fs::{self, File};
 use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread::JoinHandle;
@@ -131,8 +131,7 @@ pub fn open(dir: &Path, retention: Retention) -> Result<(Journal, Loaded, Receiv
         File::create(dir.join(LOCK_FILE)).map_err(|e| format!("cannot write to data dir {shown}: {e}"))?;
     lock.try_lock().map_err(|_| format!("data dir {shown} is in use by another resq-push"))?;
     let path = dir.join(DATABASE_FILE);
-    let mut db =
-        open_database(&path).map_err(|e| format!("data dir {shown}: {} is unusable: {e}", path.display()))?;
+    let mut db = open_database(&path).map_err(|unusable| unusable.explain(dir, &path))?;
     let mut expiry = Expiry::new(retention);
     let loaded = load(&mut db, &mut expiry, Reading::now())
         .map_err(|e| format!("data dir {shown}: cannot read the history: {e}"))?;
@@ -201,15 +200,44 @@ impl Drop for Journal {
     }
 }
 
-fn open_database(path: &PathBuf) -> rusqlite::Result<Connection> {
+/// Why the database file in a data dir cannot be used.
+#[derive(Debug)]
+enum Unusable {
+    /// SQLite could not open, read or set it up (not a database, no permission, ...).
+    Sqlite(rusqlite::Error),
+    /// It is a database, damaged: what `PRAGMA quick_check` found, on one line.
+    Damaged(String),
+}
+
+impl From<rusqlite::Error> for Unusable {
+    fn from(error: rusqlite::Error) -> Unusable {
+        Unusable::Sqlite(error)
+    }
+}
+
+impl Unusable {
+    /// The start-up error: the data dir, the file, what is wrong and, if it is damaged, what
+    /// the operator can do.
+    fn explain(&self, dir: &Path, file: &Path) -> String {
+        let (dir, file) = (dir.display(), file.display());
+        match self {
+            Unusable::Sqlite(error) => format!("data dir {dir}: {file} is unusable: {error}"),
+            Unusable::Damaged(findings) => format!(
+                "data dir {dir}: {file} failed its integrity check (quick_check: {findings}); \
+                 move it and any {DATABASE_FILE}-wal and -shm beside it out of the data dir to start \
+                 an empty history (resuming tablets are told it is a new stream), or restore it from a backup"
+            ),
+        }
+    }
+}
+
+fn open_database(path: &Path) -> Result<Connection, Unusable> {
     let db = Connection::open(path)?;
+    // Before anything is written to it: a damaged file stays as it was found.
+    check_integrity(&db)?;
     // WAL with synchronous=FULL: a commit is on disk when it returns, and survives power loss.
     db.pragma_update(None, "journal_mode", "WAL")?;
     db.pragma_update(None, "synchronous", "FULL")?;
-    let check: String = db.query_row("PRAGMA quick_check", [], |row| row.get(0))?;
-    if check != "ok" {
-        return Err(rusqlite::Error::InvalidParameterName(format!("integrity check failed: {check}")));
-    }
     db.execute_batch(
         "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
          CREATE TABLE IF NOT EXISTS emergencies (
@@ -219,6 +247,17 @@ fn open_database(path: &PathBuf) -> rusqlite::Result<Connection> {
          );",
     )?;
     Ok(db)
+}
+
+/// Runs `PRAGMA quick_check`; damage comes back with its first few findings on one line.
+fn check_integrity(db: &Connection) -> Result<(), Unusable> {
+    let mut check = db.prepare("PRAGMA quick_check(3)")?;
+    let findings =
+        check.query_map([], |row| row.get::<_, String>(0))?.collect::<rusqlite::Result<Vec<_>>>()?;
+    if findings == ["ok"] {
+        return Ok(());
+    }
+    Err(Unusable::Damaged(findings.join("; ").replace('\n', " ")))
 }
 
 fn load(db: &mut Connection, expiry: &mut Expiry, reading: Reading) -> rusqlite::Result<Loaded> {
@@ -388,6 +427,7 @@ pub fn new_stream_id() -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::path::PathBuf;
     use std::time::Instant;
 
     use super::*;
@@ -579,5 +619,47 @@ mod tests {
         let restart = Reading { wall: start.wall + 2 * HOUR, mono: Instant::now() };
         let loaded = load(&mut db, &mut Expiry::new(RETENTION), restart).unwrap();
         assert_eq!((loaded.last_seq, loaded.retained.len()), (2, 0));
+    }
+
+    /// Overwrites the root page of the emergencies table with garbage: the file is still a
+    /// database, and the table is not.
+    fn corrupt_the_emergencies_table(path: &Path) {
+        let (root, page_size) = {
+            let db = Connection::open(path).unwrap();
+            let root: i64 = db
+                .query_row("SELECT rootpage FROM sqlite_schema WHERE name = 'emergencies'", [], |row| {
+                    row.get(0)
+                })
+                .unwrap();
+            let page_size: i64 = db.query_row("PRAGMA page_size", [], |row| row.get(0)).unwrap();
+            (root, page_size)
+        };
+        let mut bytes = fs::read(path).unwrap();
+        let (start, size) = ((root as usize - 1) * page_size as usize, page_size as usize);
+        bytes[start..start + size].fill(0x5a);
+        fs::write(path, bytes).unwrap();
+    }
+
+    #[test]
+    fn a_database_that_fails_its_integrity_check_says_so_and_what_to_do() {
+        let dir = TestDir::new("corrupt");
+        let (journal, _, committed) = open(dir.path(), RETENTION).unwrap();
+        for n in 0..8 {
+            let data = format!(r#"{{"n":{n},"text":"{}"}}"#, "x".repeat(1000));
+            journal.append(RawValue::from_string(data).unwrap(), Source::Unix).unwrap();
+            committed.recv_blocking().unwrap();
+        }
+        drop(journal);
+        let file = dir.path().join(DATABASE_FILE);
+        corrupt_the_emergencies_table(&file);
+        let damaged = fs::read(&file).unwrap();
+        let error = open(dir.path(), RETENTION).unwrap_err();
+        assert!(fs::read(&file).unwrap() == damaged, "the damaged file was written to");
+        assert!(!error.contains("Invalid parameter name"), "{error}");
+        assert!(error.starts_with(&format!("data dir {}:", dir.path().display())), "{error}");
+        assert!(error.contains("history.sqlite3 failed its integrity check"), "{error}");
+        assert!(error.contains("(quick_check: *** in database main *** "), "{error}");
+        assert!(error.contains("move it") && error.contains("restore it"), "{error}");
+        assert!(!error.contains('\n'), "one line: {error}");
     }
 }
