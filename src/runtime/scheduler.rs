@@ -190,6 +190,10 @@ mod tests {
         assert_eq!(order.borrow().as_slice(), ["publish", "publish", "session", "publish", "publish"]);
     }
 
+    /// Pins the invariant that `FanOut` relies on (ARCHITECTURE.md): the session executor's run
+    /// queue is FIFO and holds a task once, so after as many session turns as there are session
+    /// tasks, every session queued when the wait began has run. If the executor stopped being
+    /// FIFO, or the count were wrong, publishing would stall here and the test fail after 5 s.
     #[test]
     fn sessions_that_never_go_idle_still_let_publishing_go_on() {
         let scheduler = Scheduler::new(1);
