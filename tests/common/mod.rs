@@ -64,7 +64,8 @@ pub struct Server {
 }
 
 impl Server {
-    /// Starts the server with a Unix socket and `extra` flags.
+    /// Starts the server with a Unix socket and `extra` flags, on an ephemeral port unless `extra`
+    /// has `--listen` (a restart on the same port, so connected pages reconnect by themselves).
     pub fn start(extra: &[&str]) -> Server {
         let dir = TempDir::new();
         Server::start_in(dir, extra)
@@ -211,7 +212,10 @@ pub fn signal(pid: u32, name: &str) {
 /// Starts the binary; returns it with its log buffer and address, or all it printed on failure.
 pub fn spawn(unix_socket: &Path, extra: &[&str]) -> Result<(Child, Arc<Mutex<String>>, SocketAddr), String> {
     let data_dir = unix_socket.with_file_name("data");
-    let mut args = vec!["--listen", "127.0.0.1:0", "--unix-socket", unix_socket.to_str().unwrap()];
+    let mut args = vec!["--unix-socket", unix_socket.to_str().unwrap()];
+    if !extra.contains(&"--listen") {
+        args.extend(["--listen", "127.0.0.1:0"]);
+    }
     if !extra.iter().any(|arg| *arg == "--in-memory" || *arg == "--data-dir") {
         args.extend(["--data-dir", data_dir.to_str().unwrap()]);
     }

@@ -1,0 +1,234 @@
+//! The README's browser client, run as it stands in a real browser against the real server.
+//!
+//! `tests/browser/readme_client.mjs` takes the `<script>` under "### A browser client" out of
+//! README.md, points its `const server = ...` line at the server a test started, and runs it in
+//! headless Chromium (Debian's `/usr/bin/chromium`, or `RESQ_CHROMIUM`) through Playwright
+//! (`playwright-core`, pinned by `tests/browser/package-lock.json`), with `showEmergency`
+//! replaced by a recorder. The test says what to do (open a page, wait for so many deliveries,
+//! close it) one JSON line at a time and asserts on what the page reported; it publishes and
+//! restarts the server itself. Every wait is for an event, with a timeout.
+//!
+//! Needs `node`, the npm packages (`npm ci` in `tests/browser`; `bash scripts/test` does it) and
+//! Chromium (`apt-get install chromium`; `.ci/run` does it). Without them the tests fail with a
+//! message saying so: they never skip.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc::{self, Receiver};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{PATIENCE, Server};
+use serde_json::{Value, json};
+
+/// A reconnect after a server restart waits out the snippet's backoff (up to 2 s for the
+/// second attempt) and any delay Chromium adds after a failed connection.
+const RECONNECT_PATIENCE: Duration = Duration::from_secs(30);
+
+/// The node script driving one headless Chromium; its pages share one browser context (so one
+/// localStorage).
+struct Browser {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    answers: Receiver<String>,
+    stderr: Arc<Mutex<String>>,
+}
+
+impl Browser {
+    fn launch() -> Browser {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let chromium = std::env::var_os("RESQ_CHROMIUM")
+            .map_or_else(|| PathBuf::from("/usr/bin/chromium"), PathBuf::from);
+        assert!(
+            chromium.exists(),
+            "Chromium is missing at {}: `apt-get install chromium` (.ci/run does), or set RESQ_CHROMIUM",
+            chromium.display()
+        );
+        let scripts = root.join("tests/browser");
+        assert!(
+            scripts.join("node_modules/playwright-core/package.json").exists(),
+            "playwright-core is not installed in {}: run `npm ci` there (bash scripts/test does)",
+            scripts.display()
+        );
+        let mut child = Command::new("node")
+            .arg(scripts.join("readme_client.mjs"))
+            .arg(root.join("README.md"))
+            .arg(&chromium)
+            .current_dir(&scripts)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|error| panic!("cannot run node ({error}): install Node.js 20 or later"));
+        let (sender, answers) = mpsc::channel();
+        let stdout = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if sender.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let sink = Arc::clone(&stderr);
+        let mut pipe = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            let mut chunk = [0; 4096];
+            while let Ok(read @ 1..) = pipe.read(&mut chunk) {
+                sink.lock().unwrap().push_str(&String::from_utf8_lossy(&chunk[..read]));
+            }
+        });
+        let stdin = child.stdin.take();
+        let mut browser = Browser { child, stdin, answers, stderr };
+        let ready = browser.answer();
+        assert_eq!(ready["ready"], true, "{ready}");
+        browser
+    }
+
+    fn answer(&mut self) -> Value {
+        match self.answers.recv_timeout(RECONNECT_PATIENCE * 2) {
+            Ok(line) => serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}")),
+            Err(error) => {
+                let status = self.child.try_wait().unwrap();
+                panic!(
+                    "no answer from readme_client.mjs ({error}; exit status {status:?}); its stderr:\n{}",
+                    self.stderr.lock().unwrap()
+                )
+            }
+        }
+    }
+
+    /// Sends one command and returns the page's state; fails the test on an error answer.
+    fn call(&mut self, command: Value) -> Value {
+        let stdin = self.stdin.as_mut().unwrap();
+        writeln!(stdin, "{command}").unwrap();
+        stdin.flush().unwrap();
+        let answer = self.answer();
+        if answer["ok"] != true {
+            panic!(
+                "{command} failed: {}\npage state: {:#}\nnode's stderr:\n{}",
+                answer["error"],
+                answer["state"],
+                self.stderr.lock().unwrap()
+            );
+        }
+        answer["state"].clone()
+    }
+
+    fn open(&mut self, page: &str, server: &str, stubs: Value) -> Value {
+        self.call(json!({"cmd": "open", "page": page, "server": server, "stubs": stubs}))
+    }
+
+    /// Waits until `page` has reported `count` events of `kind` and returns its state.
+    fn wait(&mut self, page: &str, kind: &str, count: usize) -> Value {
+        self.wait_up_to(page, kind, count, PATIENCE)
+    }
+
+    fn wait_up_to(&mut self, page: &str, kind: &str, count: usize, patience: Duration) -> Value {
+        let timeout_ms = patience.as_millis() as u64;
+        self.call(
+            json!({"cmd": "wait", "page": page, "kind": kind, "count": count, "timeout_ms": timeout_ms}),
+        )
+    }
+
+    fn close(&mut self, page: &str) -> Value {
+        self.call(json!({"cmd": "close", "page": page}))
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        // End of input: the script closes Chromium and exits. Killing node would orphan it.
+        drop(self.stdin.take());
+        let deadline = Instant::now() + PATIENCE;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        common::signal(self.child.id(), "TERM"); // Playwright closes the browser on SIGTERM
+        let _ = self.child.wait();
+    }
+}
+
+fn ws_url(server: &Server) -> String {
+    format!("ws://{}", server.addr)
+}
+
+/// Publishes `data` over HTTP, or over the Unix socket when `unix` is given; returns its seq.
+fn publish(server: &Server, unix: Option<&mut common::UnixPublisher>, data: &Value) -> u64 {
+    match unix {
+        Some(publisher) => publisher.publish(&data.to_string()),
+        None => {
+            let response = server.post(&data.to_string());
+            assert_eq!(response.status, 202, "{}", response.body);
+            response.json()["seq"].as_u64().unwrap()
+        }
+    }
+}
+
+/// Publishes one emergency per seq, alternating HTTP and the Unix socket; returns what each
+/// delivery should be.
+fn publish_each(server: &Server, seqs: std::ops::RangeInclusive<u64>, tag: &str) -> Vec<Value> {
+    let mut unix = server.unix();
+    seqs.map(|seq| {
+        let data = json!({"tipo": "incendio", "n": seq, "history": tag});
+        let via = if seq % 2 == 0 { Some(&mut unix) } else { None };
+        assert_eq!(publish(server, via, &data), seq);
+        json!({"seq": seq, "data": data})
+    })
+    .collect()
+}
+
+fn assert_no_errors(state: &Value) {
+    assert_eq!(state["errors"], json!([]), "uncaught exceptions in the page: {state:#}");
+}
+
+/// Each emergency published while the page is connected is shown once, in seq order, with its
+/// data; a page that loses the server (here: a restart, same history) reconnects by itself and
+/// goes on, and a page opened later resumes from the seq it stored, getting what it missed.
+#[test]
+fn a_page_shows_each_emergency_once_in_order_and_resumes_where_it_stopped() {
+    let mut browser = Browser::launch();
+    let server = Server::start(&[]);
+    let url = ws_url(&server);
+    browser.open("tablet", &url, json!({}));
+    let state = browser.wait("tablet", "welcome", 1);
+    let stream = state["welcomes"][0]["stream"].clone();
+
+    let mut expected = publish_each(&server, 1..=6, "first");
+    let state = browser.wait("tablet", "delivery", 6);
+    assert_eq!(state["deliveries"], json!(expected), "{state:#}");
+
+    let addr = server.addr.to_string();
+    let server = Server::start_in(server.stop(), &["--listen", &addr]);
+    let state = browser.wait_up_to("tablet", "welcome", 2, RECONNECT_PATIENCE);
+    let replay = &state["welcomes"][1]["replay"];
+    assert_eq!(state["welcomes"][1]["stream"], stream, "{state:#}");
+    assert_eq!(
+        (replay["since"].as_u64(), replay["stream_changed"].as_bool()),
+        (Some(6), Some(false)),
+        "{state:#}"
+    );
+    expected.extend(publish_each(&server, 7..=7, "first"));
+    let state = browser.wait("tablet", "delivery", 7);
+    assert_eq!(state["deliveries"], json!(expected), "{state:#}");
+    assert_no_errors(&browser.close("tablet"));
+
+    let missed = publish_each(&server, 8..=9, "first");
+    browser.open("reopened", &url, json!({}));
+    let state = browser.wait("reopened", "delivery", 2);
+    let replay = &state["welcomes"][0]["replay"];
+    assert_eq!((replay["since"].as_u64(), replay["count"].as_u64()), (Some(7), Some(2)), "{state:#}");
+    assert_eq!(state["deliveries"], json!(missed), "{state:#}");
+    let live = publish_each(&server, 10..=10, "first");
+    let state = browser.wait("reopened", "delivery", 3);
+    assert_eq!(state["deliveries"], json!([missed, live].concat()), "{state:#}");
+    assert_no_errors(&state);
+    assert_eq!(state["alerts"], json!([]), "{state:#}");
+}
