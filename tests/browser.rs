@@ -232,3 +232,45 @@ fn a_page_shows_each_emergency_once_in_order_and_resumes_where_it_stopped() {
     assert_no_errors(&state);
     assert_eq!(state["alerts"], json!([]), "{state:#}");
 }
+
+/// A page that met a new history (here: an in-memory server restarted, a new stream) and was
+/// closed before the new history's first emergency must not keep the old history's seq: the
+/// next page would resume after it and silently skip the new history's first seqs (`missed` 0).
+#[test]
+fn a_page_that_met_a_new_history_resumes_from_its_start() {
+    let mut browser = Browser::launch();
+    let server = Server::start(&["--in-memory"]);
+    let url = ws_url(&server);
+    browser.open("before", &url, json!({}));
+    browser.wait("before", "welcome", 1);
+    publish_each(&server, 1..=3, "old");
+    let state = browser.wait("before", "delivery", 3);
+    let old_stream = state["welcomes"][0]["stream"].clone();
+
+    let addr = server.addr.to_string();
+    let server = Server::start_in(server.stop(), &["--in-memory", "--listen", &addr]);
+    let state = browser.wait_up_to("before", "welcome", 2, RECONNECT_PATIENCE);
+    let welcome = &state["welcomes"][1];
+    assert_ne!(welcome["stream"], old_stream, "{state:#}");
+    assert_eq!(
+        (welcome["replay"]["stream_changed"].as_bool(), welcome["seq"].as_u64()),
+        (Some(true), Some(0)),
+        "{state:#}"
+    );
+    // Closed before the new history has anything.
+    assert_no_errors(&browser.close("before"));
+
+    let expected = publish_each(&server, 1..=5, "new");
+    browser.open("after", &url, json!({}));
+    let state = browser.wait("after", "welcome", 1);
+    let replay = &state["welcomes"][0]["replay"];
+    assert_eq!(
+        (replay["stream_changed"].as_bool(), replay["since"].as_u64()),
+        (Some(false), Some(0)),
+        "the page kept the new stream but resumed after the old history's seq {}: {state:#}",
+        replay["since"]
+    );
+    let state = browser.wait("after", "delivery", 5);
+    assert_eq!(state["deliveries"], json!(expected), "{state:#}");
+    assert_no_errors(&state);
+}
