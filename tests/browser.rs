@@ -274,3 +274,33 @@ fn a_page_that_met_a_new_history_resumes_from_its_start() {
     assert_eq!(state["deliveries"], json!(expected), "{state:#}");
     assert_no_errors(&state);
 }
+
+/// With Math.random at either end of its range, the snippet's reconnect delays follow the
+/// README: 1 s, 2 s, 4 s, ... up to 30 s and never beyond, with jitter (at most half a step
+/// shorter) kept at the cap. The connections really fail: the server is full (503).
+#[test]
+fn reconnect_delays_grow_to_30_s_and_never_beyond() {
+    const ATTEMPTS: usize = 8;
+    let mut browser = Browser::launch();
+    let server = Server::start(&["--in-memory", "--max-clients", "1"]);
+    let (_only_client, _) = server.subscribe();
+    let url = ws_url(&server);
+    let stubs = |random: f64| json!({"random": random, "backoff_attempts": ATTEMPTS});
+    browser.open("high", &url, stubs(0.999_999_999));
+    browser.open("low", &url, stubs(0.0));
+    let delays = |state: &Value| -> Vec<f64> {
+        assert_eq!(state["welcomes"], json!([]), "{state:#}");
+        assert_eq!(state["sockets"].as_array().unwrap().len(), ATTEMPTS + 1, "{state:#}");
+        state["delays"].as_array().unwrap().iter().map(|delay| delay.as_f64().unwrap()).collect()
+    };
+    let high = delays(&browser.wait("high", "delay", ATTEMPTS + 1));
+    let low = delays(&browser.wait("low", "delay", ATTEMPTS + 1));
+    assert!(high.iter().chain(&low).all(|&delay| delay <= 30_000.0), "delays over 30 s: {high:?} {low:?}");
+    for (attempt, (&top, &bottom)) in high.iter().zip(&low).enumerate() {
+        let step = (1000.0 * 2f64.powi(attempt as i32)).min(30_000.0);
+        assert!(top <= step && top > step * 0.99, "attempt {attempt}: the step is {step} ms: {high:?}");
+        assert!((step / 2.0..=step).contains(&bottom), "attempt {attempt}: the step is {step} ms: {low:?}");
+    }
+    let at_cap = ATTEMPTS; // 2^8 s is far over the cap
+    assert!(high[at_cap] - low[at_cap] >= 10_000.0, "no jitter left at the cap: {high:?} {low:?}");
+}
