@@ -145,14 +145,16 @@ impl Drop for Browser {
         // End of input: the script closes Chromium and exits. Killing node would orphan it.
         drop(self.stdin.take());
         let deadline = Instant::now() + PATIENCE;
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
+        while self.child.try_wait().unwrap().is_none() {
+            if Instant::now() > deadline {
+                common::signal(self.child.id(), "TERM"); // Playwright closes the browser on SIGTERM
+                let _ = self.child.wait();
+                break;
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        common::signal(self.child.id(), "TERM"); // Playwright closes the browser on SIGTERM
-        let _ = self.child.wait();
+        // Shown with the output of a failed test: each command and how long it took.
+        eprintln!("readme_client.mjs's stderr:\n{}", self.stderr.lock().unwrap());
     }
 }
 

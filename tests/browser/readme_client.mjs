@@ -129,6 +129,7 @@ const http = createServer((request, response) => {
 await new Promise((resolve) => http.listen(0, '127.0.0.1', resolve));
 const origin = `http://127.0.0.1:${http.address().port}`;
 
+const launching = Date.now();
 const browser = await chromium.launch({
   executablePath: chromiumPath,
   headless: true,
@@ -143,6 +144,7 @@ const browser = await chromium.launch({
   ],
 });
 const context = await browser.newContext();
+console.error(`launching Chromium ${browser.version()}: ${Date.now() - launching} ms`);
 
 const pages = new Map();
 
@@ -260,13 +262,17 @@ for await (const line of createInterface({ input: process.stdin })) {
     continue;
   }
   if (command.cmd === 'quit') break;
+  const started = Date.now();
   try {
     answer({ ok: true, state: await handle(command) });
+    console.error(`${line}: ${Date.now() - started} ms`);
   } catch (error) {
     const record = pages.get(command.page);
     answer({ ok: false, error: String(error.message), state: record ? state(record) : null });
   }
 }
+const closing = Date.now();
 await browser.close();
+console.error(`closing the browser: ${Date.now() - closing} ms`);
 http.close();
 answer({ ok: true, quit: true });
