@@ -15,6 +15,7 @@
 mod common;
 
 use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc::{self, Receiver};
@@ -305,4 +306,32 @@ fn reconnect_delays_grow_to_30_s_and_never_beyond() {
     }
     let at_cap = ATTEMPTS; // 2^8 s is far over the cap
     assert!(high[at_cap] - low[at_cap] >= 10_000.0, "no jitter left at the cap: {high:?} {low:?}");
+}
+
+/// The heartbeat's first run can come before the socket is open (a server slow to answer the
+/// upgrade, or not answering): it must not call `send` then (that throws), and a connection
+/// stuck in CONNECTING is still given up after 45 s with nothing heard. Once open, it pings and
+/// hears pongs. The heartbeat runs every 20 ms here.
+#[test]
+fn the_heartbeat_waits_for_the_socket_to_open() {
+    let mut browser = Browser::launch();
+    // Accepts TCP connections (the kernel does) and never answers the upgrade.
+    let silent = TcpListener::bind("127.0.0.1:0").unwrap();
+    let fast = json!({"heartbeat_ms": 20});
+    browser.open("connecting", &format!("ws://{}", silent.local_addr().unwrap()), fast.clone());
+    let state = browser.wait("connecting", "tick", 5);
+    assert_no_errors(&state);
+    assert!(state["ticks"].as_array().unwrap().iter().all(|state| state == 0), "{state:#}");
+    assert_eq!(state["sends"], json!([]), "{state:#}");
+    // 60 s later by the page's clock, nothing heard: the next run closes the stuck socket.
+    browser.call(json!({"cmd": "clock", "page": "connecting", "offset_ms": 60_000}));
+    let state = browser.wait("connecting", "close", 1);
+    assert_no_errors(&state);
+
+    let server = Server::start(&["--in-memory"]);
+    browser.open("open", &ws_url(&server), fast);
+    let state = browser.wait("open", "pong", 2);
+    assert_no_errors(&state);
+    let sends = state["sends"].as_array().unwrap();
+    assert!(sends.iter().all(|send| send == &json!({"data": "ping", "readyState": 1})), "{state:#}");
 }
