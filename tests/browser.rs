@@ -19,7 +19,7 @@ use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc::{self, Receiver};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use common::{PATIENCE, Server};
@@ -90,6 +90,11 @@ impl Browser {
         browser
     }
 
+    /// What the script has written to stderr so far (a copy: no lock is held while panicking).
+    fn stderr(&self) -> String {
+        self.stderr.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
     fn answer(&mut self) -> Value {
         match self.answers.recv_timeout(RECONNECT_PATIENCE * 2) {
             Ok(line) => serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}")),
@@ -97,7 +102,7 @@ impl Browser {
                 let status = self.child.try_wait().unwrap();
                 panic!(
                     "no answer from readme_client.mjs ({error}; exit status {status:?}); its stderr:\n{}",
-                    self.stderr.lock().unwrap()
+                    self.stderr()
                 )
             }
         }
@@ -114,7 +119,7 @@ impl Browser {
                 "{command} failed: {}\npage state: {:#}\nnode's stderr:\n{}",
                 answer["error"],
                 answer["state"],
-                self.stderr.lock().unwrap()
+                self.stderr()
             );
         }
         answer["state"].clone()
@@ -155,7 +160,7 @@ impl Drop for Browser {
             std::thread::sleep(Duration::from_millis(20));
         }
         // Shown with the output of a failed test: each command and how long it took.
-        eprintln!("readme_client.mjs's stderr:\n{}", self.stderr.lock().unwrap());
+        eprintln!("readme_client.mjs's stderr:\n{}", self.stderr());
     }
 }
 
