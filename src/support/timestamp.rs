@@ -1,42 +1,28 @@
-//! UTC timestamps in RFC 3339 form (`2026-11-27T21:04:05.123Z`), for envelopes and log lines.
+//! UTC timestamps in RFC 3339 form (`2026-11-27T21:04:05.123Z`), for envelopes, `/healthz` and
+//! log lines.
 //!
-//! Hand-written to avoid a date crate: only formatting of the current time is needed.
+//! The calendar is humantime's: `format_rfc3339_millis` took 2.3 KB of binary and a fifth of the
+//! instructions of the hand-written `format!` it replaced (BENCHMARKS.md, "Crates considered for
+//! hand-written parts"). This file keeps it from failing on times it cannot print.
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-/// Formats `time` as RFC 3339 UTC with milliseconds; times before 1970 print as the epoch.
+/// The last instant humantime prints, 9999-12-31T23:59:59.999Z: past it its `Display` fails,
+/// which would make `to_string` panic.
+const LATEST: Duration = Duration::from_millis(253_402_300_799_999);
+
+/// Formats `time` as RFC 3339 UTC with milliseconds; times before 1970 print as the epoch, times
+/// after 9999 as its last millisecond.
 pub fn rfc3339_millis(time: SystemTime) -> String {
-    let since_epoch = time.duration_since(UNIX_EPOCH).unwrap_or_default();
-    let total_secs = since_epoch.as_secs();
-    let (year, month, day) = civil_from_days(total_secs / 86_400);
-    let secs_of_day = total_secs % 86_400;
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
-        secs_of_day / 3600,
-        secs_of_day / 60 % 60,
-        secs_of_day % 60,
-        since_epoch.subsec_millis()
-    )
-}
-
-/// Converts days since 1970-01-01 to (year, month, day); Howard Hinnant's `civil_from_days`.
-fn civil_from_days(days: u64) -> (u64, u64, u64) {
-    let z = days + 719_468;
-    let era = z / 146_097;
-    let day_of_era = z % 146_097;
-    let year_of_era = (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
-    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
-    let month_index = (5 * day_of_year + 2) / 153;
-    let day = day_of_year - (153 * month_index + 2) / 5 + 1;
-    let month = if month_index < 10 { month_index + 3 } else { month_index - 9 };
-    let year = year_of_era + era * 400 + u64::from(month <= 2);
-    (year, month, day)
+    let since_epoch = time.duration_since(UNIX_EPOCH).unwrap_or_default().min(LATEST);
+    humantime::format_rfc3339_millis(UNIX_EPOCH + since_epoch).to_string()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
+    use std::hint::black_box;
+    use std::time::Instant;
 
     fn at(secs: u64, millis: u64) -> String {
         rfc3339_millis(UNIX_EPOCH + Duration::from_secs(secs) + Duration::from_millis(millis))
@@ -48,5 +34,26 @@ mod tests {
         assert_eq!(at(951_782_400, 5), "2000-02-29T00:00:00.005Z");
         assert_eq!(at(1_798_405_445, 123), "2026-12-27T21:04:05.123Z");
         assert_eq!(at(4_107_542_399, 999), "2100-02-28T23:59:59.999Z");
+    }
+
+    #[test]
+    fn times_it_cannot_print_are_clamped_instead_of_panicking() {
+        assert_eq!(rfc3339_millis(UNIX_EPOCH - Duration::from_secs(1)), "1970-01-01T00:00:00.000Z");
+        assert_eq!(at(253_402_300_799, 999), "9999-12-31T23:59:59.999Z");
+        assert_eq!(at(253_402_300_800, 0), "9999-12-31T23:59:59.999Z");
+        assert_eq!(at(1 << 40, 0), "9999-12-31T23:59:59.999Z");
+    }
+
+    /// `cargo test --release --lib timestamp -- --ignored --nocapture`: the cost of one timestamp,
+    /// paid once per emergency and once per log line.
+    #[test]
+    #[ignore = "a timing, not a check"]
+    fn time_a_million_timestamps() {
+        let base = UNIX_EPOCH + Duration::from_secs(1_798_405_445);
+        let start = Instant::now();
+        for i in 0..1_000_000 {
+            black_box(rfc3339_millis(black_box(base + Duration::from_micros(i * 1_337))));
+        }
+        println!("{:.1} ns per timestamp", start.elapsed().as_nanos() as f64 / 1e6);
     }
 }
