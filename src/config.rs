@@ -1,13 +1,17 @@
 //! Command-line configuration: every limit the server enforces, with its default and its flag.
 //!
-//! Defaults suit a Raspberry Pi class board serving a few hundred tablets. `Config::validate`
-//! rejects values that would make the server misbehave, so a bad flag fails at start.
+//! Defaults suit a Raspberry Pi class board serving a few hundred tablets. `CommandLine::parse`
+//! turns the arguments into a checked `Config`, the text `--help` or `--version` prints, or an
+//! error naming the flag; `Config::validate` rejects values that would make the server
+//! misbehave, so a bad flag fails at start. `help` lays out the `--help` text.
+
+mod help;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use argh::FromArgs;
+use argh::{EarlyExit, FromArgs};
 
 /// Default address for HTTP and WebSocket clients: the port the old backend used.
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:8000";
@@ -149,6 +153,41 @@ pub struct Config {
     /// largest message a WebSocket client may send, in bytes (default 4096)
     #[argh(option, default = "DEFAULT_MAX_CLIENT_MESSAGE_BYTES")]
     pub max_client_message_bytes: usize,
+
+    /// print the version and exit
+    #[argh(switch)]
+    pub version: bool,
+}
+
+/// What the command line asks for.
+#[derive(Debug)]
+pub enum CommandLine {
+    /// Serve with this configuration, already validated.
+    Serve(Box<Config>),
+    /// Print this on stdout and exit 0: the answer to `--help` or `--version`.
+    Print(String),
+    /// Do not start: the message names the flag to fix.
+    Invalid(String),
+}
+
+impl CommandLine {
+    /// Parses the arguments after the program's name.
+    pub fn parse(args: &[&str]) -> CommandLine {
+        match Config::from_args(&["resq-push"], args) {
+            Ok(config) if config.version => {
+                CommandLine::Print(format!("resq-push {}\n", env!("CARGO_PKG_VERSION")))
+            }
+            Ok(config) => match config.validate() {
+                Ok(()) => CommandLine::Serve(Box::new(config)),
+                Err(message) => CommandLine::Invalid(message),
+            },
+            Err(EarlyExit { output, status: Ok(()) }) => CommandLine::Print(help::readable(&output)),
+            Err(EarlyExit { output, status: Err(()) }) => CommandLine::Invalid(format!(
+                "{} (resq-push --help lists the flags)",
+                output.trim_end().trim_end_matches('.')
+            )),
+        }
+    }
 }
 
 impl Config {
@@ -257,6 +296,30 @@ mod tests {
     fn fractional_seconds_are_accepted() {
         let config = parse(&["--ping-interval", "0.25"]).unwrap();
         assert_eq!(config.ping_interval, Duration::from_millis(250));
+    }
+
+    #[test]
+    fn the_command_line_says_what_to_do() {
+        assert!(matches!(CommandLine::parse(&["--in-memory"]), CommandLine::Serve(_)));
+        let version = CommandLine::parse(&["--version"]);
+        assert!(
+            matches!(&version, CommandLine::Print(text) if text.starts_with("resq-push 0.")),
+            "{version:?}"
+        );
+        let help = CommandLine::parse(&["--help"]);
+        assert!(matches!(&help, CommandLine::Print(text) if text.starts_with("Usage: ")), "{help:?}");
+        for (args, flag) in [
+            (&["--bogus"][..], "--bogus"),
+            (&["--queue"][..], "--queue"),
+            (&["--queue", "x"][..], "--queue"),
+            (&["--queue", "0"][..], "--queue"),
+        ] {
+            let invalid = CommandLine::parse(args);
+            assert!(
+                matches!(&invalid, CommandLine::Invalid(message) if message.contains(flag)),
+                "{invalid:?}"
+            );
+        }
     }
 
     #[test]

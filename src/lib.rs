@@ -31,7 +31,7 @@ mod unix;
 mod ws;
 
 pub use auth::Access;
-pub use config::Config;
+pub use config::{CommandLine, Config};
 pub use server::{Control, serve};
 pub use store::journal::{Retention, Storage, open as open_journal};
 pub use support::logger::init as init_logging;

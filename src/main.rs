@@ -1,21 +1,33 @@
 //! The `resq-push` binary: parse flags, bind the sockets, serve until SIGTERM or SIGINT.
 
+use std::io::Write;
 use std::net::{SocketAddr, TcpListener};
 use std::process::ExitCode;
 
 use async_signal::{Signal, Signals};
 use log::{error, info, warn};
-use resq_push::{Access, Config, Control, Retention, Storage};
+use resq_push::{Access, CommandLine, Config, Control, Retention, Storage};
 use smol::stream::StreamExt;
 use socket2::{Domain, Protocol, Socket, Type};
 
+/// The exit code of a command line the server refuses: a flag to fix, not a failure to retry.
+const EXIT_INVALID_FLAGS: u8 = 2;
+
 fn main() -> ExitCode {
-    let config: Config = argh::from_env();
+    let config = match command_line() {
+        CommandLine::Serve(config) => *config,
+        CommandLine::Print(text) => {
+            // `resq-push --help | head` closes stdout early; that is no error.
+            let _ = std::io::stdout().lock().write_all(text.as_bytes());
+            return ExitCode::SUCCESS;
+        }
+        CommandLine::Invalid(message) => {
+            resq_push::init_logging();
+            error!("invalid configuration: {message}");
+            return ExitCode::from(EXIT_INVALID_FLAGS);
+        }
+    };
     resq_push::init_logging();
-    if let Err(message) = config.validate() {
-        error!("invalid configuration: {message}");
-        return ExitCode::from(2);
-    }
     match start(config) {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {
@@ -23,6 +35,20 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Parses the process's arguments; one that is not UTF-8 is an invalid flag like any other.
+fn command_line() -> CommandLine {
+    let mut args = Vec::new();
+    for arg in std::env::args_os().skip(1) {
+        match arg.into_string() {
+            Ok(arg) => args.push(arg),
+            Err(arg) => {
+                return CommandLine::Invalid(format!("{} is not valid UTF-8", arg.to_string_lossy()));
+            }
+        }
+    }
+    CommandLine::parse(&args.iter().map(String::as_str).collect::<Vec<_>>())
 }
 
 fn start(config: Config) -> Result<(), String> {

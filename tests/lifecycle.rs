@@ -6,7 +6,7 @@ mod common;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 
-use common::{PATIENCE, Server, signal, spawn_raw, wait_until};
+use common::{PATIENCE, Server, run_to_exit, signal};
 use tungstenite::Message;
 use tungstenite::protocol::frame::coding::CloseCode;
 
@@ -39,16 +39,65 @@ fn sigint_also_shuts_down_cleanly() {
 }
 
 #[test]
-fn invalid_flags_fail_at_start_with_the_flag_named() {
-    for (args, expected) in [
-        (&["--queue", "0"][..], "--queue must be at least 1"),
-        (&["--ping-interval", "often"][..], "often"),
-        (&["--listen", "nowhere"][..], "nowhere"),
-    ] {
-        let (mut child, logs) = spawn_raw(args);
-        let status = child.wait().unwrap();
-        assert!(!status.success(), "{args:?} started");
-        wait_until(&format!("error naming {expected}"), || logs.lock().unwrap().contains(expected));
+fn every_invalid_flag_exits_2_with_the_flag_named() {
+    let cases: &[(&[&str], &str)] = &[
+        (&["--in-memory", "--bogus"], "--bogus"),
+        (&["--in-memory", "stray"], "stray"),
+        (&["--in-memory", "--queue", "many"], "--queue"),
+        (&["--in-memory", "--queue"], "--queue"),
+        (&["--in-memory", "--queue", "1", "--queue", "2"], "--queue"),
+        (&["--in-memory", "--ping-interval", "often"], "--ping-interval"),
+        (&["--in-memory", "--listen", "nowhere"], "--listen"),
+        (&["--in-memory", "--queue", "0"], "--queue must be at least 1"),
+    ];
+    for (args, flag) in cases {
+        let run = run_to_exit(args);
+        assert_eq!(run.code, Some(2), "{args:?} exit code; stderr:\n{}", run.stderr);
+        assert!(run.stderr.contains(flag), "{args:?}: the error does not name {flag}:\n{}", run.stderr);
+        assert!(run.stdout.is_empty(), "{args:?} printed on stdout: {}", run.stdout);
+    }
+}
+
+#[test]
+fn version_prints_the_name_and_version() {
+    let run = run_to_exit(&["--version"]);
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    assert_eq!(run.stdout, format!("resq-push {}\n", env!("CARGO_PKG_VERSION")));
+}
+
+/// The flags of README.md's "Configuration" table, in its order.
+fn readme_flags() -> Vec<String> {
+    let readme = include_str!("../README.md");
+    let section = readme.split("\n## Configuration\n").nth(1).unwrap();
+    let flags: Vec<String> = section
+        .lines()
+        .skip_while(|line| !line.starts_with("| flag |"))
+        .take_while(|line| line.starts_with('|'))
+        .filter_map(|row| row.strip_prefix("| `")?.split('`').next().map(str::to_owned))
+        .collect();
+    assert!(flags.len() > 20, "{flags:?}");
+    flags
+}
+
+#[test]
+fn help_is_short_lines_under_headings_and_lists_every_flag() {
+    let run = run_to_exit(&["--help"]);
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    let help = run.stdout;
+    assert!(help.starts_with("Usage: resq-push [options]\n"), "{help}");
+    for line in help.lines() {
+        assert!(line.chars().count() <= 100, "a line of {} columns:\n{line}", line.chars().count());
+    }
+    for heading in ["Network:", "Access:", "History:", "Time limits:", "Limits:", "Logging:"] {
+        assert!(help.lines().any(|line| line == heading), "no heading {heading}:\n{help}");
+    }
+    for flag in readme_flags().iter().map(String::as_str).chain(["--version", "--help"]) {
+        let listed = help.lines().filter(|line| {
+            line.trim_start().starts_with(&format!("{flag} "))
+                || line.trim() == flag
+                || line.trim_start().starts_with(&format!("{flag},"))
+        });
+        assert_eq!(listed.count(), 1, "{flag} is not listed once:\n{help}");
     }
 }
 

@@ -5,7 +5,7 @@
 
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -244,14 +244,13 @@ pub fn spawn_raw(args: &[&str]) -> (Child, Arc<Mutex<String>>) {
 }
 
 /// Starts `command` (which runs the binary), collecting its stderr in the background.
+/// `RUST_LOG` is `info` unless `command` sets it.
 pub fn spawn_command(mut command: Command) -> (Child, Arc<Mutex<String>>) {
-    let mut child = command
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    if !command.get_envs().any(|(name, _)| name == "RUST_LOG") {
+        command.env("RUST_LOG", "info");
+    }
+    let mut child =
+        command.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
     let logs = Arc::new(Mutex::new(String::new()));
     let stderr = child.stderr.take().unwrap();
     let sink = Arc::clone(&logs);
@@ -264,6 +263,50 @@ pub fn spawn_command(mut command: Command) -> (Child, Arc<Mutex<String>>) {
         }
     });
     (child, logs)
+}
+
+/// How a run of the binary that ended by itself ended, and what it printed.
+#[derive(Debug)]
+pub struct Finished {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs the binary with `args` until it exits by itself; fails the test if it is still running
+/// after `PATIENCE` (it started serving instead of refusing its flags).
+pub fn run_to_exit(args: &[&str]) -> Finished {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_resq-push"))
+        .args(args)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = read_in_background(child.stdout.take().unwrap());
+    let stderr = read_in_background(child.stderr.take().unwrap());
+    let deadline = Instant::now() + PATIENCE;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{args:?}: still running after {PATIENCE:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    Finished { code: status.code(), stdout: stdout.join().unwrap(), stderr: stderr.join().unwrap() }
+}
+
+fn read_in_background(mut pipe: impl Read + Send + 'static) -> std::thread::JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = pipe.read_to_string(&mut text);
+        text
+    })
 }
 
 /// Polls `condition` until it holds, failing the test after `PATIENCE`.
