@@ -7,7 +7,7 @@
 
 mod help;
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -58,8 +58,9 @@ pub const DEFAULT_MAX_CLIENT_MESSAGE_BYTES: usize = 4096;
 /// /ws/emergencias; local apps publish over a Unix socket or POST /emergencias.
 #[derive(FromArgs, Debug, Clone)]
 pub struct Config {
-    /// address for HTTP and WebSocket clients (default 0.0.0.0:8000)
-    #[argh(option, default = "default_listen()")]
+    /// address for HTTP and WebSocket clients: IP:PORT, [IPv6]:PORT, localhost:PORT, or :PORT
+    /// for every interface (0.0.0.0:PORT) (default 0.0.0.0:8000)
+    #[argh(option, default = "default_listen()", from_str_fn(parse_listen))]
     pub listen: SocketAddr,
 
     /// connections the kernel queues before they are accepted (default 4096; the kernel caps it at
@@ -253,6 +254,33 @@ fn default_listen() -> SocketAddr {
     DEFAULT_LISTEN.parse().unwrap_or_else(|_| unreachable!("DEFAULT_LISTEN is a valid address"))
 }
 
+/// Parses `--listen`: an IP address with a port, `localhost:PORT` (127.0.0.1) or `:PORT` (every
+/// IPv4 interface). Other host names are refused rather than looked up: which address a name
+/// resolves to on a dispatch site's network is a guess the operator should not have to debug.
+fn parse_listen(text: &str) -> Result<SocketAddr, String> {
+    if let Ok(addr) = text.parse() {
+        return Ok(addr);
+    }
+    let Some((host, port)) = text.rsplit_once(':').filter(|_| !text.ends_with(']')) else {
+        return Err(format!("'{text}' has no port: give IP:PORT, localhost:PORT or :PORT"));
+    };
+    let port: u16 = port.parse().map_err(|_| format!("'{port}' is not a port number (0 to 65535)"))?;
+    let ip = match host {
+        "" => Ipv4Addr::UNSPECIFIED,
+        host if host.eq_ignore_ascii_case("localhost") => Ipv4Addr::LOCALHOST,
+        host if host.parse::<IpAddr>().is_ok() => {
+            return Err(format!("'{text}': write an IPv6 address in brackets, like [{host}]:{port}"));
+        }
+        host => {
+            return Err(format!(
+                "'{host}' is a host name; give an IP address (like 192.168.1.10:{port}), \
+                 localhost:{port}, or :{port} for every interface"
+            ));
+        }
+    };
+    Ok(SocketAddr::from((ip, port)))
+}
+
 fn secs(value: f64) -> Duration {
     Duration::from_secs_f64(value)
 }
@@ -320,6 +348,31 @@ mod tests {
                 "{invalid:?}"
             );
         }
+    }
+
+    #[test]
+    fn listen_takes_addresses_localhost_and_a_bare_port() {
+        let parsed = |text| parse_listen(text).map(|addr| addr.to_string());
+        assert_eq!(parsed("192.168.1.10:8000").as_deref(), Ok("192.168.1.10:8000"));
+        assert_eq!(parsed("[::1]:8000").as_deref(), Ok("[::1]:8000"));
+        assert_eq!(parsed("localhost:8000").as_deref(), Ok("127.0.0.1:8000"));
+        assert_eq!(parsed("LocalHost:0").as_deref(), Ok("127.0.0.1:0"));
+        assert_eq!(parsed(":8000").as_deref(), Ok("0.0.0.0:8000"));
+    }
+
+    #[test]
+    fn listen_refuses_names_and_missing_ports_precisely() {
+        let error = |text| parse_listen(text).unwrap_err();
+        assert!(error("dispatch.lan:8000").contains("'dispatch.lan' is a host name"));
+        assert!(error("localhost").contains("has no port"));
+        assert!(error("8000").contains("has no port"));
+        assert!(error("[::1]").contains("has no port"));
+        assert!(error(":").contains("'' is not a port number"));
+        assert!(error(":65536").contains("'65536' is not a port number"));
+        assert!(error("localhost:http").contains("'http' is not a port number"));
+        assert!(error("::1:8000").contains("[::1]:8000"));
+        let flagged = parse(&["--listen", "box:80"]).unwrap_err();
+        assert!(flagged.contains("--listen"), "{flagged}");
     }
 
     #[test]

@@ -59,6 +59,20 @@ fn every_invalid_flag_exits_2_with_the_flag_named() {
 }
 
 #[test]
+fn listen_takes_localhost_by_name() {
+    let server = Server::start(&["--listen", "localhost:0"]);
+    assert_eq!(server.addr.ip().to_string(), "127.0.0.1", "{}", server.logs());
+    assert_eq!(server.health()["status"], "ok");
+}
+
+#[test]
+fn listen_refuses_other_host_names_without_a_lookup() {
+    let run = run_to_exit(&["--in-memory", "--listen", "dispatch.lan:8000"]);
+    assert_eq!(run.code, Some(2), "{}", run.stderr);
+    assert!(run.stderr.contains("--listen") && run.stderr.contains("host name"), "{}", run.stderr);
+}
+
+#[test]
 fn version_prints_the_name_and_version() {
     let run = run_to_exit(&["--version"]);
     assert_eq!(run.code, Some(0), "{}", run.stderr);
