@@ -147,8 +147,9 @@ pub struct Config {
     pub subscribe_token_file: Option<PathBuf>,
 
     /// browser origin allowed to open WebSockets and call the HTTP API cross-origin, e.g.
-    /// https://console.example; repeatable (default: any origin may connect, no CORS headers)
-    #[argh(option)]
+    /// https://console.example or http://10.0.0.5:3000; repeatable (default: any origin may
+    /// connect, no CORS headers)
+    #[argh(option, from_str_fn(parse_origin))]
     pub allowed_origin: Vec<String>,
 
     /// largest message a WebSocket client may send, in bytes (default 4096)
@@ -230,11 +231,6 @@ impl Config {
         if has_tokens && self.allowed_origin.iter().any(|origin| origin == "*") {
             return Err("--allowed-origin '*' cannot be combined with token files: list the origins".into());
         }
-        if let Some(origin) = self.allowed_origin.iter().find(|o| *o != "*" && !o.contains("://")) {
-            return Err(format!(
-                "--allowed-origin {origin}: give a scheme and host, like https://console.example"
-            ));
-        }
         let positive_durations = [
             ("--ping-interval", self.ping_interval),
             ("--pong-timeout", self.pong_timeout),
@@ -279,6 +275,81 @@ fn parse_listen(text: &str) -> Result<SocketAddr, String> {
         }
     };
     Ok(SocketAddr::from((ip, port)))
+}
+
+/// Parses `--allowed-origin` into the form a browser sends as `Origin` (RFC 6454):
+/// `scheme://host[:port]`, scheme and host in lower case, without the scheme's default port.
+/// One trailing `/` is forgiven, as in a URL copied from the address bar; a path, query,
+/// fragment or user name never appears in an `Origin`, so it would lock every browser out.
+fn parse_origin(text: &str) -> Result<String, String> {
+    if text == "*" {
+        return Ok(text.to_owned());
+    }
+    let only = "an origin is only scheme://host[:port]";
+    let Some((scheme, rest)) = text.split_once("://") else {
+        return Err(format!(
+            "'{text}' is not an origin: give a scheme and host, like https://console.example"
+        ));
+    };
+    if !is_scheme(scheme) {
+        return Err(format!("'{text}': '{scheme}' is not a URL scheme"));
+    }
+    let authority = rest.strip_suffix('/').unwrap_or(rest);
+    if let Some(start) = authority.find(['/', '?', '#']) {
+        let extra = &authority[start..];
+        return Err(format!("'{text}' has a path, query or fragment ('{extra}'): {only}"));
+    }
+    if authority.contains('@') {
+        return Err(format!("'{text}' has a user name or password: {only}"));
+    }
+    let (host, port) =
+        split_port(authority).map_err(|port| format!("'{text}': '{port}' is not a port number"))?;
+    if host.is_empty() {
+        return Err(format!("'{text}' has no host: {only}"));
+    }
+    if !is_host(host) {
+        return Err(format!(
+            "'{text}': '{host}' is not a host name or IP address (write an international name in its xn-- form)"
+        ));
+    }
+    let (scheme, host) = (scheme.to_ascii_lowercase(), host.to_ascii_lowercase());
+    Ok(match port.filter(|port| Some(*port) != default_port(&scheme)) {
+        Some(port) => format!("{scheme}://{host}:{port}"),
+        None => format!("{scheme}://{host}"),
+    })
+}
+
+fn is_scheme(text: &str) -> bool {
+    text.starts_with(|c: char| c.is_ascii_alphabetic())
+        && text.chars().all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))
+}
+
+/// A DNS name, an IPv4 address or a bracketed IPv6 address.
+fn is_host(text: &str) -> bool {
+    match text.strip_prefix('[').and_then(|rest| rest.strip_suffix(']')) {
+        Some(v6) => v6.parse::<std::net::Ipv6Addr>().is_ok(),
+        None => text.chars().all(|c| c.is_ascii_alphanumeric() || "-._".contains(c)),
+    }
+}
+
+/// Splits `host[:port]` (an IPv6 host keeps its brackets); the error is the port that is not a
+/// number.
+fn split_port(authority: &str) -> Result<(&str, Option<u16>), &str> {
+    match authority.rsplit_once(':') {
+        Some((host, port)) if !port.contains(']') => {
+            port.parse().map(|port| (host, Some(port))).map_err(|_| port)
+        }
+        _ => Ok((authority, None)),
+    }
+}
+
+/// The port a browser leaves out of `Origin` for `scheme`.
+fn default_port(scheme: &str) -> Option<u16> {
+    match scheme {
+        "http" | "ws" => Some(80),
+        "https" | "wss" => Some(443),
+        _ => None,
+    }
 }
 
 fn secs(value: f64) -> Duration {
@@ -373,6 +444,50 @@ mod tests {
         assert!(error("::1:8000").contains("[::1]:8000"));
         let flagged = parse(&["--listen", "box:80"]).unwrap_err();
         assert!(flagged.contains("--listen"), "{flagged}");
+    }
+
+    #[test]
+    fn origins_are_kept_as_browsers_send_them() {
+        for (given, kept) in [
+            ("https://console.example", "https://console.example"),
+            ("https://console.example/", "https://console.example"),
+            ("HTTPS://Console.Example/", "https://console.example"),
+            ("https://console.example:8443/", "https://console.example:8443"),
+            ("https://console.example:443", "https://console.example"),
+            ("http://console.example:80/", "http://console.example"),
+            ("http://10.0.0.5:3000", "http://10.0.0.5:3000"),
+            ("http://[::1]:8080/", "http://[::1]:8080"),
+            ("http://[::1]", "http://[::1]"),
+            ("*", "*"),
+        ] {
+            assert_eq!(parse_origin(given).as_deref(), Ok(kept), "{given}");
+        }
+        let config = parse(&["--allowed-origin", "https://a.example/", "--allowed-origin", "http://b:81"]);
+        assert_eq!(config.unwrap().allowed_origin, ["https://a.example", "http://b:81"]);
+    }
+
+    #[test]
+    fn origins_that_no_browser_sends_are_refused() {
+        for (given, reason) in [
+            ("https://console.example/tablets", "has a path, query or fragment ('/tablets')"),
+            ("https://console.example//", "has a path, query or fragment ('/')"),
+            ("https://console.example?x=1", "('?x=1')"),
+            ("https://console.example/#top", "('/#top')"),
+            ("https://admin:pw@console.example", "user name or password"),
+            ("https://", "has no host"),
+            ("https://:8443", "has no host"),
+            ("console.example", "give a scheme and host"),
+            ("null", "give a scheme and host"),
+            ("https://console.example:https", "'https' is not a port number"),
+            ("https://consola.ejemplo.cl\u{f1}", "xn--"),
+            ("1https://console.example", "not a URL scheme"),
+            ("http://[::1", "is not a host name"),
+        ] {
+            let error = parse_origin(given).unwrap_err();
+            assert!(error.contains(reason), "{given}: {error}");
+        }
+        let flagged = parse(&["--allowed-origin", "https://x.example/app"]).unwrap_err();
+        assert!(flagged.contains("--allowed-origin"), "{flagged}");
     }
 
     #[test]

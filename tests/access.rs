@@ -8,7 +8,10 @@ use std::net::TcpStream;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{Client, HttpResponse, PATIENCE, Server, TempDir, signal, spawn_command, spawn_raw, wait_until};
+use common::{
+    Client, HttpResponse, PATIENCE, Server, TempDir, run_to_exit, signal, spawn_command, spawn_raw,
+    wait_until,
+};
 use tungstenite::protocol::frame::coding::CloseCode;
 
 const TABLET_1: &str = "t1-Zq8xR2vW9mK4pL7s";
@@ -200,6 +203,43 @@ fn foreign_origins_are_refused_and_listed_ones_get_cors() {
     );
     let evil = get_with(&server, "/healthz", "Origin: https://evil.example\r\n");
     assert_eq!(evil.header("access-control-allow-origin"), None);
+}
+
+#[test]
+fn an_origin_given_with_a_trailing_slash_matches_what_browsers_send() {
+    let server = secured(&["--allowed-origin", "HTTPS://Console.Site/"]);
+    let token = format!("/ws/emergencias?token={TABLET_1}");
+    let mut listed = Client::try_connect(server.addr, &token, &[("Origin", "https://console.site")]).unwrap();
+    assert_eq!(listed.recv_json()["type"], "connection");
+
+    assert_eq!(Client::refusal_status(server.addr, &token, &[("Origin", "https://evil.example")]), 403);
+    server.wait_for_log(r#"origin "https://evil.example" not in --allowed-origin ["https://console.site"]"#);
+
+    let preflight = |origin: &str| {
+        server.http(format!("OPTIONS /emergencias HTTP/1.1\r\nOrigin: {origin}\r\n\r\n").as_bytes())
+    };
+    let listed = preflight("https://console.site");
+    assert_eq!(listed.status, 204);
+    assert_eq!(listed.header("access-control-allow-origin").as_deref(), Some("https://console.site"));
+    assert_eq!(preflight("https://other.example").status, 403);
+    server.wait_for_log("refused CORS preflight");
+    let logs = server.logs();
+    let refusal = logs.lines().find(|line| line.contains("refused CORS preflight")).unwrap();
+    let expected = r#"origin "https://other.example" not in --allowed-origin ["https://console.site"]"#;
+    assert!(refusal.contains(expected), "{refusal}");
+}
+
+#[test]
+fn an_origin_with_a_path_is_refused_at_start() {
+    let run = run_to_exit(&[
+        "--in-memory",
+        "--listen",
+        "127.0.0.1:0",
+        "--allowed-origin",
+        "https://console.site/tablets",
+    ]);
+    assert_eq!(run.code, Some(2), "{}", run.stderr);
+    assert!(run.stderr.contains("--allowed-origin") && run.stderr.contains("path"), "{}", run.stderr);
 }
 
 #[test]

@@ -109,10 +109,10 @@ async fn handle(
         ("/ws/emergencias", _) => method_not_allowed("GET"),
         ("/emergencias", "POST") => publish(app, connection, &request, peer, deadline).await,
         ("/emergencias", "GET") => poll(app, &request, peer),
-        ("/emergencias", "OPTIONS") => preflight(app, &request, "GET, POST"),
+        ("/emergencias", "OPTIONS") => preflight(app, &request, peer, "GET, POST"),
         ("/emergencias", _) => method_not_allowed("GET, POST"),
         ("/healthz", "GET") => health(app),
-        ("/healthz", "OPTIONS") => preflight(app, &request, "GET"),
+        ("/healthz", "OPTIONS") => preflight(app, &request, peer, "GET"),
         ("/metrics", "GET") => metrics(app),
         ("/metrics", _) => method_not_allowed("GET"),
         ("/healthz", _) => method_not_allowed("GET"),
@@ -138,9 +138,17 @@ fn own_header_names(response: &Response) -> String {
 
 /// Answers a CORS preflight: allowed for the origins in `--allowed-origin`, refused otherwise.
 /// The `Access-Control-Allow-Origin` header itself is added by `handle`, as for every response.
-fn preflight(app: &App, request: &Request, methods: &'static str) -> Response {
+fn preflight(app: &App, request: &Request, peer: SocketAddr, methods: &'static str) -> Response {
     let access = app.access.borrow();
-    if access.cors_origin(request.header("origin")).is_none() {
+    let origin = request.header("origin");
+    if access.cors_origin(origin).is_none() {
+        let allowed = &access.allowed_origins;
+        match origin {
+            Some(origin) => warn!(
+                "refused CORS preflight from {peer}: origin {origin:?} not in --allowed-origin {allowed:?}"
+            ),
+            None => warn!("refused CORS preflight from {peer}: no Origin header"),
+        }
         return Response::json(Status::FORBIDDEN, error_json("origin not allowed (--allowed-origin)"));
     }
     Response::json(Status::NO_CONTENT, String::new())

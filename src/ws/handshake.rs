@@ -89,11 +89,13 @@ fn admit(app: &App, request: &Request, peer: SocketAddr) -> Result<Admitted, Res
     let accept_key = check_upgrade(request).inspect_err(|refusal| {
         warn!("refused WebSocket upgrade from {peer}: {}", refusal.body);
     })?;
-    if let Some(origin) = request.header("origin")
-        && !app.access.borrow().origin_allowed(origin)
-    {
-        warn!("refused WebSocket client {peer}: origin {origin:?} not in --allowed-origin");
-        return Err(Response::json(Status::FORBIDDEN, error_json("origin not allowed")));
+    if let Some(origin) = request.header("origin") {
+        let access = app.access.borrow();
+        if !access.origin_allowed(origin) {
+            let allowed = &access.allowed_origins;
+            warn!("refused WebSocket client {peer}: origin {origin:?} not in --allowed-origin {allowed:?}");
+            return Err(Response::json(Status::FORBIDDEN, error_json("origin not allowed")));
+        }
     }
     let identity =
         authorize(app.access.borrow().subscribe.as_ref(), request, true, "WebSocket client", peer)?;
