@@ -3,10 +3,19 @@
 //! A token file holds one token per line, optionally named (`tablet-3 <token>`); blank lines and
 //! `#` comments are skipped. The name is the holder's identity in logs and `/healthz`. Tokens are
 //! compared in constant time and never logged. Files are read at start and again on SIGHUP.
+//!
+//! A token on two lines is refused: whichever line matched, the logs, `/healthz` and a
+//! revocation would name the wrong holder. A name on two lines is allowed: one tablet may hold
+//! two tokens, its old and its new one while they are rolled over. A file any user may read or
+//! change is loaded, with a warning.
 
+use std::collections::HashMap;
 use std::fmt;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
+
+use log::warn;
 
 /// Shortest token accepted: shorter ones are guessable.
 pub const MIN_TOKEN_LEN: usize = 16;
@@ -39,10 +48,16 @@ impl fmt::Debug for TokenEntry {
 
 impl TokenSet {
     /// Reads and parses a token file; the error says which file and line is wrong.
+    /// Warns when the file is open to every user.
     pub fn load(path: &Path) -> Result<TokenSet, String> {
         let text =
             std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
         let entries = parse_tokens(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        if let Some(warning) =
+            std::fs::metadata(path).ok().and_then(|m| mode_warning(path, m.permissions().mode()))
+        {
+            warn!("{warning}");
+        }
         Ok(TokenSet { path: path.to_owned(), entries })
     }
 
@@ -68,8 +83,28 @@ impl TokenSet {
     }
 }
 
+/// What is wrong with a token file's mode, if any user on the machine may read or change it.
+/// Group access is the operator's choice (the deploy keeps publisher apps in the service's group,
+/// so its files are 0600), and is not warned about.
+fn mode_warning(path: &Path, mode: u32) -> Option<String> {
+    let exposure = match (mode & 0o004 != 0, mode & 0o002 != 0) {
+        (true, true) => "read and changed",
+        (true, false) => "read",
+        (false, true) => "changed",
+        (false, false) => return None,
+    };
+    let path = path.display();
+    Some(format!(
+        "token file {path} can be {exposure} by any user on this machine (mode {:o}): \
+         chmod 600 {path}, owned by the service user",
+        mode & 0o777
+    ))
+}
+
 fn parse_tokens(text: &str) -> Result<Vec<TokenEntry>, String> {
     let mut entries = Vec::new();
+    // Each token's first line and name, to name both lines of a duplicate.
+    let mut first_seen: HashMap<&str, (usize, Rc<str>)> = HashMap::new();
     for (index, line) in text.lines().enumerate() {
         let line_number = index + 1;
         let line = line.trim();
@@ -88,7 +123,15 @@ fn parse_tokens(text: &str) -> Result<Vec<TokenEntry>, String> {
         if !token.bytes().all(|b| b.is_ascii_graphic()) {
             return Err(format!("line {line_number}: token must be printable ASCII"));
         }
-        entries.push(TokenEntry { name: name.into(), token: token.as_bytes().into() });
+        let name: Rc<str> = name.into();
+        if let Some((first_line, first_name)) = first_seen.get(token) {
+            return Err(format!(
+                "line {line_number} ({name}) has the same token as line {first_line} ({first_name}): \
+                 give every holder a token of its own"
+            ));
+        }
+        first_seen.insert(token, (line_number, Rc::clone(&name)));
+        entries.push(TokenEntry { name, token: token.as_bytes().into() });
     }
     if entries.is_empty() {
         return Err("no tokens: everyone would be refused".to_owned());
@@ -219,6 +262,39 @@ mod tests {
         assert!(parse_tokens("a b c\n").unwrap_err().contains("line 1"));
         assert!(parse_tokens("\nname short\n").unwrap_err().contains("line 2: token shorter"));
         assert!(parse_tokens("# only comments\n").unwrap_err().contains("no tokens"));
+    }
+
+    #[test]
+    fn a_token_on_two_lines_is_refused_naming_both() {
+        let twice =
+            "tablet-1 abcdefghijklmnop\n# spare\ntablet-2 qrstuvwxyz012345\ntablet-3 abcdefghijklmnop\n";
+        let error = parse_tokens(twice).unwrap_err();
+        assert!(error.starts_with("line 4 (tablet-3) has the same token as line 1 (tablet-1)"), "{error}");
+        assert!(!error.contains("abcdefghijklmnop"), "{error}");
+        let unnamed = parse_tokens("abcdefghijklmnop\nabcdefghijklmnop\n").unwrap_err();
+        assert!(unnamed.contains("line 2 (token-2) has the same token as line 1 (token-1)"), "{unnamed}");
+    }
+
+    #[test]
+    fn one_name_may_hold_two_tokens() {
+        let entries = parse_tokens("tablet-1 abcdefghijklmnop\ntablet-1 qrstuvwxyz012345\n").unwrap();
+        let set = TokenSet { path: PathBuf::new(), entries };
+        assert_eq!(set.holder("abcdefghijklmnop").as_deref(), Some("tablet-1"));
+        assert_eq!(set.holder("qrstuvwxyz012345").as_deref(), Some("tablet-1"));
+    }
+
+    #[test]
+    fn a_file_open_to_every_user_is_warned_about() {
+        let path = Path::new("/etc/resq-push/subscribe.tokens");
+        let warning = mode_warning(path, 0o100644).unwrap();
+        assert!(warning.contains("/etc/resq-push/subscribe.tokens can be read by any user"), "{warning}");
+        assert!(
+            warning.contains("(mode 644)") && warning.contains("chmod 600 /etc/resq-push/subscribe.tokens")
+        );
+        assert!(mode_warning(path, 0o602).unwrap().contains("can be changed by any user"));
+        assert!(mode_warning(path, 0o666).unwrap().contains("can be read and changed by any user"));
+        assert_eq!(mode_warning(path, 0o600), None);
+        assert_eq!(mode_warning(path, 0o640), None);
     }
 
     #[test]

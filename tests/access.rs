@@ -166,6 +166,57 @@ fn sighup_reload_revokes_one_tablet_and_keeps_the_rest() {
 }
 
 #[test]
+fn a_token_on_two_lines_stops_the_start_naming_the_file_and_both_lines() {
+    let dir = TempDir::new();
+    let file = dir.path().join("subscribe.tokens");
+    std::fs::write(&file, format!("tablet-1 {TABLET_1}\ntablet-2 {TABLET_2}\n\ntablet-4 {TABLET_1}\n"))
+        .unwrap();
+    let path = file.to_str().unwrap();
+    let run = run_to_exit(&["--in-memory", "--listen", "127.0.0.1:0", "--subscribe-token-file", path]);
+    assert_eq!(run.code, Some(1), "{}", run.stderr);
+    let expected = format!("{path}: line 4 (tablet-4) has the same token as line 1 (tablet-1)");
+    assert!(run.stderr.contains(&expected), "{}", run.stderr);
+    assert!(!run.stderr.contains(TABLET_1), "a token reached the logs:\n{}", run.stderr);
+}
+
+#[test]
+fn a_reload_with_a_token_on_two_lines_keeps_the_old_tokens() {
+    let server = secured(&[]);
+    let file = server.dir.path().join("subscribe.tokens");
+    std::fs::write(&file, format!("tablet-1 {TABLET_1}\ntablet-3 {TABLET_1}\n")).unwrap();
+    signal(server.pid(), "HUP");
+    server.wait_for_log("line 2 (tablet-3) has the same token as line 1 (tablet-1)");
+    assert!(server.logs().contains("reload failed, keeping the current tokens"), "{}", server.logs());
+    let mut still_valid = server.ws(&format!("/ws/emergencias?token={TABLET_2}"));
+    assert_eq!(still_valid.recv_json()["type"], "connection");
+    assert_no_token_logged(&server);
+}
+
+#[test]
+fn a_token_file_anyone_can_read_is_warned_about_at_start_and_on_reload() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = TempDir::new();
+    let file = dir.path().join("subscribe.tokens");
+    std::fs::write(&file, format!("tablet-1 {TABLET_1}\n")).unwrap();
+    let set_mode = |mode| std::fs::set_permissions(&file, std::fs::Permissions::from_mode(mode)).unwrap();
+    set_mode(0o644);
+    let path = file.to_str().unwrap().to_owned();
+    let server = Server::start_in(dir, &["--subscribe-token-file", &path]);
+    let warning = format!("token file {path} can be read by any user on this machine (mode 644)");
+    server.wait_for_log(&warning);
+    let line = server.logs().lines().find(|line| line.contains(&warning)).unwrap().to_owned();
+    assert!(line.contains(" WARN ") && line.contains(&format!("chmod 600 {path}")), "{line}");
+
+    set_mode(0o600);
+    signal(server.pid(), "HUP");
+    server.wait_for_log("reloaded token files");
+    set_mode(0o604);
+    signal(server.pid(), "HUP");
+    wait_until("a second reload", || server.logs().matches("reloaded token files").count() == 2);
+    assert_eq!(server.logs().matches("can be read by any user").count(), 2, "{}", server.logs());
+}
+
+#[test]
 fn foreign_origins_are_refused_and_listed_ones_get_cors() {
     let console = "https://console.site";
     let server = secured(&["--allowed-origin", console]);
