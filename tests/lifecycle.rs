@@ -5,8 +5,9 @@ mod common;
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
+use std::process::Command;
 
-use common::{PATIENCE, Server, run_to_exit, signal};
+use common::{PATIENCE, Server, run_to_exit, signal, spawn_command, wait_until};
 use tungstenite::Message;
 use tungstenite::protocol::frame::coding::CloseCode;
 
@@ -72,6 +73,30 @@ fn listen_refuses_other_host_names_without_a_lookup() {
     let run = run_to_exit(&["--in-memory", "--listen", "dispatch.lan:8000"]);
     assert_eq!(run.code, Some(2), "{}", run.stderr);
     assert!(run.stderr.contains("--listen") && run.stderr.contains("host name"), "{}", run.stderr);
+}
+
+/// What the server logs in its first moments with `RUST_LOG` set to `spec`.
+fn logs_at_start_with_rust_log(spec: &str, expected: &str) -> String {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_resq-push"));
+    command.args(["--in-memory", "--listen", "127.0.0.1:0"]).env("RUST_LOG", spec);
+    let (mut child, logs) = spawn_command(command);
+    wait_until(&format!("{expected:?} with RUST_LOG={spec}"), || logs.lock().unwrap().contains(expected));
+    let _ = child.kill();
+    let _ = child.wait();
+    logs.lock().unwrap().clone()
+}
+
+#[test]
+fn a_rust_log_the_logger_does_not_understand_gets_one_warning_naming_it() {
+    let logs = logs_at_start_with_rust_log("verbose", "listening on");
+    let warnings: Vec<&str> = logs.lines().filter(|line| line.contains("RUST_LOG")).collect();
+    assert_eq!(warnings.len(), 1, "{logs}");
+    assert!(warnings[0].contains(" WARN ") && warnings[0].contains(r#"ignored "verbose""#), "{logs}");
+
+    // Shown even when the level it sets would hide warnings.
+    let logs = logs_at_start_with_rust_log("error,resq_push=loud", "RUST_LOG");
+    assert!(logs.contains(r#"ignored "resq_push=loud""#), "{logs}");
+    assert!(!logs.contains("listening on"), "the error level was not kept:\n{logs}");
 }
 
 #[test]
