@@ -6,8 +6,9 @@ mod common;
 use std::io::Read;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::process::Command;
 
-use common::{Server, TempDir, spawn_raw, wait_until};
+use common::{Server, TempDir, UnixPublisher, run_to_exit, spawn_command, spawn_raw, wait_until};
 
 #[test]
 fn several_lines_in_one_write_and_one_line_over_several_writes() {
@@ -160,4 +161,48 @@ fn a_publisher_over_the_limit_takes_the_slot_of_the_longest_idle_one() {
     assert!(rest.is_empty());
     assert_eq!(idle.publish("{}"), 4);
     server.wait_for_log("closed the publisher idle longest");
+}
+
+/// The socket path and the line of README.md's Unix-socket example.
+fn readme_example() -> (String, String) {
+    let readme = include_str!("../README.md");
+    let section = readme.split("\n### Unix socket\n").nth(1).unwrap().split("\n## ").next().unwrap();
+    let started = section.split("`cargo run --release -- --unix-socket ").nth(1).unwrap();
+    let path = started.split('`').next().unwrap().to_owned();
+    let example = section.lines().find(|line| line.starts_with("echo '")).unwrap();
+    let line = example.strip_prefix("echo '").unwrap().split("' |").next().unwrap().to_owned();
+    let connected = example.split("UNIX-CONNECT:").nth(1).unwrap().split_whitespace().next().unwrap();
+    assert_eq!(connected, path, "the example starts on one socket and connects to another");
+    (path, line)
+}
+
+#[test]
+fn the_readme_example_works_from_a_checkout() {
+    let (path, line) = readme_example();
+    assert!(
+        !path.starts_with('/'),
+        "{path}: a checkout has no such directory; the example needs a path of its own"
+    );
+    let dir = TempDir::new();
+    let mut command = Command::new(env!("CARGO_BIN_EXE_resq-push"));
+    command.current_dir(dir.path()).args(["--in-memory", "--listen", "127.0.0.1:0", "--unix-socket", &path]);
+    let (mut server, logs) = spawn_command(command);
+    wait_until("the server to listen", || logs.lock().unwrap().contains("listening on"));
+    let mut publisher = UnixPublisher::connect(&dir.path().join(&path));
+    assert_eq!(publisher.publish(&line), 1);
+    let _ = server.kill();
+    let _ = server.wait();
+}
+
+#[test]
+fn a_socket_whose_directory_is_missing_is_refused_naming_the_directory() {
+    let dir = TempDir::new();
+    let missing = dir.path().join("resq-push");
+    let path = missing.join("ingest.sock");
+    let run =
+        run_to_exit(&["--in-memory", "--listen", "127.0.0.1:0", "--unix-socket", path.to_str().unwrap()]);
+    assert_eq!(run.code, Some(1), "{}", run.stderr);
+    let expected = format!("its directory {} does not exist", missing.display());
+    assert!(run.stderr.contains(&expected), "{}", run.stderr);
+    assert!(!missing.exists(), "the directory was created");
 }

@@ -63,16 +63,45 @@ pub fn bind(path: &Path) -> io::Result<BoundUnixSocket> {
         Err(error) if error.kind() == io::ErrorKind::NotFound => {}
         Err(error) => return Err(io::Error::new(error.kind(), format!("{shown}: {error}"))),
     }
+    check_directory(path)?;
     let listener = bind_with_mode(path, SOCKET_MODE)
         .map_err(|error| io::Error::new(error.kind(), format!("cannot bind {shown}: {error}")))?;
     let metadata = fs::metadata(path)?;
     Ok(BoundUnixSocket { path: path.to_owned(), listener, identity: (metadata.dev(), metadata.ino()) })
 }
 
+/// The directory `path` goes in.
+fn directory_of(path: &Path) -> &Path {
+    path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."))
+}
+
+/// Fails, saying how to fix it, if the socket's directory is missing. The server does not create
+/// it: its owner and mode decide who may publish, which is the operator's choice (the package's
+/// systemd unit makes `/run/resq-push` for the service, 0750).
+fn check_directory(path: &Path) -> io::Result<()> {
+    let (shown, directory) = (path.display(), directory_of(path));
+    match fs::metadata(directory) {
+        Ok(metadata) if metadata.is_dir() => Ok(()),
+        Ok(_) => Err(io::Error::new(
+            io::ErrorKind::NotADirectory,
+            format!("cannot bind {shown}: {} is not a directory", directory.display()),
+        )),
+        Err(error) if error.kind() == io::ErrorKind::NotFound => Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!(
+                "cannot bind {shown}: its directory {dir} does not exist; create it for the service \
+                 user (install -d -m 0750 {dir}) or choose another --unix-socket",
+                dir = directory.display()
+            ),
+        )),
+        Err(error) => Err(io::Error::new(error.kind(), format!("cannot bind {shown}: {error}"))),
+    }
+}
+
 /// Binds inside a fresh private (0700) directory beside `path`, sets `mode`, then renames the
 /// socket into place: nobody can connect before the mode is set, whatever the umask.
 fn bind_with_mode(path: &Path, mode: u32) -> io::Result<StdUnixListener> {
-    let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let parent = directory_of(path);
     let private_dir = parent.join(format!(".resq-push-bind-{}", std::process::id()));
     let _ = fs::remove_dir_all(&private_dir);
     fs::DirBuilder::new().mode(0o700).create(&private_dir)?;
