@@ -84,8 +84,9 @@ impl TokenSet {
 }
 
 /// What is wrong with a token file's mode, if any user on the machine may read or change it.
-/// Group access is the operator's choice (the deploy keeps publisher apps in the service's group,
-/// so its files are 0600), and is not warned about.
+/// Group access is not warned about: who is in the group is the site's choice. The fix offered is
+/// 0600, not 0640, because the package puts publisher apps in the service's group, and they
+/// should not read the tablets' tokens.
 fn mode_warning(path: &Path, mode: u32) -> Option<String> {
     let exposure = match (mode & 0o004 != 0, mode & 0o002 != 0) {
         (true, true) => "read and changed",
