@@ -103,20 +103,26 @@ pub struct PublishReply<'a> {
     pub stream: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub seq: Option<u64>,
-    /// How many connected clients were told of the emergency (those not dropped as too slow).
+    /// How many connected clients this publish told of the emergency (those not dropped as too
+    /// slow); 0 for a duplicate.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub queued_to: Option<usize>,
+    /// Present, and true, only when the publish was a retry of the emergency already stored as
+    /// `seq` under the same idempotency key: nothing new was stored or broadcast.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub duplicate: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<&'a str>,
 }
 
 impl PublishReply<'_> {
-    pub fn accepted(stream: &str, seq: u64, queued_to: usize) -> String {
+    pub fn accepted(stream: &str, seq: u64, queued_to: usize, duplicate: bool) -> String {
         let reply = PublishReply {
             ok: true,
             stream: Some(stream),
             seq: Some(seq),
             queued_to: Some(queued_to),
+            duplicate,
             error: None,
         };
         to_json(&reply)
@@ -125,7 +131,15 @@ impl PublishReply<'_> {
 
 /// An error body or line: `{"ok":false,"error":"..."}`.
 pub fn error_json(message: &str) -> String {
-    to_json(&PublishReply { ok: false, stream: None, seq: None, queued_to: None, error: Some(message) })
+    let reply = PublishReply {
+        ok: false,
+        stream: None,
+        seq: None,
+        queued_to: None,
+        duplicate: false,
+        error: Some(message),
+    };
+    to_json(&reply)
 }
 
 /// `GET /healthz`.

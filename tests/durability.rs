@@ -265,3 +265,74 @@ fn in_memory_mode_says_it_is_not_durable() {
     server.wait_for_log("the history is NOT durable");
     assert_eq!(server.unix().publish("{}"), 1);
 }
+
+#[test]
+fn a_retry_after_kill_9_gets_the_original_seq_and_nothing_is_broadcast_again() {
+    let server = Server::start(&[]);
+    let body = r#"{"tipo":"incendio","idempotency_key":"before-the-crash"}"#;
+    let post = |server: &Server| {
+        server.http(
+            b"POST /emergencias HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Length: 26\r\n\r\n\
+              {\"idempotency_key\":\"http\"}",
+        )
+    };
+    assert_eq!(server.unix().publish(body), 1);
+    assert_eq!(post(&server).json()["seq"], 2);
+    // The publisher's replies were lost in the crash: it cannot know that both were stored.
+    let dir = server.kill9();
+
+    let server = Server::start_in(dir, &[]);
+    let (mut client, _) = server.subscribe();
+    let mut unix = server.unix();
+    unix.send(format!("{body}\n").as_bytes());
+    let reply = unix.reply();
+    assert_eq!((reply["seq"].as_u64(), reply["duplicate"].as_bool()), (Some(1), Some(true)), "{reply}");
+    let retry = post(&server);
+    assert_eq!(retry.status, 202, "{}", retry.body);
+    assert_eq!((retry.json()["seq"].as_u64(), retry.json()["duplicate"].as_bool()), (Some(2), Some(true)));
+    assert_eq!(unix.publish(r#"{"after":"restart"}"#), 3);
+    assert_eq!(client.recv_emergency(3)["data"]["after"], "restart", "a retry was broadcast");
+    assert_eq!(server.poll_all().len(), 3);
+}
+
+#[test]
+fn a_data_dir_from_before_idempotency_keys_is_migrated() {
+    let dir = TempDir::new();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    {
+        // The schema as it was before keys: no key or body digest columns.
+        let db = rusqlite::Connection::open(data.join("history.sqlite3")).unwrap();
+        db.execute_batch(
+            "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+             CREATE TABLE emergencies (
+                 seq INTEGER PRIMARY KEY, received_at_ms INTEGER NOT NULL, envelope TEXT NOT NULL);
+             INSERT INTO meta VALUES ('stream_id', '00112233aabbccdd'), ('last_seq', '1');",
+        )
+        .unwrap();
+        let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis();
+        db.execute(
+            "INSERT INTO emergencies VALUES (1, ?1, ?2)",
+            rusqlite::params![
+                now_ms as i64,
+                r#"{"type":"emergencia","seq":1,"received_at":"2026-01-01T00:00:00.000Z","source":"unix","data":{}}"#
+            ],
+        )
+        .unwrap();
+    }
+    let server = Server::start_in(dir, &[]);
+    assert_eq!(server.health()["stream"], "00112233aabbccdd");
+    assert_eq!(server.poll_all().len(), 1);
+    let mut unix = server.unix();
+    let line = r#"{"idempotency_key":"after-upgrade"}"#;
+    assert_eq!(unix.publish(line), 2);
+    unix.send(format!("{line}\n").as_bytes());
+    assert_eq!(unix.reply()["duplicate"], true);
+    // And again after a restart, from the migrated table.
+    let dir = server.stop();
+    let server = Server::start_in(dir, &[]);
+    let mut unix = server.unix();
+    unix.send(format!("{line}\n").as_bytes());
+    let reply = unix.reply();
+    assert_eq!((reply["seq"].as_u64(), reply["duplicate"].as_bool()), (Some(2), Some(true)), "{reply}");
+}

@@ -22,7 +22,8 @@ use slab::Slab;
 use crate::auth::Identity;
 use crate::core::clock::{Reading, RetentionClock};
 use crate::core::doorbell::{Doorbell, Farewell};
-use crate::core::{Receipt, SharedEnvelope, Stored};
+use crate::core::idempotency::{Fingerprint, IdempotencyKey, KeyIndex};
+use crate::core::{Outcome, Receipt, SharedEnvelope, Stored};
 use crate::protocol::{self, ClientInfo, HistoryRange, ReplayInfo, Source};
 use crate::support::timestamp::rfc3339_millis;
 
@@ -89,6 +90,8 @@ struct Retained {
     seq: u64,
     json: SharedEnvelope,
     received_at: SystemTime,
+    /// Its idempotency key, when the hub assigned its seq (in memory) and it came with one.
+    key: Option<IdempotencyKey>,
 }
 
 pub struct Hub {
@@ -109,6 +112,9 @@ pub struct Hub {
     newest_received_at: SystemTime,
     /// Whether the wall clock can be trusted to expire by.
     clock: RetentionClock,
+    /// The keys of the emergencies in `history` that the hub assigned seqs to (in memory; the
+    /// journal decides for a durable history). Bounded by `history`: a key goes with its entry.
+    keys: KeyIndex,
     /// Set at shutdown: no new subscribers, every doorbell closed.
     shutting_down: bool,
 }
@@ -135,34 +141,55 @@ impl Hub {
             history_bytes: 0,
             newest_received_at: SystemTime::UNIX_EPOCH,
             clock: RetentionClock::new(limits.history_max_age),
+            keys: KeyIndex::default(),
             shutting_down: false,
         }
     }
 
-    /// Assigns the next seq, serializes the envelope once and delivers it. Refused once
-    /// shutdown has begun, since nobody could receive it any more.
-    pub fn publish(&mut self, data: &RawValue, source: Source) -> Result<Receipt, Refusal> {
+    /// Assigns the next seq, serializes the envelope once and delivers it; unless the
+    /// submission's key names an emergency still in the history: then it is a duplicate or a
+    /// conflict, and nothing is delivered. Refused once shutdown has begun, since nobody could
+    /// receive it any more.
+    pub fn publish(
+        &mut self,
+        data: &RawValue,
+        source: Source,
+        fingerprint: Option<Fingerprint>,
+    ) -> Result<Outcome<Receipt>, Refusal> {
         if self.shutting_down {
             return Err(Refusal::ShuttingDown);
+        }
+        if let Some(known) = fingerprint.as_ref().and_then(|fingerprint| self.keys.recall(fingerprint)) {
+            return Ok(known);
         }
         let seq = self.last_seq + 1;
         // Never before the previous emergency, so the history stays in order if the clock steps back.
         let received_at = SystemTime::now().max(self.newest_received_at);
         let envelope = protocol::envelope_json(seq, received_at, source, data);
-        Ok(self.deliver(Stored { seq, received_at, envelope }))
+        let key = fingerprint.map(|fingerprint| {
+            let key = fingerprint.key.clone();
+            self.keys.remember(fingerprint, seq);
+            key
+        });
+        Ok(Outcome::New(self.append(Stored { seq, received_at, envelope }, key)))
     }
 
-    /// Appends an emergency whose seq is assigned (by `publish`, or by the journal when it was
-    /// committed) to the history and rings every client's doorbell. A client more than `queue`
-    /// live events behind is dropped instead of waited for. Also after shutdown has begun: a
-    /// committed emergency must reach the history.
+    /// Appends an emergency whose seq the journal assigned when it committed it to the history
+    /// and rings every client's doorbell. Also after shutdown has begun: a committed emergency
+    /// must reach the history.
     pub fn deliver(&mut self, stored: Stored) -> Receipt {
+        self.append(stored, None)
+    }
+
+    /// Appends an emergency with its seq to the history and rings every client's doorbell. A
+    /// client more than `queue` live events behind is dropped instead of waited for.
+    fn append(&mut self, stored: Stored, key: Option<IdempotencyKey>) -> Receipt {
         let Stored { seq, received_at, envelope } = stored;
         self.last_seq = seq;
         self.newest_received_at = self.newest_received_at.max(received_at);
         let json = SharedEnvelope::from(envelope);
         self.history_bytes += json.len();
-        self.history.push_back(Retained { seq, json, received_at });
+        self.history.push_back(Retained { seq, json, received_at, key });
         let queue = self.limits.queue as u64;
         let mut queued_to = 0;
         self.subscribers.retain(|_, subscriber| {
@@ -191,7 +218,8 @@ impl Hub {
             }
             self.history_bytes += envelope.len();
             self.newest_received_at = self.newest_received_at.max(received_at);
-            self.history.push_back(Retained { seq, json: SharedEnvelope::from(envelope), received_at });
+            let json = SharedEnvelope::from(envelope);
+            self.history.push_back(Retained { seq, json, received_at, key: None });
         }
         self.last_seq = last_seq;
         self.trim(|_| false);
@@ -398,6 +426,9 @@ impl Hub {
                 break;
             }
             self.history_bytes -= oldest.json.len();
+            if let Some(key) = &oldest.key {
+                self.keys.forget(key, oldest.seq);
+            }
             self.history.pop_front();
         }
     }
@@ -418,8 +449,15 @@ mod tests {
 
     impl Hub {
         fn publish_ok(&mut self, data: &RawValue, source: Source) -> Receipt {
-            self.publish(data, source).unwrap()
+            match self.publish(data, source, None) {
+                Ok(Outcome::New(receipt)) => receipt,
+                other => panic!("not published: {other:?}"),
+            }
         }
+    }
+
+    fn keyed(key: &str, body: &str) -> Option<Fingerprint> {
+        Some(Fingerprint::new(IdempotencyKey::parse(key).unwrap(), body))
     }
 
     fn limits() -> HubLimits {
@@ -693,7 +731,7 @@ mod tests {
         drop(b);
         hub.borrow().shut_down();
         assert_eq!(Subscription::open(&hub, peer(), None, None).err(), Some(Refusal::ShuttingDown));
-        assert_eq!(hub.borrow().publish(&raw("{}"), Source::Http), Err(Refusal::ShuttingDown));
+        assert_eq!(hub.borrow().publish(&raw("{}"), Source::Http, None), Err(Refusal::ShuttingDown));
         assert_eq!(hub.borrow().last_seq(), 0);
     }
 
@@ -720,5 +758,34 @@ mod tests {
         }
         let range = hub.borrow().history_range();
         assert_eq!((range.first_seq, range.last_seq, range.count), (3, 3, 1));
+    }
+
+    #[test]
+    fn a_retry_under_its_key_is_not_published_again() {
+        let hub = new_hub(limits(), "stream-a");
+        let (client, _) = subscribe(&hub, None);
+        let publish = |body: &str| hub.borrow().publish(&raw(body), Source::Unix, keyed("k", body));
+        assert_eq!(publish("{}"), Ok(Outcome::New(Receipt { seq: 1, queued_to: 1 })));
+        assert_eq!(pending_seqs(&client), [1]);
+        assert_eq!(publish("{}"), Ok(Outcome::Duplicate { seq: 1 }));
+        assert_eq!(publish(r#"{"other":1}"#), Ok(Outcome::Conflict { seq: 1 }));
+        assert_eq!(pending_seqs(&client), [] as [u64; 0]);
+        assert_eq!(hub.borrow().last_seq(), 1);
+    }
+
+    #[test]
+    fn a_key_is_forgotten_when_its_emergency_leaves_the_history() {
+        // history 3: the keys of at most the 3 newest stay.
+        let hub = new_hub(limits(), "stream-a");
+        for n in 0..10 {
+            hub.borrow().publish(&raw("{}"), Source::Unix, keyed(&format!("k{n}"), "{}")).unwrap();
+        }
+        assert_eq!(hub.borrow().keys.len(), 3);
+        let again = |key: &str| hub.borrow().publish(&raw("{}"), Source::Unix, keyed(key, "{}"));
+        assert_eq!(again("k9"), Ok(Outcome::Duplicate { seq: 10 }));
+        assert_eq!(again("k6"), Ok(Outcome::New(Receipt { seq: 11, queued_to: 0 })));
+        let later = Reading::now();
+        hub.borrow().expire(Reading { wall: later.wall + Duration::from_secs(3601), ..later });
+        assert_eq!(hub.borrow().keys.len(), 0, "the keys expire with their emergencies");
     }
 }

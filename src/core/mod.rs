@@ -9,6 +9,7 @@ pub mod clock;
 pub mod doorbell;
 pub mod handle;
 pub mod hub;
+pub mod idempotency;
 pub mod subscription;
 
 use std::rc::Rc;
@@ -32,4 +33,30 @@ pub struct Receipt {
     pub seq: u64,
     /// Clients told of the emergency (all but those dropped as too slow).
     pub queued_to: usize,
+}
+
+/// What the place that assigns seqs decided about one submission: a new emergency (`T` is its
+/// `Stored` before delivery, its `Receipt` after), or, under an idempotency key it already holds,
+/// not a new one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome<T> {
+    New(T),
+    /// The same key and the same body as seq `seq`: a retry. Nothing is stored or broadcast.
+    Duplicate {
+        seq: u64,
+    },
+    /// The same key as seq `seq` with another body: refused. Nothing is stored or broadcast.
+    Conflict {
+        seq: u64,
+    },
+}
+
+impl<T> Outcome<T> {
+    pub fn map<U>(self, new: impl FnOnce(T) -> U) -> Outcome<U> {
+        match self {
+            Outcome::New(value) => Outcome::New(new(value)),
+            Outcome::Duplicate { seq } => Outcome::Duplicate { seq },
+            Outcome::Conflict { seq } => Outcome::Conflict { seq },
+        }
+    }
 }

@@ -210,12 +210,15 @@ async fn publish(
         }
         Err(BodyError::Incomplete) => return error(Status::BAD_REQUEST, "body incomplete"),
     };
-    match app.publisher.submit(&body, Source::Http).await {
-        Ok(receipt) => {
-            let reply =
-                app.hub.with(|hub| PublishReply::accepted(hub.stream_id(), receipt.seq, receipt.queued_to));
-            Response::json(Status::ACCEPTED, reply)
-        }
+    match app.publisher.submit(&body, Source::Http, None).await {
+        // A duplicate gets the status its original got: a publisher that retries until it sees
+        // a 202 stops at the first retry that gets through.
+        Ok(accepted) => Response::json(
+            Status::ACCEPTED,
+            app.hub.with(|hub| {
+                PublishReply::accepted(hub.stream_id(), accepted.seq, accepted.queued_to, accepted.duplicate)
+            }),
+        ),
         Err(rejection) if rejection.is_temporary() => {
             warn!("could not take a publish from {peer}: {rejection}");
             error(Status::SERVICE_UNAVAILABLE, &rejection.to_string()).with_header("Retry-After", "5")

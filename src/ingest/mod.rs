@@ -2,22 +2,30 @@
 //! delivery share: checking a submission, storing it, and handing it to the hub.
 //!
 //! A submission is accepted only if it is one JSON object within the size limit; anything else is
-//! rejected with a precise message and nothing is published. Every emergency reaches the hub
-//! through `Publisher::hand_over`: wait for room in the fan-out, deliver, count.
+//! rejected with a precise message and nothing is published. Its idempotency key, if it has one
+//! (a top-level `"idempotency_key"` member, or the HTTP header), goes with it to wherever its seq
+//! is assigned, which decides whether it is new, a retry, or a conflicting reuse of the key. Every
+//! new emergency reaches the hub through `Publisher::hand_over`: wait for room in the fan-out,
+//! deliver, count; a retry never does.
 
 use std::cell::Cell;
 use std::rc::Rc;
 
 use async_channel::Receiver;
+use serde::{Deserialize, Deserializer};
 use serde_json::value::RawValue;
 
-use crate::core::Receipt;
 use crate::core::handle::HubHandle;
 use crate::core::hub::{Hub, Refusal};
+use crate::core::idempotency::{Fingerprint, IdempotencyKey};
+use crate::core::{Outcome, Receipt, Stored};
 use crate::protocol::Source;
 use crate::runtime::scheduler::FanOut;
 use crate::store::journal::{Committed, Journal, StorageError};
 use crate::support::metrics::Metrics;
+
+/// The member of an emergency that holds its idempotency key.
+pub const KEY_MEMBER: &str = "idempotency_key";
 
 /// Why a submission was not published. `Display` gives the message sent back to the publisher.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -30,6 +38,12 @@ pub enum Rejection {
     InvalidJson(String),
     /// Valid JSON, but not an object.
     NotAnObject,
+    /// The `"idempotency_key"` member is not a valid key.
+    InvalidKey(String),
+    /// The `Idempotency-Key` header and the `"idempotency_key"` member name different keys.
+    KeyMismatch,
+    /// The key is already stored as seq `seq`, with another body.
+    KeyConflict { seq: u64 },
     /// The server is shutting down and accepts nothing more.
     ShuttingDown,
     /// `journal::MAX_QUEUED` submissions are already waiting for the disk.
@@ -51,6 +65,9 @@ impl Rejection {
             Rejection::TooLarge { .. } => "too_large",
             Rejection::InvalidJson(_) => "invalid_json",
             Rejection::NotAnObject => "not_an_object",
+            Rejection::InvalidKey(_) => "invalid_key",
+            Rejection::KeyMismatch => "key_mismatch",
+            Rejection::KeyConflict { .. } => "key_conflict",
             Rejection::ShuttingDown => "shutting_down",
             Rejection::StorageBusy => "storage_busy",
             Rejection::StorageFailed(_) => "storage_failed",
@@ -74,6 +91,15 @@ impl std::fmt::Display for Rejection {
             Rejection::TooLarge { limit } => write!(f, "emergency larger than {limit} bytes"),
             Rejection::InvalidJson(detail) => write!(f, "invalid JSON: {detail}"),
             Rejection::NotAnObject => f.write_str("the emergency must be a JSON object"),
+            Rejection::InvalidKey(detail) => write!(f, "invalid {KEY_MEMBER} member: {detail}"),
+            Rejection::KeyMismatch => {
+                write!(f, "the Idempotency-Key header and the {KEY_MEMBER} member name different keys")
+            }
+            Rejection::KeyConflict { seq } => write!(
+                f,
+                "idempotency key conflict: the key is already used by seq {seq}, with another body; \
+                 nothing was stored"
+            ),
             Rejection::ShuttingDown => f.write_str("server shutting down: publish again after it restarts"),
             Rejection::StorageBusy => f.write_str("storage busy: publish again shortly"),
             Rejection::StorageFailed(detail) => write!(f, "storage failed, nothing was stored: {detail}"),
@@ -94,13 +120,79 @@ pub fn parse_emergency(bytes: &[u8], max_bytes: usize) -> Result<&RawValue, Reje
     if value.get().starts_with('{') { Ok(value) } else { Err(Rejection::NotAnObject) }
 }
 
+/// A checked submission: the emergency, and its key with the digest of its body, if keyed.
+#[derive(Debug)]
+pub struct Submission<'a> {
+    pub data: &'a RawValue,
+    pub fingerprint: Option<Fingerprint>,
+}
+
+/// Checks a submission (see `parse_emergency`) and finds its idempotency key: `header`, or its
+/// `"idempotency_key"` member, which stays in the emergency. Given both, they must agree.
+pub fn parse_submission(
+    bytes: &[u8],
+    max_bytes: usize,
+    header: Option<IdempotencyKey>,
+) -> Result<Submission<'_>, Rejection> {
+    let data = parse_emergency(bytes, max_bytes)?;
+    let key = match (header, key_member(data)?) {
+        (Some(header), Some(member)) if header != member => return Err(Rejection::KeyMismatch),
+        (header, member) => header.or(member),
+    };
+    Ok(Submission { data, fingerprint: key.map(|key| Fingerprint::new(key, data.get())) })
+}
+
+/// The object's `"idempotency_key"` member, if it has one at its top level. Present, it must be
+/// a valid key: `null` or a number is a mistake, not the absence of a key.
+fn key_member(data: &RawValue) -> Result<Option<IdempotencyKey>, Rejection> {
+    #[derive(Deserialize)]
+    struct Member<'a> {
+        #[serde(borrow, default, deserialize_with = "present")]
+        idempotency_key: Option<&'a RawValue>,
+    }
+    fn present<'de, D: Deserializer<'de>>(value: D) -> Result<Option<&'de RawValue>, D::Error> {
+        <&RawValue>::deserialize(value).map(Some)
+    }
+    // The name can only be written as itself or with `\u` escapes: without either in the text,
+    // there is no such member, and most emergencies are spared a second parse.
+    if !data.get().contains(KEY_MEMBER) && !data.get().contains("\\u") {
+        return Ok(None);
+    }
+    let invalid = |detail: String| Rejection::InvalidKey(detail);
+    let member: Member<'_> = serde_json::from_str(data.get()).map_err(|e| invalid(e.to_string()))?;
+    let Some(raw) = member.idempotency_key else { return Ok(None) };
+    let text: String = serde_json::from_str(raw.get()).map_err(|_| invalid("must be a string".into()))?;
+    IdempotencyKey::parse(&text).map(Some).map_err(|e| invalid(e.to_string()))
+}
+
+/// What a publisher is told of a submission the history holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Accepted {
+    pub seq: u64,
+    /// Clients this submission was queued to: 0 for a duplicate, which queues nothing.
+    pub queued_to: usize,
+    /// A retry of the emergency already stored as `seq` under the same key and body.
+    pub duplicate: bool,
+}
+
+impl Accepted {
+    /// A decision as the publisher sees it: a conflict is a refusal.
+    fn from_outcome(outcome: Outcome<Receipt>) -> Result<Accepted, Rejection> {
+        match outcome {
+            Outcome::New(Receipt { seq, queued_to }) => Ok(Accepted { seq, queued_to, duplicate: false }),
+            Outcome::Duplicate { seq } => Ok(Accepted { seq, queued_to: 0, duplicate: true }),
+            Outcome::Conflict { seq } => Err(Rejection::KeyConflict { seq }),
+        }
+    }
+}
+
 /// A checked submission on its way into the history.
 #[derive(Debug)]
 pub enum Staged {
-    /// In-memory history: published at once.
-    Published(Receipt),
-    /// Durable history: waiting for the journal to commit it.
-    Storing(Receiver<Result<Receipt, StorageError>>),
+    /// In-memory history: decided (and if new, published) at once.
+    Published(Outcome<Receipt>),
+    /// Durable history: waiting for the journal to decide and commit it.
+    Storing(Receiver<Result<Outcome<Receipt>, StorageError>>),
 }
 
 /// The one way into the history, shared by every ingest path.
@@ -146,38 +238,57 @@ impl Publisher {
     /// Checks a submission and hands it to the history: to the hub at once when the history is
     /// in memory (after waiting for room), to the journal when it is durable. The journal's path
     /// never waits, so a publisher can stage a burst of lines and have them committed together.
-    pub async fn stage(&self, bytes: &[u8], source: Source) -> Result<Staged, Rejection> {
-        let data = parse_emergency(bytes, self.max_bytes)?;
+    /// `key` is the one the transport was given beside the body (the HTTP header).
+    pub async fn stage(
+        &self,
+        bytes: &[u8],
+        source: Source,
+        key: Option<IdempotencyKey>,
+    ) -> Result<Staged, Rejection> {
+        let Submission { data, fingerprint } = parse_submission(bytes, self.max_bytes, key)?;
         if !self.accepting.get() {
             return Err(Rejection::ShuttingDown);
         }
         match &self.journal {
-            Some(journal) => Ok(Staged::Storing(journal.append(data.to_owned(), source)?)),
+            Some(journal) => Ok(Staged::Storing(journal.append(data.to_owned(), source, fingerprint)?)),
             None => {
-                let published = self.hand_over(|hub| hub.publish(data, source)).await;
+                let published = self.hand_over(|hub| hub.publish(data, source, fingerprint)).await;
                 published.map(Staged::Published).map_err(|_: Refusal| Rejection::ShuttingDown)
             }
         }
     }
 
-    /// Waits until a staged submission is accepted (committed and broadcast) or refused.
-    pub async fn settle(&self, staged: Staged, source: Source) -> Result<Receipt, Rejection> {
+    /// Waits until a staged submission is accepted (committed and broadcast, or found to be a
+    /// retry of one that was) or refused.
+    pub async fn settle(&self, staged: Staged, source: Source) -> Result<Accepted, Rejection> {
         let outcome = match staged {
-            Staged::Published(receipt) => Ok(receipt),
+            Staged::Published(outcome) => Ok(outcome),
             Staged::Storing(outcome) => match outcome.recv().await {
                 Ok(outcome) => outcome.map_err(Rejection::from),
                 Err(_) => Err(Rejection::StorageFailed("the storage thread stopped".into())),
             },
         };
-        if outcome.is_ok() {
-            self.metrics.count("resq_push_published_total", source.label());
+        let accepted = outcome.and_then(Accepted::from_outcome);
+        match accepted {
+            Ok(Accepted { duplicate: false, .. }) => {
+                self.metrics.count("resq_push_published_total", source.label())
+            }
+            Ok(Accepted { duplicate: true, .. }) => {
+                self.metrics.count("resq_push_duplicates_total", source.label())
+            }
+            Err(_) => {}
         }
-        outcome
+        accepted
     }
 
     /// Stages one submission and waits for its outcome.
-    pub async fn submit(&self, bytes: &[u8], source: Source) -> Result<Receipt, Rejection> {
-        let staged = self.stage(bytes, source).await?;
+    pub async fn submit(
+        &self,
+        bytes: &[u8],
+        source: Source,
+        key: Option<IdempotencyKey>,
+    ) -> Result<Accepted, Rejection> {
+        let staged = self.stage(bytes, source, key).await?;
         self.settle(staged, source).await
     }
 
@@ -185,25 +296,38 @@ impl Publisher {
     /// Ends when the journal has stopped and everything it committed is delivered.
     pub async fn deliver_committed(&self, committed: Receiver<Committed>) {
         while let Ok(Committed(batch)) = committed.recv().await {
-            for (stored, reply) in batch {
-                let delivered = self.hand_over(|hub| Ok(hub.deliver(stored))).await;
-                let _ =
-                    reply.try_send(delivered.map_err(|_| StorageError::Failed("refused by the hub".into())));
+            for (outcome, reply) in batch {
+                let answer = match outcome {
+                    Outcome::New(stored) => self.deliver_new(stored).await,
+                    // Its original came before it, in this batch or an earlier one, so it is in
+                    // the hub already: the publisher of a retry hears "ok" only once a tablet can
+                    // see the emergency, as the original's publisher does.
+                    Outcome::Duplicate { seq } => Ok(Outcome::Duplicate { seq }),
+                    Outcome::Conflict { seq } => Ok(Outcome::Conflict { seq }),
+                };
+                let _ = reply.try_send(answer);
             }
             smol::future::yield_now().await;
         }
     }
 
+    async fn deliver_new(&self, stored: Stored) -> Result<Outcome<Receipt>, StorageError> {
+        let delivered = self.hand_over(|hub| Ok(Outcome::New(hub.deliver(stored)))).await;
+        delivered.map_err(|_| StorageError::Failed("refused by the hub".into()))
+    }
+
     /// The one way an emergency reaches the hub: wait for room in the fan-out, hand it over with
-    /// no await in between (so nothing else publishes after the check), count it.
+    /// no await in between (so nothing else publishes after the check), count it if it was new.
     async fn hand_over(
         &self,
-        deliver: impl FnOnce(&mut Hub) -> Result<Receipt, Refusal>,
-    ) -> Result<Receipt, Refusal> {
+        deliver: impl FnOnce(&mut Hub) -> Result<Outcome<Receipt>, Refusal>,
+    ) -> Result<Outcome<Receipt>, Refusal> {
         self.fan_out.room().await;
-        let receipt = self.hub.with(deliver)?;
-        self.fan_out.published();
-        Ok(receipt)
+        let outcome = self.hub.with(deliver)?;
+        if let Outcome::New(_) = outcome {
+            self.fan_out.published();
+        }
+        Ok(outcome)
     }
 }
 
@@ -232,5 +356,51 @@ mod tests {
         let trailing = rejection(b"{} {}", 100).to_string();
         assert!(trailing.contains("trailing characters"), "{trailing}");
         assert!(matches!(rejection(b"\xff{}", 100), Rejection::InvalidJson(_)));
+    }
+
+    fn key(text: &str) -> Option<IdempotencyKey> {
+        Some(IdempotencyKey::parse(text).unwrap())
+    }
+
+    fn submission_key(bytes: &[u8], header: Option<IdempotencyKey>) -> Result<Option<String>, Rejection> {
+        let submission = parse_submission(bytes, 1000, header)?;
+        Ok(submission.fingerprint.map(|fingerprint| fingerprint.key.as_str().to_owned()))
+    }
+
+    #[test]
+    fn the_key_is_the_header_or_the_top_level_member() {
+        assert_eq!(submission_key(b"{}", None), Ok(None));
+        assert_eq!(submission_key(b"{}", key("h")), Ok(Some("h".into())));
+        assert_eq!(submission_key(br#"{"idempotency_key":"m"}"#, None), Ok(Some("m".into())));
+        assert_eq!(submission_key(br#"{"idempotency_key":"\u006d"}"#, None), Ok(Some("m".into())));
+        assert_eq!(submission_key(br#"{"idempotency_key":"m"}"#, key("m")), Ok(Some("m".into())));
+        assert_eq!(submission_key(br#"{"idempotency_key":"m"}"#, key("h")), Err(Rejection::KeyMismatch));
+        assert_eq!(submission_key(br#"{"a":{"idempotency_key":5}}"#, None), Ok(None));
+        let escaped_name = br#"{"calle":"Jos\u00e9","idempotency\u005fkey":"e"}"#;
+        assert_eq!(submission_key(escaped_name, None), Ok(Some("e".into())));
+    }
+
+    #[test]
+    fn a_member_that_is_not_a_key_is_refused() {
+        for bad in [
+            r#"{"idempotency_key":null}"#,
+            r#"{"idempotency_key":7}"#,
+            r#"{"idempotency_key":""}"#,
+            r#"{"idempotency_key":"two words"}"#,
+            r#"{"idempotency_key":"a","idempotency_key":"a"}"#,
+        ] {
+            let refused = submission_key(bad.as_bytes(), None);
+            assert!(matches!(refused, Err(Rejection::InvalidKey(_))), "{bad}: {refused:?}");
+        }
+        let message = submission_key(br#"{"idempotency_key":7}"#, None).unwrap_err().to_string();
+        assert_eq!(message, "invalid idempotency_key member: must be a string");
+    }
+
+    #[test]
+    fn the_digest_is_of_the_object_without_the_whitespace_around_it() {
+        let digest =
+            |bytes: &[u8]| parse_submission(bytes, 100, key("k")).unwrap().fingerprint.unwrap().digest;
+        assert_eq!(digest(b"{\"a\":1}"), digest(b" {\"a\":1}\r\n"));
+        assert_ne!(digest(b"{\"a\":1}"), digest(b"{\"a\": 1}"));
     }
 }

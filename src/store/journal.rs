@@ -8,6 +8,12 @@
 //! the executor, which broadcasts them and answers their publishers. A failed commit assigns no
 //! seq and answers those publishers with an error. Each transaction also deletes what retention
 //! no longer keeps: by count, and by age when the clock can be trusted (`core::clock`).
+//!
+//! The idempotency key of a submission is decided here too, where its seq would be assigned: the
+//! key and the digest of the body are stored in the emergency's row, in the same transaction, and
+//! go with the row when retention deletes it. A submission whose key is in a retained row (one
+//! committed earlier, or earlier in the same transaction) is a duplicate or a conflict: it gets no
+//! seq, no row, and is not delivered to the hub.
 
 use std::fs::{self, File};
 use std::io::Read;
@@ -23,7 +29,8 @@ use rusqlite::{Connection, OptionalExtension, params};
 use serde_json::value::RawValue;
 
 use crate::core::clock::{Reading, RetentionClock};
-use crate::core::{Receipt, Stored};
+use crate::core::idempotency::{BodyDigest, Fingerprint};
+use crate::core::{Outcome, Receipt, Stored};
 use crate::protocol::{self, Source};
 
 /// Submissions waiting for the storage thread; more are refused as "storage busy".
@@ -76,20 +83,25 @@ pub enum StorageError {
     Failed(String),
 }
 
-/// The publisher's side of a submission: its `Receipt`, or why it was not stored.
-pub type Reply = Sender<Result<Receipt, StorageError>>;
+/// The publisher's side of a submission: what became of it, or why it was not stored.
+pub type Reply = Sender<Result<Outcome<Receipt>, StorageError>>;
 
-/// Emergencies committed in one transaction, in seq order, with their publishers' replies.
+/// The submissions decided in one transaction, in the order they came, with their publishers'
+/// replies: the new emergencies among them in seq order.
 #[derive(Debug)]
-pub struct Committed(pub Vec<(Stored, Reply)>);
+pub struct Committed(pub Vec<(Outcome<Stored>, Reply)>);
+
+/// One checked submission for the storage thread.
+struct Append {
+    data: Box<RawValue>,
+    source: Source,
+    received_at: SystemTime,
+    fingerprint: Option<Fingerprint>,
+    reply: Reply,
+}
 
 enum Request {
-    Append {
-        data: Box<RawValue>,
-        source: Source,
-        received_at: SystemTime,
-        reply: Reply,
-    },
+    Append(Append),
     /// Delete what is older than the retention allows, even when nothing is published.
     Sweep,
 }
@@ -107,7 +119,7 @@ pub struct Journal {
 impl std::fmt::Debug for Request {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
-            Request::Append { .. } => "Append",
+            Request::Append(_) => "Append",
             Request::Sweep => "Sweep",
         })
     }
@@ -156,18 +168,21 @@ pub fn open(dir: &Path, retention: Retention) -> Result<(Journal, Loaded, Receiv
 
 impl Journal {
     /// Queues a checked submission for storage; the receiver gets its receipt once committed
-    /// and broadcast. Refused at once if the storage thread is `MAX_QUEUED` behind.
+    /// and broadcast, or hears that its key makes it a duplicate or a conflict. Refused at once
+    /// if the storage thread is `MAX_QUEUED` behind.
     pub fn append(
         &self,
         data: Box<RawValue>,
         source: Source,
-    ) -> Result<Receiver<Result<Receipt, StorageError>>, StorageError> {
+        fingerprint: Option<Fingerprint>,
+    ) -> Result<Receiver<Result<Outcome<Receipt>, StorageError>>, StorageError> {
         if self.queued.fetch_add(1, Ordering::Relaxed) >= MAX_QUEUED {
             self.queued.fetch_sub(1, Ordering::Relaxed);
             return Err(StorageError::Busy);
         }
         let (reply, receipt) = async_channel::bounded(1);
-        let request = Request::Append { data, source, received_at: SystemTime::now(), reply };
+        let received_at = SystemTime::now();
+        let request = Request::Append(Append { data, source, received_at, fingerprint, reply });
         match self.requests.try_send(request) {
             Ok(()) => Ok(receipt),
             Err(_) => {
@@ -246,6 +261,7 @@ fn open_database(path: &Path) -> Result<Connection, Unusable> {
              envelope TEXT NOT NULL
          );",
     )?;
+    add_idempotency_columns(&db)?;
     Ok(db)
 }
 
@@ -258,6 +274,25 @@ fn check_integrity(db: &Connection) -> Result<(), Unusable> {
         return Ok(());
     }
     Err(Unusable::Damaged(findings.join("; ").replace('\n', " ")))
+}
+
+/// The key columns, added to a data dir from before them (the rows it has keep no key), and the
+/// index that finds a key and keeps it unique among the retained rows.
+fn add_idempotency_columns(db: &Connection) -> rusqlite::Result<()> {
+    for (column, kind) in [("idempotency_key", "TEXT"), ("body_sha1", "BLOB")] {
+        let present: bool = db.query_row(
+            "SELECT COUNT(*) > 0 FROM pragma_table_info('emergencies') WHERE name = ?1",
+            [column],
+            |row| row.get(0),
+        )?;
+        if !present {
+            db.execute_batch(&format!("ALTER TABLE emergencies ADD COLUMN {column} {kind}"))?;
+        }
+    }
+    db.execute_batch(
+        "CREATE UNIQUE INDEX IF NOT EXISTS emergencies_by_idempotency_key
+             ON emergencies (idempotency_key) WHERE idempotency_key IS NOT NULL",
+    )
 }
 
 fn load(db: &mut Connection, expiry: &mut Expiry, reading: Reading) -> rusqlite::Result<Loaded> {
@@ -294,6 +329,18 @@ fn load(db: &mut Connection, expiry: &mut Expiry, reading: Reading) -> rusqlite:
     Ok(Loaded { stream_id, last_seq, retained })
 }
 
+impl Tail {
+    /// The tail once `outcomes` are committed: their newest new emergency, if any (a duplicate or
+    /// a conflict takes no seq and leaves it where it was).
+    fn after(self, outcomes: &[Outcome<Stored>]) -> Tail {
+        let newest = outcomes.iter().rev().find_map(|outcome| match outcome {
+            Outcome::New(stored) => Some(Tail { seq: stored.seq, received_at: stored.received_at }),
+            Outcome::Duplicate { .. } | Outcome::Conflict { .. } => None,
+        });
+        newest.unwrap_or(self)
+    }
+}
+
 impl Loaded {
     fn tail(&self) -> Tail {
         let received_at = self.retained.iter().map(|stored| stored.received_at).max();
@@ -314,69 +361,97 @@ fn run(
         let mut appends = Vec::new();
         let mut request = Some(first);
         while let Some(next) = request.take() {
-            if let Request::Append { data, source, received_at, reply } = next {
+            if let Request::Append(append) = next {
                 queued.fetch_sub(1, Ordering::Relaxed);
-                appends.push((data, source, received_at, reply));
+                appends.push(append);
             }
             if appends.len() < MAX_BATCH {
                 request = incoming.try_recv().ok();
             }
         }
         match write_batch(&mut db, tail, &appends, &mut expiry, Reading::now()) {
-            Ok(stored) => {
-                if let Some(newest) = stored.last() {
-                    tail = Tail { seq: newest.seq, received_at: newest.received_at };
-                }
-                let replies = appends.into_iter().map(|(_, _, _, reply)| reply);
-                if !stored.is_empty()
-                    && committed.send_blocking(Committed(stored.into_iter().zip(replies).collect())).is_err()
+            Ok(outcomes) => {
+                tail = tail.after(&outcomes);
+                let replies = appends.into_iter().map(|append| append.reply);
+                if !outcomes.is_empty()
+                    && committed
+                        .send_blocking(Committed(outcomes.into_iter().zip(replies).collect()))
+                        .is_err()
                 {
                     return;
                 }
             }
             Err(e) => {
                 error!("storing {} emergencies failed, none was accepted: {e}", appends.len());
-                for (_, _, _, reply) in appends {
-                    let _ = reply.try_send(Err(StorageError::Failed(e.to_string())));
+                for append in appends {
+                    let _ = append.reply.try_send(Err(StorageError::Failed(e.to_string())));
                 }
             }
         }
     }
 }
 
-/// Stores `appends` after `tail` in one transaction, with the retention applied by the clocks
-/// read at `reading`.
+/// Decides `appends` in one transaction, in order: each new one is stored as the next seq after
+/// `tail`, with its key; retries and conflicts are answered from the rows their keys name, and
+/// take no seq. Then the retention is applied by the clocks read at `reading`.
 fn write_batch(
     db: &mut Connection,
     tail: Tail,
-    appends: &[(Box<RawValue>, Source, SystemTime, Reply)],
+    appends: &[Append],
     expiry: &mut Expiry,
     reading: Reading,
-) -> rusqlite::Result<Vec<Stored>> {
+) -> rusqlite::Result<Vec<Outcome<Stored>>> {
     let transaction = db.transaction()?;
-    let mut stored = Vec::with_capacity(appends.len());
+    let mut outcomes = Vec::with_capacity(appends.len());
+    let mut newest = tail;
     {
-        let mut insert = transaction
-            .prepare("INSERT INTO emergencies (seq, received_at_ms, envelope) VALUES (?1, ?2, ?3)")?;
-        let mut previous = tail.received_at;
-        for (offset, (data, source, received_at, _)) in appends.iter().enumerate() {
-            let seq = tail.seq + 1 + offset as u64;
+        let mut insert = transaction.prepare(
+            "INSERT INTO emergencies (seq, received_at_ms, envelope, idempotency_key, body_sha1)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+        )?;
+        let mut find_key =
+            transaction.prepare("SELECT seq, body_sha1 FROM emergencies WHERE idempotency_key = ?1")?;
+        for append in appends {
+            if let Some(known) = recall(&mut find_key, append.fingerprint.as_ref())? {
+                outcomes.push(known);
+                continue;
+            }
+            let seq = newest.seq + 1;
             // Never before the previous emergency, so the history stays in order if the clock
             // steps back, and expiring by age is always deleting the oldest.
-            let received_at = (*received_at).max(previous);
-            previous = received_at;
-            let envelope = protocol::envelope_json(seq, received_at, *source, data);
-            insert.execute(params![seq as i64, unix_millis(received_at), envelope])?;
-            stored.push(Stored { seq, received_at, envelope });
+            let received_at = append.received_at.max(newest.received_at);
+            let envelope = protocol::envelope_json(seq, received_at, append.source, &append.data);
+            let key = append.fingerprint.as_ref().map(|fingerprint| fingerprint.key.as_str());
+            let digest = append.fingerprint.as_ref().map(|fingerprint| fingerprint.digest.0.as_slice());
+            insert.execute(params![seq as i64, unix_millis(received_at), envelope, key, digest])?;
+            outcomes.push(Outcome::New(Stored { seq, received_at, envelope }));
+            newest = Tail { seq, received_at };
         }
     }
-    let new_last = tail.seq + stored.len() as u64;
-    if !stored.is_empty() {
+    let new_last = newest.seq;
+    if new_last != tail.seq {
         transaction.execute("UPDATE meta SET value = ?1 WHERE key = 'last_seq'", [new_last.to_string()])?;
     }
     expiry.delete_expired(&transaction, new_last, reading)?;
     transaction.commit()?;
-    Ok(stored)
+    Ok(outcomes)
+}
+
+/// What a keyed submission is if a retained row holds its key: a duplicate of that row, or a
+/// conflict with it. `None` for a new key, or no key.
+fn recall(
+    find_key: &mut rusqlite::Statement<'_>,
+    fingerprint: Option<&Fingerprint>,
+) -> rusqlite::Result<Option<Outcome<Stored>>> {
+    let Some(fingerprint) = fingerprint else { return Ok(None) };
+    let row = find_key
+        .query_row([fingerprint.key.as_str()], |row| Ok((row.get::<_, i64>(0)?, row.get::<_, Vec<u8>>(1)?)))
+        .optional()?;
+    Ok(row.map(|(seq, stored)| {
+        // A digest that is not one (a row edited by hand) matches no body: refused, not repeated.
+        let stored = BodyDigest::from_slice(&stored).unwrap_or(BodyDigest([0; 20]));
+        fingerprint.against(seq as u64, &stored)
+    }))
 }
 
 impl Expiry {
@@ -490,11 +565,11 @@ mod tests {
         let (journal, _, committed) = open(dir.path(), retention).unwrap();
         let data = || RawValue::from_string("{}".into()).unwrap();
         journal.queued.store(MAX_QUEUED, Ordering::Relaxed);
-        assert_eq!(journal.append(data(), Source::Unix).err(), Some(StorageError::Busy));
+        assert_eq!(journal.append(data(), Source::Unix, None).err(), Some(StorageError::Busy));
         journal.queued.store(0, Ordering::Relaxed);
-        let _receipt = journal.append(data(), Source::Unix).unwrap();
+        let _receipt = journal.append(data(), Source::Unix, None).unwrap();
         let Committed(batch) = committed.recv_blocking().unwrap();
-        assert_eq!(batch[0].0.seq, 1);
+        assert!(matches!(batch[0].0, Outcome::New(Stored { seq: 1, .. })), "{batch:?}");
         assert_eq!(journal.queued.load(Ordering::Relaxed), 0);
     }
 
@@ -503,10 +578,16 @@ mod tests {
 
     /// A new history in `dir`, its clock first read at `start`, keeping 10 emergencies an hour.
     fn new_history(dir: &TestDir, start: Reading) -> (Connection, Expiry) {
-        let mut db = open_database(&dir.path().join(DATABASE_FILE)).unwrap();
-        let mut expiry = Expiry::new(RETENTION);
-        load(&mut db, &mut expiry, start).unwrap();
+        let (db, expiry, _) = reopen(dir, RETENTION, start);
         (db, expiry)
+    }
+
+    /// The history in `dir` opened and loaded as at start, its clock first read at `start`.
+    fn reopen(dir: &TestDir, retention: Retention, start: Reading) -> (Connection, Expiry, Loaded) {
+        let mut db = open_database(&dir.path().join(DATABASE_FILE)).unwrap();
+        let mut expiry = Expiry::new(retention);
+        let loaded = load(&mut db, &mut expiry, start).unwrap();
+        (db, expiry, loaded)
     }
 
     /// Commits one emergency per stamp after `tail`, as the storage thread would at `reading`.
@@ -517,13 +598,14 @@ mod tests {
         expiry: &mut Expiry,
         reading: Reading,
     ) -> Vec<Stored> {
-        let appends: Vec<_> = stamps
-            .iter()
-            .map(|&at| {
-                (RawValue::from_string("{}".into()).unwrap(), Source::Unix, at, async_channel::bounded(1).0)
-            })
-            .collect();
-        write_batch(db, tail, &appends, expiry, reading).unwrap()
+        let appends: Vec<_> =
+            stamps.iter().map(|&received_at| Append { received_at, ..append("{}", None) }).collect();
+        let outcomes = write_batch(db, tail, &appends, expiry, reading).unwrap();
+        let new = |outcome| match outcome {
+            Outcome::New(stored) => stored,
+            other => panic!("an emergency without a key was not stored: {other:?}"),
+        };
+        outcomes.into_iter().map(new).collect()
     }
 
     fn seqs(db: &Connection) -> Vec<i64> {
@@ -646,7 +728,7 @@ mod tests {
         let (journal, _, committed) = open(dir.path(), RETENTION).unwrap();
         for n in 0..8 {
             let data = format!(r#"{{"n":{n},"text":"{}"}}"#, "x".repeat(1000));
-            journal.append(RawValue::from_string(data).unwrap(), Source::Unix).unwrap();
+            journal.append(RawValue::from_string(data).unwrap(), Source::Unix, None).unwrap();
             committed.recv_blocking().unwrap();
         }
         drop(journal);
@@ -661,5 +743,92 @@ mod tests {
         assert!(error.contains("(quick_check: *** in database main *** "), "{error}");
         assert!(error.contains("move it") && error.contains("restore it"), "{error}");
         assert!(!error.contains('\n'), "one line: {error}");
+    }
+
+    fn append(body: &str, key: Option<&str>) -> Append {
+        let key = key.map(|key| crate::core::idempotency::IdempotencyKey::parse(key).unwrap());
+        Append {
+            data: RawValue::from_string(body.into()).unwrap(),
+            source: Source::Unix,
+            received_at: SystemTime::now(),
+            fingerprint: key.map(|key| Fingerprint::new(key, body)),
+            reply: async_channel::bounded(1).0,
+        }
+    }
+
+    /// Each outcome with the seq of what it stored or names.
+    fn decided(outcomes: &[Outcome<Stored>]) -> Vec<Outcome<u64>> {
+        let seq = |outcome: &Outcome<Stored>| match outcome {
+            Outcome::New(stored) => Outcome::New(stored.seq),
+            Outcome::Duplicate { seq } => Outcome::Duplicate { seq: *seq },
+            Outcome::Conflict { seq } => Outcome::Conflict { seq: *seq },
+        };
+        outcomes.iter().map(seq).collect()
+    }
+
+    #[test]
+    fn a_key_is_decided_in_the_transaction_that_assigns_the_seqs() {
+        let dir = TestDir::new("keys");
+        let start = Reading::now();
+        let retention = Retention { max_count: 3, ..RETENTION };
+        let (mut db, mut expiry, _) = reopen(&dir, retention, start);
+        let batch = [
+            append(r#"{"n":1}"#, Some("k")),
+            append(r#"{"n":1}"#, Some("k")),
+            append(r#"{"n":2}"#, Some("k")),
+            append("{}", None),
+            append("{}", None),
+        ];
+        let outcomes = write_batch(&mut db, EMPTY, &batch, &mut expiry, start).unwrap();
+        use Outcome::{Conflict, Duplicate, New};
+        assert_eq!(decided(&outcomes), [New(1), Duplicate { seq: 1 }, Conflict { seq: 1 }, New(2), New(3)]);
+        drop(db);
+
+        // Committed, the key outlives a restart; it goes with its row.
+        let (mut db, mut expiry, loaded) = reopen(&dir, retention, start);
+        assert_eq!(loaded.last_seq, 3);
+        let mut write = |tail: Tail, batch: &[Append]| {
+            let outcomes = write_batch(&mut db, tail, batch, &mut expiry, start).unwrap();
+            (decided(&outcomes), tail.after(&outcomes))
+        };
+        let (retried, tail) = write(loaded.tail(), &[append(r#"{"n":1}"#, Some("k"))]);
+        assert_eq!(retried, [Duplicate { seq: 1 }]);
+        assert_eq!(tail.seq, 3, "a retry takes no seq");
+        // Seq 4 pushes seq 1 out of the retained 3, and its key with it.
+        let (pushed, tail) = write(tail, &[append("{}", None)]);
+        assert_eq!(pushed, [New(4)]);
+        let (again, _) = write(tail, &[append(r#"{"n":1}"#, Some("k"))]);
+        assert_eq!(again, [New(5)]);
+        let last_seq: String =
+            db.query_row("SELECT value FROM meta WHERE key = 'last_seq'", [], |row| row.get(0)).unwrap();
+        assert_eq!(last_seq, "5");
+    }
+
+    #[test]
+    fn a_retry_or_a_conflict_takes_no_seq_and_leaves_the_tail_where_it_was() {
+        let dir = TestDir::new("keys-tail");
+        let start = Reading::now();
+        let (mut db, mut expiry) = new_history(&dir, start);
+        let stepped_back = start.wall - HOUR;
+        let batch = [
+            Append { received_at: start.wall, ..append(r#"{"n":1}"#, Some("k")) },
+            Append { received_at: start.wall + HOUR, ..append(r#"{"n":1}"#, Some("k")) },
+            Append { received_at: start.wall + HOUR, ..append(r#"{"n":2}"#, Some("k")) },
+            Append { received_at: stepped_back, ..append("{}", None) },
+        ];
+        let outcomes = write_batch(&mut db, EMPTY, &batch, &mut expiry, start).unwrap();
+        use Outcome::{Conflict, Duplicate, New};
+        assert_eq!(decided(&outcomes), [New(1), Duplicate { seq: 1 }, Conflict { seq: 1 }, New(2)]);
+        // Seq 2 follows seq 1, not the retries' later stamps, and never goes before seq 1.
+        let Outcome::New(second) = &outcomes[3] else { unreachable!() };
+        assert_eq!(second.received_at, start.wall);
+        let tail = EMPTY.after(&outcomes);
+        assert_eq!((tail.seq, tail.received_at), (2, start.wall));
+        let retried = write_batch(&mut db, tail, &[append(r#"{"n":1}"#, Some("k"))], &mut expiry, start);
+        let retried = retried.unwrap();
+        assert_eq!(decided(&retried), [Duplicate { seq: 1 }]);
+        let after = tail.after(&retried);
+        assert_eq!((after.seq, after.received_at), (tail.seq, tail.received_at));
+        assert_eq!(seqs(&db), [1, 2]);
     }
 }

@@ -13,6 +13,11 @@ use std::time::{SystemTime, UNIX_EPOCH};
 /// Labelled counter families: (metric name, help, label name).
 const FAMILIES: &[(&str, &str, &str)] = &[
     ("resq_push_published_total", "Emergencies published, by ingest path.", "source"),
+    (
+        "resq_push_duplicates_total",
+        "Retries recognized by their idempotency key (answered, not published again), by ingest path.",
+        "source",
+    ),
     ("resq_push_clients_dropped_total", "WebSocket clients the server disconnected, by reason.", "reason"),
     ("resq_push_connections_refused_total", "Connections refused at a connection limit.", "limit"),
     ("resq_push_connections_evicted_total", "Idle connections closed to make room for new ones.", "limit"),

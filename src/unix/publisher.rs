@@ -86,7 +86,7 @@ async fn publish_lines(app: &App, lines: Vec<Result<Vec<u8>, Rejection>>) -> Str
     let mut staged = Vec::with_capacity(lines.len());
     for (index, line) in lines.into_iter().enumerate() {
         staged.push(match line {
-            Ok(bytes) => app.publisher.stage(&bytes, Source::Unix).await,
+            Ok(bytes) => app.publisher.stage(&bytes, Source::Unix, None).await,
             Err(rejection) => Err(rejection),
         });
         if (index + 1) % app.config.publish_burst() == 0 {
@@ -102,9 +102,9 @@ async fn publish_lines(app: &App, lines: Vec<Result<Vec<u8>, Rejection>>) -> Str
             Err(rejection) => Err(rejection),
         };
         let reply = match outcome {
-            Ok(receipt) => {
-                app.hub.with(|hub| PublishReply::accepted(hub.stream_id(), receipt.seq, receipt.queued_to))
-            }
+            Ok(accepted) => app.hub.with(|hub| {
+                PublishReply::accepted(hub.stream_id(), accepted.seq, accepted.queued_to, accepted.duplicate)
+            }),
             Err(rejection) => {
                 rejected += 1;
                 app.metrics.count("resq_push_unix_rejections_total", rejection.label());
