@@ -236,7 +236,9 @@ fn foreign_origins_are_refused_and_listed_ones_get_cors() {
     );
     assert_eq!(preflight.status, 204);
     assert_eq!(preflight.header("access-control-allow-origin").as_deref(), Some(console));
-    assert!(preflight.header("access-control-allow-headers").unwrap().contains("Authorization"));
+    let allowed_headers = preflight.header("access-control-allow-headers").unwrap();
+    assert!(allowed_headers.contains("Authorization"), "{allowed_headers}");
+    assert!(allowed_headers.contains("Idempotency-Key"), "a console may retry safely: {allowed_headers}");
     let foreign = server.http(b"OPTIONS /emergencias HTTP/1.1\r\nOrigin: https://evil.example\r\n\r\n");
     assert_eq!(foreign.status, 403);
     assert_eq!(foreign.header("access-control-allow-origin"), None);

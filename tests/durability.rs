@@ -272,8 +272,8 @@ fn a_retry_after_kill_9_gets_the_original_seq_and_nothing_is_broadcast_again() {
     let body = r#"{"tipo":"incendio","idempotency_key":"before-the-crash"}"#;
     let post = |server: &Server| {
         server.http(
-            b"POST /emergencias HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Length: 26\r\n\r\n\
-              {\"idempotency_key\":\"http\"}",
+            b"POST /emergencias HTTP/1.1\r\nHost: t\r\nConnection: close\r\nIdempotency-Key: by-header\r\n\
+              Content-Length: 2\r\n\r\n{}",
         )
     };
     assert_eq!(server.unix().publish(body), 1);

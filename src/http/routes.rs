@@ -3,7 +3,7 @@
 //! | route | method | answer |
 //! |---|---|---|
 //! | `/ws/emergencias` | GET | handed over as an `Upgrade` (see `ws::handshake`) |
-//! | `/emergencias` | POST | publish one emergency: `202` |
+//! | `/emergencias` | POST | publish one emergency (`Idempotency-Key` for a safe retry): `202`, `409` |
 //! | `/emergencias?since=N` | GET | retained emergencies after `N` (polling fallback), `X-Resq-*` headers |
 //! | `/healthz` | GET | clients and last seq |
 //!
@@ -21,9 +21,11 @@ use smol::net::TcpStream;
 
 use crate::app::App;
 use crate::core::hub::Resume;
+use crate::core::idempotency::IdempotencyKey;
 use crate::http::conn::{BodyError, HeadError, HttpConnection, MAX_HEADERS, Request, Response};
 use crate::http::credentials::{authorize, parse_resume};
 use crate::http::status::Status;
+use crate::ingest::Rejection;
 use crate::protocol::{self, Health, PublishReply, Source, error_json};
 use crate::runtime::deadline;
 use crate::runtime::slots::SlotGuard;
@@ -153,7 +155,7 @@ fn preflight(app: &App, request: &Request, peer: SocketAddr, methods: &'static s
     }
     Response::json(Status::NO_CONTENT, String::new())
         .with_header("Access-Control-Allow-Methods", methods)
-        .with_header("Access-Control-Allow-Headers", "Authorization, Content-Type")
+        .with_header("Access-Control-Allow-Headers", "Authorization, Content-Type, Idempotency-Key")
         .with_header("Access-Control-Max-Age", "600")
 }
 
@@ -192,6 +194,13 @@ async fn publish(
         warn!("rejected publish from {peer}: body of {length} bytes over --max-body-bytes");
         return error(Status::CONTENT_TOO_LARGE, &format!("body larger than {max_bytes} bytes"));
     }
+    let key = match idempotency_key(request) {
+        Ok(key) => key,
+        Err(message) => {
+            warn!("rejected publish from {peer}: {message}");
+            return error(Status::BAD_REQUEST, &message);
+        }
+    };
     if let Some(expectation) = request.header("expect") {
         if !expectation.trim().eq_ignore_ascii_case("100-continue") {
             return error(Status::EXPECTATION_FAILED, "only Expect: 100-continue is supported");
@@ -210,7 +219,7 @@ async fn publish(
         }
         Err(BodyError::Incomplete) => return error(Status::BAD_REQUEST, "body incomplete"),
     };
-    match app.publisher.submit(&body, Source::Http, None).await {
+    match app.publisher.submit(&body, Source::Http, key).await {
         // A duplicate gets the status its original got: a publisher that retries until it sees
         // a 202 stops at the first retry that gets through.
         Ok(accepted) => Response::json(
@@ -219,6 +228,10 @@ async fn publish(
                 PublishReply::accepted(hub.stream_id(), accepted.seq, accepted.queued_to, accepted.duplicate)
             }),
         ),
+        Err(rejection @ Rejection::KeyConflict { .. }) => {
+            warn!("rejected publish from {peer}: {rejection}");
+            error(Status::CONFLICT, &rejection.to_string())
+        }
         Err(rejection) if rejection.is_temporary() => {
             warn!("could not take a publish from {peer}: {rejection}");
             error(Status::SERVICE_UNAVAILABLE, &rejection.to_string()).with_header("Retry-After", "5")
@@ -228,6 +241,16 @@ async fn publish(
             error(Status::BAD_REQUEST, &rejection.to_string())
         }
     }
+}
+
+/// The `Idempotency-Key` header: `None` if absent, an error naming it if invalid or repeated.
+fn idempotency_key(request: &Request) -> Result<Option<IdempotencyKey>, String> {
+    let mut values = request.headers("idempotency-key");
+    let Some(value) = values.next() else { return Ok(None) };
+    if values.next().is_some() {
+        return Err("more than one Idempotency-Key header".into());
+    }
+    IdempotencyKey::parse(value).map(Some).map_err(|e| format!("invalid Idempotency-Key header: {e}"))
 }
 
 /// The declared body length: `None` if absent, an error if invalid or contradictory.

@@ -46,6 +46,7 @@ statuses! {
     NOT_FOUND = 404 "Not Found",
     METHOD_NOT_ALLOWED = 405 "Method Not Allowed",
     REQUEST_TIMEOUT = 408 "Request Timeout",
+    CONFLICT = 409 "Conflict",
     LENGTH_REQUIRED = 411 "Length Required",
     CONTENT_TOO_LARGE = 413 "Content Too Large",
     EXPECTATION_FAILED = 417 "Expectation Failed",
