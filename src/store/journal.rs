@@ -445,12 +445,18 @@ fn recall(
 ) -> rusqlite::Result<Option<Outcome<Stored>>> {
     let Some(fingerprint) = fingerprint else { return Ok(None) };
     let row = find_key
-        .query_row([fingerprint.key.as_str()], |row| Ok((row.get::<_, i64>(0)?, row.get::<_, Vec<u8>>(1)?)))
+        .query_row([fingerprint.key.as_str()], |row| {
+            Ok((row.get::<_, i64>(0)?, row.get::<_, Option<Vec<u8>>>(1)?))
+        })
         .optional()?;
     Ok(row.map(|(seq, stored)| {
-        // A digest that is not one (a row edited by hand) matches no body: refused, not repeated.
-        let stored = BodyDigest::from_slice(&stored).unwrap_or(BodyDigest([0; 20]));
-        fingerprint.against(seq as u64, &stored)
+        let seq = seq as u64;
+        // A digest that is not one (a row edited by hand) matches no body: the key is refused,
+        // rather than failing the whole batch or storing the emergency twice.
+        match stored.as_deref().and_then(BodyDigest::from_slice) {
+            Some(stored) => fingerprint.against(seq, &stored),
+            None => Outcome::Conflict { seq },
+        }
     }))
 }
 
@@ -830,5 +836,22 @@ mod tests {
         let after = tail.after(&retried);
         assert_eq!((after.seq, after.received_at), (tail.seq, tail.received_at));
         assert_eq!(seqs(&db), [1, 2]);
+    }
+
+    #[test]
+    fn a_row_whose_digest_is_damaged_refuses_its_key_and_fails_nothing_else() {
+        let dir = TestDir::new("digest");
+        let start = Reading::now();
+        let (mut db, mut expiry) = new_history(&dir, start);
+        let keyed = [append("{}", Some("null")), append("{}", Some("short"))];
+        let stored = write_batch(&mut db, EMPTY, &keyed, &mut expiry, start).unwrap();
+        db.execute("UPDATE emergencies SET body_sha1 = NULL WHERE seq = 1", []).unwrap();
+        db.execute("UPDATE emergencies SET body_sha1 = x'00' WHERE seq = 2", []).unwrap();
+        let batch = [append("{}", Some("null")), append("{}", Some("short")), append("{}", None)];
+        let outcomes = write_batch(&mut db, EMPTY.after(&stored), &batch, &mut expiry, start).unwrap();
+        assert_eq!(
+            decided(&outcomes),
+            [Outcome::Conflict { seq: 1 }, Outcome::Conflict { seq: 2 }, Outcome::New(3)]
+        );
     }
 }
