@@ -145,12 +145,29 @@ pub fn error_json(message: &str) -> String {
 /// `GET /healthz`.
 #[derive(Serialize)]
 pub struct Health<'a> {
+    /// `ok`, or `failing` when storage fails (answered with 503).
     pub status: &'static str,
+    pub version: &'static str,
+    pub uptime_s: u64,
+    pub started_at: String,
+    pub storage: StorageHealth,
     pub stream: &'a str,
     pub clients: usize,
     pub seq: u64,
     pub history: HistoryRange,
     pub client_list: Vec<ClientInfo>,
+}
+
+/// Whether emergencies can be stored, in `/healthz`.
+#[derive(Serialize, Debug)]
+pub struct StorageHealth {
+    /// `ok`, `failing` or `in_memory`.
+    pub state: &'static str,
+    /// While failing: when the failures began, and the latest error.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub since: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
 }
 
 /// One connected client in `/healthz`.

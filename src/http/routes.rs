@@ -5,7 +5,7 @@
 //! | `/ws/emergencias` | GET | handed over as an `Upgrade` (see `ws::handshake`) |
 //! | `/emergencias` | POST | publish one emergency (`Idempotency-Key` for a safe retry): `202`, `409` |
 //! | `/emergencias?since=N` | GET | retained emergencies after `N` (polling fallback), `X-Resq-*` headers |
-//! | `/healthz` | GET | clients and last seq |
+//! | `/healthz` | GET | storage state (`503` while it fails), version, uptime, clients, last seq |
 //!
 //! Anything else gets `404` or `405`. A request that leaves the connection in an unknown state
 //! (a body not read, a malformed head) is answered and the connection closed.
@@ -26,10 +26,12 @@ use crate::http::conn::{BodyError, HeadError, HttpConnection, MAX_HEADERS, Reque
 use crate::http::credentials::{authorize, parse_resume};
 use crate::http::status::Status;
 use crate::ingest::Rejection;
-use crate::protocol::{self, Health, PublishReply, Source, error_json};
+use crate::protocol::{self, Health, PublishReply, Source, StorageHealth, error_json};
 use crate::runtime::deadline;
 use crate::runtime::slots::SlotGuard;
+use crate::store::journal::StorageState;
 use crate::support::metrics::Gauges;
+use crate::support::timestamp::rfc3339_millis;
 
 /// What a handled request leaves for the connection.
 enum Outcome {
@@ -325,10 +327,20 @@ fn metrics(app: &App) -> Response {
     Response { content_type: "text/plain; version=0.0.4; charset=utf-8", ..Response::json(Status::OK, page) }
 }
 
+/// `GET /healthz`: `503` while storage fails, so that a monitor alerts on the status alone.
 fn health(app: &App) -> Response {
+    let storage = storage_health(app);
+    let (status, code) = match storage.state {
+        "failing" => ("failing", Status::SERVICE_UNAVAILABLE),
+        _ => ("ok", Status::OK),
+    };
     let body = app.hub.with(|hub| {
         protocol::to_json(&Health {
-            status: "ok",
+            status,
+            version: env!("CARGO_PKG_VERSION"),
+            uptime_s: app.metrics.uptime().as_secs(),
+            started_at: rfc3339_millis(app.metrics.started_at()),
+            storage,
             stream: hub.stream_id(),
             clients: hub.client_count(),
             seq: hub.last_seq(),
@@ -336,7 +348,21 @@ fn health(app: &App) -> Response {
             client_list: hub.clients(),
         })
     });
-    Response::json(Status::OK, body)
+    Response::json(code, body)
+}
+
+fn storage_health(app: &App) -> StorageHealth {
+    let Some(journal) = app.publisher.journal() else {
+        return StorageHealth { state: "in_memory", since: None, last_error: None };
+    };
+    match journal.state() {
+        StorageState::Ok => StorageHealth { state: "ok", since: None, last_error: None },
+        StorageState::Failing { since, last_error } => StorageHealth {
+            state: "failing",
+            since: Some(rfc3339_millis(since)),
+            last_error: Some(last_error),
+        },
+    }
 }
 
 /// Answers a request whose head could not be read, if it deserves an answer, and closes.

@@ -7,7 +7,8 @@
 //! (group commit: a burst pays one fsync), then hands the committed emergencies, in seq order, to
 //! the executor, which broadcasts them and answers their publishers. A failed commit assigns no
 //! seq and answers those publishers with an error. Each transaction also deletes what retention
-//! no longer keeps: by count, and by age when the clock can be trusted (`core::clock`).
+//! no longer keeps: by count, and by age when the clock can be trusted (`core::clock`). The
+//! outcome of the last commit is kept as the `StorageState` that `/healthz` reports.
 //!
 //! The idempotency key of a submission is decided here too, where its seq would be assigned: the
 //! key and the digest of the body are stored in the emergency's row, in the same transaction, and
@@ -18,8 +19,8 @@
 use std::fs::{self, File};
 use std::io::Read;
 use std::path::Path;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -83,6 +84,45 @@ pub enum StorageError {
     Failed(String),
 }
 
+/// Whether the journal can store: the outcome of its last commit.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum StorageState {
+    /// The last commit succeeded, or none was needed yet.
+    #[default]
+    Ok,
+    /// Commits fail: since the first failure of this run of them, with the latest error.
+    Failing { since: SystemTime, last_error: String },
+}
+
+/// The storage state, written by the storage thread after every commit and read by `/healthz`.
+#[derive(Debug, Default)]
+struct SharedState(Mutex<StorageState>);
+
+impl SharedState {
+    fn succeeded(&self) {
+        *self.lock() = StorageState::Ok;
+    }
+
+    /// Keeps the time of the first failure of a run, so that `since` says how long it has lasted.
+    fn failed(&self, last_error: String) {
+        let mut state = self.lock();
+        let since = match &*state {
+            StorageState::Failing { since, .. } => *since,
+            StorageState::Ok => SystemTime::now(),
+        };
+        *state = StorageState::Failing { since, last_error };
+    }
+
+    fn get(&self) -> StorageState {
+        self.lock().clone()
+    }
+
+    /// A thread that panicked holding the lock left a state still worth reading.
+    fn lock(&self) -> MutexGuard<'_, StorageState> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
 /// The publisher's side of a submission: what became of it, or why it was not stored.
 pub type Reply = Sender<Result<Outcome<Receipt>, StorageError>>;
 
@@ -113,6 +153,7 @@ pub struct Journal {
     /// Submissions sent and not yet taken by the storage thread, at most `MAX_QUEUED`. Counted
     /// here because a bounded channel would preallocate (and touch) every slot: 228 KB idle.
     queued: Arc<AtomicUsize>,
+    state: Arc<SharedState>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -151,6 +192,8 @@ pub fn open(dir: &Path, retention: Retention) -> Result<(Journal, Loaded, Receiv
     let (requests, incoming) = async_channel::unbounded();
     let queued = Arc::new(AtomicUsize::new(0));
     let taken = Arc::clone(&queued);
+    let state = Arc::new(SharedState::default());
+    let outcomes = Arc::clone(&state);
     // Batches, each up to MAX_BATCH emergencies: a few cover everything the requests can hold.
     // (async-channel writes every slot up front; 4096 of them were 132 KB of idle RSS.)
     let (committed_sender, committed) = async_channel::bounded(COMMITTED_BATCHES);
@@ -160,10 +203,10 @@ pub fn open(dir: &Path, retention: Retention) -> Result<(Journal, Loaded, Receiv
         .spawn(move || {
             // The lock lives as long as the thread that writes.
             let _lock = lock;
-            run(db, tail, expiry, incoming, &taken, committed_sender);
+            run(db, tail, expiry, incoming, &taken, &outcomes, committed_sender);
         })
         .map_err(|e| format!("cannot start the storage thread: {e}"))?;
-    Ok((Journal { requests, queued, thread: Some(thread) }, loaded, committed))
+    Ok((Journal { requests, queued, state, thread: Some(thread) }, loaded, committed))
 }
 
 impl Journal {
@@ -187,9 +230,16 @@ impl Journal {
             Ok(()) => Ok(receipt),
             Err(_) => {
                 self.queued.fetch_sub(1, Ordering::Relaxed);
-                Err(StorageError::Failed("the storage thread has stopped".into()))
+                let detail = "the storage thread has stopped".to_owned();
+                self.state.failed(detail.clone());
+                Err(StorageError::Failed(detail))
             }
         }
+    }
+
+    /// The outcome of the last commit.
+    pub fn state(&self) -> StorageState {
+        self.state.get()
     }
 
     /// Asks the storage thread to delete what has aged out.
@@ -355,6 +405,7 @@ fn run(
     mut expiry: Expiry,
     incoming: Receiver<Request>,
     queued: &AtomicUsize,
+    state: &SharedState,
     committed: Sender<Committed>,
 ) {
     while let Ok(first) = incoming.recv_blocking() {
@@ -371,6 +422,7 @@ fn run(
         }
         match write_batch(&mut db, tail, &appends, &mut expiry, Reading::now()) {
             Ok(outcomes) => {
+                state.succeeded();
                 tail = tail.after(&outcomes);
                 let replies = appends.into_iter().map(|append| append.reply);
                 if !outcomes.is_empty()
@@ -383,6 +435,7 @@ fn run(
             }
             Err(e) => {
                 error!("storing {} emergencies failed, none was accepted: {e}", appends.len());
+                state.failed(e.to_string());
                 for append in appends {
                     let _ = append.reply.try_send(Err(StorageError::Failed(e.to_string())));
                 }

@@ -8,7 +8,7 @@
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
 use std::fmt::Write;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// Labelled counter families: (metric name, help, label name).
 const FAMILIES: &[(&str, &str, &str)] = &[
@@ -37,6 +37,9 @@ pub struct Gauges {
 #[derive(Debug)]
 pub struct Metrics {
     started_at: SystemTime,
+    /// The same moment on the monotonic clock: the uptime survives the wall clock jumping (a
+    /// board without a real-time clock until NTP answers).
+    started: Instant,
     /// Emergencies written to WebSocket clients (replay included).
     delivered: Cell<u64>,
     labelled: RefCell<BTreeMap<(&'static str, &'static str), u64>>,
@@ -44,11 +47,24 @@ pub struct Metrics {
 
 impl Default for Metrics {
     fn default() -> Self {
-        Metrics { started_at: SystemTime::now(), delivered: Cell::new(0), labelled: RefCell::default() }
+        Metrics {
+            started_at: SystemTime::now(),
+            started: Instant::now(),
+            delivered: Cell::new(0),
+            labelled: RefCell::default(),
+        }
     }
 }
 
 impl Metrics {
+    pub fn started_at(&self) -> SystemTime {
+        self.started_at
+    }
+
+    pub fn uptime(&self) -> Duration {
+        self.started.elapsed()
+    }
+
     pub fn count(&self, family: &'static str, label: &'static str) {
         *self.labelled.borrow_mut().entry((family, label)).or_insert(0) += 1;
     }

@@ -220,7 +220,15 @@ pub fn spawn(unix_socket: &Path, extra: &[&str]) -> Result<(Child, Arc<Mutex<Str
         args.extend(["--data-dir", data_dir.to_str().unwrap()]);
     }
     args.extend(extra);
-    let (mut child, logs) = spawn_raw(&args);
+    let (child, logs) = spawn_raw(&args);
+    wait_listening(child, logs)
+}
+
+/// Waits until a started server says where it listens; all it printed if it does not.
+fn wait_listening(
+    mut child: Child,
+    logs: Arc<Mutex<String>>,
+) -> Result<(Child, Arc<Mutex<String>>, SocketAddr), String> {
     let deadline = Instant::now() + PATIENCE;
     loop {
         let text = logs.lock().unwrap().clone();
@@ -487,5 +495,60 @@ impl UnixPublisher {
         let reply = self.reply();
         assert_eq!(reply["ok"], true, "{reply}");
         reply["seq"].as_u64().unwrap()
+    }
+}
+
+impl Server {
+    /// Starts the server with its data dir on a tmpfs of `size` (as `mount -o size=` takes it)
+    /// that only it sees: `unshare` gives it a mount namespace of its own, so the mount goes away
+    /// with the process and nothing is left on the host. As root that is a plain `unshare
+    /// --mount`; otherwise a user namespace makes the mount possible. The test fills that disk
+    /// for real through `on_disk`.
+    pub fn start_on_small_disk(size: &str, extra: &[&str]) -> Server {
+        let dir = TempDir::new();
+        let disk = dir.path().join("disk");
+        std::fs::create_dir(&disk).unwrap();
+        let unix_socket = dir.path().join("resq.sock");
+        let data_dir = disk.join("data");
+        let mut command = Command::new("unshare");
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        if unsafe { libc::geteuid() } != 0 {
+            command.args(["--user", "--map-root-user"]);
+        }
+        command.args([
+            "--mount",
+            "sh",
+            "-c",
+            r#"mount -t tmpfs -o size="$1" tmpfs "$2" && shift 2 && exec "$@""#,
+        ]);
+        command.args(["sh", size, disk.to_str().unwrap(), env!("CARGO_BIN_EXE_resq-push")]);
+        command.args(["--listen", "127.0.0.1:0", "--unix-socket", unix_socket.to_str().unwrap()]);
+        command.args(["--data-dir", data_dir.to_str().unwrap()]).args(extra);
+        let (child, logs) = spawn_command(command);
+        let (child, logs, addr) = wait_listening(child, logs).unwrap_or_else(|output| {
+            panic!("server did not start on a small disk:\n{output}");
+        });
+        Server { child, addr, unix_socket, logs, dir }
+    }
+
+    /// The small disk of `start_on_small_disk` as the server sees it: its mount namespace, seen
+    /// through `/proc/PID/root`.
+    pub fn on_disk(&self, name: &str) -> PathBuf {
+        let disk = self.dir.path().join("disk").join(name);
+        Path::new(&format!("/proc/{}/root", self.pid())).join(disk.strip_prefix("/").unwrap())
+    }
+}
+
+/// Writes zeros to `path` until the disk is full.
+pub fn fill_disk(path: &Path) {
+    let mut file = std::fs::File::create(path).unwrap();
+    let zeros = [0u8; 4096];
+    loop {
+        match file.write(&zeros) {
+            Ok(0) => return,
+            Ok(_) => {}
+            Err(error) if error.kind() == std::io::ErrorKind::StorageFull => return,
+            Err(error) => panic!("filling {}: {error}", path.display()),
+        }
     }
 }

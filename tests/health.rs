@@ -1,0 +1,48 @@
+//! Health and metrics that tell the truth: `/healthz` reports the storage state (a real full disk,
+//! not a simulated one) and answers 503 while commits fail.
+
+mod common;
+
+use common::{Server, fill_disk};
+
+#[test]
+fn healthz_answers_503_while_the_disk_is_full_and_ok_again_once_a_commit_succeeds() {
+    let server = Server::start_on_small_disk("512k", &[]);
+    let health = server.health();
+    assert_eq!((&health["status"], &health["storage"]["state"]), (&"ok".into(), &"ok".into()), "{health}");
+
+    fill_disk(&server.on_disk("filler"));
+    let refused = server.post("{}");
+    assert_eq!(refused.status, 503, "{}", refused.body);
+    assert!(refused.error().contains("database or disk is full"), "{}", refused.body);
+    let response = server.get("/healthz");
+    assert_eq!(response.status, 503, "{}", response.body);
+    let health = response.json();
+    assert_eq!(health["status"], "failing", "{health}");
+    let storage = &health["storage"];
+    assert_eq!(storage["state"], "failing", "{health}");
+    assert!(storage["last_error"].as_str().unwrap().contains("database or disk is full"), "{health}");
+    assert!(storage["since"].as_str().unwrap().ends_with('Z'), "{health}");
+    // The fields monitoring already reads are still there.
+    assert_eq!((health["clients"].as_u64(), health["seq"].as_u64()), (Some(0), Some(0)), "{health}");
+    assert!(
+        health["history"].is_object() && health["client_list"].is_array() && health["stream"].is_string()
+    );
+
+    std::fs::remove_file(server.on_disk("filler")).unwrap();
+    assert_eq!(server.post("{}").status, 202);
+    let health = server.health();
+    assert_eq!((&health["status"], &health["storage"]["state"]), (&"ok".into(), &"ok".into()), "{health}");
+    assert!(health["storage"].get("last_error").is_none(), "{health}");
+}
+
+#[test]
+fn healthz_names_the_version_the_uptime_and_an_in_memory_history() {
+    let server = Server::start(&["--in-memory"]);
+    let health = server.health();
+    assert_eq!(health["status"], "ok", "{health}");
+    assert_eq!(health["storage"]["state"], "in_memory", "{health}");
+    assert_eq!(health["version"], env!("CARGO_PKG_VERSION"), "{health}");
+    assert!(health["uptime_s"].as_u64().is_some_and(|uptime| uptime < 60), "{health}");
+    assert!(health["started_at"].as_str().is_some_and(|at| at.ends_with('Z')), "{health}");
+}
