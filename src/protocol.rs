@@ -163,9 +163,11 @@ pub struct Health<'a> {
 pub struct StorageHealth {
     /// `ok`, `failing` or `in_memory`.
     pub state: &'static str,
-    /// While failing: when the failures began, and the latest error.
+    /// While failing: when the failures began, their cause and the latest error.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub since: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cause: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
 }

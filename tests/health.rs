@@ -46,3 +46,20 @@ fn healthz_names_the_version_the_uptime_and_an_in_memory_history() {
     assert!(health["uptime_s"].as_u64().is_some_and(|uptime| uptime < 60), "{health}");
     assert!(health["started_at"].as_str().is_some_and(|at| at.ends_with('Z')), "{health}");
 }
+
+#[test]
+fn storage_failures_are_counted_by_cause_for_every_emergency_refused() {
+    let server = Server::start_on_small_disk("512k", &[]);
+    fill_disk(&server.on_disk("filler"));
+    assert_eq!(server.post("{}").status, 503);
+    let mut unix = server.unix();
+    unix.send(b"{}\n{}\n");
+    for _ in 0..2 {
+        let reply = unix.reply();
+        assert!(reply["error"].as_str().unwrap().contains("database or disk is full"), "{reply}");
+    }
+    let page = server.get("/metrics").body;
+    assert!(page.contains("# TYPE resq_push_storage_failures_total counter\n"), "{page}");
+    assert!(page.contains("resq_push_storage_failures_total{cause=\"disk_full\"} 3\n"), "{page}");
+    assert_eq!(server.get("/healthz").json()["storage"]["cause"], "disk_full");
+}

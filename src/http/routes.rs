@@ -353,13 +353,14 @@ fn health(app: &App) -> Response {
 
 fn storage_health(app: &App) -> StorageHealth {
     let Some(journal) = app.publisher.journal() else {
-        return StorageHealth { state: "in_memory", since: None, last_error: None };
+        return StorageHealth { state: "in_memory", since: None, cause: None, last_error: None };
     };
     match journal.state() {
-        StorageState::Ok => StorageHealth { state: "ok", since: None, last_error: None },
-        StorageState::Failing { since, last_error } => StorageHealth {
+        StorageState::Ok => StorageHealth { state: "ok", since: None, cause: None, last_error: None },
+        StorageState::Failing { since, cause, last_error } => StorageHealth {
             state: "failing",
             since: Some(rfc3339_millis(since)),
+            cause: Some(cause.label()),
             last_error: Some(last_error),
         },
     }

@@ -21,7 +21,7 @@ use crate::core::idempotency::{Fingerprint, IdempotencyKey};
 use crate::core::{Outcome, Receipt, Stored};
 use crate::protocol::Source;
 use crate::runtime::scheduler::FanOut;
-use crate::store::journal::{Committed, Journal, StorageError};
+use crate::store::journal::{Committed, FailureCause, Journal, StorageError};
 use crate::support::metrics::Metrics;
 
 /// The member of an emergency that holds its idempotency key.
@@ -79,7 +79,7 @@ impl From<StorageError> for Rejection {
     fn from(error: StorageError) -> Rejection {
         match error {
             StorageError::Busy => Rejection::StorageBusy,
-            StorageError::Failed(detail) => Rejection::StorageFailed(detail),
+            StorageError::Failed { detail, .. } => Rejection::StorageFailed(detail),
         }
     }
 }
@@ -250,7 +250,10 @@ impl Publisher {
             return Err(Rejection::ShuttingDown);
         }
         match &self.journal {
-            Some(journal) => Ok(Staged::Storing(journal.append(data.to_owned(), source, fingerprint)?)),
+            Some(journal) => match journal.append(data.to_owned(), source, fingerprint) {
+                Ok(outcome) => Ok(Staged::Storing(outcome)),
+                Err(error) => Err(self.refused_by_storage(error)),
+            },
             None => {
                 let published = self.hand_over(|hub| hub.publish(data, source, fingerprint)).await;
                 published.map(Staged::Published).map_err(|_: Refusal| Rejection::ShuttingDown)
@@ -264,8 +267,11 @@ impl Publisher {
         let outcome = match staged {
             Staged::Published(outcome) => Ok(outcome),
             Staged::Storing(outcome) => match outcome.recv().await {
-                Ok(outcome) => outcome.map_err(Rejection::from),
-                Err(_) => Err(Rejection::StorageFailed("the storage thread stopped".into())),
+                Ok(outcome) => outcome.map_err(|error| self.refused_by_storage(error)),
+                Err(_) => Err(self.refused_by_storage(StorageError::Failed {
+                    cause: FailureCause::Stopped,
+                    detail: "the storage thread stopped".into(),
+                })),
             },
         };
         let accepted = outcome.and_then(Accepted::from_outcome);
@@ -279,6 +285,12 @@ impl Publisher {
             Err(_) => {}
         }
         accepted
+    }
+
+    /// Counts a submission that storage did not take, by cause, and says why to its publisher.
+    fn refused_by_storage(&self, error: StorageError) -> Rejection {
+        self.metrics.count("resq_push_storage_failures_total", error.cause().label());
+        Rejection::from(error)
     }
 
     /// Stages one submission and waits for its outcome.
@@ -313,7 +325,9 @@ impl Publisher {
 
     async fn deliver_new(&self, stored: Stored) -> Result<Outcome<Receipt>, StorageError> {
         let delivered = self.hand_over(|hub| Ok(Outcome::New(hub.deliver(stored)))).await;
-        delivered.map_err(|_| StorageError::Failed("refused by the hub".into()))
+        let refused =
+            |_| StorageError::Failed { cause: FailureCause::Other, detail: "refused by the hub".into() };
+        delivered.map_err(refused)
     }
 
     /// The one way an emergency reaches the hub: wait for room in the fan-out, hand it over with

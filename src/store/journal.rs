@@ -26,7 +26,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_channel::{Receiver, Sender};
 use log::{error, info};
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::{Connection, ErrorCode, OptionalExtension, params};
 use serde_json::value::RawValue;
 
 use crate::core::clock::{Reading, RetentionClock};
@@ -81,7 +81,58 @@ pub enum StorageError {
     /// `MAX_QUEUED` submissions are already waiting for the disk.
     Busy,
     /// Writing to the data dir failed, or the storage thread has stopped; nothing was stored.
-    Failed(String),
+    Failed { cause: FailureCause, detail: String },
+}
+
+impl StorageError {
+    pub fn cause(&self) -> FailureCause {
+        match self {
+            StorageError::Busy => FailureCause::Busy,
+            StorageError::Failed { cause, .. } => *cause,
+        }
+    }
+}
+
+/// Why storage did not take a submission, in a few kinds an operator acts on differently.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureCause {
+    /// The disk (or the file size limit) is full: free space.
+    DiskFull,
+    /// The OS failed a read or write, or refused the file: check the disk and the data dir.
+    Io,
+    /// The disk does not keep up (`MAX_QUEUED` waiting), or another process holds the database.
+    Busy,
+    /// The storage thread is gone.
+    Stopped,
+    Other,
+}
+
+impl FailureCause {
+    /// The cause's name in metrics and `/healthz`.
+    pub fn label(self) -> &'static str {
+        match self {
+            FailureCause::DiskFull => "disk_full",
+            FailureCause::Io => "io",
+            FailureCause::Busy => "busy",
+            FailureCause::Stopped => "stopped",
+            FailureCause::Other => "other",
+        }
+    }
+
+    fn of(error: &rusqlite::Error) -> FailureCause {
+        match error.sqlite_error_code() {
+            Some(ErrorCode::DiskFull) => FailureCause::DiskFull,
+            Some(
+                ErrorCode::SystemIoFailure
+                | ErrorCode::CannotOpen
+                | ErrorCode::ReadOnly
+                | ErrorCode::PermissionDenied
+                | ErrorCode::NoLargeFileSupport,
+            ) => FailureCause::Io,
+            Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => FailureCause::Busy,
+            _ => FailureCause::Other,
+        }
+    }
 }
 
 /// Whether the journal can store: the outcome of its last commit.
@@ -91,7 +142,7 @@ pub enum StorageState {
     #[default]
     Ok,
     /// Commits fail: since the first failure of this run of them, with the latest error.
-    Failing { since: SystemTime, last_error: String },
+    Failing { since: SystemTime, cause: FailureCause, last_error: String },
 }
 
 /// The storage state, written by the storage thread after every commit and read by `/healthz`.
@@ -104,13 +155,13 @@ impl SharedState {
     }
 
     /// Keeps the time of the first failure of a run, so that `since` says how long it has lasted.
-    fn failed(&self, last_error: String) {
+    fn failed(&self, cause: FailureCause, last_error: String) {
         let mut state = self.lock();
         let since = match &*state {
             StorageState::Failing { since, .. } => *since,
             StorageState::Ok => SystemTime::now(),
         };
-        *state = StorageState::Failing { since, last_error };
+        *state = StorageState::Failing { since, cause, last_error };
     }
 
     fn get(&self) -> StorageState {
@@ -231,8 +282,8 @@ impl Journal {
             Err(_) => {
                 self.queued.fetch_sub(1, Ordering::Relaxed);
                 let detail = "the storage thread has stopped".to_owned();
-                self.state.failed(detail.clone());
-                Err(StorageError::Failed(detail))
+                self.state.failed(FailureCause::Stopped, detail.clone());
+                Err(StorageError::Failed { cause: FailureCause::Stopped, detail })
             }
         }
     }
@@ -435,9 +486,11 @@ fn run(
             }
             Err(e) => {
                 error!("storing {} emergencies failed, none was accepted: {e}", appends.len());
-                state.failed(e.to_string());
+                let (cause, detail) = (FailureCause::of(&e), e.to_string());
+                state.failed(cause, detail.clone());
                 for append in appends {
-                    let _ = append.reply.try_send(Err(StorageError::Failed(e.to_string())));
+                    let _ =
+                        append.reply.try_send(Err(StorageError::Failed { cause, detail: detail.clone() }));
                 }
             }
         }
@@ -630,6 +683,20 @@ mod tests {
         let Committed(batch) = committed.recv_blocking().unwrap();
         assert!(matches!(batch[0].0, Outcome::New(Stored { seq: 1, .. })), "{batch:?}");
         assert_eq!(journal.queued.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn failures_are_told_apart_by_cause() {
+        use rusqlite::ffi;
+        let failure = |code| FailureCause::of(&rusqlite::Error::SqliteFailure(ffi::Error::new(code), None));
+        assert_eq!(failure(ffi::SQLITE_FULL), FailureCause::DiskFull);
+        assert_eq!(failure(ffi::SQLITE_IOERR_WRITE), FailureCause::Io);
+        assert_eq!(failure(ffi::SQLITE_READONLY), FailureCause::Io);
+        assert_eq!(failure(ffi::SQLITE_BUSY), FailureCause::Busy);
+        assert_eq!(failure(ffi::SQLITE_LOCKED), FailureCause::Busy);
+        assert_eq!(failure(ffi::SQLITE_CORRUPT), FailureCause::Other);
+        assert_eq!(FailureCause::of(&rusqlite::Error::InvalidQuery), FailureCause::Other);
+        assert_eq!(StorageError::Busy.cause().label(), "busy");
     }
 
     const RETENTION: Retention = Retention { max_count: 10, max_age: HOUR };

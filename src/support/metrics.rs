@@ -23,6 +23,11 @@ const FAMILIES: &[(&str, &str, &str)] = &[
     ("resq_push_connections_evicted_total", "Idle connections closed to make room for new ones.", "limit"),
     ("resq_push_http_responses_total", "HTTP responses, by status code.", "status"),
     ("resq_push_unix_rejections_total", "Unix-socket lines rejected, by reason.", "reason"),
+    (
+        "resq_push_storage_failures_total",
+        "Emergencies refused because storage did not take them, by cause.",
+        "cause",
+    ),
 ];
 
 /// The values read from the server's state when the page is rendered.
