@@ -63,3 +63,40 @@ fn storage_failures_are_counted_by_cause_for_every_emergency_refused() {
     assert!(page.contains("resq_push_storage_failures_total{cause=\"disk_full\"} 3\n"), "{page}");
     assert_eq!(server.get("/healthz").json()["storage"]["cause"], "disk_full");
 }
+
+#[test]
+fn deliveries_are_counted_as_they_are_written_not_when_the_client_leaves() {
+    let server = Server::start(&["--in-memory"]);
+    let (mut client, _) = server.subscribe();
+    let mut publisher = server.unix();
+    for seq in 1..=5 {
+        assert_eq!(publisher.publish("{}"), seq);
+        client.recv_emergency(seq);
+    }
+    let page = server.get("/metrics").body;
+    let delivered = page
+        .lines()
+        .find_map(|line| line.strip_prefix("resq_push_delivered_total "))
+        .and_then(|value| value.parse::<u64>().ok());
+    assert!(delivered.is_some_and(|delivered| delivered >= 5), "{page}");
+    assert_eq!(server.clients(), 1, "the client is still connected");
+}
+
+#[test]
+fn a_retry_recognized_by_its_key_is_not_counted_as_delivered() {
+    for flags in [&[][..], &["--in-memory"][..]] {
+        let server = Server::start(flags);
+        let (mut client, _) = server.subscribe();
+        let mut publisher = server.unix();
+        let keyed = r#"{"n":1,"idempotency_key":"retry-1"}"#;
+        assert_eq!(publisher.publish(keyed), 1, "{flags:?}");
+        assert_eq!(publisher.publish(keyed), 1, "{flags:?}: the retry is the same emergency");
+        assert_eq!(publisher.publish("{}"), 2, "{flags:?}");
+        client.recv_emergency(1);
+        client.recv_emergency(2);
+        let delivered = "resq_push_delivered_total 2\n";
+        common::wait_until(delivered, || server.get("/metrics").body.contains(delivered));
+        let page = server.get("/metrics").body;
+        assert!(page.contains("resq_push_duplicates_total{source=\"unix\"} 1\n"), "{flags:?}: {page}");
+    }
+}

@@ -315,8 +315,9 @@ fn metrics_count_what_happened() {
     ] {
         assert!(page.contains(line), "missing {line:?} in:\n{page}");
     }
-    // Deliveries are counted when a session ends.
+    // Deliveries are counted as they are written, and not again when the session ends.
     drop(client);
+    server.wait_for_log("2 events sent");
     let delivered = "resq_push_delivered_total 2\n";
     common::wait_until(delivered, || server.get("/metrics").body.contains(delivered));
 }

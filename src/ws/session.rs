@@ -162,7 +162,6 @@ impl Session {
             self.started.elapsed(),
             self.events_sent
         );
-        app.metrics.count_delivered(self.events_sent);
         match end.drop_reason() {
             Some(reason) => {
                 app.metrics.count("resq_push_clients_dropped_total", reason);
@@ -285,7 +284,9 @@ impl Session {
                 return Ok(());
             }
             self.write(&batch).await?;
+            // Counted as written, so that /metrics moves while clients stay connected.
             self.events_sent += taken as u64;
+            self.app.metrics.count_delivered(taken as u64);
             batch.clear();
             if taken == WRITE_BATCH_FRAMES {
                 // A long replay must not hold the thread: other clients write between batches.
