@@ -1,5 +1,6 @@
-//! Health and metrics that tell the truth: `/healthz` reports the storage state (a real full disk,
-//! not a simulated one) and answers 503 while commits fail.
+//! Health, metrics and logs that tell the truth: `/healthz` reports the storage state (a real full
+//! disk, not a simulated one) and answers 503 while commits fail; counters move as things happen;
+//! every publish is one log line saying who sent what.
 
 mod common;
 
@@ -98,5 +99,72 @@ fn a_retry_recognized_by_its_key_is_not_counted_as_delivered() {
         common::wait_until(delivered, || server.get("/metrics").body.contains(delivered));
         let page = server.get("/metrics").body;
         assert!(page.contains("resq_push_duplicates_total{source=\"unix\"} 1\n"), "{flags:?}: {page}");
+    }
+}
+
+#[test]
+fn every_publish_is_one_info_line_with_its_seq_path_sender_and_size() {
+    let server = Server::start(&["--in-memory"]);
+    // Two clients: still one line per emergency, not one per client.
+    let (_first, _) = server.subscribe();
+    let (_second, _) = server.subscribe();
+    let body = r#"{"tipo":"incendio"}"#;
+    assert_eq!(server.post(body).status, 202);
+    assert_eq!(server.unix().publish(body), 2);
+    // SAFETY: getuid has no preconditions and cannot fail.
+    let (uid, pid) = (unsafe { libc::getuid() }, std::process::id());
+    let over_http = format!(
+        "INFO  resq_push::http::routes: published seq 1 ({} bytes) over http from 127.0.0.1:",
+        body.len()
+    );
+    let over_unix = format!(
+        "INFO  resq_push::unix::publisher: published seq 2 ({} bytes) over unix from uid {uid} pid {pid}\n",
+        body.len()
+    );
+    server.wait_for_log(&over_http);
+    server.wait_for_log(&over_unix);
+    let logs = server.logs();
+    assert_eq!(logs.matches("published seq").count(), 2, "{logs}");
+}
+
+#[test]
+fn a_retry_is_logged_as_a_duplicate_and_a_key_conflict_only_as_a_rejection() {
+    // SAFETY: getuid has no preconditions and cannot fail.
+    let (uid, pid) = (unsafe { libc::getuid() }, std::process::id());
+    for flags in [&[][..], &["--in-memory"][..]] {
+        let server = Server::start(flags);
+        let post_keyed = |body: &str| {
+            let request = format!(
+                "POST /emergencias HTTP/1.1\r\nHost: t\r\nIdempotency-Key: k-http\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            server.http(request.as_bytes()).status
+        };
+        assert_eq!(post_keyed(r#"{"n":1}"#), 202, "{flags:?}");
+        assert_eq!(post_keyed(r#"{"n":1}"#), 202, "{flags:?}");
+        assert_eq!(post_keyed(r#"{"n":2}"#), 409, "{flags:?}");
+        let mut unix = server.unix();
+        let line = r#"{"n":3,"idempotency_key":"k-unix"}"#;
+        assert_eq!(unix.publish(line), 2, "{flags:?}");
+        assert_eq!(unix.publish(line), 2, "{flags:?}");
+        unix.send(b"{\"n\":4,\"idempotency_key\":\"k-unix\"}\n");
+        let refused = unix.reply();
+        assert!(refused["error"].as_str().unwrap().contains("idempotency key conflict"), "{refused}");
+
+        server.wait_for_log(
+            "INFO  resq_push::http::routes: duplicate of seq 1 (7 bytes) over http from 127.0.0.1:",
+        );
+        server.wait_for_log(&format!(
+            "INFO  resq_push::unix::publisher: duplicate of seq 2 ({} bytes) over unix from uid {uid} pid {pid}\n",
+            line.len()
+        ));
+        server.wait_for_log("rejected 1 line(s) on the Unix socket: idempotency key conflict");
+        let logs = server.logs();
+        assert_eq!(logs.matches("published seq").count(), 2, "{flags:?}: {logs}");
+        assert_eq!(logs.matches("duplicate of seq").count(), 2, "{flags:?}: {logs}");
+        let conflicts: Vec<&str> = logs.lines().filter(|line| line.contains("key conflict")).collect();
+        assert_eq!(conflicts.len(), 2, "{flags:?}: {logs}");
+        assert!(conflicts.iter().all(|line| line.contains(" WARN ")), "{flags:?}: {conflicts:?}");
+        assert!(conflicts[0].contains("rejected publish from 127.0.0.1:"), "{flags:?}: {conflicts:?}");
     }
 }

@@ -14,7 +14,7 @@ use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::Instant;
 
-use log::{debug, warn};
+use log::{debug, info, warn};
 use smol::future;
 use smol::io::AsyncWriteExt;
 use smol::net::TcpStream;
@@ -180,9 +180,10 @@ async fn publish(
     deadline: Instant,
 ) -> Response {
     let max_bytes = app.config.max_body_bytes;
-    if let Err(refusal) = authorize(app.access.borrow().publish.as_ref(), request, false, "publish", peer) {
-        return refusal;
-    }
+    let publisher = match authorize(app.access.borrow().publish.as_ref(), request, false, "publish", peer) {
+        Ok(publisher) => publisher,
+        Err(refusal) => return refusal,
+    };
     if request.header("transfer-encoding").is_some() {
         warn!("rejected publish from {peer}: chunked body");
         return error(Status::LENGTH_REQUIRED, "chunked bodies are not supported: send Content-Length");
@@ -224,12 +225,14 @@ async fn publish(
     match app.publisher.submit(&body, Source::Http, key).await {
         // A duplicate gets the status its original got: a publisher that retries until it sees
         // a 202 stops at the first retry that gets through.
-        Ok(accepted) => Response::json(
-            Status::ACCEPTED,
-            app.hub.with(|hub| {
+        Ok(accepted) => {
+            let name = publisher.map(|identity| format!(" ({})", identity.name)).unwrap_or_default();
+            info!("{accepted} ({} bytes) over http from {peer}{name}", body.len());
+            let reply = app.hub.with(|hub| {
                 PublishReply::accepted(hub.stream_id(), accepted.seq, accepted.queued_to, accepted.duplicate)
-            }),
-        ),
+            });
+            Response::json(Status::ACCEPTED, reply)
+        }
         Err(rejection @ Rejection::KeyConflict { .. }) => {
             warn!("rejected publish from {peer}: {rejection}");
             error(Status::CONFLICT, &rejection.to_string())

@@ -186,6 +186,18 @@ impl Accepted {
     }
 }
 
+/// How the transports' log line of a publish names it: `published seq N`, or `duplicate of seq N`
+/// for a retry, which published nothing.
+impl std::fmt::Display for Accepted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.duplicate {
+            write!(f, "duplicate of seq {}", self.seq)
+        } else {
+            write!(f, "published seq {}", self.seq)
+        }
+    }
+}
+
 /// A checked submission on its way into the history.
 #[derive(Debug)]
 pub enum Staged {

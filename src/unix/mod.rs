@@ -1,11 +1,13 @@
 //! The Unix-socket ingest transport: local apps write one JSON object per line and read one reply
 //! line per input line, `{"ok":true,"seq":N,...}` or `{"ok":false,"error":"..."}`, in order.
-//! This file binds the socket and accepts; `lines` splits input, `publisher` serves one connection.
+//! This file binds the socket and accepts; `lines` splits input, `publisher` serves one connection,
+//! `peer` says which user and process connected.
 //!
 //! Access is guarded by the socket file's permissions (mode 0660: owner and group). A stale file
 //! left by a killed instance is replaced; a socket a live instance still answers on is not.
 
 mod lines;
+mod peer;
 mod publisher;
 
 use std::fs::{self, Permissions};
@@ -25,6 +27,7 @@ use crate::protocol::error_json;
 use crate::runtime::slots::{ConnectionSlots, UNIX_CONNECTIONS};
 use crate::runtime::tasks::{TaskTokens, back_off_after_accept_error};
 use crate::support::logger::WarningThrottle;
+use crate::unix::peer::PeerCredentials;
 
 /// Mode of the socket file: publishers must be the service's user or in its group.
 const SOCKET_MODE: u32 = 0o660;
@@ -153,7 +156,8 @@ pub async fn accept(
                     let _ = future::poll_once(stream.write_all(line.as_bytes())).await;
                     continue;
                 };
-                tasks.spawn(executor, publisher::serve(Rc::clone(app), stream, slot));
+                let sender = PeerCredentials::describe(&stream);
+                tasks.spawn(executor, publisher::serve(Rc::clone(app), stream, slot, sender));
             }
             Err(error) => back_off_after_accept_error("Unix socket", error, &errors).await,
         }

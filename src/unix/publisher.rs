@@ -3,7 +3,7 @@
 use std::io;
 use std::rc::Rc;
 
-use log::{debug, warn};
+use log::{debug, info, warn};
 use smol::future;
 use smol::io::{AsyncReadExt, AsyncWriteExt};
 use smol::net::unix::UnixStream;
@@ -18,7 +18,8 @@ use crate::unix::lines::{Line, LineSplitter};
 /// Serves one publisher connection until it closes, fails, the server stops, or it is evicted
 /// (idle while every slot is taken). Only a clean end of input completes a last line without
 /// newline; otherwise a partial line is dropped unanswered: it was never a complete submission.
-pub async fn serve(app: Rc<App>, mut stream: UnixStream, slot: SlotGuard) {
+/// `sender` names the connecting process in the log line of each emergency it publishes.
+pub async fn serve(app: Rc<App>, mut stream: UnixStream, slot: SlotGuard, sender: Box<str>) {
     let max_line = app.config.max_body_bytes;
     let mut splitter = LineSplitter::new(max_line);
     let mut chunk = vec![0u8; 16 * 1024];
@@ -52,7 +53,7 @@ pub async fn serve(app: Rc<App>, mut stream: UnixStream, slot: SlotGuard) {
                 false
             }
         };
-        let replies = publish_lines(&app, lines).await;
+        let replies = publish_lines(&app, lines, &sender).await;
         if !replies.is_empty()
             && !matches!(
                 deadline::within(app.config.write_timeout, stream.write_all(replies.as_bytes())).await,
@@ -81,13 +82,13 @@ fn drop_unfinished_line(splitter: &LineSplitter, error: &io::Error) {
 /// Stages every line (in memory, each waits for room in `FanOut`, so the sessions a burst wakes
 /// get to write; the task yields after each `Config::publish_burst` lines), then waits for each
 /// outcome in order: a burst on one connection is committed together. Returns one reply line per
-/// input line.
-async fn publish_lines(app: &App, lines: Vec<Result<Vec<u8>, Rejection>>) -> String {
+/// input line; each emergency published is logged with its sender.
+async fn publish_lines(app: &App, lines: Vec<Result<Vec<u8>, Rejection>>, sender: &str) -> String {
     let mut staged = Vec::with_capacity(lines.len());
     for (index, line) in lines.into_iter().enumerate() {
         staged.push(match line {
-            Ok(bytes) => app.publisher.stage(&bytes, Source::Unix, None).await,
-            Err(rejection) => Err(rejection),
+            Ok(bytes) => (bytes.len(), app.publisher.stage(&bytes, Source::Unix, None).await),
+            Err(rejection) => (0, Err(rejection)),
         });
         if (index + 1) % app.config.publish_burst() == 0 {
             future::yield_now().await;
@@ -96,15 +97,23 @@ async fn publish_lines(app: &App, lines: Vec<Result<Vec<u8>, Rejection>>) -> Str
     let mut replies = String::new();
     let mut rejected = 0;
     let mut first_rejection = None;
-    for staged in staged {
+    for (bytes, staged) in staged {
         let outcome = match staged {
             Ok(staged) => app.publisher.settle(staged, Source::Unix).await,
             Err(rejection) => Err(rejection),
         };
         let reply = match outcome {
-            Ok(accepted) => app.hub.with(|hub| {
-                PublishReply::accepted(hub.stream_id(), accepted.seq, accepted.queued_to, accepted.duplicate)
-            }),
+            Ok(accepted) => {
+                info!("{accepted} ({bytes} bytes) over unix from {sender}");
+                app.hub.with(|hub| {
+                    PublishReply::accepted(
+                        hub.stream_id(),
+                        accepted.seq,
+                        accepted.queued_to,
+                        accepted.duplicate,
+                    )
+                })
+            }
             Err(rejection) => {
                 rejected += 1;
                 app.metrics.count("resq_push_unix_rejections_total", rejection.label());
