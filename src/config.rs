@@ -7,7 +7,8 @@
 
 mod help;
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -156,6 +157,12 @@ pub struct Config {
     #[argh(option, default = "DEFAULT_MAX_CLIENT_MESSAGE_BYTES")]
     pub max_client_message_bytes: usize,
 
+    /// address of a reverse proxy (a TLS terminator) whose X-Forwarded-For or Forwarded header
+    /// names the client, or a block of them like 10.0.0.0/8; repeatable (default: none, every
+    /// client is the address it connects from)
+    #[argh(option, from_str_fn(parse_trusted_proxy))]
+    pub trusted_proxy: Vec<IpBlock>,
+
     /// print the version and exit
     #[argh(switch)]
     pub version: bool,
@@ -244,6 +251,74 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// An IP address, or a block of them in CIDR notation (`10.0.0.0/8`, `fd00::/8`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IpBlock {
+    first: IpAddr,
+    prefix_len: u32,
+}
+
+impl IpBlock {
+    /// Parses `192.0.2.1`, `2001:db8::1`, `10.0.0.0/8` or `fd00::/8`. A block with bits set
+    /// beyond its prefix is refused: `10.1.2.3/8` is more likely a typo than a wish.
+    pub fn parse(text: &str) -> Result<IpBlock, String> {
+        let (address, prefix) = match text.split_once('/') {
+            Some((address, prefix)) => (address, Some(prefix)),
+            None => (text, None),
+        };
+        let not_an_address = || "not an IP address or a block like 10.0.0.0/8".to_owned();
+        let first = address.trim().parse::<IpAddr>().map_err(|_| not_an_address())?.to_canonical();
+        let bits = address_bits(first);
+        let prefix_len = match prefix {
+            None => bits,
+            Some(prefix) => prefix
+                .parse()
+                .ok()
+                .filter(|len| *len <= bits)
+                .ok_or_else(|| format!("the prefix length must be 0 to {bits}"))?,
+        };
+        let block = IpBlock { first, prefix_len };
+        let network = IpBlock { first: block.network_of(first), prefix_len };
+        if network != block {
+            return Err(format!("bits set beyond the prefix; did you mean {network}?"));
+        }
+        Ok(block)
+    }
+
+    pub fn contains(&self, address: IpAddr) -> bool {
+        let address = address.to_canonical();
+        address.is_ipv4() == self.first.is_ipv4() && self.network_of(address) == self.first
+    }
+
+    /// `address` with the bits beyond this block's prefix cleared.
+    fn network_of(&self, address: IpAddr) -> IpAddr {
+        let beyond = address_bits(address).saturating_sub(self.prefix_len);
+        match address {
+            IpAddr::V4(v4) => {
+                Ipv4Addr::from(u32::from(v4) & u32::MAX.checked_shl(beyond).unwrap_or(0)).into()
+            }
+            IpAddr::V6(v6) => {
+                Ipv6Addr::from(u128::from(v6) & u128::MAX.checked_shl(beyond).unwrap_or(0)).into()
+            }
+        }
+    }
+}
+
+fn address_bits(address: IpAddr) -> u32 {
+    if address.is_ipv4() { 32 } else { 128 }
+}
+
+impl fmt::Display for IpBlock {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.first, self.prefix_len)
+    }
+}
+
+/// Parses one `--trusted-proxy`: an address or a CIDR block (`IpBlock::parse`).
+fn parse_trusted_proxy(text: &str) -> Result<IpBlock, String> {
+    IpBlock::parse(text)
 }
 
 fn default_listen() -> SocketAddr {
@@ -488,6 +563,44 @@ mod tests {
         }
         let flagged = parse(&["--allowed-origin", "https://x.example/app"]).unwrap_err();
         assert!(flagged.contains("--allowed-origin"), "{flagged}");
+    }
+
+    #[test]
+    fn ip_blocks_hold_what_their_prefix_covers() {
+        let block = |text| IpBlock::parse(text).unwrap();
+        let address = |text: &str| text.parse::<IpAddr>().unwrap();
+        assert!(block("10.0.0.0/8").contains(address("10.200.3.4")));
+        assert!(!block("10.0.0.0/8").contains(address("11.0.0.1")));
+        assert!(block("127.0.0.1").contains(address("::ffff:127.0.0.1")));
+        assert!(!block("127.0.0.1").contains(address("127.0.0.2")));
+        assert!(block("0.0.0.0/0").contains(address("192.0.2.1")));
+        assert!(!block("0.0.0.0/0").contains(address("::1")));
+        assert!(block("fd00::/8").contains(address("fd12:3456::1")));
+        assert!(block("::1").contains(address("::1")));
+        assert_eq!(block("fd00::/8").to_string(), "fd00::/8");
+    }
+
+    #[test]
+    fn bad_ip_blocks_are_refused_with_a_hint() {
+        assert!(IpBlock::parse("proxy.local").unwrap_err().contains("not an IP address"));
+        assert!(IpBlock::parse("10.0.0.0/33").unwrap_err().contains("0 to 32"));
+        assert!(IpBlock::parse("10.0.0.0/").unwrap_err().contains("0 to 32"));
+        assert_eq!(
+            IpBlock::parse("10.1.2.3/8").unwrap_err(),
+            "bits set beyond the prefix; did you mean 10.0.0.0/8?"
+        );
+        let flagged = parse(&["--trusted-proxy", "::1/129"]).unwrap_err();
+        assert_eq!(
+            flagged,
+            "Error parsing option '--trusted-proxy' with value '::1/129': the prefix length must be 0 to 128\n"
+        );
+        let refused = CommandLine::parse(&["--trusted-proxy", "10.1.2.3/8"]);
+        assert!(
+            matches!(&refused, CommandLine::Invalid(message)
+                if message.contains("'--trusted-proxy' with value '10.1.2.3/8'")
+                    && message.contains("did you mean 10.0.0.0/8")),
+            "{refused:?}"
+        );
     }
 
     #[test]

@@ -83,6 +83,15 @@ impl Request {
     }
 }
 
+#[cfg(test)]
+impl Request {
+    /// `GET /` with these headers (names in lower case), for tests of what reads them.
+    pub fn with_headers(headers: &[(&str, &str)]) -> Request {
+        let headers = headers.iter().map(|(name, value)| (name.to_string(), value.to_string())).collect();
+        Request { method: "GET".into(), path: "/".into(), query: None, minor_version: 1, headers }
+    }
+}
+
 /// Decodes `%XX` escapes and `+` (as a space) in a query value; `None` if an escape is broken or
 /// the result is not UTF-8.
 pub fn percent_decode(text: &str) -> Option<String> {

@@ -1,9 +1,11 @@
 //! HTTP/1.1 on the TCP listener: the connection (`conn`), the one status table (`status`),
-//! credentials and resume parameters (`credentials`), and routing with its handlers (`routes`).
+//! credentials and resume parameters (`credentials`), the client behind a trusted proxy
+//! (`forwarded`), and routing with its handlers (`routes`).
 //! A request for `/ws/emergencias` leaves this layer as an `Upgrade` for `ws`; nothing here
 //! imports `ws`.
 
 pub mod conn;
 pub mod credentials;
+pub mod forwarded;
 pub mod routes;
 pub mod status;

@@ -24,6 +24,7 @@ use crate::core::hub::Resume;
 use crate::core::idempotency::IdempotencyKey;
 use crate::http::conn::{BodyError, HeadError, HttpConnection, MAX_HEADERS, Request, Response};
 use crate::http::credentials::{authorize, parse_resume};
+use crate::http::forwarded;
 use crate::http::status::Status;
 use crate::ingest::Rejection;
 use crate::protocol::{self, Health, PublishReply, Source, StorageHealth, error_json};
@@ -47,10 +48,13 @@ pub struct Upgrade {
     pub request: Request,
     /// Still counts against `--max-http-connections` until the upgrade is answered.
     pub slot: SlotGuard,
+    /// Who asked: the peer, or the client a trusted proxy forwards for.
+    pub client: SocketAddr,
 }
 
 /// Serves requests until the connection closes, or returns it when it asks for an upgrade.
-/// `slot` counts it against `--max-http-connections` until then.
+/// `slot` counts it against `--max-http-connections` until then. Each request is handled as
+/// coming from its client: `peer`, unless `peer` is a trusted proxy that names another.
 pub async fn serve_requests(
     app: &App,
     stream: TcpStream,
@@ -79,10 +83,11 @@ pub async fn serve_requests(
                 return None;
             }
         };
-        debug!("{peer} {} {}", request.method, request.path);
+        let client = forwarded::client_address(&app.config.trusted_proxy, peer, &request);
+        debug!("{client} {} {}", request.method, request.path);
         let wants_keep_alive = request.keep_alive();
-        match handle(app, &mut connection, request, peer, deadline).await {
-            Outcome::Upgrade(request) => return Some(Upgrade { connection, request, slot }),
+        match handle(app, &mut connection, request, client, deadline).await {
+            Outcome::Upgrade(request) => return Some(Upgrade { connection, request, slot, client }),
             Outcome::Reply(response) if !connection.can_continue(wants_keep_alive) => {
                 connection.respond_and_close(response, config.write_timeout, &slot).await;
                 return None;

@@ -34,8 +34,8 @@ const WEBSOCKET_GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
 /// Answers an upgrade request on `/ws/emergencias`: the client's session, or `None` when it
 /// was refused with a plain HTTP status. Until the 101 the connection counts against
 /// `--max-http-connections`; from then on the hub counts it, under `--max-clients`.
-pub async fn upgrade(app: &Rc<App>, upgrade: Upgrade, peer: SocketAddr) -> Option<Session> {
-    let Upgrade { mut connection, request, slot } = upgrade;
+pub async fn upgrade(app: &Rc<App>, upgrade: Upgrade) -> Option<Session> {
+    let Upgrade { mut connection, request, slot, client: peer } = upgrade;
     let config = &app.config;
     let admitted = match admit(app, &request, peer) {
         Ok(admitted) => admitted,
