@@ -96,7 +96,7 @@ impl StorageError {
 /// Why storage did not take a submission, in a few kinds an operator acts on differently.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FailureCause {
-    /// The disk (or the file size limit) is full: free space.
+    /// The disk is full: free space.
     DiskFull,
     /// The OS failed a read or write, or refused the file: check the disk and the data dir.
     Io,
@@ -471,9 +471,15 @@ fn run(
                 request = incoming.try_recv().ok();
             }
         }
+        let changes_before = db.total_changes();
         match write_batch(&mut db, tail, &appends, &mut expiry, Reading::now()) {
             Ok(outcomes) => {
-                state.succeeded();
+                // A transaction that wrote nothing (a sweep that deleted nothing, or a batch of
+                // only retries and conflicts, which store no row) succeeds on a full disk too: it
+                // leaves the state as it was. A failed one is a failure whatever it held.
+                if db.total_changes() != changes_before {
+                    state.succeeded();
+                }
                 tail = tail.after(&outcomes);
                 let replies = appends.into_iter().map(|append| append.reply);
                 if !outcomes.is_empty()
@@ -683,6 +689,48 @@ mod tests {
         let Committed(batch) = committed.recv_blocking().unwrap();
         assert!(matches!(batch[0].0, Outcome::New(Stored { seq: 1, .. })), "{batch:?}");
         assert_eq!(journal.queued.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn a_sweep_that_writes_nothing_does_not_clear_a_failure() {
+        let dir = TestDir::new("sweep");
+        let (journal, _, _committed) = open(dir.path(), RETENTION).unwrap();
+        journal.state.failed(FailureCause::DiskFull, "database or disk is full".into());
+        journal.sweep();
+        let state = Arc::clone(&journal.state);
+        // Dropping the journal lets its thread run the sweep, then joins it.
+        drop(journal);
+        assert!(matches!(state.get(), StorageState::Failing { cause: FailureCause::DiskFull, .. }));
+    }
+
+    #[test]
+    fn a_batch_of_only_retries_writes_nothing_and_does_not_clear_a_failure() {
+        let dir = TestDir::new("retry-state");
+        let (journal, _, committed) = open(dir.path(), RETENTION).unwrap();
+        let keyed = |body: &str| {
+            let Append { data, fingerprint, .. } = append(body, Some("k"));
+            journal.append(data, Source::Unix, fingerprint).unwrap()
+        };
+        let _first = keyed(r#"{"n":1}"#);
+        assert!(matches!(committed.recv_blocking().unwrap().0[0].0, Outcome::New(_)));
+        journal.state.failed(FailureCause::DiskFull, "database or disk is full".into());
+        // A retry and a conflict commit a transaction that stores no row.
+        let _retry = keyed(r#"{"n":1}"#);
+        let _conflict = keyed(r#"{"n":2}"#);
+        let mut decided_so_far = Vec::new();
+        while decided_so_far.len() < 2 {
+            decided_so_far
+                .extend(committed.recv_blocking().unwrap().0.into_iter().map(|(outcome, _)| outcome));
+        }
+        assert!(
+            matches!(decided_so_far[..], [Outcome::Duplicate { seq: 1 }, Outcome::Conflict { seq: 1 }]),
+            "{decided_so_far:?}"
+        );
+        assert!(matches!(journal.state(), StorageState::Failing { cause: FailureCause::DiskFull, .. }));
+        // A new emergency is a write that succeeded.
+        let _new = journal.append(RawValue::from_string("{}".into()).unwrap(), Source::Unix, None).unwrap();
+        assert!(matches!(committed.recv_blocking().unwrap().0[0].0, Outcome::New(Stored { seq: 2, .. })));
+        assert_eq!(journal.state(), StorageState::Ok);
     }
 
     #[test]
