@@ -53,11 +53,10 @@ impl App {
         use crate::runtime::scheduler::Scheduler;
 
         let config = Config::from_args(&["resq-push"], &["--in-memory"]).unwrap_or_else(|_| unreachable!());
-        let hub = HubHandle::new(Hub::new(hub_limits(&config), "test-stream"));
+        let (hub, ingress) = HubHandle::new(Hub::new(hub_limits(&config), "test-stream"));
         let metrics = Rc::new(Metrics::default());
         let fan_out = Rc::clone(&Scheduler::new(config.publish_burst()).fan_out);
-        let publisher =
-            Publisher::new(hub.clone(), None, fan_out, Rc::clone(&metrics), config.max_body_bytes);
+        let publisher = Publisher::new(ingress, None, fan_out, Rc::clone(&metrics), config.max_body_bytes);
         let (_, stop) = async_channel::bounded(1);
         Rc::new(App { config, hub, access: RefCell::new(Access::default()), publisher, metrics, stop })
     }

@@ -83,19 +83,18 @@ pub fn serve(
     let (mut hub, journal, committed) = match storage {
         Storage::Memory => (Hub::new(limits, &journal::new_stream_id()), None, None),
         Storage::Durable { journal, loaded, committed } => {
-            let mut hub = Hub::new(limits, &loaded.stream_id);
-            hub.restore(loaded.last_seq, loaded.retained);
+            let hub = Hub::new(limits, &loaded.stream_id).restored(loaded.last_seq, loaded.retained);
             (hub, Some(journal), Some(committed))
         }
     };
     // The clock at start is what the sweeps' readings are checked against.
     hub.expire(Reading::now());
-    let hub = HubHandle::new(hub);
+    let (hub, ingress) = HubHandle::new(hub);
     let (stop_sender, stop) = async_channel::bounded(1);
     let metrics = Rc::new(Metrics::default());
     let scheduler = Scheduler::new(config.publish_burst());
     let publisher = Publisher::new(
-        hub.clone(),
+        ingress,
         journal,
         Rc::clone(&scheduler.fan_out),
         Rc::clone(&metrics),

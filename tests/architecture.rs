@@ -1,9 +1,19 @@
-//! The dependency rule of ARCHITECTURE.md, checked on the source: every `crate::` path outside a
-//! file's `#[cfg(test)]` part is an edge from the file's layer to another, and the edge must be in
-//! `ALLOWED`. Also: no cycle between modules, and no I/O library in the core.
+//! The dependency rule of ARCHITECTURE.md, checked on the source. Each file is parsed (`syn`)
+//! and every path its production code names (everything but the items under `#[cfg(test)]`) is
+//! made absolute: `self::` and `super::` against the module's own path. A `crate::` path is an
+//! edge from the file's layer to another, and the edge must be in `ALLOWED`. Also: no cycle
+//! between modules, and no I/O library in the core. What the checker cannot follow (a renamed
+//! crate root, `extern crate`, `#[path]`, `include!`) is refused as a violation.
+//!
+//! `syn` rather than a hand-written lexer: the checker must not be fooled by a brace in a string,
+//! a raw string, a comment or a char literal, nor by how a path is spaced, and `syn` is a
+//! dev-dependency only: the binary does not change.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
+
+use proc_macro2::{Spacing, TokenStream, TokenTree};
+use syn::visit::{self, Visit};
 
 /// Each layer (a folder of `src/`, or a top-level file) and the layers it may use. Nobody may use
 /// `server`: only `main` (the binary, outside the library) imports it.
@@ -33,7 +43,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
 const NOT_IN_CORE: &[&str] =
     &["smol", "async_tungstenite", "tungstenite", "rusqlite", "httparse", "std::fs", "std::io", "socket2"];
 
-/// A library module: its path (`core::hub`) and its source up to `#[cfg(test)]`.
+/// A library module: its path (`core::hub`) and its whole source.
 struct Module {
     path: String,
     source: String,
@@ -63,73 +73,269 @@ fn collect(root: &Path, dir: &Path, modules: &mut Vec<Module>) {
         if segments == ["lib"] || segments == ["main"] {
             continue;
         }
-        let text = std::fs::read_to_string(&path).unwrap();
-        modules.push(Module { path: segments.join("::"), source: non_test_part(&text).to_owned() });
+        let source = std::fs::read_to_string(&path).unwrap();
+        modules.push(Module { path: segments.join("::"), source });
     }
 }
 
-fn non_test_part(text: &str) -> &str {
-    text.find("#[cfg(test)]").map_or(text, |cut| &text[..cut])
+/// What a module's production code names.
+#[derive(Default)]
+struct Names {
+    /// Every path, absolute (`crate`, `self` and `super` resolved to `crate::...`, others as
+    /// written: `std::fs::File`), with `use` groups expanded.
+    paths: Vec<Vec<String>>,
+    /// What the checker cannot see through, and why.
+    refused: Vec<String>,
 }
 
-/// The module paths a source names after `crate::`, with `use crate::{a::X, b::{Y, Z}}` groups
-/// expanded to `a::X`, `b`.
-fn crate_paths(source: &str) -> Vec<String> {
-    let mut paths = Vec::new();
-    let mut rest = source;
-    while let Some(at) = rest.find("crate::") {
-        let before = &rest[..at];
-        rest = &rest[at + "crate::".len()..];
-        if before.ends_with(|c: char| c.is_alphanumeric() || c == '_') {
-            continue; // e.g. `some_crate::`
+fn names(module: &Module) -> Names {
+    let path = module.path.split("::").map(str::to_owned).collect();
+    let mut reader = Reader { module: path, names: Names::default(), in_attribute: false };
+    match syn::parse_file(&module.source) {
+        Ok(file) => reader.visit_file(&file),
+        Err(error) => reader.names.refused.push(format!("does not parse: {error}")),
+    }
+    reader.names
+}
+
+/// The `crate::` paths a module names, without the `crate::`.
+fn crate_paths(module: &Module) -> Vec<String> {
+    let paths = names(module).paths.into_iter().filter(|path| path.len() > 1 && path[0] == "crate");
+    paths.map(|path| path[1..].join("::")).collect()
+}
+
+/// `segments` as written in `module`, made absolute; an error for a `super` above the root.
+fn absolute(module: &[String], segments: &[String]) -> Result<Vec<String>, String> {
+    let crate_root = || vec!["crate".to_string()];
+    match segments.first().map(String::as_str) {
+        Some("self") => Ok([crate_root(), module.to_vec(), segments[1..].to_vec()].concat()),
+        Some("super") => {
+            let up = segments.iter().take_while(|segment| *segment == "super").count();
+            let Some(kept) = module.len().checked_sub(up) else {
+                return Err(format!("{} goes above the crate root", segments.join("::")));
+            };
+            Ok([crate_root(), module[..kept].to_vec(), segments[up..].to_vec()].concat())
         }
-        if let Some(group) = rest.strip_prefix('{') {
-            let end = matching_brace(group);
-            paths.extend(split_top_level(&group[..end]).map(|item| path_prefix(item.trim())));
-            rest = &group[end..];
-        } else {
-            paths.push(path_prefix(rest));
+        _ => Ok(segments.to_vec()),
+    }
+}
+
+/// Walks one file's syntax tree, skipping every item under `#[cfg(test)]`.
+struct Reader {
+    /// The module being read, as segments; inline `mod`s push onto it.
+    module: Vec<String>,
+    names: Names,
+    /// Inside an attribute a string may hold a path (`#[serde(with = "crate::x")]`).
+    in_attribute: bool,
+}
+
+impl Reader {
+    fn record(&mut self, segments: Vec<String>) {
+        match absolute(&self.module, &segments) {
+            Ok(path) => self.names.paths.push(path),
+            Err(why) => self.names.refused.push(why),
         }
     }
-    paths.retain(|path| !path.is_empty());
-    paths
-}
 
-fn matching_brace(text: &str) -> usize {
-    let mut depth = 0;
-    for (index, c) in text.char_indices() {
-        match c {
-            '{' => depth += 1,
-            '}' if depth == 0 => return index,
-            '}' => depth -= 1,
-            _ => {}
-        }
-    }
-    text.len()
-}
-
-fn split_top_level(text: &str) -> impl Iterator<Item = &str> {
-    let mut depth = 0;
-    let mut start = 0;
-    let mut items = Vec::new();
-    for (index, c) in text.char_indices() {
-        match c {
-            '{' => depth += 1,
-            '}' => depth -= 1,
-            ',' if depth == 0 => {
-                items.push(&text[start..index]);
-                start = index + 1;
+    /// A `use` tree under `prefix`, expanded: `a::{b, c::{self, D}}` is `a::b`, `a::c`, `a::c::D`.
+    fn use_tree(&mut self, prefix: &mut Vec<String>, tree: &syn::UseTree) {
+        match tree {
+            syn::UseTree::Path(path) => {
+                prefix.push(path.ident.to_string());
+                self.use_tree(prefix, &path.tree);
+                prefix.pop();
             }
-            _ => {}
+            syn::UseTree::Name(name) => self.use_name(prefix, &name.ident, None),
+            syn::UseTree::Rename(rename) => self.use_name(prefix, &rename.ident, Some(&rename.rename)),
+            syn::UseTree::Glob(_) => self.use_glob(prefix.clone()),
+            syn::UseTree::Group(group) => group.items.iter().for_each(|item| self.use_tree(prefix, item)),
         }
     }
-    items.push(&text[start..]);
-    items.into_iter()
+
+    fn use_name(&mut self, prefix: &[String], name: &syn::Ident, rename: Option<&syn::Ident>) {
+        let mut segments = prefix.to_vec();
+        if name != "self" {
+            segments.push(name.to_string());
+        }
+        let resolved = absolute(&self.module, &segments).unwrap_or_default();
+        if let Some(rename) = rename.filter(|_| resolved.len() == 1) {
+            // `use crate as c;` or `use std as s;`: paths through the new name would not be seen.
+            self.names.refused.push(format!("renames {} as {rename}", resolved[0]));
+        }
+        self.record(segments);
+    }
+
+    fn use_glob(&mut self, segments: Vec<String>) {
+        if absolute(&self.module, &segments).is_ok_and(|path| path == ["crate"]) {
+            self.names.refused.push("imports everything at the crate root".into());
+        }
+        self.record(segments);
+    }
+
+    /// Paths in a macro's tokens, which `syn` leaves unparsed: `use` items are parsed as such,
+    /// every other `a::b::c` run is recorded (`$crate` as `crate`).
+    fn tokens(&mut self, tokens: TokenStream) {
+        let trees: Vec<TokenTree> = tokens.into_iter().collect();
+        let mut at = 0;
+        while at < trees.len() {
+            match &trees[at] {
+                TokenTree::Group(group) => self.tokens(group.stream()),
+                TokenTree::Ident(ident) if ident == "use" => {
+                    let end = trees[at..].iter().position(is_semicolon).map_or(trees.len(), |n| at + n + 1);
+                    let item: TokenStream =
+                        trees[at..end].iter().filter(|tree| !is_dollar(tree)).cloned().collect();
+                    if let Ok(item) = syn::parse2::<syn::ItemUse>(item) {
+                        self.visit_item_use(&item);
+                        at = end;
+                        continue;
+                    }
+                }
+                TokenTree::Ident(_) => {
+                    let (segments, next) = token_path(&trees, at);
+                    self.record(segments);
+                    at = next;
+                    continue;
+                }
+                TokenTree::Literal(literal) if self.in_attribute => {
+                    let text = syn::parse2::<syn::LitStr>(TokenTree::Literal(literal.clone()).into());
+                    if let Some(path) = text.ok().and_then(|text| text.parse::<syn::Path>().ok()) {
+                        self.visit_path(&path);
+                    }
+                }
+                _ => {}
+            }
+            at += 1;
+        }
+    }
 }
 
-fn path_prefix(text: &str) -> String {
-    let path: String = text.chars().take_while(|c| c.is_alphanumeric() || *c == '_' || *c == ':').collect();
-    path.trim_end_matches(':').to_owned()
+fn is_semicolon(tree: &TokenTree) -> bool {
+    matches!(tree, TokenTree::Punct(punct) if punct.as_char() == ';')
+}
+
+fn is_dollar(tree: &TokenTree) -> bool {
+    matches!(tree, TokenTree::Punct(punct) if punct.as_char() == '$')
+}
+
+/// The `a::b::c` run of identifiers starting at `trees[at]`, and the index after it.
+fn token_path(trees: &[TokenTree], at: usize) -> (Vec<String>, usize) {
+    let mut segments = Vec::new();
+    let mut next = at;
+    while let Some(TokenTree::Ident(ident)) = trees.get(next) {
+        segments.push(ident.to_string());
+        next += 1;
+        let colons = match (trees.get(next), trees.get(next + 1)) {
+            (Some(TokenTree::Punct(first)), Some(TokenTree::Punct(second))) => {
+                first.as_char() == ':' && first.spacing() == Spacing::Joint && second.as_char() == ':'
+            }
+            _ => false,
+        };
+        if !colons || !matches!(trees.get(next + 2), Some(TokenTree::Ident(_))) {
+            break;
+        }
+        next += 2;
+    }
+    (segments, next)
+}
+
+/// Whether an item is compiled only for tests: exactly `#[cfg(test)]`.
+fn test_only(attributes: &[syn::Attribute]) -> bool {
+    attributes.iter().any(|attribute| {
+        attribute.path().is_ident("cfg")
+            && attribute.parse_args::<syn::Ident>().is_ok_and(|arg| arg == "test")
+    })
+}
+
+/// Visits a node of a kind that can carry attributes only if it is not `#[cfg(test)]`.
+macro_rules! unless_test_only {
+    ($($method:ident($node:ty);)*) => {
+        $(fn $method(&mut self, node: &'ast $node) {
+            if !test_only(&node.attrs) {
+                visit::$method(self, node);
+            }
+        })*
+    };
+}
+
+impl<'ast> Visit<'ast> for Reader {
+    unless_test_only! {
+        visit_item_const(syn::ItemConst);
+        visit_item_enum(syn::ItemEnum);
+        visit_item_fn(syn::ItemFn);
+        visit_item_foreign_mod(syn::ItemForeignMod);
+        visit_item_impl(syn::ItemImpl);
+        visit_item_macro(syn::ItemMacro);
+        visit_item_static(syn::ItemStatic);
+        visit_item_struct(syn::ItemStruct);
+        visit_item_trait(syn::ItemTrait);
+        visit_item_trait_alias(syn::ItemTraitAlias);
+        visit_item_type(syn::ItemType);
+        visit_item_union(syn::ItemUnion);
+        visit_impl_item_const(syn::ImplItemConst);
+        visit_impl_item_fn(syn::ImplItemFn);
+        visit_impl_item_macro(syn::ImplItemMacro);
+        visit_impl_item_type(syn::ImplItemType);
+        visit_trait_item_const(syn::TraitItemConst);
+        visit_trait_item_fn(syn::TraitItemFn);
+        visit_trait_item_macro(syn::TraitItemMacro);
+        visit_trait_item_type(syn::TraitItemType);
+        visit_field(syn::Field);
+        visit_field_value(syn::FieldValue);
+        visit_variant(syn::Variant);
+        visit_arm(syn::Arm);
+        visit_local(syn::Local);
+        visit_stmt_macro(syn::StmtMacro);
+    }
+
+    fn visit_item_mod(&mut self, item: &'ast syn::ItemMod) {
+        if test_only(&item.attrs) {
+            return;
+        }
+        item.attrs.iter().for_each(|attribute| self.visit_attribute(attribute));
+        if let Some((_, items)) = &item.content {
+            self.module.push(item.ident.to_string());
+            items.iter().for_each(|item| self.visit_item(item));
+            self.module.pop();
+        }
+    }
+
+    fn visit_item_use(&mut self, item: &'ast syn::ItemUse) {
+        if !test_only(&item.attrs) {
+            item.attrs.iter().for_each(|attribute| self.visit_attribute(attribute));
+            self.use_tree(&mut Vec::new(), &item.tree);
+        }
+    }
+
+    fn visit_item_extern_crate(&mut self, item: &'ast syn::ItemExternCrate) {
+        if !test_only(&item.attrs) {
+            self.names.refused.push(format!("extern crate {}: it can rename a crate root", item.ident));
+        }
+    }
+
+    fn visit_attribute(&mut self, attribute: &'ast syn::Attribute) {
+        if attribute.path().is_ident("path") {
+            self.names.refused.push("#[path] puts a module's file where the checker does not look".into());
+        }
+        let outer = std::mem::replace(&mut self.in_attribute, true);
+        visit::visit_attribute(self, attribute);
+        if let syn::Meta::List(list) = &attribute.meta {
+            self.tokens(list.tokens.clone());
+        }
+        self.in_attribute = outer;
+    }
+
+    fn visit_macro(&mut self, mac: &'ast syn::Macro) {
+        if mac.path.is_ident("include") {
+            self.names.refused.push("include! brings in source the checker does not read".into());
+        }
+        visit::visit_macro(self, mac);
+        self.tokens(mac.tokens.clone());
+    }
+
+    fn visit_path(&mut self, path: &'ast syn::Path) {
+        self.record(path.segments.iter().map(|segment| segment.ident.to_string()).collect());
+        visit::visit_path(self, path);
+    }
 }
 
 fn layer(module_path: &str) -> &str {
@@ -142,7 +348,7 @@ fn resolve<'a>(path: &str, known: &'a BTreeSet<String>) -> Option<&'a String> {
     (1..=segments.len()).rev().find_map(|n| known.get(&segments[..n].join("::")))
 }
 
-/// Every edge the rule forbids, as `from -> to (path)`.
+/// Every edge the rule forbids, as `from -> to (path)`, and everything the checker refused.
 fn violations(modules: &[Module]) -> Vec<String> {
     let allowed: BTreeMap<&str, &[&str]> = ALLOWED.iter().copied().collect();
     let mut found = Vec::new();
@@ -152,7 +358,8 @@ fn violations(modules: &[Module]) -> Vec<String> {
             found.push(format!("{}: layer {from:?} is not in ALLOWED", module.path));
             continue;
         };
-        for path in crate_paths(&module.source) {
+        found.extend(names(module).refused.iter().map(|why| format!("{}: {why}", module.path)));
+        for path in crate_paths(module) {
             let to = layer(&path);
             if to != from && !may_use.contains(&to) {
                 found.push(format!("{} -> {to} (crate::{path})", module.path));
@@ -162,13 +369,27 @@ fn violations(modules: &[Module]) -> Vec<String> {
     found
 }
 
+/// The I/O crates and std modules (`NOT_IN_CORE`) a module names.
+fn io_named(module: &Module) -> Vec<String> {
+    let mut found = BTreeSet::new();
+    for path in names(module).paths {
+        for name in NOT_IN_CORE {
+            let name: Vec<&str> = name.split("::").collect();
+            if path.len() >= name.len() && path.iter().zip(&name).all(|(segment, part)| segment == part) {
+                found.insert(name.join("::"));
+            }
+        }
+    }
+    found.into_iter().collect()
+}
+
 /// Modules that depend on each other in a cycle (a module and its own submodules excepted).
 fn cycles(modules: &[Module]) -> Vec<Vec<String>> {
     let known: BTreeSet<String> = modules.iter().map(|module| module.path.clone()).collect();
     let mut edges: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
     for module in modules {
         let targets = edges.entry(&module.path).or_default();
-        for path in crate_paths(&module.source) {
+        for path in crate_paths(module) {
             let Some(target) = resolve(&path, &known) else { continue };
             let nested = |a: &str, b: &str| a.starts_with(&format!("{b}::"));
             if *target != module.path && !nested(target, &module.path) && !nested(&module.path, target) {
@@ -215,15 +436,8 @@ fn no_module_cycle() {
 #[test]
 fn the_core_does_no_io() {
     for module in library_modules().iter().filter(|module| layer(&module.path) == "core") {
-        for name in NOT_IN_CORE {
-            let named = module.source.match_indices(name).any(|(at, _)| {
-                let before = module.source[..at].chars().next_back();
-                let after = module.source[at + name.len()..].chars().next();
-                !before.is_some_and(|c| c.is_alphanumeric() || c == '_')
-                    && !after.is_some_and(|c| c.is_alphanumeric() || c == '_')
-            });
-            assert!(!named, "{} names {name}: the core does no I/O", module.path);
-        }
+        let named = io_named(module);
+        assert!(named.is_empty(), "{} names {named:?}: the core does no I/O", module.path);
     }
 }
 
@@ -233,23 +447,104 @@ fn module(path: &str, source: &str) -> Module {
     Module { path: path.into(), source: source.into() }
 }
 
+fn crate_paths_in(path: &str, source: &str) -> Vec<String> {
+    crate_paths(&module(path, source))
+}
+
 #[test]
 fn the_checker_reads_plain_grouped_and_inline_paths() {
     let source = "use crate::core::hub::Hub;\nuse crate::{auth::Identity, support::{logger, metrics}};\n\
                   fn f() { crate::protocol::to_json(&1); other_crate::x(); }";
-    assert_eq!(crate_paths(source), ["core::hub::Hub", "auth::Identity", "support", "protocol::to_json"]);
+    assert_eq!(
+        crate_paths_in("app", source),
+        ["core::hub::Hub", "auth::Identity", "support::logger", "support::metrics", "protocol::to_json"]
+    );
 }
 
 #[test]
-fn the_checker_catches_a_forbidden_edge_and_ignores_tests() {
+fn the_checker_reads_paths_however_they_are_spaced_and_in_macros() {
+    let source = "use crate :: http\n  ::conn::Request;\nfn f() { log::info!(\"{}\", crate :: ws::x()); }\n\
+                  macro_rules! m { () => { use $crate::{unix::lines}; $crate::server::serve() } }";
+    assert_eq!(
+        crate_paths_in("core::hub", source),
+        ["http::conn::Request", "ws::x", "unix::lines", "server::serve"]
+    );
+    let in_attribute =
+        "#[derive(serde::Serialize)]\nstruct S { #[serde(with = \"crate::http::conn\")] a: u8 }";
+    assert_eq!(crate_paths_in("core::hub", in_attribute), ["http::conn"]);
+}
+
+#[test]
+fn the_checker_resolves_self_and_super_against_the_module() {
+    assert_eq!(
+        crate_paths_in("core::hub", "use super::super::http::conn::Request;"),
+        ["http::conn::Request"]
+    );
+    assert_eq!(crate_paths_in("core::hub", "fn f() { super::Stored::new(); }"), ["core::Stored::new"]);
+    assert_eq!(crate_paths_in("core", "use self::hub::Hub;"), ["core::hub::Hub"]);
+    assert_eq!(crate_paths_in("app", "use super::http::Upgrade;"), ["http::Upgrade"]);
+    assert_eq!(crate_paths_in("core::hub", "mod inner { use super::super::Stored; }"), ["core::Stored"]);
+    let upward = module("core::hub", "use super::super::http::conn::Request;");
+    assert_eq!(violations(&[upward]), ["core::hub -> http (crate::http::conn::Request)"]);
+    let above_the_root = module("core::hub", "use super::super::super::x;");
+    assert_eq!(violations(&[above_the_root]).len(), 1);
+}
+
+#[test]
+fn the_checker_refuses_what_it_cannot_follow() {
+    for source in [
+        "use crate as c; fn f() { c::http::x(); }",
+        "use crate::{self as c};",
+        "use super::super as root;",
+        "use std as s;",
+        "extern crate self as resq;",
+        "use super::super::*;",
+        "#[path = \"../http/conn.rs\"] mod conn;",
+        "include!(\"../http/conn.rs\");",
+        "fn f( {",
+    ] {
+        assert_eq!(violations(&[module("core::hub", source)]).len(), 1, "{source}");
+    }
+    assert!(violations(&[module("core::hub", "use crate::core::hub as h; use super::*;")]).is_empty());
+}
+
+#[test]
+fn the_checker_catches_a_forbidden_edge_and_skips_only_test_items() {
     let upward = module("core::hub", "use crate::http::conn::Request;");
     assert_eq!(violations(&[upward]), ["core::hub -> http (crate::http::conn::Request)"]);
     let into_server = module("http::routes", "use crate::server::Control;");
     assert_eq!(violations(&[into_server]).len(), 1);
     let between_transports = module("unix", "use crate::ws::frame::Frame;");
     assert_eq!(violations(&[between_transports]).len(), 1);
-    let test_only = module("core::hub", non_test_part("#[cfg(test)]\nuse crate::http::conn::Request;"));
-    assert!(violations(&[test_only]).is_empty());
+    let test_only = "#[cfg(test)]\nuse crate::http::conn::Request;\n#[cfg(test)]\nmod tests { use crate::ws::X; }\n\
+                     struct S;\nimpl S {\n    #[cfg(test)]\n    fn key(&self) { crate::unix::y() }\n}";
+    assert!(violations(&[module("core::hub", test_only)]).is_empty());
+    // Production code after test-only items, with braces in strings, comments and chars in them.
+    let after = "#[cfg(test)]\nfn helper() { let _ = (\"}\", '}', r#\"}\"#); /* } */ }\n// }\n\
+                 #[cfg(test)]\nconst X: &str = \"{\";\nuse crate::http::conn::Request;\n\
+                 #[cfg(test)]\nmod tests {}\nfn later() { crate::ws::frame::f(); }";
+    assert_eq!(
+        violations(&[module("core::hub", after)]),
+        ["core::hub -> http (crate::http::conn::Request)", "core::hub -> ws (crate::ws::frame::f)"]
+    );
+    let not_only_tests = module("core::hub", "#[cfg(not(test))]\nuse crate::http::conn::Request;");
+    assert_eq!(violations(&[not_only_tests]).len(), 1);
+}
+
+#[test]
+fn the_checker_sees_io_in_groups_and_uses() {
+    for source in [
+        "use std::{fs::File};",
+        "use std::{collections::VecDeque, io::{self, Write}};",
+        "use std::fs;",
+        "use smol::{future, Timer};",
+        "fn f() { let _ = std :: fs::read(\"x\"); }",
+        "fn f() { log::info!(\"{:?}\", std::io::stdout()); }",
+    ] {
+        assert_eq!(io_named(&module("core::hub", source)).len(), 1, "{source}");
+    }
+    let fine = "use std::{collections::VecDeque, net::SocketAddr}; fn f(io: u8) -> u8 { io }";
+    assert!(io_named(&module("core::hub", fine)).is_empty());
 }
 
 #[test]

@@ -149,8 +149,8 @@ impl Hub {
     /// Assigns the next seq, serializes the envelope once and delivers it; unless the
     /// submission's key names an emergency still in the history: then it is a duplicate or a
     /// conflict, and nothing is delivered. Refused once shutdown has begun, since nobody could
-    /// receive it any more.
-    pub fn publish(
+    /// receive it any more. Reached through `Ingress` only.
+    pub(super) fn publish(
         &mut self,
         data: &RawValue,
         source: Source,
@@ -176,8 +176,8 @@ impl Hub {
 
     /// Appends an emergency whose seq the journal assigned when it committed it to the history
     /// and rings every client's doorbell. Also after shutdown has begun: a committed emergency
-    /// must reach the history.
-    pub fn deliver(&mut self, stored: Stored) -> Receipt {
+    /// must reach the history. Reached through `Ingress` only.
+    pub(super) fn deliver(&mut self, stored: Stored) -> Receipt {
         self.append(stored, None)
     }
 
@@ -208,8 +208,9 @@ impl Hub {
 
     /// Loads the history a data dir held at start, oldest first. Only its newest unbroken run of
     /// seqs is kept: the ring holds consecutive seqs, and a resuming client is told of the rest
-    /// as `missed` instead of skipping a gap in silence.
-    pub fn restore(&mut self, last_seq: u64, retained: Vec<Stored>) {
+    /// as `missed` instead of skipping a gap in silence. It takes the hub by value: once shared,
+    /// the hub gets emergencies through `Ingress` only.
+    pub fn restored(mut self, last_seq: u64, retained: Vec<Stored>) -> Hub {
         for stored in retained {
             let Stored { seq, received_at, envelope } = stored;
             if self.history.back().is_some_and(|newest| newest.seq + 1 != seq) {
@@ -223,6 +224,7 @@ impl Hub {
         }
         self.last_seq = last_seq;
         self.trim(|_| false);
+        self
     }
 
     /// Drops history entries older than `history_max_age` by the clock read now, if it can be
@@ -444,7 +446,7 @@ mod tests {
     use crate::core::subscription::Subscription;
 
     fn new_hub(limits: HubLimits, stream_id: &str) -> HubHandle {
-        HubHandle::new(Hub::new(limits, stream_id))
+        HubHandle::new(Hub::new(limits, stream_id)).0
     }
 
     impl Hub {
@@ -600,10 +602,10 @@ mod tests {
 
     #[test]
     fn a_clock_that_steps_back_never_stamps_an_emergency_before_the_one_before_it() {
-        let hub = new_hub(limits(), "stream-a");
         // Stamped an hour ahead of the clock as it reads now, that is before it stepped back.
         let before_the_step = SystemTime::now() + HOUR;
-        hub.borrow().restore(1, vec![stored_at(1, before_the_step)]);
+        let restored = Hub::new(limits(), "stream-a").restored(1, vec![stored_at(1, before_the_step)]);
+        let hub = HubHandle::new(restored).0;
         hub.borrow().publish_ok(&raw("{}"), Source::Unix);
         let hub = hub.borrow();
         let newest = hub.history.back().unwrap();
@@ -668,9 +670,11 @@ mod tests {
 
     #[test]
     fn a_restored_history_with_a_gap_keeps_its_newest_run_and_reports_the_rest_missed() {
-        let hub = new_hub(HubLimits { history: 10, ..limits() }, "stream-a");
         let stored = |seq| stored_at(seq, SystemTime::now());
-        hub.borrow().restore(5, vec![stored(1), stored(2), stored(4), stored(5)]);
+        let retained = vec![stored(1), stored(2), stored(4), stored(5)];
+        let hub =
+            HubHandle::new(Hub::new(HubLimits { history: 10, ..limits() }, "stream-a").restored(5, retained))
+                .0;
         let range = hub.borrow().history_range();
         assert_eq!((range.first_seq, range.count), (4, 2));
         let (client, greeting) = subscribe(&hub, Some(&Resume { since: 2, stream: None }));

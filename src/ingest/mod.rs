@@ -15,8 +15,8 @@ use async_channel::Receiver;
 use serde::{Deserialize, Deserializer};
 use serde_json::value::RawValue;
 
-use crate::core::handle::HubHandle;
-use crate::core::hub::{Hub, Refusal};
+use crate::core::handle::Ingress;
+use crate::core::hub::Refusal;
 use crate::core::idempotency::{Fingerprint, IdempotencyKey};
 use crate::core::{Outcome, Receipt, Stored};
 use crate::protocol::Source;
@@ -209,7 +209,8 @@ pub enum Staged {
 
 /// The one way into the history, shared by every ingest path.
 pub struct Publisher {
-    hub: HubHandle,
+    /// The one way into the hub.
+    ingress: Ingress,
     /// Where accepted emergencies are committed before they are acknowledged; `None` when the
     /// history is in memory only.
     journal: Option<Journal>,
@@ -224,13 +225,13 @@ pub struct Publisher {
 
 impl Publisher {
     pub fn new(
-        hub: HubHandle,
+        ingress: Ingress,
         journal: Option<Journal>,
         fan_out: Rc<FanOut>,
         metrics: Rc<Metrics>,
         max_bytes: usize,
     ) -> Publisher {
-        Publisher { hub, journal, fan_out, metrics, max_bytes, accepting: Cell::new(true) }
+        Publisher { ingress, journal, fan_out, metrics, max_bytes, accepting: Cell::new(true) }
     }
 
     /// The first step of shutdown: every submission from now on is refused as
@@ -267,7 +268,7 @@ impl Publisher {
                 Err(error) => Err(self.refused_by_storage(error)),
             },
             None => {
-                let published = self.hand_over(|hub| hub.publish(data, source, fingerprint)).await;
+                let published = self.hand_over(|ingress| ingress.publish(data, source, fingerprint)).await;
                 published.map(Staged::Published).map_err(|_: Refusal| Rejection::ShuttingDown)
             }
         }
@@ -336,7 +337,7 @@ impl Publisher {
     }
 
     async fn deliver_new(&self, stored: Stored) -> Result<Outcome<Receipt>, StorageError> {
-        let delivered = self.hand_over(|hub| Ok(Outcome::New(hub.deliver(stored)))).await;
+        let delivered = self.hand_over(|ingress| Ok(Outcome::New(ingress.deliver(stored)))).await;
         let refused =
             |_| StorageError::Failed { cause: FailureCause::Other, detail: "refused by the hub".into() };
         delivered.map_err(refused)
@@ -346,10 +347,10 @@ impl Publisher {
     /// no await in between (so nothing else publishes after the check), count it if it was new.
     async fn hand_over(
         &self,
-        deliver: impl FnOnce(&mut Hub) -> Result<Outcome<Receipt>, Refusal>,
+        deliver: impl FnOnce(&Ingress) -> Result<Outcome<Receipt>, Refusal>,
     ) -> Result<Outcome<Receipt>, Refusal> {
         self.fan_out.room().await;
-        let outcome = self.hub.with(deliver)?;
+        let outcome = deliver(&self.ingress)?;
         if let Outcome::New(_) = outcome {
             self.fan_out.published();
         }
