@@ -307,11 +307,22 @@ impl Journal {
 }
 
 impl Drop for Journal {
-    /// Lets the storage thread finish what it has, then waits for it.
+    /// Lets the storage thread finish what it has, then waits for it, but only for `STOP_WAIT`.
     fn drop(&mut self) {
+        // By the time the last `App` drops, shutdown has waited for the thread to commit and stop
+        // (or given up after its grace); what is left is closing SQLite. A thread stuck in fsync
+        // (a stuck disk) must not keep the process from exiting, within systemd's 15 s to stop.
+        // Leaving it is safe: with WAL and synchronous=FULL every commit is durable when it
+        // returns, and SQLite recovers the WAL at the next start.
+        const STOP_WAIT: Duration = Duration::from_secs(2);
         self.close();
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
+        if let Some(thread) = self.thread.take()
+            && !crate::support::join::join_within(thread, STOP_WAIT)
+        {
+            log::warn!(
+                "the storage thread is still busy after {STOP_WAIT:?} (a stuck disk?); exiting anyway: \
+                 SQLite recovers what it was writing at the next start"
+            );
         }
     }
 }

@@ -1,6 +1,7 @@
 //! Leaf utilities that know nothing of the server: counters and their page, the log backend,
-//! timestamps. Nothing here imports another layer.
+//! timestamps, a bounded join. Nothing here imports another layer.
 
+pub mod join;
 pub mod logger;
 pub mod metrics;
 pub mod timestamp;
