@@ -41,6 +41,11 @@ impl App {
     pub async fn stopping(&self) {
         let _ = self.stop.recv().await;
     }
+
+    /// Whether shutdown has begun.
+    pub fn is_stopping(&self) -> bool {
+        self.stop.is_closed()
+    }
 }
 
 #[cfg(test)]

@@ -414,3 +414,28 @@ fn a_poll_says_when_the_history_changed_under_the_poller() {
         assert!(exposed.split(',').any(|item| item.trim() == name), "{name} not in {exposed:?}");
     }
 }
+
+#[test]
+fn a_request_answered_after_shutdown_began_says_connection_close() {
+    let server = Server::start(&[]);
+    let mut stream = TcpStream::connect(server.addr).unwrap();
+    stream.set_read_timeout(Some(PATIENCE)).unwrap();
+    stream
+        .write_all(
+            b"POST /emergencias HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\nExpect: 100-continue\r\n\r\n",
+        )
+        .unwrap();
+    // The 100 says the head was read: the server waits for the body when the signal comes.
+    let mut interim = [0u8; 25];
+    stream.read_exact(&mut interim).unwrap();
+    assert_eq!(&interim, b"HTTP/1.1 100 Continue\r\n\r\n");
+    server.terminate();
+    server.wait_for_log("shutting down: refusing new emergencies");
+    stream.write_all(b"{}").unwrap();
+    let mut reader = BufReader::new(stream);
+    let answer = HttpResponse::read(&mut reader);
+    assert_eq!(answer.status, 503, "{answer:?}");
+    assert_eq!(answer.header("connection").as_deref(), Some("close"), "{}", answer.head);
+    let mut rest = Vec::new();
+    assert_eq!(reader.read_to_end(&mut rest).unwrap(), 0, "more after the last answer: {rest:?}");
+}

@@ -219,9 +219,10 @@ impl HttpConnection {
     }
 
     /// Whether the connection can take another request once the current one is answered: the
-    /// client wants it (`Request::keep_alive`) and the request's body, if any, has been read.
-    pub fn can_continue(&self, client_wants_it: bool) -> bool {
-        client_wants_it && !self.body_unread
+    /// client wants it (`Request::keep_alive`), the request's body, if any, has been read, and
+    /// the server is not `shutting_down` (it would close before the next request, unanswered).
+    pub fn can_continue(&self, client_wants_it: bool, shutting_down: bool) -> bool {
+        client_wants_it && !self.body_unread && !shutting_down
     }
 
     /// Writes a response by `deadline`, saying whether the connection stays open after it.

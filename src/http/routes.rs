@@ -88,7 +88,7 @@ pub async fn serve_requests(
         let wants_keep_alive = request.keep_alive();
         match handle(app, &mut connection, request, client, deadline).await {
             Outcome::Upgrade(request) => return Some(Upgrade { connection, request, slot, client }),
-            Outcome::Reply(response) if !connection.can_continue(wants_keep_alive) => {
+            Outcome::Reply(response) if !connection.can_continue(wants_keep_alive, app.is_stopping()) => {
                 connection.respond_and_close(response, config.write_timeout, &slot).await;
                 return None;
             }
