@@ -34,5 +34,5 @@ pub use auth::Access;
 pub use config::{CommandLine, Config};
 pub use server::{Control, serve};
 pub use store::journal::{Retention, Storage, open as open_journal};
-pub use support::logger::init as init_logging;
+pub use support::logger::{error_past_filter, init as init_logging};
 pub use unix::bind as bind_unix_socket;

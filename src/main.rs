@@ -5,7 +5,7 @@ use std::net::{SocketAddr, TcpListener};
 use std::process::ExitCode;
 
 use async_signal::{Signal, Signals};
-use log::{error, info, warn};
+use log::{info, warn};
 use resq_push::{Access, CommandLine, Config, Control, Retention, Storage};
 use smol::stream::StreamExt;
 use socket2::{Domain, Protocol, Socket, Type};
@@ -23,7 +23,7 @@ fn main() -> ExitCode {
         }
         CommandLine::Invalid(message) => {
             resq_push::init_logging();
-            error!("invalid configuration: {message}");
+            resq_push::error_past_filter(&format!("invalid configuration: {message}"));
             return ExitCode::from(EXIT_INVALID_FLAGS);
         }
     };
@@ -31,7 +31,7 @@ fn main() -> ExitCode {
     match start(config) {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {
-            error!("{message}");
+            resq_push::error_past_filter(&message);
             ExitCode::FAILURE
         }
     }

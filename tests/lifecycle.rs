@@ -7,7 +7,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::process::Command;
 
-use common::{PATIENCE, Server, run_to_exit, signal, spawn_command, wait_until};
+use common::{PATIENCE, Server, run_to_exit, run_to_exit_with_log, signal, spawn_command, wait_until};
 use tungstenite::Message;
 use tungstenite::protocol::frame::coding::CloseCode;
 
@@ -59,6 +59,17 @@ fn every_invalid_flag_exits_2_with_the_flag_named() {
         assert!(run.stderr.contains(flag), "{args:?}: the error does not name {flag}:\n{}", run.stderr);
         assert!(run.stdout.is_empty(), "{args:?} printed on stdout: {}", run.stdout);
     }
+}
+
+#[test]
+fn refused_flags_and_start_up_errors_are_written_even_with_rust_log_off() {
+    let run = run_to_exit_with_log(&["--in-memory", "--listen", "127.0.0.1:0", "--bogus"], "off");
+    assert_eq!(run.code, Some(2), "{}", run.stderr);
+    assert!(run.stderr.contains("--bogus"), "the error does not name --bogus:\n{}", run.stderr);
+    let missing = ["--in-memory", "--listen", "127.0.0.1:0", "--publish-token-file", "/nonexistent/tokens"];
+    let run = run_to_exit_with_log(&missing, "off");
+    assert_eq!(run.code, Some(1), "{}", run.stderr);
+    assert!(run.stderr.contains("/nonexistent/tokens"), "the error does not name the file:\n{}", run.stderr);
 }
 
 #[test]

@@ -120,6 +120,12 @@ pub fn init() {
     let _ = log::set_logger(Box::leak(Box::new(logger)));
 }
 
+/// Writes an error line whatever `RUST_LOG` says: for what the process exits with (a refused
+/// flag, a failed start), which `RUST_LOG=off` must not leave unexplained.
+pub fn error_past_filter(message: &str) {
+    write_line(Level::Error, "resq_push", &format_args!("{message}"));
+}
+
 /// Logs a repeated warning at most once per `WarningThrottle::PERIOD`, with how many were held
 /// back, so that a flood of refused connections cannot flood the log.
 #[derive(Default)]

@@ -284,9 +284,14 @@ pub struct Finished {
 /// Runs the binary with `args` until it exits by itself; fails the test if it is still running
 /// after `PATIENCE` (it started serving instead of refusing its flags).
 pub fn run_to_exit(args: &[&str]) -> Finished {
+    run_to_exit_with_log(args, "info")
+}
+
+/// As `run_to_exit`, with `RUST_LOG` set to `rust_log`.
+pub fn run_to_exit_with_log(args: &[&str], rust_log: &str) -> Finished {
     let mut child = Command::new(env!("CARGO_BIN_EXE_resq-push"))
         .args(args)
-        .env("RUST_LOG", "info")
+        .env("RUST_LOG", rust_log)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
