@@ -323,14 +323,19 @@ impl Response {
         Response { status, headers: Vec::new(), content_type: "application/json", body, head_only: false }
     }
 
+    /// An interim (1xx) answer, sent before the final one: its status line alone.
+    pub fn interim(status: Status) -> Self {
+        Response { status, headers: Vec::new(), content_type: "", body: String::new(), head_only: false }
+    }
+
     pub fn with_header(mut self, name: &'static str, value: impl Into<String>) -> Self {
         self.headers.push((name, value.into()));
         self
     }
 
-    /// The response as sent. A status without content (1xx, 204) gets no body and no
-    /// `Content-*` headers; an informational one, no `Connection` either (the 101 sets its own).
-    /// The response on the wire, with `Connection: keep-alive` or `close`.
+    /// The response on the wire, with `Connection: keep-alive` or `close`. A status without
+    /// content (1xx, 204) gets no body and no `Content-*` headers; an informational one, no
+    /// `Cache-Control` or `Connection` either (an interim answer has none; the 101 sets its own).
     pub fn to_bytes(&self, keep_alive: bool) -> Vec<u8> {
         let status = self.status;
         let mut head = format!("HTTP/1.1 {} {}\r\n", status.code, status.reason);
@@ -403,5 +408,13 @@ mod tests {
         assert!(text.starts_with("HTTP/1.1 202 Accepted\r\n"), "{text}");
         assert!(text.contains("Content-Length: 2\r\n") && text.contains("Connection: keep-alive\r\n"));
         assert!(text.ends_with("\r\n\r\n{}"));
+    }
+
+    #[test]
+    fn an_interim_response_is_its_status_line_alone() {
+        for keep_alive in [true, false] {
+            let bytes = Response::interim(Status::CONTINUE).to_bytes(keep_alive);
+            assert_eq!(String::from_utf8(bytes).unwrap(), "HTTP/1.1 100 Continue\r\n\r\n");
+        }
     }
 }

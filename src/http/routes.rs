@@ -213,8 +213,8 @@ async fn publish(
         if !expectation.trim().eq_ignore_ascii_case("100-continue") {
             return error(Status::EXPECTATION_FAILED, "only Expect: 100-continue is supported");
         }
-        let interim = format!("HTTP/1.1 {} {}\r\n\r\n", Status::CONTINUE.code, Status::CONTINUE.reason);
-        let interim = deadline::before(deadline, connection.stream.write_all(interim.as_bytes()));
+        let interim = Response::interim(Status::CONTINUE).to_bytes(false);
+        let interim = deadline::before(deadline, connection.stream.write_all(&interim));
         if request.minor_version >= 1 && !matches!(interim.await, Ok(Ok(()))) {
             return error(Status::REQUEST_TIMEOUT, "could not send 100 Continue");
         }
