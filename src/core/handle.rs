@@ -57,6 +57,11 @@ impl Ingress {
     pub fn deliver(&self, stored: Stored) -> Receipt {
         self.0.with(|hub| hub.deliver(stored))
     }
+
+    /// The hub it adds to.
+    pub fn hub(&self) -> &HubHandle {
+        &self.0
+    }
 }
 
 #[cfg(test)]

@@ -27,7 +27,7 @@ use crate::http::credentials::{authorize, parse_resume};
 use crate::http::forwarded;
 use crate::http::status::Status;
 use crate::ingest::Rejection;
-use crate::protocol::{self, Health, PublishReply, Source, StorageHealth, error_json};
+use crate::protocol::{self, Health, Source, StorageHealth, error_json};
 use crate::runtime::deadline;
 use crate::runtime::slots::SlotGuard;
 use crate::store::journal::StorageState;
@@ -233,10 +233,7 @@ async fn publish(
         Ok(accepted) => {
             let name = publisher.map(|identity| format!(" ({})", identity.name)).unwrap_or_default();
             info!("{accepted} ({} bytes) over http from {peer}{name}", body.len());
-            let reply = app.hub.with(|hub| {
-                PublishReply::accepted(hub.stream_id(), accepted.seq, accepted.queued_to, accepted.duplicate)
-            });
-            Response::json(Status::ACCEPTED, reply)
+            Response::json(Status::ACCEPTED, app.publisher.reply(accepted))
         }
         Err(rejection @ Rejection::KeyConflict { .. }) => {
             warn!("rejected publish from {peer}: {rejection}");

@@ -18,8 +18,8 @@ use serde_json::value::RawValue;
 use crate::core::handle::Ingress;
 use crate::core::hub::Refusal;
 use crate::core::idempotency::{Fingerprint, IdempotencyKey};
-use crate::core::{Outcome, Receipt, Stored};
-use crate::protocol::Source;
+use crate::core::{Outcome, Receipt};
+use crate::protocol::{PublishReply, Source};
 use crate::runtime::scheduler::FanOut;
 use crate::store::journal::{Committed, FailureCause, Journal, StorageError};
 use crate::support::metrics::Metrics;
@@ -306,6 +306,12 @@ impl Publisher {
         Rejection::from(error)
     }
 
+    /// The reply to an accepted submission, on either ingest path.
+    pub fn reply(&self, accepted: Accepted) -> String {
+        let Accepted { seq, queued_to, duplicate } = accepted;
+        self.ingress.hub().with(|hub| PublishReply::accepted(hub.stream_id(), seq, queued_to, duplicate))
+    }
+
     /// Stages one submission and waits for its outcome.
     pub async fn submit(
         &self,
@@ -323,7 +329,9 @@ impl Publisher {
         while let Ok(Committed(batch)) = committed.recv().await {
             for (outcome, reply) in batch {
                 let answer = match outcome {
-                    Outcome::New(stored) => self.deliver_new(stored).await,
+                    Outcome::New(stored) => {
+                        Ok(Outcome::New(self.hand_over(|ingress| ingress.deliver(stored)).await))
+                    }
                     // Its original came before it, in this batch or an earlier one, so it is in
                     // the hub already: the publisher of a retry hears "ok" only once a tablet can
                     // see the emergency, as the original's publisher does.
@@ -336,25 +344,34 @@ impl Publisher {
         }
     }
 
-    async fn deliver_new(&self, stored: Stored) -> Result<Outcome<Receipt>, StorageError> {
-        let delivered = self.hand_over(|ingress| Ok(Outcome::New(ingress.deliver(stored)))).await;
-        let refused =
-            |_| StorageError::Failed { cause: FailureCause::Other, detail: "refused by the hub".into() };
-        delivered.map_err(refused)
-    }
-
     /// The one way an emergency reaches the hub: wait for room in the fan-out, hand it over with
     /// no await in between (so nothing else publishes after the check), count it if it was new.
-    async fn hand_over(
-        &self,
-        deliver: impl FnOnce(&Ingress) -> Result<Outcome<Receipt>, Refusal>,
-    ) -> Result<Outcome<Receipt>, Refusal> {
+    async fn hand_over<T: HandedOver>(&self, deliver: impl FnOnce(&Ingress) -> T) -> T {
         self.fan_out.room().await;
-        let outcome = deliver(&self.ingress)?;
-        if let Outcome::New(_) = outcome {
+        let handed = deliver(&self.ingress);
+        if handed.is_new() {
             self.fan_out.published();
         }
-        Ok(outcome)
+        handed
+    }
+}
+
+/// What the hub gives back for an emergency handed to it: whether that added one to the history.
+trait HandedOver {
+    fn is_new(&self) -> bool;
+}
+
+/// What the journal committed: always new, and the hub cannot refuse it.
+impl HandedOver for Receipt {
+    fn is_new(&self) -> bool {
+        true
+    }
+}
+
+/// A submission the hub decides (in memory): new, a retry, a conflict, or refused at shutdown.
+impl HandedOver for Result<Outcome<Receipt>, Refusal> {
+    fn is_new(&self) -> bool {
+        matches!(self, Ok(Outcome::New(_)))
     }
 }
 
@@ -429,5 +446,36 @@ mod tests {
             |bytes: &[u8]| parse_submission(bytes, 100, key("k")).unwrap().fingerprint.unwrap().digest;
         assert_eq!(digest(b"{\"a\":1}"), digest(b" {\"a\":1}\r\n"));
         assert_ne!(digest(b"{\"a\":1}"), digest(b"{\"a\": 1}"));
+    }
+
+    fn in_memory_publisher() -> Publisher {
+        use std::time::Duration;
+
+        use crate::core::handle::HubHandle;
+        use crate::core::hub::{Hub, HubLimits};
+        use crate::runtime::scheduler::Scheduler;
+
+        let limits = HubLimits {
+            history: 10,
+            history_bytes: 1 << 20,
+            queue: 10,
+            max_clients: 10,
+            history_max_age: Duration::from_secs(3600),
+        };
+        let (_, ingress) = HubHandle::new(Hub::new(limits, "stream-a"));
+        let fan_out = Rc::clone(&Scheduler::new(5).fan_out);
+        Publisher::new(ingress, None, fan_out, Rc::new(Metrics::default()), 1000)
+    }
+
+    #[test]
+    fn the_reply_to_an_accepted_submission_names_the_history() {
+        let publisher = in_memory_publisher();
+        let accepted = smol::block_on(publisher.submit(b"{}", Source::Http, None)).unwrap();
+        assert_eq!(publisher.reply(accepted), r#"{"ok":true,"stream":"stream-a","seq":1,"queued_to":0}"#);
+        let retry = Accepted { seq: 1, queued_to: 0, duplicate: true };
+        assert_eq!(
+            publisher.reply(retry),
+            r#"{"ok":true,"stream":"stream-a","seq":1,"queued_to":0,"duplicate":true}"#
+        );
     }
 }

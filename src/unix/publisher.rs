@@ -10,7 +10,7 @@ use smol::net::unix::UnixStream;
 
 use crate::app::App;
 use crate::ingest::Rejection;
-use crate::protocol::{PublishReply, Source, error_json};
+use crate::protocol::{Source, error_json};
 use crate::runtime::deadline;
 use crate::runtime::slots::SlotGuard;
 use crate::unix::lines::{Line, LineSplitter};
@@ -105,14 +105,7 @@ async fn publish_lines(app: &App, lines: Vec<Result<Vec<u8>, Rejection>>, sender
         let reply = match outcome {
             Ok(accepted) => {
                 info!("{accepted} ({bytes} bytes) over unix from {sender}");
-                app.hub.with(|hub| {
-                    PublishReply::accepted(
-                        hub.stream_id(),
-                        accepted.seq,
-                        accepted.queued_to,
-                        accepted.duplicate,
-                    )
-                })
+                app.publisher.reply(accepted)
             }
             Err(rejection) => {
                 rejected += 1;
