@@ -24,8 +24,7 @@ use crate::core::clock::{Reading, RetentionClock};
 use crate::core::doorbell::{Doorbell, Farewell};
 use crate::core::idempotency::{Fingerprint, IdempotencyKey, KeyIndex};
 use crate::core::{Outcome, Receipt, SharedEnvelope, Stored};
-use crate::protocol::{self, ClientInfo, HistoryRange, ReplayInfo, Source};
-use crate::support::timestamp::rfc3339_millis;
+use crate::protocol::{self, HistoryRange, ReplayInfo, Source};
 
 /// The hub's bounds, taken from the configuration.
 #[derive(Clone, Copy, Debug)]
@@ -56,6 +55,18 @@ pub enum Refusal {
     Full,
     /// The server is shutting down.
     ShuttingDown,
+}
+
+/// A connected client, as the hub can tell of it (for `/healthz`).
+#[derive(Debug)]
+pub struct ConnectedClient {
+    pub client_id: u64,
+    /// The name of its token, when subscribe tokens are configured.
+    pub name: Option<Rc<str>>,
+    pub peer: SocketAddr,
+    pub connected_at: SystemTime,
+    /// Emergencies published that it has not been sent yet.
+    pub queued: u64,
 }
 
 /// A connected client as the hub sees it.
@@ -358,17 +369,14 @@ impl Hub {
     }
 
     /// The connected clients, for `/healthz`.
-    pub fn clients(&self) -> Vec<ClientInfo> {
-        self.subscribers
-            .iter()
-            .map(|(_, subscriber)| ClientInfo {
-                client_id: subscriber.client_id,
-                name: subscriber.identity.as_ref().map(|identity| identity.name.to_string()),
-                peer: subscriber.peer.to_string(),
-                connected_at: rfc3339_millis(subscriber.connected_at),
-                queued: self.last_seq - subscriber.cursor,
-            })
-            .collect()
+    pub fn clients(&self) -> impl Iterator<Item = ConnectedClient> + '_ {
+        self.subscribers.iter().map(|(_, subscriber)| ConnectedClient {
+            client_id: subscriber.client_id,
+            name: subscriber.identity.as_ref().map(|identity| Rc::clone(&identity.name)),
+            peer: subscriber.peer,
+            connected_at: subscriber.connected_at,
+            queued: self.last_seq - subscriber.cursor,
+        })
     }
 
     pub fn history_bytes(&self) -> usize {
@@ -444,6 +452,7 @@ mod tests {
     use crate::core::clock::tests::{HOUR, MINUTE, SECOND, YEARS, reading_after};
     use crate::core::handle::HubHandle;
     use crate::core::subscription::Subscription;
+    use crate::support::timestamp::rfc3339_millis;
 
     fn new_hub(limits: HubLimits, stream_id: &str) -> HubHandle {
         HubHandle::new(Hub::new(limits, stream_id)).0
@@ -749,9 +758,13 @@ mod tests {
         assert_eq!(hub.borrow().revoke(|token| token == "kept-token"), 1);
         assert_eq!(revoked.doorbell.farewell(), Some(Farewell::Revoked));
         assert_eq!(kept.doorbell.farewell(), None);
-        let clients = hub.borrow().clients();
+        let before = SystemTime::now();
+        let clients: Vec<ConnectedClient> = hub.borrow().clients().collect();
         assert_eq!(clients.len(), 1);
         assert_eq!(clients[0].name.as_deref(), Some("kept"));
+        // Plain data: how it is shown is the transport's business.
+        assert_eq!(clients[0].peer, peer());
+        assert!(clients[0].connected_at <= before, "{:?}", clients[0].connected_at);
     }
 
     #[test]

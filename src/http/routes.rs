@@ -20,14 +20,14 @@ use smol::io::AsyncWriteExt;
 use smol::net::TcpStream;
 
 use crate::app::App;
-use crate::core::hub::Resume;
+use crate::core::hub::{ConnectedClient, Resume};
 use crate::core::idempotency::IdempotencyKey;
 use crate::http::conn::{BodyError, HeadError, HttpConnection, MAX_HEADERS, Request, Response};
 use crate::http::credentials::{authorize, parse_resume};
 use crate::http::forwarded;
 use crate::http::status::Status;
 use crate::ingest::Rejection;
-use crate::protocol::{self, Health, Source, StorageHealth, error_json};
+use crate::protocol::{self, ClientInfo, Health, Source, StorageHealth, error_json};
 use crate::runtime::deadline;
 use crate::runtime::slots::SlotGuard;
 use crate::store::journal::StorageState;
@@ -350,10 +350,21 @@ fn health(app: &App) -> Response {
             clients: hub.client_count(),
             seq: hub.last_seq(),
             history: hub.history_range(),
-            client_list: hub.clients(),
+            client_list: hub.clients().map(client_info).collect(),
         })
     });
     Response::json(code, body)
+}
+
+/// One client of `/healthz`'s `client_list`.
+fn client_info(client: ConnectedClient) -> ClientInfo {
+    ClientInfo {
+        client_id: client.client_id,
+        name: client.name.map(|name| name.to_string()),
+        peer: client.peer.to_string(),
+        connected_at: rfc3339_millis(client.connected_at),
+        queued: client.queued,
+    }
 }
 
 fn storage_health(app: &App) -> StorageHealth {
