@@ -149,7 +149,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     std::hint::black_box(difference) == 0
 }
 
-/// Who may do what. Owned by `server::Shared` and replaced as a whole on SIGHUP.
+/// Who may do what. Owned by `App` and replaced as a whole on SIGHUP.
 #[derive(Debug, Clone, Default)]
 pub struct Access {
     /// When set, `POST /emergencias` needs one of these as a Bearer token.

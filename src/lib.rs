@@ -11,7 +11,7 @@
 //! - `store` (the SQLite journal) and `runtime` (scheduler, tasks, connection caps, deadlines).
 //! - `core`: the hub and its subscriptions; synchronous, no I/O.
 //! - `protocol` (JSON on the wire), `auth` (tokens, origins), `config` (flags and limits).
-//! - `support`: leaves (metrics, logger, timestamps).
+//! - `support`: leaves (metrics, logger, timestamps, a bounded join).
 //!
 //! Every module is private: the library exports the few items the binary needs, below, and
 //! nothing else.

@@ -80,9 +80,10 @@ fn drop_unfinished_line(splitter: &LineSplitter, error: &io::Error) {
 }
 
 /// Stages every line (in memory, each waits for room in `FanOut`, so the sessions a burst wakes
-/// get to write; the task yields after each `Config::publish_burst` lines), then waits for each
-/// outcome in order: a burst on one connection is committed together. Returns one reply line per
-/// input line; each emergency published is logged with its sender.
+/// get to write), then waits for each outcome in order: a burst on one connection is committed
+/// together. Both loops yield after each `Config::publish_burst` lines: an outcome already there
+/// is taken without a `Pending`, and each is a log line. Returns one reply line per input line;
+/// each emergency published is logged with its sender.
 async fn publish_lines(app: &App, lines: Vec<Result<Vec<u8>, Rejection>>, sender: &str) -> String {
     let mut staged = Vec::with_capacity(lines.len());
     for (index, line) in lines.into_iter().enumerate() {
@@ -97,7 +98,7 @@ async fn publish_lines(app: &App, lines: Vec<Result<Vec<u8>, Rejection>>, sender
     let mut replies = String::new();
     let mut rejected = 0;
     let mut first_rejection = None;
-    for (bytes, staged) in staged {
+    for (index, (bytes, staged)) in staged.into_iter().enumerate() {
         let outcome = match staged {
             Ok(staged) => app.publisher.settle(staged, Source::Unix).await,
             Err(rejection) => Err(rejection),
@@ -117,6 +118,9 @@ async fn publish_lines(app: &App, lines: Vec<Result<Vec<u8>, Rejection>>, sender
         };
         replies.push_str(&reply);
         replies.push('\n');
+        if (index + 1) % app.config.publish_burst() == 0 {
+            future::yield_now().await;
+        }
     }
     if let Some(first) = first_rejection {
         warn!("rejected {rejected} line(s) on the Unix socket: {first}");
