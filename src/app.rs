@@ -50,8 +50,9 @@ impl App {
 
 #[cfg(test)]
 impl App {
-    /// An app on default flags with an in-memory history, for tests of the transports.
-    pub fn for_tests() -> Rc<App> {
+    /// An app on default flags with an in-memory history, for tests of the transports, and the
+    /// sender whose close begins its shutdown: while it lives, `stopping` is pending.
+    pub fn for_tests() -> (Rc<App>, async_channel::Sender<()>) {
         use argh::FromArgs;
 
         use crate::core::hub::Hub;
@@ -62,7 +63,23 @@ impl App {
         let metrics = Rc::new(Metrics::default());
         let fan_out = Rc::clone(&Scheduler::new(config.publish_burst()).fan_out);
         let publisher = Publisher::new(ingress, None, fan_out, Rc::clone(&metrics), config.max_body_bytes);
-        let (_, stop) = async_channel::bounded(1);
-        Rc::new(App { config, hub, access: RefCell::new(Access::default()), publisher, metrics, stop })
+        let (stop_sender, stop) = async_channel::bounded(1);
+        let app = App { config, hub, access: RefCell::new(Access::default()), publisher, metrics, stop };
+        (Rc::new(app), stop_sender)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_test_app_is_not_stopping_until_told() {
+        let (app, stop_sender) = App::for_tests();
+        assert!(!app.is_stopping());
+        assert!(smol::block_on(smol::future::poll_once(app.stopping())).is_none());
+        stop_sender.close();
+        assert!(app.is_stopping());
+        assert!(smol::block_on(smol::future::poll_once(app.stopping())).is_some());
     }
 }

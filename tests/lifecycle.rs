@@ -3,11 +3,14 @@
 
 mod common;
 
+use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
-use std::process::Command;
+use std::process::{Command, Stdio};
 
-use common::{PATIENCE, Server, run_to_exit, run_to_exit_with_log, signal, spawn_command, wait_until};
+use common::{
+    PATIENCE, Server, TempDir, UnixPublisher, run_to_exit, run_to_exit_with_log, signal, wait_until,
+};
 use tungstenite::Message;
 use tungstenite::protocol::frame::coding::CloseCode;
 
@@ -86,26 +89,38 @@ fn listen_refuses_other_host_names_without_a_lookup() {
     assert!(run.stderr.contains("--listen") && run.stderr.contains("host name"), "{}", run.stderr);
 }
 
-/// What the server logs in its first moments with `RUST_LOG` set to `spec`.
-fn logs_at_start_with_rust_log(spec: &str, expected: &str) -> String {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_resq-push"));
-    command.args(["--in-memory", "--listen", "127.0.0.1:0"]).env("RUST_LOG", spec);
-    let (mut child, logs) = spawn_command(command);
-    wait_until(&format!("{expected:?} with RUST_LOG={spec}"), || logs.lock().unwrap().contains(expected));
+/// Everything the server logs at start with `RUST_LOG` set to `spec`: up to its answer to a
+/// publish on the Unix socket, which comes only once start-up is over. Its stderr goes to a file,
+/// so that every line written before that answer is read.
+fn logs_at_start_with_rust_log(spec: &str) -> String {
+    let dir = TempDir::new();
+    let socket = dir.path().join("resq.sock");
+    let stderr = dir.path().join("stderr");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_resq-push"))
+        .args(["--in-memory", "--listen", "127.0.0.1:0", "--unix-socket", socket.to_str().unwrap()])
+        .env("RUST_LOG", spec)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(File::create(&stderr).unwrap())
+        .spawn()
+        .unwrap();
+    wait_until(&format!("the Unix socket with RUST_LOG={spec}"), || socket.exists());
+    UnixPublisher::connect(&socket).publish("{}");
     let _ = child.kill();
     let _ = child.wait();
-    logs.lock().unwrap().clone()
+    std::fs::read_to_string(&stderr).unwrap()
 }
 
 #[test]
 fn a_rust_log_the_logger_does_not_understand_gets_one_warning_naming_it() {
-    let logs = logs_at_start_with_rust_log("verbose", "listening on");
+    let logs = logs_at_start_with_rust_log("verbose");
+    assert!(logs.contains("listening on"), "{logs}");
     let warnings: Vec<&str> = logs.lines().filter(|line| line.contains("RUST_LOG")).collect();
     assert_eq!(warnings.len(), 1, "{logs}");
     assert!(warnings[0].contains(" WARN ") && warnings[0].contains(r#"ignored "verbose""#), "{logs}");
 
     // Shown even when the level it sets would hide warnings.
-    let logs = logs_at_start_with_rust_log("error,resq_push=loud", "RUST_LOG");
+    let logs = logs_at_start_with_rust_log("error,resq_push=loud");
     assert!(logs.contains(r#"ignored "resq_push=loud""#), "{logs}");
     assert!(!logs.contains("listening on"), "the error level was not kept:\n{logs}");
 }

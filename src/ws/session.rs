@@ -469,7 +469,7 @@ mod tests {
             let listener = smol::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             let _client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
             let (stream, peer) = listener.accept().await.unwrap();
-            let app = App::for_tests();
+            let (app, _stop_sender) = App::for_tests();
             let socket = Arc::from(stream.clone());
             let ws = WebSocketStream::from_raw_socket(stream, Role::Server, None).await;
             let (subscription, greeting) = Subscription::open(&app.hub, peer, None, None).unwrap();
