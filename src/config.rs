@@ -42,6 +42,10 @@ pub const MAX_MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
 pub const DEFAULT_MAX_HEAD_BYTES: usize = 8 * 1024;
 /// Default seconds to receive a whole HTTP request (head and body).
 pub const DEFAULT_HEADER_TIMEOUT_SECS: f64 = 10.0;
+/// Default slowest request body, in bytes a second on average (after a second's grace), that
+/// keeps its connection from being evicted when `--max-http-connections` are open: a body
+/// trickling below it is a slot held for nothing. 1 KiB/s is far below any working network.
+pub const DEFAULT_MIN_BODY_RATE: usize = 1024;
 /// Default seconds a write to a client may take before the client is dropped.
 pub const DEFAULT_WRITE_TIMEOUT_SECS: f64 = 10.0;
 /// Default live events a WebSocket client may fall behind before it counts as too slow and is dropped.
@@ -116,6 +120,12 @@ pub struct Config {
     /// seconds a client has to send a whole HTTP request, head and body (default 10)
     #[argh(option, default = "secs(DEFAULT_HEADER_TIMEOUT_SECS)", from_str_fn(parse_seconds))]
     pub header_timeout: Duration,
+
+    /// bytes a second an HTTP request body must average, after its first second, for its
+    /// connection not to be closed for a new one when --max-http-connections are open; 0: no
+    /// minimum (default 1024)
+    #[argh(option, default = "DEFAULT_MIN_BODY_RATE")]
+    pub min_body_rate: usize,
 
     /// seconds one write to a client may take before it is dropped (default 10)
     #[argh(option, default = "secs(DEFAULT_WRITE_TIMEOUT_SECS)", from_str_fn(parse_seconds))]

@@ -452,7 +452,7 @@ fn a_preflight_answer_carries_no_content_headers() {
 }
 
 /// A connection that is busy: its request head was read (the `100 Continue` says so) and the
-/// server waits for a body that does not come.
+/// server waits for a body that does not come (on a server with no `--min-body-rate`).
 fn busy_connection(server: &Server) -> TcpStream {
     let mut stream = TcpStream::connect(server.addr).unwrap();
     stream.set_read_timeout(Some(PATIENCE)).unwrap();
@@ -467,7 +467,7 @@ fn busy_connection(server: &Server) -> TcpStream {
 
 #[test]
 fn a_client_refused_for_busy_slots_reads_the_503_not_a_reset() {
-    let server = Server::start(&["--max-http-connections", "2"]);
+    let server = Server::start(&["--max-http-connections", "2", "--min-body-rate", "0"]);
     let _busy = [busy_connection(&server), busy_connection(&server)];
     for attempt in 0..10 {
         let mut stream = TcpStream::connect(server.addr).unwrap();

@@ -8,7 +8,10 @@ const SECTIONS: &[(&str, &[&str])] = &[
     ("Network", &["--listen", "--listen-backlog", "--unix-socket"]),
     ("Access", &["--subscribe-token-file", "--publish-token-file", "--allowed-origin", "--trusted-proxy"]),
     ("History", &["--data-dir", "--in-memory", "--history", "--history-max-age", "--history-bytes"]),
-    ("Time limits", &["--ping-interval", "--pong-timeout", "--header-timeout", "--write-timeout"]),
+    (
+        "Time limits",
+        &["--ping-interval", "--pong-timeout", "--header-timeout", "--min-body-rate", "--write-timeout"],
+    ),
     (
         "Limits",
         &[

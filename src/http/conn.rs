@@ -1,8 +1,10 @@
 //! Minimal HTTP/1.1 for the routes this server has: reading a bounded request head (httparse) and
 //! body, and writing small responses. Keep-alive and pipelining work; chunked bodies are refused.
 //! The connection knows whether the current request's body has been read, which makes it the one
-//! owner of the keep-alive decision (`HttpConnection::can_continue`).
+//! owner of the keep-alive decision (`HttpConnection::can_continue`). A body arriving below
+//! `--min-body-rate` (`BodyPace`) lets its connection be evicted for a new one.
 
+use std::future::Future;
 use std::io;
 use std::net::Shutdown;
 use std::rc::Rc;
@@ -26,6 +28,38 @@ pub const MAX_HEADERS: usize = 32;
 /// so the client reads the error instead of a connection reset.
 const LINGER_BYTES: usize = 256 * 1024;
 const LINGER_TIME: Duration = Duration::from_secs(2);
+/// How long a body may take to reach `--min-body-rate`: its first bytes may wait for a slow
+/// start or a retransmission, and at any time a body is a second's worth ahead of the minimum.
+pub const BODY_RATE_GRACE: Duration = Duration::from_secs(1);
+
+/// The slowest a request body may arrive and keep its connection's slot: on average
+/// `min_rate` bytes a second (0: no minimum) from `started`, after `BODY_RATE_GRACE`.
+#[derive(Clone, Copy, Debug)]
+pub struct BodyPace {
+    pub started: Instant,
+    pub min_rate: usize,
+}
+
+impl BodyPace {
+    /// When `received` bytes stop being enough; `None` if they always are.
+    pub fn behind_at(&self, received: usize) -> Option<Instant> {
+        if self.min_rate == 0 {
+            return None;
+        }
+        let earned = Duration::try_from_secs_f64(received as f64 / self.min_rate as f64).ok()?;
+        self.started.checked_add(BODY_RATE_GRACE.checked_add(earned)?)
+    }
+}
+
+/// Why a body read stopped waiting for the next bytes.
+enum BodyWait {
+    /// The whole request's deadline passed.
+    TimedOut,
+    /// The body fell below the minimum rate: its connection becomes evictable.
+    FellBehind,
+    /// It was evicted for a new connection while behind.
+    Evicted,
+}
 
 /// A parsed request head.
 #[derive(Debug)]
@@ -163,7 +197,7 @@ impl HttpConnection {
             }
             let was_idle = self.buffered.is_empty();
             let read = self
-                .read_more(HEAD_CHUNK, deadline)
+                .read_more(HEAD_CHUNK, deadline::passed(deadline))
                 .await
                 .map_err(|TimedOut| HeadError::TimedOut)?
                 .map_err(HeadError::Io)?;
@@ -176,13 +210,18 @@ impl HttpConnection {
         }
     }
 
-    /// Reads at most `at_most` bytes onto the end of `buffered`. Reading straight into the heap
-    /// buffer keeps the connection's future small: a stack array would live in every
-    /// connection's task for as long as the connection does.
-    async fn read_more(&mut self, at_most: usize, deadline: Instant) -> Result<io::Result<usize>, TimedOut> {
+    /// Reads at most `at_most` bytes onto the end of `buffered`, unless `interrupt` completes
+    /// first. Reading straight into the heap buffer keeps the connection's future small: a stack
+    /// array would live in every connection's task for as long as the connection does.
+    async fn read_more<E>(
+        &mut self,
+        at_most: usize,
+        interrupt: impl Future<Output = E>,
+    ) -> Result<io::Result<usize>, E> {
         let start = self.buffered.len();
         self.buffered.resize(start + at_most, 0);
-        let read = deadline::before(deadline, self.stream.read(&mut self.buffered[start..])).await;
+        let (stream, spare) = (&mut self.stream, &mut self.buffered[start..]);
+        let read = future::or(async { Ok(stream.read(spare).await) }, async { Err(interrupt.await) }).await;
         let filled = match &read {
             Ok(Ok(n)) => *n,
             _ => 0,
@@ -201,18 +240,47 @@ impl HttpConnection {
     }
 
     /// Reads a body of exactly `len` bytes (already checked against the limit) by `deadline`.
-    pub async fn read_body(&mut self, len: usize, deadline: Instant) -> Result<Vec<u8>, BodyError> {
-        while self.buffered.len() < len {
+    /// While it is below `pace`, its `slot` may be evicted; on pace it is busy, as it is after.
+    pub async fn read_body(
+        &mut self,
+        len: usize,
+        deadline: Instant,
+        pace: BodyPace,
+        slot: &SlotGuard,
+    ) -> Result<Vec<u8>, BodyError> {
+        loop {
+            if slot.was_evicted() {
+                return Err(BodyError::TooSlow);
+            }
+            if self.buffered.len() >= len {
+                break;
+            }
+            let behind_at = pace.behind_at(self.buffered.len()).filter(|&at| at < deadline);
+            let behind = behind_at.is_some_and(|at| at <= Instant::now());
+            slot.set_trickling(behind);
             let wanted = (len - self.buffered.len()).min(BODY_CHUNK);
-            let read = self
-                .read_more(wanted, deadline)
-                .await
-                .map_err(|TimedOut| BodyError::TimedOut)?
-                .map_err(|_| BodyError::Incomplete)?;
-            if read == 0 {
-                return Err(BodyError::Incomplete);
+            let pause = async {
+                match behind_at {
+                    Some(_) if behind => {
+                        slot.evicted().await;
+                        BodyWait::Evicted
+                    }
+                    Some(at) => {
+                        deadline::passed(at).await;
+                        BodyWait::FellBehind
+                    }
+                    None => future::pending().await,
+                }
+            };
+            let interrupt = future::or(async { deadline::passed(deadline).await.into() }, pause);
+            match self.read_more(wanted, interrupt).await {
+                Ok(Ok(0) | Err(_)) => return Err(BodyError::Incomplete),
+                Ok(Ok(_)) | Err(BodyWait::FellBehind) => {}
+                Err(BodyWait::TimedOut) => return Err(BodyError::TimedOut),
+                Err(BodyWait::Evicted) => return Err(BodyError::TooSlow),
             }
         }
+        slot.set_trickling(false);
         let rest = self.buffered.split_off(len);
         self.body_unread = false;
         Ok(std::mem::replace(&mut self.buffered, rest))
@@ -299,10 +367,18 @@ fn parse_head(buffer: &[u8], max_bytes: usize) -> Result<Option<(Request, usize)
     Ok(Some((request, head_len)))
 }
 
+impl From<TimedOut> for BodyWait {
+    fn from(_: TimedOut) -> BodyWait {
+        BodyWait::TimedOut
+    }
+}
+
 /// Why a request body could not be read.
 #[derive(Debug)]
 pub enum BodyError {
     TimedOut,
+    /// It came below `--min-body-rate`, and its connection was evicted for a new one.
+    TooSlow,
     /// The connection ended or failed before the whole body arrived.
     Incomplete,
 }
@@ -416,5 +492,17 @@ mod tests {
             let bytes = Response::interim(Status::CONTINUE).to_bytes(keep_alive);
             assert_eq!(String::from_utf8(bytes).unwrap(), "HTTP/1.1 100 Continue\r\n\r\n");
         }
+    }
+
+    #[test]
+    fn a_body_falls_behind_a_second_after_it_stops_earning_its_minimum() {
+        let started = Instant::now();
+        let pace = BodyPace { started, min_rate: 1000 };
+        assert_eq!(pace.behind_at(0), Some(started + BODY_RATE_GRACE));
+        assert_eq!(pace.behind_at(500), Some(started + BODY_RATE_GRACE + Duration::from_millis(500)));
+        assert_eq!(pace.behind_at(3000), Some(started + BODY_RATE_GRACE + Duration::from_secs(3)));
+        assert_eq!(BodyPace { started, min_rate: 0 }.behind_at(0), None);
+        // Never behind in any future an `Instant` can name.
+        assert_eq!(BodyPace { started, min_rate: 1 }.behind_at(usize::MAX), None);
     }
 }

@@ -22,7 +22,7 @@ use smol::net::TcpStream;
 use crate::app::App;
 use crate::core::hub::{ConnectedClient, Resume};
 use crate::core::idempotency::IdempotencyKey;
-use crate::http::conn::{BodyError, HeadError, HttpConnection, MAX_HEADERS, Request, Response};
+use crate::http::conn::{BodyError, BodyPace, HeadError, HttpConnection, MAX_HEADERS, Request, Response};
 use crate::http::credentials::{authorize, parse_resume};
 use crate::http::forwarded;
 use crate::http::status::Status;
@@ -86,7 +86,7 @@ pub async fn serve_requests(
         let client = forwarded::client_address(&app.config.trusted_proxy, peer, &request);
         debug!("{client} {} {}", request.method, request.path);
         let wants_keep_alive = request.keep_alive();
-        match handle(app, &mut connection, request, client, deadline).await {
+        match handle(app, &mut connection, request, client, deadline, &slot).await {
             Outcome::Upgrade(request) => return Some(Upgrade { connection, request, slot, client }),
             Outcome::Reply(response) if !connection.can_continue(wants_keep_alive, app.is_stopping()) => {
                 connection.respond_and_close(response, config.write_timeout, &slot).await;
@@ -110,13 +110,14 @@ async fn handle(
     request: Request,
     peer: SocketAddr,
     deadline: Instant,
+    slot: &SlotGuard,
 ) -> Outcome {
     let head_only = request.method == "HEAD";
     let method = if head_only { "GET" } else { request.method.as_str() };
     let mut response = match (request.path.as_str(), method) {
         ("/ws/emergencias", "GET") if !head_only => return Outcome::Upgrade(request),
         ("/ws/emergencias", _) => method_not_allowed("GET"),
-        ("/emergencias", "POST") => publish(app, connection, &request, peer, deadline).await,
+        ("/emergencias", "POST") => publish(app, connection, &request, peer, deadline, slot).await,
         ("/emergencias", "GET") => poll(app, &request, peer),
         ("/emergencias", "OPTIONS") => preflight(app, &request, peer, "GET, POST"),
         ("/emergencias", _) => method_not_allowed("GET, POST"),
@@ -183,6 +184,7 @@ async fn publish(
     request: &Request,
     peer: SocketAddr,
     deadline: Instant,
+    slot: &SlotGuard,
 ) -> Response {
     let max_bytes = app.config.max_body_bytes;
     let publisher = match authorize(app.access.borrow().publish.as_ref(), request, false, "publish", peer) {
@@ -219,11 +221,20 @@ async fn publish(
             return error(Status::REQUEST_TIMEOUT, "could not send 100 Continue");
         }
     }
-    let body = match connection.read_body(length, deadline).await {
+    let pace = BodyPace { started: Instant::now(), min_rate: app.config.min_body_rate };
+    let body = match connection.read_body(length, deadline, pace, slot).await {
         Ok(body) => body,
         Err(BodyError::TimedOut) => {
             warn!("closed {peer}: body not complete within --header-timeout");
             return error(Status::REQUEST_TIMEOUT, "body not complete within the request timeout");
+        }
+        // The eviction is logged, throttled, where it is decided: a flood of these is one line.
+        Err(BodyError::TooSlow) => {
+            debug!("closed {peer}: body below --min-body-rate, evicted for a new connection");
+            return error(
+                Status::REQUEST_TIMEOUT,
+                "body slower than --min-body-rate: closed for a new connection",
+            );
         }
         Err(BodyError::Incomplete) => return error(Status::BAD_REQUEST, "body incomplete"),
     };

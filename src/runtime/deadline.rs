@@ -11,11 +11,13 @@ pub struct TimedOut;
 
 /// Runs `work` until it finishes or `deadline` passes, whichever comes first.
 pub async fn before<T>(deadline: Instant, work: impl Future<Output = T>) -> Result<T, TimedOut> {
-    future::or(async { Ok(work.await) }, async {
-        Timer::at(deadline).await;
-        Err(TimedOut)
-    })
-    .await
+    future::or(async { Ok(work.await) }, async { Err(passed(deadline).await) }).await
+}
+
+/// Completes when `deadline` has passed.
+pub async fn passed(deadline: Instant) -> TimedOut {
+    Timer::at(deadline).await;
+    TimedOut
 }
 
 /// Runs `work` for at most `limit`.

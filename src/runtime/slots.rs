@@ -1,10 +1,15 @@
 //! Caps on open connections of one kind (HTTP, Unix-socket publishers), with eviction.
 //!
 //! A connection holds a `SlotGuard` while it is open and marks itself idle while it waits for
-//! input, or lingering while it closes after an error. When every slot is taken, a new connection
-//! closes a lingering one, else the one that has been idle longest, so a flood of idle, trickling
-//! or refused connections cannot lock real clients out: a real client sends its request right
-//! after connecting and is busy, not idle, when the flood needs room.
+//! input, trickling while its request body arrives below `--min-body-rate`, or lingering while it
+//! closes after an error. When every slot is taken, a new connection closes a lingering one, else
+//! the one trickling longest, else the one idle longest. A connection being served is never
+//! closed: its head and, on pace, its body read, its publish committed, its response written. So
+//! a flood holds slots only while the server serves it: a body in its first second
+//! (`http::conn::BODY_RATE_GRACE`) or sent at the minimum rate, a publish waiting for the disk
+//! (bounded by the journal's queue), an answer to a client that reads it slowly (up to
+//! `--write-timeout`). Idle, trickling and refused connections cannot lock real clients out: a
+//! real client sends its request right after connecting and is busy when the flood needs room.
 
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
@@ -53,8 +58,24 @@ struct Slot {
 enum Idleness {
     /// Answered and closing: evicting it costs its client nothing.
     Lingering,
+    /// Sending its request body below the minimum rate: evicting it costs its client a request
+    /// it was too slow to finish.
+    Trickling,
     /// Waiting for a request (or a line): evicting it costs its client a reconnect.
     Waiting,
+}
+
+impl Idleness {
+    /// What an eviction of this kind closed, for the log line.
+    fn evicted(self, what: &str) -> String {
+        match self {
+            Idleness::Lingering => format!("closed a {what} lingering after its answer"),
+            Idleness::Trickling => {
+                format!("closed the {what} sending its body below --min-body-rate longest")
+            }
+            Idleness::Waiting => format!("closed the {what} idle longest"),
+        }
+    }
 }
 
 /// Proof of a taken slot; dropping it gives the slot back.
@@ -68,8 +89,8 @@ pub struct SlotGuard {
 /// How a slot was obtained.
 enum Admission {
     Granted(SlotGuard),
-    /// Granted after evicting the connection idle the longest.
-    GrantedByEviction(SlotGuard),
+    /// Granted after evicting a connection of this kind.
+    GrantedByEviction(SlotGuard, Idleness),
     /// Every slot is busy.
     Refused,
 }
@@ -92,8 +113,8 @@ impl ConnectionSlots {
         let Limit { flag, metric_label, what } = self.limit;
         match self.try_take() {
             Admission::Granted(slot) => Some(slot),
-            Admission::GrantedByEviction(slot) => {
-                self.evictions.note(&format!("{flag} reached: closed the {what} idle longest"));
+            Admission::GrantedByEviction(slot, idleness) => {
+                self.evictions.note(&format!("{flag} reached: {}", idleness.evicted(what)));
                 metrics.count("resq_push_connections_evicted_total", metric_label);
                 Some(slot)
             }
@@ -106,9 +127,10 @@ impl ConnectionSlots {
     }
 
     fn try_take(self: &Rc<Self>) -> Admission {
-        let evicted_someone = self.entries.borrow().len() >= self.max;
-        if evicted_someone && !self.evict_longest_idle() {
-            return Admission::Refused;
+        let mut made_room = None;
+        if self.entries.borrow().len() >= self.max {
+            let Some(idleness) = self.evict_longest_idle() else { return Admission::Refused };
+            made_room = Some(idleness);
         }
         let (evict, evicted) = async_channel::bounded(1);
         let id = self.next_id.get();
@@ -117,7 +139,10 @@ impl ConnectionSlots {
         let idle = Some((Idleness::Waiting, Instant::now()));
         let key = self.entries.borrow_mut().insert(Slot { id, idle, evict });
         let guard = SlotGuard { slots: Rc::clone(self), key, id, evicted };
-        if evicted_someone { Admission::GrantedByEviction(guard) } else { Admission::Granted(guard) }
+        match made_room {
+            Some(idleness) => Admission::GrantedByEviction(guard, idleness),
+            None => Admission::Granted(guard),
+        }
     }
 
     #[cfg(test)]
@@ -125,20 +150,16 @@ impl ConnectionSlots {
         self.entries.borrow().len()
     }
 
-    fn evict_longest_idle(&self) -> bool {
+    /// Closes the first evictable connection (by kind, then by how long it has been so), and
+    /// says which kind it was; `None` when every connection is busy.
+    fn evict_longest_idle(&self) -> Option<Idleness> {
         let mut entries = self.entries.borrow_mut();
-        let oldest = entries
+        let (idleness, _, key) = entries
             .iter()
             .filter_map(|(key, slot)| slot.idle.map(|(idleness, since)| (idleness, since, key)))
-            .min()
-            .map(|(_, _, key)| key);
-        match oldest {
-            Some(key) => {
-                entries.remove(key).evict.close();
-                true
-            }
-            None => false,
-        }
+            .min()?;
+        entries.remove(key).evict.close();
+        Some(idleness)
     }
 }
 
@@ -148,6 +169,18 @@ impl SlotGuard {
         self.update(|slot| {
             let since = slot.idle.map_or_else(Instant::now, |(_, since)| since);
             slot.idle = idle.then_some((Idleness::Waiting, since));
+        });
+    }
+
+    /// Marks the connection as sending its body below the minimum rate (evictable, before any
+    /// waiting one), or back on pace (busy).
+    pub fn set_trickling(&self, trickling: bool) {
+        self.update(|slot| {
+            slot.idle = match slot.idle {
+                Some((Idleness::Trickling, since)) if trickling => Some((Idleness::Trickling, since)),
+                _ if trickling => Some((Idleness::Trickling, Instant::now())),
+                _ => None,
+            }
         });
     }
 
@@ -167,6 +200,11 @@ impl SlotGuard {
     pub async fn evicted(&self) {
         let _ = self.evicted.recv().await;
     }
+
+    /// Whether the connection has been evicted: it no longer holds a slot.
+    pub fn was_evicted(&self) -> bool {
+        self.evicted.is_closed()
+    }
 }
 
 impl Drop for SlotGuard {
@@ -185,7 +223,7 @@ mod tests {
 
     fn take(slots: &Rc<ConnectionSlots>) -> Option<SlotGuard> {
         match slots.try_take() {
-            Admission::Granted(guard) | Admission::GrantedByEviction(guard) => Some(guard),
+            Admission::Granted(guard) | Admission::GrantedByEviction(guard, _) => Some(guard),
             Admission::Refused => None,
         }
     }
@@ -230,5 +268,30 @@ mod tests {
         let _newest = take(&slots).unwrap();
         assert!(lingering.evicted.is_closed());
         assert!(!waiting.evicted.is_closed());
+    }
+
+    #[test]
+    fn a_trickling_connection_goes_after_lingering_ones_and_before_waiting_ones() {
+        let slots = ConnectionSlots::new(3, HTTP_CONNECTIONS);
+        let waiting = take(&slots).unwrap();
+        let trickling = take(&slots).unwrap();
+        let lingering = take(&slots).unwrap();
+        waiting.set_idle(true);
+        trickling.set_trickling(true);
+        lingering.set_lingering();
+        let _first = take(&slots).unwrap();
+        assert!(lingering.was_evicted() && !trickling.was_evicted());
+        let _second = take(&slots).unwrap();
+        assert!(trickling.was_evicted() && !waiting.was_evicted());
+    }
+
+    #[test]
+    fn a_body_back_on_pace_is_busy_again() {
+        let slots = ConnectionSlots::new(1, HTTP_CONNECTIONS);
+        let body = take(&slots).unwrap();
+        body.set_trickling(true);
+        body.set_trickling(false);
+        assert!(matches!(slots.try_take(), Admission::Refused));
+        assert!(!body.was_evicted());
     }
 }
