@@ -336,3 +336,41 @@ fn a_data_dir_from_before_idempotency_keys_is_migrated() {
     let reply = unix.reply();
     assert_eq!((reply["seq"].as_u64(), reply["duplicate"].as_bool()), (Some(2), Some(true)), "{reply}");
 }
+
+#[test]
+fn a_data_dir_removed_under_a_running_server_refuses_every_publish_and_fails_health() {
+    let server = Server::start(&[]);
+    let data = server.dir.path().join("data");
+    let mut unix = server.unix();
+    assert_eq!(unix.publish(r#"{"before":"removal"}"#), 1);
+    std::fs::remove_dir_all(&data).unwrap();
+
+    let refused = server.post(r#"{"after":"removal"}"#);
+    assert_eq!(refused.status, 503, "{}", refused.body);
+    let named = format!("data dir {} was removed or replaced", data.display());
+    assert!(refused.error().contains(&named), "{}", refused.body);
+    unix.send(b"{\"after\":1}\n{\"after\":2}\n");
+    for _ in 0..2 {
+        let reply = unix.reply();
+        assert_eq!(reply["ok"], false, "acknowledged after the removal: {reply}");
+        assert!(reply["error"].as_str().unwrap().contains(&named), "{reply}");
+    }
+    let response = server.get("/healthz");
+    assert_eq!(response.status, 503, "{}", response.body);
+    let health = response.json();
+    let storage = &health["storage"];
+    assert_eq!(
+        (&storage["state"], &storage["cause"]),
+        (&"failing".into(), &"data_dir_gone".into()),
+        "{health}"
+    );
+    assert!(storage["last_error"].as_str().unwrap().contains(&named), "{health}");
+    assert_eq!(health["seq"], 1, "{health}");
+    let page = server.get("/metrics").body;
+    assert!(page.contains("resq_push_storage_failures_total{cause=\"data_dir_gone\"} 3\n"), "{page}");
+    let logs = server.logs();
+    let reported: Vec<&str> = logs.lines().filter(|line| line.contains("was removed or replaced")).collect();
+    assert!(reported.iter().filter(|line| line.contains(" ERROR ")).count() == 1, "{logs}");
+    // Nothing was acknowledged after the removal, so a restart (a new history) loses nothing it said "ok" to.
+    assert!(!data.exists(), "the data dir was created again");
+}

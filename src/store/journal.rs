@@ -8,7 +8,9 @@
 //! the executor, which broadcasts them and answers their publishers. A failed commit assigns no
 //! seq and answers those publishers with an error. Each transaction also deletes what retention
 //! no longer keeps: by count, and by age when the clock can be trusted (`core::clock`). The
-//! outcome of the last commit is kept as the `StorageState` that `/healthz` reports.
+//! outcome of the last commit is kept as the `StorageState` that `/healthz` reports. Before and
+//! after each commit the database file at its path must still be the one opened at start
+//! (`DatabaseFile`): a data dir removed under the server is refused, not written to unlinked files.
 //!
 //! The idempotency key of a submission is decided here too, where its seq would be assigned: the
 //! key and the digest of the body are stored in the emergency's row, in the same transaction, and
@@ -17,8 +19,9 @@
 //! seq, no row, and is not delivered to the hub.
 
 use std::fs::{self, File};
-use std::io::Read;
-use std::path::Path;
+use std::io::{self, Read};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
@@ -104,6 +107,8 @@ pub enum FailureCause {
     Busy,
     /// The storage thread is gone.
     Stopped,
+    /// The data dir was removed or replaced while the server ran: restart it (a new history).
+    DataDirGone,
     Other,
 }
 
@@ -115,6 +120,7 @@ impl FailureCause {
             FailureCause::Io => "io",
             FailureCause::Busy => "busy",
             FailureCause::Stopped => "stopped",
+            FailureCause::DataDirGone => "data_dir_gone",
             FailureCause::Other => "other",
         }
     }
@@ -236,6 +242,7 @@ pub fn open(dir: &Path, retention: Retention) -> Result<(Journal, Loaded, Receiv
     lock.try_lock().map_err(|_| format!("data dir {shown} is in use by another resq-push"))?;
     let path = dir.join(DATABASE_FILE);
     let mut db = open_database(&path).map_err(|unusable| unusable.explain(dir, &path))?;
+    let file = DatabaseFile::opened(dir, &path).map_err(|e| format!("data dir {shown}: {e}"))?;
     let mut expiry = Expiry::new(retention);
     let loaded = load(&mut db, &mut expiry, Reading::now())
         .map_err(|e| format!("data dir {shown}: cannot read the history: {e}"))?;
@@ -254,7 +261,7 @@ pub fn open(dir: &Path, retention: Retention) -> Result<(Journal, Loaded, Receiv
         .spawn(move || {
             // The lock lives as long as the thread that writes.
             let _lock = lock;
-            run(db, tail, expiry, incoming, &taken, &outcomes, committed_sender);
+            run(Database { db, file }, tail, expiry, incoming, &taken, &outcomes, committed_sender);
         })
         .map_err(|e| format!("cannot start the storage thread: {e}"))?;
     Ok((Journal { requests, queued, state, thread: Some(thread) }, loaded, committed))
@@ -324,6 +331,78 @@ impl Drop for Journal {
                  SQLite recovers what it was writing at the next start"
             );
         }
+    }
+}
+
+/// The database file as it was opened, to notice when the data dir is removed or replaced under
+/// the running server: SQLite would go on writing to the unlinked file, and what it committed
+/// there would be gone at the next start, though its publishers had been told "ok".
+#[derive(Debug)]
+struct DatabaseFile {
+    dir: PathBuf,
+    path: PathBuf,
+    /// (device, inode) of the file opened at start.
+    opened: (u64, u64),
+    /// Set once a commit went to the file after it had left its path: those seqs were neither
+    /// acknowledged nor delivered, so nothing may follow them, even if the file comes back.
+    abandoned: Option<String>,
+    /// Whether the current loss is logged: once, not once per refused commit.
+    reported: bool,
+}
+
+impl DatabaseFile {
+    fn opened(dir: &Path, path: &Path) -> io::Result<DatabaseFile> {
+        let metadata = fs::metadata(path)?;
+        Ok(DatabaseFile {
+            dir: dir.to_owned(),
+            path: path.to_owned(),
+            opened: (metadata.dev(), metadata.ino()),
+            abandoned: None,
+            reported: false,
+        })
+    }
+
+    /// Whether the file opened at start is still at its path (one `stat`); if not, why, for
+    /// the publishers and `/healthz`.
+    fn check(&mut self) -> Result<(), String> {
+        if let Some(detail) = &self.abandoned {
+            return Err(detail.clone());
+        }
+        let Some(detail) = self.missing() else {
+            self.reported = false;
+            return Ok(());
+        };
+        if !std::mem::replace(&mut self.reported, true) {
+            error!("{detail}");
+        }
+        Err(detail)
+    }
+
+    /// After a commit: if the file left its path meanwhile, the commit is lost with it, and the
+    /// journal stores nothing more.
+    fn check_committed(&mut self) -> Result<(), String> {
+        self.check().inspect_err(|detail| self.abandoned = Some(detail.clone()))
+    }
+
+    fn missing(&self) -> Option<String> {
+        let found = match fs::metadata(&self.path) {
+            Ok(metadata) if (metadata.dev(), metadata.ino()) == self.opened => return None,
+            Ok(_) => format!("{DATABASE_FILE} is another file than the one opened at start"),
+            Err(error) => format!("{DATABASE_FILE}: {error}"),
+        };
+        Some(format!(
+            "data dir {} was removed or replaced ({found}): nothing is stored until it is back \
+             or resq-push is restarted (a new history)",
+            self.dir.display()
+        ))
+    }
+}
+
+/// Answers every submission of a batch that was not stored, and records the failure.
+fn refuse(appends: Vec<Append>, cause: FailureCause, detail: String, state: &SharedState) {
+    state.failed(cause, detail.clone());
+    for append in appends {
+        let _ = append.reply.try_send(Err(StorageError::Failed { cause, detail: detail.clone() }));
     }
 }
 
@@ -460,9 +539,17 @@ impl Loaded {
     }
 }
 
-/// The storage thread: commit what is queued, hand it to the executor, repeat.
+/// What the storage thread writes to: the connection, and the file it has open.
+struct Database {
+    db: Connection,
+    file: DatabaseFile,
+}
+
+/// The storage thread: commit what is queued, hand it to the executor, repeat. Nothing is
+/// written while the database file is not at its path, and nothing committed to it once it
+/// has left is acknowledged.
 fn run(
-    mut db: Connection,
+    Database { mut db, mut file }: Database,
     mut tail: Tail,
     mut expiry: Expiry,
     incoming: Receiver<Request>,
@@ -482,8 +569,19 @@ fn run(
                 request = incoming.try_recv().ok();
             }
         }
+        if let Err(detail) = file.check() {
+            refuse(appends, FailureCause::DataDirGone, detail, state);
+            continue;
+        }
         let changes_before = db.total_changes();
-        match write_batch(&mut db, tail, &appends, &mut expiry, Reading::now()) {
+        let written = write_batch(&mut db, tail, &appends, &mut expiry, Reading::now());
+        if written.is_ok()
+            && let Err(detail) = file.check_committed()
+        {
+            refuse(appends, FailureCause::DataDirGone, detail, state);
+            continue;
+        }
+        match written {
             Ok(outcomes) => {
                 // A transaction that wrote nothing (a sweep that deleted nothing, or a batch of
                 // only retries and conflicts, which store no row) succeeds on a full disk too: it
@@ -716,6 +814,42 @@ mod tests {
         // Dropping the journal lets its thread run the sweep, then joins it.
         drop(journal);
         assert!(matches!(state.get(), StorageState::Failing { cause: FailureCause::DiskFull, .. }));
+    }
+
+    #[test]
+    fn a_sweep_notices_a_removed_data_dir() {
+        let dir = TestDir::new("removed");
+        let (journal, _, _committed) = open(dir.path(), RETENTION).unwrap();
+        fs::remove_dir_all(dir.path()).unwrap();
+        journal.sweep();
+        let state = Arc::clone(&journal.state);
+        drop(journal);
+        let StorageState::Failing { cause, last_error, .. } = state.get() else {
+            panic!("{:?}", state.get())
+        };
+        assert_eq!(cause, FailureCause::DataDirGone);
+        let named = format!("data dir {} was removed or replaced", dir.path().display());
+        assert!(last_error.starts_with(&named), "{last_error}");
+    }
+
+    #[test]
+    fn nothing_follows_a_commit_to_a_file_that_had_left_its_path() {
+        let dir = TestDir::new("moved");
+        let (path, away) = (dir.path().join(DATABASE_FILE), dir.path().join("away"));
+        fs::write(&path, "").unwrap();
+        let mut file = DatabaseFile::opened(dir.path(), &path).unwrap();
+        assert_eq!(file.check(), Ok(()));
+        fs::rename(&path, &away).unwrap();
+        assert!(file.check().unwrap_err().contains("(history.sqlite3: No such file"));
+        fs::rename(&away, &path).unwrap();
+        assert_eq!(file.check(), Ok(()), "back before anything was written to it elsewhere");
+        fs::rename(&path, &away).unwrap();
+        fs::write(&path, "").unwrap();
+        let replaced = file.check_committed().unwrap_err();
+        assert!(replaced.contains("(history.sqlite3 is another file than the one opened at start)"));
+        fs::remove_file(&path).unwrap();
+        fs::rename(&away, &path).unwrap();
+        assert_eq!(file.check(), Err(replaced), "a commit went to it while away");
     }
 
     #[test]
