@@ -62,7 +62,8 @@ fn bodies_trickling_below_the_minimum_rate_make_room_for_tablets_and_health_chec
     assert_eq!(client.recv_json()["type"], "connection");
     let mut told = 0;
     for stream in &mut tricklers {
-        stream.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+        // An evicted trickler is answered at once; a second is plenty on a loaded machine.
+        stream.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
         if stream.peek(&mut [0u8; 1]).is_ok_and(|n| n > 0) {
             stream.set_read_timeout(Some(PATIENCE)).unwrap();
             let response = HttpResponse::read(&mut BufReader::new(&*stream));
@@ -71,7 +72,9 @@ fn bodies_trickling_below_the_minimum_rate_make_room_for_tablets_and_health_chec
             told += 1;
         }
     }
-    assert_eq!(told, 2, "one trickler evicted for the monitor, one for the tablet");
+    // At least one for the monitor and one for the tablet; a /healthz attempt that was refused
+    // before the first trickler fell behind may have evicted another on its retry.
+    assert!(told >= 2, "{told} tricklers evicted: one for the monitor and one for the tablet at least");
     drop(monitor);
 }
 
