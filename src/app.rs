@@ -62,7 +62,9 @@ impl App {
         let (hub, ingress) = HubHandle::new(Hub::new(hub_limits(&config), "test-stream"));
         let metrics = Rc::new(Metrics::default());
         let fan_out = Rc::clone(&Scheduler::new(config.publish_burst()).fan_out);
-        let publisher = Publisher::new(ingress, None, fan_out, Rc::clone(&metrics), config.max_body_bytes);
+        let (max_bytes, max_inflight_bytes) = (config.max_body_bytes, config.max_inflight_bytes);
+        let publisher =
+            Publisher::new(ingress, None, fan_out, Rc::clone(&metrics), max_bytes, max_inflight_bytes);
         let (stop_sender, stop) = async_channel::bounded(1);
         let app = App { config, hub, access: RefCell::new(Access::default()), publisher, metrics, stop };
         (Rc::new(app), stop_sender)

@@ -34,6 +34,12 @@ pub const DEFAULT_DATA_DIR: &str = "data";
 pub const DEFAULT_HISTORY_BYTES: usize = 16 * 1024 * 1024;
 /// Default largest emergency accepted: an HTTP body or one Unix-socket line.
 pub const DEFAULT_MAX_BODY_BYTES: usize = 64 * 1024;
+/// Default bytes of emergencies in flight at once (read, checked, waiting for the disk and the
+/// hub): 256 of the largest, or thousands of ordinary ones. Each is held about twice while in
+/// flight (its body, then its envelope), so with the full history and every connection open the
+/// process stays well under the unit's `MemoryMax` (BENCHMARKS.md, "Memory under concurrent
+/// large publishes").
+pub const DEFAULT_MAX_INFLIGHT_BYTES: usize = 16 * 1024 * 1024;
 /// Default largest `GET /emergencias` response; a poller asks again from the last seq it got.
 pub const DEFAULT_MAX_POLL_BYTES: usize = 1024 * 1024;
 /// Upper bound for `--max-body-bytes`, so size arithmetic stays far from overflow.
@@ -108,6 +114,11 @@ pub struct Config {
     /// largest emergency accepted, as an HTTP body or a Unix-socket line (default 65536)
     #[argh(option, default = "DEFAULT_MAX_BODY_BYTES")]
     pub max_body_bytes: usize,
+
+    /// bytes of emergencies being published at once, over HTTP and the Unix socket; more wait
+    /// their turn, then get 503 (default 16 MiB; at least --max-body-bytes)
+    #[argh(option, default = "DEFAULT_MAX_INFLIGHT_BYTES")]
+    pub max_inflight_bytes: usize,
 
     /// largest GET /emergencias response in bytes (default 1 MiB)
     #[argh(option, default = "DEFAULT_MAX_POLL_BYTES")]
@@ -237,6 +248,9 @@ impl Config {
         }
         if self.max_body_bytes > MAX_MAX_BODY_BYTES {
             return Err(format!("--max-body-bytes must be at most {MAX_MAX_BODY_BYTES}"));
+        }
+        if self.max_inflight_bytes < self.max_body_bytes {
+            return Err("--max-inflight-bytes must be at least --max-body-bytes".into());
         }
         if self.max_head_bytes < 256 {
             return Err("--max-head-bytes must be at least 256".into());
@@ -621,5 +635,7 @@ mod tests {
         assert!(zero_queue.contains("--queue"), "{zero_queue}");
         let zero_ping = parse(&["--ping-interval", "0"]).unwrap().validate().unwrap_err();
         assert!(zero_ping.contains("--ping-interval"), "{zero_ping}");
+        let small_budget = parse(&["--max-inflight-bytes", "1000"]).unwrap().validate().unwrap_err();
+        assert!(small_budget.contains("--max-inflight-bytes"), "{small_budget}");
     }
 }

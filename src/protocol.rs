@@ -30,10 +30,18 @@ impl Source {
     }
 }
 
-/// Serializes one emergency's envelope, once; clients and history share the result.
+/// The most an envelope adds around its `data`: `{"type":"emergencia","seq":...,"data":}`.
+const ENVELOPE_MEMBERS_BYTES: usize = 128;
+
+/// Serializes one emergency's envelope, once; clients and history share the result. Sized up
+/// front: grown by doubling, a large emergency's envelope would hold up to twice its size.
 pub fn envelope_json(seq: u64, received_at: SystemTime, source: Source, data: &RawValue) -> String {
     let received_at = rfc3339_millis(received_at);
-    to_json(&EmergencyEnvelope { kind: "emergencia", seq, received_at: &received_at, source, data })
+    let envelope = EmergencyEnvelope { kind: "emergencia", seq, received_at: &received_at, source, data };
+    let mut json = Vec::with_capacity(data.get().len() + ENVELOPE_MEMBERS_BYTES);
+    serde_json::to_writer(&mut json, &envelope)
+        .unwrap_or_else(|_| unreachable!("an envelope always serializes"));
+    String::from_utf8(json).unwrap_or_else(|_| unreachable!("serde_json writes UTF-8"))
 }
 
 /// One emergency as pushed to tablets and stored in history: `{"type":"emergencia",...}`.
@@ -188,4 +196,17 @@ pub struct ClientInfo {
 /// JSON, for which serde_json cannot fail.
 pub fn to_json<T: Serialize>(value: &T) -> String {
     serde_json::to_string(value).unwrap_or_else(|_| unreachable!("protocol types always serialize"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_envelope_is_allocated_once_at_its_size() {
+        let data = RawValue::from_string(format!(r#"{{"pad":"{}"}}"#, "p".repeat(60_000))).unwrap();
+        let envelope = envelope_json(u64::MAX, SystemTime::now(), Source::Http, &data);
+        assert!(envelope.ends_with(&format!(r#""data":{}}}"#, data.get())), "{}", &envelope[..120]);
+        assert_eq!(envelope.capacity(), data.get().len() + ENVELOPE_MEMBERS_BYTES, "it grew");
+    }
 }

@@ -99,6 +99,7 @@ pub fn serve(
         Rc::clone(&scheduler.fan_out),
         Rc::clone(&metrics),
         config.max_body_bytes,
+        config.max_inflight_bytes,
     );
     let app = Rc::new(App { config, hub, access: RefCell::new(access), publisher, metrics, stop });
     let (tasks, all_tasks_done) = TaskTokens::new();

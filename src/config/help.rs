@@ -20,6 +20,7 @@ const SECTIONS: &[(&str, &[&str])] = &[
             "--max-http-connections",
             "--max-unix-connections",
             "--max-body-bytes",
+            "--max-inflight-bytes",
             "--max-poll-bytes",
             "--max-head-bytes",
             "--max-client-message-bytes",

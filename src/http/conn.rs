@@ -15,6 +15,7 @@ use smol::io::{AsyncReadExt, AsyncWriteExt};
 use smol::net::TcpStream;
 
 use crate::http::status::Status;
+use crate::runtime::budget::Reservation;
 use crate::runtime::deadline::{self, TimedOut};
 use crate::runtime::slots::SlotGuard;
 use crate::support::metrics::Metrics;
@@ -240,13 +241,16 @@ impl HttpConnection {
     }
 
     /// Reads a body of exactly `len` bytes (already checked against the limit) by `deadline`.
-    /// While it is below `pace`, its `slot` may be evicted; on pace it is busy, as it is after.
+    /// While it is below `pace`, its `slot` may be evicted and its share of
+    /// `--max-inflight-bytes` (`held`) is given back, so that a trickle holds nobody up; on
+    /// pace it is busy, as it is after.
     pub async fn read_body(
         &mut self,
         len: usize,
         deadline: Instant,
         pace: BodyPace,
         slot: &SlotGuard,
+        held: &mut Option<Reservation>,
     ) -> Result<Vec<u8>, BodyError> {
         loop {
             if slot.was_evicted() {
@@ -258,7 +262,11 @@ impl HttpConnection {
             let behind_at = pace.behind_at(self.buffered.len()).filter(|&at| at < deadline);
             let behind = behind_at.is_some_and(|at| at <= Instant::now());
             slot.set_trickling(behind);
+            if behind {
+                held.take();
+            }
             let wanted = (len - self.buffered.len()).min(BODY_CHUNK);
+            self.make_room(wanted, len);
             let pause = async {
                 match behind_at {
                     Some(_) if behind => {
@@ -284,6 +292,17 @@ impl HttpConnection {
         let rest = self.buffered.split_off(len);
         self.body_unread = false;
         Ok(std::mem::replace(&mut self.buffered, rest))
+    }
+
+    /// Makes room for `wanted` more bytes of a body of `len`, doubling as a `Vec` does but never
+    /// past `len`: the body becomes the stored object as it is, and a doubled buffer would hold
+    /// up to twice the body for as long as the publish is in flight.
+    fn make_room(&mut self, wanted: usize, len: usize) {
+        let needed = self.buffered.len() + wanted;
+        if needed > self.buffered.capacity() {
+            let target = (self.buffered.capacity() * 2).clamp(needed, len.max(needed));
+            self.buffered.reserve_exact(target - self.buffered.len());
+        }
     }
 
     /// Whether the connection can take another request once the current one is answered: the

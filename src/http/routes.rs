@@ -221,8 +221,12 @@ async fn publish(
             return error(Status::REQUEST_TIMEOUT, "could not send 100 Continue");
         }
     }
+    let mut held = match app.publisher.reserve(length, deadline).await {
+        Ok(reservation) => Some(reservation),
+        Err(rejection) => return refused(rejection, peer),
+    };
     let pace = BodyPace { started: Instant::now(), min_rate: app.config.min_body_rate };
-    let body = match connection.read_body(length, deadline, pace, slot).await {
+    let body = match connection.read_body(length, deadline, pace, slot, &mut held).await {
         Ok(body) => body,
         Err(BodyError::TimedOut) => {
             warn!("closed {peer}: body not complete within --header-timeout");
@@ -238,23 +242,38 @@ async fn publish(
         }
         Err(BodyError::Incomplete) => return error(Status::BAD_REQUEST, "body incomplete"),
     };
-    match app.publisher.submit(&body, Source::Http, key).await {
+    // A body that trickled gave its share back; it is whole now, and holds it again.
+    let _held = match held {
+        Some(reservation) => reservation,
+        None => match app.publisher.reserve(length, deadline).await {
+            Ok(reservation) => reservation,
+            Err(rejection) => return refused(rejection, peer),
+        },
+    };
+    match app.publisher.submit(body, Source::Http, key).await {
         // A duplicate gets the status its original got: a publisher that retries until it sees
         // a 202 stops at the first retry that gets through.
         Ok(accepted) => {
             let name = publisher.map(|identity| format!(" ({})", identity.name)).unwrap_or_default();
-            info!("{accepted} ({} bytes) over http from {peer}{name}", body.len());
+            info!("{accepted} ({length} bytes) over http from {peer}{name}");
             Response::json(Status::ACCEPTED, app.publisher.reply(accepted))
         }
-        Err(rejection @ Rejection::KeyConflict { .. }) => {
+        Err(rejection) => refused(rejection, peer),
+    }
+}
+
+/// The answer to a publish the ingest path refused, logged.
+fn refused(rejection: Rejection, peer: SocketAddr) -> Response {
+    match rejection {
+        Rejection::KeyConflict { .. } => {
             warn!("rejected publish from {peer}: {rejection}");
             error(Status::CONFLICT, &rejection.to_string())
         }
-        Err(rejection) if rejection.is_temporary() => {
+        _ if rejection.is_temporary() => {
             warn!("could not take a publish from {peer}: {rejection}");
             error(Status::SERVICE_UNAVAILABLE, &rejection.to_string()).with_header("Retry-After", "5")
         }
-        Err(rejection) => {
+        _ => {
             warn!("rejected publish from {peer}: {rejection}");
             error(Status::BAD_REQUEST, &rejection.to_string())
         }

@@ -7,9 +7,13 @@
 //! is assigned, which decides whether it is new, a retry, or a conflicting reuse of the key. Every
 //! new emergency reaches the hub through `Publisher::hand_over`: wait for room in the fan-out,
 //! deliver, count; a retry never does.
+//!
+//! What publishes hold in flight is bounded by `--max-inflight-bytes` (`Publisher::reserve`), and
+//! a submission's bytes become the stored object without a copy when they are exactly the object.
 
 use std::cell::Cell;
 use std::rc::Rc;
+use std::time::{Duration, Instant};
 
 use async_channel::Receiver;
 use serde::{Deserialize, Deserializer};
@@ -20,12 +24,16 @@ use crate::core::hub::Refusal;
 use crate::core::idempotency::{Fingerprint, IdempotencyKey};
 use crate::core::{Outcome, Receipt};
 use crate::protocol::{PublishReply, Source};
+use crate::runtime::budget::{ByteBudget, Reservation};
 use crate::runtime::scheduler::FanOut;
 use crate::store::journal::{Committed, FailureCause, Journal, StorageError};
 use crate::support::metrics::Metrics;
 
 /// The member of an emergency that holds its idempotency key.
 pub const KEY_MEMBER: &str = "idempotency_key";
+/// Longest a publish waits for room in `--max-inflight-bytes` before it is refused as busy: a
+/// commit frees its share in milliseconds, so a longer wait means the disk does not keep up.
+pub const INFLIGHT_WAIT: Duration = Duration::from_secs(2);
 
 /// Why a submission was not published. `Display` gives the message sent back to the publisher.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -48,6 +56,8 @@ pub enum Rejection {
     ShuttingDown,
     /// `journal::MAX_QUEUED` submissions are already waiting for the disk.
     StorageBusy,
+    /// `--max-inflight-bytes` stayed spent for `INFLIGHT_WAIT`.
+    Overloaded,
     /// Writing to the data dir failed; nothing was stored.
     StorageFailed(String),
 }
@@ -55,7 +65,13 @@ pub enum Rejection {
 impl Rejection {
     /// Whether the server, not the submission, is at fault: the publisher should retry.
     pub fn is_temporary(&self) -> bool {
-        matches!(self, Rejection::ShuttingDown | Rejection::StorageBusy | Rejection::StorageFailed(_))
+        matches!(
+            self,
+            Rejection::ShuttingDown
+                | Rejection::StorageBusy
+                | Rejection::Overloaded
+                | Rejection::StorageFailed(_)
+        )
     }
 
     /// The reason's name in metrics.
@@ -70,6 +86,7 @@ impl Rejection {
             Rejection::KeyConflict { .. } => "key_conflict",
             Rejection::ShuttingDown => "shutting_down",
             Rejection::StorageBusy => "storage_busy",
+            Rejection::Overloaded => "busy",
             Rejection::StorageFailed(_) => "storage_failed",
         }
     }
@@ -102,6 +119,9 @@ impl std::fmt::Display for Rejection {
             ),
             Rejection::ShuttingDown => f.write_str("server shutting down: publish again after it restarts"),
             Rejection::StorageBusy => f.write_str("storage busy: publish again shortly"),
+            Rejection::Overloaded => f.write_str(
+                "server busy: --max-inflight-bytes of emergencies already in flight; publish again shortly",
+            ),
             Rejection::StorageFailed(detail) => write!(f, "storage failed, nothing was stored: {detail}"),
         }
     }
@@ -140,6 +160,23 @@ pub fn parse_submission(
         (header, member) => header.or(member),
     };
     Ok(Submission { data, fingerprint: key.map(|key| Fingerprint::new(key, data.get())) })
+}
+
+/// Checks a submission (see `parse_submission`) and takes it as the object to store: its own
+/// bytes when they are exactly the object, a copy of the object only when whitespace is around it.
+fn owned_submission(
+    bytes: Vec<u8>,
+    max_bytes: usize,
+    header: Option<IdempotencyKey>,
+) -> Result<(Box<RawValue>, Option<Fingerprint>), Rejection> {
+    let Submission { data, fingerprint } = parse_submission(&bytes, max_bytes, header)?;
+    if data.get().len() != bytes.len() {
+        return Ok((data.to_owned(), fingerprint));
+    }
+    let invalid = |detail: String| Rejection::InvalidJson(detail);
+    let text = String::from_utf8(bytes).map_err(|e| invalid(e.to_string()))?;
+    let data = RawValue::from_string(text).map_err(|e| invalid(e.to_string()))?;
+    Ok((data, fingerprint))
 }
 
 /// The object's `"idempotency_key"` member, if it has one at its top level. Present, it must be
@@ -219,6 +256,8 @@ pub struct Publisher {
     metrics: Rc<Metrics>,
     /// `--max-body-bytes`.
     max_bytes: usize,
+    /// `--max-inflight-bytes`: what publishes hold from their body's first byte to their answer.
+    in_flight: Rc<ByteBudget>,
     /// Cleared when shutdown begins: from then on every submission is refused.
     accepting: Cell<bool>,
 }
@@ -230,8 +269,18 @@ impl Publisher {
         fan_out: Rc<FanOut>,
         metrics: Rc<Metrics>,
         max_bytes: usize,
+        max_inflight_bytes: usize,
     ) -> Publisher {
-        Publisher { ingress, journal, fan_out, metrics, max_bytes, accepting: Cell::new(true) }
+        let in_flight = ByteBudget::new(max_inflight_bytes);
+        Publisher { ingress, journal, fan_out, metrics, max_bytes, in_flight, accepting: Cell::new(true) }
+    }
+
+    /// Takes `bytes` of `--max-inflight-bytes` for a publish about to hold them (a body about
+    /// to be read, lines about to be staged), waiting behind earlier ones until `until` or for
+    /// `INFLIGHT_WAIT`, whichever is sooner. Dropping the reservation gives them back.
+    pub async fn reserve(&self, bytes: usize, until: Instant) -> Result<Reservation, Rejection> {
+        let until = until.min(Instant::now() + INFLIGHT_WAIT);
+        self.in_flight.reserve(bytes, until).await.ok_or(Rejection::Overloaded)
     }
 
     /// The first step of shutdown: every submission from now on is refused as
@@ -254,21 +303,21 @@ impl Publisher {
     /// `key` is the one the transport was given beside the body (the HTTP header).
     pub async fn stage(
         &self,
-        bytes: &[u8],
+        bytes: Vec<u8>,
         source: Source,
         key: Option<IdempotencyKey>,
     ) -> Result<Staged, Rejection> {
-        let Submission { data, fingerprint } = parse_submission(bytes, self.max_bytes, key)?;
+        let (data, fingerprint) = owned_submission(bytes, self.max_bytes, key)?;
         if !self.accepting.get() {
             return Err(Rejection::ShuttingDown);
         }
         match &self.journal {
-            Some(journal) => match journal.append(data.to_owned(), source, fingerprint) {
+            Some(journal) => match journal.append(data, source, fingerprint) {
                 Ok(outcome) => Ok(Staged::Storing(outcome)),
                 Err(error) => Err(self.refused_by_storage(error)),
             },
             None => {
-                let published = self.hand_over(|ingress| ingress.publish(data, source, fingerprint)).await;
+                let published = self.hand_over(|ingress| ingress.publish(&data, source, fingerprint)).await;
                 published.map(Staged::Published).map_err(|_: Refusal| Rejection::ShuttingDown)
             }
         }
@@ -315,7 +364,7 @@ impl Publisher {
     /// Stages one submission and waits for its outcome.
     pub async fn submit(
         &self,
-        bytes: &[u8],
+        bytes: Vec<u8>,
         source: Source,
         key: Option<IdempotencyKey>,
     ) -> Result<Accepted, Rejection> {
@@ -441,6 +490,16 @@ mod tests {
     }
 
     #[test]
+    fn a_submission_that_is_exactly_the_object_is_kept_without_a_copy() {
+        let bytes = br#"{"tipo":"incendio"}"#.to_vec();
+        let address = bytes.as_ptr();
+        let (data, _) = owned_submission(bytes, 100, None).unwrap();
+        assert_eq!(data.get().as_ptr(), address);
+        let (spaced, _) = owned_submission(b" {\"a\":1}\n".to_vec(), 100, None).unwrap();
+        assert_eq!(spaced.get(), "{\"a\":1}");
+    }
+
+    #[test]
     fn the_digest_is_of_the_object_without_the_whitespace_around_it() {
         let digest =
             |bytes: &[u8]| parse_submission(bytes, 100, key("k")).unwrap().fingerprint.unwrap().digest;
@@ -464,13 +523,13 @@ mod tests {
         };
         let (_, ingress) = HubHandle::new(Hub::new(limits, "stream-a"));
         let fan_out = Rc::clone(&Scheduler::new(5).fan_out);
-        Publisher::new(ingress, None, fan_out, Rc::new(Metrics::default()), 1000)
+        Publisher::new(ingress, None, fan_out, Rc::new(Metrics::default()), 1000, 1 << 20)
     }
 
     #[test]
     fn the_reply_to_an_accepted_submission_names_the_history() {
         let publisher = in_memory_publisher();
-        let accepted = smol::block_on(publisher.submit(b"{}", Source::Http, None)).unwrap();
+        let accepted = smol::block_on(publisher.submit(b"{}".to_vec(), Source::Http, None)).unwrap();
         assert_eq!(publisher.reply(accepted), r#"{"ok":true,"stream":"stream-a","seq":1,"queued_to":0}"#);
         let retry = Accepted { seq: 1, queued_to: 0, duplicate: true };
         assert_eq!(

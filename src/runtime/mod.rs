@@ -1,6 +1,8 @@
 //! How work runs on the one thread: the scheduler and its two executors, connection tasks and
-//! their shutdown tokens, connection caps, deadlines. Knows nothing of HTTP, WebSocket or the hub.
+//! their shutdown tokens, connection caps, the in-flight byte budget, deadlines. Knows nothing of
+//! HTTP, WebSocket or the hub.
 
+pub mod budget;
 pub mod deadline;
 pub mod scheduler;
 pub mod slots;

@@ -2,6 +2,7 @@
 
 use std::io;
 use std::rc::Rc;
+use std::time::Instant;
 
 use log::{debug, info, warn};
 use smol::future;
@@ -9,7 +10,7 @@ use smol::io::{AsyncReadExt, AsyncWriteExt};
 use smol::net::unix::UnixStream;
 
 use crate::app::App;
-use crate::ingest::Rejection;
+use crate::ingest::{INFLIGHT_WAIT, Rejection};
 use crate::protocol::{Source, error_json};
 use crate::runtime::deadline;
 use crate::runtime::slots::SlotGuard;
@@ -85,11 +86,15 @@ fn drop_unfinished_line(splitter: &LineSplitter, error: &io::Error) {
 /// is taken without a `Pending`, and each is a log line. Returns one reply line per input line;
 /// each emergency published is logged with its sender.
 async fn publish_lines(app: &App, lines: Vec<Result<Vec<u8>, Rejection>>, sender: &str) -> String {
+    let bytes_in_flight = lines.iter().flatten().map(Vec::len).sum();
+    // Held until every line is answered; refused, every line is told the server is busy.
+    let held = app.publisher.reserve(bytes_in_flight, Instant::now() + INFLIGHT_WAIT).await;
     let mut staged = Vec::with_capacity(lines.len());
     for (index, line) in lines.into_iter().enumerate() {
-        staged.push(match line {
-            Ok(bytes) => (bytes.len(), app.publisher.stage(&bytes, Source::Unix, None).await),
-            Err(rejection) => (0, Err(rejection)),
+        staged.push(match (line, &held) {
+            (Ok(bytes), Ok(_)) => (bytes.len(), app.publisher.stage(bytes, Source::Unix, None).await),
+            (Ok(_), Err(rejection)) => (0, Err(rejection.clone())),
+            (Err(rejection), _) => (0, Err(rejection)),
         });
         if (index + 1) % app.config.publish_burst() == 0 {
             future::yield_now().await;
