@@ -209,3 +209,30 @@ fn many_concurrent_large_publishes_stay_under_a_bound_and_give_their_memory_back
         server_memory_kib(&server, "VmRSS:") < before + 12 * 1024
     });
 }
+
+/// What a strict JSON parser (a browser's `JSON.parse`, Python's `json`) refuses, and why.
+const NOT_STRICT_JSON: [(&str, &str); 2] = [
+    (r#"{"calle":"\ud800"}"#, r"lone surrogate \ud800"),
+    (r#"{"victimas":1e400}"#, "number out of range: 1e400"),
+];
+
+#[test]
+fn emergencies_strict_json_parsers_refuse_are_refused_over_http_and_the_unix_socket() {
+    let server = Server::start(&[]);
+    let mut publisher = server.unix();
+    for (body, problem) in NOT_STRICT_JSON {
+        let response = server.post(body);
+        assert_eq!(response.status, 400, "{body}: {response:?}");
+        assert!(response.error().contains(problem), "{body}: {response:?}");
+        publisher.send(format!("{body}\n").as_bytes());
+        let reply = publisher.reply();
+        assert_eq!(reply["ok"], false, "{body}: {reply}");
+        assert!(reply["error"].as_str().unwrap().contains(problem), "{body}: {reply}");
+    }
+    assert_eq!(server.last_seq(), 0, "nothing was published");
+    let strict = r#"{"calle":"\ud83d\ude92 Los Aromos","victimas":1e3}"#;
+    assert_eq!(server.post(strict).status, 202);
+    // Kept byte for byte, escapes and all.
+    let poll = server.get("/emergencias?since=0");
+    assert!(poll.body.contains(&format!(r#""data":{strict}}}"#)), "{}", poll.body);
+}

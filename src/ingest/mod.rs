@@ -1,8 +1,9 @@
 //! The publish path that every ingest transport (HTTP POST, the Unix socket) and the journal's
 //! delivery share: checking a submission, storing it, and handing it to the hub.
 //!
-//! A submission is accepted only if it is one JSON object within the size limit; anything else is
-//! rejected with a precise message and nothing is published. Its idempotency key, if it has one
+//! A submission is accepted only if it is one JSON object within the size limit, in the JSON that
+//! strict parsers take (`strict`); anything else is rejected with a precise message and nothing is
+//! published. Its idempotency key, if it has one
 //! (a top-level `"idempotency_key"` member, or the HTTP header), goes with it to wherever its seq
 //! is assigned, which decides whether it is new, a retry, or a conflicting reuse of the key. Every
 //! new emergency reaches the hub through `Publisher::hand_over`: wait for room in the fan-out,
@@ -10,6 +11,8 @@
 //!
 //! What publishes hold in flight is bounded by `--max-inflight-bytes` (`Publisher::reserve`), and
 //! a submission's bytes become the stored object without a copy when they are exactly the object.
+
+mod strict;
 
 use std::cell::Cell;
 use std::rc::Rc;
@@ -42,8 +45,10 @@ pub enum Rejection {
     Empty,
     /// Longer than `--max-body-bytes`.
     TooLarge { limit: usize },
-    /// Not valid JSON (serde_json's message says where).
+    /// Not valid JSON (serde_json's message says where), or a lone surrogate escape.
     InvalidJson(String),
+    /// A number beyond a double's range, and where.
+    NumberOutOfRange(String),
     /// Valid JSON, but not an object.
     NotAnObject,
     /// The `"idempotency_key"` member is not a valid key.
@@ -79,7 +84,7 @@ impl Rejection {
         match self {
             Rejection::Empty => "empty",
             Rejection::TooLarge { .. } => "too_large",
-            Rejection::InvalidJson(_) => "invalid_json",
+            Rejection::InvalidJson(_) | Rejection::NumberOutOfRange(_) => "invalid_json",
             Rejection::NotAnObject => "not_an_object",
             Rejection::InvalidKey(_) => "invalid_key",
             Rejection::KeyMismatch => "key_mismatch",
@@ -107,6 +112,7 @@ impl std::fmt::Display for Rejection {
             Rejection::Empty => f.write_str("empty body: send one JSON object"),
             Rejection::TooLarge { limit } => write!(f, "emergency larger than {limit} bytes"),
             Rejection::InvalidJson(detail) => write!(f, "invalid JSON: {detail}"),
+            Rejection::NumberOutOfRange(detail) => write!(f, "number out of range: {detail}"),
             Rejection::NotAnObject => f.write_str("the emergency must be a JSON object"),
             Rejection::InvalidKey(detail) => write!(f, "invalid {KEY_MEMBER} member: {detail}"),
             Rejection::KeyMismatch => {
@@ -137,7 +143,35 @@ pub fn parse_emergency(bytes: &[u8], max_bytes: usize) -> Result<&RawValue, Reje
     }
     let value: &RawValue =
         serde_json::from_slice(bytes).map_err(|e| Rejection::InvalidJson(e.to_string()))?;
-    if value.get().starts_with('{') { Ok(value) } else { Err(Rejection::NotAnObject) }
+    if !value.get().starts_with('{') {
+        return Err(Rejection::NotAnObject);
+    }
+    strict::check(value.get()).map_err(|problem| not_strict(bytes, problem))?;
+    Ok(value)
+}
+
+/// The rejection of what strict parsers refuse, saying where in `bytes` (the object, perhaps with
+/// whitespace around it) as serde_json does: line, and column in bytes.
+fn not_strict(bytes: &[u8], problem: strict::NotStrict<'_>) -> Rejection {
+    let leading = bytes.len() - bytes.trim_ascii_start().len();
+    let place = |at: usize| {
+        let before = &bytes[..(leading + at).min(bytes.len())];
+        let line = before.iter().filter(|&&byte| byte == b'\n').count() + 1;
+        let column = before.len() - before.iter().rposition(|&byte| byte == b'\n').map_or(0, |n| n + 1) + 1;
+        format!("at line {line} column {column}")
+    };
+    match problem {
+        strict::NotStrict::LoneSurrogate { escape, at } => {
+            Rejection::InvalidJson(format!("lone surrogate {escape} {}", place(at)))
+        }
+        strict::NotStrict::NumberOutOfRange { number, at } => {
+            let shown = match number.get(..40) {
+                Some(start) if number.len() > 40 => format!("{start}..."),
+                _ => number.to_owned(),
+            };
+            Rejection::NumberOutOfRange(format!("{shown} {}", place(at)))
+        }
+    }
 }
 
 /// A checked submission: the emergency, and its key with the digest of its body, if keyed.
@@ -449,6 +483,34 @@ mod tests {
         let trailing = rejection(b"{} {}", 100).to_string();
         assert!(trailing.contains("trailing characters"), "{trailing}");
         assert!(matches!(rejection(b"\xff{}", 100), Rejection::InvalidJson(_)));
+    }
+
+    #[test]
+    fn what_strict_parsers_refuse_is_refused_naming_the_problem() {
+        for (body, message) in [
+            (r#"{"a":"\ud800"}"#, r"invalid JSON: lone surrogate \ud800 at line 1 column 7"),
+            (r#"{"a":"x\uDBFF"}"#, r"invalid JSON: lone surrogate \uDBFF at line 1 column 8"),
+            (r#"{"a":"\udc00 after"}"#, r"invalid JSON: lone surrogate \udc00 at line 1 column 7"),
+            (r#"{"a":"\ud800\n"}"#, r"invalid JSON: lone surrogate \ud800 at line 1 column 7"),
+            (r#"{"a":"\ud800\ud800"}"#, r"invalid JSON: lone surrogate \ud800 at line 1 column 7"),
+            ("{\n\"\\ud83d\":1}", r"invalid JSON: lone surrogate \ud83d at line 2 column 2"),
+            (r#"{"n":1e400}"#, "number out of range: 1e400 at line 1 column 6"),
+            (r#" {"n":[0,-1.5E+309]}"#, "number out of range: -1.5E+309 at line 1 column 10"),
+        ] {
+            assert_eq!(rejection(body.as_bytes(), 100).to_string(), message, "{body}");
+        }
+    }
+
+    #[test]
+    fn what_strict_parsers_take_is_taken_as_it_was_sent() {
+        for body in [
+            r#"{"emoji":"\ud83d\ude00","upper":"\uD83D\uDE00"}"#,
+            r#"{"escaped":"\\ud800","quote":"\"\\","text":"1e400"}"#,
+            r#"{"max":1.7976931348623157e308,"tiny":1e-400,"big":123456789012345678901234567890}"#,
+            r#"{"n":-0.0,"e":5E-3,"i":-12,"t":true,"f":false,"z":null}"#,
+        ] {
+            assert_eq!(parse_emergency(body.as_bytes(), 200).map(RawValue::get), Ok(body), "{body}");
+        }
     }
 
     fn key(text: &str) -> Option<IdempotencyKey> {
