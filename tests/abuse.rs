@@ -1,6 +1,6 @@
 //! Holding up under abuse and load: connections that send their request too slowly must not lock
 //! tablets and health checks out, and many large publishes at once must not take the server's
-//! memory with them.
+//! memory with them, and a flood of refusals must not flood the log.
 
 mod common;
 
@@ -8,7 +8,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use common::{Client, HttpResponse, PATIENCE, Server, wait_until};
+use common::{Client, HttpResponse, PATIENCE, Server, TempDir, fill_disk, wait_until};
 
 /// A POST whose head the server has read (its `100 Continue` says so) and whose body then
 /// trickles: one byte of the 1000 it announced.
@@ -235,4 +235,70 @@ fn emergencies_strict_json_parsers_refuse_are_refused_over_http_and_the_unix_soc
     // Kept byte for byte, escapes and all.
     let poll = server.get("/emergencias?since=0");
     assert!(poll.body.contains(&format!(r#""data":{strict}}}"#)), "{}", poll.body);
+}
+
+/// How many log lines contain `needle`.
+fn log_lines(server: &Server, needle: &str) -> usize {
+    server.logs().lines().filter(|line| line.contains(needle)).count()
+}
+
+/// Repeats `refuse` every 200 ms until the log says how many lines like `needle` it held back,
+/// which it says with the first one after its period (10 s); returns that number.
+fn held_back(server: &Server, needle: &str, mut refuse: impl FnMut()) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let summary = server.logs().lines().filter(|line| line.contains(needle)).find_map(|line| {
+            let count = line.split("(and ").nth(1)?.split(' ').next()?;
+            count.parse().ok()
+        });
+        if let Some(count) = summary {
+            return count;
+        }
+        assert!(Instant::now() < deadline, "no summary of held-back {needle:?} lines:\n{}", server.logs());
+        refuse();
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn a_flood_of_refused_tokens_is_a_few_log_lines_that_count_the_rest() {
+    let dir = TempDir::new();
+    let tokens = dir.path().join("subscribe.tokens");
+    std::fs::write(&tokens, "tablet-1 t1-Zq8xR2vW9mK4pL7s\n").unwrap();
+    let server = Server::start_in(dir, &["--subscribe-token-file", tokens.to_str().unwrap()]);
+    // 2000 polls with a wrong token, pipelined on one connection.
+    let poll = "GET /emergencias?token=wrong-token-0123456789 HTTP/1.1\r\nHost: t\r\n\r\n";
+    let stream = TcpStream::connect(server.addr).unwrap();
+    stream.set_read_timeout(Some(PATIENCE)).unwrap();
+    let mut writer = stream.try_clone().unwrap();
+    let flood = std::thread::spawn(move || writer.write_all(poll.repeat(2000).as_bytes()).unwrap());
+    let mut reader = BufReader::new(stream);
+    for _ in 0..2000 {
+        assert_eq!(HttpResponse::read(&mut reader).status, 401);
+    }
+    flood.join().unwrap();
+    let logged = log_lines(&server, "refused poll from");
+    assert!(logged <= 2, "{logged} lines for 2000 refused tokens");
+    let refused = held_back(&server, "refused poll from", || {
+        assert_eq!(server.get("/emergencias?token=wrong-token-0123456789").status, 401);
+    });
+    assert!(refused >= 1999, "held back {refused}");
+}
+
+#[test]
+fn commits_failing_one_after_another_are_a_few_log_lines_that_count_the_rest() {
+    let server = Server::start_on_small_disk("512k", &[]);
+    fill_disk(&server.on_disk("filler"));
+    let mut publisher = server.unix();
+    for n in 0..100 {
+        publisher.send(format!("{{\"n\":{n}}}\n").as_bytes());
+        assert_eq!(publisher.reply()["ok"], false);
+    }
+    let logged = log_lines(&server, "ERROR");
+    assert!(logged <= 2, "{logged} error lines for 100 failed commits");
+    let failed = held_back(&server, "ERROR", || {
+        publisher.send(b"{}\n");
+        assert_eq!(publisher.reply()["ok"], false);
+    });
+    assert!(failed >= 99, "held back {failed}");
 }

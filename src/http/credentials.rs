@@ -11,6 +11,13 @@ use crate::core::hub::Resume;
 use crate::http::conn::{Request, Response, percent_decode};
 use crate::http::status::Status;
 use crate::protocol::error_json;
+use crate::support::logger::WarningThrottle;
+
+thread_local! {
+    /// Refused tokens, one line per period: a client retrying a wrong token in a loop must not
+    /// fill the disk with the log.
+    static REFUSALS: WarningThrottle = WarningThrottle::default();
+}
 
 /// The token a request presents: `Authorization: Bearer <token>`, or `?token=` where allowed
 /// (browsers cannot set headers on a WebSocket).
@@ -23,7 +30,8 @@ fn presented_token(request: &Request, query_allowed: bool) -> Option<String> {
 }
 
 /// Checks a request's token against `tokens` (if configured): the holder's identity, or the
-/// `401` to send. Refusals are logged with the peer address, never with a token.
+/// `401` to send. Refusals are logged with the peer address, never with a token, at most once per
+/// period with how many more there were.
 pub fn authorize(
     tokens: Option<&TokenSet>,
     request: &Request,
@@ -41,7 +49,7 @@ pub fn authorize(
         Verdict::Missing => "missing token",
         Verdict::Invalid => "invalid token",
     };
-    warn!("refused {action} from {peer}: {problem}");
+    REFUSALS.with(|refusals| refusals.note(&format!("refused {action} from {peer}: {problem}")));
     Err(Response::json(Status::UNAUTHORIZED, error_json(problem)).with_header("WWW-Authenticate", "Bearer"))
 }
 

@@ -28,7 +28,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_channel::{Receiver, Sender};
-use log::{error, info};
+use log::{Level, error, info};
 use rusqlite::{Connection, ErrorCode, OptionalExtension, params};
 use serde_json::value::RawValue;
 
@@ -36,6 +36,7 @@ use crate::core::clock::{Reading, RetentionClock};
 use crate::core::idempotency::{BodyDigest, Fingerprint};
 use crate::core::{Outcome, Receipt, Stored};
 use crate::protocol::{self, Source};
+use crate::support::logger::WarningThrottle;
 
 /// Submissions waiting for the storage thread; more are refused as "storage busy".
 pub const MAX_QUEUED: usize = 4096;
@@ -557,6 +558,8 @@ fn run(
     state: &SharedState,
     committed: Sender<Committed>,
 ) {
+    // A disk that stays full fails every commit: one line per period says so, with the count.
+    let failures = WarningThrottle::default();
     while let Ok(first) = incoming.recv_blocking() {
         let mut appends = Vec::new();
         let mut request = Some(first);
@@ -600,7 +603,8 @@ fn run(
                 }
             }
             Err(e) => {
-                error!("storing {} emergencies failed, none was accepted: {e}", appends.len());
+                let what = format!("storing {} emergencies failed, none was accepted: {e}", appends.len());
+                failures.note_at(Level::Error, &what);
                 let (cause, detail) = (FailureCause::of(&e), e.to_string());
                 state.failed(cause, detail.clone());
                 for append in appends {

@@ -1,5 +1,5 @@
 //! A minimal `log` backend writing one line per record to stderr, filtered by `RUST_LOG`, and
-//! `WarningThrottle`, which keeps a repeated warning from flooding it.
+//! `WarningThrottle`, which keeps a repeated warning (or error) from flooding it.
 //!
 //! `RUST_LOG` takes env_logger's `level` and `module=level` directives, comma-separated: `info`,
 //! `debug`, `warn,resq_push::ws::session=debug`. Unset means `info`. A directive of another form
@@ -13,7 +13,7 @@ use std::fmt;
 use std::io::Write;
 use std::time::{Duration, Instant, SystemTime};
 
-use log::{Level, LevelFilter, Log, Metadata, Record, warn};
+use log::{Level, LevelFilter, Log, Metadata, Record, log};
 
 use crate::support::timestamp::rfc3339_millis;
 
@@ -127,7 +127,8 @@ pub fn error_past_filter(message: &str) {
 }
 
 /// Logs a repeated warning at most once per `WarningThrottle::PERIOD`, with how many were held
-/// back, so that a flood of refused connections cannot flood the log.
+/// back, so that a flood of refused connections or tokens, or of failing commits, cannot flood
+/// the log. Its cells belong to one thread: each thread that logs keeps its own.
 #[derive(Default)]
 pub struct WarningThrottle {
     last_logged: Cell<Option<Instant>>,
@@ -137,23 +138,46 @@ pub struct WarningThrottle {
 impl WarningThrottle {
     const PERIOD: Duration = Duration::from_secs(10);
 
+    /// Logs `message` as a warning, unless one was logged less than `PERIOD` ago.
     pub fn note(&self, message: &str) {
-        let now = Instant::now();
+        self.note_at(Level::Warn, message);
+    }
+
+    /// Logs `message` at `level`, unless one was logged less than `PERIOD` ago.
+    pub fn note_at(&self, level: Level, message: &str) {
+        match self.admit(Instant::now()) {
+            None => {}
+            Some(0) => log!(level, "{message}"),
+            Some(held_back) => log!(level, "{message} (and {held_back} more in the last {:?})", Self::PERIOD),
+        }
+    }
+
+    /// Whether a note at `now` is logged, with how many were held back since the last one.
+    fn admit(&self, now: Instant) -> Option<u64> {
         if self.last_logged.get().is_some_and(|last| now < last + Self::PERIOD) {
             self.held_back.set(self.held_back.get() + 1);
-            return;
-        }
-        match self.held_back.replace(0) {
-            0 => warn!("{message}"),
-            held_back => warn!("{message} (and {held_back} more in the last {:?})", Self::PERIOD),
+            return None;
         }
         self.last_logged.set(Some(now));
+        Some(self.held_back.replace(0))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_throttle_logs_once_a_period_and_counts_what_it_held_back() {
+        let throttle = WarningThrottle::default();
+        let start = Instant::now();
+        assert_eq!(throttle.admit(start), Some(0));
+        for second in 1..10 {
+            assert_eq!(throttle.admit(start + Duration::from_secs(second)), None);
+        }
+        assert_eq!(throttle.admit(start + WarningThrottle::PERIOD), Some(9));
+        assert_eq!(throttle.admit(start + WarningThrottle::PERIOD * 3), Some(0));
+    }
 
     #[test]
     fn module_levels_override_the_default() {
