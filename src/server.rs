@@ -6,16 +6,15 @@
 //! hands them to `serve` with a stream of `Control`s (from signals): reload the token files, or
 //! shut down.
 
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::io;
-use std::net::{Shutdown, SocketAddr, TcpListener as StdTcpListener};
+use std::net::{SocketAddr, TcpListener as StdTcpListener};
 use std::rc::Rc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_channel::Sender;
 use futures_util::FutureExt;
 use log::{error, info, warn};
-use smol::io::AsyncWriteExt;
 use smol::net::{TcpListener, TcpStream};
 use smol::stream::{Stream, StreamExt};
 use smol::{LocalExecutor, Task, Timer, future};
@@ -32,6 +31,7 @@ use crate::http::status::Status;
 use crate::ingest::Publisher;
 use crate::protocol::error_json;
 use crate::runtime::deadline;
+use crate::runtime::linger::Refusals;
 use crate::runtime::scheduler::Scheduler;
 use crate::runtime::slots::{ConnectionSlots, HTTP_CONNECTIONS, SlotGuard};
 use crate::runtime::tasks::{AllTasksDone, TaskTokens, back_off_after_accept_error};
@@ -49,15 +49,6 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 const EXPIRY_SWEEP: Duration = Duration::from_secs(60);
 /// Connections accepted in one go before their tasks get a turn.
 const ACCEPT_BATCH: usize = 64;
-/// Connections refused over `--max-http-connections` that may linger at once after their 503,
-/// reading what their clients still send; beyond that a refusal closes at once, so that a flood
-/// costs at most this many small tasks.
-const MAX_LINGERING_REFUSALS: usize = 16;
-/// How long, and how much, a refused connection is read: a request at the default limits fits.
-const REFUSAL_LINGER_TIME: Duration = Duration::from_secs(1);
-const REFUSAL_LINGER_BYTES: usize = 128 * 1024;
-/// The buffer a lingering refusal reads into.
-const REFUSAL_SCRATCH_BYTES: usize = 4096;
 
 /// What the process asks of a running server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -199,13 +190,13 @@ fn reload_access(app: &App) {
 async fn accept_tcp(scheduler: &Scheduler, app: &Rc<App>, listener: TcpListener, tasks: TaskTokens) {
     let slots = ConnectionSlots::new(app.config.max_http_connections, HTTP_CONNECTIONS);
     let errors = WarningThrottle::default();
-    let lingering_refusals = Rc::new(Cell::new(0));
+    let refusals = Refusals::default();
     let mut accepted = 0usize;
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
                 let Some(slot) = slots.admit(&app.metrics) else {
-                    refuse_busy(&scheduler.control, stream, &lingering_refusals).await;
+                    refuse_busy(&scheduler.control, app, stream, &refusals).await;
                     continue;
                 };
                 let _ = stream.set_nodelay(true);
@@ -238,30 +229,14 @@ async fn serve_tcp(app: Rc<App>, stream: TcpStream, peer: SocketAddr, slot: Slot
     ws::handshake::upgrade(&app, upgrade).await
 }
 
-/// Answers a connection over `--max-http-connections` with a 503 if the socket takes it at
-/// once, and closes it. Its client should read the 503 rather than a reset, so the connection
-/// lingers in a task of its own, but only while fewer than `MAX_LINGERING_REFUSALS` do: a flood
-/// must not cost memory.
-async fn refuse_busy(control: &LocalExecutor<'static>, mut stream: TcpStream, lingering: &Rc<Cell<usize>>) {
-    let response =
-        Response::json(Status::SERVICE_UNAVAILABLE, error_json("server busy: too many connections"))
-            .with_header("Retry-After", "5")
-            .to_bytes(false);
-    // One non-blocking attempt: a fresh socket's send buffer is empty, so it normally succeeds.
-    let written = future::poll_once(stream.write(&response)).await;
-    if matches!(written, Some(Ok(n)) if n == response.len()) && lingering.get() < MAX_LINGERING_REFUSALS {
-        // Counted now, not when the task first runs: more connections may be refused before.
-        lingering.set(lingering.get() + 1);
-        control.spawn(linger_refused(stream, Rc::clone(lingering))).detach();
-    }
-}
-
-/// Closes a refused connection whose 503 is written: ends the writing side, and reads what the
-/// client still sends for a moment, since closing with its request unread would reset it.
-async fn linger_refused(mut stream: TcpStream, lingering: Rc<Cell<usize>>) {
-    let _ = stream.shutdown(Shutdown::Write);
-    let mut scratch = vec![0; REFUSAL_SCRATCH_BYTES];
-    let until = Instant::now() + REFUSAL_LINGER_TIME;
-    http::conn::discard_input(&mut stream, &mut scratch, REFUSAL_LINGER_BYTES, until).await;
-    lingering.set(lingering.get() - 1);
+/// Answers a connection over `--max-http-connections` with a 503 (counted like every response)
+/// and closes it, lingering so that its client reads the 503 rather than a reset
+/// (`Refusals::refuse`: bounded, so a flood costs no memory).
+async fn refuse_busy(control: &LocalExecutor<'static>, app: &App, stream: TcpStream, refusals: &Refusals) {
+    let status = Status::SERVICE_UNAVAILABLE;
+    let response = Response::json(status, error_json("server busy: too many connections"))
+        .with_header("Retry-After", "5")
+        .to_bytes(false);
+    app.metrics.count("resq_push_http_responses_total", status.label);
+    refusals.refuse(control, stream, &response).await;
 }

@@ -302,3 +302,44 @@ fn commits_failing_one_after_another_are_a_few_log_lines_that_count_the_rest() {
     });
     assert!(failed >= 99, "held back {failed}");
 }
+
+#[test]
+fn a_publisher_refused_for_busy_slots_reads_the_busy_line_not_a_broken_pipe() {
+    let server = Server::start(&["--in-memory", "--max-unix-connections", "1"]);
+    // The only slot stays busy: a burst whose replies its publisher does not read fills the
+    // socket, and the server waits to write the rest.
+    let mut hog = std::os::unix::net::UnixStream::connect(&server.unix_socket).unwrap();
+    hog.write_all("{}\n".repeat(6000).as_bytes()).unwrap();
+    wait_until("the burst to be published", || server.last_seq() >= 5000);
+    for attempt in 0..5 {
+        let mut refused = std::os::unix::net::UnixStream::connect(&server.unix_socket).unwrap();
+        refused.set_read_timeout(Some(PATIENCE)).unwrap();
+        refused.write_all(b"{\"tipo\":\"incendio\"}\n").unwrap_or_else(|e| panic!("attempt {attempt}: {e}"));
+        let mut answer = String::new();
+        let read = refused.read_to_string(&mut answer);
+        assert!(read.is_ok(), "attempt {attempt}: {read:?} after {answer:?}");
+        assert_eq!(answer, "{\"ok\":false,\"error\":\"server busy: too many publisher connections\"}\n");
+    }
+    drop(hog);
+}
+
+#[test]
+fn a_busy_503_is_counted_like_every_other_response() {
+    let server = Server::start(&["--max-http-connections", "1", "--min-body-rate", "0"]);
+    let mut busy = TcpStream::connect(server.addr).unwrap();
+    busy.set_read_timeout(Some(PATIENCE)).unwrap();
+    busy.write_all(b"POST /emergencias HTTP/1.1\r\nContent-Length: 2\r\nExpect: 100-continue\r\n\r\n")
+        .unwrap();
+    busy.read_exact(&mut [0u8; 25]).unwrap();
+    assert_eq!(server.get("/healthz").status, 503);
+    busy.write_all(b"{}").unwrap();
+    assert_eq!(HttpResponse::read(&mut BufReader::new(&busy)).status, 202);
+    drop(busy);
+    let mut page = String::new();
+    wait_until("/metrics to be served", || {
+        let response = server.get("/metrics");
+        page = response.body;
+        response.status == 200
+    });
+    assert!(page.contains("resq_push_http_responses_total{status=\"503\"} 1\n"), "{page}");
+}

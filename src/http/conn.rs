@@ -6,7 +6,6 @@
 
 use std::future::Future;
 use std::io;
-use std::net::Shutdown;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -17,6 +16,7 @@ use smol::net::TcpStream;
 use crate::http::status::Status;
 use crate::runtime::budget::Reservation;
 use crate::runtime::deadline::{self, TimedOut};
+use crate::runtime::linger::Linger;
 use crate::runtime::slots::SlotGuard;
 use crate::support::metrics::Metrics;
 
@@ -27,8 +27,7 @@ const BODY_CHUNK: usize = 4096;
 pub const MAX_HEADERS: usize = 32;
 /// How much of an unread request body is discarded, at most, before closing after an error,
 /// so the client reads the error instead of a connection reset.
-const LINGER_BYTES: usize = 256 * 1024;
-const LINGER_TIME: Duration = Duration::from_secs(2);
+const LINGER_AFTER_ERROR: Linger = Linger { time: Duration::from_secs(2), bytes: 256 * 1024 };
 /// How long a body may take to reach `--min-body-rate`: its first bytes may wait for a slow
 /// start or a retransmission, and at any time a body is a second's worth ahead of the minimum.
 pub const BODY_RATE_GRACE: Duration = Duration::from_secs(1);
@@ -334,23 +333,8 @@ impl HttpConnection {
             return;
         }
         slot.set_lingering();
-        let _ = self.stream.shutdown(Shutdown::Write);
         self.buffered.resize(BODY_CHUNK, 0);
-        let until = Instant::now() + LINGER_TIME;
-        future::or(discard_input(&mut self.stream, &mut self.buffered, LINGER_BYTES, until), slot.evicted())
-            .await;
-    }
-}
-
-/// Reads and drops what the peer still sends, into `scratch`, until it closes, `max_bytes` have
-/// come, or `until`: closing with unread input would send it a reset instead of our answer.
-pub async fn discard_input(stream: &mut TcpStream, scratch: &mut [u8], max_bytes: usize, until: Instant) {
-    let mut discarded = 0;
-    while discarded < max_bytes {
-        match deadline::before(until, stream.read(scratch)).await {
-            Ok(Ok(read)) if read > 0 => discarded += read,
-            _ => break,
-        }
+        future::or(LINGER_AFTER_ERROR.close(&mut self.stream, &mut self.buffered), slot.evicted()).await;
     }
 }
 

@@ -18,12 +18,12 @@ use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
 use log::{debug, info};
-use smol::io::AsyncWriteExt;
 use smol::net::unix::UnixListener;
 use smol::{LocalExecutor, future};
 
 use crate::app::App;
 use crate::protocol::error_json;
+use crate::runtime::linger::Refusals;
 use crate::runtime::slots::{ConnectionSlots, UNIX_CONNECTIONS};
 use crate::runtime::tasks::{TaskTokens, back_off_after_accept_error};
 use crate::support::logger::WarningThrottle;
@@ -147,13 +147,14 @@ pub async fn accept(
     let Some(listener) = listener else { return future::pending().await };
     let slots = ConnectionSlots::new(app.config.max_unix_connections, UNIX_CONNECTIONS);
     let errors = WarningThrottle::default();
+    let refusals = Refusals::default();
+    let busy = format!("{}\n", error_json("server busy: too many publisher connections"));
     loop {
         match listener.accept().await {
-            Ok((mut stream, _)) => {
+            Ok((stream, _)) => {
                 let Some(slot) = slots.admit(&app.metrics) else {
-                    let line = format!("{}\n", error_json("server busy: too many publisher connections"));
-                    // One non-blocking attempt; no task is spawned for a refused connection.
-                    let _ = future::poll_once(stream.write_all(line.as_bytes())).await;
+                    // It may have written lines already: it reads the line, not a reset.
+                    refusals.refuse(executor, stream, busy.as_bytes()).await;
                     continue;
                 };
                 let sender = PeerCredentials::describe(&stream);
