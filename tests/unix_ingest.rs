@@ -7,6 +7,7 @@ use std::io::Read;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::process::Command;
+use std::time::Duration;
 
 use common::{Server, TempDir, UnixPublisher, run_to_exit, spawn_command, spawn_raw, wait_until};
 
@@ -205,4 +206,34 @@ fn a_socket_whose_directory_is_missing_is_refused_naming_the_directory() {
     let expected = format!("its directory {} does not exist", missing.display());
     assert!(run.stderr.contains(&expected), "{}", run.stderr);
     assert!(!missing.exists(), "the directory was created");
+}
+
+#[test]
+fn a_write_of_more_lines_than_the_journal_queues_waits_for_room_instead_of_refusing_any() {
+    /// Twice `store::journal::MAX_QUEUED`, the submissions that may wait for the storage thread.
+    const LINES: u64 = 2 * 4096;
+    let server = Server::start(&[]);
+    // As on a slow disk: another connection holds SQLite's write lock, so the storage thread
+    // waits in its first commit (rusqlite's busy timeout is 5 s) while the lines come in.
+    let database = server.dir.path().join("data/history.sqlite3");
+    let holder = rusqlite::Connection::open(database).unwrap();
+    holder.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let mut unix = server.unix();
+    let lines = "{}\n".repeat(LINES as usize);
+    unix.send(lines.as_bytes());
+    // The server reads and stages the lines in milliseconds, and says nothing until the first
+    // commit: held this long, the queue is full for the rest of them.
+    std::thread::sleep(Duration::from_millis(500));
+    holder.execute_batch("ROLLBACK").unwrap();
+    let mut refused = Vec::new();
+    for line in 1..=LINES {
+        let reply = unix.reply();
+        if reply["ok"] != true {
+            refused.push(reply);
+            continue;
+        }
+        assert_eq!(reply["seq"], line - refused.len() as u64, "out of order: {reply}");
+    }
+    assert!(refused.is_empty(), "{} of {LINES} refused, the first: {}", refused.len(), refused[0]);
+    assert_eq!(server.last_seq(), LINES);
 }

@@ -269,6 +269,16 @@ impl std::fmt::Display for Accepted {
     }
 }
 
+/// What a submission does when `journal::MAX_QUEUED` are already waiting for the disk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WhenBusy {
+    /// Refused as `Rejection::StorageBusy`: an HTTP request, which cannot be held indefinitely.
+    Refuse,
+    /// Waits for a place: a Unix publisher, which reads no more of its socket meanwhile, so that
+    /// its own writes wait in the kernel (back-pressure) instead of its lines being refused.
+    Wait,
+}
+
 /// A checked submission on its way into the history.
 #[derive(Debug)]
 pub enum Staged {
@@ -333,23 +343,36 @@ impl Publisher {
 
     /// Checks a submission and hands it to the history: to the hub at once when the history is
     /// in memory (after waiting for room), to the journal when it is durable. The journal's path
-    /// never waits, so a publisher can stage a burst of lines and have them committed together.
-    /// `key` is the one the transport was given beside the body (the HTTP header).
+    /// does not wait for the commit, so a publisher can stage a burst of lines and have them
+    /// committed together; it waits only for a place in the queue, and only if `when_busy` says
+    /// so. `key` is the one the transport was given beside the body (the HTTP header).
     pub async fn stage(
         &self,
         bytes: Vec<u8>,
         source: Source,
         key: Option<IdempotencyKey>,
+        when_busy: WhenBusy,
     ) -> Result<Staged, Rejection> {
         let (data, fingerprint) = owned_submission(bytes, self.max_bytes, key)?;
         if !self.accepting.get() {
             return Err(Rejection::ShuttingDown);
         }
         match &self.journal {
-            Some(journal) => match journal.append(data, source, fingerprint) {
-                Ok(outcome) => Ok(Staged::Storing(outcome)),
-                Err(error) => Err(self.refused_by_storage(error)),
-            },
+            Some(journal) => {
+                let place = match (journal.try_place(), when_busy) {
+                    (Ok(place), _) => place,
+                    (Err(_), WhenBusy::Wait) => journal.place().await,
+                    (Err(busy), WhenBusy::Refuse) => return Err(self.refused_by_storage(busy)),
+                };
+                // Shutdown may have begun while it waited.
+                if !self.accepting.get() {
+                    return Err(Rejection::ShuttingDown);
+                }
+                match journal.append(place, data, source, fingerprint) {
+                    Ok(outcome) => Ok(Staged::Storing(outcome)),
+                    Err(error) => Err(self.refused_by_storage(error)),
+                }
+            }
             None => {
                 let published = self.hand_over(|ingress| ingress.publish(&data, source, fingerprint)).await;
                 published.map(Staged::Published).map_err(|_: Refusal| Rejection::ShuttingDown)
@@ -395,14 +418,14 @@ impl Publisher {
         self.ingress.hub().with(|hub| PublishReply::accepted(hub.stream_id(), seq, queued_to, duplicate))
     }
 
-    /// Stages one submission and waits for its outcome.
+    /// Stages one submission and waits for its outcome; refused at once if the journal is busy.
     pub async fn submit(
         &self,
         bytes: Vec<u8>,
         source: Source,
         key: Option<IdempotencyKey>,
     ) -> Result<Accepted, Rejection> {
-        let staged = self.stage(bytes, source, key).await?;
+        let staged = self.stage(bytes, source, key, WhenBusy::Refuse).await?;
         self.settle(staged, source).await
     }
 

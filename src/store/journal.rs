@@ -22,7 +22,6 @@ use std::fs::{self, File};
 use std::io::{self, Read};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -31,6 +30,7 @@ use async_channel::{Receiver, Sender};
 use log::{Level, error, info};
 use rusqlite::{Connection, ErrorCode, OptionalExtension, params};
 use serde_json::value::RawValue;
+use smol::lock::{Semaphore, SemaphoreGuardArc};
 
 use crate::core::clock::{Reading, RetentionClock};
 use crate::core::idempotency::{BodyDigest, Fingerprint};
@@ -38,7 +38,8 @@ use crate::core::{Outcome, Receipt, Stored};
 use crate::protocol::{self, Source};
 use crate::support::logger::WarningThrottle;
 
-/// Submissions waiting for the storage thread; more are refused as "storage busy".
+/// Submissions waiting for the storage thread (`Place`s); a publisher that cannot wait for one
+/// (HTTP) is refused as "storage busy".
 pub const MAX_QUEUED: usize = 4096;
 /// Most submissions committed in one transaction.
 const MAX_BATCH: usize = 512;
@@ -198,8 +199,17 @@ struct Append {
     reply: Reply,
 }
 
+/// A submission's place in the queue to the storage thread, given back when the thread takes
+/// it: at most `MAX_QUEUED` are out. Counted by a semaphore rather than a bounded channel, which
+/// would preallocate (and touch) every slot: 228 KB idle.
+#[derive(Debug)]
+pub struct Place {
+    _permit: SemaphoreGuardArc,
+}
+
 enum Request {
-    Append(Append),
+    /// Its `Place` is dropped as soon as the storage thread takes it.
+    Append(Append, Place),
     /// Delete what is older than the retention allows, even when nothing is published.
     Sweep,
 }
@@ -208,9 +218,8 @@ enum Request {
 #[derive(Debug)]
 pub struct Journal {
     requests: Sender<Request>,
-    /// Submissions sent and not yet taken by the storage thread, at most `MAX_QUEUED`. Counted
-    /// here because a bounded channel would preallocate (and touch) every slot: 228 KB idle.
-    queued: Arc<AtomicUsize>,
+    /// `MAX_QUEUED` places; those out are submissions sent and not yet taken.
+    places: Arc<Semaphore>,
     state: Arc<SharedState>,
     thread: Option<JoinHandle<()>>,
 }
@@ -218,7 +227,7 @@ pub struct Journal {
 impl std::fmt::Debug for Request {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
-            Request::Append(_) => "Append",
+            Request::Append(..) => "Append",
             Request::Sweep => "Sweep",
         })
     }
@@ -249,8 +258,7 @@ pub fn open(dir: &Path, retention: Retention) -> Result<(Journal, Loaded, Receiv
         .map_err(|e| format!("data dir {shown}: cannot read the history: {e}"))?;
 
     let (requests, incoming) = async_channel::unbounded();
-    let queued = Arc::new(AtomicUsize::new(0));
-    let taken = Arc::clone(&queued);
+    let places = Arc::new(Semaphore::new(MAX_QUEUED));
     let state = Arc::new(SharedState::default());
     let outcomes = Arc::clone(&state);
     // Batches, each up to MAX_BATCH emergencies: a few cover everything the requests can hold.
@@ -262,33 +270,39 @@ pub fn open(dir: &Path, retention: Retention) -> Result<(Journal, Loaded, Receiv
         .spawn(move || {
             // The lock lives as long as the thread that writes.
             let _lock = lock;
-            run(Database { db, file }, tail, expiry, incoming, &taken, &outcomes, committed_sender);
+            run(Database { db, file }, tail, expiry, Incoming(incoming), &outcomes, committed_sender);
         })
         .map_err(|e| format!("cannot start the storage thread: {e}"))?;
-    Ok((Journal { requests, queued, state, thread: Some(thread) }, loaded, committed))
+    Ok((Journal { requests, places, state, thread: Some(thread) }, loaded, committed))
 }
 
 impl Journal {
-    /// Queues a checked submission for storage; the receiver gets its receipt once committed
-    /// and broadcast, or hears that its key makes it a duplicate or a conflict. Refused at once
-    /// if the storage thread is `MAX_QUEUED` behind.
+    /// A place in the queue, if the storage thread is not `MAX_QUEUED` behind.
+    pub fn try_place(&self) -> Result<Place, StorageError> {
+        let permit = self.places.try_acquire_arc().ok_or(StorageError::Busy)?;
+        Ok(Place { _permit: permit })
+    }
+
+    /// Waits until the storage thread takes enough submissions to leave a place free.
+    pub async fn place(&self) -> Place {
+        Place { _permit: self.places.acquire_arc().await }
+    }
+
+    /// Queues a checked submission for storage in its place; the receiver gets its receipt
+    /// once committed and broadcast, or hears that its key makes it a duplicate or a conflict.
     pub fn append(
         &self,
+        place: Place,
         data: Box<RawValue>,
         source: Source,
         fingerprint: Option<Fingerprint>,
     ) -> Result<Receiver<Result<Outcome<Receipt>, StorageError>>, StorageError> {
-        if self.queued.fetch_add(1, Ordering::Relaxed) >= MAX_QUEUED {
-            self.queued.fetch_sub(1, Ordering::Relaxed);
-            return Err(StorageError::Busy);
-        }
         let (reply, receipt) = async_channel::bounded(1);
         let received_at = SystemTime::now();
-        let request = Request::Append(Append { data, source, received_at, fingerprint, reply });
+        let request = Request::Append(Append { data, source, received_at, fingerprint, reply }, place);
         match self.requests.try_send(request) {
             Ok(()) => Ok(receipt),
             Err(_) => {
-                self.queued.fetch_sub(1, Ordering::Relaxed);
                 let detail = "the storage thread has stopped".to_owned();
                 self.state.failed(FailureCause::Stopped, detail.clone());
                 Err(StorageError::Failed { cause: FailureCause::Stopped, detail })
@@ -540,6 +554,18 @@ impl Loaded {
     }
 }
 
+/// The storage thread's end of the request queue. However the thread ends, even by a panic,
+/// what is still queued is dropped with it: its places come back, so that no publisher waits for
+/// one forever, and its publishers hear that storage stopped.
+struct Incoming(Receiver<Request>);
+
+impl Drop for Incoming {
+    fn drop(&mut self) {
+        self.0.close();
+        while self.0.try_recv().is_ok() {}
+    }
+}
+
 /// What the storage thread writes to: the connection, and the file it has open.
 struct Database {
     db: Connection,
@@ -553,23 +579,21 @@ fn run(
     Database { mut db, mut file }: Database,
     mut tail: Tail,
     mut expiry: Expiry,
-    incoming: Receiver<Request>,
-    queued: &AtomicUsize,
+    incoming: Incoming,
     state: &SharedState,
     committed: Sender<Committed>,
 ) {
     // A disk that stays full fails every commit: one line per period says so, with the count.
     let failures = WarningThrottle::default();
-    while let Ok(first) = incoming.recv_blocking() {
+    while let Ok(first) = incoming.0.recv_blocking() {
         let mut appends = Vec::new();
         let mut request = Some(first);
         while let Some(next) = request.take() {
-            if let Request::Append(append) = next {
-                queued.fetch_sub(1, Ordering::Relaxed);
+            if let Request::Append(append, _place) = next {
                 appends.push(append);
             }
             if appends.len() < MAX_BATCH {
-                request = incoming.try_recv().ok();
+                request = incoming.0.try_recv().ok();
             }
         }
         if let Err(detail) = file.check() {
@@ -738,7 +762,10 @@ pub fn new_stream_id() -> String {
 #[cfg(test)]
 mod tests {
     use std::path::PathBuf;
+    use std::sync::atomic::{AtomicUsize, Ordering};
     use std::time::Instant;
+
+    use smol::future;
 
     use super::*;
     use crate::core::clock::tests::{HOUR, MINUTE, SECOND, YEARS, kept_time, reading_after};
@@ -793,19 +820,54 @@ mod tests {
         assert!(!leftover.exists());
     }
 
+    /// Runs `work` to its end, or gives up after 10 s.
+    fn within_10s<T>(work: impl Future<Output = T>) -> Option<T> {
+        let give_up = async {
+            smol::Timer::after(Duration::from_secs(10)).await;
+            None
+        };
+        smol::block_on(future::or(async { Some(work.await) }, give_up))
+    }
+
+    /// Queues `{}` in a place free now.
+    fn append_now(journal: &Journal) -> Receiver<Result<Outcome<Receipt>, StorageError>> {
+        let data = RawValue::from_string("{}".into()).unwrap();
+        journal.append(journal.try_place().unwrap(), data, Source::Unix, None).unwrap()
+    }
+
     #[test]
-    fn appends_beyond_max_queued_are_refused_as_storage_busy() {
+    fn beyond_max_queued_there_is_no_place_until_the_storage_thread_takes_one() {
         let dir = TestDir::new("storage-busy");
-        let retention = Retention { max_count: 10, max_age: Duration::from_secs(3600) };
-        let (journal, _, committed) = open(dir.path(), retention).unwrap();
-        let data = || RawValue::from_string("{}".into()).unwrap();
-        journal.queued.store(MAX_QUEUED, Ordering::Relaxed);
-        assert_eq!(journal.append(data(), Source::Unix, None).err(), Some(StorageError::Busy));
-        journal.queued.store(0, Ordering::Relaxed);
-        let _receipt = journal.append(data(), Source::Unix, None).unwrap();
+        let (journal, _, committed) = open(dir.path(), RETENTION).unwrap();
+        let mut held: Vec<Place> = (1..MAX_QUEUED).map(|_| journal.try_place().unwrap()).collect();
+        let _receipt = append_now(&journal);
         let Committed(batch) = committed.recv_blocking().unwrap();
         assert!(matches!(batch[0].0, Outcome::New(Stored { seq: 1, .. })), "{batch:?}");
-        assert_eq!(journal.queued.load(Ordering::Relaxed), 0);
+        // Taken, the submission gave its place back: one is free again, and no more.
+        held.push(within_10s(journal.place()).expect("no place came free"));
+        assert_eq!(journal.try_place().err(), Some(StorageError::Busy));
+        held.pop();
+        assert!(journal.try_place().is_ok());
+    }
+
+    #[test]
+    fn a_storage_thread_that_stops_gives_back_every_place_and_answers_what_it_held() {
+        let dir = TestDir::new("stopped");
+        let (journal, _, committed) = open(dir.path(), RETENTION).unwrap();
+        // Nobody delivers: the first commit ends the thread, with the rest still queued.
+        drop(committed);
+        let receipts: Vec<_> = (0..2 * MAX_BATCH).map(|_| append_now(&journal)).collect();
+        for receipt in receipts {
+            assert!(within_10s(receipt.recv()).is_some_and(|answer| answer.is_err()));
+        }
+        let places = within_10s(async {
+            let mut places = Vec::with_capacity(MAX_QUEUED);
+            for _ in 0..MAX_QUEUED {
+                places.push(journal.place().await);
+            }
+            places
+        });
+        assert_eq!(places.map(|places| places.len()), Some(MAX_QUEUED));
     }
 
     #[test]
@@ -862,7 +924,7 @@ mod tests {
         let (journal, _, committed) = open(dir.path(), RETENTION).unwrap();
         let keyed = |body: &str| {
             let Append { data, fingerprint, .. } = append(body, Some("k"));
-            journal.append(data, Source::Unix, fingerprint).unwrap()
+            journal.append(journal.try_place().unwrap(), data, Source::Unix, fingerprint).unwrap()
         };
         let _first = keyed(r#"{"n":1}"#);
         assert!(matches!(committed.recv_blocking().unwrap().0[0].0, Outcome::New(_)));
@@ -881,7 +943,7 @@ mod tests {
         );
         assert!(matches!(journal.state(), StorageState::Failing { cause: FailureCause::DiskFull, .. }));
         // A new emergency is a write that succeeded.
-        let _new = journal.append(RawValue::from_string("{}".into()).unwrap(), Source::Unix, None).unwrap();
+        let _new = append_now(&journal);
         assert!(matches!(committed.recv_blocking().unwrap().0[0].0, Outcome::New(Stored { seq: 2, .. })));
         assert_eq!(journal.state(), StorageState::Ok);
     }
@@ -1080,7 +1142,8 @@ mod tests {
         let (journal, _, committed) = open(dir.path(), RETENTION).unwrap();
         for n in 0..8 {
             let data = format!(r#"{{"n":{n},"text":"{}"}}"#, "x".repeat(1000));
-            journal.append(RawValue::from_string(data).unwrap(), Source::Unix, None).unwrap();
+            let data = RawValue::from_string(data).unwrap();
+            journal.append(journal.try_place().unwrap(), data, Source::Unix, None).unwrap();
             committed.recv_blocking().unwrap();
         }
         drop(journal);

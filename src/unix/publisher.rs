@@ -10,7 +10,7 @@ use smol::io::{AsyncReadExt, AsyncWriteExt};
 use smol::net::unix::UnixStream;
 
 use crate::app::App;
-use crate::ingest::{INFLIGHT_WAIT, Rejection};
+use crate::ingest::{INFLIGHT_WAIT, Rejection, WhenBusy};
 use crate::protocol::{Source, error_json};
 use crate::runtime::deadline;
 use crate::runtime::slots::SlotGuard;
@@ -81,10 +81,12 @@ fn drop_unfinished_line(splitter: &LineSplitter, error: &io::Error) {
 }
 
 /// Stages every line (in memory, each waits for room in `FanOut`, so the sessions a burst wakes
-/// get to write), then waits for each outcome in order: a burst on one connection is committed
-/// together. Both loops yield after each `Config::publish_burst` lines: an outcome already there
-/// is taken without a `Pending`, and each is a log line. Returns one reply line per input line;
-/// each emergency published is logged with its sender.
+/// get to write; durable, a line waits for a place when the journal's queue is full, and the
+/// socket is not read meanwhile), then waits for each outcome in order: a burst on one connection
+/// is committed together. The whole burst holds its bytes of `--max-inflight-bytes` until every
+/// line is answered. Both loops yield after each `Config::publish_burst` lines: an outcome already
+/// there is taken without a `Pending`, and each is a log line. Returns one reply line per input
+/// line; each emergency published is logged with its sender.
 async fn publish_lines(app: &App, lines: Vec<Result<Vec<u8>, Rejection>>, sender: &str) -> String {
     let bytes_in_flight = lines.iter().flatten().map(Vec::len).sum();
     // Held until every line is answered; refused, every line is told the server is busy.
@@ -92,7 +94,9 @@ async fn publish_lines(app: &App, lines: Vec<Result<Vec<u8>, Rejection>>, sender
     let mut staged = Vec::with_capacity(lines.len());
     for (index, line) in lines.into_iter().enumerate() {
         staged.push(match (line, &held) {
-            (Ok(bytes), Ok(_)) => (bytes.len(), app.publisher.stage(bytes, Source::Unix, None).await),
+            (Ok(bytes), Ok(_)) => {
+                (bytes.len(), app.publisher.stage(bytes, Source::Unix, None, WhenBusy::Wait).await)
+            }
             (Ok(_), Err(rejection)) => (0, Err(rejection.clone())),
             (Err(rejection), _) => (0, Err(rejection)),
         });
