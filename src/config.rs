@@ -64,6 +64,14 @@ pub const DEFAULT_MAX_HTTP_CONNECTIONS: usize = 1024;
 pub const DEFAULT_MAX_UNIX_CONNECTIONS: usize = 32;
 /// Default largest message a WebSocket client may send (clients send only pings, and later acks).
 pub const DEFAULT_MAX_CLIENT_MESSAGE_BYTES: usize = 4096;
+/// Default kernel send buffer of a WebSocket client: one write batch (`ws::session` writes at most
+/// 64 KiB at a time). What a client that stopped reading leaves queued stays in kernel memory
+/// until `--write-timeout`; left to autotuning it grew to 1 MiB a client on loopback.
+pub const DEFAULT_CLIENT_SEND_BUFFER_BYTES: usize = 64 * 1024;
+/// The smallest `--client-send-buffer` other than 0: Linux rounds less up to about half of it.
+pub const MIN_CLIENT_SEND_BUFFER_BYTES: usize = 8192;
+/// The largest `--client-send-buffer`.
+pub const MAX_CLIENT_SEND_BUFFER_BYTES: usize = 64 * 1024 * 1024;
 
 /// resq-push: WebSocket push server for emergency dispatch sites. Tablets connect to
 /// /ws/emergencias; local apps publish over a Unix socket or POST /emergencias.
@@ -178,6 +186,12 @@ pub struct Config {
     #[argh(option, default = "DEFAULT_MAX_CLIENT_MESSAGE_BYTES")]
     pub max_client_message_bytes: usize,
 
+    /// kernel send buffer of each WebSocket client in bytes, at most twice net.core.wmem_max:
+    /// the kernel memory a client that stops reading holds until its write times out; 0 leaves
+    /// it to the kernel's autotuning (default 65536)
+    #[argh(option, default = "DEFAULT_CLIENT_SEND_BUFFER_BYTES")]
+    pub client_send_buffer: usize,
+
     /// address of a reverse proxy (a TLS terminator) whose X-Forwarded-For or Forwarded header
     /// names the client, or a block of them like 10.0.0.0/8; repeatable (default: none, every
     /// client is the address it connects from)
@@ -257,6 +271,13 @@ impl Config {
         }
         if self.max_client_message_bytes < 128 {
             return Err("--max-client-message-bytes must be at least 128".into());
+        }
+        let send_buffers = MIN_CLIENT_SEND_BUFFER_BYTES..=MAX_CLIENT_SEND_BUFFER_BYTES;
+        if self.client_send_buffer != 0 && !send_buffers.contains(&self.client_send_buffer) {
+            return Err(format!(
+                "--client-send-buffer must be 0 (the kernel's own sizing) or {MIN_CLIENT_SEND_BUFFER_BYTES} to \
+                 {MAX_CLIENT_SEND_BUFFER_BYTES}"
+            ));
         }
         let has_tokens = self.publish_token_file.is_some() || self.subscribe_token_file.is_some();
         if has_tokens && self.allowed_origin.iter().any(|origin| origin == "*") {
@@ -637,5 +658,8 @@ mod tests {
         assert!(zero_ping.contains("--ping-interval"), "{zero_ping}");
         let small_budget = parse(&["--max-inflight-bytes", "1000"]).unwrap().validate().unwrap_err();
         assert!(small_budget.contains("--max-inflight-bytes"), "{small_budget}");
+        let tiny_buffer = parse(&["--client-send-buffer", "100"]).unwrap().validate().unwrap_err();
+        assert!(tiny_buffer.contains("--client-send-buffer"), "{tiny_buffer}");
+        assert!(parse(&["--client-send-buffer", "0"]).unwrap().validate().is_ok());
     }
 }

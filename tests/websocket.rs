@@ -369,7 +369,9 @@ fn a_client_flooding_frames_does_not_starve_the_server() {
 /// between them must all reach a standard client intact.
 #[test]
 fn frames_of_every_length_arrive_intact_in_replay_and_live() {
-    let server = Server::start(&["--history", "100"]);
+    // The live client reads only once all 40 (1.2 MB) are published, more than the kernel holds
+    // for it (`--client-send-buffer`): it may fall that far behind.
+    let server = Server::start(&["--history", "100", "--queue", "64"]);
     let (mut live, _) = server.subscribe();
     let mut unix = server.unix();
     let pads = [0, 100, 60_000, 65_400];
@@ -450,4 +452,33 @@ fn frames_sent_with_the_upgrade_request_are_answered() {
         assert!(n > 0, "closed before the pong: {}", String::from_utf8_lossy(&received));
         received.extend_from_slice(&chunk[..n]);
     }
+}
+
+/// The server's end of `client` as `ss -tmn` reports it: bytes queued to send (`skmem` `w`) and
+/// the send buffer's size (`tb`).
+fn server_side_send_queue(server: &Server, client: &TcpStream) -> (u64, u64) {
+    let (port, peer) = (server.addr.port(), client.local_addr().unwrap().port());
+    let filter = format!("( sport = :{port} and dport = :{peer} )");
+    let ss = std::process::Command::new("ss").args(["-tmnH", "state", "established", &filter]).output();
+    let text = String::from_utf8(ss.expect("ss (iproute2) reads the kernel's socket table").stdout).unwrap();
+    let field = |name: &str| -> u64 {
+        let (_, rest) =
+            text.split_once(&format!(",{name}")).unwrap_or_else(|| panic!("no {name} in {text:?}"));
+        rest.split(|c: char| !c.is_ascii_digit()).next().unwrap().parse().unwrap()
+    };
+    (field("w"), field("tb"))
+}
+
+#[test]
+fn a_client_that_stops_reading_holds_at_most_its_send_buffer_in_the_kernel() {
+    const CAP: u64 = 32 * 1024;
+    let server = Server::start(&["--in-memory", "--queue", "64", "--client-send-buffer", &CAP.to_string()]);
+    let (stalled, _) = server.subscribe();
+    let mut unix = server.unix();
+    let body = format!(r#"{{"pad":"{}"}}"#, "x".repeat(60_000));
+    for _ in 0..40 {
+        unix.publish(&body);
+    }
+    let (queued, buffer) = server_side_send_queue(&server, stalled.ws.get_ref());
+    assert!(buffer <= CAP, "a send buffer of {buffer} bytes ({queued} queued) for a cap of {CAP}");
 }

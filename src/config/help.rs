@@ -24,6 +24,7 @@ const SECTIONS: &[(&str, &[&str])] = &[
             "--max-poll-bytes",
             "--max-head-bytes",
             "--max-client-message-bytes",
+            "--client-send-buffer",
         ],
     ),
     ("Other", &["--version", "--help"]),

@@ -9,8 +9,9 @@ use std::time::Instant;
 
 use async_tungstenite::WebSocketStream;
 use async_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
-use log::{info, warn};
+use log::{debug, info, warn};
 use sha1::{Digest, Sha1};
+use smol::net::TcpStream;
 
 use crate::app::App;
 use crate::config::Config;
@@ -52,6 +53,7 @@ pub async fn upgrade(app: &Rc<App>, upgrade: Upgrade) -> Option<Session> {
         return None;
     }
     drop(slot);
+    cap_send_buffer(&connection.stream, config.client_send_buffer);
     // What the client sent after its request head; shrunk, because tungstenite keeps this
     // vector's allocation as its read buffer.
     let mut early_frames = connection.buffered;
@@ -114,6 +116,20 @@ fn admit(app: &App, request: &Request, peer: SocketAddr) -> Result<Admitted, Res
             Response::json(Status::SERVICE_UNAVAILABLE, error_json(reason)).with_header("Retry-After", "5")
         })?;
     Ok(Admitted { accept_key, name, since: resume.map(|resume| resume.since), subscription, greeting })
+}
+
+/// Caps the kernel's send buffer (`--client-send-buffer`, 0 for none): it holds what a client
+/// that stopped reading has not taken, until `--write-timeout`, and autotuning would grow it to
+/// megabytes a client. Set after the handshake, so HTTP answers (polls) keep the kernel's sizing.
+fn cap_send_buffer(stream: &TcpStream, bytes: usize) {
+    if bytes == 0 {
+        return;
+    }
+    // Linux keeps twice what `SO_SNDBUF` asks for (the other half is for its bookkeeping): half
+    // is asked, so that the buffer is the size given.
+    if let Err(error) = socket2::SockRef::from(stream).set_send_buffer_size(bytes / 2) {
+        debug!("could not cap a client's send buffer at {bytes} bytes: {error}");
+    }
 }
 
 /// Settings for clients that send almost nothing: a small read buffer and small message limits.
