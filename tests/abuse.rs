@@ -8,21 +8,12 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use common::{Client, HttpResponse, PATIENCE, Server, TempDir, fill_disk, wait_until};
+use common::{Client, HttpResponse, PATIENCE, Server, TempDir, fill_disk, post_head_read, wait_until};
 
 /// A POST whose head the server has read (its `100 Continue` says so) and whose body then
 /// trickles: one byte of the 1000 it announced.
 fn trickling_body(server: &Server) -> TcpStream {
-    let mut stream = TcpStream::connect(server.addr).unwrap();
-    stream.set_read_timeout(Some(PATIENCE)).unwrap();
-    stream
-        .write_all(
-            b"POST /emergencias HTTP/1.1\r\nHost: t\r\nContent-Length: 1000\r\nExpect: 100-continue\r\n\r\n",
-        )
-        .unwrap();
-    let mut interim = [0u8; 25];
-    stream.read_exact(&mut interim).unwrap();
-    assert_eq!(&interim, b"HTTP/1.1 100 Continue\r\n\r\n");
+    let mut stream = post_head_read(server, 1000);
     stream.write_all(b"{").unwrap();
     stream
 }

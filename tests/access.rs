@@ -9,8 +9,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::{
-    Client, HttpResponse, PATIENCE, Server, TempDir, run_to_exit, signal, spawn_command, spawn_raw,
-    wait_until,
+    Client, HttpResponse, PATIENCE, Server, TempDir, post_head_read, run_to_exit, signal, spawn_command,
+    spawn_raw, wait_until,
 };
 use tungstenite::protocol::frame::coding::CloseCode;
 
@@ -454,15 +454,7 @@ fn a_preflight_answer_carries_no_content_headers() {
 /// A connection that is busy: its request head was read (the `100 Continue` says so) and the
 /// server waits for a body that does not come (on a server with no `--min-body-rate`).
 fn busy_connection(server: &Server) -> TcpStream {
-    let mut stream = TcpStream::connect(server.addr).unwrap();
-    stream.set_read_timeout(Some(PATIENCE)).unwrap();
-    stream
-        .write_all(b"POST /emergencias HTTP/1.1\r\nContent-Length: 2\r\nExpect: 100-continue\r\n\r\n")
-        .unwrap();
-    let mut interim = [0u8; 25];
-    stream.read_exact(&mut interim).unwrap();
-    assert_eq!(&interim, b"HTTP/1.1 100 Continue\r\n\r\n");
-    stream
+    post_head_read(server, 2)
 }
 
 #[test]

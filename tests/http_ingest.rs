@@ -7,7 +7,7 @@ use std::io::{BufReader, Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use common::{HttpResponse, PATIENCE, Server};
+use common::{HttpResponse, PATIENCE, Server, post_head_read};
 
 fn post_raw(server: &Server, head_extra: &str, body: &str) -> HttpResponse {
     server.http(
@@ -119,14 +119,7 @@ fn keep_alive_and_pipelined_requests_share_one_connection() {
 #[test]
 fn expect_100_continue_is_honoured() {
     let server = Server::start(&[]);
-    let mut stream = TcpStream::connect(server.addr).unwrap();
-    stream.set_read_timeout(Some(PATIENCE)).unwrap();
-    stream
-        .write_all(b"POST /emergencias HTTP/1.1\r\nContent-Length: 2\r\nExpect: 100-continue\r\n\r\n")
-        .unwrap();
-    let mut interim = [0u8; 25];
-    stream.read_exact(&mut interim).unwrap();
-    assert_eq!(&interim, b"HTTP/1.1 100 Continue\r\n\r\n");
+    let mut stream = post_head_read(&server, 2);
     stream.write_all(b"{}").unwrap();
     assert_eq!(HttpResponse::read(&mut BufReader::new(stream)).status, 202);
 }
@@ -418,17 +411,8 @@ fn a_poll_says_when_the_history_changed_under_the_poller() {
 #[test]
 fn a_request_answered_after_shutdown_began_says_connection_close() {
     let server = Server::start(&[]);
-    let mut stream = TcpStream::connect(server.addr).unwrap();
-    stream.set_read_timeout(Some(PATIENCE)).unwrap();
-    stream
-        .write_all(
-            b"POST /emergencias HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\nExpect: 100-continue\r\n\r\n",
-        )
-        .unwrap();
     // The 100 says the head was read: the server waits for the body when the signal comes.
-    let mut interim = [0u8; 25];
-    stream.read_exact(&mut interim).unwrap();
-    assert_eq!(&interim, b"HTTP/1.1 100 Continue\r\n\r\n");
+    let mut stream = post_head_read(&server, 2);
     server.terminate();
     server.wait_for_log("shutting down: refusing new emergencies");
     stream.write_all(b"{}").unwrap();

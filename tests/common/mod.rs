@@ -557,3 +557,18 @@ pub fn fill_disk(path: &Path) {
         }
     }
 }
+
+/// A new connection with a POST head the server has read, as its `100 Continue` proves, and a
+/// body of `content_length` bytes still to come: the server is waiting for it.
+pub fn post_head_read(server: &Server, content_length: usize) -> TcpStream {
+    let mut stream = TcpStream::connect(server.addr).unwrap();
+    stream.set_read_timeout(Some(PATIENCE)).unwrap();
+    let head = format!(
+        "POST /emergencias HTTP/1.1\r\nHost: t\r\nContent-Length: {content_length}\r\nExpect: 100-continue\r\n\r\n"
+    );
+    stream.write_all(head.as_bytes()).unwrap();
+    let mut interim = [0u8; 25];
+    std::io::Read::read_exact(&mut stream, &mut interim).unwrap();
+    assert_eq!(&interim, b"HTTP/1.1 100 Continue\r\n\r\n");
+    stream
+}
