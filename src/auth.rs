@@ -83,6 +83,20 @@ impl TokenSet {
     }
 }
 
+/// For the fuzz targets (`fuzz_api`): a token file's text parsed as `load` parses it, and what
+/// it holds.
+#[cfg(feature = "fuzzing")]
+impl TokenSet {
+    pub fn from_text(text: &str) -> Result<TokenSet, String> {
+        Ok(TokenSet { path: PathBuf::new(), entries: parse_tokens(text)? })
+    }
+
+    /// Each entry's name and token, in file order.
+    pub fn entries(&self) -> impl Iterator<Item = (&str, &[u8])> {
+        self.entries.iter().map(|entry| (&*entry.name, &*entry.token))
+    }
+}
+
 /// What is wrong with a token file's mode, if any user on the machine may read or change it.
 /// Group access is not warned about: who is in the group is the site's choice. The fix offered is
 /// 0600, not 0640, because the package puts publisher apps in the service's group, and they

@@ -362,7 +362,7 @@ impl fmt::Display for IpBlock {
 }
 
 /// Parses one `--trusted-proxy`: an address or a CIDR block (`IpBlock::parse`).
-fn parse_trusted_proxy(text: &str) -> Result<IpBlock, String> {
+pub fn parse_trusted_proxy(text: &str) -> Result<IpBlock, String> {
     IpBlock::parse(text)
 }
 
@@ -373,7 +373,7 @@ fn default_listen() -> SocketAddr {
 /// Parses `--listen`: an IP address with a port, `localhost:PORT` (127.0.0.1) or `:PORT` (every
 /// IPv4 interface). Other host names are refused rather than looked up: which address a name
 /// resolves to on a dispatch site's network is a guess the operator should not have to debug.
-fn parse_listen(text: &str) -> Result<SocketAddr, String> {
+pub fn parse_listen(text: &str) -> Result<SocketAddr, String> {
     if let Ok(addr) = text.parse() {
         return Ok(addr);
     }
@@ -401,7 +401,7 @@ fn parse_listen(text: &str) -> Result<SocketAddr, String> {
 /// `scheme://host[:port]`, scheme and host in lower case, without the scheme's default port.
 /// One trailing `/` is forgiven, as in a URL copied from the address bar; a path, query,
 /// fragment or user name never appears in an `Origin`, so it would lock every browser out.
-fn parse_origin(text: &str) -> Result<String, String> {
+pub fn parse_origin(text: &str) -> Result<String, String> {
     if text == "*" {
         return Ok(text.to_owned());
     }

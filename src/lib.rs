@@ -14,12 +14,15 @@
 //! - `support`: leaves (metrics, logger, timestamps, a bounded join).
 //!
 //! Every module is private: the library exports the few items the binary needs, below, and
-//! nothing else.
+//! nothing else. The `fuzzing` feature (off by default) adds `fuzz_api`, the parsers the fuzz
+//! targets in `fuzz/` call.
 
 mod app;
 mod auth;
 mod config;
 mod core;
+#[cfg(feature = "fuzzing")]
+pub mod fuzz_api;
 mod http;
 mod ingest;
 mod protocol;

@@ -16,7 +16,8 @@ use proc_macro2::{Spacing, TokenStream, TokenTree};
 use syn::visit::{self, Visit};
 
 /// Each layer (a folder of `src/`, or a top-level file) and the layers it may use. Nobody may use
-/// `server`: only `main` (the binary, outside the library) imports it.
+/// `server`: only `main` (the binary, outside the library) imports it; nor `fuzz_api`: only the
+/// fuzz targets do.
 const ALLOWED: &[(&str, &[&str])] = &[
     ("support", &[]),
     ("config", &[]),
@@ -32,6 +33,15 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("ws", &["http", "app", "config", "auth", "core", "ingest", "protocol", "runtime", "store", "support"]),
     (
         "server",
+        &[
+            "ws", "http", "unix", "app", "config", "auth", "core", "ingest", "protocol", "runtime", "store",
+            "support",
+        ],
+    ),
+    // Built with the `fuzzing` feature only, for the fuzz targets in `fuzz/`: the parsers of every
+    // layer. No layer lists it, so nothing in the crate may use it.
+    (
+        "fuzz_api",
         &[
             "ws", "http", "unix", "app", "config", "auth", "core", "ingest", "protocol", "runtime", "store",
             "support",
@@ -514,6 +524,8 @@ fn the_checker_catches_a_forbidden_edge_and_skips_only_test_items() {
     assert_eq!(violations(&[upward]), ["core::hub -> http (crate::http::conn::Request)"]);
     let into_server = module("http::routes", "use crate::server::Control;");
     assert_eq!(violations(&[into_server]).len(), 1);
+    let into_fuzz_api = module("ingest", "use crate::fuzz_api::parse_head;");
+    assert_eq!(violations(&[into_fuzz_api]).len(), 1);
     let between_transports = module("unix", "use crate::ws::frame::Frame;");
     assert_eq!(violations(&[between_transports]).len(), 1);
     let test_only = "#[cfg(test)]\nuse crate::http::conn::Request;\n#[cfg(test)]\nmod tests { use crate::ws::X; }\n\

@@ -340,7 +340,7 @@ impl HttpConnection {
 
 /// Parses a request head at the start of `buffer`: `None` while it is incomplete, else the
 /// request and the head's length in bytes.
-fn parse_head(buffer: &[u8], max_bytes: usize) -> Result<Option<(Request, usize)>, HeadError> {
+pub fn parse_head(buffer: &[u8], max_bytes: usize) -> Result<Option<(Request, usize)>, HeadError> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut parsed = httparse::Request::new(&mut headers);
     let head_len = match parsed.parse(buffer) {

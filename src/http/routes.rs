@@ -281,7 +281,7 @@ fn refused(rejection: Rejection, peer: SocketAddr) -> Response {
 }
 
 /// The `Idempotency-Key` header: `None` if absent, an error naming it if invalid or repeated.
-fn idempotency_key(request: &Request) -> Result<Option<IdempotencyKey>, String> {
+pub fn idempotency_key(request: &Request) -> Result<Option<IdempotencyKey>, String> {
     let mut values = request.headers("idempotency-key");
     let Some(value) = values.next() else { return Ok(None) };
     if values.next().is_some() {
@@ -291,7 +291,7 @@ fn idempotency_key(request: &Request) -> Result<Option<IdempotencyKey>, String> 
 }
 
 /// The declared body length: `None` if absent, an error if invalid or contradictory.
-fn content_length(request: &Request) -> Result<Option<usize>, &'static str> {
+pub fn content_length(request: &Request) -> Result<Option<usize>, &'static str> {
     let mut length = None;
     for value in request.headers("content-length") {
         let digits = value.trim();

@@ -6,7 +6,7 @@
 //! Access is guarded by the socket file's permissions (mode 0660: owner and group). A stale file
 //! left by a killed instance is replaced; a socket a live instance still answers on is not.
 
-mod lines;
+pub mod lines;
 mod peer;
 mod publisher;
 

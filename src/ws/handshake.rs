@@ -134,7 +134,7 @@ fn cap_send_buffer(stream: &TcpStream, bytes: usize) {
 
 /// Settings for clients that send almost nothing: a small read buffer and small message limits.
 /// tungstenite writes only control frames (Pongs, Close: at most 131 bytes each), at once.
-fn websocket_config(config: &Config) -> WebSocketConfig {
+pub fn websocket_config(config: &Config) -> WebSocketConfig {
     WebSocketConfig::default()
         .read_buffer_size(READ_BUFFER_BYTES)
         .write_buffer_size(0)

@@ -444,7 +444,7 @@ async fn bounded(limit: Duration, work: impl Future<Output = Result<(), WsError>
 }
 
 /// Whether a client's text is a heartbeat: `ping` or `{"type":"ping"}`.
-fn is_ping_text(text: &str) -> bool {
+pub fn is_ping_text(text: &str) -> bool {
     #[derive(serde::Deserialize)]
     struct Typed<'a> {
         #[serde(rename = "type", borrow)]
