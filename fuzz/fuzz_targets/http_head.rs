@@ -15,7 +15,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use libfuzzer_sys::fuzz_target;
 use resq_push::fuzz_api::{
-    HeadError, IpBlock, Request, client_address, content_length, idempotency_key_header, is_valid_key,
+    HeadError, IdempotencyKey, IpBlock, Request, Resume, client_address, content_length, idempotency_key,
     parse_head, parse_resume, parse_submission, percent_decode,
 };
 
@@ -54,8 +54,8 @@ fuzz_target!(|data: &[u8]| {
             }
             let (body, after) = rest.split_at(length);
             rest = after;
-            if let Ok(header) = idempotency_key_header(&request) {
-                let _ = parse_submission(body, MAX_BODY, header.as_deref());
+            if let Ok(header) = idempotency_key(&request) {
+                let _ = parse_submission(body, MAX_BODY, header);
             }
         } else if request.declares_body() {
             return;
@@ -119,8 +119,8 @@ fn check_request(request: &Request, trusted: &[IpBlock], proxy: SocketAddr, stra
         Ok(None) => assert!(request.header("content-length").is_none()),
         Err(_) => assert!(request.header("content-length").is_some()),
     }
-    if let Ok(Some(key)) = idempotency_key_header(request) {
-        assert!(is_valid_key(&key));
+    if let Ok(Some(key)) = idempotency_key(request) {
+        assert!(IdempotencyKey::parse(key.as_str()).is_ok());
         assert_eq!(request.headers("idempotency-key").collect::<Vec<_>>(), [key.as_str()]);
     }
     if let Some(query) = &request.query {
@@ -132,12 +132,12 @@ fn check_request(request: &Request, trusted: &[IpBlock], proxy: SocketAddr, stra
         }
     }
     match parse_resume(request, proxy) {
-        Ok(Some((since, stream))) => {
+        Ok(Some(Resume { since, stream })) => {
             assert_eq!(request.query_param("since").and_then(|text| text.parse().ok()), Some(since));
             assert_eq!(stream.as_deref(), request.query_param("stream"));
         }
         Ok(None) => assert!(request.query_param("since").is_none()),
-        Err(status) => assert_eq!(status, 400),
+        Err(refusal) => assert_eq!(refusal.status.code, 400),
     }
     // A peer that is not a trusted proxy is always the client; a trusted one names a client or
     // stays the client itself.

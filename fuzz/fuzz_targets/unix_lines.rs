@@ -1,6 +1,6 @@
 //! The Unix socket's line splitter (`unix::lines::LineSplitter`), fed a publisher's stream in
-//! reads of every size, and each complete line checked as an emergency, as `unix::publisher`
-//! does.
+//! reads of every size, and each complete line taken as the emergency to store
+//! (`ingest::owned_submission`, as `Publisher::stage` does for `unix::publisher`).
 //!
 //! The first byte picks the line limit (small ones, so that lines go over it, or the default
 //! 64 KiB) and the second how the stream is cut into reads; the rest is the stream. The lines must
@@ -12,7 +12,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use resq_push::fuzz_api::{Line, LineSplitter, parse_submission};
+use resq_push::fuzz_api::{Line, LineSplitter, owned_submission};
 
 #[derive(Debug, PartialEq, Eq)]
 enum Got {
@@ -71,7 +71,7 @@ fuzz_target!(|data: &[u8]| {
     assert_eq!(lines, expected(stream, max_line));
     for line in &lines {
         if let Got::Complete(bytes) = line {
-            let _ = parse_submission(bytes, max_line, None);
+            let _ = owned_submission(bytes.clone(), max_line, None);
         }
     }
 });

@@ -23,10 +23,11 @@ use futures_io::{AsyncRead, AsyncWrite};
 use futures_util::{SinkExt, StreamExt};
 use libfuzzer_sys::fuzz_target;
 use resq_push::fuzz_api::async_tungstenite::WebSocketStream;
+use resq_push::fuzz_api::async_tungstenite::tungstenite::protocol::WebSocketConfig;
 use resq_push::fuzz_api::async_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use resq_push::fuzz_api::async_tungstenite::tungstenite::protocol::{CloseFrame, Role};
 use resq_push::fuzz_api::async_tungstenite::tungstenite::{Error, Message};
-use resq_push::fuzz_api::{is_ping_text, websocket_config};
+use resq_push::fuzz_api::{Config, FromArgs, is_ping_text, websocket_config};
 
 /// Polls before a future must have completed: the socket is never `Pending` twice in a row.
 const MAX_POLLS: usize = 100_000;
@@ -115,6 +116,13 @@ fn check_written(mut bytes: &[u8]) {
     }
 }
 
+/// The settings a session reads its client with, given `--max-client-message-bytes`.
+fn server_settings(max_client_message_bytes: usize) -> WebSocketConfig {
+    let limit = max_client_message_bytes.to_string();
+    let config = Config::from_args(&["resq-push"], &["--max-client-message-bytes", &limit]);
+    websocket_config(&config.expect("a number of bytes over 128 is a valid --max-client-message-bytes"))
+}
+
 fuzz_target!(|data: &[u8]| {
     let [limit, pattern, client @ ..] = data else { return };
     let max_message = if *limit < 192 { 4096 } else { 128 + usize::from(*limit - 192) * 8 };
@@ -126,7 +134,7 @@ fuzz_target!(|data: &[u8]| {
         state: u32::from(*pattern),
         was_pending: false,
     };
-    let config = websocket_config(max_message);
+    let config = server_settings(max_message);
     let mut ws = block(WebSocketStream::from_partially_read(
         socket,
         client[..early].to_vec(),

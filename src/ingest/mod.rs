@@ -198,7 +198,7 @@ pub fn parse_submission(
 
 /// Checks a submission (see `parse_submission`) and takes it as the object to store: its own
 /// bytes when they are exactly the object, a copy of the object only when whitespace is around it.
-fn owned_submission(
+pub fn owned_submission(
     bytes: Vec<u8>,
     max_bytes: usize,
     header: Option<IdempotencyKey>,
