@@ -39,7 +39,8 @@ const ALLOWED: &[(&str, &[&str])] = &[
         ],
     ),
     // Built with the `fuzzing` feature only, for the fuzz targets in `fuzz/`: the parsers of every
-    // layer. No layer lists it, so nothing in the crate may use it.
+    // layer, re-exported. No layer lists it, so nothing in the crate may use it; and it holds only
+    // `pub use`s (`fuzz_api_only_reexports`), so it adds no code of its own to any layer.
     (
         "fuzz_api",
         &[
@@ -443,6 +444,34 @@ fn no_module_cycle() {
     assert!(found.is_empty(), "module cycles: {found:?}");
 }
 
+/// What in `source` is not a `pub use`: the thin export modules (`fuzz_api`) hold nothing else.
+fn not_reexports(source: &str) -> Vec<String> {
+    let file = syn::parse_file(source).expect("the module parses");
+    let public = |visibility: &syn::Visibility| matches!(visibility, syn::Visibility::Public(_));
+    let items = file.items.iter().filter(|item| !matches!(item, syn::Item::Use(item) if public(&item.vis)));
+    items.map(quote_item).collect()
+}
+
+/// An item, named for a failure.
+fn quote_item(item: &syn::Item) -> String {
+    match item {
+        syn::Item::Use(_) => "a `use` that is not `pub`".into(),
+        syn::Item::Fn(item) => format!("fn {}", item.sig.ident),
+        syn::Item::Const(item) => format!("const {}", item.ident),
+        syn::Item::Struct(item) => format!("struct {}", item.ident),
+        syn::Item::Impl(_) => "an impl".into(),
+        _ => "an item other than `pub use`".into(),
+    }
+}
+
+#[test]
+fn fuzz_api_only_reexports() {
+    let fuzz_api = library_modules().into_iter().find(|module| module.path == "fuzz_api");
+    let fuzz_api = fuzz_api.expect("src/fuzz_api.rs exists");
+    let found = not_reexports(&fuzz_api.source);
+    assert!(found.is_empty(), "fuzz_api holds more than `pub use`s: {found:?}");
+}
+
 #[test]
 fn the_core_does_no_io() {
     for module in library_modules().iter().filter(|module| layer(&module.path) == "core") {
@@ -557,6 +586,16 @@ fn the_checker_sees_io_in_groups_and_uses() {
     }
     let fine = "use std::{collections::VecDeque, net::SocketAddr}; fn f(io: u8) -> u8 { io }";
     assert!(io_named(&module("core::hub", fine)).is_empty());
+}
+
+#[test]
+fn the_checker_sees_what_is_not_a_reexport() {
+    let thin =
+        "//! Docs.\n/// An item's doc.\npub use crate::http::conn::parse_head;\npub use argh::FromArgs;";
+    assert!(not_reexports(thin).is_empty());
+    for source in ["use crate::x::y;", "pub fn f() {}", "pub(crate) use crate::x::y;", "const N: u8 = 1;"] {
+        assert_eq!(not_reexports(source).len(), 1, "{source}");
+    }
 }
 
 #[test]
