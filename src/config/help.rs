@@ -6,6 +6,7 @@
 /// The headings of `--help`, each with its flags in the order shown.
 const SECTIONS: &[(&str, &[&str])] = &[
     ("Network", &["--listen", "--listen-backlog", "--unix-socket"]),
+    ("TLS", &["--tls-listen", "--tls-cert", "--tls-key", "--ca-cert"]),
     ("Access", &["--subscribe-token-file", "--publish-token-file", "--allowed-origin", "--trusted-proxy"]),
     ("History", &["--data-dir", "--in-memory", "--history", "--history-max-age", "--history-bytes"]),
     (
