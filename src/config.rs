@@ -303,6 +303,9 @@ impl Config {
             (true, _, _) => return Err("--tls-listen needs both --tls-cert and --tls-key".into()),
             (false, _, _) => return Err("--tls-cert and --tls-key go with --tls-listen".into()),
         }
+        if cfg!(not(feature = "tls")) && self.tls_listen.is_some() {
+            return Err("--tls-listen: this resq-push was built without TLS (the cargo feature tls)".into());
+        }
         if self.tls_listen.is_some() && self.tls_listen == Some(self.listen) && self.listen.port() != 0 {
             return Err("--tls-listen must differ from --listen: a port is plain or TLS".into());
         }

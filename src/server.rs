@@ -13,7 +13,6 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use async_channel::Sender;
-use futures_rustls::TlsAcceptor;
 use futures_util::FutureExt;
 use log::{error, info, warn};
 use smol::net::{TcpListener, TcpStream};
@@ -39,8 +38,9 @@ use crate::runtime::tasks::{AllTasksDone, TaskTokens, back_off_after_accept_erro
 use crate::store::journal::{self, Storage};
 use crate::support::logger::WarningThrottle;
 use crate::support::metrics::Metrics;
+use crate::tls::HandshakeError;
 use crate::tls::certificate::ServerCertificate;
-use crate::tls::handshake::{self, HandshakeError};
+use crate::tls::handshake::{self, Acceptor};
 use crate::tls::transport::Transport;
 use crate::unix::{self, BoundUnixSocket};
 use crate::ws;
@@ -280,7 +280,7 @@ async fn accept_tcp(
 async fn serve_tcp(
     app: Rc<App>,
     stream: TcpStream,
-    tls: Option<TlsAcceptor>,
+    tls: Option<Acceptor>,
     peer: SocketAddr,
     slot: SlotGuard,
 ) -> Option<Session> {
@@ -297,7 +297,7 @@ async fn serve_tcp(
 /// is answered (in plain text, 400) and closed, with a log line.
 async fn open_tls(
     app: &App,
-    acceptor: TlsAcceptor,
+    acceptor: Acceptor,
     stream: TcpStream,
     peer: SocketAddr,
     slot: &SlotGuard,

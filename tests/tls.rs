@@ -4,7 +4,9 @@
 //! stay, bad files stop the start, and the limits hold for TLS clients as for plain ones.
 //!
 //! Needs `openssl` (for the script), `curl`, and `python3` with `websockets` (`bash scripts/test`
-//! puts it in a virtual environment; `.ci/run` installs the Debian packages).
+//! puts it in a virtual environment; `.ci/run` installs the Debian packages). Built only with the
+//! cargo feature `tls` (the default).
+#![cfg(feature = "tls")]
 
 mod common;
 

@@ -6,11 +6,12 @@ use std::cell::RefCell;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use futures_rustls::TlsAcceptor;
 use futures_rustls::rustls::crypto::ring;
 use futures_rustls::rustls::pki_types::pem::PemObject;
 use futures_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use futures_rustls::rustls::{self, ServerConfig};
+
+use crate::tls::handshake::Acceptor;
 
 /// The certificate and key files, as `--tls-cert` and `--tls-key` name them.
 #[derive(Debug, Clone)]
@@ -22,7 +23,7 @@ pub struct CertificateFiles {
 /// The certificate in force, and where it was read from.
 pub struct ServerCertificate {
     files: CertificateFiles,
-    current: RefCell<TlsAcceptor>,
+    current: RefCell<Acceptor>,
     /// How many certificates the chain in force has, for the log lines.
     chain_len: RefCell<usize>,
 }
@@ -33,7 +34,7 @@ impl ServerCertificate {
         let (config, chain_len) = server_config(&files)?;
         Ok(ServerCertificate {
             files,
-            current: RefCell::new(TlsAcceptor::from(config)),
+            current: RefCell::new(Acceptor::from(config)),
             chain_len: RefCell::new(chain_len),
         })
     }
@@ -42,13 +43,13 @@ impl ServerCertificate {
     /// otherwise keeps the certificate in force. Connections already made are not touched.
     pub fn reload(&self) -> Result<(), String> {
         let (config, chain_len) = server_config(&self.files)?;
-        *self.current.borrow_mut() = TlsAcceptor::from(config);
+        *self.current.borrow_mut() = Acceptor::from(config);
         *self.chain_len.borrow_mut() = chain_len;
         Ok(())
     }
 
     /// What a new connection's handshake uses (a reference count, not a copy).
-    pub fn acceptor(&self) -> TlsAcceptor {
+    pub fn acceptor(&self) -> Acceptor {
         self.current.borrow().clone()
     }
 

@@ -3,14 +3,16 @@
 //! in the middle of a request head. A client that speaks plain HTTP to the TLS port is told
 //! apart by its first byte, so that it can be answered in plain text instead of left hanging.
 
-use std::io;
 use std::time::Instant;
 
-use futures_rustls::TlsAcceptor;
 use smol::net::TcpStream;
 
 use crate::runtime::deadline::{self, TimedOut};
+use crate::tls::HandshakeError;
 use crate::tls::transport::Transport;
+
+/// What a handshake needs: the certificate in force when the connection came.
+pub type Acceptor = futures_rustls::TlsAcceptor;
 
 /// What rustls may hold of a client's encrypted output, beyond what its socket takes: the
 /// socket's own send buffer (`--client-send-buffer`) is the queue, this is what a write that met
@@ -19,23 +21,9 @@ pub const TLS_SEND_BUFFER_BYTES: usize = 32 * 1024;
 /// The first byte of every TLS connection: a handshake record (RFC 8446, 5.1).
 const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 
-/// Why a connection to the TLS listener did not become a TLS `Transport`.
-#[derive(Debug)]
-pub enum HandshakeError {
-    /// The client closed before its first byte.
-    Closed,
-    /// Its first byte is not TLS: most likely `http://` to the TLS port. Nothing has been
-    /// read, so the request is still there to be answered in plain text.
-    NotTls(TcpStream),
-    /// The handshake was not done by the deadline.
-    TimedOut,
-    /// The handshake failed (rustls's alert, or the connection's error).
-    Failed(io::Error),
-}
-
 /// Runs the server side of the handshake on `stream` by `deadline`.
 pub async fn accept(
-    acceptor: TlsAcceptor,
+    acceptor: Acceptor,
     stream: TcpStream,
     deadline: Instant,
 ) -> Result<Transport, HandshakeError> {

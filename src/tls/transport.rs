@@ -2,12 +2,13 @@
 //! write alike. Reads and writes go through rustls when it is TLS; what needs the socket itself
 //! (its send buffer, its readiness) gets the TCP stream under it.
 
-use std::io::{self, IoSlice, Write};
+use std::io::{self, IoSlice};
 use std::net::Shutdown;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+#[cfg(feature = "tls")]
 use futures_rustls::server::TlsStream;
 use smol::Async;
 use smol::io::{AsyncRead, AsyncWrite};
@@ -19,6 +20,7 @@ use crate::runtime::linger::HalfClose;
 pub enum Transport {
     Plain(TcpStream),
     /// Boxed: rustls's connection state is large, and a session's future holds its transport.
+    #[cfg(feature = "tls")]
     Tls(Box<TlsStream<TcpStream>>),
 }
 
@@ -27,6 +29,7 @@ impl Transport {
     pub fn tcp(&self) -> &TcpStream {
         match self {
             Transport::Plain(stream) => stream,
+            #[cfg(feature = "tls")]
             Transport::Tls(tls) => tls.get_ref().0,
         }
     }
@@ -41,6 +44,7 @@ impl Transport {
     pub fn has_buffered_input(&self) -> bool {
         match self {
             Transport::Plain(_) => false,
+            #[cfg(feature = "tls")]
             Transport::Tls(tls) => !tls.get_ref().1.wants_read(),
         }
     }
@@ -50,6 +54,7 @@ impl AsyncRead for Transport {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             Transport::Plain(stream) => Pin::new(stream).poll_read(cx, buf),
+            #[cfg(feature = "tls")]
             Transport::Tls(tls) => Pin::new(tls.as_mut()).poll_read(cx, buf),
         }
     }
@@ -59,6 +64,7 @@ impl AsyncWrite for Transport {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             Transport::Plain(stream) => Pin::new(stream).poll_write(cx, buf),
+            #[cfg(feature = "tls")]
             Transport::Tls(tls) => Pin::new(tls.as_mut()).poll_write(cx, buf),
         }
     }
@@ -72,6 +78,7 @@ impl AsyncWrite for Transport {
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             Transport::Plain(stream) => Pin::new(stream).poll_write_vectored(cx, bufs),
+            #[cfg(feature = "tls")]
             Transport::Tls(tls) => Pin::new(tls.as_mut()).poll_write_vectored(cx, bufs),
         }
     }
@@ -81,6 +88,7 @@ impl AsyncWrite for Transport {
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Transport::Plain(stream) => Pin::new(stream).poll_flush(cx),
+            #[cfg(feature = "tls")]
             Transport::Tls(tls) => Pin::new(tls.as_mut()).poll_flush(cx),
         }
     }
@@ -88,6 +96,7 @@ impl AsyncWrite for Transport {
     fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Transport::Plain(stream) => Pin::new(stream).poll_close(cx),
+            #[cfg(feature = "tls")]
             Transport::Tls(tls) => Pin::new(tls.as_mut()).poll_close(cx),
         }
     }
@@ -97,13 +106,14 @@ impl HalfClose for Transport {
     /// Under TLS, a close_notify first, as far as the socket takes it now (it is the last
     /// thing written, and a peer that does not get it still sees the TCP end).
     fn end_writing(&mut self) {
+        #[cfg(feature = "tls")]
         if let Transport::Tls(tls) = self {
             let (stream, connection) = tls.get_mut();
             connection.send_close_notify();
             let socket = Arc::<Async<std::net::TcpStream>>::from(stream.clone());
             let mut raw: &std::net::TcpStream = socket.get_ref();
             while connection.wants_write() {
-                if !matches!(connection.write_tls(&mut raw as &mut dyn Write), Ok(n) if n > 0) {
+                if !matches!(connection.write_tls(&mut raw as &mut dyn std::io::Write), Ok(n) if n > 0) {
                     break;
                 }
             }
