@@ -38,5 +38,5 @@ pub use http::ca_cert::read_ca_cert;
 pub use server::{Control, TlsListener, serve};
 pub use store::journal::{Retention, Storage, open as open_journal};
 pub use support::logger::{error_past_filter, init as init_logging};
-pub use tls::certificate::{CertificateFiles, ServerCertificate};
+pub use tls::{CertificateFiles, ServerCertificate};
 pub use unix::bind as bind_unix_socket;

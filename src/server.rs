@@ -38,10 +38,8 @@ use crate::runtime::tasks::{AllTasksDone, TaskTokens, back_off_after_accept_erro
 use crate::store::journal::{self, Storage};
 use crate::support::logger::WarningThrottle;
 use crate::support::metrics::Metrics;
-use crate::tls::HandshakeError;
-use crate::tls::certificate::ServerCertificate;
-use crate::tls::handshake::{self, Acceptor};
 use crate::tls::transport::Transport;
+use crate::tls::{self, Acceptor, HandshakeError, ServerCertificate};
 use crate::unix::{self, BoundUnixSocket};
 use crate::ws;
 use crate::ws::session::Session;
@@ -308,7 +306,7 @@ async fn open_tls(
         future::or(app.stopping(), slot.evicted()).await;
         Err(HandshakeError::Closed)
     };
-    let handshake = future::or(handshake::accept(acceptor, stream, deadline), interrupted).await;
+    let handshake = future::or(tls::accept(acceptor, stream, deadline), interrupted).await;
     slot.set_idle(false);
     match handshake {
         Ok(transport) => Some(transport),

@@ -11,7 +11,7 @@ use futures_rustls::rustls::pki_types::pem::PemObject;
 use futures_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use futures_rustls::rustls::{self, ServerConfig};
 
-use crate::tls::handshake::Acceptor;
+use crate::tls::Acceptor;
 
 /// The certificate and key files, as `--tls-cert` and `--tls-key` name them.
 #[derive(Debug, Clone)]

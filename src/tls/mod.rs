@@ -4,23 +4,26 @@
 //!
 //! rustls with the `ring` provider, TLS 1.2 and 1.3; no OpenSSL at run time. Built with the cargo
 //! feature `tls` (on by default); without it, `without_tls` stands in for `certificate` and
-//! `handshake` with types that cannot be made, and `--tls-listen` is refused at start.
+//! `handshake` with the same names, whose types cannot be made, and `--tls-listen` is refused at start.
 
 use std::io;
 
 use smol::net::TcpStream;
 
 #[cfg(feature = "tls")]
-pub mod certificate;
+mod certificate;
 #[cfg(feature = "tls")]
-pub mod handshake;
+mod handshake;
 pub mod transport;
 #[cfg(not(feature = "tls"))]
-pub mod without_tls;
+mod without_tls;
+
+#[cfg(feature = "tls")]
+pub use certificate::{CertificateFiles, ServerCertificate};
+#[cfg(feature = "tls")]
+pub use handshake::{Acceptor, accept};
 #[cfg(not(feature = "tls"))]
-pub use without_tls as certificate;
-#[cfg(not(feature = "tls"))]
-pub use without_tls as handshake;
+pub use without_tls::{Acceptor, CertificateFiles, ServerCertificate, accept};
 
 /// Why a connection to the TLS listener did not become a TLS `Transport`.
 #[derive(Debug)]
