@@ -692,4 +692,21 @@ mod tests {
         assert!(tiny_buffer.contains("--client-send-buffer"), "{tiny_buffer}");
         assert!(parse(&["--client-send-buffer", "0"]).unwrap().validate().is_ok());
     }
+
+    #[test]
+    fn tls_flags_go_together() {
+        let validate = |args: &[&str]| parse(args).unwrap().validate();
+        let alone = validate(&["--tls-listen", ":8443"]).unwrap_err();
+        assert!(alone.contains("--tls-listen needs both --tls-cert and --tls-key"), "{alone}");
+        let no_key = validate(&["--tls-listen", ":8443", "--tls-cert", "c.pem"]).unwrap_err();
+        assert!(no_key.contains("--tls-key"), "{no_key}");
+        let no_listener = validate(&["--tls-cert", "c.pem", "--tls-key", "k.pem"]).unwrap_err();
+        assert!(no_listener.contains("go with --tls-listen"), "{no_listener}");
+        let same =
+            validate(&["--listen", ":8000", "--tls-listen", ":8000", "--tls-cert", "c", "--tls-key", "k"]);
+        assert!(same.is_err());
+        let full = validate(&["--tls-listen", ":8443", "--tls-cert", "c.pem", "--tls-key", "k.pem"]);
+        assert_eq!(full.is_ok(), cfg!(feature = "tls"), "{full:?}");
+        assert!(validate(&["--ca-cert", "ca.crt"]).is_ok());
+    }
 }
