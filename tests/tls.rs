@@ -198,6 +198,8 @@ fn python_wss_trusting_only_the_site_ca_receives_what_curl_publishes_over_https(
     assert_eq!(reply["seq"], 1, "{reply}");
     let event: Value = serde_json::from_str(&listener.line()).unwrap();
     assert_eq!(event["seq"], 1, "{event}");
+    server.wait_for_log("connected from 127.0.0.1:");
+    assert!(server.logs().contains(" over wss"), "{}", server.logs());
     assert_eq!(event["data"]["address"], "Calle 1", "{event}");
 
     // The CA is served as it is on disk, to anyone.

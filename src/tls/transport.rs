@@ -34,6 +34,11 @@ impl Transport {
         }
     }
 
+    /// Whether it is encrypted, for log lines.
+    pub fn is_tls(&self) -> bool {
+        !matches!(self, Transport::Plain(_))
+    }
+
     /// The socket, shared, to wait for readiness on.
     pub fn socket(&self) -> Arc<Async<std::net::TcpStream>> {
         Arc::from(self.tcp().clone())

@@ -66,9 +66,12 @@ pub async fn upgrade(app: &Rc<App>, upgrade: Upgrade) -> Option<Session> {
     )
     .await;
     let (client_id, name) = (admitted.subscription.client_id, admitted.name);
+    let scheme = if ws.get_ref().is_tls() { "wss" } else { "ws" };
     match admitted.since {
-        Some(since) => info!("client {client_id}{name} connected from {peer}, resuming after seq {since}"),
-        None => info!("client {client_id}{name} connected from {peer}"),
+        Some(since) => {
+            info!("client {client_id}{name} connected from {peer} over {scheme}, resuming after seq {since}")
+        }
+        None => info!("client {client_id}{name} connected from {peer} over {scheme}"),
     }
     let label = format!("client {client_id}{name} ({peer})").into_boxed_str();
     Some(Session::new(ws, socket, Rc::clone(app), admitted.subscription, admitted.greeting, label))
