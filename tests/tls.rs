@@ -84,9 +84,52 @@ fn start(ca: &SiteCa, extra: &[&str]) -> (Server, SocketAddr) {
     (server, addr)
 }
 
+/// A TCP stream that counts the TLS application-data records it reads, as they come off the wire.
+struct RecordCounter {
+    stream: TcpStream,
+    /// The header of the record being read, while it is incomplete.
+    header: Vec<u8>,
+    /// Bytes of the current record's body not read yet.
+    remaining: usize,
+    records: usize,
+}
+
+impl Read for RecordCounter {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.stream.read(buf)?;
+        let mut rest = &buf[..n];
+        while !rest.is_empty() {
+            if self.remaining > 0 {
+                let skipped = self.remaining.min(rest.len());
+                self.remaining -= skipped;
+                rest = &rest[skipped..];
+                continue;
+            }
+            self.header.push(rest[0]);
+            rest = &rest[1..];
+            if self.header.len() == 5 {
+                self.records += usize::from(self.header[0] == 0x17);
+                self.remaining = usize::from(u16::from_be_bytes([self.header[3], self.header[4]]));
+                self.header.clear();
+            }
+        }
+        Ok(n)
+    }
+}
+
+impl Write for RecordCounter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.stream.write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.stream.flush()
+    }
+}
+
 /// A blocking wss:// client (rustls and tungstenite) trusting only `ca`'s CA.
 struct WssClient {
-    ws: WebSocket<StreamOwned<ClientConnection, TcpStream>>,
+    ws: WebSocket<StreamOwned<ClientConnection, RecordCounter>>,
 }
 
 impl WssClient {
@@ -96,8 +139,14 @@ impl WssClient {
         let tls =
             ClientConnection::new(client_config(ca), ServerName::try_from("localhost").unwrap()).unwrap();
         let url = format!("wss://localhost:{}/ws/emergencias", addr.port());
-        let (ws, _) = tungstenite::client(url, StreamOwned::new(tls, stream)).unwrap();
+        let counter = RecordCounter { stream, header: Vec::new(), remaining: 0, records: 0 };
+        let (ws, _) = tungstenite::client(url, StreamOwned::new(tls, counter)).unwrap();
         WssClient { ws }
+    }
+
+    /// TLS application-data records read so far.
+    fn records(&self) -> usize {
+        self.ws.get_ref().sock.records
     }
 
     /// The certificate the server presented, as DER.
@@ -287,6 +336,30 @@ fn a_bad_key_or_certificate_file_stops_the_start_with_a_clear_error() {
         run_to_exit(&["--in-memory", "--tls-listen", "127.0.0.1:0", "--tls-cert", &ca.path("server.crt")]);
     assert_eq!(half.code, Some(2), "{}", half.stderr);
     assert!(half.stderr.contains("--tls-listen needs both --tls-cert and --tls-key"), "{}", half.stderr);
+}
+
+#[test]
+fn a_burst_reaches_a_wss_client_in_one_tls_record_not_one_per_emergency() {
+    let dir = TempDir::new();
+    let ca = SiteCa::make(dir.path(), "tls");
+    let (server, addr) = start(&ca, &["--in-memory"]);
+    let mut client = WssClient::connect(&ca, addr);
+    assert_eq!(client.recv_json()["type"], "connection");
+    // Half a queue (the default --queue is 16) in one write to the Unix socket: the hub takes all
+    // eight before the session writes, as one batch.
+    let burst: String = (1..=8).map(|n| format!("{{\"n\":{n}}}\n")).collect();
+    let mut unix = server.unix();
+    unix.send(burst.as_bytes());
+    for _ in 1..=8 {
+        assert_eq!(unix.reply()["ok"], true);
+    }
+    let before = client.records();
+    for seq in 1..=8 {
+        assert_eq!(client.recv_json()["seq"], seq);
+    }
+    let records = client.records() - before;
+    // Not 8: a batch is one rustls write. (Session tickets came with the welcome.)
+    assert!(records <= 2, "8 emergencies came in {records} TLS records");
 }
 
 #[test]
