@@ -87,17 +87,17 @@ pub struct Config {
     #[argh(option, default = "DEFAULT_LISTEN_BACKLOG")]
     pub listen_backlog: u32,
 
-    /// address for HTTPS and wss:// clients, beside the plain --listen (same forms); needs
-    /// --tls-cert and --tls-key (default: none)
+    /// address for HTTPS and wss:// clients, beside the plain listener, in the same forms; needs
+    /// the certificate and key below (default: none)
     #[argh(option, from_str_fn(parse_listen))]
     pub tls_listen: Option<SocketAddr>,
 
-    /// PEM file of the server's certificate, then the chain up to its CA, for --tls-listen;
-    /// reloaded on SIGHUP
+    /// PEM file of the server's certificate, then the chain up to its CA, for the TLS
+    /// listener; reloaded on SIGHUP
     #[argh(option)]
     pub tls_cert: Option<PathBuf>,
 
-    /// PEM file of the private key of --tls-cert (PKCS#8, SEC1 or PKCS#1); reloaded on SIGHUP
+    /// PEM file of that certificate's private key (PKCS#8, SEC1 or PKCS#1); reloaded on SIGHUP
     #[argh(option)]
     pub tls_key: Option<PathBuf>,
 
