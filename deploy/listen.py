@@ -8,6 +8,9 @@ can stay connected for as long as you like. The Debian package installs it as
     python3 /usr/share/resq-push/listen.py                              # ws://127.0.0.1:8000/ws/emergencias
     python3 /usr/share/resq-push/listen.py 'ws://127.0.0.1:8000/ws/emergencias?since=0&token=T'
     python3 listen.py --emergencies 1 --timeout 20 URL   # exit 0 after one emergency, 1 on timeout
+    python3 listen.py --cacert /etc/resq-push/tls/ca.crt 'wss://BOARD:8443/ws/emergencias?token=T'
+
+wss:// trusts the system's CAs, or only --cacert's (the site CA), and checks the host name.
 
 Exit status: 0 after --emergencies emergencies (or on a close when none were asked for),
 1 on a timeout, a refused upgrade or a close before enough emergencies arrived.
@@ -18,6 +21,7 @@ import base64
 import hashlib
 import os
 import socket
+import ssl
 import struct
 import sys
 import time
@@ -31,16 +35,24 @@ def main():
     parser.add_argument("url", nargs="?", default="ws://127.0.0.1:8000/ws/emergencias")
     parser.add_argument("--emergencies", type=int, default=0, help="exit 0 after this many emergencies")
     parser.add_argument("--timeout", type=float, default=0, help="give up (exit 1) after this many seconds")
+    parser.add_argument("--cacert", help="for wss://: trust only this CA file (the site CA)")
     args = parser.parse_args()
     deadline = time.monotonic() + args.timeout if args.timeout else None
 
     url = urllib.parse.urlsplit(args.url)
-    if url.scheme != "ws":
-        sys.exit("only ws:// URLs (put a TLS terminator's plain side here)")
-    host, port = url.hostname or "127.0.0.1", url.port or 80
+    if url.scheme not in ("ws", "wss"):
+        sys.exit("only ws:// and wss:// URLs")
+    host = url.hostname or "127.0.0.1"
+    port = url.port or (443 if url.scheme == "wss" else 80)
     path = (url.path or "/") + ("?" + url.query if url.query else "")
 
     sock = socket.create_connection((host, port), timeout=10)
+    if url.scheme == "wss":
+        context = ssl.create_default_context(cafile=args.cacert)
+        try:
+            sock = context.wrap_socket(sock, server_hostname=host)
+        except (ssl.SSLError, OSError) as error:
+            fail(f"TLS handshake failed: {error}")
     key = base64.b64encode(os.urandom(16))
     sock.sendall(
         b"GET " + path.encode() + b" HTTP/1.1\r\nHost: " + f"{host}:{port}".encode()

@@ -28,6 +28,8 @@ mod publish;
 mod report;
 #[path = "resq-bench/sys.rs"]
 mod sys;
+#[path = "resq-bench/tls.rs"]
+mod tls;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -51,9 +53,14 @@ use sys::{ProcSample, SpawnedServer};
 /// quick correctness run of all four (exit 1 only if something is lost or a connection fails).
 #[derive(FromArgs)]
 struct Args {
-    /// server URL (default ws://127.0.0.1:8000; the path defaults to /ws/emergencias)
+    /// server URL (default ws://127.0.0.1:8000; the path defaults to /ws/emergencias); wss://
+    /// needs --tls-dir, and takes plain HTTP (healthz, --ingest http) on the next port
     #[argh(option, default = "String::from(\"ws://127.0.0.1:8000\")")]
     url: String,
+    /// for wss://: a directory made by deploy/site-ca; clients trust its ca.crt, a spawned server
+    /// serves its server.crt and server.key on --url's port
+    #[argh(option)]
+    tls_dir: Option<PathBuf>,
     /// the server's Unix socket, for --ingest unix (with --spawn-server: passed to the server)
     #[argh(option)]
     unix_socket: Option<PathBuf>,
@@ -195,6 +202,8 @@ struct Ctx {
     unix_socket: Option<PathBuf>,
     spawn: Option<PathBuf>,
     server_args: Vec<String>,
+    /// `--tls-dir`, for a spawned server's certificate.
+    tls_dir: Option<PathBuf>,
     server_log: PathBuf,
     server_cpus: Option<Vec<usize>>,
     pid: Option<u32>,
@@ -219,7 +228,12 @@ fn main() -> ExitCode {
         eprintln!("resq-bench: cannot pin the bench to {cpus:?}: {error}");
         return ExitCode::from(2);
     }
-    let target = match Target::parse(&args.url, args.token.clone(), args.publish_token.clone()) {
+    let target = match Target::parse(
+        &args.url,
+        args.token.clone(),
+        args.publish_token.clone(),
+        args.tls_dir.as_deref(),
+    ) {
         Ok(target) => target,
         Err(error) => {
             eprintln!("resq-bench: {error}");
@@ -242,6 +256,7 @@ fn main() -> ExitCode {
         unix_socket,
         spawn: args.spawn_server.clone(),
         server_args: args.server_args.split_whitespace().map(str::to_owned).collect(),
+        tls_dir: args.tls_dir.clone(),
         server_log: args.server_log.clone(),
         server_cpus,
         pid: args.pid,
@@ -382,7 +397,12 @@ fn start_server(
         report.note(format!("server: {} (not spawned; pid {:?})", ctx.target.ws_url, ctx.pid));
         return Ok(Server { spawned: None, pid: ctx.pid });
     };
-    let mut args: Vec<String> = vec!["--listen".into(), ctx.target.addr.to_string()];
+    let mut args: Vec<String> = vec!["--listen".into(), ctx.target.http_addr.to_string()];
+    if let (Some(_), Some(dir)) = (&ctx.target.tls, &ctx.tls_dir) {
+        let file = |name: &str| dir.join(name).display().to_string();
+        args.extend(["--tls-listen".into(), ctx.target.addr.to_string()]);
+        args.extend(["--tls-cert".into(), file("server.crt"), "--tls-key".into(), file("server.key")]);
+    }
     if let Some(path) = &ctx.unix_socket {
         args.extend(["--unix-socket".into(), path.display().to_string()]);
     }
@@ -391,8 +411,13 @@ fn start_server(
     }
     args.extend(mode_args.iter().map(|a| a.to_string()));
     args.extend(ctx.server_args.iter().cloned());
-    let spawned =
-        SpawnedServer::start(binary, &args, ctx.target.addr, &ctx.server_log, ctx.server_cpus.as_deref())?;
+    let spawned = SpawnedServer::start(
+        binary,
+        &args,
+        ctx.target.http_addr,
+        &ctx.server_log,
+        ctx.server_cpus.as_deref(),
+    )?;
     let pid = spawned.pid;
     report.set("server_command", json!(spawned.command));
     report.set("server_cpus", json!(ctx.server_cpus));
@@ -866,7 +891,7 @@ async fn probe_loop(target: Target, interval: Duration, stop: async_channel::Rec
 }
 
 async fn healthz(target: &Target) -> Result<(), String> {
-    let mut stream = TcpStream::connect(target.addr).await.map_err(|e| e.to_string())?;
+    let mut stream = TcpStream::connect(target.http_addr).await.map_err(|e| e.to_string())?;
     let request = format!("GET /healthz HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n", target.authority);
     stream.write_all(request.as_bytes()).await.map_err(|e| e.to_string())?;
     let mut head = [0u8; 12];

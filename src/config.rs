@@ -87,6 +87,25 @@ pub struct Config {
     #[argh(option, default = "DEFAULT_LISTEN_BACKLOG")]
     pub listen_backlog: u32,
 
+    /// address for HTTPS and wss:// clients, beside the plain listener, in the same forms; needs
+    /// the certificate and key below (default: none)
+    #[argh(option, from_str_fn(parse_listen))]
+    pub tls_listen: Option<SocketAddr>,
+
+    /// PEM file of the server's certificate, then the chain up to its CA, for the TLS
+    /// listener; reloaded on SIGHUP
+    #[argh(option)]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM file of that certificate's private key (PKCS#8, SEC1 or PKCS#1); reloaded on SIGHUP
+    #[argh(option)]
+    pub tls_key: Option<PathBuf>,
+
+    /// PEM file of the site CA certificate, served to anyone as GET /ca.crt so that a tablet
+    /// can install it (default: none, /ca.crt is 404)
+    #[argh(option)]
+    pub ca_cert: Option<PathBuf>,
+
     /// unix socket for newline-delimited JSON publishing (default: none)
     #[argh(option)]
     pub unix_socket: Option<PathBuf>,
@@ -278,6 +297,17 @@ impl Config {
                 "--client-send-buffer must be 0 (the kernel's own sizing) or {MIN_CLIENT_SEND_BUFFER_BYTES} to \
                  {MAX_CLIENT_SEND_BUFFER_BYTES}"
             ));
+        }
+        match (self.tls_listen.is_some(), self.tls_cert.is_some(), self.tls_key.is_some()) {
+            (true, true, true) | (false, false, false) => {}
+            (true, _, _) => return Err("--tls-listen needs both --tls-cert and --tls-key".into()),
+            (false, _, _) => return Err("--tls-cert and --tls-key go with --tls-listen".into()),
+        }
+        if cfg!(not(feature = "tls")) && self.tls_listen.is_some() {
+            return Err("--tls-listen: this resq-push was built without TLS (the cargo feature tls)".into());
+        }
+        if self.tls_listen.is_some() && self.tls_listen == Some(self.listen) && self.listen.port() != 0 {
+            return Err("--tls-listen must differ from --listen: a port is plain or TLS".into());
         }
         let has_tokens = self.publish_token_file.is_some() || self.subscribe_token_file.is_some();
         if has_tokens && self.allowed_origin.iter().any(|origin| origin == "*") {
@@ -661,5 +691,22 @@ mod tests {
         let tiny_buffer = parse(&["--client-send-buffer", "100"]).unwrap().validate().unwrap_err();
         assert!(tiny_buffer.contains("--client-send-buffer"), "{tiny_buffer}");
         assert!(parse(&["--client-send-buffer", "0"]).unwrap().validate().is_ok());
+    }
+
+    #[test]
+    fn tls_flags_go_together() {
+        let validate = |args: &[&str]| parse(args).unwrap().validate();
+        let alone = validate(&["--tls-listen", ":8443"]).unwrap_err();
+        assert!(alone.contains("--tls-listen needs both --tls-cert and --tls-key"), "{alone}");
+        let no_key = validate(&["--tls-listen", ":8443", "--tls-cert", "c.pem"]).unwrap_err();
+        assert!(no_key.contains("--tls-key"), "{no_key}");
+        let no_listener = validate(&["--tls-cert", "c.pem", "--tls-key", "k.pem"]).unwrap_err();
+        assert!(no_listener.contains("go with --tls-listen"), "{no_listener}");
+        let same =
+            validate(&["--listen", ":8000", "--tls-listen", ":8000", "--tls-cert", "c", "--tls-key", "k"]);
+        assert!(same.is_err());
+        let full = validate(&["--tls-listen", ":8443", "--tls-cert", "c.pem", "--tls-key", "k.pem"]);
+        assert_eq!(full.is_ok(), cfg!(feature = "tls"), "{full:?}");
+        assert!(validate(&["--ca-cert", "ca.crt"]).is_ok());
     }
 }

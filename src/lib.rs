@@ -7,6 +7,7 @@
 //! - transports: `http` (requests and handlers), `ws` (the handshake and the session; may use
 //!   `http`), `unix` (the Unix-socket publishers).
 //! - `app`: `App`, what every connection task sees.
+//! - `tls`: the encrypted transport under `http` and `ws`: certificate, handshake, `Transport`.
 //! - `ingest`: the one publish path (check, store, hand to the hub).
 //! - `store` (the SQLite journal) and `runtime` (scheduler, tasks, connection caps, deadlines).
 //! - `core`: the hub and its subscriptions; synchronous, no I/O.
@@ -30,12 +31,15 @@ mod runtime;
 mod server;
 mod store;
 mod support;
+mod tls;
 mod unix;
 mod ws;
 
 pub use auth::Access;
 pub use config::{CommandLine, Config};
-pub use server::{Control, serve};
+pub use http::ca_cert::read_ca_cert;
+pub use server::{Control, TlsListener, serve};
 pub use store::journal::{Retention, Storage, open as open_journal};
 pub use support::logger::{error_past_filter, init as init_logging};
+pub use tls::{CertificateFiles, ServerCertificate};
 pub use unix::bind as bind_unix_socket;

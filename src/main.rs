@@ -6,7 +6,10 @@ use std::process::ExitCode;
 
 use async_signal::{Signal, Signals};
 use log::{info, warn};
-use resq_push::{Access, CommandLine, Config, Control, Retention, Storage};
+use resq_push::{
+    Access, CertificateFiles, CommandLine, Config, Control, Retention, ServerCertificate, Storage,
+    TlsListener,
+};
 use smol::stream::StreamExt;
 use socket2::{Domain, Protocol, Socket, Type};
 
@@ -57,11 +60,23 @@ fn start(config: Config) -> Result<(), String> {
         config.subscribe_token_file.as_deref(),
         &config.allowed_origin,
     )?;
+    let certificate = load_certificate(&config)?;
+    check_ca_cert(&config)?;
     let signals = Signals::new([Signal::Term, Signal::Int, Signal::Hup])
         .map_err(|e| format!("cannot install signal handlers: {e}"))?;
     let tcp = listen(config.listen, config.listen_backlog)
         .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
     let local_addr = tcp.local_addr().map_err(|e| e.to_string())?;
+    let tls = match (config.tls_listen, certificate) {
+        (Some(addr), Some(certificate)) => {
+            let listener = listen(addr, config.listen_backlog)
+                .map_err(|e| format!("cannot listen on {addr} (--tls-listen): {e}"))?;
+            Some(TlsListener { listener, certificate })
+        }
+        _ => None,
+    };
+    let tls_addr =
+        tls.as_ref().map(|tls| tls.listener.local_addr()).transpose().map_err(|e| e.to_string())?;
     let unix = config
         .unix_socket
         .as_deref()
@@ -71,15 +86,25 @@ fn start(config: Config) -> Result<(), String> {
     let storage = open_storage(&config)?;
 
     info!(
-        "resq-push {} listening on {local_addr} (ws://{local_addr}/ws/emergencias){}",
+        "resq-push {} listening on {local_addr} (ws://{local_addr}/ws/emergencias){}{}",
         env!("CARGO_PKG_VERSION"),
+        tls_addr.map(|addr| format!(", TLS on {addr} (wss://{addr}/ws/emergencias)")).unwrap_or_default(),
         unix.as_ref().map(|u| format!(", Unix socket {}", u.path().display())).unwrap_or_default()
     );
+    if let Some(tls) = &tls {
+        info!("TLS certificate {}", tls.certificate.describe());
+    }
     info!(
         "ping every {:?}, pong timeout {:?}, history {} emergencies, queue {} per client, at most {} clients",
         config.ping_interval, config.pong_timeout, config.history, config.queue, config.max_clients
     );
     warn_if_open(&config, &access, local_addr);
+    if tls_addr.is_some() && !local_addr.ip().is_loopback() {
+        info!(
+            "the plain listener {local_addr} is reachable from the network: tokens and emergencies cross it \
+             in clear (--listen 127.0.0.1:PORT keeps it to local apps)"
+        );
+    }
     let controls = signals.filter_map(|signal| match signal {
         Ok(Signal::Hup) => Some(Control::Reload),
         Ok(signal) => {
@@ -88,7 +113,19 @@ fn start(config: Config) -> Result<(), String> {
         }
         Err(_) => None,
     });
-    resq_push::serve(config, access, storage, tcp, unix, controls).map_err(|e| e.to_string())
+    resq_push::serve(config, access, storage, tcp, tls, unix, controls).map_err(|e| e.to_string())
+}
+
+/// Reads and checks `--tls-cert` and `--tls-key`, when `--tls-listen` is given.
+fn load_certificate(config: &Config) -> Result<Option<ServerCertificate>, String> {
+    let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) else { return Ok(None) };
+    ServerCertificate::load(CertificateFiles { cert: cert.clone(), key: key.clone() }).map(Some)
+}
+
+/// Checks at start that `--ca-cert` can be served: a readable PEM certificate.
+fn check_ca_cert(config: &Config) -> Result<(), String> {
+    let Some(path) = &config.ca_cert else { return Ok(()) };
+    resq_push::read_ca_cert(path).map(|_| ())
 }
 
 /// Opens the durable history in `--data-dir`, or says plainly that there is none.
@@ -120,19 +157,19 @@ fn listen(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
 
 /// Warns at start when the server can be reached from the network without tokens.
 fn warn_if_open(config: &Config, access: &Access, local_addr: SocketAddr) {
-    if local_addr.ip().is_loopback() {
+    let addresses = [Some(local_addr), config.tls_listen];
+    let Some(exposed) = addresses.into_iter().flatten().map(|addr| addr.ip()).find(|ip| !ip.is_loopback())
+    else {
         return;
-    }
+    };
     if access.subscribe.is_none() {
         warn!(
-            "listening on {} without --subscribe-token-file: anyone on the network can read the emergencies",
-            local_addr.ip()
+            "listening on {exposed} without --subscribe-token-file: anyone on the network can read the emergencies"
         );
     }
     if access.publish.is_none() {
         warn!(
-            "listening on {} without --publish-token-file: anyone on the network can publish over HTTP",
-            local_addr.ip()
+            "listening on {exposed} without --publish-token-file: anyone on the network can publish over HTTP"
         );
     }
     if config.allowed_origin.is_empty() {

@@ -10,7 +10,7 @@ use std::cell::RefCell;
 use std::io;
 use std::net::{SocketAddr, TcpListener as StdTcpListener};
 use std::rc::Rc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_channel::Sender;
 use futures_util::FutureExt;
@@ -26,7 +26,7 @@ use crate::core::clock::Reading;
 use crate::core::handle::HubHandle;
 use crate::core::hub::Hub;
 use crate::http;
-use crate::http::conn::Response;
+use crate::http::conn::{HttpConnection, Response};
 use crate::http::status::Status;
 use crate::ingest::Publisher;
 use crate::protocol::error_json;
@@ -38,6 +38,8 @@ use crate::runtime::tasks::{AllTasksDone, TaskTokens, back_off_after_accept_erro
 use crate::store::journal::{self, Storage};
 use crate::support::logger::WarningThrottle;
 use crate::support::metrics::Metrics;
+use crate::tls::transport::Transport;
+use crate::tls::{self, Acceptor, HandshakeError, ServerCertificate};
 use crate::unix::{self, BoundUnixSocket};
 use crate::ws;
 use crate::ws::session::Session;
@@ -53,10 +55,16 @@ const ACCEPT_BATCH: usize = 64;
 /// What the process asks of a running server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Control {
-    /// Re-read the token files (SIGHUP).
+    /// Re-read the token files and the TLS certificate (SIGHUP).
     Reload,
     /// Stop (SIGTERM, SIGINT).
     Shutdown,
+}
+
+/// The TLS listener (`--tls-listen`) and the certificate it serves.
+pub struct TlsListener {
+    pub listener: StdTcpListener,
+    pub certificate: ServerCertificate,
 }
 
 /// Serves until `controls` asks to shut down (or ends), then closes every client with 1001.
@@ -65,10 +73,17 @@ pub fn serve(
     access: Access,
     storage: Storage,
     tcp: StdTcpListener,
+    tls: Option<TlsListener>,
     unix: Option<BoundUnixSocket>,
     mut controls: impl Stream<Item = Control> + Unpin,
 ) -> io::Result<()> {
     let tcp = TcpListener::try_from(tcp)?;
+    let (tls_listener, certificate) = match tls {
+        Some(TlsListener { listener, certificate }) => {
+            (Some(TcpListener::try_from(listener)?), Some(certificate))
+        }
+        None => (None, None),
+    };
     let unix_listener = unix.as_ref().map(BoundUnixSocket::listener).transpose()?;
     let limits = hub_limits(&config);
     let (mut hub, journal, committed) = match storage {
@@ -100,18 +115,32 @@ pub fn serve(
     });
     scheduler.control.spawn(expire_history(Rc::clone(&app))).detach();
 
+    // One cap for every TCP connection, plain or TLS, until it upgrades.
+    let slots = ConnectionSlots::new(app.config.max_http_connections, HTTP_CONNECTIONS);
     scheduler.block_on(async {
+        let plain = accept_tcp(&scheduler, &app, tcp, None, &slots, tasks.clone());
+        let encrypted = async {
+            match tls_listener {
+                Some(listener) => {
+                    accept_tcp(&scheduler, &app, listener, certificate.as_ref(), &slots, tasks.clone()).await
+                }
+                None => future::pending().await,
+            }
+        };
         let accepting = future::zip(
-            accept_tcp(&scheduler, &app, tcp, tasks.clone()),
+            future::zip(plain, encrypted),
             unix::accept(&scheduler.control, &app, unix_listener, tasks.clone()),
         );
         let controlled = async {
             while let Some(Control::Reload) = controls.next().await {
                 reload_access(&app);
+                if let Some(certificate) = &certificate {
+                    reload_certificate(certificate);
+                }
             }
         };
         // Returning drops the accept loops: no new connections from here on.
-        future::or(async { accepting.await.0 }, controlled).await;
+        future::or(async { accepting.await.0.0 }, controlled).await;
         stop_ingest(&app, &stop_sender);
         drain_journal(delivery).await;
         close_clients(&app, tasks, all_tasks_done).await;
@@ -187,8 +216,24 @@ fn reload_access(app: &App) {
     }
 }
 
-async fn accept_tcp(scheduler: &Scheduler, app: &Rc<App>, listener: TcpListener, tasks: TaskTokens) {
-    let slots = ConnectionSlots::new(app.config.max_http_connections, HTTP_CONNECTIONS);
+/// Reads the TLS certificate and key again: new handshakes get them, connected clients keep
+/// theirs. On any error the certificate in force stays.
+fn reload_certificate(certificate: &ServerCertificate) {
+    match certificate.reload() {
+        Ok(()) => info!("reloaded the TLS certificate {}: new connections get it", certificate.describe()),
+        Err(error) => error!("reload failed, keeping the current TLS certificate: {error}"),
+    }
+}
+
+/// Accepts connections on a plain listener, or a TLS one (`tls`), under the one cap `slots`.
+async fn accept_tcp(
+    scheduler: &Scheduler,
+    app: &Rc<App>,
+    listener: TcpListener,
+    tls: Option<&ServerCertificate>,
+    slots: &Rc<ConnectionSlots>,
+    tasks: TaskTokens,
+) {
     let errors = WarningThrottle::default();
     let refusals = Refusals::default();
     let mut accepted = 0usize;
@@ -196,19 +241,25 @@ async fn accept_tcp(scheduler: &Scheduler, app: &Rc<App>, listener: TcpListener,
         match listener.accept().await {
             Ok((stream, peer)) => {
                 let Some(slot) = slots.admit(&app.metrics) else {
-                    refuse_busy(&scheduler.control, app, stream, &refusals).await;
+                    // A plain 503 would be garbage to a TLS client, and a handshake is work the
+                    // server has no room for: it is closed, and retries.
+                    if tls.is_none() {
+                        refuse_busy(&scheduler.control, app, stream, &refusals).await;
+                    }
                     continue;
                 };
                 let _ = stream.set_nodelay(true);
                 // Its requests are control work; once it upgrades, its session moves over.
                 let (sessions, session_tasks) = (Rc::clone(&scheduler.sessions), tasks.clone());
                 let fan_out = Rc::clone(&scheduler.fan_out);
-                let connection = serve_tcp(Rc::clone(app), stream, peer, slot).map(move |upgraded| {
-                    if let Some(session) = upgraded {
-                        let ticket = fan_out.session_ticket();
-                        session_tasks.spawn(&sessions, session.serve().map(move |()| drop(ticket)));
-                    }
-                });
+                let acceptor = tls.map(ServerCertificate::acceptor);
+                let connection =
+                    serve_tcp(Rc::clone(app), stream, acceptor, peer, slot).map(move |upgraded| {
+                        if let Some(session) = upgraded {
+                            let ticket = fan_out.session_ticket();
+                            session_tasks.spawn(&sessions, session.serve().map(move |()| drop(ticket)));
+                        }
+                    });
                 tasks.spawn(&scheduler.control, connection);
                 // In a reconnect storm, let a batch of new connections read their requests
                 // before more are accepted, so that connections do not pile up unread.
@@ -222,11 +273,63 @@ async fn accept_tcp(scheduler: &Scheduler, app: &Rc<App>, listener: TcpListener,
     }
 }
 
-/// Serves one TCP connection's HTTP requests; returns its WebSocket session if it asks for one
-/// and is admitted, for the caller to run as a task of its own.
-async fn serve_tcp(app: Rc<App>, stream: TcpStream, peer: SocketAddr, slot: SlotGuard) -> Option<Session> {
-    let upgrade = http::routes::serve_requests(&app, stream, peer, slot).await?;
+/// Serves one TCP connection's HTTP requests, over TLS first with `tls`; returns its WebSocket
+/// session if it asks for one and is admitted, for the caller to run as a task of its own.
+async fn serve_tcp(
+    app: Rc<App>,
+    stream: TcpStream,
+    tls: Option<Acceptor>,
+    peer: SocketAddr,
+    slot: SlotGuard,
+) -> Option<Session> {
+    let transport = match tls {
+        Some(acceptor) => Box::pin(open_tls(&app, acceptor, stream, peer, &slot)).await?,
+        None => Transport::Plain(stream),
+    };
+    let upgrade = http::routes::serve_requests(&app, transport, peer, slot).await?;
     ws::handshake::upgrade(&app, upgrade).await
+}
+
+/// The TLS handshake, by `--header-timeout` from the connection's start; meanwhile it may be
+/// evicted for a newer connection, like one waiting for its request. Plain HTTP to the TLS port
+/// is answered (in plain text, 400) and closed, with a log line.
+async fn open_tls(
+    app: &App,
+    acceptor: Acceptor,
+    stream: TcpStream,
+    peer: SocketAddr,
+    slot: &SlotGuard,
+) -> Option<Transport> {
+    let deadline = Instant::now() + app.config.header_timeout;
+    slot.set_idle(true);
+    let interrupted = async {
+        future::or(app.stopping(), slot.evicted()).await;
+        Err(HandshakeError::Closed)
+    };
+    let handshake = future::or(tls::accept(acceptor, stream, deadline), interrupted).await;
+    slot.set_idle(false);
+    match handshake {
+        Ok(transport) => Some(transport),
+        Err(HandshakeError::NotTls(stream)) => {
+            warn!("closed {peer}: not TLS on the TLS port (plain http:// or ws:// to --tls-listen?)");
+            let connection = HttpConnection::new(Transport::Plain(stream), Rc::clone(&app.metrics));
+            let refusal = Response::json(
+                Status::BAD_REQUEST,
+                error_json("this port speaks TLS only: use https:// or wss://"),
+            );
+            connection.respond_and_close(refusal, app.config.write_timeout, slot).await;
+            None
+        }
+        Err(HandshakeError::TimedOut) => {
+            warn!("closed {peer}: TLS handshake not complete within --header-timeout");
+            None
+        }
+        Err(HandshakeError::Failed(error)) => {
+            warn!("TLS handshake with {peer} failed: {error}");
+            None
+        }
+        Err(HandshakeError::Closed) => None,
+    }
 }
 
 /// Answers a connection over `--max-http-connections` with a 503 (counted like every response)

@@ -28,14 +28,22 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("runtime", &["support"]),
     ("ingest", &["core", "store", "runtime", "protocol", "support"]),
     ("app", &["config", "auth", "core", "ingest", "runtime", "store", "support"]),
-    ("http", &["app", "config", "auth", "core", "ingest", "protocol", "runtime", "store", "support"]),
+    // The encrypted transport: a byte stream under HTTP and WebSocket, knowing neither.
+    ("tls", &["runtime", "support"]),
+    ("http", &["tls", "app", "config", "auth", "core", "ingest", "protocol", "runtime", "store", "support"]),
     ("unix", &["app", "config", "auth", "core", "ingest", "protocol", "runtime", "store", "support"]),
-    ("ws", &["http", "app", "config", "auth", "core", "ingest", "protocol", "runtime", "store", "support"]),
+    (
+        "ws",
+        &[
+            "http", "tls", "app", "config", "auth", "core", "ingest", "protocol", "runtime", "store",
+            "support",
+        ],
+    ),
     (
         "server",
         &[
-            "ws", "http", "unix", "app", "config", "auth", "core", "ingest", "protocol", "runtime", "store",
-            "support",
+            "ws", "http", "unix", "tls", "app", "config", "auth", "core", "ingest", "protocol", "runtime",
+            "store", "support",
         ],
     ),
     // Built with the `fuzzing` feature only, for the fuzz targets in `fuzz/`: the parsers of every

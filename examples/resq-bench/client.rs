@@ -18,10 +18,18 @@ use smol::stream::StreamExt;
 use smol::{Timer, future};
 use socket2::{Domain, Protocol, Socket, Type};
 
-/// Where the server is, parsed from `--url ws://HOST:PORT[/path]`.
+use crate::tls::{BenchStream, TlsClient};
+
+/// Where the server is, parsed from `--url ws://HOST:PORT[/path]` or `wss://...`.
 #[derive(Clone, Debug)]
 pub struct Target {
+    /// Where the WebSocket clients connect.
     pub addr: SocketAddr,
+    /// Plain HTTP (`/healthz`, HTTP publishing, probes): `addr` for ws://, the next port for
+    /// wss:// (a spawned server listens there in plain).
+    pub http_addr: SocketAddr,
+    /// For wss://: the CA the clients trust, from `--tls-dir`.
+    pub tls: Option<TlsClient>,
     /// `HOST:PORT` as given, for the HTTP `Host` header.
     pub authority: String,
     /// The WebSocket URL, path included.
@@ -33,9 +41,17 @@ pub struct Target {
 }
 
 impl Target {
-    pub fn parse(url: &str, token: Option<String>, publish_token: Option<String>) -> Result<Target, String> {
-        let rest =
-            url.strip_prefix("ws://").ok_or_else(|| format!("--url must start with ws://, got {url}"))?;
+    pub fn parse(
+        url: &str,
+        token: Option<String>,
+        publish_token: Option<String>,
+        tls_dir: Option<&std::path::Path>,
+    ) -> Result<Target, String> {
+        let (scheme, rest) = match (url.strip_prefix("ws://"), url.strip_prefix("wss://")) {
+            (Some(rest), _) => ("ws", rest),
+            (_, Some(rest)) => ("wss", rest),
+            _ => return Err(format!("--url must start with ws:// or wss://, got {url}")),
+        };
         let (authority, path) = match rest.find('/') {
             Some(i) if i + 1 < rest.len() => (&rest[..i], &rest[i..]),
             Some(i) => (&rest[..i], "/ws/emergencias"),
@@ -47,10 +63,21 @@ impl Target {
             .map_err(|e| format!("cannot resolve {authority}: {e}"))?
             .next()
             .ok_or_else(|| format!("{authority} resolves to nothing"))?;
+        let (tls, http_addr) = match (scheme, tls_dir) {
+            ("ws", _) => (None, addr),
+            (_, Some(dir)) => {
+                let host = authority.rsplit_once(':').map_or(authority, |(host, _)| host);
+                let plain = SocketAddr::new(addr.ip(), addr.port().wrapping_add(1));
+                (Some(TlsClient::new(dir, host.trim_matches(['[', ']']))?), plain)
+            }
+            (_, None) => return Err("wss:// needs --tls-dir (a directory made by deploy/site-ca)".into()),
+        };
         Ok(Target {
             addr,
+            http_addr,
+            tls,
             authority: authority.to_owned(),
-            ws_url: format!("ws://{authority}{path}"),
+            ws_url: format!("{scheme}://{authority}{path}"),
             token,
             publish_token,
         })
@@ -247,7 +274,7 @@ const WEBSOCKET_GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
 /// The upgrade request, and the `Sec-WebSocket-Key` it carries.
 fn upgrade_request(target: &Target) -> (String, String) {
     let key = websocket_key();
-    let path = target.ws_url.strip_prefix("ws://").and_then(|r| r.find('/').map(|i| &r[i..])).unwrap_or("/");
+    let path = target.ws_url.split_once("://").and_then(|(_, r)| r.find('/').map(|i| &r[i..])).unwrap_or("/");
     let auth = target.token.as_ref().map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
     let request = format!(
         "GET {path} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
@@ -286,7 +313,7 @@ async fn connect_and_send(addr: SocketAddr, request: &[u8]) -> Result<TcpStream,
 /// The client's side of the RFC 6455 upgrade once the request carrying `key` is sent: reads and
 /// checks the answer. Written here rather than taken from tungstenite so that a refusal is
 /// reported precisely (`HTTP 503: ...`, reset before any answer, ...).
-async fn handshake(key: &str, mut stream: TcpStream) -> Result<WebSocketStream<TcpStream>, String> {
+async fn handshake(key: &str, mut stream: BenchStream) -> Result<WebSocketStream<BenchStream>, String> {
     let mut buffer = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
     let head_end = loop {
@@ -323,9 +350,18 @@ async fn handshake(key: &str, mut stream: TcpStream) -> Result<WebSocketStream<T
 }
 
 /// Connects and reads the welcome: the socket, and the welcome's `seq`.
-pub async fn connect(target: &Target) -> Result<(WebSocketStream<TcpStream>, u64), String> {
+pub async fn connect(target: &Target) -> Result<(WebSocketStream<BenchStream>, u64), String> {
     let (key, request) = upgrade_request(target);
-    let stream = connect_and_send(target.addr, request.as_bytes()).await?;
+    let stream = match &target.tls {
+        None => BenchStream::Plain(connect_and_send(target.addr, request.as_bytes()).await?),
+        Some(tls) => {
+            let tcp = connect_and_send(target.addr, b"").await?;
+            let mut stream = tls.connect(tcp).await.map_err(|e| format!("TLS handshake: {e}"))?;
+            stream.write_all(request.as_bytes()).await.map_err(|e| format!("sending the upgrade: {e}"))?;
+            stream.flush().await.map_err(|e| format!("sending the upgrade: {e}"))?;
+            stream
+        }
+    };
     let mut ws = handshake(&key, stream).await?;
     loop {
         match ws.next().await {
@@ -408,7 +444,7 @@ fn fail(fleet: &Fleet, index: usize, mut report: ClientReport, failure: String) 
 }
 
 async fn read_loop(
-    ws: &mut WebSocketStream<TcpStream>,
+    ws: &mut WebSocketStream<BenchStream>,
     report: &mut ClientReport,
     fleet: &Fleet,
     index: usize,
@@ -473,9 +509,9 @@ mod tests {
 
     #[test]
     fn parses_targets() {
-        let t = Target::parse("ws://127.0.0.1:8000", None, None).unwrap();
+        let t = Target::parse("ws://127.0.0.1:8000", None, None, None).unwrap();
         assert_eq!(t.ws_url, "ws://127.0.0.1:8000/ws/emergencias");
-        let t = Target::parse("ws://127.0.0.1:9/x?y=1", None, None).unwrap();
+        let t = Target::parse("ws://127.0.0.1:9/x?y=1", None, None, None).unwrap();
         assert_eq!((t.authority.as_str(), t.ws_url.as_str()), ("127.0.0.1:9", "ws://127.0.0.1:9/x?y=1"));
     }
 }

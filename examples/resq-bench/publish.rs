@@ -64,7 +64,7 @@ pub struct PubReader {
 pub async fn open(ingest: &Ingest, target: &Target) -> io::Result<(PubWriter, PubReader)> {
     match ingest {
         Ingest::Http => {
-            let stream = TcpStream::connect(target.addr).await?;
+            let stream = TcpStream::connect(target.http_addr).await?;
             stream.set_nodelay(true)?;
             let auth = target
                 .publish_token

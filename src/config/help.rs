@@ -6,6 +6,7 @@
 /// The headings of `--help`, each with its flags in the order shown.
 const SECTIONS: &[(&str, &[&str])] = &[
     ("Network", &["--listen", "--listen-backlog", "--unix-socket"]),
+    ("TLS", &["--tls-listen", "--tls-cert", "--tls-key", "--ca-cert"]),
     ("Access", &["--subscribe-token-file", "--publish-token-file", "--allowed-origin", "--trusted-proxy"]),
     ("History", &["--data-dir", "--in-memory", "--history", "--history-max-age", "--history-bytes"]),
     (
@@ -42,7 +43,8 @@ Logging:
                     module, like warn,resq_push::ws::session=debug
 
 Exit codes: 0 stopped on SIGTERM or SIGINT; 1 could not start (a socket, a token file,
-the data dir: the log says which); 2 an invalid flag (the message names it).
+a TLS certificate or key, the data dir: the log says which); 2 an invalid flag (the
+message names it).
 ";
 
 /// Lays out argh's help text (`argh_help`) under `SECTIONS`.

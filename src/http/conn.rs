@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 
 use smol::future;
 use smol::io::{AsyncReadExt, AsyncWriteExt};
-use smol::net::TcpStream;
 
 use crate::http::status::Status;
 use crate::runtime::budget::Reservation;
@@ -19,6 +18,7 @@ use crate::runtime::deadline::{self, TimedOut};
 use crate::runtime::linger::Linger;
 use crate::runtime::slots::SlotGuard;
 use crate::support::metrics::Metrics;
+use crate::tls::transport::Transport;
 
 /// Bytes read at a time while waiting for a request head, and for a body.
 const HEAD_CHUNK: usize = 1024;
@@ -167,7 +167,8 @@ pub enum HeadError {
 /// An HTTP connection: the stream plus bytes read past the current request (pipelined requests,
 /// a body, or the first WebSocket frames).
 pub struct HttpConnection {
-    pub stream: TcpStream,
+    /// Plain TCP or TLS: the same requests either way.
+    pub stream: Transport,
     pub buffered: Vec<u8>,
     /// The current request declared a body that has not been read (in full): after it, the
     /// connection cannot tell where the next request starts.
@@ -177,7 +178,7 @@ pub struct HttpConnection {
 }
 
 impl HttpConnection {
-    pub fn new(stream: TcpStream, metrics: Rc<Metrics>) -> Self {
+    pub fn new(stream: Transport, metrics: Rc<Metrics>) -> Self {
         HttpConnection { stream, buffered: Vec::new(), body_unread: false, metrics }
     }
 
@@ -319,8 +320,18 @@ impl HttpConnection {
         deadline: Instant,
     ) -> io::Result<()> {
         self.metrics.count("resq_push_http_responses_total", response.status.label);
-        let bytes = response.to_bytes(keep_alive);
-        deadline::before(deadline, self.stream.write_all(&bytes))
+        self.send(&response.to_bytes(keep_alive), deadline).await
+    }
+
+    /// Writes `bytes` by `deadline`, all the way to the socket (under TLS a write can leave
+    /// records in rustls until a flush).
+    pub async fn send(&mut self, bytes: &[u8], deadline: Instant) -> io::Result<()> {
+        let stream = &mut self.stream;
+        let written = async {
+            stream.write_all(bytes).await?;
+            stream.flush().await
+        };
+        deadline::before(deadline, written)
             .await
             .map_err(|TimedOut| io::Error::from(io::ErrorKind::TimedOut))?
     }

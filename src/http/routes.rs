@@ -6,6 +6,7 @@
 //! | `/emergencias` | POST | publish one emergency (`Idempotency-Key` for a safe retry): `202`, `409` |
 //! | `/emergencias?since=N` | GET | retained emergencies after `N` (polling fallback), `X-Resq-*` headers |
 //! | `/healthz` | GET | storage state (`503` while it fails), version, uptime, clients, last seq |
+//! | `/ca.crt` | GET | the site CA's certificate (`--ca-cert`), public |
 //!
 //! Anything else gets `404` or `405`. A request that leaves the connection in an unknown state
 //! (a body not read, a malformed head) is answered and the connection closed.
@@ -16,23 +17,22 @@ use std::time::Instant;
 
 use log::{debug, info, warn};
 use smol::future;
-use smol::io::AsyncWriteExt;
-use smol::net::TcpStream;
 
 use crate::app::App;
 use crate::core::hub::{ConnectedClient, Resume};
 use crate::core::idempotency::IdempotencyKey;
+use crate::http::ca_cert;
 use crate::http::conn::{BodyError, BodyPace, HeadError, HttpConnection, MAX_HEADERS, Request, Response};
 use crate::http::credentials::{authorize, parse_resume};
 use crate::http::forwarded;
 use crate::http::status::Status;
 use crate::ingest::Rejection;
 use crate::protocol::{self, ClientInfo, Health, Source, StorageHealth, error_json};
-use crate::runtime::deadline;
 use crate::runtime::slots::SlotGuard;
 use crate::store::journal::StorageState;
 use crate::support::metrics::Gauges;
 use crate::support::timestamp::rfc3339_millis;
+use crate::tls::transport::Transport;
 
 /// What a handled request leaves for the connection.
 enum Outcome {
@@ -57,7 +57,7 @@ pub struct Upgrade {
 /// coming from its client: `peer`, unless `peer` is a trusted proxy that names another.
 pub async fn serve_requests(
     app: &App,
-    stream: TcpStream,
+    stream: Transport,
     peer: SocketAddr,
     slot: SlotGuard,
 ) -> Option<Upgrade> {
@@ -125,6 +125,8 @@ async fn handle(
         ("/healthz", "OPTIONS") => preflight(app, &request, peer, "GET"),
         ("/metrics", "GET") => metrics(app),
         ("/metrics", _) => method_not_allowed("GET"),
+        ("/ca.crt", "GET") => ca_cert::ca_certificate(app.config.ca_cert.as_deref()),
+        ("/ca.crt", _) => method_not_allowed("GET"),
         ("/healthz", _) => method_not_allowed("GET"),
         (path, _) => Response::json(Status::NOT_FOUND, error_json(&format!("no such path: {path}"))),
     };
@@ -216,8 +218,7 @@ async fn publish(
             return error(Status::EXPECTATION_FAILED, "only Expect: 100-continue is supported");
         }
         let interim = Response::interim(Status::CONTINUE).to_bytes(false);
-        let interim = deadline::before(deadline, connection.stream.write_all(&interim));
-        if request.minor_version >= 1 && !matches!(interim.await, Ok(Ok(()))) {
+        if request.minor_version >= 1 && connection.send(&interim, deadline).await.is_err() {
             return error(Status::REQUEST_TIMEOUT, "could not send 100 Continue");
         }
     }

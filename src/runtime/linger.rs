@@ -37,17 +37,17 @@ pub struct Linger {
 
 /// A stream whose writing side can be ended alone.
 pub trait HalfClose {
-    fn end_writing(&self);
+    fn end_writing(&mut self);
 }
 
 impl HalfClose for TcpStream {
-    fn end_writing(&self) {
+    fn end_writing(&mut self) {
         let _ = self.shutdown(Shutdown::Write);
     }
 }
 
 impl HalfClose for UnixStream {
-    fn end_writing(&self) {
+    fn end_writing(&mut self) {
         let _ = self.shutdown(Shutdown::Write);
     }
 }

@@ -4,14 +4,12 @@
 
 use std::net::SocketAddr;
 use std::rc::Rc;
-use std::sync::Arc;
 use std::time::Instant;
 
 use async_tungstenite::WebSocketStream;
 use async_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use log::{debug, info, warn};
 use sha1::{Digest, Sha1};
-use smol::net::TcpStream;
 
 use crate::app::App;
 use crate::config::Config;
@@ -22,6 +20,7 @@ use crate::http::credentials::{authorize, parse_resume};
 use crate::http::routes::Upgrade;
 use crate::http::status::Status;
 use crate::protocol::error_json;
+use crate::tls::transport::Transport;
 use crate::ws::session::Session;
 
 /// Initial read buffer per client. Clients send pongs and pings of a few bytes; tungstenite
@@ -58,7 +57,7 @@ pub async fn upgrade(app: &Rc<App>, upgrade: Upgrade) -> Option<Session> {
     // vector's allocation as its read buffer.
     let mut early_frames = connection.buffered;
     early_frames.shrink_to_fit();
-    let socket = Arc::from(connection.stream.clone());
+    let socket = connection.stream.socket();
     let ws = WebSocketStream::from_partially_read(
         connection.stream,
         early_frames,
@@ -67,9 +66,12 @@ pub async fn upgrade(app: &Rc<App>, upgrade: Upgrade) -> Option<Session> {
     )
     .await;
     let (client_id, name) = (admitted.subscription.client_id, admitted.name);
+    let scheme = if ws.get_ref().is_tls() { "wss" } else { "ws" };
     match admitted.since {
-        Some(since) => info!("client {client_id}{name} connected from {peer}, resuming after seq {since}"),
-        None => info!("client {client_id}{name} connected from {peer}"),
+        Some(since) => {
+            info!("client {client_id}{name} connected from {peer} over {scheme}, resuming after seq {since}")
+        }
+        None => info!("client {client_id}{name} connected from {peer} over {scheme}"),
     }
     let label = format!("client {client_id}{name} ({peer})").into_boxed_str();
     Some(Session::new(ws, socket, Rc::clone(app), admitted.subscription, admitted.greeting, label))
@@ -121,13 +123,13 @@ fn admit(app: &App, request: &Request, peer: SocketAddr) -> Result<Admitted, Res
 /// Caps the kernel's send buffer (`--client-send-buffer`, 0 for none): it holds what a client
 /// that stopped reading has not taken, until `--write-timeout`, and autotuning would grow it to
 /// megabytes a client. Set after the handshake, so HTTP answers (polls) keep the kernel's sizing.
-fn cap_send_buffer(stream: &TcpStream, bytes: usize) {
+fn cap_send_buffer(stream: &Transport, bytes: usize) {
     if bytes == 0 {
         return;
     }
     // Linux keeps twice what `SO_SNDBUF` asks for (the other half is for its bookkeeping): half
     // is asked, so that the buffer is the size given.
-    if let Err(error) = socket2::SockRef::from(stream).set_send_buffer_size(bytes / 2) {
+    if let Err(error) = socket2::SockRef::from(stream.tcp()).set_send_buffer_size(bytes / 2) {
         debug!("could not cap a client's send buffer at {bytes} bytes: {error}");
     }
 }

@@ -22,7 +22,6 @@ use async_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
 use futures_util::SinkExt;
 use log::{info, warn};
 use smol::io::{AsyncReadExt, AsyncWrite};
-use smol::net::TcpStream;
 use smol::stream::StreamExt;
 use smol::{Async, Timer, future};
 
@@ -33,6 +32,8 @@ use crate::core::hub::Greeting;
 use crate::core::subscription::Subscription;
 use crate::protocol::{self, PONG, WELCOME_MESSAGE, Welcome};
 use crate::runtime::deadline::{self, TimedOut};
+use crate::runtime::linger::HalfClose;
+use crate::tls::transport::Transport;
 use crate::ws::frame::{Frame, unwritten_slices};
 
 /// A write stops adding emergencies at this many bytes...
@@ -107,9 +108,10 @@ enum Wake {
 
 /// A connected client, from its 101 to its end.
 pub struct Session {
-    /// Reads the client's frames; answers its Pings and runs the close handshake.
-    ws: WebSocketStream<TcpStream>,
-    /// The same socket, to write frames as the hub framed them and to wait for input.
+    /// Reads the client's frames; answers its Pings and runs the close handshake. Frames as
+    /// the hub framed them are written to its transport (plain or TLS) directly.
+    ws: WebSocketStream<Transport>,
+    /// The socket under it, to wait for input.
     socket: Arc<Async<std::net::TcpStream>>,
     app: Rc<App>,
     subscription: Subscription,
@@ -124,7 +126,7 @@ pub struct Session {
 impl Session {
     /// A session for a client the handshake admitted; `label` names it in its last log line.
     pub fn new(
-        ws: WebSocketStream<TcpStream>,
+        ws: WebSocketStream<Transport>,
         socket: Arc<Async<std::net::TcpStream>>,
         app: Rc<App>,
         subscription: Subscription,
@@ -192,20 +194,25 @@ impl Session {
         loop {
             let wake = {
                 let socket = &self.socket;
+                let transport = self.ws.get_ref();
                 let doorbell = &self.subscription.doorbell;
                 let mut tick = pin!(&mut timer);
                 // The socket is polled for readiness, not read: a read that finds nothing
                 // would cost a system call on every wake. While a pong is awaited the client
                 // goes first, so that no burst of events can make a live client look dead.
                 let client_first = ping_sent_at.is_some();
+                // Under TLS, input rustls already holds is not signaled by the socket.
+                let readable = |cx: &mut std::task::Context<'_>| {
+                    transport.has_buffered_input() || socket.poll_readable(cx).is_ready()
+                };
                 future::poll_fn(|cx| {
-                    if client_first && socket.poll_readable(cx).is_ready() {
+                    if client_first && readable(cx) {
                         return Poll::Ready(Wake::Readable);
                     }
                     if doorbell.poll_rung(cx).is_ready() {
                         return Poll::Ready(Wake::Doorbell);
                     }
-                    if !client_first && socket.poll_readable(cx).is_ready() {
+                    if !client_first && readable(cx) {
                         return Poll::Ready(Wake::Readable);
                     }
                     tick.as_mut().poll(cx).map(|_| Wake::Timer)
@@ -371,7 +378,7 @@ impl Session {
         let _ = deadline::within(CLOSE_REPLY_TIMEOUT, async {
             // After a read error tungstenite reads no more frames, so drain the socket directly.
             while let Some(Ok(_)) = self.ws.next().await {}
-            let _ = self.ws.get_ref().shutdown(std::net::Shutdown::Write);
+            self.ws.get_mut().end_writing();
             let mut discard = vec![0u8; 1024];
             for _ in 0..64 {
                 if !matches!(self.ws.get_mut().read(&mut discard).await, Ok(n) if n > 0) {
@@ -386,7 +393,8 @@ impl Session {
     /// Ping) goes first, so that frames never interleave.
     async fn write(&mut self, frames: &[Frame]) -> Result<(), SessionEnd> {
         self.flush_control_frames().await?;
-        write_all(&self.socket, frames, self.config().write_timeout).await
+        let limit = self.config().write_timeout;
+        write_all(self.ws.get_mut(), frames, limit).await
     }
 
     /// Sends what tungstenite holds (an answer to a client's Ping that met a full socket);
@@ -399,21 +407,25 @@ impl Session {
     }
 }
 
-/// Writes every byte of `frames` with as few `writev` calls as the socket allows. The clock
-/// starts only if the socket is full: a write that goes through at once costs no timer.
-async fn write_all(
-    socket: &Async<std::net::TcpStream>,
-    frames: &[Frame],
-    limit: Duration,
-) -> Result<(), SessionEnd> {
+/// Writes every byte of `frames` with as few `writev` calls as the socket allows (under TLS,
+/// one rustls write a batch: one record, not one per frame), then what rustls still holds. The
+/// clock starts only if the socket is full: a write that goes through at once costs no timer.
+async fn write_all(transport: &mut Transport, frames: &[Frame], limit: Duration) -> Result<(), SessionEnd> {
     let total: usize = frames.iter().map(Frame::len).sum();
     let mut written = 0;
     let mut deadline: Option<Timer> = None;
     future::poll_fn(|cx| {
+        let mut wait = |cx: &mut std::task::Context<'_>| {
+            let timer = deadline.get_or_insert_with(|| Timer::after(limit));
+            match Pin::new(timer).poll(cx) {
+                Poll::Ready(_) => Poll::Ready(Err(SessionEnd::WriteTimeout)),
+                Poll::Pending => Poll::Pending,
+            }
+        };
         while written < total {
             let mut slices = [IoSlice::new(&[]); 2 * WRITE_BATCH_FRAMES];
             let count = unwritten_slices(frames, written, &mut slices);
-            match Pin::new(&mut &*socket).poll_write_vectored(cx, &slices[..count]) {
+            match Pin::new(&mut *transport).poll_write_vectored(cx, &slices[..count]) {
                 Poll::Ready(Ok(0)) => {
                     return Poll::Ready(Err(SessionEnd::Io(
                         io::Error::from(io::ErrorKind::WriteZero).into(),
@@ -421,16 +433,14 @@ async fn write_all(
                 }
                 Poll::Ready(Ok(n)) => written += n,
                 Poll::Ready(Err(error)) => return Poll::Ready(Err(SessionEnd::Io(error.into()))),
-                Poll::Pending => {
-                    let timer = deadline.get_or_insert_with(|| Timer::after(limit));
-                    return match Pin::new(timer).poll(cx) {
-                        Poll::Ready(_) => Poll::Ready(Err(SessionEnd::WriteTimeout)),
-                        Poll::Pending => Poll::Pending,
-                    };
-                }
+                Poll::Pending => return wait(cx),
             }
         }
-        Poll::Ready(Ok(()))
+        match Pin::new(&mut *transport).poll_flush(cx) {
+            Poll::Ready(Ok(())) => Poll::Ready(Ok(())),
+            Poll::Ready(Err(error)) => Poll::Ready(Err(SessionEnd::Io(error.into()))),
+            Poll::Pending => wait(cx),
+        }
     })
     .await
 }
@@ -467,11 +477,11 @@ mod tests {
     fn a_session_future_stays_small() {
         smol::block_on(async {
             let listener = smol::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let _client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+            let _client = smol::net::TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
             let (stream, peer) = listener.accept().await.unwrap();
             let (app, _stop_sender) = App::for_tests();
             let socket = Arc::from(stream.clone());
-            let ws = WebSocketStream::from_raw_socket(stream, Role::Server, None).await;
+            let ws = WebSocketStream::from_raw_socket(Transport::Plain(stream), Role::Server, None).await;
             let (subscription, greeting) = Subscription::open(&app.hub, peer, None, None).unwrap();
             let session = Session::new(ws, socket, Rc::clone(&app), subscription, greeting, "test".into());
             let size = std::mem::size_of_val(&session.serve());
