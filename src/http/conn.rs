@@ -392,6 +392,7 @@ pub struct Response {
     pub status: Status,
     pub headers: Vec<(&'static str, String)>,
     pub content_type: &'static str,
+    pub cache_control: &'static str,
     pub body: String,
     /// The answer to a HEAD request: headers as for GET, no body.
     pub head_only: bool,
@@ -399,12 +400,25 @@ pub struct Response {
 
 impl Response {
     pub fn json(status: Status, body: String) -> Self {
-        Response { status, headers: Vec::new(), content_type: "application/json", body, head_only: false }
+        Response {
+            status,
+            headers: Vec::new(),
+            content_type: "application/json",
+            cache_control: "no-store",
+            body,
+            head_only: false,
+        }
     }
 
     /// An interim (1xx) answer, sent before the final one: its status line alone.
     pub fn interim(status: Status) -> Self {
-        Response { status, headers: Vec::new(), content_type: "", body: String::new(), head_only: false }
+        Response { content_type: "", ..Response::json(status, String::new()) }
+    }
+
+    /// Replaces the default `Cache-Control: no-store` (every answer but the embedded files').
+    pub fn with_cache_control(mut self, value: &'static str) -> Self {
+        self.cache_control = value;
+        self
     }
 
     pub fn with_header(mut self, name: &'static str, value: impl Into<String>) -> Self {
@@ -423,7 +437,7 @@ impl Response {
             head.push_str(&format!("Content-Type: {}\r\nContent-Length: {length}\r\n", self.content_type));
         }
         if !status.is_informational() {
-            head.push_str("Cache-Control: no-store\r\n");
+            head.push_str(&format!("Cache-Control: {}\r\n", self.cache_control));
             head.push_str(if keep_alive { "Connection: keep-alive\r\n" } else { "Connection: close\r\n" });
         }
         for (name, value) in &self.headers {

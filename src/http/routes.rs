@@ -6,6 +6,7 @@
 //! | `/emergencias` | POST | publish one emergency (`Idempotency-Key` for a safe retry): `202`, `409` |
 //! | `/emergencias?since=N` | GET | retained emergencies after `N` (polling fallback), `X-Resq-*` headers |
 //! | `/healthz` | GET | storage state (`503` while it fails), version, uptime, clients, last seq |
+//! | `/`, `/console.css`, `/console.js`, `/resq-client.js` | GET | the console and the client module (`assets`) |
 //!
 //! Anything else gets `404` or `405`. A request that leaves the connection in an unknown state
 //! (a body not read, a malformed head) is answered and the connection closed.
@@ -22,6 +23,7 @@ use smol::net::TcpStream;
 use crate::app::App;
 use crate::core::hub::{ConnectedClient, Resume};
 use crate::core::idempotency::IdempotencyKey;
+use crate::http::assets;
 use crate::http::conn::{BodyError, BodyPace, HeadError, HttpConnection, MAX_HEADERS, Request, Response};
 use crate::http::credentials::{authorize, parse_resume};
 use crate::http::forwarded;
@@ -126,7 +128,9 @@ async fn handle(
         ("/metrics", "GET") => metrics(app),
         ("/metrics", _) => method_not_allowed("GET"),
         ("/healthz", _) => method_not_allowed("GET"),
-        (path, _) => Response::json(Status::NOT_FOUND, error_json(&format!("no such path: {path}"))),
+        (path, _) => assets::respond(path, method, &request).unwrap_or_else(|| {
+            Response::json(Status::NOT_FOUND, error_json(&format!("no such path: {path}")))
+        }),
     };
     if let Some(origin) = app.access.borrow().cors_origin(request.header("origin")) {
         let exposed = own_header_names(&response);
