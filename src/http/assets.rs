@@ -11,7 +11,7 @@ use std::sync::LazyLock;
 
 use sha1::{Digest, Sha1};
 
-use crate::http::conn::{Request, Response};
+use crate::http::conn::{Caching, Request, Response};
 use crate::http::status::Status;
 
 /// One embedded file.
@@ -72,7 +72,7 @@ pub fn respond(path: &str, method: &str, request: &Request) -> Option<Response> 
         Response { content_type: asset.content_type, ..Response::json(Status::OK, asset.body.to_owned()) }
     };
     let response = response
-        .with_cache_control("no-cache")
+        .with_caching(Caching::Revalidate)
         .with_header("ETag", etag)
         .with_header("X-Content-Type-Options", "nosniff")
         .with_header("Referrer-Policy", "no-referrer");
@@ -102,7 +102,7 @@ mod tests {
         let header = |response: &Response, name: &str| {
             response.headers.iter().find(|(n, _)| *n == name).map(|(_, value)| value.clone())
         };
-        assert_eq!(page.cache_control, "no-cache");
+        assert_eq!(page.caching, Caching::Revalidate);
         assert_ne!(header(&page, "ETag"), header(&module, "ETag"));
         assert_eq!(header(&page, "Content-Security-Policy").as_deref(), Some(CONTENT_SECURITY_POLICY));
         assert_eq!(header(&module, "Content-Security-Policy"), None);

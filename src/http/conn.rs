@@ -386,13 +386,22 @@ pub enum BodyError {
     Incomplete,
 }
 
+/// Whether a client may keep a response (its `Cache-Control`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Caching {
+    /// `no-store`: every answer about the live state (all but the embedded files).
+    NoStore,
+    /// `no-cache`: kept, but revalidated (by its `ETag`) before each use.
+    Revalidate,
+}
+
 /// A small response with a complete body.
 #[derive(Debug, Clone)]
 pub struct Response {
     pub status: Status,
     pub headers: Vec<(&'static str, String)>,
     pub content_type: &'static str,
-    pub cache_control: &'static str,
+    pub caching: Caching,
     pub body: String,
     /// The answer to a HEAD request: headers as for GET, no body.
     pub head_only: bool,
@@ -404,7 +413,7 @@ impl Response {
             status,
             headers: Vec::new(),
             content_type: "application/json",
-            cache_control: "no-store",
+            caching: Caching::NoStore,
             body,
             head_only: false,
         }
@@ -415,9 +424,9 @@ impl Response {
         Response { content_type: "", ..Response::json(status, String::new()) }
     }
 
-    /// Replaces the default `Cache-Control: no-store` (every answer but the embedded files').
-    pub fn with_cache_control(mut self, value: &'static str) -> Self {
-        self.cache_control = value;
+    /// Replaces the default, `Caching::NoStore`.
+    pub fn with_caching(mut self, caching: Caching) -> Self {
+        self.caching = caching;
         self
     }
 
@@ -437,7 +446,10 @@ impl Response {
             head.push_str(&format!("Content-Type: {}\r\nContent-Length: {length}\r\n", self.content_type));
         }
         if !status.is_informational() {
-            head.push_str(&format!("Cache-Control: {}\r\n", self.cache_control));
+            head.push_str(match self.caching {
+                Caching::NoStore => "Cache-Control: no-store\r\n",
+                Caching::Revalidate => "Cache-Control: no-cache\r\n",
+            });
             head.push_str(if keep_alive { "Connection: keep-alive\r\n" } else { "Connection: close\r\n" });
         }
         for (name, value) in &self.headers {

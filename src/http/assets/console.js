@@ -288,6 +288,8 @@ client.on("gap", (gap) => {
 
 client.on("emergency", (envelope) => {
   page.received += 1;
+  $("count-seq").textContent = String(envelope.seq);
+  soonPollServer();
   addCard(envelope, { alarm: true });
   notify(envelope);
 });
@@ -340,8 +342,11 @@ async function fetchJson(path) {
 }
 
 async function pollServer() {
+  // While the link is down the state and the banner say so; a fetch would only fail too.
+  if (client.state.state !== "open") return;
+  let health;
   try {
-    const health = await fetchJson("/healthz");
+    health = await fetchJson("/healthz");
     $("count-clients").textContent = String(health.clients);
     $("count-seq").textContent = String(health.seq);
     $("server-storage").textContent = health.storage?.state === "failing" ? `FALLANDO (${health.storage.cause})` : health.storage?.state ?? "–";
@@ -352,11 +357,25 @@ async function pollServer() {
   } catch {
     // Down: the state and the banner say so; the next poll tries again.
   }
+  // A server without acknowledgements (older than the roster) has no /tablets.
+  if (!health || !health.tablets) {
+    $("roster").replaceChildren(rosterLine("Este servidor no informa las tablets.", "muted"));
+    return;
+  }
   try {
     renderRoster(await fetchJson("/tablets"));
   } catch {
     $("roster").replaceChildren(rosterLine("Sin datos de tablets.", "muted"));
   }
+}
+
+/// One poll shortly after a burst of emergencies, not one per emergency.
+function soonPollServer() {
+  if (page.soonPoll) return;
+  page.soonPoll = setTimeout(() => {
+    page.soonPoll = null;
+    pollServer();
+  }, 1000);
 }
 
 function rosterLine(label, className) {
