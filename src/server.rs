@@ -29,6 +29,7 @@ use crate::http;
 use crate::http::conn::Response;
 use crate::http::status::Status;
 use crate::ingest::Publisher;
+use crate::ingest::escalation::{self, EscalationSettings};
 use crate::protocol::error_json;
 use crate::runtime::deadline;
 use crate::runtime::linger::Refusals;
@@ -74,7 +75,8 @@ pub fn serve(
     let (mut hub, journal, committed) = match storage {
         Storage::Memory => (Hub::new(limits, &journal::new_stream_id()), None, None),
         Storage::Durable { journal, loaded, committed } => {
-            let hub = Hub::new(limits, &loaded.stream_id).restored(loaded.last_seq, loaded.retained);
+            let hub =
+                Hub::new(limits, &loaded.stream_id).restored(loaded.last_seq, loaded.retained, loaded.events);
             (hub, Some(journal), Some(committed))
         }
     };
@@ -99,6 +101,16 @@ pub fn serve(
         scheduler.control.spawn(async move { app.publisher.deliver_committed(committed).await })
     });
     scheduler.control.spawn(expire_history(Rc::clone(&app))).detach();
+    if app.config.ack_timeout.is_some() {
+        let settings = EscalationSettings {
+            command: app.config.on_unacked.clone(),
+            max_children: app.config.max_escalation_children,
+            time_limit: app.config.escalation_time_limit,
+            stream: app.hub.with(|hub| hub.stream_id().to_owned()),
+        };
+        let app = Rc::clone(&app);
+        scheduler.control.spawn(async move { escalation::run(&app.publisher, settings).await }).detach();
+    }
 
     scheduler.block_on(async {
         let accepting = future::zip(

@@ -13,14 +13,14 @@ use std::pin::{Pin, pin};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::task::Poll;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use async_tungstenite::WebSocketStream;
 use async_tungstenite::tungstenite::protocol::CloseFrame;
 use async_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use async_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
 use futures_util::SinkExt;
-use log::{info, warn};
+use log::{debug, info, warn};
 use smol::io::{AsyncReadExt, AsyncWrite};
 use smol::net::TcpStream;
 use smol::stream::StreamExt;
@@ -30,6 +30,7 @@ use crate::app::App;
 use crate::config::Config;
 use crate::core::doorbell::Farewell;
 use crate::core::hub::Greeting;
+use crate::core::receipts::AckRequest;
 use crate::core::subscription::Subscription;
 use crate::protocol::{self, PONG, WELCOME_MESSAGE, Welcome};
 use crate::runtime::deadline::{self, TimedOut};
@@ -266,6 +267,7 @@ impl Session {
             seq: greeting.seq,
             history: greeting.history,
             replay: greeting.replay,
+            open: greeting.open.clone(),
             ping_interval_ms: config.ping_interval.as_millis(),
             pong_timeout_ms: config.pong_timeout.as_millis(),
         };
@@ -273,20 +275,22 @@ impl Session {
     }
 
     /// Writes `first` and everything the hub has for this client, in batches of up to
-    /// `WRITE_BATCH_FRAMES`, one system call each when the socket has room.
+    /// `WRITE_BATCH_FRAMES`, one system call each when the socket has room. The emergencies of
+    /// a batch count as delivered to this tablet once the write has put all of it on the socket.
     async fn send_pending(&mut self, first: Vec<Frame>) -> Result<(), SessionEnd> {
         let mut batch = first;
+        let mut seqs = Vec::new();
         loop {
-            let taken = self
-                .subscription
-                .take_pending(WRITE_BATCH_FRAMES, WRITE_BATCH_BYTES, |json| batch.push(Frame::text(json)));
+            let taken = self.subscription.take_pending(WRITE_BATCH_FRAMES, WRITE_BATCH_BYTES, |outgoing| {
+                seqs.extend(outgoing.seq);
+                batch.push(Frame::text(outgoing.json));
+            });
             if batch.is_empty() {
                 return Ok(());
             }
             self.write(&batch).await?;
-            // Counted as written, so that /metrics moves while clients stay connected.
-            self.events_sent += taken as u64;
-            self.app.metrics.count_delivered(taken as u64);
+            self.record_delivered(&seqs);
+            seqs.clear();
             batch.clear();
             if taken == WRITE_BATCH_FRAMES {
                 // A long replay must not hold the thread: other clients write between batches.
@@ -295,9 +299,33 @@ impl Session {
         }
     }
 
+    /// Counts the emergencies just written (so that /metrics moves while clients stay connected)
+    /// and records their delivery to this tablet.
+    fn record_delivered(&mut self, seqs: &[u64]) {
+        if seqs.is_empty() {
+            return;
+        }
+        self.events_sent += seqs.len() as u64;
+        self.app.metrics.count_delivered(seqs.len() as u64);
+        let events = self.subscription.delivered(seqs, SystemTime::now());
+        self.app.publisher.record(events);
+    }
+
+    /// An ack from the client: recorded (and broadcast once stored) if it is this tablet's first
+    /// for a known seq; anything else is ignored.
+    fn handle_ack(&self, seq: u64) {
+        match self.subscription.ack(seq, SystemTime::now()) {
+            AckRequest::First(event) => self.app.publisher.record(vec![event]),
+            AckRequest::Repeated => debug!("{}: repeated ack of seq {seq}", self.label),
+            AckRequest::Unknown => debug!("{}: ack of unknown seq {seq} ignored", self.label),
+            AckRequest::Uncounted => debug!("{}: ack of seq {seq} past --max-unnamed-receipts", self.label),
+        }
+    }
+
     /// Handles every frame the client has sent; returns when no complete frame is left, with
     /// tungstenite's answers to the client's Pings sent.
     async fn read_frames(&mut self) -> Result<(), SessionEnd> {
+        self.subscription.heard(SystemTime::now());
         while let Some(frame) = future::poll_once(self.ws.next()).await {
             self.handle_frame(frame).await?;
             // A client flooding frames must not monopolize the thread: frames already
@@ -309,9 +337,14 @@ impl Session {
 
     async fn handle_frame(&mut self, frame: Option<Result<Message, WsError>>) -> Result<(), SessionEnd> {
         match frame {
-            Some(Ok(Message::Text(text))) if is_ping_text(&text) => {
-                self.write(&[Frame::text(PONG.into())]).await
-            }
+            Some(Ok(Message::Text(text))) => match client_text(&text) {
+                ClientText::Ping => self.write(&[Frame::text(PONG.into())]).await,
+                ClientText::Ack(seq) => {
+                    self.handle_ack(seq);
+                    Ok(())
+                }
+                ClientText::Other => Ok(()),
+            },
             Some(Ok(Message::Close(frame))) => {
                 // tungstenite has queued the Close reply; flushing sends it.
                 let _ = deadline::within(CLOSE_REPLY_TIMEOUT, self.ws.flush()).await;
@@ -443,15 +476,33 @@ async fn bounded(limit: Duration, work: impl Future<Output = Result<(), WsError>
     }
 }
 
-/// Whether a client's text is a heartbeat: `ping` or `{"type":"ping"}`.
-fn is_ping_text(text: &str) -> bool {
+/// What a client's text frame asks for.
+#[derive(Debug, PartialEq, Eq)]
+enum ClientText {
+    /// `ping` or `{"type":"ping"}`: answered with a pong.
+    Ping,
+    /// `{"type":"ack","seq":N}`.
+    Ack(u64),
+    /// Anything else, malformed included: ignored.
+    Other,
+}
+
+fn client_text(text: &str) -> ClientText {
     #[derive(serde::Deserialize)]
     struct Typed<'a> {
         #[serde(rename = "type", borrow)]
         kind: &'a str,
+        seq: Option<u64>,
     }
     let text = text.trim();
-    text == "ping" || serde_json::from_str::<Typed>(text).is_ok_and(|typed| typed.kind == "ping")
+    if text == "ping" {
+        return ClientText::Ping;
+    }
+    match serde_json::from_str::<Typed>(text) {
+        Ok(Typed { kind: "ping", .. }) => ClientText::Ping,
+        Ok(Typed { kind: "ack", seq: Some(seq) }) => ClientText::Ack(seq),
+        _ => ClientText::Other,
+    }
 }
 
 #[cfg(test)]
@@ -480,11 +531,13 @@ mod tests {
     }
 
     #[test]
-    fn heartbeat_texts() {
-        assert!(is_ping_text("ping"));
-        assert!(is_ping_text(" {\"type\": \"ping\"} "));
-        assert!(!is_ping_text("{\"type\":\"ack\",\"seq\":3}"));
-        assert!(!is_ping_text("pingpong"));
-        assert!(!is_ping_text("{\"type\":\"ping\""));
+    fn client_texts() {
+        assert_eq!(client_text("ping"), ClientText::Ping);
+        assert_eq!(client_text(" {\"type\": \"ping\"} "), ClientText::Ping);
+        assert_eq!(client_text("{\"type\":\"ack\",\"seq\":3}"), ClientText::Ack(3));
+        assert_eq!(client_text("{\"type\":\"ack\",\"seq\":-3}"), ClientText::Other);
+        assert_eq!(client_text("{\"type\":\"ack\"}"), ClientText::Other);
+        assert_eq!(client_text("pingpong"), ClientText::Other);
+        assert_eq!(client_text("{\"type\":\"ping\""), ClientText::Other);
     }
 }
