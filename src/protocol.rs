@@ -105,6 +105,22 @@ pub struct Welcome {
 /// The answer to a client's `ping` text.
 pub const PONG: &str = r#"{"type":"pong"}"#;
 
+/// The heartbeat an SSE client is sent (it cannot send pings of its own).
+pub const PING: &str = r#"{"type":"ping"}"#;
+
+/// An SSE client's position (`Last-Event-ID`, or `since`) belongs to another history
+/// (`stream_changed`) or is ahead of this server's last seq (`ahead`): sent before the welcome,
+/// whose `replay` says the same.
+#[derive(Serialize)]
+pub struct ResetNotice<'a> {
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub reason: &'static str,
+    pub since: u64,
+    /// This server's history, which the client now follows.
+    pub stream: &'a str,
+}
+
 /// The answer to one publish, on either ingest path.
 #[derive(Serialize, Debug)]
 pub struct PublishReply<'a> {

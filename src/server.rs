@@ -238,7 +238,7 @@ async fn accept_tcp(scheduler: &Scheduler, app: &Rc<App>, listener: TcpListener,
 /// and is admitted, for the caller to run as a task of its own.
 async fn serve_tcp(app: Rc<App>, stream: TcpStream, peer: SocketAddr, slot: SlotGuard) -> Option<Session> {
     let upgrade = http::routes::serve_requests(&app, stream, peer, slot).await?;
-    ws::handshake::upgrade(&app, upgrade).await
+    ws::accept(&app, upgrade).await
 }
 
 /// Answers a connection over `--max-http-connections` with a 503 (counted like every response)

@@ -3,6 +3,7 @@
 //! | route | method | answer |
 //! |---|---|---|
 //! | `/ws/emergencias` | GET | handed over as an `Upgrade` (see `ws::handshake`) |
+//! | `/sse/emergencias` | GET | the same stream as Server-Sent Events: handed over as an `Upgrade` too (see `ws::sse`) |
 //! | `/emergencias` | POST | publish one emergency (`Idempotency-Key` for a safe retry): `202`, `409` |
 //! | `/emergencias?since=N` | GET | retained emergencies after `N` (polling fallback), `X-Resq-*` headers |
 //! | `/emergencias/{seq}` | GET | the envelope and its status: deliveries, acks, close, escalation |
@@ -48,11 +49,12 @@ use crate::support::timestamp::rfc3339_millis;
 enum Outcome {
     /// Send this response; keep the connection if both sides want it.
     Reply(Response),
-    /// Hand the connection to a WebSocket session.
+    /// Hand the connection to a session of the live stream (WebSocket or SSE).
     Upgrade(Request),
 }
 
-/// A connection whose request asked for `/ws/emergencias`, handed over to `ws::handshake`.
+/// A connection whose request asked for the live stream (`/ws/emergencias`, `/sse/emergencias`),
+/// handed over to `ws`.
 pub struct Upgrade {
     pub connection: HttpConnection,
     pub request: Request,
@@ -127,6 +129,8 @@ async fn handle(
     let mut response = match (request.path.as_str(), method) {
         ("/ws/emergencias", "GET") if !head_only => return Outcome::Upgrade(request),
         ("/ws/emergencias", _) => method_not_allowed("GET"),
+        ("/sse/emergencias", "GET") if !head_only => return Outcome::Upgrade(request),
+        ("/sse/emergencias", _) => method_not_allowed("GET"),
         ("/emergencias", "POST") => publish(app, connection, &request, peer, deadline, slot).await,
         ("/emergencias", "GET") => poll(app, &request, peer),
         ("/emergencias", "OPTIONS") => preflight(app, &request, peer, "GET, POST"),

@@ -15,14 +15,14 @@ use smol::net::TcpStream;
 
 use crate::app::App;
 use crate::config::Config;
-use crate::core::hub::{Greeting, Refusal};
+use crate::core::hub::{Greeting, Refusal, Resume};
 use crate::core::subscription::Subscription;
 use crate::http::conn::{Request, Response};
 use crate::http::credentials::{authorize, parse_resume};
 use crate::http::routes::Upgrade;
 use crate::http::status::Status;
 use crate::protocol::error_json;
-use crate::ws::session::Session;
+use crate::ws::session::{Session, Wire};
 
 /// Initial read buffer per client. Clients send pongs and pings of a few bytes; tungstenite
 /// grows the buffer for a larger message, up to `--max-client-message-bytes`.
@@ -72,7 +72,14 @@ pub async fn upgrade(app: &Rc<App>, upgrade: Upgrade) -> Option<Session> {
         None => info!("client {client_id}{name} connected from {peer}"),
     }
     let label = format!("client {client_id}{name} ({peer})").into_boxed_str();
-    Some(Session::new(ws, socket, Rc::clone(app), admitted.subscription, admitted.greeting, label))
+    Some(Session::new(
+        Wire::WebSocket(ws),
+        socket,
+        Rc::clone(app),
+        admitted.subscription,
+        admitted.greeting,
+        label,
+    ))
 }
 
 /// A client that passed every check and is registered with the hub.
@@ -86,42 +93,65 @@ struct Admitted {
 }
 
 /// Everything that can refuse a client with a plain HTTP status, before the 101: the upgrade
-/// headers, the origin, the token, `since`, and room in the hub (which then registers it).
+/// headers, then what every client of the stream must pass (`subscribe`).
 fn admit(app: &App, request: &Request, peer: SocketAddr) -> Result<Admitted, Response> {
     let accept_key = check_upgrade(request).inspect_err(|refusal| {
         warn!("refused WebSocket upgrade from {peer}: {}", refusal.body);
     })?;
+    let admitted = subscribe(app, request, peer, "WebSocket client", || parse_resume(request, peer))?;
+    let Subscribed { name, resume, subscription, greeting } = admitted;
+    Ok(Admitted { accept_key, name, since: resume.map(|resume| resume.since), subscription, greeting })
+}
+
+/// A client of the live stream, over WebSocket or SSE, registered with the hub.
+pub struct Subscribed {
+    /// ` (token name)` for log lines, or nothing.
+    pub name: String,
+    pub resume: Option<Resume>,
+    pub subscription: Subscription,
+    pub greeting: Greeting,
+}
+
+/// What every client of the live stream must pass, whichever way it connects (`kind` names it in
+/// log lines): the origin, the token, where it resumes (`resume`), and room in the hub under
+/// `--max-clients`, which then registers it.
+pub fn subscribe(
+    app: &App,
+    request: &Request,
+    peer: SocketAddr,
+    kind: &str,
+    resume: impl FnOnce() -> Result<Option<Resume>, Response>,
+) -> Result<Subscribed, Response> {
     if let Some(origin) = request.header("origin") {
         let access = app.access.borrow();
         if !access.origin_allowed(origin) {
             let allowed = &access.allowed_origins;
-            warn!("refused WebSocket client {peer}: origin {origin:?} not in --allowed-origin {allowed:?}");
+            warn!("refused {kind} {peer}: origin {origin:?} not in --allowed-origin {allowed:?}");
             return Err(Response::json(Status::FORBIDDEN, error_json("origin not allowed")));
         }
     }
-    let identity =
-        authorize(app.access.borrow().subscribe.as_ref(), request, true, "WebSocket client", peer)?;
+    let identity = authorize(app.access.borrow().subscribe.as_ref(), request, true, kind, peer)?;
     let name = identity.as_ref().map(|identity| format!(" ({})", identity.name)).unwrap_or_default();
-    let resume = parse_resume(request, peer)?;
+    let resume = resume()?;
     let (subscription, greeting) =
         Subscription::open(&app.hub, peer, identity, resume.as_ref()).map_err(|refusal| {
             let reason = match refusal {
                 Refusal::Full => "too many clients (--max-clients)",
                 Refusal::ShuttingDown => "server shutting down",
             };
-            warn!("refused WebSocket client {peer}: {reason}");
+            warn!("refused {kind} {peer}: {reason}");
             if refusal == Refusal::Full {
                 app.metrics.count("resq_push_connections_refused_total", "max_clients");
             }
             Response::json(Status::SERVICE_UNAVAILABLE, error_json(reason)).with_header("Retry-After", "5")
         })?;
-    Ok(Admitted { accept_key, name, since: resume.map(|resume| resume.since), subscription, greeting })
+    Ok(Subscribed { name, resume, subscription, greeting })
 }
 
 /// Caps the kernel's send buffer (`--client-send-buffer`, 0 for none): it holds what a client
 /// that stopped reading has not taken, until `--write-timeout`, and autotuning would grow it to
 /// megabytes a client. Set after the handshake, so HTTP answers (polls) keep the kernel's sizing.
-fn cap_send_buffer(stream: &TcpStream, bytes: usize) {
+pub fn cap_send_buffer(stream: &TcpStream, bytes: usize) {
     if bytes == 0 {
         return;
     }

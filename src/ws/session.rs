@@ -1,11 +1,16 @@
-//! One WebSocket client from its 101 to its end: a loop that sends what the hub has for the
-//! client, pings on a timer and reads whatever the client sends.
+//! One client of the live stream from its 101 (WebSocket) or its 200 (Server-Sent Events) to its
+//! end: a loop that sends what the hub has for the client, heartbeats on a timer and reads
+//! whatever the client sends.
 //!
-//! Tablets never have to send anything: a client stays as long as it answers pings (browsers do
-//! so automatically). Emergencies are written as `Frame`s straight to the socket, several per
-//! system call when several are waiting; tungstenite reads the client's frames and runs the close
-//! handshake. Every write is bounded by `--write-timeout`, and every way out of the loop ends in
-//! `SessionEnd`, logged once; dropping the `Subscription` frees the client.
+//! Tablets never have to send anything: a WebSocket client stays as long as it answers pings
+//! (browsers do so automatically). Emergencies are written as `Frame`s straight to the socket,
+//! several per system call when several are waiting; over WebSocket, tungstenite reads the
+//! client's frames and runs the close handshake. The `Wire` is the one part that differs between
+//! the two: the framing (`Frame::text` or `ws::sse::EventStream`), what the client can send, how
+//! the heartbeat is answered and how the connection ends. The hub subscription, the queue and its
+//! slow-client rule, `--write-timeout`, the timer and the counting are the same code for both.
+//! Every way out of the loop ends in `SessionEnd`, logged once; dropping the `Subscription` frees
+//! the client.
 
 use std::fmt;
 use std::io::{self, IoSlice};
@@ -34,7 +39,8 @@ use crate::core::receipts::AckRequest;
 use crate::core::subscription::Subscription;
 use crate::protocol::{self, PONG, WELCOME_MESSAGE, Welcome};
 use crate::runtime::deadline::{self, TimedOut};
-use crate::ws::frame::{Frame, unwritten_slices};
+use crate::ws::frame::{Frame, slices_for, unwritten_slices};
+use crate::ws::sse::EventStream;
 
 /// A write stops adding emergencies at this many bytes...
 const WRITE_BATCH_BYTES: usize = 64 * 1024;
@@ -106,11 +112,21 @@ enum Wake {
     Timer,
 }
 
-/// A connected client, from its 101 to its end.
+/// How a session's client is spoken to.
+// An SSE session carries the WebSocket variant's size unused (some 400 bytes a client): boxing
+// the stream instead would cost every WebSocket client an allocation and an indirection.
+#[allow(clippy::large_enum_variant)]
+pub enum Wire {
+    /// tungstenite reads the client's frames, answers its Pings and runs the close handshake.
+    WebSocket(WebSocketStream<TcpStream>),
+    /// Server-Sent Events: the client sends nothing, its events are framed by `EventStream`.
+    EventStream(EventStream),
+}
+
+/// A connected client, from its 101 (or 200) to its end.
 pub struct Session {
-    /// Reads the client's frames; answers its Pings and runs the close handshake.
-    ws: WebSocketStream<TcpStream>,
-    /// The same socket, to write frames as the hub framed them and to wait for input.
+    wire: Wire,
+    /// The client's socket, to write frames as the hub framed them and to wait for input.
     socket: Arc<Async<std::net::TcpStream>>,
     app: Rc<App>,
     subscription: Subscription,
@@ -125,7 +141,7 @@ pub struct Session {
 impl Session {
     /// A session for a client the handshake admitted; `label` names it in its last log line.
     pub fn new(
-        ws: WebSocketStream<TcpStream>,
+        wire: Wire,
         socket: Arc<Async<std::net::TcpStream>>,
         app: Rc<App>,
         subscription: Subscription,
@@ -133,7 +149,7 @@ impl Session {
         label: Box<str>,
     ) -> Session {
         Session {
-            ws,
+            wire,
             socket,
             app,
             subscription,
@@ -228,6 +244,12 @@ impl Session {
                     Box::pin(self.close(CloseCode::Policy, "no pong within pong_timeout")).await;
                     Err(SessionEnd::PongTimeout)
                 }
+                Wake::Timer if matches!(self.wire, Wire::EventStream(_)) => {
+                    // No answer can come: a dead peer shows as a write that fails (TCP's
+                    // user timeout, set at the handshake) or one that times out.
+                    timer.set_at(Instant::now() + self.config().ping_interval);
+                    Box::pin(self.write(&[EventStream::heartbeat()])).await
+                }
                 Wake::Timer => {
                     let now = Instant::now();
                     ping_sent_at = Some(now);
@@ -271,7 +293,12 @@ impl Session {
             ping_interval_ms: config.ping_interval.as_millis(),
             pong_timeout_ms: config.pong_timeout.as_millis(),
         };
-        self.send_pending(vec![Frame::text(protocol::to_json(&welcome).into())]).await
+        let welcome = protocol::to_json(&welcome).into();
+        let first = match &mut self.wire {
+            Wire::WebSocket(_) => vec![Frame::text(welcome)],
+            Wire::EventStream(events) => events.welcome(welcome),
+        };
+        self.send_pending(first).await
     }
 
     /// Writes `first` and everything the hub has for this client, in batches of up to
@@ -281,9 +308,13 @@ impl Session {
         let mut batch = first;
         let mut seqs = Vec::new();
         loop {
+            let wire = &mut self.wire;
             let taken = self.subscription.take_pending(WRITE_BATCH_FRAMES, WRITE_BATCH_BYTES, |outgoing| {
                 seqs.extend(outgoing.seq);
-                batch.push(Frame::text(outgoing.json));
+                batch.push(match wire {
+                    Wire::WebSocket(_) => Frame::text(outgoing.json),
+                    Wire::EventStream(events) => events.message(outgoing.json, outgoing.seq),
+                });
             });
             if batch.is_empty() {
                 return Ok(());
@@ -323,10 +354,22 @@ impl Session {
     }
 
     /// Handles every frame the client has sent; returns when no complete frame is left, with
-    /// tungstenite's answers to the client's Pings sent.
+    /// tungstenite's answers to the client's Pings sent. An SSE client has nothing to say: what
+    /// it sends is dropped, and its end of the connection ends the session.
     async fn read_frames(&mut self) -> Result<(), SessionEnd> {
+        if let Wire::EventStream(_) = self.wire {
+            let drained = EventStream::drain(self.socket.get_ref());
+            // A client flooding bytes must not monopolize the thread either.
+            future::yield_now().await;
+            return match drained {
+                Ok(true) => Ok(()),
+                Ok(false) => Err(SessionEnd::ConnectionLost),
+                Err(error) => Err(SessionEnd::Io(error.into())),
+            };
+        }
         self.subscription.heard(SystemTime::now());
-        while let Some(frame) = future::poll_once(self.ws.next()).await {
+        while let Wire::WebSocket(ws) = &mut self.wire {
+            let Some(frame) = future::poll_once(ws.next()).await else { break };
             self.handle_frame(frame).await?;
             // A client flooding frames must not monopolize the thread: frames already
             // buffered are read without ever returning Pending.
@@ -347,7 +390,9 @@ impl Session {
             },
             Some(Ok(Message::Close(frame))) => {
                 // tungstenite has queued the Close reply; flushing sends it.
-                let _ = deadline::within(CLOSE_REPLY_TIMEOUT, self.ws.flush()).await;
+                if let Wire::WebSocket(ws) = &mut self.wire {
+                    let _ = deadline::within(CLOSE_REPLY_TIMEOUT, ws.flush()).await;
+                }
                 Err(SessionEnd::ClientClosed(frame.map(|f| f.code)))
             }
             // Other text, binary, and Ping/Pong frames only show the client is alive. tungstenite
@@ -392,22 +437,32 @@ impl Session {
         }
     }
 
-    /// Sends a Close frame, then reads (and discards) what the client still sends until its
-    /// own Close or `CLOSE_REPLY_TIMEOUT`: closing a socket with unread input would reset the
-    /// connection and could destroy our Close before the client reads it.
+    /// Sends a Close frame (over SSE, a comment saying why), then reads (and discards) what the
+    /// client still sends until its own Close or `CLOSE_REPLY_TIMEOUT`: closing a socket with
+    /// unread input would reset the connection and could destroy our Close before the client
+    /// reads it.
     async fn close(&mut self, code: CloseCode, reason: &'static str) {
-        let frame = CloseFrame { code, reason: Utf8Bytes::from_static(reason) };
         let limit = self.config().write_timeout.min(CLOSE_REPLY_TIMEOUT);
-        if deadline::within(limit, self.ws.close(Some(frame))).await.is_err() {
+        let ws = match &mut self.wire {
+            Wire::WebSocket(ws) => ws,
+            Wire::EventStream(_) => {
+                let _ = write_all(&self.socket, &[EventStream::farewell(reason)], limit).await;
+                let _ = self.socket.get_ref().shutdown(std::net::Shutdown::Write);
+                let _ = deadline::within(CLOSE_REPLY_TIMEOUT, drain_to_end(&self.socket)).await;
+                return;
+            }
+        };
+        let frame = CloseFrame { code, reason: Utf8Bytes::from_static(reason) };
+        if deadline::within(limit, ws.close(Some(frame))).await.is_err() {
             return;
         }
         let _ = deadline::within(CLOSE_REPLY_TIMEOUT, async {
             // After a read error tungstenite reads no more frames, so drain the socket directly.
-            while let Some(Ok(_)) = self.ws.next().await {}
-            let _ = self.ws.get_ref().shutdown(std::net::Shutdown::Write);
+            while let Some(Ok(_)) = ws.next().await {}
+            let _ = ws.get_ref().shutdown(std::net::Shutdown::Write);
             let mut discard = vec![0u8; 1024];
             for _ in 0..64 {
-                if !matches!(self.ws.get_mut().read(&mut discard).await, Ok(n) if n > 0) {
+                if !matches!(ws.get_mut().read(&mut discard).await, Ok(n) if n > 0) {
                     break;
                 }
             }
@@ -425,8 +480,10 @@ impl Session {
     /// Sends what tungstenite holds (an answer to a client's Ping that met a full socket);
     /// nothing to do, and no system call, in the common case.
     async fn flush_control_frames(&mut self) -> Result<(), SessionEnd> {
-        if future::poll_once(self.ws.flush()).await.is_none_or(|flushed| flushed.is_err()) {
-            Box::pin(bounded(self.config().write_timeout, self.ws.flush())).await?;
+        let limit = self.config().write_timeout;
+        let Wire::WebSocket(ws) = &mut self.wire else { return Ok(()) };
+        if future::poll_once(ws.flush()).await.is_none_or(|flushed| flushed.is_err()) {
+            Box::pin(bounded(limit, ws.flush())).await?;
         }
         Ok(())
     }
@@ -444,7 +501,7 @@ async fn write_all(
     let mut deadline: Option<Timer> = None;
     future::poll_fn(|cx| {
         while written < total {
-            let mut slices = [IoSlice::new(&[]); 2 * WRITE_BATCH_FRAMES];
+            let mut slices = [IoSlice::new(&[]); slices_for(WRITE_BATCH_FRAMES)];
             let count = unwritten_slices(frames, written, &mut slices);
             match Pin::new(&mut &*socket).poll_write_vectored(cx, &slices[..count]) {
                 Poll::Ready(Ok(0)) => {
@@ -466,6 +523,16 @@ async fn write_all(
         Poll::Ready(Ok(()))
     })
     .await
+}
+
+/// Reads and drops what the client sends until it closes (an SSE client's end), in at most 64
+/// rounds of `EventStream::drain`.
+async fn drain_to_end(socket: &Async<std::net::TcpStream>) {
+    for _ in 0..64 {
+        if socket.readable().await.is_err() || !matches!(EventStream::drain(socket.get_ref()), Ok(true)) {
+            return;
+        }
+    }
 }
 
 async fn bounded(limit: Duration, work: impl Future<Output = Result<(), WsError>>) -> Result<(), SessionEnd> {
@@ -524,7 +591,14 @@ mod tests {
             let socket = Arc::from(stream.clone());
             let ws = WebSocketStream::from_raw_socket(stream, Role::Server, None).await;
             let (subscription, greeting) = Subscription::open(&app.hub, peer, None, None).unwrap();
-            let session = Session::new(ws, socket, Rc::clone(&app), subscription, greeting, "test".into());
+            let session = Session::new(
+                Wire::WebSocket(ws),
+                socket,
+                Rc::clone(&app),
+                subscription,
+                greeting,
+                "test".into(),
+            );
             let size = std::mem::size_of_val(&session.serve());
             assert!(size <= MAX_SESSION_FUTURE_BYTES, "a session's future is {size} bytes");
         });

@@ -98,6 +98,22 @@ function client(extra = {}) {
   return { c, time, net, storage, seen };
 }
 
+/// A client that stored seq `lastSeq` of stream s1 earlier, connected and welcomed with `welcomed`.
+function resumed(lastSeq, welcomed) {
+  const storage = memoryStorage();
+  storage.setItem("resq.lastSeq", String(lastSeq));
+  storage.setItem("resq.stream", "s1");
+  const started = client({ storage });
+  started.c.start();
+  started.net.last().open();
+  started.net.last().push(welcome(welcomed));
+  return started;
+}
+
+function replay(since, count, missed) {
+  return { since, count, missed, reset: false, stream_changed: false };
+}
+
 test("backoff doubles from 1 s to 30 s and never beyond, with jitter of at most half a step", () => {
   for (let attempt = 0; attempt < 40; attempt++) {
     const step = Math.min(30000, 1000 * 2 ** attempt);
@@ -142,7 +158,7 @@ test("each emergency is handed over exactly once and in order, across a reconnec
   time.advance(1000);
   assert.equal(net.last().url, "ws://resq.test:8000/ws/emergencias?since=6&stream=s1");
   net.last().open();
-  net.last().push(welcome({ seq: 8, replay: { since: 6, count: 2, missed: 0, reset: false, stream_changed: false } }));
+  net.last().push(welcome({ seq: 8, replay: replay(6, 2, 0) }));
   net.last().push(envelope(6));
   net.last().push(envelope(7));
   net.last().push(envelope(8));
@@ -165,13 +181,7 @@ test("the position survives in storage: a new client resumes where the last one 
 });
 
 test("missed emergencies are reported once, and the replay after them is not a second gap", () => {
-  const storage = memoryStorage();
-  storage.setItem("resq.lastSeq", "3");
-  storage.setItem("resq.stream", "s1");
-  const { c, net, seen } = client({ storage });
-  c.start();
-  net.last().open();
-  net.last().push(welcome({ seq: 12, replay: { since: 3, count: 2, missed: 7, reset: false, stream_changed: false } }));
+  const { net, seen } = resumed(3, { seq: 12, replay: replay(3, 2, 7) });
   net.last().push(envelope(11));
   net.last().push(envelope(12));
   assert.deepEqual(seen.gap, [{ reason: "missed", reset: false, streamChanged: false, since: 3, missed: 7 }]);
@@ -196,6 +206,13 @@ test("a new history starts over from seq 0, stored before the new stream", () =>
   assert.equal(seen.gap[0].reason, "stream_changed");
 });
 
+test("missed emergencies that are still open come anyway: not a gap", () => {
+  const { net, seen } = resumed(3, { seq: 8, open: [5], replay: replay(3, 2, 3) });
+  for (const seq of [5, 7, 8]) net.last().push(envelope(seq));
+  assert.deepEqual(seen.gap.map((g) => g.missed), [2]);
+  assert.deepEqual(seen.emergency.map((m) => m.seq), [5, 7, 8]);
+});
+
 test("an unexplained jump in seqs is a gap", () => {
   const cursor = new Cursor(memoryStorage());
   cursor.welcome(welcome({ seq: 1 }));
@@ -206,13 +223,7 @@ test("an unexplained jump in seqs is a gap", () => {
 });
 
 test("open emergencies the server resends are reported as reopened, not handed over again", () => {
-  const storage = memoryStorage();
-  storage.setItem("resq.lastSeq", "9");
-  storage.setItem("resq.stream", "s1");
-  const { c, net, seen } = client({ storage });
-  c.start();
-  net.last().open();
-  net.last().push(welcome({ seq: 10, open: [3, 10], replay: { since: 9, count: 1, missed: 0, reset: false, stream_changed: false } }));
+  const { net, seen } = resumed(9, { seq: 10, open: [3, 10], replay: replay(9, 1, 0) });
   net.last().push(envelope(3));
   net.last().push(envelope(10));
   net.last().push(envelope(3));

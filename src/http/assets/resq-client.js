@@ -132,11 +132,15 @@ export class Cursor {
       // Connected without since: live emergencies come after the welcome's seq.
       this.setLastSeq(Number(msg.seq) || 0);
     }
+    const open = Array.isArray(msg.open) ? msg.open.map(Number) : [];
     if (replay && replay.missed > 0) {
       this.known = Math.max(this.known, this.lastSeq + replay.missed);
-      gap = gap || { reason: "missed", reset: false, streamChanged: false, since: replay.since, missed: replay.missed };
+      // Gone from the history but still open: the server sends those first, so they are not lost.
+      const resent = open.filter((seq) => seq > this.lastSeq && seq <= this.known).length;
+      const missed = replay.missed - resent;
+      if (missed > 0) gap = gap || { reason: "missed", reset: false, streamChanged: false, since: replay.since, missed };
     }
-    this.resent = new Set(Array.isArray(msg.open) ? msg.open : []);
+    this.resent = new Set(open);
     return gap;
   }
 
