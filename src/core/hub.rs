@@ -648,9 +648,13 @@ impl Hub {
         self.receipts.begin_ack(seq, &tablet, named, at)
     }
 
-    /// A publisher closes `seq`; `detail` is a JSON object's text.
+    /// A publisher closes `seq`; `detail` is a JSON object's text. An emergency published but
+    /// no longer retained is not open any more: closing it again is harmless.
     pub fn close(&mut self, seq: u64, detail: Option<String>, at: SystemTime) -> CloseRequest {
-        self.receipts.begin_close(seq, detail, at)
+        match self.receipts.begin_close(seq, detail, at) {
+            CloseRequest::Unknown if (1..=self.last_seq).contains(&seq) => CloseRequest::AlreadyClosed,
+            request => request,
+        }
     }
 
     /// The escalations due at `now` under `--ack-timeout` (none without it).
