@@ -35,7 +35,11 @@ pub fn hub_limits(config: &Config) -> HubLimits {
         max_clients: config.max_clients,
         history_max_age: config.history_max_age,
         status_queue: config.status_queue,
-        receipts: ReceiptLimits { max_open: config.max_open, max_unnamed: config.max_unnamed_receipts },
+        receipts: ReceiptLimits {
+            max_open: config.max_open,
+            max_open_bytes: config.max_open_bytes,
+            max_unnamed: config.max_unnamed_receipts,
+        },
         ack_timeout: config.ack_timeout,
     }
 }

@@ -79,6 +79,8 @@ pub const MAX_CLIENT_SEND_BUFFER_BYTES: usize = 64 * 1024 * 1024;
 pub const DEFAULT_STATUS_QUEUE: usize = 8192;
 /// Default open (not closed) emergencies kept beyond the history and resent to fresh tablets.
 pub const DEFAULT_MAX_OPEN: usize = 1000;
+/// Default bytes of envelopes the open emergencies may hold in memory (beyond the history's).
+pub const DEFAULT_MAX_OPEN_BYTES: usize = 16 * 1024 * 1024;
 /// Default receipts per emergency of connections without a token name (open subscribing).
 pub const DEFAULT_MAX_UNNAMED_RECEIPTS: usize = 64;
 /// Default `--on-unacked` commands running at once; more wait their turn.
@@ -220,6 +222,11 @@ pub struct Config {
     /// oldest open one is let go with a warning (default 1000)
     #[argh(option, default = "DEFAULT_MAX_OPEN")]
     pub max_open: usize,
+
+    /// bytes of emergencies the open ones may hold in memory; past it the oldest open one is let
+    /// go (default 16 MiB)
+    #[argh(option, default = "DEFAULT_MAX_OPEN_BYTES")]
+    pub max_open_bytes: usize,
 
     /// receipts kept per emergency for connections without a token name (default 64)
     #[argh(option, default = "DEFAULT_MAX_UNNAMED_RECEIPTS")]

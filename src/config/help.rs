@@ -27,6 +27,7 @@ const SECTIONS: &[(&str, &[&str])] = &[
             "--client-send-buffer",
             "--status-queue",
             "--max-open",
+            "--max-open-bytes",
             "--max-unnamed-receipts",
         ],
     ),

@@ -27,6 +27,7 @@ use crate::core::notices::Notices;
 use crate::core::receipts::{AckRequest, Applied, CloseRequest, ReceiptEvent, ReceiptLimits, Receipts};
 use crate::core::{Outcome, Outgoing, Receipt, SharedEnvelope, Stored};
 use crate::protocol::{self, Counts, HistoryRange, ReplayInfo, Source};
+use crate::support::logger::WarningThrottle;
 
 /// Named tablets the roster remembers between their connections (last heard, delivered, acked):
 /// the subscribe tokens' names, bounded in case a token file holds thousands.
@@ -174,6 +175,8 @@ pub struct Hub {
     notices: Notices,
     /// Named tablets, connected or not (at most `MAX_ROSTER`).
     roster: HashMap<Rc<str>, TabletRecord>,
+    /// The open cap, once reached, is reached at every publish: one line per period says so.
+    open_cap_warnings: WarningThrottle,
 }
 
 /// What the welcome tells a new client about the history, as of its subscription.
@@ -205,6 +208,7 @@ impl Hub {
             receipts: Receipts::new(limits.receipts),
             notices: Notices::default(),
             roster: HashMap::new(),
+            open_cap_warnings: WarningThrottle::default(),
         }
     }
 
@@ -265,12 +269,14 @@ impl Hub {
             true
         });
         let history_from = self.history.front().map_or(seq, |oldest| oldest.seq);
-        if let Some(let_go) = self.receipts.published(seq, received_at, json, queued_to, history_from) {
-            log::warn!(
-                "more than --max-open {} emergencies are open: seq {let_go} is no longer resent to \
-                 fresh tablets (close emergencies once dealt with)",
+        if let Some(let_go) = self.receipts.published(seq, received_at, json, queued_to, history_from)
+            && self.limits.receipts.max_open > 0
+        {
+            self.open_cap_warnings.note(&format!(
+                "--max-open ({}) or --max-open-bytes reached: seq {let_go} is no longer open nor resent \
+                 to fresh tablets (close emergencies once dealt with)",
                 self.limits.receipts.max_open
-            );
+            ));
         }
         self.trim(|_| false);
         Receipt { seq, queued_to }
@@ -307,7 +313,7 @@ impl Hub {
         }
         let oldest_in_ring = self.history.front().map_or(u64::MAX, |retained| retained.seq);
         let let_go = self.receipts.enforce_open_cap(oldest_in_ring);
-        if !let_go.is_empty() {
+        if !let_go.is_empty() && self.limits.receipts.max_open > 0 {
             log::warn!(
                 "more than --max-open emergencies are open: {} of the oldest are no longer resent",
                 let_go.len()
@@ -648,9 +654,13 @@ impl Hub {
         self.receipts.begin_ack(seq, &tablet, named, at)
     }
 
-    /// A publisher closes `seq`; `detail` is a JSON object's text.
+    /// A publisher closes `seq`; `detail` is a JSON object's text. An emergency published but
+    /// no longer retained is not open any more: closing it again is harmless.
     pub fn close(&mut self, seq: u64, detail: Option<String>, at: SystemTime) -> CloseRequest {
-        self.receipts.begin_close(seq, detail, at)
+        match self.receipts.begin_close(seq, detail, at) {
+            CloseRequest::Unknown if (1..=self.last_seq).contains(&seq) => CloseRequest::AlreadyClosed,
+            request => request,
+        }
     }
 
     /// The escalations due at `now` under `--ack-timeout` (none without it).
@@ -836,7 +846,7 @@ mod tests {
             history_max_age: Duration::from_secs(3600),
             status_queue: 4,
             // These tests are of the history: no open emergency is resent.
-            receipts: ReceiptLimits { max_open: 0, max_unnamed: 4 },
+            receipts: ReceiptLimits { max_open: 0, max_open_bytes: 1 << 20, max_unnamed: 4 },
             ack_timeout: None,
         }
     }

@@ -29,6 +29,9 @@ pub struct ReceiptLimits {
     /// Open emergencies kept beyond the history (`--max-open`); past it the oldest open one is
     /// let go, with a warning.
     pub max_open: usize,
+    /// Bytes of envelopes the open emergencies hold (`--max-open-bytes`); past it, likewise,
+    /// though the newest open one is always kept.
+    pub max_open_bytes: usize,
     /// Receipts per emergency of connections that have no token name (`--max-unnamed-receipts`).
     pub max_unnamed: usize,
 }
@@ -248,11 +251,13 @@ pub struct Receipts {
     limits: ReceiptLimits,
     ledgers: BTreeMap<u64, Ledger>,
     open: usize,
+    /// Bytes of the open ones' envelopes (shared with the history while it holds them).
+    open_bytes: usize,
 }
 
 impl Receipts {
     pub fn new(limits: ReceiptLimits) -> Receipts {
-        Receipts { limits, ledgers: BTreeMap::new(), open: 0 }
+        Receipts { limits, ledgers: BTreeMap::new(), open: 0, open_bytes: 0 }
     }
 
     pub fn get(&self, seq: u64) -> Option<&Ledger> {
@@ -284,32 +289,47 @@ impl Receipts {
         queued_to: usize,
         history_from: u64,
     ) -> Option<u64> {
-        self.ledgers.insert(seq, Ledger::new(seq, received_at, envelope, queued_to));
-        self.open += 1;
+        self.opened(Ledger::new(seq, received_at, envelope, queued_to));
         self.enforce_open_cap(history_from).into_iter().next()
     }
 
     /// An emergency the data dir held at start; its stored events are applied after, then the
     /// open cap (`enforce_open_cap`).
     pub fn restored(&mut self, seq: u64, received_at: SystemTime, envelope: SharedEnvelope) {
-        self.ledgers.insert(seq, Ledger::new(seq, received_at, envelope, 0));
-        self.open += 1;
+        self.opened(Ledger::new(seq, received_at, envelope, 0));
     }
 
-    /// Lets the oldest open emergencies go while more than `max_open` are: no longer open, and
-    /// forgotten unless the history (from `history_from` on) still holds them. Returns their seqs.
+    fn opened(&mut self, ledger: Ledger) {
+        self.open += 1;
+        self.open_bytes += ledger.envelope.len();
+        self.ledgers.insert(ledger.seq, ledger);
+    }
+
+    /// A ledger stops being open (closed or let go).
+    fn no_longer_open(&mut self, seq: u64) {
+        self.open -= 1;
+        let bytes = self.ledgers.get(&seq).map_or(0, |ledger| ledger.envelope.len());
+        self.open_bytes -= bytes;
+    }
+
+    /// Lets the oldest open emergencies go while more than `max_open` are, or they hold more
+    /// than `max_open_bytes`: no longer open, and forgotten unless the history (from
+    /// `history_from` on) still holds them. Returns their seqs.
     pub fn enforce_open_cap(&mut self, history_from: u64) -> Vec<u64> {
-        let excess = self.open.saturating_sub(self.limits.max_open);
-        let oldest: Vec<u64> = self.open().map(|ledger| ledger.seq).take(excess).collect();
-        for &seq in &oldest {
+        let mut let_go = Vec::new();
+        while self.open > self.limits.max_open
+            || (self.open > 1 && self.open_bytes > self.limits.max_open_bytes)
+        {
+            let Some(seq) = self.open().map(|ledger| ledger.seq).next() else { break };
+            self.no_longer_open(seq);
             if seq < history_from {
                 self.ledgers.remove(&seq);
             } else if let Some(ledger) = self.ledgers.get_mut(&seq) {
                 ledger.abandoned = true;
             }
-            self.open -= 1;
+            let_go.push(seq);
         }
-        oldest
+        let_go
     }
 
     /// The history let `seq` go: its ledger goes too, unless it is still open.
@@ -442,10 +462,11 @@ impl Receipts {
                 }
                 let detail = detail.and_then(|text| RawValue::from_string(text).ok()).map(Rc::from);
                 let closure = Closure { at, detail };
-                if !ledger.abandoned {
-                    self.open -= 1;
-                }
+                let was_open = ledger.is_open();
                 ledger.closed = Some(closure.clone());
+                if was_open {
+                    self.no_longer_open(seq);
+                }
                 Applied::Closed { seq, closure }
             }
             ReceiptEvent::Escalated { seq, at } => {
@@ -473,7 +494,7 @@ mod tests {
     use super::*;
 
     fn receipts(max_open: usize) -> Receipts {
-        Receipts::new(ReceiptLimits { max_open, max_unnamed: 1 })
+        Receipts::new(ReceiptLimits { max_open, max_open_bytes: 1 << 20, max_unnamed: 1 })
     }
 
     fn publish(receipts: &mut Receipts, seq: u64) {
@@ -533,6 +554,16 @@ mod tests {
         assert!(receipts.get(2).is_none(), "let go beyond the history: forgotten");
         assert_eq!(receipts.published(5, SystemTime::now(), "{}".into(), 0, 3), Some(3));
         assert!(receipts.get(3).is_some_and(|ledger| !ledger.is_open()), "in the history: kept, not open");
+    }
+
+    #[test]
+    fn open_ones_are_bounded_by_bytes_too_but_the_newest_stays() {
+        let mut receipts = Receipts::new(ReceiptLimits { max_open: 10, max_open_bytes: 4, max_unnamed: 1 });
+        assert_eq!(receipts.published(1, SystemTime::now(), "abc".into(), 0, 1), None);
+        assert_eq!(receipts.published(2, SystemTime::now(), "abc".into(), 0, 3), Some(1));
+        assert_eq!(receipts.published(3, SystemTime::now(), "abcdefgh".into(), 0, 2), Some(2));
+        assert_eq!(receipts.open().map(|ledger| ledger.seq).collect::<Vec<_>>(), [3]);
+        assert!(receipts.get(2).is_some_and(|ledger| !ledger.is_open()), "kept for the history");
     }
 
     #[test]

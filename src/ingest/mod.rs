@@ -744,7 +744,11 @@ mod tests {
             max_clients: 10,
             history_max_age: Duration::from_secs(3600),
             status_queue: 10,
-            receipts: crate::core::receipts::ReceiptLimits { max_open: 10, max_unnamed: 10 },
+            receipts: crate::core::receipts::ReceiptLimits {
+                max_open: 10,
+                max_open_bytes: 1 << 20,
+                max_unnamed: 10,
+            },
             ack_timeout: None,
         };
         let (_, ingress) = HubHandle::new(Hub::new(limits, "stream-a"));
