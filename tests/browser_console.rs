@@ -73,14 +73,25 @@ fn publish_each(server: &Server, seqs: std::ops::RangeInclusive<u64>) {
     }
 }
 
+/// After the server was down: the only console errors are the browser's own reports of the
+/// connections the server refused meanwhile (a page cannot silence them); no exception at all.
+fn assert_only_outage_errors(state: &Value) {
+    assert_eq!(state["errors"], json!([]), "uncaught exceptions in the page: {state:#}");
+    let console = state["console"].as_array().unwrap();
+    let outage =
+        |entry: &&Value| entry["text"].as_str().is_some_and(|text| text.contains("net::ERR_CONNECTION_"));
+    assert!(console.iter().all(|entry| outage(&entry)), "errors on the page's console: {state:#}");
+}
+
 fn assert_no_errors(state: &Value) {
     assert_eq!(state["errors"], json!([]), "uncaught exceptions in the page: {state:#}");
     assert_eq!(state["console"], json!([]), "errors on the page's console: {state:#}");
 }
 
-/// Where the screenshot goes: `target/console.png` (README's docs/console.png is one of these).
-fn screenshot_path() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/console.png")
+/// Where a test's screenshot goes: `target/console-<name>.png` (README's docs/console.png is
+/// `acks`'s).
+fn screenshot_path(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("target/console-{name}.png"))
 }
 
 /// The page shows the connected state, each emergency once (HTTP and Unix alike), newest first,
@@ -101,7 +112,7 @@ fn the_console_shows_each_emergency_once_and_reconnects_by_itself() {
     assert_eq!(state["cards"][0]["fields"]["direccion"], "Los Aromos 2", "{state:#}");
     assert!(state["cards"][0]["classes"].as_array().unwrap().contains(&json!("new")), "{state:#}");
     assert_no_errors(&state);
-    browser.call(json!({"cmd": "screenshot", "page": "tablet", "path": screenshot_path()}));
+    browser.call(json!({"cmd": "screenshot", "page": "tablet", "path": screenshot_path("first")}));
 
     let addr = server.addr.to_string();
     let dir = server.stop();
@@ -117,7 +128,7 @@ fn the_console_shows_each_emergency_once_and_reconnects_by_itself() {
     let state = browser.wait_for("tablet", json!({"cards": 6}));
     assert_eq!(listed(&state), [6, 5, 4, 3, 2, 1], "{state:#}");
     assert_eq!(state["counters"]["received"], "6", "{state:#}");
-    assert_eq!(state["errors"], json!([]), "{state:#}");
+    assert_only_outage_errors(&state);
 }
 
 /// A new emergency is highlighted; once a first tap unlocked audio, the alarm rings until
@@ -141,4 +152,107 @@ fn the_alarm_rings_until_each_new_emergency_is_seen() {
     let state = browser.wait_for("tablet", json!({"alarm": "off", "card": {"seq": 1, "lacks": "new"}}));
     assert_eq!(state["counters"]["unseen"], "0", "{state:#}");
     assert_no_errors(&state);
+}
+
+const TABLETS: [(&str, &str); 3] = [
+    ("tablet-1", "tok-one-Xk2Lm9Nq4Rs7"),
+    ("tablet-2", "tok-two-Yb5Cd8Ef1Gh4"),
+    ("tablet-3", "tok-three-Zc6De9Fg2Hi"),
+];
+
+/// A data dir with a subscribe token file naming the three tablets; its path.
+fn site() -> (common::TempDir, String) {
+    let dir = common::TempDir::new();
+    let file = dir.path().join("subscribe.tokens");
+    let lines: String = TABLETS.iter().map(|(name, token)| format!("{name} {token}\n")).collect();
+    std::fs::write(&file, lines).unwrap();
+    let file = file.to_str().unwrap().to_owned();
+    (dir, file)
+}
+
+/// `GET /emergencias/{seq}`'s status, with tablet-1's token.
+fn status(server: &Server, seq: u64) -> Value {
+    let response = server.get(&format!("/emergencias/{seq}?token={}", TABLETS[0].1));
+    assert_eq!(response.status, 200, "{}", response.body);
+    response.json()["status"].clone()
+}
+
+/// Two named tablets, one page over WebSocket and one over Server-Sent Events (EventSource):
+/// an ack from either shows on the other and in `GET /emergencias/{seq}`; the roster shows both,
+/// an emergency nobody acks within `--ack-timeout` turns red on both, a closed one is dimmed; and
+/// through a restart, with emergencies published while the pages' server was down and after, the
+/// SSE page too reconnects by itself and shows each exactly once, in order.
+#[test]
+fn acks_show_on_every_page_over_websocket_and_sse_alike() {
+    let mut browser = launch();
+    let (dir, tokens) = site();
+    let flags = ["--subscribe-token-file", tokens.as_str(), "--ack-timeout", "3"];
+    let server = Server::start_in(dir, &flags);
+    let ws = format!("?token={}", TABLETS[0].1);
+    browser.open("ws", &console_url(&server, &ws));
+    let sse = format!("?transport=sse&token={}", TABLETS[1].1);
+    browser.open("sse", &console_url(&server, &sse));
+    for page in ["ws", "sse"] {
+        let state = browser.wait_for(page, json!({"state": "open"}));
+        assert_no_errors(&state);
+    }
+    let state = browser.call(json!({"cmd": "state", "page": "sse"}));
+    assert_eq!(state["transport"], "Server-Sent Events", "{state:#}");
+
+    publish_each(&server, 1..=1);
+    let seen_by_one = json!({"card": {"seq": 1, "seen_by": "visto por tablet-1: 1 de 2"}});
+    browser.wait_for("sse", json!({"cards": 1, "roster_connected": 2}));
+    browser.wait_for("ws", json!({"cards": 1, "roster_connected": 2}));
+    browser.click("ws", "[data-seq='1'] .seen");
+    browser.wait_for("sse", seen_by_one.clone());
+    browser.wait_for("ws", seen_by_one);
+    let acked = status(&server, 1);
+    assert_eq!((&acked["acked_by"], &acked["acked"]), (&json!(["tablet-1"]), &json!(1)), "{acked}");
+    // The SSE page acks over HTTP (it cannot send on its stream).
+    browser.click("sse", "[data-seq='1'] .seen");
+    let both = json!({"card": {"seq": 1, "seen_by": "visto por tablet-1, tablet-2: 2 de 2"}});
+    browser.wait_for("ws", both.clone());
+    let state = browser.wait_for("sse", both);
+    assert_no_errors(&state);
+    let acked = status(&server, 1);
+    assert_eq!(
+        (&acked["acked_by"], &acked["acked"]),
+        (&json!(["tablet-1", "tablet-2"]), &json!(2)),
+        "{acked}"
+    );
+
+    // Nobody acks seq 2: red on both pages after --ack-timeout. Seq 1 is closed: dimmed.
+    publish_each(&server, 2..=2);
+    let closed = server.http(
+        b"POST /emergencias/1/cerrar HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(closed.status, 200, "{}", closed.body);
+    let settled = json!({"card": {"seq": 2, "has": "escalated"}});
+    for page in ["ws", "sse"] {
+        browser.wait_for(page, settled.clone());
+        let state = browser.wait_for(page, json!({"card": {"seq": 1, "has": "closed"}}));
+        assert_eq!(state["cards"][0]["badge"], "SIN RESPUESTA", "{state:#}");
+        assert_no_errors(&state);
+    }
+    browser.call(json!({"cmd": "screenshot", "page": "ws", "path": screenshot_path("acks")}));
+
+    let addr = server.addr.to_string();
+    let dir = server.stop();
+    for page in ["ws", "sse"] {
+        browser.wait_for(page, json!({"banner": "down"}));
+    }
+    let elsewhere = Server::start_in(dir, &flags);
+    publish_each(&elsewhere, 3..=4);
+    let server = Server::start_in(elsewhere.stop(), &[&flags[..], &["--listen", &addr]].concat());
+    for page in ["ws", "sse"] {
+        let state = browser.wait_up_to(page, json!({"state": "open", "cards": 4}), RECONNECT_PATIENCE);
+        assert_eq!(listed(&state), [4, 3, 2, 1], "{page}: {state:#}");
+    }
+    publish_each(&server, 5..=5);
+    for page in ["ws", "sse"] {
+        let state = browser.wait_for(page, json!({"cards": 5}));
+        assert_eq!(listed(&state), [5, 4, 3, 2, 1], "{page}: {state:#}");
+        assert_eq!(state["counters"]["received"], "5", "{page}: {state:#}");
+        assert_only_outage_errors(&state);
+    }
 }

@@ -403,7 +403,9 @@ function renderRoster(roster) {
 
 // ---- wiring ------------------------------------------------------------------------------
 
-for (const type of ["pointerdown", "keydown"]) document.addEventListener(type, unlockAudio, { passive: true });
+// On the click, not the pointerdown: hiding the unlock banner moves the list up, and a tap whose
+// press unlocked would then be released off the button it was meant for.
+for (const type of ["click", "keydown"]) document.addEventListener(type, unlockAudio, { capture: true, passive: true });
 document.addEventListener("visibilitychange", () => {
   if (document.visibilityState === "visible" && page.audio) requestWakeLock();
 });
