@@ -170,7 +170,7 @@ fn site() -> (common::TempDir, String) {
     (dir, file)
 }
 
-/// `GET /emergencias/{seq}`'s status, with tablet-1's token.
+/// `GET /emergencias/{seq}`'s status, with tablet-1's token (which a server without tokens ignores).
 fn status(server: &Server, seq: u64) -> Value {
     let response = server.get(&format!("/emergencias/{seq}?token={}", TABLETS[0].1));
     assert_eq!(response.status, 200, "{}", response.body);
@@ -255,4 +255,22 @@ fn acks_show_on_every_page_over_websocket_and_sse_alike() {
         assert_eq!(state["counters"]["received"], "5", "{page}: {state:#}");
         assert_only_outage_errors(&state);
     }
+}
+
+/// The README's ten-line frontend, as it stands, on a page of another origin (so the server
+/// lists it in `--allowed-origin`): each emergency once, newest first, and a tap acks it.
+#[test]
+fn the_readme_frontend_works_as_written() {
+    let mut browser = launch();
+    let server = Server::start(&["--in-memory", "--allowed-origin", "*"]);
+    let readme = concat!(env!("CARGO_MANIFEST_DIR"), "/README.md");
+    let server_url = format!("http://{}", server.addr);
+    browser.call(json!({"cmd": "open_readme", "page": "module", "readme": readme, "server": server_url}));
+    browser.wait_for("module", json!({"title": "open"}));
+    publish_each(&server, 1..=2);
+    let state = browser.wait_for("module", json!({"list": 2}));
+    assert_eq!(state["list"], json!(["#2 incendio Los Aromos 2", "#1 incendio Los Aromos 1"]), "{state:#}");
+    browser.click("module", "#list li:last-child");
+    common::wait_until("the README page's ack", || status(&server, 1)["acked"] == 1);
+    assert_no_errors(&browser.call(json!({"cmd": "state", "page": "module"})));
 }

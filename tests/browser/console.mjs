@@ -8,6 +8,10 @@
 // context of its own (its own localStorage), as two tablets would.
 //
 //   {"cmd":"open","page":"a","url":"http://127.0.0.1:PORT/?token=..."}
+//   {"cmd":"open_readme","page":"m","readme":"README.md","server":"http://127.0.0.1:PORT"}
+//        loads the ```html block under "### The client module" in README.md, served by this
+//        script (another origin: the server needs --allowed-origin), with its
+//        http://localhost:8000 pointed at `server`; its snapshot is {title, list} (its items)
 //   {"cmd":"wait","page":"a","until":{...},"timeout_ms":10000}
 //        answers once the page's snapshot matches every member of `until`:
 //          state: "open"                  the connection state (body[data-state])
@@ -16,6 +20,7 @@
 //          alarm: "on"                    body[data-alarm]
 //          roster_connected: N            at least N tablets shown connected
 //          banner: "down"                 that banner shown (down, missed, stream, token)
+//          list: N, title: "open"         (README's module page) at least N items, the title
 //   {"cmd":"click","page":"a","selector":"..."}     a real click (pointer events: a user gesture)
 //   {"cmd":"state","page":"a"}
 //   {"cmd":"screenshot","page":"a","path":"/tmp/x.png"}
@@ -25,6 +30,8 @@
 // the page's snapshot plus `errors` (uncaught exceptions) and `console` (console messages of
 // type error or warning, with the time they came, and network failures).
 
+import { readFileSync } from 'node:fs';
+import { createServer } from 'node:http';
 import { createInterface } from 'node:readline';
 import { chromium } from 'playwright-core';
 
@@ -49,9 +56,36 @@ console.error(`launching Chromium ${browser.version()}: ${Date.now() - launching
 
 const pages = new Map();
 
+// The README's frontend, exactly as README.md shows it, its server pointed at the test's.
+function readmeModulePage(path, server) {
+  const readme = readFileSync(path, 'utf8');
+  const section = readme.split('\n### The client module\n')[1];
+  if (section === undefined) throw new Error(`${path}: no "### The client module" section`);
+  const block = /^```html\n([\s\S]*?)^```$/m.exec(section.split('\n### ')[0]);
+  if (!block) throw new Error(`${path}: no \`\`\`html block under "### The client module"`);
+  if (!block[1].includes('http://localhost:8000')) throw new Error(`${path}: the block never names http://localhost:8000`);
+  return `<!doctype html>\n<meta charset="utf-8">\n<title>README module</title>\n${block[1].replaceAll('http://localhost:8000', server)}`;
+}
+
+const documents = new Map();
+const http = createServer((request, response) => {
+  if (request.url === '/favicon.ico') return response.writeHead(204).end();
+  const html = documents.get(request.url);
+  response.writeHead(html === undefined ? 404 : 200, { 'Content-Type': 'text/html; charset=utf-8' });
+  response.end(html ?? 'not found');
+});
+await new Promise((resolve) => http.listen(0, '127.0.0.1', resolve));
+const origin = `http://127.0.0.1:${http.address().port}`;
+
 // Runs in the page: what an operator sees, as data.
 function snapshot(until) {
   const $ = (id) => document.getElementById(id);
+  if (!$('state-text')) {
+    const page = { title: document.title, list: [...document.querySelectorAll('#list li')].map((li) => li.textContent) };
+    if (!until) return page;
+    const fits = (until.list === undefined || page.list.length >= until.list) && (until.title === undefined || page.title === until.title);
+    return fits ? page : false;
+  }
   const cards = [...document.querySelectorAll('#list > li')].map((li) => ({
     seq: Number(li.dataset.seq),
     classes: [...li.classList],
@@ -122,6 +156,10 @@ async function open({ page: name, url, viewport = { width: 1024, height: 700 } }
   pages.set(name, record);
   const at = () => Date.now() - record.opened;
   page.on('pageerror', (error) => record.errors.push(String(error.message)));
+  page.on('dialog', (dialog) => {
+    record.console.push({ at_ms: at(), type: 'dialog', text: dialog.message() });
+    dialog.dismiss().catch(() => {});
+  });
   page.on('console', (message) => {
     console.error(`[${name}] console.${message.type()}: ${message.text()}`);
     if (message.type() === 'error' || message.type() === 'warning') {
@@ -142,6 +180,11 @@ async function handle(command) {
   switch (command.cmd) {
     case 'open':
       return state(await open(command));
+    case 'open_readme': {
+      const path = `/${encodeURIComponent(command.page)}`;
+      documents.set(path, readmeModulePage(command.readme, command.server));
+      return state(await open({ page: command.page, url: origin + path }));
+    }
     case 'wait': {
       const record = known(command.page);
       const timeout = command.timeout_ms ?? 10000;
@@ -199,4 +242,5 @@ for await (const line of createInterface({ input: process.stdin })) {
 const closing = Date.now();
 await browser.close();
 console.error(`closing the browser: ${Date.now() - closing} ms`);
+http.close();
 answer({ ok: true, quit: true });
