@@ -311,7 +311,6 @@ impl Config {
             ("--max-http-connections", self.max_http_connections),
             ("--max-unix-connections", self.max_unix_connections),
             ("--status-queue", self.status_queue),
-            ("--max-open", self.max_open),
             ("--max-escalation-children", self.max_escalation_children),
         ];
         for (flag, value) in positive_counts {
