@@ -1,8 +1,11 @@
 //! Clients of the live stream: WebSocket clients on `/ws/emergencias` (the handshake,
-//! `handshake`) and Server-Sent Events clients on `/sse/emergencias` (`sse`), both run by the same
-//! session loop (`session`), with frames as the server writes them (`frame`). Uses `http` for
+//! `handshake`) and Server-Sent Events clients on `/sse/emergencias` (`sse`, framed by `events`),
+//! both admitted by `admission` and run by the same session loop (`session`), with frames as the
+//! server writes them (`frame`). Uses `http` for
 //! the request that asked for the stream; `http` never uses this layer.
 
+pub mod admission;
+pub mod events;
 pub mod frame;
 pub mod handshake;
 pub mod session;

@@ -6,7 +6,7 @@
 //! (browsers do so automatically). Emergencies are written as `Frame`s straight to the socket,
 //! several per system call when several are waiting; over WebSocket, tungstenite reads the
 //! client's frames and runs the close handshake. The `Wire` is the one part that differs between
-//! the two: the framing (`Frame::text` or `ws::sse::EventStream`), what the client can send, how
+//! the two: the framing (`Frame::text` or `ws::events::EventStream`), what the client can send, how
 //! the heartbeat is answered and how the connection ends. The hub subscription, the queue and its
 //! slow-client rule, `--write-timeout`, the timer and the counting are the same code for both.
 //! Every way out of the loop ends in `SessionEnd`, logged once; dropping the `Subscription` frees
@@ -39,8 +39,8 @@ use crate::core::receipts::AckRequest;
 use crate::core::subscription::Subscription;
 use crate::protocol::{self, PONG, WELCOME_MESSAGE, Welcome};
 use crate::runtime::deadline::{self, TimedOut};
+use crate::ws::events::EventStream;
 use crate::ws::frame::{Frame, slices_for, unwritten_slices};
-use crate::ws::sse::EventStream;
 
 /// A write stops adding emergencies at this many bytes...
 const WRITE_BATCH_BYTES: usize = 64 * 1024;
