@@ -274,3 +274,30 @@ fn the_readme_frontend_works_as_written() {
     common::wait_until("the README page's ack", || status(&server, 1)["acked"] == 1);
     assert_no_errors(&browser.call(json!({"cmd": "state", "page": "module"})));
 }
+
+/// On a tablet in portrait the side panel goes under the list, in landscape beside it; neither
+/// scrolls sideways, even for long fields, and "Visto" stays a large target.
+#[test]
+fn the_console_fits_a_tablet_in_portrait_and_landscape() {
+    let mut browser = launch();
+    let server = Server::start(&["--in-memory"]);
+    let url = console_url(&server, "");
+    for (page, width, height) in [("portrait", 600, 960), ("landscape", 1024, 700)] {
+        let viewport = json!({"width": width, "height": height});
+        browser.call(json!({"cmd": "open", "page": page, "url": url, "viewport": viewport}));
+        browser.wait_for(page, json!({"state": "open"}));
+    }
+    let long = "Avenida Libertador Bernardo O'Higgins 1234, departamento 56, torre B".repeat(3);
+    let published =
+        server.post(&json!({"tipo": "incendio", "direccion": long, "nota": "x".repeat(300)}).to_string());
+    assert_eq!(published.status, 202, "{}", published.body);
+    for (page, beside) in [("portrait", false), ("landscape", true)] {
+        let state = browser.wait_for(page, json!({"cards": 1}));
+        let layout = &state["layout"];
+        assert_eq!(layout["overflows"], false, "{page} scrolls sideways: {state:#}");
+        assert_eq!(layout["side_beside_list"], beside, "{page}: {state:#}");
+        assert!(layout["seen_button_width"].as_f64().unwrap() >= 120.0, "{page}: {state:#}");
+        browser.call(json!({"cmd": "screenshot", "page": page, "path": screenshot_path(page)}));
+        assert_no_errors(&state);
+    }
+}

@@ -7,7 +7,8 @@
 // line, unasked, says the browser is ready). Diagnostics go to stderr. Each page has a browser
 // context of its own (its own localStorage), as two tablets would.
 //
-//   {"cmd":"open","page":"a","url":"http://127.0.0.1:PORT/?token=..."}
+//   {"cmd":"open","page":"a","url":"http://127.0.0.1:PORT/?token=...","viewport":{"width":600,"height":960}}
+//        (the viewport defaults to 1024 x 700, a tablet in landscape)
 //   {"cmd":"open_readme","page":"m","readme":"README.md","server":"http://127.0.0.1:PORT"}
 //        loads the ```html block under "### The client module" in README.md, served by this
 //        script (another origin: the server needs --allowed-origin), with its
@@ -114,6 +115,15 @@ function snapshot(until) {
       seq: $('count-seq').textContent,
     },
     transport: $('server-transport').textContent,
+    // The layout: whether the page scrolls sideways, and where the side panel sits.
+    layout: {
+      overflows: document.documentElement.scrollWidth > window.innerWidth,
+      side_beside_list: $('side').getBoundingClientRect().left >= $('feed').getBoundingClientRect().right,
+      seen_button_width: (() => {
+        const button = document.querySelector('#list .card.new .seen');
+        return button ? button.getBoundingClientRect().width : null;
+      })(),
+    },
     notes: [$('wake-note').textContent, $('notify-note').textContent],
   };
   if (!until) return state;

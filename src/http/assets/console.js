@@ -12,6 +12,7 @@ const POLL_MS = 10000;
 // The members of `data` shown on each card when present, in this order; otherwise the first few.
 const MAIN_FIELDS = ["tipo", "prioridad", "direccion", "comuna", "descripcion", "nombre", "telefono", "unidad"];
 const FIELDS_SHOWN = 5;
+const FIELD_CHARS = 160;
 const TOKEN_KEY = "resq.token";
 
 const $ = (id) => document.getElementById(id);
@@ -54,6 +55,11 @@ function text(value) {
   return typeof value === "object" && value !== null ? JSON.stringify(value) : String(value);
 }
 
+// A card shows the start of a long value; the full JSON is one tap away.
+function shorten(value) {
+  return value.length > FIELD_CHARS ? `${value.slice(0, FIELD_CHARS - 1)}…` : value;
+}
+
 function mainFields(data) {
   if (!data || typeof data !== "object") return [];
   const keys = MAIN_FIELDS.filter((key) => key in data);
@@ -61,7 +67,7 @@ function mainFields(data) {
     if (keys.length >= FIELDS_SHOWN) break;
     if (!keys.includes(key) && key !== "idempotency_key") keys.push(key);
   }
-  return keys.slice(0, FIELDS_SHOWN).map((key) => [key, text(data[key])]);
+  return keys.slice(0, FIELDS_SHOWN).map((key) => [key, shorten(text(data[key]))]);
 }
 
 function blankStatus(seq) {
@@ -109,7 +115,8 @@ function renderStatus(item) {
   const { status, card } = item;
   const who = status.acked_by.length ? status.acked_by.join(", ") : "nadie";
   const of = status.delivered ? ` de ${status.delivered}` : "";
-  card.querySelector(".seen-by").textContent = `visto por ${who}: ${status.acked}${of}`;
+  const count = status.acked || status.delivered ? `: ${status.acked}${of}` : "";
+  card.querySelector(".seen-by").textContent = `visto por ${who}${count}`;
   card.classList.toggle("closed", !!status.closed);
   card.classList.toggle("escalated", !!status.escalated && !status.closed);
   const badge = card.querySelector(".badge");
