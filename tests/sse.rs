@@ -297,3 +297,18 @@ fn a_client_that_stops_reading_is_dropped_as_too_slow() {
     }
     server.wait_for_log("too slow: --queue events behind");
 }
+
+#[test]
+fn an_allowed_origin_gets_cors_and_another_is_refused() {
+    let server = Server::start(&["--in-memory", "--allowed-origin", "https://console.site"]);
+    let mut allowed = EventClient::open(&server, "", &[("Origin", "https://console.site")]);
+    assert!(
+        allowed.head.contains("Access-Control-Allow-Origin: https://console.site\r\n"),
+        "{}",
+        allowed.head
+    );
+    allowed.welcome();
+    let refused = EventClient::connect(&server, "", &[("Origin", "https://evil.example")]).err().unwrap();
+    assert_eq!(refused.status, 403);
+    server.wait_for_log(r#"refused SSE client 127.0.0.1"#);
+}
