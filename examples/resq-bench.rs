@@ -8,6 +8,9 @@
 //! - `burst`: N clients, publishes as fast as replies come; server CPU per delivered message, and
 //!   probes that check accepts, `/healthz` and pings are not starved meanwhile.
 //! - `storm`: N clients connect at once; time to each welcome.
+//! - `acks`: N clients, a few emergencies, twice: without acks, then with every client acking
+//!   every emergency; server CPU per delivered emergency in each, the ack broadcasts, and bytes on
+//!   disk per emergency (receipts included).
 //! - `--smoke`: all four, small, in a few seconds. Exits non-zero only if a message is lost,
 //!   duplicated or out of order, or a connection fails or is dropped: never on timing.
 //!
@@ -108,6 +111,29 @@ enum Mode {
     Fanout(FanoutArgs),
     Burst(BurstArgs),
     Storm(StormArgs),
+    Acks(AcksArgs),
+}
+
+/// N clients, `count` emergencies at `rate`, first without acks, then each client acking each
+/// one: what acks cost per delivered emergency, in server CPU and bytes on disk.
+#[derive(FromArgs)]
+#[argh(subcommand, name = "acks")]
+struct AcksArgs {
+    /// clients (default 1000)
+    #[argh(option, default = "1000")]
+    clients: usize,
+    /// emergencies in each phase (default 10)
+    #[argh(option, default = "10")]
+    count: u64,
+    /// emergencies per second (default 0.5: each is followed by clients x clients ack frames)
+    #[argh(option, default = "0.5")]
+    rate: f64,
+    /// bytes of each published JSON object (default 512)
+    #[argh(option, default = "512")]
+    size: usize,
+    /// connects in flight at once (default 64)
+    #[argh(option, default = "64")]
+    concurrency: usize,
 }
 
 /// N passive clients connect and are held (answering pings): server RSS per client, idle CPU.
@@ -319,6 +345,7 @@ fn run_mode(ctx: &Ctx, mode: Mode) -> Result<Report, String> {
         Mode::Fanout(a) => fanout(ctx, &a),
         Mode::Burst(a) => burst(ctx, &a),
         Mode::Storm(a) => storm(ctx, &a),
+        Mode::Acks(a) => acks(ctx, &a),
     }
 }
 
@@ -480,8 +507,20 @@ fn launch(
     gate: Option<usize>,
     record_latency: bool,
 ) -> (Arc<Fleet>, async_channel::Sender<()>, Vec<Task<ClientReport>>) {
+    launch_acking(ctx, t0, clients, gate, record_latency, false)
+}
+
+/// As `launch`; with `ack`, every client acks every emergency it gets.
+fn launch_acking(
+    ctx: &Ctx,
+    t0: Instant,
+    clients: usize,
+    gate: Option<usize>,
+    record_latency: bool,
+    ack: bool,
+) -> (Arc<Fleet>, async_channel::Sender<()>, Vec<Task<ClientReport>>) {
     let (stop_tx, stop_rx) = async_channel::bounded(1);
-    let fleet = Arc::new(Fleet::new(ctx.target.clone(), t0, clients, gate, stop_rx));
+    let fleet = Arc::new(Fleet { ack, ..Fleet::new(ctx.target.clone(), t0, clients, gate, stop_rx) });
     let tasks =
         (0..clients).map(|i| ctx.ex.spawn(client::run(Arc::clone(&fleet), i, record_latency))).collect();
     (fleet, stop_tx, tasks)
@@ -841,6 +880,87 @@ fn fanout(ctx: &Ctx, a: &FanoutArgs) -> Result<Report, String> {
     books.add_to(&mut report, true);
     stop_server(&mut report, server);
     Ok(report)
+}
+
+fn acks(ctx: &Ctx, a: &AcksArgs) -> Result<Report, String> {
+    let mut report = Report::new("acks");
+    if ctx.spawn.is_none() {
+        return Err("acks needs --spawn-server: it measures each phase's data dir".into());
+    }
+    report.set("params", json!({"clients": a.clients, "count": a.count, "rate": a.rate, "size": a.size}));
+    let mut per_delivery = Vec::new();
+    for ack in [false, true] {
+        let phase = if ack { "with acks" } else { "without acks" };
+        let data_dir = std::env::temp_dir().join(format!("resq-bench-acks-{}-{ack}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&data_dir);
+        let dir_arg = data_dir.display().to_string();
+        // Each bench client is a tablet without a token name: every one's receipts are kept.
+        let unnamed = a.clients.to_string();
+        let args = ["--data-dir", &dir_arg, "--max-unnamed-receipts", &unnamed];
+        let server = start_server(ctx, &mut report, a.clients, &args)?;
+        let t0 = Instant::now();
+        let (fleet, stop, tasks) = launch_acking(ctx, t0, a.clients, Some(a.concurrency), false, ack);
+        let expected_acks = if ack { a.count * (a.clients as u64).pow(2) } else { 0 };
+        let (log, settled, before, after, mut reports) = smol::block_on(ctx.ex.run(async {
+            all_connected(&fleet, a.clients, Duration::from_secs(120)).await;
+            eprintln!("resq-bench: acks: {} emergencies to {} clients, {phase}", a.count, a.clients);
+            let before = pair(server.pid);
+            let limit = Duration::from_secs_f64(a.count as f64 / a.rate * 2.0 + 10.0);
+            let log = publish::paced(t0, &Ingest::Http, &ctx.target, a.rate, a.count, a.size, limit).await;
+            let last = log.accepted.iter().copied().max().unwrap_or(0);
+            let mut settled = drained(&fleet, last, Duration::from_secs(10)).await;
+            let until = Instant::now() + Duration::from_secs(300);
+            while fleet.acks_seen.load(Relaxed) < expected_acks && Instant::now() < until {
+                Timer::after(Duration::from_millis(20)).await;
+            }
+            settled &= fleet.acks_seen.load(Relaxed) >= expected_acks;
+            let after = pair(server.pid);
+            (log, settled, before, after, collect(stop, tasks).await)
+        }));
+        let books = Books::of(&mut reports, &log.accepted, None);
+        report.info(
+            &format!("{phase}: delivered / acks seen"),
+            format!(
+                "{} / {} of {expected_acks}{}",
+                books.events,
+                fleet.acks_seen.load(Relaxed),
+                if settled { "" } else { " (timed out)" }
+            ),
+        );
+        let key = if ack { "with_acks" } else { "without_acks" };
+        if let Some(us) = cpu_rows(&mut report, key, phase, before, after, books.events) {
+            report.info(&format!("{phase}: server CPU per delivered emergency"), format!("{us:.2} µs"));
+            per_delivery.push(us);
+            let frames = books.events + fleet.acks_seen.load(Relaxed);
+            let per_frame = us * books.events as f64 / frames.max(1) as f64;
+            report.info(
+                &format!("{phase}: server CPU per frame sent (emergencies and acks)"),
+                format!("{per_frame:.2} µs"),
+            );
+        }
+        books.add_to(&mut report, true);
+        stop_server(&mut report, server);
+        let disk = disk_bytes(&data_dir);
+        report.info(
+            &format!("{phase}: bytes on disk per emergency"),
+            format!("{:.0} ({disk} bytes in {})", disk as f64 / a.count.max(1) as f64, data_dir.display()),
+        );
+        report.set(&format!("{key}_disk_bytes"), json!(disk));
+        let _ = std::fs::remove_dir_all(&data_dir);
+    }
+    if let [without, with] = per_delivery[..] {
+        report.info(
+            "server CPU per delivered emergency, acks / none",
+            format!("{:.1}x", with / without.max(1e-9)),
+        );
+    }
+    Ok(report)
+}
+
+/// Bytes of the files in a stopped server's data dir (its WAL checkpointed at close).
+fn disk_bytes(dir: &std::path::Path) -> u64 {
+    let entries = std::fs::read_dir(dir).into_iter().flatten().flatten();
+    entries.filter_map(|entry| entry.metadata().ok()).filter(|m| m.is_file()).map(|m| m.len()).sum()
 }
 
 /// What the probes saw during a burst.

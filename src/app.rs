@@ -10,6 +10,7 @@ use crate::auth::Access;
 use crate::config::Config;
 use crate::core::handle::HubHandle;
 use crate::core::hub::HubLimits;
+use crate::core::receipts::ReceiptLimits;
 use crate::ingest::Publisher;
 use crate::support::metrics::Metrics;
 
@@ -33,6 +34,13 @@ pub fn hub_limits(config: &Config) -> HubLimits {
         queue: config.queue,
         max_clients: config.max_clients,
         history_max_age: config.history_max_age,
+        status_queue: config.status_queue,
+        receipts: ReceiptLimits {
+            max_open: config.max_open,
+            max_open_bytes: config.max_open_bytes,
+            max_unnamed: config.max_unnamed_receipts,
+        },
+        ack_timeout: config.ack_timeout,
     }
 }
 

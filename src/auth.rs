@@ -78,6 +78,17 @@ impl TokenSet {
         found
     }
 
+    /// The holders' names, each once, in file order: the roster of expected tablets.
+    pub fn names(&self) -> Vec<Rc<str>> {
+        let mut names: Vec<Rc<str>> = Vec::new();
+        for entry in &self.entries {
+            if !names.contains(&entry.name) {
+                names.push(Rc::clone(&entry.name));
+            }
+        }
+        names
+    }
+
     pub fn token_count(&self) -> usize {
         self.entries.len()
     }

@@ -73,6 +73,21 @@ pub const MIN_CLIENT_SEND_BUFFER_BYTES: usize = 8192;
 /// The largest `--client-send-buffer`.
 pub const MAX_CLIENT_SEND_BUFFER_BYTES: usize = 64 * 1024 * 1024;
 
+/// Default status notices (acks, closes, escalations) a client may fall behind before it is
+/// dropped as too slow: every tablet's first ack of every emergency is one, so a site of 1000
+/// tablets acking a burst needs room for thousands. About 120 bytes each, held once for all.
+pub const DEFAULT_STATUS_QUEUE: usize = 8192;
+/// Default open (not closed) emergencies kept beyond the history and resent to fresh tablets.
+pub const DEFAULT_MAX_OPEN: usize = 1000;
+/// Default bytes of envelopes the open emergencies may hold in memory (beyond the history's).
+pub const DEFAULT_MAX_OPEN_BYTES: usize = 16 * 1024 * 1024;
+/// Default receipts per emergency of connections without a token name (open subscribing).
+pub const DEFAULT_MAX_UNNAMED_RECEIPTS: usize = 64;
+/// Default `--on-unacked` commands running at once; more wait their turn.
+pub const DEFAULT_MAX_ESCALATION_CHILDREN: usize = 4;
+/// Default seconds an `--on-unacked` command may run before it is killed.
+pub const DEFAULT_ESCALATION_TIME_LIMIT_SECS: f64 = 30.0;
+
 /// resq-push: WebSocket push server for emergency dispatch sites. Tablets connect to
 /// /ws/emergencias; local apps publish over a Unix socket or POST /emergencias.
 #[derive(FromArgs, Debug, Clone)]
@@ -217,6 +232,47 @@ pub struct Config {
     #[argh(option, from_str_fn(parse_trusted_proxy))]
     pub trusted_proxy: Vec<IpBlock>,
 
+    /// status notices (acks, closes, escalations) a client may fall behind before it is
+    /// dropped (default 8192)
+    #[argh(option, default = "DEFAULT_STATUS_QUEUE")]
+    pub status_queue: usize,
+
+    /// open emergencies kept, however old, and sent first to every fresh tablet; past it the
+    /// oldest open one is let go with a warning (default 1000)
+    #[argh(option, default = "DEFAULT_MAX_OPEN")]
+    pub max_open: usize,
+
+    /// bytes of emergencies the open ones may hold in memory; past it the oldest open one is let
+    /// go (default 16 MiB)
+    #[argh(option, default = "DEFAULT_MAX_OPEN_BYTES")]
+    pub max_open_bytes: usize,
+
+    /// receipts kept per emergency for connections without a token name (default 64)
+    #[argh(option, default = "DEFAULT_MAX_UNNAMED_RECEIPTS")]
+    pub max_unnamed_receipts: usize,
+
+    /// seconds after which an emergency nobody acked escalates: a warning, an `unacked`
+    /// broadcast and --on-unacked (default: never)
+    #[argh(option, from_str_fn(parse_seconds))]
+    pub ack_timeout: Option<Duration>,
+
+    /// command run (by /bin/sh -c) once for each escalated emergency, with its envelope on stdin
+    /// and RESQ_SEQ, RESQ_STREAM in the environment (default: none)
+    #[argh(option)]
+    pub on_unacked: Option<String>,
+
+    /// how many --on-unacked commands may run at once; more wait (default 4)
+    #[argh(option, default = "DEFAULT_MAX_ESCALATION_CHILDREN")]
+    pub max_escalation_children: usize,
+
+    /// seconds each --on-unacked command may run before it is killed (default 30)
+    #[argh(option, default = "secs(DEFAULT_ESCALATION_TIME_LIMIT_SECS)", from_str_fn(parse_seconds))]
+    pub escalation_time_limit: Duration,
+
+    /// connected clients below which /healthz answers 503 "degraded" (default: no minimum)
+    #[argh(option)]
+    pub min_subscribers: Option<usize>,
+
     /// print the version and exit
     #[argh(switch)]
     pub version: bool,
@@ -273,6 +329,8 @@ impl Config {
             ("--max-clients", self.max_clients),
             ("--max-http-connections", self.max_http_connections),
             ("--max-unix-connections", self.max_unix_connections),
+            ("--status-queue", self.status_queue),
+            ("--max-escalation-children", self.max_escalation_children),
         ];
         for (flag, value) in positive_counts {
             if value == 0 {
@@ -309,6 +367,9 @@ impl Config {
         if self.tls_listen.is_some() && self.tls_listen == Some(self.listen) && self.listen.port() != 0 {
             return Err("--tls-listen must differ from --listen: a port is plain or TLS".into());
         }
+        if self.on_unacked.is_some() && self.ack_timeout.is_none() {
+            return Err("--on-unacked needs --ack-timeout".into());
+        }
         let has_tokens = self.publish_token_file.is_some() || self.subscribe_token_file.is_some();
         if has_tokens && self.allowed_origin.iter().any(|origin| origin == "*") {
             return Err("--allowed-origin '*' cannot be combined with token files: list the origins".into());
@@ -318,6 +379,8 @@ impl Config {
             ("--pong-timeout", self.pong_timeout),
             ("--header-timeout", self.header_timeout),
             ("--write-timeout", self.write_timeout),
+            ("--escalation-time-limit", self.escalation_time_limit),
+            ("--ack-timeout", self.ack_timeout.unwrap_or(Duration::MAX)),
         ];
         for (flag, value) in positive_durations {
             if value < Duration::from_millis(10) {

@@ -22,4 +22,4 @@ pub use crate::ingest::{
 };
 pub use crate::unix::lines::{Line, LineSplitter};
 pub use crate::ws::handshake::websocket_config;
-pub use crate::ws::session::is_ping_text;
+pub use crate::ws::session::{ClientText, client_text};

@@ -134,7 +134,8 @@ fn open_storage(config: &Config) -> Result<Storage, String> {
         warn!("--in-memory: the history is NOT durable; emergencies not yet seen are lost at restart");
         return Ok(Storage::Memory);
     }
-    let retention = Retention { max_count: config.history, max_age: config.history_max_age };
+    let retention =
+        Retention { max_count: config.history, max_age: config.history_max_age, max_open: config.max_open };
     let (journal, loaded, committed) = resq_push::open_journal(&config.data_dir, retention)?;
     info!(
         "history {} in {}: last seq {}, {} emergencies retained",

@@ -96,12 +96,30 @@ pub struct Welcome {
     pub history: HistoryRange,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub replay: Option<ReplayInfo>,
+    /// The still-open emergencies sent first, oldest first, before the replay and live ones.
+    pub open: Vec<u64>,
     pub ping_interval_ms: u128,
     pub pong_timeout_ms: u128,
 }
 
 /// The answer to a client's `ping` text.
 pub const PONG: &str = r#"{"type":"pong"}"#;
+
+/// The heartbeat an SSE client is sent (it cannot send pings of its own).
+pub const PING: &str = r#"{"type":"ping"}"#;
+
+/// An SSE client's position (`Last-Event-ID`, or `since`) belongs to another history
+/// (`stream_changed`) or is ahead of this server's last seq (`ahead`): sent before the welcome,
+/// whose `replay` says the same.
+#[derive(Serialize)]
+pub struct ResetNotice<'a> {
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub reason: &'static str,
+    pub since: u64,
+    /// This server's history, which the client now follows.
+    pub stream: &'a str,
+}
 
 /// The answer to one publish, on either ingest path.
 #[derive(Serialize, Debug)]
@@ -115,6 +133,11 @@ pub struct PublishReply<'a> {
     /// slow); 0 for a duplicate.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub queued_to: Option<usize>,
+    /// Tablets it was written to in full, and tablets that acked it, as of the reply.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub delivered: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub acked: Option<usize>,
     /// Present, and true, only when the publish was a retry of the emergency already stored as
     /// `seq` under the same idempotency key: nothing new was stored or broadcast.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
@@ -124,12 +147,14 @@ pub struct PublishReply<'a> {
 }
 
 impl PublishReply<'_> {
-    pub fn accepted(stream: &str, seq: u64, queued_to: usize, duplicate: bool) -> String {
+    pub fn accepted(stream: &str, seq: u64, queued_to: usize, counts: Counts, duplicate: bool) -> String {
         let reply = PublishReply {
             ok: true,
             stream: Some(stream),
             seq: Some(seq),
             queued_to: Some(queued_to),
+            delivered: Some(counts.delivered),
+            acked: Some(counts.acked),
             duplicate,
             error: None,
         };
@@ -144,6 +169,8 @@ pub fn error_json(message: &str) -> String {
         stream: None,
         seq: None,
         queued_to: None,
+        delivered: None,
+        acked: None,
         duplicate: false,
         error: Some(message),
     };
@@ -163,7 +190,19 @@ pub struct Health<'a> {
     pub clients: usize,
     pub seq: u64,
     pub history: HistoryRange,
+    pub tablets: TabletSummary,
+    /// Why the status is `degraded`: fewer clients than `--min-subscribers`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
     pub client_list: Vec<ClientInfo>,
+}
+
+/// `/healthz`'s summary of the roster: named tablets expected (the subscribe tokens' names) and
+/// how many of them are connected.
+#[derive(Serialize, Debug, Clone, Copy)]
+pub struct TabletSummary {
+    pub expected: usize,
+    pub connected: usize,
 }
 
 /// Whether emergencies can be stored, in `/healthz`.
@@ -190,6 +229,125 @@ pub struct ClientInfo {
     pub connected_at: String,
     /// Emergencies published that it has not been sent yet.
     pub queued: u64,
+}
+
+/// How many tablets were written an emergency in full, and how many acked it.
+#[derive(Serialize, Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counts {
+    pub delivered: usize,
+    pub acked: usize,
+}
+
+/// `{"type":"ack",...}`: a tablet's first ack of an emergency, to every client.
+#[derive(Serialize)]
+pub struct AckNotice<'a> {
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub seq: u64,
+    pub by: &'a str,
+    pub acked: usize,
+    pub delivered: usize,
+    pub at: String,
+}
+
+/// `{"type":"unacked",...}`: nobody acked within `--ack-timeout`, to every client.
+#[derive(Serialize)]
+pub struct UnackedNotice {
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub seq: u64,
+    pub ack_timeout_s: f64,
+    pub delivered: usize,
+    pub at: String,
+}
+
+/// `{"type":"closed",...}`: a publisher closed an emergency, to every client.
+#[derive(Serialize)]
+pub struct ClosedNotice<'a> {
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub seq: u64,
+    pub at: String,
+    pub close: Option<&'a RawValue>,
+}
+
+/// One emergency's status: in `GET /emergencias/{seq}` (with `timeline`) and, as
+/// `{"type":"status",...}` without it, after a connection's welcome and replay.
+#[derive(Serialize)]
+pub struct Status<'a> {
+    #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
+    pub kind: Option<&'static str>,
+    pub seq: u64,
+    pub queued_to: usize,
+    pub delivered: usize,
+    pub acked: usize,
+    pub acked_by: Vec<&'a str>,
+    pub closed: bool,
+    pub closed_at: Option<String>,
+    pub close: Option<&'a RawValue>,
+    pub escalated: bool,
+    pub escalated_at: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub timeline: Option<Vec<TimelineEntry<'a>>>,
+}
+
+/// One tablet's receipt of an emergency, in `GET /emergencias/{seq}`.
+#[derive(Serialize)]
+pub struct TimelineEntry<'a> {
+    pub tablet: &'a str,
+    pub delivered_at: Option<String>,
+    pub acked_at: Option<String>,
+}
+
+/// `GET /emergencias/{seq}`: the stored envelope and its status.
+#[derive(Serialize)]
+pub struct EmergencyStatus<'a> {
+    pub emergency: &'a RawValue,
+    pub status: Status<'a>,
+}
+
+/// The answer to `POST /emergencias/{seq}/ack`.
+#[derive(Serialize)]
+pub struct AckReply {
+    pub ok: bool,
+    pub seq: u64,
+    pub acked: usize,
+    pub delivered: usize,
+    pub duplicate: bool,
+}
+
+/// The answer to a close, over HTTP or the Unix socket.
+#[derive(Serialize)]
+pub struct CloseReply {
+    pub ok: bool,
+    pub seq: u64,
+    pub closed: bool,
+    pub already_closed: bool,
+}
+
+/// `GET /tablets`.
+#[derive(Serialize)]
+pub struct Tablets {
+    pub tablets: Vec<TabletInfo>,
+    pub unnamed_connections: usize,
+    pub min_subscribers: Option<usize>,
+}
+
+/// One named tablet in `GET /tablets`.
+#[derive(Serialize, Debug)]
+pub struct TabletInfo {
+    pub name: String,
+    pub connected: bool,
+    pub connections: usize,
+    pub connected_since: Option<String>,
+    pub last_heard: Option<String>,
+    pub last_delivered_seq: Option<u64>,
+    pub last_acked_seq: Option<u64>,
+}
+
+/// An RFC 3339 timestamp, as every message carries them.
+pub fn timestamp(time: SystemTime) -> String {
+    rfc3339_millis(time)
 }
 
 /// Serializes one of the types above. They hold only strings, numbers and already-valid raw

@@ -29,6 +29,7 @@ use crate::http;
 use crate::http::conn::{HttpConnection, Response};
 use crate::http::status::Status;
 use crate::ingest::Publisher;
+use crate::ingest::escalation::{self, EscalationSettings};
 use crate::protocol::error_json;
 use crate::runtime::deadline;
 use crate::runtime::linger::Refusals;
@@ -89,7 +90,8 @@ pub fn serve(
     let (mut hub, journal, committed) = match storage {
         Storage::Memory => (Hub::new(limits, &journal::new_stream_id()), None, None),
         Storage::Durable { journal, loaded, committed } => {
-            let hub = Hub::new(limits, &loaded.stream_id).restored(loaded.last_seq, loaded.retained);
+            let hub =
+                Hub::new(limits, &loaded.stream_id).restored(loaded.last_seq, loaded.retained, loaded.events);
             (hub, Some(journal), Some(committed))
         }
     };
@@ -114,6 +116,16 @@ pub fn serve(
         scheduler.control.spawn(async move { app.publisher.deliver_committed(committed).await })
     });
     scheduler.control.spawn(expire_history(Rc::clone(&app))).detach();
+    if app.config.ack_timeout.is_some() {
+        let settings = EscalationSettings {
+            command: app.config.on_unacked.clone(),
+            max_children: app.config.max_escalation_children,
+            time_limit: app.config.escalation_time_limit,
+            stream: app.hub.with(|hub| hub.stream_id().to_owned()),
+        };
+        let app = Rc::clone(&app);
+        scheduler.control.spawn(async move { escalation::run(&app.publisher, settings).await }).detach();
+    }
 
     // One cap for every TCP connection, plain or TLS, until it upgrades.
     let slots = ConnectionSlots::new(app.config.max_http_connections, HTTP_CONNECTIONS);
@@ -273,8 +285,8 @@ async fn accept_tcp(
     }
 }
 
-/// Serves one TCP connection's HTTP requests, over TLS first with `tls`; returns its WebSocket
-/// session if it asks for one and is admitted, for the caller to run as a task of its own.
+/// Serves one TCP connection's HTTP requests, over TLS first with `tls`; returns its session
+/// (WebSocket or SSE) if it asks for one and is admitted, for the caller to run as a task of its own.
 async fn serve_tcp(
     app: Rc<App>,
     stream: TcpStream,
@@ -287,7 +299,7 @@ async fn serve_tcp(
         None => Transport::Plain(stream),
     };
     let upgrade = http::routes::serve_requests(&app, transport, peer, slot).await?;
-    ws::handshake::upgrade(&app, upgrade).await
+    ws::accept(&app, upgrade).await
 }
 
 /// The TLS handshake, by `--header-timeout` from the connection's start; meanwhile it may be

@@ -83,6 +83,10 @@ fn collect(root: &Path, dir: &Path, modules: &mut Vec<Module>) {
             collect(root, &path, modules);
             continue;
         }
+        // Files the source embeds (the console's `src/http/assets/`) are not modules.
+        if path.extension().is_none_or(|extension| extension != "rs") {
+            continue;
+        }
         let relative = path.strip_prefix(root).unwrap().with_extension("");
         let mut segments: Vec<String> =
             relative.iter().map(|segment| segment.to_string_lossy().into_owned()).collect();

@@ -14,14 +14,11 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::mpsc::{self, Receiver};
-use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::time::Duration;
 
+use common::browser::Browser;
 use common::{PATIENCE, Server};
 use serde_json::{Value, json};
 
@@ -29,107 +26,27 @@ use serde_json::{Value, json};
 /// second attempt) and any delay Chromium adds after a failed connection.
 const RECONNECT_PATIENCE: Duration = Duration::from_secs(30);
 
-/// The node script driving one headless Chromium; its pages share one browser context (so one
-/// localStorage).
-struct Browser {
-    child: Child,
-    stdin: Option<ChildStdin>,
-    answers: Receiver<String>,
-    stderr: Arc<Mutex<String>>,
+/// `tests/browser/readme_client.mjs`, with README.md: its pages share one browser context (so
+/// one localStorage).
+fn launch() -> Browser {
+    let readme = Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md");
+    Browser::launch("readme_client.mjs", &[readme.as_os_str()])
 }
 
-impl Browser {
-    fn launch() -> Browser {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-        let chromium = std::env::var_os("RESQ_CHROMIUM")
-            .map_or_else(|| PathBuf::from("/usr/bin/chromium"), PathBuf::from);
-        assert!(
-            chromium.exists(),
-            "Chromium is missing at {}: `apt-get install chromium` (.ci/run does), or set RESQ_CHROMIUM",
-            chromium.display()
-        );
-        let scripts = root.join("tests/browser");
-        assert!(
-            scripts.join("node_modules/playwright-core/package.json").exists(),
-            "playwright-core is not installed in {}: run `npm ci` there (bash scripts/test does)",
-            scripts.display()
-        );
-        let mut child = Command::new("node")
-            .arg(scripts.join("readme_client.mjs"))
-            .arg(root.join("README.md"))
-            .arg(&chromium)
-            .current_dir(&scripts)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|error| panic!("cannot run node ({error}): install Node.js 20 or later"));
-        let (sender, answers) = mpsc::channel();
-        let stdout = child.stdout.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if sender.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let sink = Arc::clone(&stderr);
-        let mut pipe = child.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            let mut chunk = [0; 4096];
-            while let Ok(read @ 1..) = pipe.read(&mut chunk) {
-                sink.lock().unwrap().push_str(&String::from_utf8_lossy(&chunk[..read]));
-            }
-        });
-        let stdin = child.stdin.take();
-        let mut browser = Browser { child, stdin, answers, stderr };
-        let ready = browser.answer();
-        assert_eq!(ready["ready"], true, "{ready}");
-        browser
-    }
+/// The commands of `readme_client.mjs`.
+trait ReadmePages {
+    fn open(&mut self, page: &str, server: &str, stubs: Value) -> Value;
+    /// Waits until `page` has reported `count` events of `kind` and returns its state.
+    fn wait(&mut self, page: &str, kind: &str, count: usize) -> Value;
+    fn wait_up_to(&mut self, page: &str, kind: &str, count: usize, patience: Duration) -> Value;
+    fn close(&mut self, page: &str) -> Value;
+}
 
-    /// What the script has written to stderr so far (a copy: no lock is held while panicking).
-    fn stderr(&self) -> String {
-        self.stderr.lock().unwrap_or_else(PoisonError::into_inner).clone()
-    }
-
-    fn answer(&mut self) -> Value {
-        match self.answers.recv_timeout(RECONNECT_PATIENCE * 2) {
-            Ok(line) => serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}")),
-            Err(error) => {
-                let status = self.child.try_wait().unwrap();
-                panic!(
-                    "no answer from readme_client.mjs ({error}; exit status {status:?}); its stderr:\n{}",
-                    self.stderr()
-                )
-            }
-        }
-    }
-
-    /// Sends one command and returns the page's state; fails the test on an error answer.
-    fn call(&mut self, command: Value) -> Value {
-        let stdin = self.stdin.as_mut().unwrap();
-        writeln!(stdin, "{command}").unwrap();
-        stdin.flush().unwrap();
-        let answer = self.answer();
-        if answer["ok"] != true {
-            panic!(
-                "{command} failed: {}\npage state: {:#}\nnode's stderr:\n{}",
-                answer["error"],
-                answer["state"],
-                self.stderr()
-            );
-        }
-        answer["state"].clone()
-    }
-
+impl ReadmePages for Browser {
     fn open(&mut self, page: &str, server: &str, stubs: Value) -> Value {
         self.call(json!({"cmd": "open", "page": page, "server": server, "stubs": stubs}))
     }
 
-    /// Waits until `page` has reported `count` events of `kind` and returns its state.
     fn wait(&mut self, page: &str, kind: &str, count: usize) -> Value {
         self.wait_up_to(page, kind, count, PATIENCE)
     }
@@ -143,24 +60,6 @@ impl Browser {
 
     fn close(&mut self, page: &str) -> Value {
         self.call(json!({"cmd": "close", "page": page}))
-    }
-}
-
-impl Drop for Browser {
-    fn drop(&mut self) {
-        // End of input: the script closes Chromium and exits. Killing node would orphan it.
-        drop(self.stdin.take());
-        let deadline = Instant::now() + PATIENCE;
-        while self.child.try_wait().unwrap().is_none() {
-            if Instant::now() > deadline {
-                common::signal(self.child.id(), "TERM"); // Playwright closes the browser on SIGTERM
-                let _ = self.child.wait();
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        // Shown with the output of a failed test: each command and how long it took.
-        eprintln!("readme_client.mjs's stderr:\n{}", self.stderr());
     }
 }
 
@@ -202,7 +101,7 @@ fn assert_no_errors(state: &Value) {
 /// goes on, and a page opened later resumes from the seq it stored, getting what it missed.
 #[test]
 fn a_page_shows_each_emergency_once_in_order_and_resumes_where_it_stopped() {
-    let mut browser = Browser::launch();
+    let mut browser = launch();
     let server = Server::start(&[]);
     let url = ws_url(&server);
     browser.open("tablet", &url, json!({}));
@@ -246,7 +145,7 @@ fn a_page_shows_each_emergency_once_in_order_and_resumes_where_it_stopped() {
 /// next page would resume after it and silently skip the new history's first seqs (`missed` 0).
 #[test]
 fn a_page_that_met_a_new_history_resumes_from_its_start() {
-    let mut browser = Browser::launch();
+    let mut browser = launch();
     let server = Server::start(&["--in-memory"]);
     let url = ws_url(&server);
     browser.open("before", &url, json!({}));
@@ -289,7 +188,7 @@ fn a_page_that_met_a_new_history_resumes_from_its_start() {
 #[test]
 fn reconnect_delays_grow_to_30_s_and_never_beyond() {
     const ATTEMPTS: usize = 8;
-    let mut browser = Browser::launch();
+    let mut browser = launch();
     let server = Server::start(&["--in-memory", "--max-clients", "1"]);
     let (_only_client, _) = server.subscribe();
     let url = ws_url(&server);
@@ -319,7 +218,7 @@ fn reconnect_delays_grow_to_30_s_and_never_beyond() {
 /// hears pongs. The heartbeat runs every 20 ms here.
 #[test]
 fn the_heartbeat_waits_for_the_socket_to_open() {
-    let mut browser = Browser::launch();
+    let mut browser = launch();
     // Accepts TCP connections (the kernel does) and never answers the upgrade.
     let silent = TcpListener::bind("127.0.0.1:0").unwrap();
     let fast = json!({"heartbeat_ms": 20});

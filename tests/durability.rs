@@ -120,7 +120,8 @@ fn a_client_resuming_after_a_restart_gets_exactly_what_it_missed() {
 
 #[test]
 fn retention_by_count_holds_on_disk_across_restarts() {
-    let server = Server::start(&["--history", "5"]);
+    // Open emergencies stay beyond the history (tests/acks.rs): here none stays open.
+    let server = Server::start(&["--history", "5", "--max-open", "0"]);
     let mut unix = server.unix();
     for n in 1..=12 {
         unix.publish(&format!(r#"{{"n":{n}}}"#));
@@ -128,7 +129,7 @@ fn retention_by_count_holds_on_disk_across_restarts() {
     drop(unix);
     let dir = server.stop();
 
-    let server = Server::start_in(dir, &["--history", "5"]);
+    let server = Server::start_in(dir, &["--history", "5", "--max-open", "0"]);
     let seqs: Vec<u64> = server.poll_all().iter().map(|e| e["seq"].as_u64().unwrap()).collect();
     assert_eq!(seqs, [8, 9, 10, 11, 12]);
     let mut client = server.ws("/ws/emergencias?since=3");
@@ -282,7 +283,11 @@ fn a_retry_after_kill_9_gets_the_original_seq_and_nothing_is_broadcast_again() {
     let dir = server.kill9();
 
     let server = Server::start_in(dir, &[]);
-    let (mut client, _) = server.subscribe();
+    let (mut client, welcome) = server.subscribe();
+    // Both are still open, so a fresh tablet is sent them first, once.
+    assert_eq!(welcome["open"], serde_json::json!([1, 2]), "{welcome}");
+    client.recv_emergency(1);
+    client.recv_emergency(2);
     let mut unix = server.unix();
     unix.send(format!("{body}\n").as_bytes());
     let reply = unix.reply();

@@ -2,9 +2,10 @@
 //!
 //! `tests/python/independent_client.py` drives the built binary with Python's `websockets`
 //! library (not tungstenite): the welcome frame, answering the server's pings while idle,
-//! publishing over the Unix socket and HTTP with byte-for-byte delivery, `ping` texts, `?since=`
-//! replay, a client-side close, and close code 1001 plus a clean exit on SIGTERM. A bug that
-//! both halves of the Rust stack would agree on shows up here.
+//! publishing over the Unix socket and HTTP with byte-for-byte delivery, `ping` texts, acks,
+//! `?since=` replay with the status of what it had, a client-side close, and close code 1001
+//! plus a clean exit on SIGTERM. A bug that both halves of the Rust stack would agree on shows
+//! up here.
 //!
 //! Needs `python3` with `websockets`: `bash scripts/test` puts it in a virtual environment first
 //! (or `pip install -r tests/python/requirements.txt`). Without

@@ -444,3 +444,39 @@ fn a_wss_client_that_stops_reading_is_dropped_as_too_slow_and_others_keep_receiv
     assert_eq!(publish_over_https(&ca, addr, r#"{"after":true}"#)["seq"], total + 1);
     assert_eq!(reader.recv_json()["seq"], total + 1);
 }
+
+#[test]
+fn an_sse_client_over_https_receives_what_is_published_and_ends_with_the_server() {
+    let dir = TempDir::new();
+    let ca = SiteCa::make(dir.path(), "tls");
+    let (server, addr) = start(&ca, &["--in-memory"]);
+    let stream = TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(PATIENCE)).unwrap();
+    let tls = ClientConnection::new(client_config(&ca), ServerName::try_from("localhost").unwrap()).unwrap();
+    let mut events = BufReader::new(StreamOwned::new(tls, stream));
+    let request = "GET /sse/emergencias HTTP/1.1\r\nHost: localhost\r\nAccept: text/event-stream\r\n\r\n";
+    events.get_mut().write_all(request.as_bytes()).unwrap();
+    let mut next_line = || {
+        let mut line = String::new();
+        events.read_line(&mut line).unwrap();
+        line.trim_end().to_owned()
+    };
+    assert_eq!(next_line(), "HTTP/1.1 200 OK");
+    while next_line() != "event: welcome" {}
+    let welcome: Value = serde_json::from_str(next_line().strip_prefix("data: ").unwrap()).unwrap();
+    assert_eq!(welcome["type"], "connection");
+    let stream_id = welcome["stream"].as_str().unwrap().to_owned();
+
+    assert_eq!(publish_over_https(&ca, addr, r#"{"tipo":"incendio"}"#)["seq"], 1);
+    let id_line = format!("id: {stream_id}:1");
+    while next_line() != id_line {}
+    let envelope: Value = serde_json::from_str(next_line().strip_prefix("data: ").unwrap()).unwrap();
+    assert_eq!((envelope["seq"].as_u64(), envelope["data"]["tipo"].as_str()), (Some(1), Some("incendio")));
+
+    // Over TLS the session's reads go through rustls: the server's stop reaches the client as
+    // the end of the stream, not as a hang or a TLS error.
+    let _data = server.stop();
+    let mut rest = String::new();
+    let ended = events.read_to_string(&mut rest);
+    assert!(ended.is_ok(), "the stream did not end cleanly: {ended:?} after {rest:?}");
+}

@@ -100,6 +100,10 @@ pub struct Fleet {
     /// Clients whose connection ended before `stop`.
     pub ended_early: AtomicUsize,
     pub connect_timeout: Duration,
+    /// Whether each client acks every emergency it gets (`{"type":"ack","seq":N}`).
+    pub ack: bool,
+    /// `ack` broadcasts received, by every client together.
+    pub acks_seen: AtomicU64,
 }
 
 impl Fleet {
@@ -120,6 +124,8 @@ impl Fleet {
             failed: AtomicUsize::new(0),
             ended_early: AtomicUsize::new(0),
             connect_timeout: Duration::from_secs(30),
+            ack: false,
+            acks_seen: AtomicU64::new(0),
         }
     }
 
@@ -461,6 +467,14 @@ async fn read_loop(
                         report.latencies_us.push(us.min(u64::from(u32::MAX)) as u32);
                     }
                     fleet.progress[index].store(report.max_seq, Relaxed);
+                    if fleet.ack
+                        && ws.send(Message::text(format!(r#"{{"type":"ack","seq":{seq}}}"#))).await.is_err()
+                    {
+                        return End::Eof;
+                    }
+                }
+                None if text.starts_with(r#"{"type":"ack""#) => {
+                    fleet.acks_seen.fetch_add(1, Relaxed);
                 }
                 None => report.other_texts += 1,
             },

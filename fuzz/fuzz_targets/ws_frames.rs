@@ -4,7 +4,7 @@
 //! started with what came after the request head (`from_partially_read`) and reading the rest
 //! from an in-memory socket that hands over a few bytes at a time, sometimes nothing yet
 //! (`Pending`), and takes writes likewise. Each message goes where `Session::handle_frame` sends
-//! it: text to `is_ping_text`, a Close flushed, an error answered with tungstenite's close and the
+//! it: text to `client_text`, a Close flushed, an error answered with tungstenite's close and the
 //! rest drained, as `Session::close` does.
 //!
 //! The first byte picks `--max-client-message-bytes` (4096, the default, or a small one) and the
@@ -27,7 +27,7 @@ use resq_push::fuzz_api::async_tungstenite::tungstenite::protocol::WebSocketConf
 use resq_push::fuzz_api::async_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use resq_push::fuzz_api::async_tungstenite::tungstenite::protocol::{CloseFrame, Role};
 use resq_push::fuzz_api::async_tungstenite::tungstenite::{Error, Message};
-use resq_push::fuzz_api::{Config, FromArgs, is_ping_text, websocket_config};
+use resq_push::fuzz_api::{Config, FromArgs, client_text, websocket_config};
 
 /// Polls before a future must have completed: the socket is never `Pending` twice in a row.
 const MAX_POLLS: usize = 100_000;
@@ -145,7 +145,7 @@ fuzz_target!(|data: &[u8]| {
         match block(ws.next()) {
             Some(Ok(Message::Text(text))) => {
                 assert!(text.len() <= max_message, "a text of {} bytes", text.len());
-                let _ = is_ping_text(&text);
+                let _ = client_text(&text);
             }
             Some(Ok(Message::Binary(bytes))) => assert!(bytes.len() <= max_message),
             Some(Ok(Message::Close(_))) => {

@@ -11,7 +11,7 @@
 //! registers the client, which is why replay and live events never overlap or leave a gap: they
 //! are one sequence read from one place.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::{Duration, SystemTime};
@@ -23,8 +23,15 @@ use crate::auth::Identity;
 use crate::core::clock::{Reading, RetentionClock};
 use crate::core::doorbell::{Doorbell, Farewell};
 use crate::core::idempotency::{Fingerprint, IdempotencyKey, KeyIndex};
-use crate::core::{Outcome, Receipt, SharedEnvelope, Stored};
-use crate::protocol::{self, HistoryRange, ReplayInfo, Source};
+use crate::core::notices::Notices;
+use crate::core::receipts::{AckRequest, Applied, CloseRequest, ReceiptEvent, ReceiptLimits, Receipts};
+use crate::core::{Outcome, Outgoing, Receipt, SharedEnvelope, Stored};
+use crate::protocol::{self, Counts, HistoryRange, ReplayInfo, Source};
+use crate::support::logger::WarningThrottle;
+
+/// Named tablets the roster remembers between their connections (last heard, delivered, acked):
+/// the subscribe tokens' names, bounded in case a token file holds thousands.
+pub const MAX_ROSTER: usize = 4096;
 
 /// The hub's bounds, taken from the configuration.
 #[derive(Clone, Copy, Debug)]
@@ -39,6 +46,11 @@ pub struct HubLimits {
     pub max_clients: usize,
     /// Age after which an emergency leaves the history.
     pub history_max_age: Duration,
+    /// Status notices a client may fall behind before it is dropped as too slow.
+    pub status_queue: usize,
+    pub receipts: ReceiptLimits,
+    /// `--ack-timeout`: when an unacked emergency escalates; `None`: never.
+    pub ack_timeout: Option<Duration>,
 }
 
 /// Where a reconnecting client left off: `?since=N`, and `&stream=ID` if it knows the history.
@@ -67,6 +79,24 @@ pub struct ConnectedClient {
     pub connected_at: SystemTime,
     /// Emergencies published that it has not been sent yet.
     pub queued: u64,
+    /// When it last sent anything (a frame, a pong).
+    pub last_heard: SystemTime,
+}
+
+/// What the roster remembers of a named tablet across its connections.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TabletRecord {
+    pub last_heard: Option<SystemTime>,
+    pub last_delivered_seq: Option<u64>,
+    pub last_acked_seq: Option<u64>,
+}
+
+/// What a new client is sent around the history's replay: the open emergencies the replay does
+/// not cover, first, and the status of what it is sent, after. Dropped once sent.
+#[derive(Default)]
+struct Backlog {
+    open: VecDeque<(u64, SharedEnvelope)>,
+    statuses: VecDeque<SharedEnvelope>,
 }
 
 /// A connected client as the hub sees it.
@@ -83,6 +113,13 @@ struct Subscriber {
     cursor: u64,
     /// The last seq when it subscribed: what came after is live, what came before is replay.
     live_from: u64,
+    /// Who its receipts are for: its token's name, else `client-ID@PEER`.
+    tablet: Rc<str>,
+    /// The position in `Hub::notices` of the next notice its session takes.
+    notice_cursor: u64,
+    /// Sent before and after its replay; `None` once sent.
+    backlog: Option<Box<Backlog>>,
+    last_heard: SystemTime,
 }
 
 impl Subscriber {
@@ -93,6 +130,10 @@ impl Subscriber {
 
     fn say_farewell(&self, farewell: Farewell) {
         self.doorbell.close(farewell);
+    }
+
+    fn named(&self) -> bool {
+        self.identity.is_some()
     }
 }
 
@@ -128,6 +169,14 @@ pub struct Hub {
     keys: KeyIndex,
     /// Set at shutdown: no new subscribers, every doorbell closed.
     shutting_down: bool,
+    /// Who was sent and who acked each emergency of the history, and each open one.
+    receipts: Receipts,
+    /// Acks, closes and escalations broadcast, until every client has taken them.
+    notices: Notices,
+    /// Named tablets, connected or not (at most `MAX_ROSTER`).
+    roster: HashMap<Rc<str>, TabletRecord>,
+    /// The open cap, once reached, is reached at every publish: one line per period says so.
+    open_cap_warnings: WarningThrottle,
 }
 
 /// What the welcome tells a new client about the history, as of its subscription.
@@ -138,6 +187,8 @@ pub struct Greeting {
     pub history: HistoryRange,
     /// What it will be replayed first, when it resumed with `since`.
     pub replay: Option<ReplayInfo>,
+    /// The open emergencies it is sent before anything else, oldest first.
+    pub open: Vec<u64>,
 }
 
 impl Hub {
@@ -154,6 +205,10 @@ impl Hub {
             clock: RetentionClock::new(limits.history_max_age),
             keys: KeyIndex::default(),
             shutting_down: false,
+            receipts: Receipts::new(limits.receipts),
+            notices: Notices::default(),
+            roster: HashMap::new(),
+            open_cap_warnings: WarningThrottle::default(),
         }
     }
 
@@ -200,7 +255,7 @@ impl Hub {
         self.newest_received_at = self.newest_received_at.max(received_at);
         let json = SharedEnvelope::from(envelope);
         self.history_bytes += json.len();
-        self.history.push_back(Retained { seq, json, received_at, key });
+        self.history.push_back(Retained { seq, json: Rc::clone(&json), received_at, key });
         let queue = self.limits.queue as u64;
         let mut queued_to = 0;
         self.subscribers.retain(|_, subscriber| {
@@ -213,6 +268,16 @@ impl Hub {
             queued_to += 1;
             true
         });
+        let history_from = self.history.front().map_or(seq, |oldest| oldest.seq);
+        if let Some(let_go) = self.receipts.published(seq, received_at, json, queued_to, history_from)
+            && self.limits.receipts.max_open > 0
+        {
+            self.open_cap_warnings.note(&format!(
+                "--max-open ({}) or --max-open-bytes reached: seq {let_go} is no longer open nor resent \
+                 to fresh tablets (close emergencies once dealt with)",
+                self.limits.receipts.max_open
+            ));
+        }
         self.trim(|_| false);
         Receipt { seq, queued_to }
     }
@@ -221,17 +286,43 @@ impl Hub {
     /// seqs is kept: the ring holds consecutive seqs, and a resuming client is told of the rest
     /// as `missed` instead of skipping a gap in silence. It takes the hub by value: once shared,
     /// the hub gets emergencies through `Ingress` only.
-    pub fn restored(mut self, last_seq: u64, retained: Vec<Stored>) -> Hub {
-        for stored in retained {
-            let Stored { seq, received_at, envelope } = stored;
+    ///
+    /// The receipts stored with them (`events`) are applied first; open emergencies outside that
+    /// run keep their receipts and are still sent to fresh tablets.
+    pub fn restored(mut self, last_seq: u64, retained: Vec<Stored>, events: Vec<ReceiptEvent>) -> Hub {
+        let mut shared = Vec::with_capacity(retained.len());
+        for Stored { seq, received_at, envelope } in retained {
+            let json = SharedEnvelope::from(envelope);
+            self.receipts.restored(seq, received_at, Rc::clone(&json));
+            shared.push((seq, received_at, json));
+        }
+        for event in events {
+            self.remember_receipt(&event);
+            let _ = self.receipts.apply(event);
+        }
+        for (seq, received_at, json) in shared {
             if self.history.back().is_some_and(|newest| newest.seq + 1 != seq) {
-                self.history.clear();
+                for dropped in self.history.drain(..) {
+                    self.receipts.history_dropped(dropped.seq);
+                }
                 self.history_bytes = 0;
             }
-            self.history_bytes += envelope.len();
+            self.history_bytes += json.len();
             self.newest_received_at = self.newest_received_at.max(received_at);
-            let json = SharedEnvelope::from(envelope);
             self.history.push_back(Retained { seq, json, received_at, key: None });
+        }
+        let oldest_in_ring = self.history.front().map_or(u64::MAX, |retained| retained.seq);
+        let let_go = self.receipts.enforce_open_cap(oldest_in_ring);
+        if !let_go.is_empty() && self.limits.receipts.max_open > 0 {
+            log::warn!(
+                "more than --max-open emergencies are open: {} of the oldest are no longer resent",
+                let_go.len()
+            );
+        }
+        let older: Vec<u64> =
+            self.receipts.ledgers().map(|l| l.seq).take_while(|&seq| seq < oldest_in_ring).collect();
+        for seq in older {
+            self.receipts.history_dropped(seq);
         }
         self.last_seq = last_seq;
         self.trim(|_| false);
@@ -246,29 +337,63 @@ impl Hub {
         self.trim(|oldest| now.duration_since(oldest.received_at).unwrap_or_default() > max_age);
     }
 
-    /// Hands `push` the envelopes after a client's cursor (see `Subscription::take_pending`).
+    /// Hands `push` what a client has not been sent (see `Subscription::take_pending`), in this
+    /// order: the open emergencies of its backlog, the history after its cursor, the statuses of
+    /// its backlog, then the notices after its notice cursor. Returns how many.
     pub(super) fn take_pending(
         &mut self,
         key: usize,
         client_id: u64,
         max_frames: usize,
         max_bytes: usize,
-        mut push: impl FnMut(SharedEnvelope),
+        mut push: impl FnMut(Outgoing),
     ) -> usize {
         let Some(subscriber) = self.subscribers.get_mut(key).filter(|s| s.client_id == client_id) else {
             return 0;
         };
+        let (mut taken, mut bytes) = (0, 0);
+        let mut room = |json: &SharedEnvelope| {
+            let fits = taken < max_frames && bytes < max_bytes;
+            if fits {
+                taken += 1;
+                bytes += json.len();
+            }
+            fits
+        };
+        if let Some(backlog) = &mut subscriber.backlog {
+            while let Some((seq, json)) = backlog.open.front() {
+                if !room(json) {
+                    return taken;
+                }
+                push(Outgoing { json: Rc::clone(json), seq: Some(*seq) });
+                backlog.open.pop_front();
+            }
+        }
         // `trim` keeps every entry after a subscriber's cursor, so this never skips one.
         let start = self.history.partition_point(|retained| retained.seq <= subscriber.cursor);
-        let (mut taken, mut bytes) = (0, 0);
         for retained in self.history.range(start..) {
-            if taken == max_frames || bytes >= max_bytes {
+            if !room(&retained.json) {
+                return taken;
+            }
+            push(Outgoing { json: Rc::clone(&retained.json), seq: Some(retained.seq) });
+            subscriber.cursor = retained.seq;
+        }
+        if let Some(backlog) = &mut subscriber.backlog {
+            while let Some(json) = backlog.statuses.front() {
+                if !room(json) {
+                    return taken;
+                }
+                push(Outgoing { json: Rc::clone(json), seq: None });
+                backlog.statuses.pop_front();
+            }
+            subscriber.backlog = None;
+        }
+        while let Some(json) = self.notices.get(subscriber.notice_cursor) {
+            if !room(&json) {
                 break;
             }
-            bytes += retained.json.len();
-            push(Rc::clone(&retained.json));
-            subscriber.cursor = retained.seq;
-            taken += 1;
+            push(Outgoing { json, seq: None });
+            subscriber.notice_cursor += 1;
         }
         taken
     }
@@ -302,22 +427,55 @@ impl Hub {
         let doorbell = Rc::new(Doorbell::default());
         let client_id = self.next_client_id;
         self.next_client_id += 1;
+        let tablet = match &identity {
+            Some(identity) => Rc::clone(&identity.name),
+            None => format!("client-{client_id}@{peer}").into(),
+        };
+        let since = resume.filter(|_| replay.is_some_and(|info| !info.reset && !info.stream_changed));
+        let backlog = self.backlog(cursor, since.map(|resume| resume.since));
+        let open = backlog.open.iter().map(|(seq, _)| *seq).collect();
+        let has_backlog = !backlog.open.is_empty() || !backlog.statuses.is_empty();
+        let now = SystemTime::now();
         let key = self.subscribers.insert(Subscriber {
             client_id,
             peer,
             identity,
-            connected_at: SystemTime::now(),
+            connected_at: now,
             doorbell: Rc::clone(&doorbell),
             cursor,
             live_from: self.last_seq,
+            tablet,
+            notice_cursor: self.notices.end(),
+            backlog: has_backlog.then(|| Box::new(backlog)),
+            last_heard: now,
         });
         let greeting = Greeting {
             stream: Rc::clone(&self.stream_id),
             seq: self.last_seq,
             history: self.history_range(),
             replay,
+            open,
         };
         Ok((key, client_id, doorbell, greeting))
+    }
+
+    /// What a client whose history cursor is `cursor` is sent around its replay: the open
+    /// emergencies at or before the cursor (after `since`, the last seq it had, when it resumes),
+    /// and one status for each emergency it is sent or already had open that has news.
+    fn backlog(&self, cursor: u64, since: Option<u64>) -> Backlog {
+        let mut backlog = Backlog::default();
+        let had = since.unwrap_or(0);
+        for ledger in self.receipts.ledgers() {
+            let sent_open = ledger.is_open() && ledger.seq <= cursor && (since.is_none() || ledger.seq > had);
+            if sent_open {
+                backlog.open.push_back((ledger.seq, Rc::clone(&ledger.envelope)));
+            }
+            let replayed = ledger.seq > cursor;
+            if ledger.has_news() && (ledger.is_open() || replayed) {
+                backlog.statuses.push_back(protocol::to_json(&ledger.status(false)).into());
+            }
+        }
+        backlog
     }
 
     /// Retained envelopes with seq greater than `since`, oldest first, and what that means for
@@ -375,7 +533,8 @@ impl Hub {
             name: subscriber.identity.as_ref().map(|identity| Rc::clone(&identity.name)),
             peer: subscriber.peer,
             connected_at: subscriber.connected_at,
-            queued: self.last_seq - subscriber.cursor,
+            queued: self.last_seq.saturating_sub(subscriber.cursor),
+            last_heard: subscriber.last_heard,
         })
     }
 
@@ -439,8 +598,215 @@ impl Hub {
             if let Some(key) = &oldest.key {
                 self.keys.forget(key, oldest.seq);
             }
+            self.receipts.history_dropped(oldest.seq);
             self.history.pop_front();
         }
+    }
+}
+
+/// Receipts, notices and the roster: acks, deliveries, closes and escalations.
+impl Hub {
+    /// Records that a client was written `seqs` in full; returns the events to store (first
+    /// deliveries only).
+    pub fn delivered(
+        &mut self,
+        key: usize,
+        client_id: u64,
+        seqs: &[u64],
+        at: SystemTime,
+    ) -> Vec<ReceiptEvent> {
+        let Some(subscriber) = self.subscribers.get(key).filter(|s| s.client_id == client_id) else {
+            return Vec::new();
+        };
+        let (tablet, named) = (Rc::clone(&subscriber.tablet), subscriber.named());
+        let events: Vec<ReceiptEvent> =
+            seqs.iter().filter_map(|&seq| self.receipts.delivered(seq, &tablet, named, at)).collect();
+        if let Some(newest) = events.last() {
+            self.update_roster(&tablet, |record| record.last_delivered_seq = Some(newest.seq()));
+        }
+        events
+    }
+
+    /// A client sent something: it is alive, as of `at`.
+    pub fn heard(&mut self, key: usize, client_id: u64, at: SystemTime) {
+        let Some(subscriber) = self.subscribers.get_mut(key).filter(|s| s.client_id == client_id) else {
+            return;
+        };
+        subscriber.last_heard = at;
+        if subscriber.identity.is_some() {
+            let tablet = Rc::clone(&subscriber.tablet);
+            self.update_roster(&tablet, |record| record.last_heard = Some(at));
+        }
+    }
+
+    /// A connected client acks `seq`.
+    pub fn ack_from_client(&mut self, key: usize, client_id: u64, seq: u64, at: SystemTime) -> AckRequest {
+        let Some(subscriber) = self.subscribers.get(key).filter(|s| s.client_id == client_id) else {
+            return AckRequest::Unknown;
+        };
+        let (tablet, named) = (Rc::clone(&subscriber.tablet), subscriber.named());
+        self.receipts.begin_ack(seq, &tablet, named, at)
+    }
+
+    /// A tablet acks `seq` without a connection (`POST /emergencias/{seq}/ack`).
+    pub fn ack_from(&mut self, tablet: &str, named: bool, seq: u64, at: SystemTime) -> AckRequest {
+        let tablet = self.tablet_name(tablet);
+        self.receipts.begin_ack(seq, &tablet, named, at)
+    }
+
+    /// A publisher closes `seq`; `detail` is a JSON object's text. An emergency published but
+    /// no longer retained is not open any more: closing it again is harmless.
+    pub fn close(&mut self, seq: u64, detail: Option<String>, at: SystemTime) -> CloseRequest {
+        match self.receipts.begin_close(seq, detail, at) {
+            CloseRequest::Unknown if (1..=self.last_seq).contains(&seq) => CloseRequest::AlreadyClosed,
+            request => request,
+        }
+    }
+
+    /// The escalations due at `now` under `--ack-timeout` (none without it).
+    pub fn due_escalations(&mut self, now: SystemTime) -> Vec<ReceiptEvent> {
+        match self.limits.ack_timeout {
+            Some(timeout) => self.receipts.due_escalations(now, timeout),
+            None => Vec::new(),
+        }
+    }
+
+    /// When the next escalation may fall due.
+    pub fn next_escalation(&self) -> Option<SystemTime> {
+        self.receipts.next_deadline(self.limits.ack_timeout?)
+    }
+
+    /// Applies events the journal stored (or, in memory, at once) and broadcasts what they
+    /// change: each serialized once, queued to every client as a notice.
+    pub fn apply(&mut self, events: Vec<ReceiptEvent>) -> Vec<Applied> {
+        let mut applied = Vec::new();
+        for event in events {
+            self.remember_receipt(&event);
+            let change = self.receipts.apply(event);
+            let notice = match &change {
+                Applied::Nothing => continue,
+                Applied::Ack { seq, tablet, at, acked, delivered, .. } => {
+                    protocol::to_json(&protocol::AckNotice {
+                        kind: "ack",
+                        seq: *seq,
+                        by: tablet,
+                        acked: *acked,
+                        delivered: *delivered,
+                        at: protocol::timestamp(*at),
+                    })
+                }
+                Applied::Closed { seq, closure } => {
+                    let notice = protocol::to_json(&protocol::ClosedNotice {
+                        kind: "closed",
+                        seq: *seq,
+                        at: protocol::timestamp(closure.at),
+                        close: closure.detail.as_deref(),
+                    });
+                    if self.history.front().is_none_or(|oldest| oldest.seq > *seq) {
+                        self.receipts.history_dropped(*seq);
+                    }
+                    notice
+                }
+                Applied::Escalated { seq, at, delivered } => protocol::to_json(&protocol::UnackedNotice {
+                    kind: "unacked",
+                    seq: *seq,
+                    ack_timeout_s: self.limits.ack_timeout.unwrap_or_default().as_secs_f64(),
+                    delivered: *delivered,
+                    at: protocol::timestamp(*at),
+                }),
+            };
+            self.broadcast_notice(notice.into());
+            applied.push(change);
+        }
+        applied
+    }
+
+    /// Keeps the roster's last delivered and acked seqs of a named tablet.
+    fn remember_receipt(&mut self, event: &ReceiptEvent) {
+        match event {
+            ReceiptEvent::Delivered { seq, tablet, .. } => {
+                let seq = *seq;
+                self.update_roster(tablet, |record| {
+                    record.last_delivered_seq = record.last_delivered_seq.max(Some(seq));
+                });
+            }
+            ReceiptEvent::Acked { seq, tablet, .. } => {
+                let seq = *seq;
+                self.update_roster(tablet, |record| {
+                    record.last_acked_seq = record.last_acked_seq.max(Some(seq))
+                });
+            }
+            ReceiptEvent::Closed { .. } | ReceiptEvent::Escalated { .. } => {}
+        }
+    }
+
+    /// Updates the record of a named tablet the roster knows, or may still take.
+    fn update_roster(&mut self, tablet: &str, update: impl FnOnce(&mut TabletRecord)) {
+        if let Some(record) = self.roster.get_mut(tablet) {
+            update(record);
+        } else if self.roster.len() < MAX_ROSTER && !tablet.starts_with("client-") {
+            let mut record = TabletRecord::default();
+            update(&mut record);
+            self.roster.insert(tablet.into(), record);
+        }
+    }
+
+    /// The shared name of a tablet, if a connected client or the roster holds it.
+    fn tablet_name(&self, tablet: &str) -> Rc<str> {
+        match self.roster.get_key_value(tablet) {
+            Some((name, _)) => Rc::clone(name),
+            None => tablet.into(),
+        }
+    }
+
+    /// Queues a notice to every client; one more than `status_queue` notices behind is dropped.
+    fn broadcast_notice(&mut self, json: SharedEnvelope) {
+        self.notices.push(json);
+        let end = self.notices.end();
+        let limit = self.limits.status_queue as u64;
+        self.subscribers.retain(|_, subscriber| {
+            if end - subscriber.notice_cursor > limit {
+                subscriber.say_farewell(Farewell::TooSlow);
+                return false;
+            }
+            subscriber.doorbell.ring();
+            true
+        });
+        let oldest_unsent = self.subscribers.iter().map(|(_, s)| s.notice_cursor).min().unwrap_or(end);
+        self.notices.trim(oldest_unsent);
+    }
+
+    /// `GET /emergencias/{seq}`: the envelope and its status with the timeline.
+    pub fn status_json(&self, seq: u64) -> Option<String> {
+        let ledger = self.receipts.get(seq)?;
+        let emergency: &RawValue = serde_json::from_str(&ledger.envelope).ok()?;
+        Some(protocol::to_json(&protocol::EmergencyStatus { emergency, status: ledger.status(true) }))
+    }
+
+    /// The delivered and acked counts of `seq`, as known now.
+    pub fn counts(&self, seq: u64) -> Counts {
+        self.receipts.get(seq).map_or_else(Counts::default, |ledger| Counts {
+            delivered: ledger.delivered,
+            acked: ledger.acked,
+        })
+    }
+
+    /// The envelope of an emergency the receipts hold (for the escalation command).
+    pub fn envelope(&self, seq: u64) -> Option<SharedEnvelope> {
+        self.receipts.get(seq).map(|ledger| Rc::clone(&ledger.envelope))
+    }
+
+    /// What the roster remembers of a named tablet.
+    pub fn tablet_record(&self, name: &str) -> TabletRecord {
+        self.roster.get(name).copied().unwrap_or_default()
+    }
+
+    pub fn open_count(&self) -> usize {
+        self.receipts.open_count()
+    }
+
+    pub fn open_unacked(&self) -> usize {
+        self.receipts.open_unacked()
     }
 }
 
@@ -478,6 +844,10 @@ mod tests {
             queue: 2,
             max_clients: 2,
             history_max_age: Duration::from_secs(3600),
+            status_queue: 4,
+            // These tests are of the history: no open emergency is resent.
+            receipts: ReceiptLimits { max_open: 0, max_open_bytes: 1 << 20, max_unnamed: 4 },
+            ack_timeout: None,
         }
     }
 
@@ -496,7 +866,7 @@ mod tests {
     /// The envelopes the client has not been sent yet, taken as its session would.
     fn take_all(client: &Subscription) -> Vec<serde_json::Value> {
         let mut batch = Vec::new();
-        client.take_pending(usize::MAX, usize::MAX, |json| batch.push(json));
+        client.take_pending(usize::MAX, usize::MAX, |out| batch.push(out.json));
         batch.iter().map(|json| serde_json::from_str(json).unwrap()).collect()
     }
 
@@ -514,7 +884,7 @@ mod tests {
         assert_eq!(first.queued_to, 1);
         assert!(client.doorbell.is_rung());
         let mut batch = Vec::new();
-        assert_eq!(client.take_pending(1, usize::MAX, |json| batch.push(json)), 1);
+        assert_eq!(client.take_pending(1, usize::MAX, |out| batch.push(out.json)), 1);
         let json = &batch[0];
         assert!(json.contains(r#""data":{"b": 1,  "a":[ ]}"#), "{json}");
         assert!(json.starts_with(r#"{"type":"emergencia","seq":1,"received_at":""#), "{json}");
@@ -613,7 +983,8 @@ mod tests {
     fn a_clock_that_steps_back_never_stamps_an_emergency_before_the_one_before_it() {
         // Stamped an hour ahead of the clock as it reads now, that is before it stepped back.
         let before_the_step = SystemTime::now() + HOUR;
-        let restored = Hub::new(limits(), "stream-a").restored(1, vec![stored_at(1, before_the_step)]);
+        let restored =
+            Hub::new(limits(), "stream-a").restored(1, vec![stored_at(1, before_the_step)], Vec::new());
         let hub = HubHandle::new(restored).0;
         hub.borrow().publish_ok(&raw("{}"), Source::Unix);
         let hub = hub.borrow();
@@ -670,7 +1041,7 @@ mod tests {
         assert_eq!(hub.borrow().history_range().count, 3);
         assert_eq!(hub.borrow().history.len(), 5);
         let mut batch = Vec::new();
-        client.take_pending(4, usize::MAX, |json| batch.push(json));
+        client.take_pending(4, usize::MAX, |out| batch.push(out.json));
         hub.borrow().publish_ok(&raw("{}"), Source::Unix);
         assert_eq!(hub.borrow().history_range().first_seq, 4);
         assert_eq!(pending_seqs(&client), [5, 6]);
@@ -681,9 +1052,12 @@ mod tests {
     fn a_restored_history_with_a_gap_keeps_its_newest_run_and_reports_the_rest_missed() {
         let stored = |seq| stored_at(seq, SystemTime::now());
         let retained = vec![stored(1), stored(2), stored(4), stored(5)];
-        let hub =
-            HubHandle::new(Hub::new(HubLimits { history: 10, ..limits() }, "stream-a").restored(5, retained))
-                .0;
+        let hub = HubHandle::new(Hub::new(HubLimits { history: 10, ..limits() }, "stream-a").restored(
+            5,
+            retained,
+            Vec::new(),
+        ))
+        .0;
         let range = hub.borrow().history_range();
         assert_eq!((range.first_seq, range.count), (4, 2));
         let (client, greeting) = subscribe(&hub, Some(&Resume { since: 2, stream: None }));
@@ -715,8 +1089,8 @@ mod tests {
             hub.borrow().publish_ok(&raw("{}"), Source::Unix);
         }
         let mut batch = Vec::new();
-        assert_eq!(client.take_pending(2, usize::MAX, |json| batch.push(json)), 2);
-        assert_eq!(client.take_pending(10, 1, |json| batch.push(json)), 1);
+        assert_eq!(client.take_pending(2, usize::MAX, |out| batch.push(out.json)), 2);
+        assert_eq!(client.take_pending(10, 1, |out| batch.push(out.json)), 1);
         assert_eq!(pending_seqs(&client), [4, 5]);
     }
 

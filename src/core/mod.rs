@@ -10,6 +10,8 @@ pub mod doorbell;
 pub mod handle;
 pub mod hub;
 pub mod idempotency;
+pub mod notices;
+pub mod receipts;
 pub mod subscription;
 
 use std::rc::Rc;
@@ -17,6 +19,14 @@ use std::time::SystemTime;
 
 /// An emergency's envelope, serialized once and shared by every client's write and every poll.
 pub type SharedEnvelope = Rc<str>;
+
+/// One frame a session is handed to write: an emergency (with its seq, so that its delivery can
+/// be recorded once written) or a status message.
+#[derive(Debug)]
+pub struct Outgoing {
+    pub json: SharedEnvelope,
+    pub seq: Option<u64>,
+}
 
 /// One stored emergency, as the store or the hub stamped it.
 #[derive(Debug)]

@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::rc::Rc;
 
 use crate::auth::Identity;
-use crate::core::SharedEnvelope;
+use crate::core::Outgoing;
 use crate::core::doorbell::Doorbell;
 use crate::core::handle::HubHandle;
 use crate::core::hub::{Greeting, Refusal, Resume};
@@ -33,15 +33,10 @@ impl Subscription {
         Ok((Subscription { client_id, doorbell, hub: hub.clone(), key }, greeting))
     }
 
-    /// Hands `push` the envelopes this client has not been sent yet, oldest first, up to
-    /// `max_frames` and to the first that reaches `max_bytes`, and advances its cursor past them.
-    /// Returns how many; none once the client is no longer subscribed.
-    pub fn take_pending(
-        &self,
-        max_frames: usize,
-        max_bytes: usize,
-        push: impl FnMut(SharedEnvelope),
-    ) -> usize {
+    /// Hands `push` what this client has not been sent yet (emergencies oldest first, then status
+    /// notices), up to `max_frames` and to the first that reaches `max_bytes`, and advances its
+    /// cursors past them. Returns how many; none once the client is no longer subscribed.
+    pub fn take_pending(&self, max_frames: usize, max_bytes: usize, push: impl FnMut(Outgoing)) -> usize {
         let taken =
             self.hub.try_with(|hub| hub.take_pending(self.key, self.client_id, max_frames, max_bytes, push));
         taken.unwrap_or_else(|| {
@@ -50,6 +45,29 @@ impl Subscription {
             log::error!("client {} found the hub busy; it waits for the next emergency", self.client_id);
             0
         })
+    }
+
+    /// Records that `seqs` were written to this client in full: the events to store.
+    pub fn delivered(
+        &self,
+        seqs: &[u64],
+        at: std::time::SystemTime,
+    ) -> Vec<crate::core::receipts::ReceiptEvent> {
+        let (key, client_id) = (self.key, self.client_id);
+        self.hub.try_with(|hub| hub.delivered(key, client_id, seqs, at)).unwrap_or_default()
+    }
+
+    /// This client sent something.
+    pub fn heard(&self, at: std::time::SystemTime) {
+        let (key, client_id) = (self.key, self.client_id);
+        self.hub.try_with(|hub| hub.heard(key, client_id, at));
+    }
+
+    /// This client acks `seq`.
+    pub fn ack(&self, seq: u64, at: std::time::SystemTime) -> crate::core::receipts::AckRequest {
+        let (key, client_id) = (self.key, self.client_id);
+        let request = self.hub.try_with(|hub| hub.ack_from_client(key, client_id, seq, at));
+        request.unwrap_or(crate::core::receipts::AckRequest::Unknown)
     }
 
     /// The client's slab key, for tests of the hub's bookkeeping.

@@ -397,12 +397,22 @@ pub enum BodyError {
     Incomplete,
 }
 
+/// Whether a client may keep a response (its `Cache-Control`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Caching {
+    /// `no-store`: every answer about the live state (all but the embedded files).
+    NoStore,
+    /// `no-cache`: kept, but revalidated (by its `ETag`) before each use.
+    Revalidate,
+}
+
 /// A small response with a complete body.
 #[derive(Debug, Clone)]
 pub struct Response {
     pub status: Status,
     pub headers: Vec<(&'static str, String)>,
     pub content_type: &'static str,
+    pub caching: Caching,
     pub body: String,
     /// The answer to a HEAD request: headers as for GET, no body.
     pub head_only: bool,
@@ -410,12 +420,25 @@ pub struct Response {
 
 impl Response {
     pub fn json(status: Status, body: String) -> Self {
-        Response { status, headers: Vec::new(), content_type: "application/json", body, head_only: false }
+        Response {
+            status,
+            headers: Vec::new(),
+            content_type: "application/json",
+            caching: Caching::NoStore,
+            body,
+            head_only: false,
+        }
     }
 
     /// An interim (1xx) answer, sent before the final one: its status line alone.
     pub fn interim(status: Status) -> Self {
-        Response { status, headers: Vec::new(), content_type: "", body: String::new(), head_only: false }
+        Response { content_type: "", ..Response::json(status, String::new()) }
+    }
+
+    /// Replaces the default, `Caching::NoStore`.
+    pub fn with_caching(mut self, caching: Caching) -> Self {
+        self.caching = caching;
+        self
     }
 
     pub fn with_header(mut self, name: &'static str, value: impl Into<String>) -> Self {
@@ -434,7 +457,10 @@ impl Response {
             head.push_str(&format!("Content-Type: {}\r\nContent-Length: {length}\r\n", self.content_type));
         }
         if !status.is_informational() {
-            head.push_str("Cache-Control: no-store\r\n");
+            head.push_str(match self.caching {
+                Caching::NoStore => "Cache-Control: no-store\r\n",
+                Caching::Revalidate => "Cache-Control: no-cache\r\n",
+            });
             head.push_str(if keep_alive { "Connection: keep-alive\r\n" } else { "Connection: close\r\n" });
         }
         for (name, value) in &self.headers {

@@ -4,6 +4,7 @@
 //! A request for `/ws/emergencias` leaves this layer as an `Upgrade` for `ws`; nothing here
 //! imports `ws`.
 
+pub mod assets;
 pub mod ca_cert;
 pub mod conn;
 pub mod credentials;

@@ -3,9 +3,15 @@
 //! | route | method | answer |
 //! |---|---|---|
 //! | `/ws/emergencias` | GET | handed over as an `Upgrade` (see `ws::handshake`) |
+//! | `/sse/emergencias` | GET | the same stream as Server-Sent Events: handed over as an `Upgrade` too (see `ws::sse`) |
 //! | `/emergencias` | POST | publish one emergency (`Idempotency-Key` for a safe retry): `202`, `409` |
 //! | `/emergencias?since=N` | GET | retained emergencies after `N` (polling fallback), `X-Resq-*` headers |
-//! | `/healthz` | GET | storage state (`503` while it fails), version, uptime, clients, last seq |
+//! | `/emergencias/{seq}` | GET | the envelope and its status: deliveries, acks, close, escalation |
+//! | `/emergencias/{seq}/ack` | POST | an ack from a tablet without a WebSocket (SSE pages) |
+//! | `/emergencias/{seq}/cerrar` | POST | close it (publish token), with an optional JSON object |
+//! | `/tablets` | GET | the roster: every named tablet, connected or not |
+//! | `/healthz` | GET | storage state (`503` while it fails, or below `--min-subscribers`), version, uptime, clients, last seq |
+//! | `/`, `/console.css`, `/console.js`, `/resq-client.js` | GET | the console and the client module (`assets`) |
 //! | `/ca.crt` | GET | the site CA's certificate (`--ca-cert`), public |
 //!
 //! Anything else gets `404` or `405`. A request that leaves the connection in an unknown state
@@ -19,15 +25,20 @@ use log::{debug, info, warn};
 use smol::future;
 
 use crate::app::App;
+use crate::auth::TokenSet;
 use crate::core::hub::{ConnectedClient, Resume};
 use crate::core::idempotency::IdempotencyKey;
+use crate::http::assets;
 use crate::http::ca_cert;
 use crate::http::conn::{BodyError, BodyPace, HeadError, HttpConnection, MAX_HEADERS, Request, Response};
 use crate::http::credentials::{authorize, parse_resume};
 use crate::http::forwarded;
 use crate::http::status::Status;
-use crate::ingest::Rejection;
-use crate::protocol::{self, ClientInfo, Health, Source, StorageHealth, error_json};
+use crate::ingest::{self, AckOutcome, CloseOutcome, Rejection};
+use crate::protocol::{
+    self, AckReply, ClientInfo, CloseReply, Health, Source, StorageHealth, TabletInfo, TabletSummary,
+    Tablets, error_json,
+};
 use crate::runtime::slots::SlotGuard;
 use crate::store::journal::StorageState;
 use crate::support::metrics::Gauges;
@@ -38,11 +49,12 @@ use crate::tls::transport::Transport;
 enum Outcome {
     /// Send this response; keep the connection if both sides want it.
     Reply(Response),
-    /// Hand the connection to a WebSocket session.
+    /// Hand the connection to a session of the live stream (WebSocket or SSE).
     Upgrade(Request),
 }
 
-/// A connection whose request asked for `/ws/emergencias`, handed over to `ws::handshake`.
+/// A connection whose request asked for the live stream (`/ws/emergencias`, `/sse/emergencias`),
+/// handed over to `ws`.
 pub struct Upgrade {
     pub connection: HttpConnection,
     pub request: Request,
@@ -117,10 +129,21 @@ async fn handle(
     let mut response = match (request.path.as_str(), method) {
         ("/ws/emergencias", "GET") if !head_only => return Outcome::Upgrade(request),
         ("/ws/emergencias", _) => method_not_allowed("GET"),
+        ("/sse/emergencias", "GET") if !head_only => return Outcome::Upgrade(request),
+        ("/sse/emergencias", _) => method_not_allowed("GET"),
         ("/emergencias", "POST") => publish(app, connection, &request, peer, deadline, slot).await,
         ("/emergencias", "GET") => poll(app, &request, peer),
         ("/emergencias", "OPTIONS") => preflight(app, &request, peer, "GET, POST"),
         ("/emergencias", _) => method_not_allowed("GET, POST"),
+        (path, _) if path.starts_with("/emergencias/") => {
+            return Outcome::Reply(with_cors(
+                app,
+                &request,
+                emergency_route(app, connection, &request, peer, deadline, slot).await,
+            ));
+        }
+        ("/tablets", "GET") => tablets(app, &request, peer),
+        ("/tablets", _) => method_not_allowed("GET"),
         ("/healthz", "GET") => health(app),
         ("/healthz", "OPTIONS") => preflight(app, &request, peer, "GET"),
         ("/metrics", "GET") => metrics(app),
@@ -128,8 +151,17 @@ async fn handle(
         ("/ca.crt", "GET") => ca_cert::ca_certificate(app.config.ca_cert.as_deref()),
         ("/ca.crt", _) => method_not_allowed("GET"),
         ("/healthz", _) => method_not_allowed("GET"),
-        (path, _) => Response::json(Status::NOT_FOUND, error_json(&format!("no such path: {path}"))),
+        (path, _) => assets::respond(path, method, &request).unwrap_or_else(|| {
+            Response::json(Status::NOT_FOUND, error_json(&format!("no such path: {path}")))
+        }),
     };
+    response = with_cors(app, &request, response);
+    response.head_only = head_only;
+    Outcome::Reply(response)
+}
+
+/// Adds the CORS headers for an allowed origin.
+fn with_cors(app: &App, request: &Request, mut response: Response) -> Response {
     if let Some(origin) = app.access.borrow().cors_origin(request.header("origin")) {
         let exposed = own_header_names(&response);
         response = response.with_header("Access-Control-Allow-Origin", origin).with_header("Vary", "Origin");
@@ -137,8 +169,161 @@ async fn handle(
             response = response.with_header("Access-Control-Expose-Headers", exposed);
         }
     }
-    response.head_only = head_only;
-    Outcome::Reply(response)
+    response
+}
+
+/// `/emergencias/{seq}`, `/emergencias/{seq}/ack` and `/emergencias/{seq}/cerrar`.
+async fn emergency_route(
+    app: &App,
+    connection: &mut HttpConnection,
+    request: &Request,
+    peer: SocketAddr,
+    deadline: Instant,
+    slot: &SlotGuard,
+) -> Response {
+    let rest = request.path.strip_prefix("/emergencias/").unwrap_or_default();
+    let (seq_text, action) = rest.split_once('/').unwrap_or((rest, ""));
+    let Ok(seq) = seq_text.parse::<u64>() else {
+        return error(Status::NOT_FOUND, &format!("no such path: {}", request.path));
+    };
+    match (action, request.method.as_str()) {
+        ("", "GET" | "HEAD") => emergency_status(app, request, peer, seq),
+        ("", "OPTIONS") => preflight(app, request, peer, "GET"),
+        ("", _) => method_not_allowed("GET"),
+        ("ack", "POST") => http_ack(app, request, peer, seq).await,
+        ("cerrar", "POST") => close(app, connection, request, peer, deadline, slot, seq).await,
+        ("ack" | "cerrar", "OPTIONS") => preflight(app, request, peer, "POST"),
+        ("ack" | "cerrar", _) => method_not_allowed("POST"),
+        _ => error(Status::NOT_FOUND, &format!("no such path: {}", request.path)),
+    }
+}
+
+fn unknown_seq() -> Response {
+    error(Status::NOT_FOUND, "unknown seq")
+}
+
+/// `GET /emergencias/{seq}`: the stored envelope and its status, with the per-tablet timeline.
+fn emergency_status(app: &App, request: &Request, peer: SocketAddr, seq: u64) -> Response {
+    if let Err(refusal) = authorize(app.access.borrow().subscribe.as_ref(), request, true, "status", peer) {
+        return refusal;
+    }
+    match app.hub.with(|hub| hub.status_json(seq)) {
+        Some(body) => Response::json(Status::OK, body),
+        None => unknown_seq(),
+    }
+}
+
+/// `POST /emergencias/{seq}/ack`: the tablet is the token's name, else the client's address.
+async fn http_ack(app: &App, request: &Request, peer: SocketAddr, seq: u64) -> Response {
+    let identity = match authorize(app.access.borrow().subscribe.as_ref(), request, true, "ack", peer) {
+        Ok(identity) => identity,
+        Err(refusal) => return refusal,
+    };
+    let (tablet, named) = match &identity {
+        Some(identity) => (identity.name.to_string(), true),
+        None => (peer.ip().to_string(), false),
+    };
+    match app.publisher.ack(&tablet, named, seq).await {
+        Ok(AckOutcome::Unknown) => unknown_seq(),
+        Ok(AckOutcome::Acked { duplicate, counts }) => {
+            if !duplicate {
+                info!("seq {seq} acked over http by {tablet}");
+            }
+            let reply =
+                AckReply { ok: true, seq, acked: counts.acked, delivered: counts.delivered, duplicate };
+            Response::json(Status::OK, protocol::to_json(&reply))
+        }
+        Err(rejection) => refused(rejection, peer),
+    }
+}
+
+/// `POST /emergencias/{seq}/cerrar`, with an optional JSON object as its body.
+async fn close(
+    app: &App,
+    connection: &mut HttpConnection,
+    request: &Request,
+    peer: SocketAddr,
+    deadline: Instant,
+    slot: &SlotGuard,
+    seq: u64,
+) -> Response {
+    let publisher = match authorize(app.access.borrow().publish.as_ref(), request, false, "close", peer) {
+        Ok(publisher) => publisher,
+        Err(refusal) => return refusal,
+    };
+    let length = match content_length(request) {
+        Ok(length) => length.unwrap_or(0),
+        Err(message) => return error(Status::BAD_REQUEST, message),
+    };
+    let max_bytes = app.config.max_body_bytes;
+    if length > max_bytes {
+        return error(Status::CONTENT_TOO_LARGE, &format!("body larger than {max_bytes} bytes"));
+    }
+    let mut held = match app.publisher.reserve(length, deadline).await {
+        Ok(reservation) => Some(reservation),
+        Err(rejection) => return refused(rejection, peer),
+    };
+    let pace = BodyPace { started: Instant::now(), min_rate: app.config.min_body_rate };
+    let body = match connection.read_body(length, deadline, pace, slot, &mut held).await {
+        Ok(body) => body,
+        Err(_) => return error(Status::REQUEST_TIMEOUT, "body not complete"),
+    };
+    let detail = match ingest::parse_close_detail(&body) {
+        Ok(detail) => detail,
+        Err(rejection) => {
+            return error(Status::BAD_REQUEST, &format!("the body must be a JSON object: {rejection}"));
+        }
+    };
+    match app.publisher.close(seq, detail).await {
+        Ok(CloseOutcome::Unknown) => unknown_seq(),
+        Ok(CloseOutcome::Closed { already }) => {
+            let name = publisher.map(|identity| format!(" ({})", identity.name)).unwrap_or_default();
+            if !already {
+                info!("closed seq {seq} over http from {peer}{name}");
+            }
+            let reply = CloseReply { ok: true, seq, closed: true, already_closed: already };
+            Response::json(Status::OK, protocol::to_json(&reply))
+        }
+        Err(rejection) => refused(rejection, peer),
+    }
+}
+
+/// `GET /tablets`: every named tablet (the subscribe tokens' names), connected or not.
+fn tablets(app: &App, request: &Request, peer: SocketAddr) -> Response {
+    if let Err(refusal) = authorize(app.access.borrow().subscribe.as_ref(), request, true, "roster", peer) {
+        return refusal;
+    }
+    let (tablets, unnamed_connections) = roster(app);
+    let body = Tablets { tablets, unnamed_connections, min_subscribers: app.config.min_subscribers };
+    Response::json(Status::OK, protocol::to_json(&body))
+}
+
+/// The roster: one entry per subscribe token name, and how many clients have no name.
+fn roster(app: &App) -> (Vec<TabletInfo>, usize) {
+    let names = app.access.borrow().subscribe.as_ref().map(TokenSet::names).unwrap_or_default();
+    app.hub.with(|hub| {
+        let clients: Vec<ConnectedClient> = hub.clients().collect();
+        let unnamed = clients.iter().filter(|client| client.name.is_none()).count();
+        let tablets = names
+            .iter()
+            .map(|name| {
+                let own: Vec<&ConnectedClient> =
+                    clients.iter().filter(|client| client.name.as_deref() == Some(&**name)).collect();
+                let record = hub.tablet_record(name);
+                let heard = own.iter().map(|client| client.last_heard).max().or(record.last_heard);
+                TabletInfo {
+                    name: name.to_string(),
+                    connected: !own.is_empty(),
+                    connections: own.len(),
+                    connected_since: own.iter().map(|client| client.connected_at).min().map(rfc3339_millis),
+                    last_heard: heard.map(rfc3339_millis),
+                    last_delivered_seq: record.last_delivered_seq,
+                    last_acked_seq: record.last_acked_seq,
+                }
+            })
+            .collect();
+        (tablets, unnamed)
+    })
 }
 
 /// The server's own `X-Resq-*` headers on a response, comma-separated: a browser lets a page
@@ -353,23 +538,48 @@ fn json_array<'a>(entries: impl Iterator<Item = &'a str>, max_bytes: usize) -> S
 
 /// `GET /metrics`: Prometheus text format.
 fn metrics(app: &App) -> Response {
+    let summary = tablet_summary(app);
     let gauges = app.hub.with(|hub| Gauges {
         clients: hub.client_count(),
         last_seq: hub.last_seq(),
         history_entries: hub.history_range().count,
         history_bytes: hub.history_bytes(),
+        tablets_expected: summary.expected,
+        tablets_connected: summary.connected,
+        min_subscribers: app.config.min_subscribers.unwrap_or(0),
+        open_emergencies: hub.open_count(),
+        open_unacked: hub.open_unacked(),
     });
     let page = app.metrics.render(&gauges);
     Response { content_type: "text/plain; version=0.0.4; charset=utf-8", ..Response::json(Status::OK, page) }
 }
 
-/// `GET /healthz`: `503` while storage fails, so that a monitor alerts on the status alone.
+/// Named tablets expected, and how many of them have a connection.
+fn tablet_summary(app: &App) -> TabletSummary {
+    let names = app.access.borrow().subscribe.as_ref().map(TokenSet::names).unwrap_or_default();
+    let connected = app.hub.with(|hub| {
+        let connected: Vec<Rc<str>> = hub.clients().filter_map(|client| client.name).collect();
+        names.iter().filter(|name| connected.contains(name)).count()
+    });
+    TabletSummary { expected: names.len(), connected }
+}
+
+/// `GET /healthz`: `503` while storage fails, or while fewer clients than `--min-subscribers`
+/// are connected, so that a monitor alerts on the status alone.
 fn health(app: &App) -> Response {
     let storage = storage_health(app);
-    let (status, code) = match storage.state {
-        "failing" => ("failing", Status::SERVICE_UNAVAILABLE),
-        _ => ("ok", Status::OK),
+    let clients = app.hub.with(|hub| hub.client_count());
+    let below_minimum = app.config.min_subscribers.filter(|&minimum| clients < minimum);
+    let (status, code, reason) = match (storage.state, below_minimum) {
+        ("failing", _) => ("failing", Status::SERVICE_UNAVAILABLE, None),
+        (_, Some(minimum)) => (
+            "degraded",
+            Status::SERVICE_UNAVAILABLE,
+            Some(format!("only {clients} of {minimum} required subscribers connected")),
+        ),
+        _ => ("ok", Status::OK, None),
     };
+    let tablets = tablet_summary(app);
     let body = app.hub.with(|hub| {
         protocol::to_json(&Health {
             status,
@@ -381,6 +591,8 @@ fn health(app: &App) -> Response {
             clients: hub.client_count(),
             seq: hub.last_seq(),
             history: hub.history_range(),
+            tablets,
+            reason,
             client_list: hub.clients().map(client_info).collect(),
         })
     });

@@ -40,6 +40,7 @@ statuses! {
     OK = 200 "OK",
     ACCEPTED = 202 "Accepted",
     NO_CONTENT = 204 "No Content",
+    NOT_MODIFIED = 304 "Not Modified",
     BAD_REQUEST = 400 "Bad Request",
     UNAUTHORIZED = 401 "Unauthorized",
     FORBIDDEN = 403 "Forbidden",
@@ -70,6 +71,6 @@ mod tests {
     #[test]
     fn informational_and_no_content_statuses_have_no_content() {
         let without: Vec<u16> = ALL.iter().filter(|status| !status.has_content()).map(|s| s.code).collect();
-        assert_eq!(without, [100, 101, 204]);
+        assert_eq!(without, [100, 101, 204, 304]);
     }
 }

@@ -12,6 +12,7 @@
 //! What publishes hold in flight is bounded by `--max-inflight-bytes` (`Publisher::reserve`), and
 //! a submission's bytes become the stored object without a copy when they are exactly the object.
 
+pub mod escalation;
 mod strict;
 
 use std::cell::Cell;
@@ -25,8 +26,10 @@ use serde_json::value::RawValue;
 use crate::core::handle::Ingress;
 use crate::core::hub::Refusal;
 use crate::core::idempotency::{Fingerprint, IdempotencyKey};
+use crate::core::receipts::{AckRequest, CloseRequest};
+use crate::core::receipts::{Applied, ReceiptEvent};
 use crate::core::{Outcome, Receipt};
-use crate::protocol::{PublishReply, Source};
+use crate::protocol::{Counts, PublishReply, Source};
 use crate::runtime::budget::{ByteBudget, Reservation};
 use crate::runtime::scheduler::FanOut;
 use crate::store::journal::{Committed, FailureCause, Journal, StorageError};
@@ -236,6 +239,50 @@ fn key_member(data: &RawValue) -> Result<Option<IdempotencyKey>, Rejection> {
     IdempotencyKey::parse(&text).map(Some).map_err(|e| invalid(e.to_string()))
 }
 
+/// What became of a close (`Publisher::close`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CloseOutcome {
+    /// No such emergency retained.
+    Unknown,
+    /// Closed, now (`already` false: stored and broadcast) or before.
+    Closed { already: bool },
+}
+
+/// What became of an ack that came without a connection (`Publisher::ack`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AckOutcome {
+    Unknown,
+    Acked { duplicate: bool, counts: Counts },
+}
+
+/// A close command line on the Unix socket: `{"type":"cerrar","seq":N,...}`, the other members
+/// kept as the close's detail. `None` when the line is not one (it is then an emergency).
+pub fn parse_close_command(bytes: &[u8]) -> Option<Result<(u64, Option<String>), Rejection>> {
+    // Most lines are emergencies: only those that could be a command are parsed twice.
+    if !bytes.windows(8).any(|window| window == b"\"cerrar\"") {
+        return None;
+    }
+    let mut object: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(bytes).ok()?;
+    if object.get("type").and_then(serde_json::Value::as_str) != Some("cerrar") {
+        return None;
+    }
+    object.remove("type");
+    let Some(seq) = object.remove("seq").and_then(|seq| seq.as_u64()) else {
+        return Some(Err(Rejection::InvalidJson("a cerrar line needs \"seq\": a whole number".into())));
+    };
+    let detail = (!object.is_empty()).then(|| serde_json::Value::Object(object).to_string());
+    Some(Ok((seq, detail)))
+}
+
+/// A close's optional body: a JSON object (kept as its text), or nothing.
+pub fn parse_close_detail(body: &[u8]) -> Result<Option<String>, Rejection> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(None);
+    }
+    let object = parse_emergency(body, usize::MAX)?;
+    Ok(Some(object.get().to_owned()))
+}
+
 /// What a publisher is told of a submission the history holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Accepted {
@@ -297,7 +344,7 @@ pub struct Publisher {
     journal: Option<Journal>,
     /// Paces publishing to the sessions' fan-out (see `hand_over`).
     fan_out: Rc<FanOut>,
-    metrics: Rc<Metrics>,
+    pub(crate) metrics: Rc<Metrics>,
     /// `--max-body-bytes`.
     max_bytes: usize,
     /// `--max-inflight-bytes`: what publishes hold from their body's first byte to their answer.
@@ -335,6 +382,11 @@ impl Publisher {
         if let Some(journal) = &self.journal {
             journal.close();
         }
+    }
+
+    /// The hub it publishes to, for what reads or marks receipts (escalation).
+    pub fn hub(&self) -> &crate::core::handle::HubHandle {
+        self.ingress.hub()
     }
 
     pub fn journal(&self) -> Option<&Journal> {
@@ -415,7 +467,89 @@ impl Publisher {
     /// The reply to an accepted submission, on either ingest path.
     pub fn reply(&self, accepted: Accepted) -> String {
         let Accepted { seq, queued_to, duplicate } = accepted;
-        self.ingress.hub().with(|hub| PublishReply::accepted(hub.stream_id(), seq, queued_to, duplicate))
+        self.ingress
+            .hub()
+            .with(|hub| PublishReply::accepted(hub.stream_id(), seq, queued_to, hub.counts(seq), duplicate))
+    }
+
+    /// Stores receipt events and then applies them to the hub, which broadcasts what they
+    /// change: durably, in the journal's next transaction (the broadcast follows the commit);
+    /// in memory, at once. Does not wait.
+    pub fn record(&self, events: Vec<ReceiptEvent>) {
+        if events.is_empty() {
+            return;
+        }
+        match &self.journal {
+            Some(journal) => {
+                if let Err(error) = journal.record(events, None) {
+                    log::error!("receipts not stored: {error:?}");
+                }
+            }
+            None => self.apply(events),
+        }
+    }
+
+    /// As `record`, and waits until the events are stored and applied (a close, an escalation,
+    /// whose answer or command must follow the commit).
+    pub async fn record_and_wait(&self, events: Vec<ReceiptEvent>) -> Result<(), Rejection> {
+        let Some(journal) = &self.journal else {
+            self.apply(events);
+            return Ok(());
+        };
+        let (done, applied) = async_channel::bounded(1);
+        journal.record(events, Some(done)).map_err(|error| self.refused_by_storage(error))?;
+        applied.recv().await.map_err(|_| {
+            self.refused_by_storage(StorageError::Failed {
+                cause: FailureCause::Stopped,
+                detail: "the storage thread stopped".into(),
+            })
+        })
+    }
+
+    /// Closes emergency `seq`: stored, then broadcast to every client, before this returns.
+    /// Closing twice is harmless.
+    pub async fn close(&self, seq: u64, detail: Option<String>) -> Result<CloseOutcome, Rejection> {
+        let request = self.ingress.hub().with(|hub| hub.close(seq, detail, std::time::SystemTime::now()));
+        match request {
+            CloseRequest::Unknown => Ok(CloseOutcome::Unknown),
+            CloseRequest::AlreadyClosed => Ok(CloseOutcome::Closed { already: true }),
+            CloseRequest::First(event) => {
+                self.record_and_wait(vec![event]).await?;
+                Ok(CloseOutcome::Closed { already: false })
+            }
+        }
+    }
+
+    /// An ack from a tablet without a connection (HTTP): stored and broadcast before this
+    /// returns, when it is the tablet's first.
+    pub async fn ack(&self, tablet: &str, named: bool, seq: u64) -> Result<AckOutcome, Rejection> {
+        let hub = self.ingress.hub();
+        let duplicate = match hub.with(|hub| hub.ack_from(tablet, named, seq, std::time::SystemTime::now())) {
+            AckRequest::Unknown => return Ok(AckOutcome::Unknown),
+            AckRequest::Repeated | AckRequest::Uncounted => true,
+            AckRequest::First(event) => {
+                self.record_and_wait(vec![event]).await?;
+                false
+            }
+        };
+        Ok(AckOutcome::Acked { duplicate, counts: hub.with(|hub| hub.counts(seq)) })
+    }
+
+    /// Applies stored events to the hub and counts what they changed.
+    fn apply(&self, events: Vec<ReceiptEvent>) {
+        for applied in self.ingress.hub().with(|hub| hub.apply(events)) {
+            match applied {
+                Applied::Ack { first_ack_after, .. } => {
+                    self.metrics.count("resq_push_acks_total", "first");
+                    if let Some(after) = first_ack_after {
+                        self.metrics.observe_first_ack(after);
+                    }
+                }
+                Applied::Closed { .. } => self.metrics.count("resq_push_closes_total", "closed"),
+                Applied::Escalated { .. } => self.metrics.count("resq_push_escalations_total", "unacked"),
+                Applied::Nothing => {}
+            }
+        }
     }
 
     /// Stages one submission and waits for its outcome; refused at once if the journal is busy.
@@ -432,8 +566,8 @@ impl Publisher {
     /// Hands what the journal committed to the hub, in seq order, and answers each publisher.
     /// Ends when the journal has stopped and everything it committed is delivered.
     pub async fn deliver_committed(&self, committed: Receiver<Committed>) {
-        while let Ok(Committed(batch)) = committed.recv().await {
-            for (outcome, reply) in batch {
+        while let Ok(Committed { outcomes, events, waiting }) = committed.recv().await {
+            for (outcome, reply) in outcomes {
                 let answer = match outcome {
                     Outcome::New(stored) => {
                         Ok(Outcome::New(self.hand_over(|ingress| ingress.deliver(stored)).await))
@@ -445,6 +579,10 @@ impl Publisher {
                     Outcome::Conflict { seq } => Ok(Outcome::Conflict { seq }),
                 };
                 let _ = reply.try_send(answer);
+            }
+            self.apply(events);
+            for done in waiting {
+                let _ = done.try_send(());
             }
             smol::future::yield_now().await;
         }
@@ -605,6 +743,13 @@ mod tests {
             queue: 10,
             max_clients: 10,
             history_max_age: Duration::from_secs(3600),
+            status_queue: 10,
+            receipts: crate::core::receipts::ReceiptLimits {
+                max_open: 10,
+                max_open_bytes: 1 << 20,
+                max_unnamed: 10,
+            },
+            ack_timeout: None,
         };
         let (_, ingress) = HubHandle::new(Hub::new(limits, "stream-a"));
         let fan_out = Rc::clone(&Scheduler::new(5).fan_out);
@@ -615,11 +760,14 @@ mod tests {
     fn the_reply_to_an_accepted_submission_names_the_history() {
         let publisher = in_memory_publisher();
         let accepted = smol::block_on(publisher.submit(b"{}".to_vec(), Source::Http, None)).unwrap();
-        assert_eq!(publisher.reply(accepted), r#"{"ok":true,"stream":"stream-a","seq":1,"queued_to":0}"#);
+        assert_eq!(
+            publisher.reply(accepted),
+            r#"{"ok":true,"stream":"stream-a","seq":1,"queued_to":0,"delivered":0,"acked":0}"#
+        );
         let retry = Accepted { seq: 1, queued_to: 0, duplicate: true };
         assert_eq!(
             publisher.reply(retry),
-            r#"{"ok":true,"stream":"stream-a","seq":1,"queued_to":0,"duplicate":true}"#
+            r#"{"ok":true,"stream":"stream-a","seq":1,"queued_to":0,"delivered":0,"acked":0,"duplicate":true}"#
         );
     }
 }

@@ -34,6 +34,7 @@ use smol::lock::{Semaphore, SemaphoreGuardArc};
 
 use crate::core::clock::{Reading, RetentionClock};
 use crate::core::idempotency::{BodyDigest, Fingerprint};
+use crate::core::receipts::ReceiptEvent;
 use crate::core::{Outcome, Receipt, Stored};
 use crate::protocol::{self, Source};
 use crate::support::logger::WarningThrottle;
@@ -53,6 +54,9 @@ const LOCK_FILE: &str = "lock";
 pub struct Retention {
     pub max_count: usize,
     pub max_age: Duration,
+    /// Open emergencies kept however old (`--max-open`): only closed ones age out, and open
+    /// ones beyond the newest `max_open`.
+    pub max_open: usize,
 }
 
 /// Retention as the storage thread applies it: by count always, by age when the clock can be
@@ -76,8 +80,10 @@ pub struct Loaded {
     /// The identity of this history, created with the data dir.
     pub stream_id: String,
     pub last_seq: u64,
-    /// Retained emergencies, oldest first.
+    /// Retained emergencies, oldest first: the history, and older ones still open.
     pub retained: Vec<Stored>,
+    /// Their stored receipts, closes and escalations.
+    pub events: Vec<ReceiptEvent>,
 }
 
 /// Why the journal did not store a submission.
@@ -185,10 +191,15 @@ impl SharedState {
 /// The publisher's side of a submission: what became of it, or why it was not stored.
 pub type Reply = Sender<Result<Outcome<Receipt>, StorageError>>;
 
-/// The submissions decided in one transaction, in the order they came, with their publishers'
-/// replies: the new emergencies among them in seq order.
-#[derive(Debug)]
-pub struct Committed(pub Vec<(Outcome<Stored>, Reply)>);
+/// What one transaction committed: the submissions decided, in the order they came, with their
+/// publishers' replies (the new emergencies among them in seq order), then the receipt events
+/// stored, and those waiting to hear that their events are stored.
+#[derive(Debug, Default)]
+pub struct Committed {
+    pub outcomes: Vec<(Outcome<Stored>, Reply)>,
+    pub events: Vec<ReceiptEvent>,
+    pub waiting: Vec<Sender<()>>,
+}
 
 /// One checked submission for the storage thread.
 struct Append {
@@ -212,6 +223,10 @@ enum Request {
     Append(Append, Place),
     /// Delete what is older than the retention allows, even when nothing is published.
     Sweep,
+    /// Store receipt events in the next transaction; `Some` hears once they are applied. No
+    /// `Place`: the hub asks for each delivery, ack, close and escalation once, so these are
+    /// bounded by the receipts it holds.
+    Record(Vec<ReceiptEvent>, Option<Sender<()>>),
 }
 
 /// The executor's handle on the storage thread.
@@ -229,6 +244,7 @@ impl std::fmt::Debug for Request {
         f.write_str(match self {
             Request::Append(..) => "Append",
             Request::Sweep => "Sweep",
+            Request::Record(..) => "Record",
         })
     }
 }
@@ -308,6 +324,15 @@ impl Journal {
                 Err(StorageError::Failed { cause: FailureCause::Stopped, detail })
             }
         }
+    }
+
+    /// Queues receipt events for the next transaction (no fsync of their own when other work is
+    /// queued: they join its commit). `done` hears once they are committed and applied.
+    pub fn record(&self, events: Vec<ReceiptEvent>, done: Option<Sender<()>>) -> Result<(), StorageError> {
+        self.requests.try_send(Request::Record(events, done)).map_err(|_| StorageError::Failed {
+            cause: FailureCause::Stopped,
+            detail: "the storage thread has stopped".to_owned(),
+        })
     }
 
     /// The outcome of the last commit.
@@ -468,7 +493,40 @@ fn open_database(path: &Path) -> Result<Connection, Unusable> {
          );",
     )?;
     add_idempotency_columns(&db)?;
+    add_receipt_tables(&db)?;
     Ok(db)
+}
+
+/// The receipts table and the close and escalation columns, added to a data dir from before
+/// them; the partial index finds the open emergencies.
+fn add_receipt_tables(db: &Connection) -> rusqlite::Result<()> {
+    for (column, kind) in
+        [("closed_at_ms", "INTEGER"), ("close_detail", "TEXT"), ("escalated_at_ms", "INTEGER")]
+    {
+        add_column(db, column, kind)?;
+    }
+    db.execute_batch(
+        "CREATE TABLE IF NOT EXISTS receipts (
+             seq INTEGER NOT NULL,
+             tablet TEXT NOT NULL,
+             delivered_at_ms INTEGER,
+             acked_at_ms INTEGER,
+             PRIMARY KEY (seq, tablet)
+         ) WITHOUT ROWID;
+         CREATE INDEX IF NOT EXISTS open_emergencies ON emergencies (seq) WHERE closed_at_ms IS NULL;",
+    )
+}
+
+fn add_column(db: &Connection, column: &str, kind: &str) -> rusqlite::Result<()> {
+    let present: bool = db.query_row(
+        "SELECT COUNT(*) > 0 FROM pragma_table_info('emergencies') WHERE name = ?1",
+        [column],
+        |row| row.get(0),
+    )?;
+    if !present {
+        db.execute_batch(&format!("ALTER TABLE emergencies ADD COLUMN {column} {kind}"))?;
+    }
+    Ok(())
 }
 
 /// Runs `PRAGMA quick_check`; damage comes back with its first few findings on one line.
@@ -486,14 +544,7 @@ fn check_integrity(db: &Connection) -> Result<(), Unusable> {
 /// index that finds a key and keeps it unique among the retained rows.
 fn add_idempotency_columns(db: &Connection) -> rusqlite::Result<()> {
     for (column, kind) in [("idempotency_key", "TEXT"), ("body_sha1", "BLOB")] {
-        let present: bool = db.query_row(
-            "SELECT COUNT(*) > 0 FROM pragma_table_info('emergencies') WHERE name = ?1",
-            [column],
-            |row| row.get(0),
-        )?;
-        if !present {
-            db.execute_batch(&format!("ALTER TABLE emergencies ADD COLUMN {column} {kind}"))?;
-        }
+        add_column(db, column, kind)?;
     }
     db.execute_batch(
         "CREATE UNIQUE INDEX IF NOT EXISTS emergencies_by_idempotency_key
@@ -532,7 +583,84 @@ fn load(db: &mut Connection, expiry: &mut Expiry, reading: Reading) -> rusqlite:
         })?
         .collect::<rusqlite::Result<Vec<_>>>()?;
     drop(statement);
-    Ok(Loaded { stream_id, last_seq, retained })
+    let events = load_events(db)?;
+    Ok(Loaded { stream_id, last_seq, retained, events })
+}
+
+/// The receipts, closes and escalations stored with the retained emergencies.
+fn load_events(db: &Connection) -> rusqlite::Result<Vec<ReceiptEvent>> {
+    let mut events = Vec::new();
+    let mut receipts = db.prepare(
+        "SELECT seq, tablet, delivered_at_ms, acked_at_ms FROM receipts ORDER BY seq, acked_at_ms",
+    )?;
+    let mut rows = receipts.query([])?;
+    while let Some(row) = rows.next()? {
+        let (seq, tablet) = (row.get::<_, i64>(0)? as u64, row.get::<_, String>(1)?);
+        if let Some(at) = row.get::<_, Option<i64>>(2)? {
+            events.push(ReceiptEvent::Delivered { seq, tablet: tablet.clone(), at: from_unix_millis(at) });
+        }
+        if let Some(at) = row.get::<_, Option<i64>>(3)? {
+            events.push(ReceiptEvent::Acked { seq, tablet, at: from_unix_millis(at) });
+        }
+    }
+    let mut marks = db.prepare(
+        "SELECT seq, closed_at_ms, close_detail, escalated_at_ms FROM emergencies
+         WHERE closed_at_ms IS NOT NULL OR escalated_at_ms IS NOT NULL ORDER BY seq",
+    )?;
+    let mut rows = marks.query([])?;
+    while let Some(row) = rows.next()? {
+        let seq = row.get::<_, i64>(0)? as u64;
+        if let Some(at) = row.get::<_, Option<i64>>(3)? {
+            events.push(ReceiptEvent::Escalated { seq, at: from_unix_millis(at) });
+        }
+        if let Some(at) = row.get::<_, Option<i64>>(1)? {
+            events.push(ReceiptEvent::Closed { seq, at: from_unix_millis(at), detail: row.get(2)? });
+        }
+    }
+    Ok(events)
+}
+
+/// Stores receipt events in `transaction`: each at most once (a repeated one changes nothing),
+/// and only for an emergency still retained.
+fn write_events(transaction: &Connection, events: &[ReceiptEvent]) -> rusqlite::Result<()> {
+    let mut delivered = transaction.prepare(
+        "INSERT INTO receipts (seq, tablet, delivered_at_ms) SELECT ?1, ?2, ?3
+             WHERE EXISTS (SELECT 1 FROM emergencies WHERE seq = ?1)
+         ON CONFLICT (seq, tablet) DO UPDATE SET delivered_at_ms = COALESCE(delivered_at_ms, excluded.delivered_at_ms)",
+    )?;
+    let mut acked = transaction.prepare(
+        "INSERT INTO receipts (seq, tablet, acked_at_ms) SELECT ?1, ?2, ?3
+             WHERE EXISTS (SELECT 1 FROM emergencies WHERE seq = ?1)
+         ON CONFLICT (seq, tablet) DO UPDATE SET acked_at_ms = COALESCE(acked_at_ms, excluded.acked_at_ms)",
+    )?;
+    for event in events {
+        match event {
+            ReceiptEvent::Delivered { seq, tablet, at } => {
+                delivered.execute(params![*seq as i64, tablet, unix_millis(*at)])?;
+            }
+            ReceiptEvent::Acked { seq, tablet, at } => {
+                acked.execute(params![*seq as i64, tablet, unix_millis(*at)])?;
+            }
+            ReceiptEvent::Closed { seq, at, detail } => {
+                transaction.execute(
+                    "UPDATE emergencies SET closed_at_ms = ?2, close_detail = ?3
+                     WHERE seq = ?1 AND closed_at_ms IS NULL",
+                    params![*seq as i64, unix_millis(*at), detail],
+                )?;
+            }
+            ReceiptEvent::Escalated { seq, at } => {
+                transaction.execute(
+                    "UPDATE emergencies SET escalated_at_ms = ?2 WHERE seq = ?1 AND escalated_at_ms IS NULL",
+                    params![*seq as i64, unix_millis(*at)],
+                )?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn from_unix_millis(millis: i64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(millis.max(0) as u64)
 }
 
 impl Tail {
@@ -585,12 +713,20 @@ fn run(
 ) {
     // A disk that stays full fails every commit: one line per period says so, with the count.
     let failures = WarningThrottle::default();
+    // Receipt events not yet committed: a failed commit keeps them for the next one.
+    let mut events: Vec<ReceiptEvent> = Vec::new();
+    let mut waiting: Vec<Sender<()>> = Vec::new();
     while let Ok(first) = incoming.0.recv_blocking() {
         let mut appends = Vec::new();
         let mut request = Some(first);
         while let Some(next) = request.take() {
-            if let Request::Append(append, _place) = next {
-                appends.push(append);
+            match next {
+                Request::Append(append, _place) => appends.push(append),
+                Request::Record(recorded, done) => {
+                    events.extend(recorded);
+                    waiting.extend(done);
+                }
+                Request::Sweep => {}
             }
             if appends.len() < MAX_BATCH {
                 request = incoming.0.try_recv().ok();
@@ -601,7 +737,7 @@ fn run(
             continue;
         }
         let changes_before = db.total_changes();
-        let written = write_batch(&mut db, tail, &appends, &mut expiry, Reading::now());
+        let written = write_batch(&mut db, tail, &appends, &events, &mut expiry, Reading::now());
         if written.is_ok()
             && let Err(detail) = file.check_committed()
         {
@@ -618,11 +754,14 @@ fn run(
                 }
                 tail = tail.after(&outcomes);
                 let replies = appends.into_iter().map(|append| append.reply);
-                if !outcomes.is_empty()
-                    && committed
-                        .send_blocking(Committed(outcomes.into_iter().zip(replies).collect()))
-                        .is_err()
-                {
+                let batch = Committed {
+                    outcomes: outcomes.into_iter().zip(replies).collect(),
+                    events: std::mem::take(&mut events),
+                    waiting: std::mem::take(&mut waiting),
+                };
+                let anything =
+                    !(batch.outcomes.is_empty() && batch.events.is_empty() && batch.waiting.is_empty());
+                if anything && committed.send_blocking(batch).is_err() {
                     return;
                 }
             }
@@ -647,6 +786,7 @@ fn write_batch(
     db: &mut Connection,
     tail: Tail,
     appends: &[Append],
+    events: &[ReceiptEvent],
     expiry: &mut Expiry,
     reading: Reading,
 ) -> rusqlite::Result<Vec<Outcome<Stored>>> {
@@ -681,6 +821,7 @@ fn write_batch(
     if new_last != tail.seq {
         transaction.execute("UPDATE meta SET value = ?1 WHERE key = 'last_seq'", [new_last.to_string()])?;
     }
+    write_events(&transaction, events)?;
     expiry.delete_expired(&transaction, new_last, reading)?;
     transaction.commit()?;
     Ok(outcomes)
@@ -728,7 +869,27 @@ impl Expiry {
             .clock
             .expiry_now(reading)
             .map_or(i64::MIN, |now| unix_millis(now).saturating_sub(max_age_ms));
-        db.execute(DELETE_EXPIRED, params![newest_over_count as i64, too_old_before_ms, i64::MAX])
+        // The newest open emergency beyond `max_open` (the partial index holds only open ones):
+        // it and older open ones age out like closed ones.
+        let open_cap = db
+            .query_row(
+                "SELECT seq FROM emergencies WHERE closed_at_ms IS NULL ORDER BY seq DESC LIMIT 1 OFFSET ?1",
+                [self.retention.max_open as i64],
+                |row| row.get::<_, i64>(0),
+            )
+            .optional()?
+            .unwrap_or(0);
+        let mut delete = db.prepare(DELETE_EXPIRED)?;
+        let deleted = delete
+            .query_map(params![newest_over_count as i64, too_old_before_ms, i64::MAX, open_cap], |row| {
+                row.get::<_, i64>(0)
+            })?
+            .collect::<rusqlite::Result<Vec<i64>>>()?;
+        let mut receipts = db.prepare("DELETE FROM receipts WHERE seq = ?1")?;
+        for seq in &deleted {
+            receipts.execute([seq])?;
+        }
+        Ok(deleted.len())
     }
 }
 
@@ -738,10 +899,13 @@ impl Expiry {
 /// take newer emergencies with it. `?3` is the largest seq, for when every one is too old.
 ///
 /// Both go by the primary key only, from the cut on: a commit's delete costs what it deletes
-/// plus one lookup, however long the history (`--history 100000` is 100 000 rows).
+/// plus one lookup, however long the history (`--history 100000` is 100 000 rows), plus the
+/// open emergencies kept below the cut (at most `--max-open`): an open one stays unless it is
+/// `?4` or older, the newest open one beyond the cap. Returns the seqs deleted, whose receipts
+/// go with them.
 const DELETE_EXPIRED: &str = "DELETE FROM emergencies WHERE seq < MAX(?1 + 1, COALESCE(
          (SELECT seq FROM emergencies WHERE seq > ?1 AND received_at_ms >= ?2 ORDER BY seq LIMIT 1),
-         ?3))";
+         ?3)) AND (closed_at_ms IS NOT NULL OR seq <= ?4) RETURNING seq";
 
 fn unix_millis(time: SystemTime) -> i64 {
     time.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as i64
@@ -841,7 +1005,7 @@ mod tests {
         let (journal, _, committed) = open(dir.path(), RETENTION).unwrap();
         let mut held: Vec<Place> = (1..MAX_QUEUED).map(|_| journal.try_place().unwrap()).collect();
         let _receipt = append_now(&journal);
-        let Committed(batch) = committed.recv_blocking().unwrap();
+        let Committed { outcomes: batch, .. } = committed.recv_blocking().unwrap();
         assert!(matches!(batch[0].0, Outcome::New(Stored { seq: 1, .. })), "{batch:?}");
         // Taken, the submission gave its place back: one is free again, and no more.
         held.push(within_10s(journal.place()).expect("no place came free"));
@@ -932,7 +1096,7 @@ mod tests {
             journal.append(journal.try_place().unwrap(), data, Source::Unix, fingerprint).unwrap()
         };
         let _first = keyed(r#"{"n":1}"#);
-        assert!(matches!(committed.recv_blocking().unwrap().0[0].0, Outcome::New(_)));
+        assert!(matches!(committed.recv_blocking().unwrap().outcomes[0].0, Outcome::New(_)));
         journal.state.failed(FailureCause::DiskFull, "database or disk is full".into());
         // A retry and a conflict commit a transaction that stores no row.
         let _retry = keyed(r#"{"n":1}"#);
@@ -940,7 +1104,7 @@ mod tests {
         let mut decided_so_far = Vec::new();
         while decided_so_far.len() < 2 {
             decided_so_far
-                .extend(committed.recv_blocking().unwrap().0.into_iter().map(|(outcome, _)| outcome));
+                .extend(committed.recv_blocking().unwrap().outcomes.into_iter().map(|(outcome, _)| outcome));
         }
         assert!(
             matches!(decided_so_far[..], [Outcome::Duplicate { seq: 1 }, Outcome::Conflict { seq: 1 }]),
@@ -949,7 +1113,10 @@ mod tests {
         assert!(matches!(journal.state(), StorageState::Failing { cause: FailureCause::DiskFull, .. }));
         // A new emergency is a write that succeeded.
         let _new = append_now(&journal);
-        assert!(matches!(committed.recv_blocking().unwrap().0[0].0, Outcome::New(Stored { seq: 2, .. })));
+        assert!(matches!(
+            committed.recv_blocking().unwrap().outcomes[0].0,
+            Outcome::New(Stored { seq: 2, .. })
+        ));
         assert_eq!(journal.state(), StorageState::Ok);
     }
 
@@ -967,7 +1134,7 @@ mod tests {
         assert_eq!(StorageError::Busy.cause().label(), "busy");
     }
 
-    const RETENTION: Retention = Retention { max_count: 10, max_age: HOUR };
+    const RETENTION: Retention = Retention { max_count: 10, max_age: HOUR, max_open: 0 };
     const EMPTY: Tail = Tail { seq: 0, received_at: UNIX_EPOCH };
 
     /// A new history in `dir`, its clock first read at `start`, keeping 10 emergencies an hour.
@@ -994,7 +1161,7 @@ mod tests {
     ) -> Vec<Stored> {
         let appends: Vec<_> =
             stamps.iter().map(|&received_at| Append { received_at, ..append("{}", None) }).collect();
-        let outcomes = write_batch(db, tail, &appends, expiry, reading).unwrap();
+        let outcomes = write_batch(db, tail, &appends, &[], expiry, reading).unwrap();
         let new = |outcome| match outcome {
             Outcome::New(stored) => stored,
             other => panic!("an emergency without a key was not stored: {other:?}"),
@@ -1034,7 +1201,7 @@ mod tests {
         let dir = TestDir::new("by-seq");
         let start = Reading::now();
         let (mut db, mut expiry) = new_history(&dir, start);
-        let plan = query_plan(&db, DELETE_EXPIRED, params![1, unix_millis(start.wall), i64::MAX]);
+        let plan = query_plan(&db, DELETE_EXPIRED, params![1, unix_millis(start.wall), i64::MAX, i64::MAX]);
         let by_key = |step: &String| step.starts_with("SEARCH emergencies USING INTEGER PRIMARY KEY");
         assert!(plan.iter().filter(|step| step.contains("emergencies")).all(by_key), "{plan:?}");
         commit(&mut db, EMPTY, &[start.wall; 8], &mut expiry, start);
@@ -1042,7 +1209,9 @@ mod tests {
         // Nothing to delete, two by count, everything by age: each a walk by seq, never a scan.
         for (cut, too_old_before, left) in [(0, now, 8), (2, now, 6), (2, now + 1, 0)] {
             let mut delete = db.prepare(DELETE_EXPIRED).unwrap();
-            delete.execute(params![cut, too_old_before, i64::MAX]).unwrap();
+            let deleted =
+                delete.query_map(params![cut, too_old_before, i64::MAX, i64::MAX], |_| Ok(())).unwrap();
+            assert!(deleted.map(Result::unwrap).count() <= 8);
             assert_eq!(delete.get_status(rusqlite::StatementStatus::FullscanStep), 0);
             assert_eq!(seqs(&db).len(), left);
         }
@@ -1199,7 +1368,7 @@ mod tests {
             append("{}", None),
             append("{}", None),
         ];
-        let outcomes = write_batch(&mut db, EMPTY, &batch, &mut expiry, start).unwrap();
+        let outcomes = write_batch(&mut db, EMPTY, &batch, &[], &mut expiry, start).unwrap();
         use Outcome::{Conflict, Duplicate, New};
         assert_eq!(decided(&outcomes), [New(1), Duplicate { seq: 1 }, Conflict { seq: 1 }, New(2), New(3)]);
         drop(db);
@@ -1208,7 +1377,7 @@ mod tests {
         let (mut db, mut expiry, loaded) = reopen(&dir, retention, start);
         assert_eq!(loaded.last_seq, 3);
         let mut write = |tail: Tail, batch: &[Append]| {
-            let outcomes = write_batch(&mut db, tail, batch, &mut expiry, start).unwrap();
+            let outcomes = write_batch(&mut db, tail, batch, &[], &mut expiry, start).unwrap();
             (decided(&outcomes), tail.after(&outcomes))
         };
         let (retried, tail) = write(loaded.tail(), &[append(r#"{"n":1}"#, Some("k"))]);
@@ -1236,7 +1405,7 @@ mod tests {
             Append { received_at: start.wall + HOUR, ..append(r#"{"n":2}"#, Some("k")) },
             Append { received_at: stepped_back, ..append("{}", None) },
         ];
-        let outcomes = write_batch(&mut db, EMPTY, &batch, &mut expiry, start).unwrap();
+        let outcomes = write_batch(&mut db, EMPTY, &batch, &[], &mut expiry, start).unwrap();
         use Outcome::{Conflict, Duplicate, New};
         assert_eq!(decided(&outcomes), [New(1), Duplicate { seq: 1 }, Conflict { seq: 1 }, New(2)]);
         // Seq 2 follows seq 1, not the retries' later stamps, and never goes before seq 1.
@@ -1244,7 +1413,7 @@ mod tests {
         assert_eq!(second.received_at, start.wall);
         let tail = EMPTY.after(&outcomes);
         assert_eq!((tail.seq, tail.received_at), (2, start.wall));
-        let retried = write_batch(&mut db, tail, &[append(r#"{"n":1}"#, Some("k"))], &mut expiry, start);
+        let retried = write_batch(&mut db, tail, &[append(r#"{"n":1}"#, Some("k"))], &[], &mut expiry, start);
         let retried = retried.unwrap();
         assert_eq!(decided(&retried), [Duplicate { seq: 1 }]);
         let after = tail.after(&retried);
@@ -1258,11 +1427,11 @@ mod tests {
         let start = Reading::now();
         let (mut db, mut expiry) = new_history(&dir, start);
         let keyed = [append("{}", Some("null")), append("{}", Some("short"))];
-        let stored = write_batch(&mut db, EMPTY, &keyed, &mut expiry, start).unwrap();
+        let stored = write_batch(&mut db, EMPTY, &keyed, &[], &mut expiry, start).unwrap();
         db.execute("UPDATE emergencies SET body_sha1 = NULL WHERE seq = 1", []).unwrap();
         db.execute("UPDATE emergencies SET body_sha1 = x'00' WHERE seq = 2", []).unwrap();
         let batch = [append("{}", Some("null")), append("{}", Some("short")), append("{}", None)];
-        let outcomes = write_batch(&mut db, EMPTY.after(&stored), &batch, &mut expiry, start).unwrap();
+        let outcomes = write_batch(&mut db, EMPTY.after(&stored), &batch, &[], &mut expiry, start).unwrap();
         assert_eq!(
             decided(&outcomes),
             [Outcome::Conflict { seq: 1 }, Outcome::Conflict { seq: 2 }, Outcome::New(3)]

@@ -28,7 +28,15 @@ const FAMILIES: &[(&str, &str, &str)] = &[
         "Emergencies refused because storage did not take them, by cause.",
         "cause",
     ),
+    ("resq_push_acks_total", "Tablets' first acks of an emergency (repeats are not counted).", "kind"),
+    ("resq_push_closes_total", "Emergencies closed by a publisher.", "kind"),
+    ("resq_push_escalations_total", "Emergencies nobody acked within --ack-timeout.", "kind"),
+    ("resq_push_escalation_commands_total", "--on-unacked commands run, by how they ended.", "outcome"),
 ];
+
+/// Upper bounds of the publish-to-first-ack histogram, in seconds: 1 s to 5 min, around the
+/// 60-80 s turnout targets of station alerting.
+pub const FIRST_ACK_BUCKETS: [f64; 10] = [1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 90.0, 120.0, 300.0];
 
 /// The values read from the server's state when the page is rendered.
 #[derive(Debug, Default)]
@@ -37,6 +45,13 @@ pub struct Gauges {
     pub last_seq: u64,
     pub history_entries: usize,
     pub history_bytes: usize,
+    /// Named tablets (subscribe token names), and those of them connected.
+    pub tablets_expected: usize,
+    pub tablets_connected: usize,
+    /// `--min-subscribers`, 0 without it.
+    pub min_subscribers: usize,
+    pub open_emergencies: usize,
+    pub open_unacked: usize,
 }
 
 #[derive(Debug)]
@@ -48,6 +63,9 @@ pub struct Metrics {
     /// Emergencies written to WebSocket clients (replay included).
     delivered: Cell<u64>,
     labelled: RefCell<BTreeMap<(&'static str, &'static str), u64>>,
+    /// Publish to first ack: a count per bucket of `FIRST_ACK_BUCKETS` (not cumulative), the
+    /// ones beyond the last, and the sum in seconds.
+    first_ack: RefCell<([u64; FIRST_ACK_BUCKETS.len() + 1], f64)>,
 }
 
 impl Default for Metrics {
@@ -57,6 +75,7 @@ impl Default for Metrics {
             started: Instant::now(),
             delivered: Cell::new(0),
             labelled: RefCell::default(),
+            first_ack: RefCell::default(),
         }
     }
 }
@@ -78,10 +97,71 @@ impl Metrics {
         self.delivered.set(self.delivered.get() + events);
     }
 
+    /// An emergency's first ack came `after` its publish.
+    pub fn observe_first_ack(&self, after: Duration) {
+        let seconds = after.as_secs_f64();
+        let bucket =
+            FIRST_ACK_BUCKETS.iter().position(|bound| seconds <= *bound).unwrap_or(FIRST_ACK_BUCKETS.len());
+        let mut histogram = self.first_ack.borrow_mut();
+        histogram.0[bucket] += 1;
+        histogram.1 += seconds;
+    }
+
+    fn render_first_ack(&self, page: &mut String) {
+        let name = "resq_push_first_ack_seconds";
+        let (counts, sum) = *self.first_ack.borrow();
+        let _ = write!(
+            page,
+            "# HELP {name} Time from publish to an emergency's first ack.\n# TYPE {name} histogram\n"
+        );
+        let mut cumulative = 0;
+        for (bound, count) in FIRST_ACK_BUCKETS.iter().zip(counts) {
+            cumulative += count;
+            let _ = writeln!(page, "{name}_bucket{{le=\"{bound}\"}} {cumulative}");
+        }
+        cumulative += counts[FIRST_ACK_BUCKETS.len()];
+        let _ = write!(
+            page,
+            "{name}_bucket{{le=\"+Inf\"}} {cumulative}\n{name}_sum {sum}\n{name}_count {cumulative}\n"
+        );
+    }
+
     /// The whole page, with the gauges as of now.
     pub fn render(&self, gauges: &Gauges) -> String {
         let started = self.started_at.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs_f64();
         let mut page = String::new();
+        let roster: [(&str, &str, &str, f64); 5] = [
+            (
+                "resq_push_tablets_expected",
+                "gauge",
+                "Named tablets: the subscribe tokens' names.",
+                gauges.tablets_expected as f64,
+            ),
+            (
+                "resq_push_tablets_connected",
+                "gauge",
+                "Named tablets with at least one connection.",
+                gauges.tablets_connected as f64,
+            ),
+            (
+                "resq_push_min_subscribers",
+                "gauge",
+                "--min-subscribers (0: none).",
+                gauges.min_subscribers as f64,
+            ),
+            (
+                "resq_push_open_emergencies",
+                "gauge",
+                "Emergencies not closed.",
+                gauges.open_emergencies as f64,
+            ),
+            (
+                "resq_push_open_unacked",
+                "gauge",
+                "Open emergencies no tablet has acked.",
+                gauges.open_unacked as f64,
+            ),
+        ];
         let gauges: [(&str, &str, &str, f64); 6] = [
             ("resq_push_clients", "gauge", "Connected WebSocket clients.", gauges.clients as f64),
             ("resq_push_last_seq", "gauge", "The last sequence number assigned.", gauges.last_seq as f64),
@@ -105,9 +185,10 @@ impl Metrics {
             ),
             ("resq_push_start_time_seconds", "gauge", "Start time of the process, Unix seconds.", started),
         ];
-        for (name, kind, help, value) in gauges {
+        for (name, kind, help, value) in gauges.into_iter().chain(roster) {
             let _ = write!(page, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n");
         }
+        self.render_first_ack(&mut page);
         let labelled = self.labelled.borrow();
         for (family, help, label) in FAMILIES {
             let _ = write!(page, "# HELP {family} {help}\n# TYPE {family} counter\n");

@@ -10,11 +10,11 @@ use smol::io::{AsyncReadExt, AsyncWriteExt};
 use smol::net::unix::UnixStream;
 
 use crate::app::App;
-use crate::ingest::{INFLIGHT_WAIT, Rejection, WhenBusy};
-use crate::protocol::{Source, error_json};
+use crate::ingest::{CloseOutcome, INFLIGHT_WAIT, Rejection, Staged, WhenBusy, parse_close_command};
+use crate::protocol::{self, CloseReply, Source, error_json};
 use crate::runtime::deadline;
 use crate::runtime::slots::SlotGuard;
-use crate::unix::lines::{Line, LineSplitter};
+use crate::unix::lines::{self, LineSplitter};
 
 /// Serves one publisher connection until it closes, fails, the server stops, or it is evicted
 /// (idle while every slot is taken). Only a clean end of input completes a last line without
@@ -33,10 +33,10 @@ pub async fn serve(app: Rc<App>, mut stream: UnixStream, slot: SlotGuard, sender
         let read = future::or(async { Some(stream.read(&mut chunk).await) }, stopped_or_evicted).await;
         slot.set_idle(false);
         let mut lines: Vec<Result<Vec<u8>, Rejection>> = Vec::new();
-        let collect = |line: Line<'_>| {
+        let collect = |line: lines::Line<'_>| {
             lines.push(match line {
-                Line::Complete(bytes) => Ok(bytes.to_vec()),
-                Line::TooLong => Err(Rejection::TooLarge { limit: max_line }),
+                lines::Line::Complete(bytes) => Ok(bytes.to_vec()),
+                lines::Line::TooLong => Err(Rejection::TooLarge { limit: max_line }),
             })
         };
         let at_end = match read {
@@ -70,6 +70,25 @@ pub async fn serve(app: Rc<App>, mut stream: UnixStream, slot: SlotGuard, sender
     }
 }
 
+/// A staged line: an emergency on its way into the history, or a close command.
+enum Line {
+    Emergency(Staged),
+    Close(Result<(u64, Option<String>), Rejection>),
+}
+
+/// A `{"type":"cerrar","seq":N,...}` line: the reply line, or why not.
+async fn close(app: &App, seq: u64, detail: Option<String>, sender: &str) -> Result<String, Rejection> {
+    Ok(match app.publisher.close(seq, detail).await? {
+        CloseOutcome::Unknown => error_json("unknown seq"),
+        CloseOutcome::Closed { already } => {
+            if !already {
+                info!("closed seq {seq} over unix from {sender}");
+            }
+            protocol::to_json(&CloseReply { ok: true, seq, closed: true, already_closed: already })
+        }
+    })
+}
+
 /// A failed read is not the end of the input: the last line may have been cut anywhere, and
 /// its reply could not be read, so the publisher would send it again. It is not published.
 fn drop_unfinished_line(splitter: &LineSplitter, error: &io::Error) {
@@ -94,9 +113,15 @@ async fn publish_lines(app: &App, lines: Vec<Result<Vec<u8>, Rejection>>, sender
     let mut staged = Vec::with_capacity(lines.len());
     for (index, line) in lines.into_iter().enumerate() {
         staged.push(match (line, &held) {
-            (Ok(bytes), Ok(_)) => {
-                (bytes.len(), app.publisher.stage(bytes, Source::Unix, None, WhenBusy::Wait).await)
-            }
+            (Ok(bytes), Ok(_)) => match parse_close_command(&bytes) {
+                // Run in order with the replies, after the emergencies before it are in.
+                Some(command) => (0, Ok(Line::Close(command))),
+                None => {
+                    let length = bytes.len();
+                    let staged = app.publisher.stage(bytes, Source::Unix, None, WhenBusy::Wait).await;
+                    (length, staged.map(Line::Emergency))
+                }
+            },
             (Ok(_), Err(rejection)) => (0, Err(rejection.clone())),
             (Err(rejection), _) => (0, Err(rejection)),
         });
@@ -109,14 +134,15 @@ async fn publish_lines(app: &App, lines: Vec<Result<Vec<u8>, Rejection>>, sender
     let mut first_rejection = None;
     for (index, (bytes, staged)) in staged.into_iter().enumerate() {
         let outcome = match staged {
-            Ok(staged) => app.publisher.settle(staged, Source::Unix).await,
-            Err(rejection) => Err(rejection),
-        };
-        let reply = match outcome {
-            Ok(accepted) => {
+            Ok(Line::Emergency(staged)) => app.publisher.settle(staged, Source::Unix).await.map(|accepted| {
                 info!("{accepted} ({bytes} bytes) over unix from {sender}");
                 app.publisher.reply(accepted)
-            }
+            }),
+            Ok(Line::Close(Ok((seq, detail)))) => close(app, seq, detail, sender).await,
+            Ok(Line::Close(Err(rejection))) | Err(rejection) => Err(rejection),
+        };
+        let reply = match outcome {
+            Ok(reply) => reply,
             Err(rejection) => {
                 rejected += 1;
                 app.metrics.count("resq_push_unix_rejections_total", rejection.label());

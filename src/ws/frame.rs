@@ -1,50 +1,87 @@
-//! WebSocket frames as the server writes them, and the `writev` slices that send them.
+//! What a session writes, framed: WebSocket frames (`Frame::text`, `Frame::ping`) and, through
+//! `Frame::event`, Server-Sent Events (`ws::sse` builds them); and the `writev` slices that send
+//! them.
 
 use std::io::IoSlice;
 use std::rc::Rc;
 
 use crate::core::SharedEnvelope;
 
-/// One frame as the server writes it: final, unmasked, so the same bytes suit every client.
-/// The payload is shared, never copied: an emergency is framed once and written from the
-/// history's own buffer to every socket.
+/// One frame as the server writes it. The payload is shared, never copied: an emergency is
+/// serialized once and written from the history's own buffer to every socket, whatever its
+/// framing. A WebSocket frame is final and unmasked, so the same bytes suit every client; an
+/// SSE event is `prefix` (the session's `id: <stream>:`, shared), a small head (the seq and
+/// `data: `, or `event: <name>`), the payload, and a tail (`\n\n`).
 pub struct Frame {
+    prefix: Option<Rc<str>>,
     header: FrameHeader,
     payload: SharedEnvelope,
+    tail: &'static str,
 }
+
+/// The parts of a frame, in the order they are written.
+const PARTS: usize = 4;
 
 impl Frame {
     pub fn text(json: SharedEnvelope) -> Frame {
-        Frame { header: FrameHeader::new(OPCODE_TEXT, json.len()), payload: json }
+        Frame { prefix: None, header: FrameHeader::new(OPCODE_TEXT, json.len()), payload: json, tail: "" }
     }
 
     pub fn ping() -> Frame {
-        Frame { header: FrameHeader::new(OPCODE_PING, 0), payload: Rc::from("") }
+        Frame { prefix: None, header: FrameHeader::new(OPCODE_PING, 0), payload: Rc::from(""), tail: "" }
     }
 
-    /// The header's bytes, then the payload's.
-    pub fn parts(&self) -> [&[u8]; 2] {
-        [&self.header.bytes[..usize::from(self.header.len)], self.payload.as_bytes()]
+    /// A frame of other bytes around a payload (an SSE event): `prefix`, `head` (at most
+    /// `MAX_HEAD_BYTES`: longer is cut), `payload`, `tail`.
+    pub fn event(prefix: Option<Rc<str>>, head: &[u8], payload: SharedEnvelope, tail: &'static str) -> Frame {
+        Frame { prefix, header: FrameHeader::raw(head), payload, tail }
+    }
+
+    /// The prefix's bytes, the header's, the payload's, then the tail's (the first and the last are
+    /// empty in a WebSocket frame).
+    pub fn parts(&self) -> [&[u8]; PARTS] {
+        [
+            self.prefix.as_deref().unwrap_or("").as_bytes(),
+            &self.header.bytes[..usize::from(self.header.len)],
+            self.payload.as_bytes(),
+            self.tail.as_bytes(),
+        ]
     }
 
     pub fn len(&self) -> usize {
-        usize::from(self.header.len) + self.payload.len()
+        self.parts().iter().map(|part| part.len()).sum()
     }
 }
+
+/// Slices a `writev` needs for `frames` frames.
+pub const fn slices_for(frames: usize) -> usize {
+    PARTS * frames
+}
+
+/// The longest head a frame holds inline: an SSE event's `<seq>\ndata: ` or `event: <name>\ndata: `.
+pub const MAX_HEAD_BYTES: usize = 40;
 
 const OPCODE_TEXT: u8 = 0x1;
 const OPCODE_PING: u8 = 0x9;
 
-/// RFC 6455 section 5.2: FIN and the opcode, then the length in 7, 7+16 or 7+64 bits, no mask.
+/// RFC 6455 section 5.2: FIN and the opcode, then the length in 7, 7+16 or 7+64 bits, no mask;
+/// or an SSE event's head.
 #[derive(Clone, Copy)]
 struct FrameHeader {
-    bytes: [u8; 10],
+    bytes: [u8; MAX_HEAD_BYTES],
     len: u8,
 }
 
 impl FrameHeader {
+    fn raw(head: &[u8]) -> FrameHeader {
+        let mut bytes = [0u8; MAX_HEAD_BYTES];
+        let len = head.len().min(MAX_HEAD_BYTES);
+        bytes[..len].copy_from_slice(&head[..len]);
+        FrameHeader { bytes, len: len as u8 }
+    }
+
     fn new(opcode: u8, payload_len: usize) -> FrameHeader {
-        let mut bytes = [0u8; 10];
+        let mut bytes = [0u8; MAX_HEAD_BYTES];
         bytes[0] = 0x80 | opcode;
         let len = match u16::try_from(payload_len) {
             Ok(short @ 0..=125) => {
@@ -103,6 +140,18 @@ mod tests {
         }
         let mut two = [IoSlice::new(&[]); 2];
         assert_eq!(unwritten_slices(&frames, 1, &mut two), 2);
+        let events = [
+            Frame::event(Some("id: s:".into()), b"7\ndata: ", "{}".into(), "\n\n"),
+            Frame::event(None, b": ping\n\n", "".into(), ""),
+        ];
+        let wire: Vec<u8> = events.iter().flat_map(Frame::parts).flatten().copied().collect();
+        assert_eq!(wire, b"id: s:7\ndata: {}\n\n: ping\n\n");
+        for skip in 0..=wire.len() {
+            let mut slices = [IoSlice::new(&[]); slices_for(2)];
+            let count = unwritten_slices(&events, skip, &mut slices);
+            let rest: Vec<u8> = slices[..count].iter().flat_map(|slice| slice.iter().copied()).collect();
+            assert_eq!(rest, wire[skip..], "skip {skip}");
+        }
     }
 
     fn wire(frame: &Frame) -> Vec<u8> {

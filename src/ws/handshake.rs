@@ -1,6 +1,6 @@
 //! The WebSocket handshake on `/ws/emergencias`: every check that can refuse a client with a
-//! plain HTTP status before the 101 (upgrade headers, origin, token, `since`, room in the hub),
-//! the 101 itself, and the `Session` that follows.
+//! plain HTTP status before the 101 (the upgrade headers here; origin, token, `since` and room in
+//! the hub in `admission`), the 101 itself, and the `Session` that follows.
 
 use std::net::SocketAddr;
 use std::rc::Rc;
@@ -8,20 +8,20 @@ use std::time::Instant;
 
 use async_tungstenite::WebSocketStream;
 use async_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
-use log::{debug, info, warn};
+use log::{info, warn};
 use sha1::{Digest, Sha1};
 
 use crate::app::App;
 use crate::config::Config;
-use crate::core::hub::{Greeting, Refusal};
+use crate::core::hub::Greeting;
 use crate::core::subscription::Subscription;
 use crate::http::conn::{Request, Response};
-use crate::http::credentials::{authorize, parse_resume};
+use crate::http::credentials::parse_resume;
 use crate::http::routes::Upgrade;
 use crate::http::status::Status;
 use crate::protocol::error_json;
-use crate::tls::transport::Transport;
-use crate::ws::session::Session;
+use crate::ws::admission::{Subscribed, cap_send_buffer, subscribe};
+use crate::ws::session::{Session, Wire};
 
 /// Initial read buffer per client. Clients send pongs and pings of a few bytes; tungstenite
 /// grows the buffer for a larger message, up to `--max-client-message-bytes`.
@@ -52,7 +52,7 @@ pub async fn upgrade(app: &Rc<App>, upgrade: Upgrade) -> Option<Session> {
         return None;
     }
     drop(slot);
-    cap_send_buffer(&connection.stream, config.client_send_buffer);
+    cap_send_buffer(connection.stream.tcp(), config.client_send_buffer);
     // What the client sent after its request head; shrunk, because tungstenite keeps this
     // vector's allocation as its read buffer.
     let mut early_frames = connection.buffered;
@@ -74,7 +74,14 @@ pub async fn upgrade(app: &Rc<App>, upgrade: Upgrade) -> Option<Session> {
         None => info!("client {client_id}{name} connected from {peer} over {scheme}"),
     }
     let label = format!("client {client_id}{name} ({peer})").into_boxed_str();
-    Some(Session::new(ws, socket, Rc::clone(app), admitted.subscription, admitted.greeting, label))
+    Some(Session::new(
+        Wire::WebSocket(ws),
+        socket,
+        Rc::clone(app),
+        admitted.subscription,
+        admitted.greeting,
+        label,
+    ))
 }
 
 /// A client that passed every check and is registered with the hub.
@@ -88,50 +95,14 @@ struct Admitted {
 }
 
 /// Everything that can refuse a client with a plain HTTP status, before the 101: the upgrade
-/// headers, the origin, the token, `since`, and room in the hub (which then registers it).
+/// headers, then what every client of the stream must pass (`subscribe`).
 fn admit(app: &App, request: &Request, peer: SocketAddr) -> Result<Admitted, Response> {
     let accept_key = check_upgrade(request).inspect_err(|refusal| {
         warn!("refused WebSocket upgrade from {peer}: {}", refusal.body);
     })?;
-    if let Some(origin) = request.header("origin") {
-        let access = app.access.borrow();
-        if !access.origin_allowed(origin) {
-            let allowed = &access.allowed_origins;
-            warn!("refused WebSocket client {peer}: origin {origin:?} not in --allowed-origin {allowed:?}");
-            return Err(Response::json(Status::FORBIDDEN, error_json("origin not allowed")));
-        }
-    }
-    let identity =
-        authorize(app.access.borrow().subscribe.as_ref(), request, true, "WebSocket client", peer)?;
-    let name = identity.as_ref().map(|identity| format!(" ({})", identity.name)).unwrap_or_default();
-    let resume = parse_resume(request, peer)?;
-    let (subscription, greeting) =
-        Subscription::open(&app.hub, peer, identity, resume.as_ref()).map_err(|refusal| {
-            let reason = match refusal {
-                Refusal::Full => "too many clients (--max-clients)",
-                Refusal::ShuttingDown => "server shutting down",
-            };
-            warn!("refused WebSocket client {peer}: {reason}");
-            if refusal == Refusal::Full {
-                app.metrics.count("resq_push_connections_refused_total", "max_clients");
-            }
-            Response::json(Status::SERVICE_UNAVAILABLE, error_json(reason)).with_header("Retry-After", "5")
-        })?;
+    let admitted = subscribe(app, request, peer, "WebSocket client", || parse_resume(request, peer))?;
+    let Subscribed { name, resume, subscription, greeting } = admitted;
     Ok(Admitted { accept_key, name, since: resume.map(|resume| resume.since), subscription, greeting })
-}
-
-/// Caps the kernel's send buffer (`--client-send-buffer`, 0 for none): it holds what a client
-/// that stopped reading has not taken, until `--write-timeout`, and autotuning would grow it to
-/// megabytes a client. Set after the handshake, so HTTP answers (polls) keep the kernel's sizing.
-fn cap_send_buffer(stream: &Transport, bytes: usize) {
-    if bytes == 0 {
-        return;
-    }
-    // Linux keeps twice what `SO_SNDBUF` asks for (the other half is for its bookkeeping): half
-    // is asked, so that the buffer is the size given.
-    if let Err(error) = socket2::SockRef::from(stream.tcp()).set_send_buffer_size(bytes / 2) {
-        debug!("could not cap a client's send buffer at {bytes} bytes: {error}");
-    }
 }
 
 /// Settings for clients that send almost nothing: a small read buffer and small message limits.

@@ -1,11 +1,16 @@
-//! One WebSocket client from its 101 to its end: a loop that sends what the hub has for the
-//! client, pings on a timer and reads whatever the client sends.
+//! One client of the live stream from its 101 (WebSocket) or its 200 (Server-Sent Events) to its
+//! end: a loop that sends what the hub has for the client, heartbeats on a timer and reads
+//! whatever the client sends.
 //!
-//! Tablets never have to send anything: a client stays as long as it answers pings (browsers do
-//! so automatically). Emergencies are written as `Frame`s straight to the socket, several per
-//! system call when several are waiting; tungstenite reads the client's frames and runs the close
-//! handshake. Every write is bounded by `--write-timeout`, and every way out of the loop ends in
-//! `SessionEnd`, logged once; dropping the `Subscription` frees the client.
+//! Tablets never have to send anything: a WebSocket client stays as long as it answers pings
+//! (browsers do so automatically). Emergencies are written as `Frame`s straight to the socket,
+//! several per system call when several are waiting; over WebSocket, tungstenite reads the
+//! client's frames and runs the close handshake. The `Wire` is the one part that differs between
+//! the two: the framing (`Frame::text` or `ws::events::EventStream`), what the client can send, how
+//! the heartbeat is answered and how the connection ends. The hub subscription, the queue and its
+//! slow-client rule, `--write-timeout`, the timer and the counting are the same code for both.
+//! Every way out of the loop ends in `SessionEnd`, logged once; dropping the `Subscription` frees
+//! the client.
 
 use std::fmt;
 use std::io::{self, IoSlice};
@@ -13,14 +18,14 @@ use std::pin::{Pin, pin};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::task::Poll;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use async_tungstenite::WebSocketStream;
 use async_tungstenite::tungstenite::protocol::CloseFrame;
 use async_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use async_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
 use futures_util::SinkExt;
-use log::{info, warn};
+use log::{debug, info, warn};
 use smol::io::{AsyncReadExt, AsyncWrite};
 use smol::stream::StreamExt;
 use smol::{Async, Timer, future};
@@ -29,12 +34,14 @@ use crate::app::App;
 use crate::config::Config;
 use crate::core::doorbell::Farewell;
 use crate::core::hub::Greeting;
+use crate::core::receipts::AckRequest;
 use crate::core::subscription::Subscription;
 use crate::protocol::{self, PONG, WELCOME_MESSAGE, Welcome};
 use crate::runtime::deadline::{self, TimedOut};
 use crate::runtime::linger::HalfClose;
 use crate::tls::transport::Transport;
-use crate::ws::frame::{Frame, unwritten_slices};
+use crate::ws::events::EventStream;
+use crate::ws::frame::{Frame, slices_for, unwritten_slices};
 
 /// A write stops adding emergencies at this many bytes...
 const WRITE_BATCH_BYTES: usize = 64 * 1024;
@@ -106,12 +113,39 @@ enum Wake {
     Timer,
 }
 
-/// A connected client, from its 101 to its end.
+/// How a session's client is spoken to.
+// An SSE session carries the WebSocket variant's size unused (some 400 bytes a client): boxing
+// the stream instead would cost every WebSocket client an allocation and an indirection.
+#[allow(clippy::large_enum_variant)]
+pub enum Wire {
+    /// tungstenite reads the client's frames, answers its Pings and runs the close handshake.
+    WebSocket(WebSocketStream<Transport>),
+    /// Server-Sent Events: the client sends nothing, its events are framed by `EventStream` and
+    /// written to the transport.
+    EventStream(EventStream, Transport),
+}
+
+impl Wire {
+    /// The client's byte stream (plain or TLS), which frames as the hub framed them are written to.
+    fn transport(&self) -> &Transport {
+        match self {
+            Wire::WebSocket(ws) => ws.get_ref(),
+            Wire::EventStream(_, transport) => transport,
+        }
+    }
+
+    fn transport_mut(&mut self) -> &mut Transport {
+        match self {
+            Wire::WebSocket(ws) => ws.get_mut(),
+            Wire::EventStream(_, transport) => transport,
+        }
+    }
+}
+
+/// A connected client, from its 101 (or 200) to its end.
 pub struct Session {
-    /// Reads the client's frames; answers its Pings and runs the close handshake. Frames as
-    /// the hub framed them are written to its transport (plain or TLS) directly.
-    ws: WebSocketStream<Transport>,
-    /// The socket under it, to wait for input.
+    wire: Wire,
+    /// The socket under the wire's transport, to wait for input.
     socket: Arc<Async<std::net::TcpStream>>,
     app: Rc<App>,
     subscription: Subscription,
@@ -126,7 +160,7 @@ pub struct Session {
 impl Session {
     /// A session for a client the handshake admitted; `label` names it in its last log line.
     pub fn new(
-        ws: WebSocketStream<Transport>,
+        wire: Wire,
         socket: Arc<Async<std::net::TcpStream>>,
         app: Rc<App>,
         subscription: Subscription,
@@ -134,7 +168,7 @@ impl Session {
         label: Box<str>,
     ) -> Session {
         Session {
-            ws,
+            wire,
             socket,
             app,
             subscription,
@@ -194,7 +228,7 @@ impl Session {
         loop {
             let wake = {
                 let socket = &self.socket;
-                let transport = self.ws.get_ref();
+                let transport = self.wire.transport();
                 let doorbell = &self.subscription.doorbell;
                 let mut tick = pin!(&mut timer);
                 // The socket is polled for readiness, not read: a read that finds nothing
@@ -233,6 +267,12 @@ impl Session {
                 Wake::Timer if ping_sent_at.is_some() => {
                     Box::pin(self.close(CloseCode::Policy, "no pong within pong_timeout")).await;
                     Err(SessionEnd::PongTimeout)
+                }
+                Wake::Timer if matches!(self.wire, Wire::EventStream(..)) => {
+                    // No answer can come: a dead peer shows as a write that fails (TCP's
+                    // user timeout, set at the handshake) or one that times out.
+                    timer.set_at(Instant::now() + self.config().ping_interval);
+                    Box::pin(self.write(&[EventStream::heartbeat()])).await
                 }
                 Wake::Timer => {
                     let now = Instant::now();
@@ -273,27 +313,39 @@ impl Session {
             seq: greeting.seq,
             history: greeting.history,
             replay: greeting.replay,
+            open: greeting.open.clone(),
             ping_interval_ms: config.ping_interval.as_millis(),
             pong_timeout_ms: config.pong_timeout.as_millis(),
         };
-        self.send_pending(vec![Frame::text(protocol::to_json(&welcome).into())]).await
+        let welcome = protocol::to_json(&welcome).into();
+        let first = match &mut self.wire {
+            Wire::WebSocket(_) => vec![Frame::text(welcome)],
+            Wire::EventStream(events, _) => events.welcome(welcome),
+        };
+        self.send_pending(first).await
     }
 
     /// Writes `first` and everything the hub has for this client, in batches of up to
-    /// `WRITE_BATCH_FRAMES`, one system call each when the socket has room.
+    /// `WRITE_BATCH_FRAMES`, one system call each when the socket has room. The emergencies of
+    /// a batch count as delivered to this tablet once the write has put all of it on the socket.
     async fn send_pending(&mut self, first: Vec<Frame>) -> Result<(), SessionEnd> {
         let mut batch = first;
+        let mut seqs = Vec::new();
         loop {
-            let taken = self
-                .subscription
-                .take_pending(WRITE_BATCH_FRAMES, WRITE_BATCH_BYTES, |json| batch.push(Frame::text(json)));
+            let wire = &mut self.wire;
+            let taken = self.subscription.take_pending(WRITE_BATCH_FRAMES, WRITE_BATCH_BYTES, |outgoing| {
+                seqs.extend(outgoing.seq);
+                batch.push(match wire {
+                    Wire::WebSocket(_) => Frame::text(outgoing.json),
+                    Wire::EventStream(events, _) => events.message(outgoing.json, outgoing.seq),
+                });
+            });
             if batch.is_empty() {
                 return Ok(());
             }
             self.write(&batch).await?;
-            // Counted as written, so that /metrics moves while clients stay connected.
-            self.events_sent += taken as u64;
-            self.app.metrics.count_delivered(taken as u64);
+            self.record_delivered(&seqs);
+            seqs.clear();
             batch.clear();
             if taken == WRITE_BATCH_FRAMES {
                 // A long replay must not hold the thread: other clients write between batches.
@@ -302,10 +354,46 @@ impl Session {
         }
     }
 
+    /// Counts the emergencies just written (so that /metrics moves while clients stay connected)
+    /// and records their delivery to this tablet.
+    fn record_delivered(&mut self, seqs: &[u64]) {
+        if seqs.is_empty() {
+            return;
+        }
+        self.events_sent += seqs.len() as u64;
+        self.app.metrics.count_delivered(seqs.len() as u64);
+        let events = self.subscription.delivered(seqs, SystemTime::now());
+        self.app.publisher.record(events);
+    }
+
+    /// An ack from the client: recorded (and broadcast once stored) if it is this tablet's first
+    /// for a known seq; anything else is ignored.
+    fn handle_ack(&self, seq: u64) {
+        match self.subscription.ack(seq, SystemTime::now()) {
+            AckRequest::First(event) => self.app.publisher.record(vec![event]),
+            AckRequest::Repeated => debug!("{}: repeated ack of seq {seq}", self.label),
+            AckRequest::Unknown => debug!("{}: ack of unknown seq {seq} ignored", self.label),
+            AckRequest::Uncounted => debug!("{}: ack of seq {seq} past --max-unnamed-receipts", self.label),
+        }
+    }
+
     /// Handles every frame the client has sent; returns when no complete frame is left, with
-    /// tungstenite's answers to the client's Pings sent.
+    /// tungstenite's answers to the client's Pings sent. An SSE client has nothing to say: what
+    /// it sends is dropped, and its end of the connection ends the session.
     async fn read_frames(&mut self) -> Result<(), SessionEnd> {
-        while let Some(frame) = future::poll_once(self.ws.next()).await {
+        if let Wire::EventStream(_, transport) = &mut self.wire {
+            let drained = EventStream::drain(transport).await;
+            // A client flooding bytes must not monopolize the thread either.
+            future::yield_now().await;
+            return match drained {
+                Ok(true) => Ok(()),
+                Ok(false) => Err(SessionEnd::ConnectionLost),
+                Err(error) => Err(SessionEnd::Io(error.into())),
+            };
+        }
+        self.subscription.heard(SystemTime::now());
+        while let Wire::WebSocket(ws) = &mut self.wire {
+            let Some(frame) = future::poll_once(ws.next()).await else { break };
             self.handle_frame(frame).await?;
             // A client flooding frames must not monopolize the thread: frames already
             // buffered are read without ever returning Pending.
@@ -316,12 +404,19 @@ impl Session {
 
     async fn handle_frame(&mut self, frame: Option<Result<Message, WsError>>) -> Result<(), SessionEnd> {
         match frame {
-            Some(Ok(Message::Text(text))) if is_ping_text(&text) => {
-                self.write(&[Frame::text(PONG.into())]).await
-            }
+            Some(Ok(Message::Text(text))) => match client_text(&text) {
+                ClientText::Ping => self.write(&[Frame::text(PONG.into())]).await,
+                ClientText::Ack(seq) => {
+                    self.handle_ack(seq);
+                    Ok(())
+                }
+                ClientText::Other => Ok(()),
+            },
             Some(Ok(Message::Close(frame))) => {
                 // tungstenite has queued the Close reply; flushing sends it.
-                let _ = deadline::within(CLOSE_REPLY_TIMEOUT, self.ws.flush()).await;
+                if let Wire::WebSocket(ws) = &mut self.wire {
+                    let _ = deadline::within(CLOSE_REPLY_TIMEOUT, ws.flush()).await;
+                }
                 Err(SessionEnd::ClientClosed(frame.map(|f| f.code)))
             }
             // Other text, binary, and Ping/Pong frames only show the client is alive. tungstenite
@@ -366,22 +461,32 @@ impl Session {
         }
     }
 
-    /// Sends a Close frame, then reads (and discards) what the client still sends until its
-    /// own Close or `CLOSE_REPLY_TIMEOUT`: closing a socket with unread input would reset the
-    /// connection and could destroy our Close before the client reads it.
+    /// Sends a Close frame (over SSE, a comment saying why), then reads (and discards) what the
+    /// client still sends until its own Close or `CLOSE_REPLY_TIMEOUT`: closing a socket with
+    /// unread input would reset the connection and could destroy our Close before the client
+    /// reads it.
     async fn close(&mut self, code: CloseCode, reason: &'static str) {
-        let frame = CloseFrame { code, reason: Utf8Bytes::from_static(reason) };
         let limit = self.config().write_timeout.min(CLOSE_REPLY_TIMEOUT);
-        if deadline::within(limit, self.ws.close(Some(frame))).await.is_err() {
+        let ws = match &mut self.wire {
+            Wire::WebSocket(ws) => ws,
+            Wire::EventStream(_, transport) => {
+                let _ = write_all(transport, &[EventStream::farewell(reason)], limit).await;
+                transport.end_writing();
+                let _ = deadline::within(CLOSE_REPLY_TIMEOUT, drain_to_end(&self.socket, transport)).await;
+                return;
+            }
+        };
+        let frame = CloseFrame { code, reason: Utf8Bytes::from_static(reason) };
+        if deadline::within(limit, ws.close(Some(frame))).await.is_err() {
             return;
         }
         let _ = deadline::within(CLOSE_REPLY_TIMEOUT, async {
             // After a read error tungstenite reads no more frames, so drain the socket directly.
-            while let Some(Ok(_)) = self.ws.next().await {}
-            self.ws.get_mut().end_writing();
+            while let Some(Ok(_)) = ws.next().await {}
+            ws.get_mut().end_writing();
             let mut discard = vec![0u8; 1024];
             for _ in 0..64 {
-                if !matches!(self.ws.get_mut().read(&mut discard).await, Ok(n) if n > 0) {
+                if !matches!(ws.get_mut().read(&mut discard).await, Ok(n) if n > 0) {
                     break;
                 }
             }
@@ -394,14 +499,16 @@ impl Session {
     async fn write(&mut self, frames: &[Frame]) -> Result<(), SessionEnd> {
         self.flush_control_frames().await?;
         let limit = self.config().write_timeout;
-        write_all(self.ws.get_mut(), frames, limit).await
+        write_all(self.wire.transport_mut(), frames, limit).await
     }
 
     /// Sends what tungstenite holds (an answer to a client's Ping that met a full socket);
     /// nothing to do, and no system call, in the common case.
     async fn flush_control_frames(&mut self) -> Result<(), SessionEnd> {
-        if future::poll_once(self.ws.flush()).await.is_none_or(|flushed| flushed.is_err()) {
-            Box::pin(bounded(self.config().write_timeout, self.ws.flush())).await?;
+        let limit = self.config().write_timeout;
+        let Wire::WebSocket(ws) = &mut self.wire else { return Ok(()) };
+        if future::poll_once(ws.flush()).await.is_none_or(|flushed| flushed.is_err()) {
+            Box::pin(bounded(limit, ws.flush())).await?;
         }
         Ok(())
     }
@@ -423,7 +530,7 @@ async fn write_all(transport: &mut Transport, frames: &[Frame], limit: Duration)
             }
         };
         while written < total {
-            let mut slices = [IoSlice::new(&[]); 2 * WRITE_BATCH_FRAMES];
+            let mut slices = [IoSlice::new(&[]); slices_for(WRITE_BATCH_FRAMES)];
             let count = unwritten_slices(frames, written, &mut slices);
             match Pin::new(&mut *transport).poll_write_vectored(cx, &slices[..count]) {
                 Poll::Ready(Ok(0)) => {
@@ -445,6 +552,16 @@ async fn write_all(transport: &mut Transport, frames: &[Frame], limit: Duration)
     .await
 }
 
+/// Reads and drops what the client sends until it closes (an SSE client's end), in at most 64
+/// rounds of `EventStream::drain`.
+async fn drain_to_end(socket: &Async<std::net::TcpStream>, transport: &mut Transport) {
+    for _ in 0..64 {
+        if socket.readable().await.is_err() || !matches!(EventStream::drain(transport).await, Ok(true)) {
+            return;
+        }
+    }
+}
+
 async fn bounded(limit: Duration, work: impl Future<Output = Result<(), WsError>>) -> Result<(), SessionEnd> {
     match deadline::within(limit, work).await {
         Ok(Ok(())) => Ok(()),
@@ -453,15 +570,33 @@ async fn bounded(limit: Duration, work: impl Future<Output = Result<(), WsError>
     }
 }
 
-/// Whether a client's text is a heartbeat: `ping` or `{"type":"ping"}`.
-pub fn is_ping_text(text: &str) -> bool {
+/// What a client's text frame asks for.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ClientText {
+    /// `ping` or `{"type":"ping"}`: answered with a pong.
+    Ping,
+    /// `{"type":"ack","seq":N}`.
+    Ack(u64),
+    /// Anything else, malformed included: ignored.
+    Other,
+}
+
+pub fn client_text(text: &str) -> ClientText {
     #[derive(serde::Deserialize)]
     struct Typed<'a> {
         #[serde(rename = "type", borrow)]
         kind: &'a str,
+        seq: Option<u64>,
     }
     let text = text.trim();
-    text == "ping" || serde_json::from_str::<Typed>(text).is_ok_and(|typed| typed.kind == "ping")
+    if text == "ping" {
+        return ClientText::Ping;
+    }
+    match serde_json::from_str::<Typed>(text) {
+        Ok(Typed { kind: "ping", .. }) => ClientText::Ping,
+        Ok(Typed { kind: "ack", seq: Some(seq) }) => ClientText::Ack(seq),
+        _ => ClientText::Other,
+    }
 }
 
 #[cfg(test)]
@@ -483,18 +618,27 @@ mod tests {
             let socket = Arc::from(stream.clone());
             let ws = WebSocketStream::from_raw_socket(Transport::Plain(stream), Role::Server, None).await;
             let (subscription, greeting) = Subscription::open(&app.hub, peer, None, None).unwrap();
-            let session = Session::new(ws, socket, Rc::clone(&app), subscription, greeting, "test".into());
+            let session = Session::new(
+                Wire::WebSocket(ws),
+                socket,
+                Rc::clone(&app),
+                subscription,
+                greeting,
+                "test".into(),
+            );
             let size = std::mem::size_of_val(&session.serve());
             assert!(size <= MAX_SESSION_FUTURE_BYTES, "a session's future is {size} bytes");
         });
     }
 
     #[test]
-    fn heartbeat_texts() {
-        assert!(is_ping_text("ping"));
-        assert!(is_ping_text(" {\"type\": \"ping\"} "));
-        assert!(!is_ping_text("{\"type\":\"ack\",\"seq\":3}"));
-        assert!(!is_ping_text("pingpong"));
-        assert!(!is_ping_text("{\"type\":\"ping\""));
+    fn client_texts() {
+        assert_eq!(client_text("ping"), ClientText::Ping);
+        assert_eq!(client_text(" {\"type\": \"ping\"} "), ClientText::Ping);
+        assert_eq!(client_text("{\"type\":\"ack\",\"seq\":3}"), ClientText::Ack(3));
+        assert_eq!(client_text("{\"type\":\"ack\",\"seq\":-3}"), ClientText::Other);
+        assert_eq!(client_text("{\"type\":\"ack\"}"), ClientText::Other);
+        assert_eq!(client_text("pingpong"), ClientText::Other);
+        assert_eq!(client_text("{\"type\":\"ping\""), ClientText::Other);
     }
 }

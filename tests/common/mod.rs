@@ -5,6 +5,8 @@
 
 #![allow(dead_code)]
 
+pub mod browser;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::net::UnixStream;
@@ -428,6 +430,12 @@ pub struct HttpResponse {
 impl HttpResponse {
     /// Reads one response (with `Content-Length`) from `reader`.
     pub fn read(reader: &mut impl BufRead) -> HttpResponse {
+        let head = HttpResponse::read_head(reader);
+        HttpResponse::read_body(head, reader)
+    }
+
+    /// Reads a response head, up to and including its blank line.
+    pub fn read_head(reader: &mut impl BufRead) -> String {
         let mut head = String::new();
         loop {
             let mut line = String::new();
@@ -435,9 +443,13 @@ impl HttpResponse {
             assert!(read > 0, "connection closed before a complete response head: {head:?}");
             head.push_str(&line);
             if line == "\r\n" {
-                break;
+                return head;
             }
         }
+    }
+
+    /// Reads the body (of `Content-Length` bytes) of the response `head` began.
+    pub fn read_body(head: String, reader: &mut impl BufRead) -> HttpResponse {
         let status = head.split(' ').nth(1).unwrap().parse().unwrap();
         let length: usize = head
             .lines()

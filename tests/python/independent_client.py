@@ -5,7 +5,8 @@ Usage: python3 tests/python/independent_client.py <path-to-resq-push-binary>
 
 Starts the server on a free port with a Unix socket in a temp dir, then checks the welcome,
 server pings, publishing over the Unix socket and HTTP, verbatim delivery, heartbeat texts,
-?since= replay, a client-side close and shutdown on SIGTERM. Prints
+?since= replay, acks (the broadcast, the status a resuming client is told), a client-side
+close and shutdown on SIGTERM. Prints
 `independent client: all checks passed` and exits 0, or prints what failed with the server's
 stderr and exits 1. `cargo test --test independent_client` runs it.
 """
@@ -158,6 +159,19 @@ class Emergencies:
         return (seq, *self.published[seq - 1])
 
 
+def check_publish_reply(server, what, reply, seq, queued_to):
+    """The reply names the stream, the seq and the counts: `delivered` may already count the
+    tablets the emergency reached while the reply was on its way, no ack can have come yet."""
+    try:
+        parsed = json.loads(reply)
+    except ValueError:
+        raise CheckFailed(f"{what}: the reply is not JSON: {reply}") from None
+    want = {"ok": True, "stream": server.stream, "seq": seq, "queued_to": queued_to, "acked": 0}
+    delivered = parsed.pop("delivered", None)
+    check(parsed == want, f"{what}: expected {want} and delivered, got {reply}")
+    check(isinstance(delivered, int) and 0 <= delivered <= queued_to, f"{what}: delivered: {reply}")
+
+
 async def publish_unix(server, emergencies, texts, queued_to):
     payload = "".join(text + "\n" for text in texts).encode()
     replies = await within(asyncio.to_thread(unix_publish, server.socket_path, payload),
@@ -165,8 +179,7 @@ async def publish_unix(server, emergencies, texts, queued_to):
     check(len(replies) == len(texts), f"expected {len(texts)} reply lines, got {replies}")
     for text, reply in zip(texts, replies):
         seq = emergencies.add("unix", text)
-        want = f'{{"ok":true,"stream":"{server.stream}","seq":{seq},"queued_to":{queued_to}}}'
-        check(reply == want, f"Unix publish of {text}: expected reply {want}, got {reply}")
+        check_publish_reply(server, f"Unix publish of {text}", reply, seq, queued_to)
 
 
 async def publish_http(server, emergencies, text, queued_to):
@@ -174,10 +187,9 @@ async def publish_http(server, emergencies, text, queued_to):
         asyncio.to_thread(http_request, server.port, "POST", "/emergencias", text.encode()),
         "the HTTP publish response")
     seq = emergencies.add("http", text)
-    want = f'{{"ok":true,"stream":"{server.stream}","seq":{seq},"queued_to":{queued_to}}}'
     check(status == 202, f"POST /emergencias: expected 202, got {status} {body}")
     check(content_type == "application/json", f"POST /emergencias: Content-Type {content_type}")
-    check(body == want, f"POST /emergencias: expected body {want}, got {body}")
+    check_publish_reply(server, "POST /emergencias", body, seq, queued_to)
 
 
 # --- WebSocket checks -----------------------------------------------------------------------------
@@ -249,8 +261,25 @@ async def check_other_text_ignored(ws, server, emergencies):
     await expect_event(ws, emergencies, len(emergencies.published))
 
 
+async def check_ack(ws, server, seq):
+    """An ack is broadcast back once (a repeat is not), counted in GET /emergencias/{seq}."""
+    for _ in range(2):
+        await within(ws.send(json.dumps({"type": "ack", "seq": seq})), f"sending an ack of {seq}")
+    await within(ws.send(json.dumps({"type": "ack", "seq": 999})), "sending an ack of an unknown seq")
+    told = json.loads(await receive_text(ws, f"the ack broadcast of seq {seq}"))
+    check(told.get("type") == "ack" and told.get("seq") == seq, f"expected the ack of {seq}: {told}")
+    check(told.get("acked") == 1 and told.get("delivered") == 1, f"ack counts: {told}")
+    check(str(told.get("by", "")).startswith("client-"), f"an unnamed tablet is its connection: {told}")
+    await check_heartbeat_texts(ws)  # the repeat and the unknown seq: no broadcast, still open
+    status, _, body = await asyncio.to_thread(http_request, server.port, "GET", f"/emergencias/{seq}")
+    check(status == 200, f"GET /emergencias/{seq}: {status} {body}")
+    counted = json.loads(body)["status"]
+    check(counted["acked"] == 1 and counted["acked_by"] == [told["by"]], f"status of {seq}: {body}")
+
+
 async def check_resume(server, emergencies, first, first_id, since):
-    """A second client with ?since= gets the missed events oldest first, then live ones."""
+    """A second client with ?since= gets the missed events oldest first, then the status of the
+    open emergency it already had (acked), then live ones."""
     last = len(emergencies.published)
     history = {"first_seq": 1, "last_seq": last, "count": last}
     replay = {"since": since, "count": last - since, "missed": 0, "reset": False, "stream_changed": False}
@@ -258,6 +287,9 @@ async def check_resume(server, emergencies, first, first_id, since):
     check(second_id > first_id, f"client ids: second {second_id} after first {first_id}")
     for seq in range(since + 1, last + 1):
         await expect_event(second, emergencies, seq)
+    told = json.loads(await receive_text(second, "the status of seq 1"))
+    check(told.get("type") == "status" and told.get("seq") == 1 and told.get("acked") == 1,
+          f"expected the status of the acked seq 1 after the replay: {told}")
     await publish_unix(server, emergencies, ['{"id":5,"live":true}'], queued_to=2)
     await expect_event(second, emergencies, last + 1)
     await expect_event(first, emergencies, last + 1)
@@ -307,6 +339,7 @@ async def run_checks(server, pings):
     for seq in (1, 2, 3):
         await expect_event(first, emergencies, seq)
     await check_heartbeat_texts(first)
+    await check_ack(first, server, 1)
     await check_other_text_ignored(first, server, emergencies)
     second = await check_resume(server, emergencies, first, first_id, since=1)
     await check_client_close(first, server)

@@ -1,0 +1,225 @@
+//! Escalation: an emergency nobody acked within `--ack-timeout` is stored as escalated, broadcast
+//! as `unacked`, and then runs `--on-unacked` once.
+//!
+//! One task and one timer for every emergency: it wakes at the earliest deadline (at least once
+//! a second, to see new emergencies), asks the hub which fell due (each is asked for once), has
+//! the journal store them, and only then starts the commands: a restart finds them escalated
+//! and never runs one twice, and an emergency whose deadline passed while the server was down
+//! falls due at the first tick. A command is a child process (`/bin/sh -c`) run by threads of its
+//! own, so the event loop never waits on it: at most `--max-escalation-children` at once (the
+//! rest wait in order), each killed past `--escalation-time-limit`; its exit status and the end
+//! of its stderr are logged.
+
+use std::collections::VecDeque;
+use std::io::{Read, Write};
+use std::process::{Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant, SystemTime};
+
+use async_channel::Sender;
+use log::{error, info, warn};
+use smol::{Timer, future};
+
+use crate::core::SharedEnvelope;
+use crate::core::receipts::ReceiptEvent;
+use crate::ingest::Publisher;
+
+/// Longest the escalation task sleeps: a new emergency's deadline is seen within this.
+const ESCALATION_TICK: Duration = Duration::from_secs(1);
+/// Bytes of a command's stderr kept for the log (its end); the rest is read and dropped.
+const STDERR_LOGGED_BYTES: usize = 2048;
+/// How often a running command is checked for its end.
+const CHILD_POLL: Duration = Duration::from_millis(20);
+
+/// What escalation runs, from the flags.
+#[derive(Clone, Debug)]
+pub struct EscalationSettings {
+    /// `--on-unacked`; `None`: escalations are logged and broadcast only.
+    pub command: Option<String>,
+    pub max_children: usize,
+    pub time_limit: Duration,
+    /// The history's id, for `RESQ_STREAM`.
+    pub stream: String,
+}
+
+/// How one command ended.
+#[derive(Debug)]
+enum ChildEnd {
+    Exited(ExitStatus),
+    Killed,
+    NotStarted(std::io::Error),
+}
+
+impl ChildEnd {
+    fn label(&self) -> &'static str {
+        match self {
+            ChildEnd::Exited(status) if status.success() => "ok",
+            ChildEnd::Exited(_) => "failed",
+            ChildEnd::Killed => "killed",
+            ChildEnd::NotStarted(_) => "not_started",
+        }
+    }
+}
+
+/// Runs escalation until the process ends.
+pub async fn run(publisher: &Publisher, settings: EscalationSettings) {
+    let hub = publisher.hub();
+    let (finished, ended) = async_channel::unbounded::<ChildEnd>();
+    let mut waiting: VecDeque<(u64, SharedEnvelope)> = VecDeque::new();
+    let mut running = 0;
+    loop {
+        let now = SystemTime::now();
+        let next = hub.with(|hub| hub.next_escalation());
+        let sleep = next.map_or(ESCALATION_TICK, |next| next.duration_since(now).unwrap_or_default());
+        let timer = Timer::at(Instant::now() + sleep.min(ESCALATION_TICK));
+        let child_ended = future::or(async { ended.recv().await.ok() }, async {
+            timer.await;
+            None
+        })
+        .await;
+        if let Some(end) = child_ended {
+            running -= 1;
+            publisher.metrics.count("resq_push_escalation_commands_total", end.label());
+        }
+        let due = hub.with(|hub| hub.due_escalations(SystemTime::now()));
+        if !due.is_empty() {
+            let seqs: Vec<u64> = due.iter().map(ReceiptEvent::seq).collect();
+            for seq in &seqs {
+                warn!("seq {seq}: no tablet acked it within --ack-timeout; escalating");
+            }
+            // Stored before anything runs: a restart never runs a command twice.
+            if let Err(rejection) = publisher.record_and_wait(due).await {
+                error!("escalations of {seqs:?} not stored ({rejection}); their commands do not run");
+                continue;
+            }
+            if settings.command.is_some() {
+                waiting
+                    .extend(seqs.iter().filter_map(|&seq| Some((seq, hub.with(|hub| hub.envelope(seq))?))));
+            }
+        }
+        while running < settings.max_children
+            && let Some((seq, envelope)) = waiting.pop_front()
+        {
+            running += 1;
+            start(&settings, seq, &envelope, finished.clone());
+        }
+    }
+}
+
+/// Starts the command for `seq` on a thread of its own; `finished` hears how it ended.
+fn start(settings: &EscalationSettings, seq: u64, envelope: &str, finished: Sender<ChildEnd>) {
+    let Some(command) = settings.command.clone() else { return };
+    let (stream, envelope, limit) = (settings.stream.clone(), envelope.to_owned(), settings.time_limit);
+    let spawned = std::thread::Builder::new().name("resq-escalation".into()).spawn(move || {
+        let end = run_child(&command, seq, &stream, envelope, limit);
+        let _ = finished.send_blocking(end);
+    });
+    if let Err(error) = spawned {
+        error!("--on-unacked for seq {seq} not run: cannot start a thread: {error}");
+    }
+}
+
+/// Runs one command to its end or its time limit, and logs how it ended.
+fn run_child(command: &str, seq: u64, stream: &str, envelope: String, limit: Duration) -> ChildEnd {
+    let started = Instant::now();
+    let spawned = Command::new("/bin/sh")
+        .arg("-c")
+        .arg(command)
+        .env("RESQ_SEQ", seq.to_string())
+        .env("RESQ_STREAM", stream)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn();
+    let mut child = match spawned {
+        Ok(child) => child,
+        Err(error) => {
+            error!("--on-unacked for seq {seq} could not start: {error}");
+            return ChildEnd::NotStarted(error);
+        }
+    };
+    // Written and read by threads of their own: a command that never reads its stdin, or
+    // writes much to stderr, cannot hold this one past the time limit.
+    if let Some(mut stdin) = child.stdin.take() {
+        std::thread::spawn(move || {
+            let _ = stdin.write_all(envelope.as_bytes());
+        });
+    }
+    let stderr = child.stderr.take().map(|stderr| std::thread::spawn(move || tail_of(stderr)));
+    let end = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break ChildEnd::Exited(status),
+            Ok(None) if started.elapsed() >= limit => {
+                let _ = child.kill();
+                let _ = child.wait();
+                break ChildEnd::Killed;
+            }
+            Ok(None) => std::thread::sleep(CHILD_POLL),
+            Err(error) => break ChildEnd::NotStarted(error),
+        }
+    };
+    let stderr = stderr.and_then(|reader| reader.join().ok()).unwrap_or_default();
+    let stderr =
+        if stderr.trim().is_empty() { String::new() } else { format!("; stderr: {}", stderr.trim()) };
+    let took = started.elapsed();
+    match &end {
+        ChildEnd::Exited(status) if status.success() => {
+            info!("--on-unacked for seq {seq} exited 0 after {took:.1?}{stderr}")
+        }
+        ChildEnd::Exited(status) => {
+            warn!("--on-unacked for seq {seq} failed ({status}) after {took:.1?}{stderr}")
+        }
+        ChildEnd::Killed => {
+            warn!("--on-unacked for seq {seq} killed after --escalation-time-limit {limit:?}{stderr}")
+        }
+        ChildEnd::NotStarted(error) => error!("--on-unacked for seq {seq}: {error}"),
+    }
+    end
+}
+
+/// The last `STDERR_LOGGED_BYTES` of what `pipe` gives until it closes, as one line.
+fn tail_of(mut pipe: impl Read) -> String {
+    let mut kept: VecDeque<u8> = VecDeque::with_capacity(STDERR_LOGGED_BYTES);
+    let mut chunk = [0u8; 1024];
+    while let Ok(n) = pipe.read(&mut chunk) {
+        if n == 0 {
+            break;
+        }
+        for &byte in &chunk[..n] {
+            if kept.len() == STDERR_LOGGED_BYTES {
+                kept.pop_front();
+            }
+            kept.push_back(byte);
+        }
+    }
+    String::from_utf8_lossy(&kept.into_iter().collect::<Vec<u8>>()).replace('\n', " | ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_command_gets_the_envelope_and_its_environment_and_is_killed_past_its_limit() {
+        let dir = std::env::temp_dir().join(format!("resq-escalation-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let out = dir.join("out");
+        let command = format!(
+            "cat > {0}; echo \"$RESQ_SEQ $RESQ_STREAM\" >> {0}; echo oops >&2; exit 3",
+            out.display()
+        );
+        let end = run_child(&command, 7, "s1", r#"{"seq":7}"#.into(), Duration::from_secs(10));
+        assert_eq!(end.label(), "failed");
+        assert_eq!(std::fs::read_to_string(&out).unwrap(), "{\"seq\":7}7 s1\n");
+        let end = run_child("sleep 10", 8, "s1", String::new(), Duration::from_millis(100));
+        assert_eq!(end.label(), "killed");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn only_the_end_of_stderr_is_kept() {
+        let long = "x".repeat(5000) + "end";
+        let tail = tail_of(long.as_bytes());
+        assert_eq!(tail.len(), STDERR_LOGGED_BYTES);
+        assert!(tail.ends_with("end"));
+    }
+}
