@@ -73,7 +73,6 @@ pub struct Closure {
 #[derive(Clone, Debug)]
 pub struct TabletReceipt {
     pub tablet: Rc<str>,
-    named: bool,
     delivered_ms: u64,
     acked_ms: u64,
     /// Asked for and sent to the journal, not yet applied.
@@ -103,6 +102,8 @@ pub struct Ledger {
     pub tablets: Vec<TabletReceipt>,
     pub delivered: usize,
     pub acked: usize,
+    /// Receipts of tablets without a name, for `max_unnamed`.
+    unnamed: usize,
     pub closed: Option<Closure>,
     pub escalated_at: Option<SystemTime>,
     close_pending: bool,
@@ -121,6 +122,7 @@ impl Ledger {
             tablets: Vec::new(),
             delivered: 0,
             acked: 0,
+            unnamed: 0,
             closed: None,
             escalated_at: None,
             close_pending: false,
@@ -180,20 +182,22 @@ impl Ledger {
         named: bool,
         max_unnamed: usize,
     ) -> Option<&mut TabletReceipt> {
-        if let Some(index) = self.tablets.iter().position(|receipt| receipt.tablet == *tablet) {
+        // The same tablet is mostly the same `Rc` (its token's name, its connection's label):
+        // looked for by pointer first, which spares comparing names.
+        let index = self.tablets.iter().position(|receipt| Rc::ptr_eq(&receipt.tablet, tablet));
+        if let Some(index) =
+            index.or_else(|| self.tablets.iter().position(|receipt| receipt.tablet == *tablet))
+        {
             return self.tablets.get_mut(index);
         }
-        let unnamed = self.tablets.iter().filter(|receipt| !receipt.named).count();
-        if !named && unnamed >= max_unnamed {
+        if !named && self.unnamed >= max_unnamed {
             return None;
         }
-        let receipt = TabletReceipt {
-            tablet: Rc::clone(tablet),
-            named,
-            delivered_ms: 0,
-            acked_ms: 0,
-            ack_pending: false,
-        };
+        if !named {
+            self.unnamed += 1;
+        }
+        let receipt =
+            TabletReceipt { tablet: Rc::clone(tablet), delivered_ms: 0, acked_ms: 0, ack_pending: false };
         self.tablets.push(receipt);
         self.tablets.last_mut()
     }
@@ -271,6 +275,13 @@ impl Receipts {
 
     pub fn open_count(&self) -> usize {
         self.open
+    }
+
+    /// The ledgers with seqs `first..=last`, oldest first.
+    pub fn ledgers_in(&self, first: u64, last: u64) -> impl Iterator<Item = &Ledger> {
+        // Half-open and never reversed: `BTreeMap::range` panics on a start past its end.
+        let end = last.saturating_add(1).max(first);
+        self.ledgers.range(first..end).map(|(_, ledger)| ledger)
     }
 
     /// Every ledger, oldest first.
@@ -564,6 +575,19 @@ mod tests {
         assert_eq!(receipts.published(3, SystemTime::now(), "abcdefgh".into(), 0, 2), Some(2));
         assert_eq!(receipts.open().map(|ledger| ledger.seq).collect::<Vec<_>>(), [3]);
         assert!(receipts.get(2).is_some_and(|ledger| !ledger.is_open()), "kept for the history");
+    }
+
+    #[test]
+    fn a_range_of_ledgers_may_be_empty_or_reversed() {
+        let mut receipts = receipts(10);
+        for seq in 1..=3 {
+            publish(&mut receipts, seq);
+        }
+        let seqs =
+            |first, last| receipts.ledgers_in(first, last).map(|ledger| ledger.seq).collect::<Vec<_>>();
+        assert_eq!(seqs(2, 3), [2, 3]);
+        assert_eq!(seqs(3, 2), [] as [u64; 0]);
+        assert_eq!(seqs(1, u64::MAX), [1, 2, 3]);
     }
 
     #[test]
