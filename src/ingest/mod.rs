@@ -17,7 +17,7 @@ mod strict;
 
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use async_channel::Receiver;
 use serde::{Deserialize, Deserializer};
@@ -573,7 +573,7 @@ impl Publisher {
     /// Closes emergency `seq`: stored, then broadcast to every client, before this returns.
     /// Closing twice is harmless.
     pub async fn close(&self, seq: u64, detail: Option<String>) -> Result<CloseOutcome, Rejection> {
-        let request = self.ingress.hub().with(|hub| hub.close(seq, detail, std::time::SystemTime::now()));
+        let request = self.ingress.hub().with(|hub| hub.close(seq, detail, SystemTime::now()));
         match request {
             CloseRequest::Unknown => Ok(CloseOutcome::Unknown),
             CloseRequest::AlreadyClosed => Ok(CloseOutcome::Closed { already: true }),
@@ -588,7 +588,7 @@ impl Publisher {
     /// returns, when it is the tablet's first.
     pub async fn ack(&self, tablet: &str, named: bool, seq: u64) -> Result<AckOutcome, Rejection> {
         let hub = self.ingress.hub();
-        let duplicate = match hub.with(|hub| hub.ack_from(tablet, named, seq, std::time::SystemTime::now())) {
+        let duplicate = match hub.with(|hub| hub.ack_from(tablet, named, seq, SystemTime::now())) {
             AckRequest::Unknown => return Ok(AckOutcome::Unknown),
             AckRequest::Repeated | AckRequest::Uncounted => true,
             AckRequest::First(event) => {
