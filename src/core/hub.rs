@@ -24,7 +24,9 @@ use crate::core::clock::{Reading, RetentionClock};
 use crate::core::doorbell::{Doorbell, Farewell};
 use crate::core::idempotency::{Fingerprint, IdempotencyKey, KeyIndex};
 use crate::core::notices::Notices;
-use crate::core::receipts::{AckRequest, Applied, CloseRequest, ReceiptEvent, ReceiptLimits, Receipts};
+use crate::core::receipts::{
+    AckRequest, Applied, CloseRequest, ReceiptEvent, ReceiptLimits, Receipts, Tablet,
+};
 use crate::core::{Outcome, Outgoing, Receipt, SharedEnvelope, Stored};
 use crate::protocol::{self, Counts, HistoryRange, ReplayInfo, Source};
 use crate::support::logger::WarningThrottle;
@@ -120,8 +122,11 @@ struct Subscriber {
     cursor: u64,
     /// The last seq when it subscribed: what came after is live, what came before is replay.
     live_from: u64,
-    /// Who its receipts are for: its token's name, else `client-ID@PEER`.
+    /// Who its receipts are for: its token's name (the roster's `Rc` of it), else
+    /// `client-ID@PEER` (its own).
     tablet: Rc<str>,
+    /// Whether `tablet` is the hub's one `Rc` for that name (not when the roster was full).
+    tablet_by_pointer: bool,
     /// The position in `Hub::notices` of the next notice its session takes.
     notice_cursor: u64,
     /// Sent before and after its replay; `None` once sent.
@@ -303,9 +308,24 @@ impl Hub {
             self.receipts.restored(seq, received_at, Rc::clone(&json));
             shared.push((seq, received_at, json));
         }
+        // One `Rc` per tablet (the roster's for a name, one per row for a connection's label), so
+        // that receipts are found by pointer from here on.
+        let mut last: Option<(u64, Rc<str>)> = None;
         for event in events {
             self.remember_receipt(&event);
-            let _ = self.receipts.apply(event);
+            let name = match &event {
+                ReceiptEvent::Delivered { seq, tablet, .. } | ReceiptEvent::Acked { seq, tablet, .. } => {
+                    let name = match &last {
+                        Some((last_seq, name)) if last_seq == seq && **name == **tablet => Rc::clone(name),
+                        _ if tablet.starts_with("client-") => Rc::from(tablet.as_str()),
+                        _ => self.canonical_name(&Rc::from(tablet.as_str())).0,
+                    };
+                    last = Some((*seq, Rc::clone(&name)));
+                    Some(name)
+                }
+                ReceiptEvent::Closed { .. } | ReceiptEvent::Escalated { .. } => None,
+            };
+            let _ = self.receipts.apply_as(event, name);
         }
         for (seq, received_at, json) in shared {
             if self.history.back().is_some_and(|newest| newest.seq + 1 != seq) {
@@ -442,9 +462,9 @@ impl Hub {
         let doorbell = Rc::new(Doorbell::default());
         let client_id = self.next_client_id;
         self.next_client_id += 1;
-        let tablet = match &identity {
-            Some(identity) => Rc::clone(&identity.name),
-            None => format!("client-{client_id}@{peer}").into(),
+        let (tablet, tablet_by_pointer) = match &identity {
+            Some(identity) => self.canonical_name(&identity.name),
+            None => (format!("client-{client_id}@{peer}").into(), true),
         };
         let since = resume.filter(|_| replay.is_some_and(|info| !info.reset && !info.stream_changed));
         // Open ones it already had (up to `since`) get a status, not the emergency again.
@@ -469,6 +489,7 @@ impl Hub {
             cursor,
             live_from: self.last_seq,
             tablet,
+            tablet_by_pointer,
             notice_cursor: self.notices.end(),
             backlog: has_backlog.then(|| Box::new(backlog)),
             last_heard: now,
@@ -623,11 +644,13 @@ impl Hub {
         let Some(subscriber) = self.subscribers.get(key).filter(|s| s.client_id == client_id) else {
             return Vec::new();
         };
-        let (tablet, named) = (Rc::clone(&subscriber.tablet), subscriber.named());
+        let name = Rc::clone(&subscriber.tablet);
+        let tablet =
+            Tablet { name: &name, named: subscriber.named(), by_pointer: subscriber.tablet_by_pointer };
         let events: Vec<ReceiptEvent> =
-            seqs.iter().filter_map(|&seq| self.receipts.delivered(seq, &tablet, named, at)).collect();
+            seqs.iter().filter_map(|&seq| self.receipts.delivered(seq, tablet, at)).collect();
         if let Some(newest) = events.last() {
-            self.update_roster(&tablet, |record| record.last_delivered_seq = Some(newest.seq()));
+            self.update_roster(&name, |record| record.last_delivered_seq = Some(newest.seq()));
         }
         events
     }
@@ -649,14 +672,19 @@ impl Hub {
         let Some(subscriber) = self.subscribers.get(key).filter(|s| s.client_id == client_id) else {
             return AckRequest::Unknown;
         };
-        let (tablet, named) = (Rc::clone(&subscriber.tablet), subscriber.named());
-        self.receipts.begin_ack(seq, &tablet, named, at)
+        let name = Rc::clone(&subscriber.tablet);
+        let tablet =
+            Tablet { name: &name, named: subscriber.named(), by_pointer: subscriber.tablet_by_pointer };
+        self.receipts.begin_ack(seq, tablet, at)
     }
 
     /// A tablet acks `seq` without a connection (`POST /emergencias/{seq}/ack`).
     pub fn ack_from(&mut self, tablet: &str, named: bool, seq: u64, at: SystemTime) -> AckRequest {
-        let tablet = self.tablet_name(tablet);
-        self.receipts.begin_ack(seq, &tablet, named, at)
+        let (name, by_pointer) = match named {
+            true => self.canonical_name(&Rc::from(tablet)),
+            false => (Rc::from(tablet), false),
+        };
+        self.receipts.begin_ack(seq, Tablet { name: &name, named, by_pointer }, at)
     }
 
     /// A publisher closes `seq`; `detail` is a JSON object's text. An emergency published but
@@ -686,6 +714,10 @@ impl Hub {
     pub fn apply(&mut self, events: Vec<ReceiptEvent>) -> Vec<Applied> {
         let mut applied = Vec::new();
         for event in events {
+            // A delivery is in the receipts from the moment it was written (`delivered`).
+            if matches!(event, ReceiptEvent::Delivered { .. }) {
+                continue;
+            }
             self.remember_receipt(&event);
             let change = self.receipts.apply(event);
             let notice = match &change {
@@ -756,12 +788,17 @@ impl Hub {
         }
     }
 
-    /// The shared name of a tablet, if a connected client or the roster holds it.
-    fn tablet_name(&self, tablet: &str) -> Rc<str> {
-        match self.roster.get_key_value(tablet) {
-            Some((name, _)) => Rc::clone(name),
-            None => tablet.into(),
+    /// The hub's one `Rc` for a named tablet: the roster's key, added if there is room; and
+    /// whether it is one (a full roster gives back `name` itself, found by comparing names).
+    fn canonical_name(&mut self, name: &Rc<str>) -> (Rc<str>, bool) {
+        if let Some((key, _)) = self.roster.get_key_value(&**name) {
+            return (Rc::clone(key), true);
         }
+        if self.roster.len() < MAX_ROSTER {
+            self.roster.insert(Rc::clone(name), TabletRecord::default());
+            return (Rc::clone(name), true);
+        }
+        (Rc::clone(name), false)
     }
 
     /// Queues a notice to every client; one more than `status_queue` notices behind is dropped.

@@ -175,21 +175,20 @@ impl Ledger {
         acked.into_iter().map(|receipt| &*receipt.tablet)
     }
 
-    /// The tablet's receipt, made if it has none and the unnamed cap allows.
-    fn receipt_or_new(
-        &mut self,
-        tablet: &Rc<str>,
-        named: bool,
-        max_unnamed: usize,
-    ) -> Option<&mut TabletReceipt> {
-        // The same tablet is mostly the same `Rc` (its token's name, its connection's label):
-        // looked for by pointer first, which spares comparing names.
-        let index = self.tablets.iter().position(|receipt| Rc::ptr_eq(&receipt.tablet, tablet));
-        if let Some(index) =
-            index.or_else(|| self.tablets.iter().position(|receipt| receipt.tablet == *tablet))
-        {
+    /// The tablet's receipt, made if it has none and the unnamed cap allows. A `Tablet` whose
+    /// name is the hub's one `Rc` for it is found by pointer alone: comparing names was the
+    /// largest cost of a delivery at 1000 tablets (BENCHMARKS.md, "What acks cost").
+    fn receipt_or_new(&mut self, tablet: Tablet<'_>, max_unnamed: usize) -> Option<&mut TabletReceipt> {
+        let Tablet { name, named, by_pointer } = tablet;
+        let index = self.tablets.iter().position(|receipt| Rc::ptr_eq(&receipt.tablet, name));
+        let index = match index {
+            None if !by_pointer => self.tablets.iter().position(|receipt| receipt.tablet == *name),
+            found => found,
+        };
+        if let Some(index) = index {
             return self.tablets.get_mut(index);
         }
+        let tablet = name;
         if !named && self.unnamed >= max_unnamed {
             return None;
         }
@@ -201,6 +200,15 @@ impl Ledger {
         self.tablets.push(receipt);
         self.tablets.last_mut()
     }
+}
+
+/// Who a receipt is for: a tablet's name, whether it is a token's name (not capped), and whether
+/// `name` is the hub's one `Rc` for it (every receipt of it then holds that `Rc`).
+#[derive(Clone, Copy, Debug)]
+pub struct Tablet<'a> {
+    pub name: &'a Rc<str>,
+    pub named: bool,
+    pub by_pointer: bool,
 }
 
 /// What an ack asked for turned out to be.
@@ -351,36 +359,30 @@ impl Receipts {
     }
 
     /// Records that `seq` was written in full to `tablet`: the event to store, the first time.
-    pub fn delivered(
-        &mut self,
-        seq: u64,
-        tablet: &Rc<str>,
-        named: bool,
-        at: SystemTime,
-    ) -> Option<ReceiptEvent> {
+    pub fn delivered(&mut self, seq: u64, tablet: Tablet<'_>, at: SystemTime) -> Option<ReceiptEvent> {
         let max_unnamed = self.limits.max_unnamed;
         let ledger = self.ledgers.get_mut(&seq)?;
-        let receipt = ledger.receipt_or_new(tablet, named, max_unnamed)?;
+        let receipt = ledger.receipt_or_new(tablet, max_unnamed)?;
         if receipt.delivered_ms != 0 {
             return None;
         }
         receipt.delivered_ms = millis(at);
         ledger.delivered += 1;
-        Some(ReceiptEvent::Delivered { seq, tablet: tablet.to_string(), at })
+        Some(ReceiptEvent::Delivered { seq, tablet: tablet.name.to_string(), at })
     }
 
     /// A tablet acks `seq`: the event to store if it is its first.
-    pub fn begin_ack(&mut self, seq: u64, tablet: &Rc<str>, named: bool, at: SystemTime) -> AckRequest {
+    pub fn begin_ack(&mut self, seq: u64, tablet: Tablet<'_>, at: SystemTime) -> AckRequest {
         let max_unnamed = self.limits.max_unnamed;
         let Some(ledger) = self.ledgers.get_mut(&seq) else { return AckRequest::Unknown };
-        let Some(receipt) = ledger.receipt_or_new(tablet, named, max_unnamed) else {
+        let Some(receipt) = ledger.receipt_or_new(tablet, max_unnamed) else {
             return AckRequest::Uncounted;
         };
         if receipt.acked_ms != 0 || receipt.ack_pending {
             return AckRequest::Repeated;
         }
         receipt.ack_pending = true;
-        AckRequest::First(ReceiptEvent::Acked { seq, tablet: tablet.to_string(), at })
+        AckRequest::First(ReceiptEvent::Acked { seq, tablet: tablet.name.to_string(), at })
     }
 
     /// A publisher closes `seq`: the event to store if it is the first close.
@@ -430,12 +432,20 @@ impl Receipts {
 
     /// Applies a stored event; says what to broadcast.
     pub fn apply(&mut self, event: ReceiptEvent) -> Applied {
+        self.apply_as(event, None)
+    }
+
+    /// As `apply`, a delivery or an ack being for `name` when given: the hub's one `Rc` of the
+    /// tablet's name (restoring, so that its receipts are found by pointer afterwards).
+    pub fn apply_as(&mut self, event: ReceiptEvent, name: Option<Rc<str>>) -> Applied {
         let max_unnamed = self.limits.max_unnamed;
+        let by_pointer = name.is_some();
         let Some(ledger) = self.ledgers.get_mut(&event.seq()) else { return Applied::Nothing };
         match event {
             ReceiptEvent::Delivered { tablet, at, .. } => {
-                let tablet: Rc<str> = tablet.into();
-                if let Some(receipt) = ledger.receipt_or_new(&tablet, true, max_unnamed)
+                let name = name.unwrap_or_else(|| tablet.into());
+                let tablet = Tablet { name: &name, named: true, by_pointer };
+                if let Some(receipt) = ledger.receipt_or_new(tablet, max_unnamed)
                     && receipt.delivered_ms == 0
                 {
                     receipt.delivered_ms = millis(at);
@@ -444,10 +454,16 @@ impl Receipts {
                 Applied::Nothing
             }
             ReceiptEvent::Acked { seq, tablet, at } => {
-                let name: Rc<str> = tablet.into();
-                let Some(receipt) = ledger.receipt_or_new(&name, true, max_unnamed) else {
-                    return Applied::Nothing;
+                // A live ack's receipt is pending: among the few that are, found at once.
+                let pending = ledger.tablets.iter().position(|r| r.ack_pending && *r.tablet == *tablet);
+                let name = name.unwrap_or_else(|| tablet.into());
+                let receipt = match pending {
+                    Some(index) => ledger.tablets.get_mut(index),
+                    None => {
+                        ledger.receipt_or_new(Tablet { name: &name, named: true, by_pointer }, max_unnamed)
+                    }
                 };
+                let Some(receipt) = receipt else { return Applied::Nothing };
                 receipt.ack_pending = false;
                 if receipt.acked_ms != 0 {
                     return Applied::Nothing;
@@ -525,14 +541,29 @@ mod tests {
         publish(&mut receipts, 1);
         let tablet: Rc<str> = "tablet-1".into();
         let now = SystemTime::now();
-        assert!(receipts.delivered(1, &tablet, true, now).is_some());
-        assert!(receipts.delivered(1, &tablet, true, now).is_none());
-        let event = first(receipts.begin_ack(1, &tablet, true, now));
-        assert_eq!(receipts.begin_ack(1, &tablet, true, now), AckRequest::Repeated, "while being stored");
+        assert!(
+            receipts.delivered(1, Tablet { name: &tablet, named: true, by_pointer: false }, now).is_some()
+        );
+        assert!(
+            receipts.delivered(1, Tablet { name: &tablet, named: true, by_pointer: false }, now).is_none()
+        );
+        let event =
+            first(receipts.begin_ack(1, Tablet { name: &tablet, named: true, by_pointer: false }, now));
+        assert_eq!(
+            receipts.begin_ack(1, Tablet { name: &tablet, named: true, by_pointer: false }, now),
+            AckRequest::Repeated,
+            "while being stored"
+        );
         assert!(matches!(receipts.apply(event.clone()), Applied::Ack { acked: 1, delivered: 1, .. }));
         assert!(matches!(receipts.apply(event), Applied::Nothing), "applied twice, counted once");
-        assert_eq!(receipts.begin_ack(1, &tablet, true, now), AckRequest::Repeated);
-        assert_eq!(receipts.begin_ack(9, &tablet, true, now), AckRequest::Unknown);
+        assert_eq!(
+            receipts.begin_ack(1, Tablet { name: &tablet, named: true, by_pointer: false }, now),
+            AckRequest::Repeated
+        );
+        assert_eq!(
+            receipts.begin_ack(9, Tablet { name: &tablet, named: true, by_pointer: false }, now),
+            AckRequest::Unknown
+        );
         assert_eq!(receipts.get(1).unwrap().acked_by().collect::<Vec<_>>(), ["tablet-1"]);
     }
 
@@ -541,10 +572,26 @@ mod tests {
         let mut receipts = receipts(10);
         publish(&mut receipts, 1);
         let now = SystemTime::now();
-        assert!(receipts.delivered(1, &"client-1".into(), false, now).is_some());
-        assert!(receipts.delivered(1, &"client-2".into(), false, now).is_none());
-        assert_eq!(receipts.begin_ack(1, &"client-3".into(), false, now), AckRequest::Uncounted);
-        assert!(receipts.delivered(1, &"tablet-1".into(), true, now).is_some(), "names are not capped");
+        assert!(
+            receipts
+                .delivered(1, Tablet { name: &"client-1".into(), named: false, by_pointer: false }, now)
+                .is_some()
+        );
+        assert!(
+            receipts
+                .delivered(1, Tablet { name: &"client-2".into(), named: false, by_pointer: false }, now)
+                .is_none()
+        );
+        assert_eq!(
+            receipts.begin_ack(1, Tablet { name: &"client-3".into(), named: false, by_pointer: false }, now),
+            AckRequest::Uncounted
+        );
+        assert!(
+            receipts
+                .delivered(1, Tablet { name: &"tablet-1".into(), named: true, by_pointer: false }, now)
+                .is_some(),
+            "names are not capped"
+        );
     }
 
     #[test]
@@ -596,7 +643,11 @@ mod tests {
         let long_ago = SystemTime::now() - Duration::from_secs(60);
         receipts.published(1, long_ago, "{}".into(), 0, 1);
         receipts.published(2, long_ago, "{}".into(), 0, 1);
-        let ack = first(receipts.begin_ack(2, &"tablet-1".into(), true, long_ago));
+        let ack = first(receipts.begin_ack(
+            2,
+            Tablet { name: &"tablet-1".into(), named: true, by_pointer: false },
+            long_ago,
+        ));
         receipts.apply(ack);
         let timeout = Duration::from_secs(30);
         let due = receipts.due_escalations(SystemTime::now(), timeout);
