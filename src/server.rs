@@ -116,6 +116,10 @@ pub fn serve(
         scheduler.control.spawn(async move { app.publisher.deliver_committed(committed).await })
     });
     scheduler.control.spawn(expire_history(Rc::clone(&app))).detach();
+    if app.publisher.journal().is_some() {
+        let app = Rc::clone(&app);
+        scheduler.control.spawn(async move { app.publisher.flush_deliveries_periodically().await }).detach();
+    }
     if app.config.ack_timeout.is_some() {
         let settings = EscalationSettings {
             command: app.config.on_unacked.clone(),

@@ -24,7 +24,9 @@ use crate::core::clock::{Reading, RetentionClock};
 use crate::core::doorbell::{Doorbell, Farewell};
 use crate::core::idempotency::{Fingerprint, IdempotencyKey, KeyIndex};
 use crate::core::notices::Notices;
-use crate::core::receipts::{AckRequest, Applied, CloseRequest, ReceiptEvent, ReceiptLimits, Receipts};
+use crate::core::receipts::{
+    AckRequest, Applied, CloseRequest, ReceiptEvent, ReceiptLimits, Receipts, Tablet,
+};
 use crate::core::{Outcome, Outgoing, Receipt, SharedEnvelope, Stored};
 use crate::protocol::{self, Counts, HistoryRange, ReplayInfo, Source};
 use crate::support::logger::WarningThrottle;
@@ -92,11 +94,18 @@ pub struct TabletRecord {
 }
 
 /// What a new client is sent around the history's replay: the open emergencies the replay does
-/// not cover, first, and the status of what it is sent, after. Dropped once sent.
-#[derive(Default)]
+/// not cover, first, and the status of what it is sent, after. Positions in the receipts, walked
+/// as the session takes them (so a client holds no list, whatever a reconnect storm costs):
+/// seqs, not copies. Dropped once sent.
 struct Backlog {
-    open: VecDeque<(u64, SharedEnvelope)>,
-    statuses: VecDeque<SharedEnvelope>,
+    /// The next seq to look at for an open emergency to send, up to `open_last`.
+    next_open: u64,
+    open_last: u64,
+    /// The next seq to look at for a status to send, up to `status_last` (the last seq when it
+    /// subscribed): one with news that is open, or after `replayed_after` (it is replayed).
+    next_status: u64,
+    status_last: u64,
+    replayed_after: u64,
 }
 
 /// A connected client as the hub sees it.
@@ -113,8 +122,11 @@ struct Subscriber {
     cursor: u64,
     /// The last seq when it subscribed: what came after is live, what came before is replay.
     live_from: u64,
-    /// Who its receipts are for: its token's name, else `client-ID@PEER`.
+    /// Who its receipts are for: its token's name (the roster's `Rc` of it), else
+    /// `client-ID@PEER` (its own).
     tablet: Rc<str>,
+    /// Whether `tablet` is the hub's one `Rc` for that name (not when the roster was full).
+    tablet_by_pointer: bool,
     /// The position in `Hub::notices` of the next notice its session takes.
     notice_cursor: u64,
     /// Sent before and after its replay; `None` once sent.
@@ -296,9 +308,24 @@ impl Hub {
             self.receipts.restored(seq, received_at, Rc::clone(&json));
             shared.push((seq, received_at, json));
         }
+        // One `Rc` per tablet (the roster's for a name, one per row for a connection's label), so
+        // that receipts are found by pointer from here on.
+        let mut last: Option<(u64, Rc<str>)> = None;
         for event in events {
             self.remember_receipt(&event);
-            let _ = self.receipts.apply(event);
+            let name = match &event {
+                ReceiptEvent::Delivered { seq, tablet, .. } | ReceiptEvent::Acked { seq, tablet, .. } => {
+                    let name = match &last {
+                        Some((last_seq, name)) if last_seq == seq && **name == **tablet => Rc::clone(name),
+                        _ if tablet.starts_with("client-") => Rc::from(tablet.as_str()),
+                        _ => self.canonical_name(&Rc::from(tablet.as_str())).0,
+                    };
+                    last = Some((*seq, Rc::clone(&name)));
+                    Some(name)
+                }
+                ReceiptEvent::Closed { .. } | ReceiptEvent::Escalated { .. } => None,
+            };
+            let _ = self.receipts.apply_as(event, name);
         }
         for (seq, received_at, json) in shared {
             if self.history.back().is_some_and(|newest| newest.seq + 1 != seq) {
@@ -361,13 +388,15 @@ impl Hub {
             fits
         };
         if let Some(backlog) = &mut subscriber.backlog {
-            while let Some((seq, json)) = backlog.open.front() {
-                if !room(json) {
+            let open = self.receipts.ledgers_in(backlog.next_open, backlog.open_last);
+            for ledger in open.filter(|ledger| ledger.is_open()) {
+                if !room(&ledger.envelope) {
                     return taken;
                 }
-                push(Outgoing { json: Rc::clone(json), seq: Some(*seq) });
-                backlog.open.pop_front();
+                push(Outgoing { json: Rc::clone(&ledger.envelope), seq: Some(ledger.seq) });
+                backlog.next_open = ledger.seq + 1;
             }
+            backlog.next_open = backlog.open_last + 1;
         }
         // `trim` keeps every entry after a subscriber's cursor, so this never skips one.
         let start = self.history.partition_point(|retained| retained.seq <= subscriber.cursor);
@@ -379,12 +408,18 @@ impl Hub {
             subscriber.cursor = retained.seq;
         }
         if let Some(backlog) = &mut subscriber.backlog {
-            while let Some(json) = backlog.statuses.front() {
-                if !room(json) {
+            let replayed_after = backlog.replayed_after;
+            let news = self
+                .receipts
+                .ledgers_in(backlog.next_status, backlog.status_last)
+                .filter(|ledger| ledger.has_news() && (ledger.is_open() || ledger.seq > replayed_after));
+            for ledger in news {
+                let json: SharedEnvelope = protocol::to_json(&ledger.status(false)).into();
+                if !room(&json) {
                     return taken;
                 }
-                push(Outgoing { json: Rc::clone(json), seq: None });
-                backlog.statuses.pop_front();
+                push(Outgoing { json, seq: None });
+                backlog.next_status = ledger.seq + 1;
             }
             subscriber.backlog = None;
         }
@@ -427,14 +462,23 @@ impl Hub {
         let doorbell = Rc::new(Doorbell::default());
         let client_id = self.next_client_id;
         self.next_client_id += 1;
-        let tablet = match &identity {
-            Some(identity) => Rc::clone(&identity.name),
-            None => format!("client-{client_id}@{peer}").into(),
+        let (tablet, tablet_by_pointer) = match &identity {
+            Some(identity) => self.canonical_name(&identity.name),
+            None => (format!("client-{client_id}@{peer}").into(), true),
         };
         let since = resume.filter(|_| replay.is_some_and(|info| !info.reset && !info.stream_changed));
-        let backlog = self.backlog(cursor, since.map(|resume| resume.since));
-        let open = backlog.open.iter().map(|(seq, _)| *seq).collect();
-        let has_backlog = !backlog.open.is_empty() || !backlog.statuses.is_empty();
+        // Open ones it already had (up to `since`) get a status, not the emergency again.
+        let open_from = since.map_or(1, |resume| resume.since.saturating_add(1));
+        let open: Vec<u64> =
+            self.receipts.ledgers_in(open_from, cursor).filter(|l| l.is_open()).map(|l| l.seq).collect();
+        let backlog = Backlog {
+            next_open: open.first().copied().unwrap_or(cursor + 1),
+            open_last: cursor,
+            next_status: 1,
+            status_last: self.last_seq,
+            replayed_after: cursor,
+        };
+        let has_backlog = !open.is_empty() || self.receipts.ledgers().any(|ledger| ledger.has_news());
         let now = SystemTime::now();
         let key = self.subscribers.insert(Subscriber {
             client_id,
@@ -445,6 +489,7 @@ impl Hub {
             cursor,
             live_from: self.last_seq,
             tablet,
+            tablet_by_pointer,
             notice_cursor: self.notices.end(),
             backlog: has_backlog.then(|| Box::new(backlog)),
             last_heard: now,
@@ -457,25 +502,6 @@ impl Hub {
             open,
         };
         Ok((key, client_id, doorbell, greeting))
-    }
-
-    /// What a client whose history cursor is `cursor` is sent around its replay: the open
-    /// emergencies at or before the cursor (after `since`, the last seq it had, when it resumes),
-    /// and one status for each emergency it is sent or already had open that has news.
-    fn backlog(&self, cursor: u64, since: Option<u64>) -> Backlog {
-        let mut backlog = Backlog::default();
-        let had = since.unwrap_or(0);
-        for ledger in self.receipts.ledgers() {
-            let sent_open = ledger.is_open() && ledger.seq <= cursor && (since.is_none() || ledger.seq > had);
-            if sent_open {
-                backlog.open.push_back((ledger.seq, Rc::clone(&ledger.envelope)));
-            }
-            let replayed = ledger.seq > cursor;
-            if ledger.has_news() && (ledger.is_open() || replayed) {
-                backlog.statuses.push_back(protocol::to_json(&ledger.status(false)).into());
-            }
-        }
-        backlog
     }
 
     /// Retained envelopes with seq greater than `since`, oldest first, and what that means for
@@ -618,11 +644,13 @@ impl Hub {
         let Some(subscriber) = self.subscribers.get(key).filter(|s| s.client_id == client_id) else {
             return Vec::new();
         };
-        let (tablet, named) = (Rc::clone(&subscriber.tablet), subscriber.named());
+        let name = Rc::clone(&subscriber.tablet);
+        let tablet =
+            Tablet { name: &name, named: subscriber.named(), by_pointer: subscriber.tablet_by_pointer };
         let events: Vec<ReceiptEvent> =
-            seqs.iter().filter_map(|&seq| self.receipts.delivered(seq, &tablet, named, at)).collect();
+            seqs.iter().filter_map(|&seq| self.receipts.delivered(seq, tablet, at)).collect();
         if let Some(newest) = events.last() {
-            self.update_roster(&tablet, |record| record.last_delivered_seq = Some(newest.seq()));
+            self.update_roster(&name, |record| record.last_delivered_seq = Some(newest.seq()));
         }
         events
     }
@@ -644,14 +672,19 @@ impl Hub {
         let Some(subscriber) = self.subscribers.get(key).filter(|s| s.client_id == client_id) else {
             return AckRequest::Unknown;
         };
-        let (tablet, named) = (Rc::clone(&subscriber.tablet), subscriber.named());
-        self.receipts.begin_ack(seq, &tablet, named, at)
+        let name = Rc::clone(&subscriber.tablet);
+        let tablet =
+            Tablet { name: &name, named: subscriber.named(), by_pointer: subscriber.tablet_by_pointer };
+        self.receipts.begin_ack(seq, tablet, at)
     }
 
     /// A tablet acks `seq` without a connection (`POST /emergencias/{seq}/ack`).
     pub fn ack_from(&mut self, tablet: &str, named: bool, seq: u64, at: SystemTime) -> AckRequest {
-        let tablet = self.tablet_name(tablet);
-        self.receipts.begin_ack(seq, &tablet, named, at)
+        let (name, by_pointer) = match named {
+            true => self.canonical_name(&Rc::from(tablet)),
+            false => (Rc::from(tablet), false),
+        };
+        self.receipts.begin_ack(seq, Tablet { name: &name, named, by_pointer }, at)
     }
 
     /// A publisher closes `seq`; `detail` is a JSON object's text. An emergency published but
@@ -681,6 +714,10 @@ impl Hub {
     pub fn apply(&mut self, events: Vec<ReceiptEvent>) -> Vec<Applied> {
         let mut applied = Vec::new();
         for event in events {
+            // A delivery is in the receipts from the moment it was written (`delivered`).
+            if matches!(event, ReceiptEvent::Delivered { .. }) {
+                continue;
+            }
             self.remember_receipt(&event);
             let change = self.receipts.apply(event);
             let notice = match &change {
@@ -751,12 +788,17 @@ impl Hub {
         }
     }
 
-    /// The shared name of a tablet, if a connected client or the roster holds it.
-    fn tablet_name(&self, tablet: &str) -> Rc<str> {
-        match self.roster.get_key_value(tablet) {
-            Some((name, _)) => Rc::clone(name),
-            None => tablet.into(),
+    /// The hub's one `Rc` for a named tablet: the roster's key, added if there is room; and
+    /// whether it is one (a full roster gives back `name` itself, found by comparing names).
+    fn canonical_name(&mut self, name: &Rc<str>) -> (Rc<str>, bool) {
+        if let Some((key, _)) = self.roster.get_key_value(&**name) {
+            return (Rc::clone(key), true);
         }
+        if self.roster.len() < MAX_ROSTER {
+            self.roster.insert(Rc::clone(name), TabletRecord::default());
+            return (Rc::clone(name), true);
+        }
+        (Rc::clone(name), false)
     }
 
     /// Queues a notice to every client; one more than `status_queue` notices behind is dropped.
@@ -890,6 +932,55 @@ mod tests {
         assert!(json.starts_with(r#"{"type":"emergencia","seq":1,"received_at":""#), "{json}");
         assert_eq!(pending_seqs(&client), [2]);
         assert_eq!(pending_seqs(&client), [] as [u64; 0]);
+    }
+
+    fn first<T: std::fmt::Debug>(request: T, event: impl FnOnce(T) -> Option<ReceiptEvent>) -> ReceiptEvent {
+        let shown = format!("{request:?}");
+        event(request).unwrap_or_else(|| panic!("not a first: {shown}"))
+    }
+
+    #[test]
+    fn a_fresh_client_gets_the_open_ones_then_their_status_then_the_notices() {
+        let receipts = ReceiptLimits { max_open: 10, max_open_bytes: 1 << 20, max_unnamed: 4 };
+        let hub = new_hub(HubLimits { receipts, ..limits() }, "stream-a");
+        for _ in 0..5 {
+            hub.borrow().publish_ok(&raw("{}"), Source::Unix);
+        }
+        let now = SystemTime::now();
+        let close = first(hub.borrow().close(2, None, now), |r| match r {
+            CloseRequest::First(event) => Some(event),
+            _ => None,
+        });
+        let ack = |seq, tablet: &str| {
+            first(hub.borrow().ack_from(tablet, true, seq, now), |r| match r {
+                AckRequest::First(event) => Some(event),
+                _ => None,
+            })
+        };
+        let acked = ack(4, "tablet-1");
+        hub.borrow().apply(vec![close, acked]);
+        // History 3: seqs 3..=5 are in it, 1 is open beyond it, 2 is closed.
+        let (client, greeting) = subscribe(&hub, None);
+        assert_eq!(greeting.open, [1, 3, 4, 5]);
+        let later = ack(5, "tablet-2");
+        hub.borrow().apply(vec![later]);
+        let kinds: Vec<(String, u64)> = take_all(&client)
+            .iter()
+            .map(|json| (json["type"].as_str().unwrap().to_owned(), json["seq"].as_u64().unwrap()))
+            .collect();
+        // Statuses are read when sent, not when it subscribed: 5's already counts the later ack,
+        // which its notice then repeats (counts are absolute, so that is harmless).
+        let expected = [
+            ("emergencia", 1),
+            ("emergencia", 3),
+            ("emergencia", 4),
+            ("emergencia", 5),
+            ("status", 4),
+            ("status", 5),
+            ("ack", 5),
+        ];
+        assert_eq!(kinds, expected.map(|(kind, seq)| (kind.to_owned(), seq)));
+        assert_eq!(take_all(&client), [] as [serde_json::Value; 0]);
     }
 
     #[test]

@@ -73,7 +73,6 @@ pub struct Closure {
 #[derive(Clone, Debug)]
 pub struct TabletReceipt {
     pub tablet: Rc<str>,
-    named: bool,
     delivered_ms: u64,
     acked_ms: u64,
     /// Asked for and sent to the journal, not yet applied.
@@ -103,6 +102,8 @@ pub struct Ledger {
     pub tablets: Vec<TabletReceipt>,
     pub delivered: usize,
     pub acked: usize,
+    /// Receipts of tablets without a name, for `max_unnamed`.
+    unnamed: usize,
     pub closed: Option<Closure>,
     pub escalated_at: Option<SystemTime>,
     close_pending: bool,
@@ -121,6 +122,7 @@ impl Ledger {
             tablets: Vec::new(),
             delivered: 0,
             acked: 0,
+            unnamed: 0,
             closed: None,
             escalated_at: None,
             close_pending: false,
@@ -173,30 +175,40 @@ impl Ledger {
         acked.into_iter().map(|receipt| &*receipt.tablet)
     }
 
-    /// The tablet's receipt, made if it has none and the unnamed cap allows.
-    fn receipt_or_new(
-        &mut self,
-        tablet: &Rc<str>,
-        named: bool,
-        max_unnamed: usize,
-    ) -> Option<&mut TabletReceipt> {
-        if let Some(index) = self.tablets.iter().position(|receipt| receipt.tablet == *tablet) {
+    /// The tablet's receipt, made if it has none and the unnamed cap allows. A `Tablet` whose
+    /// name is the hub's one `Rc` for it is found by pointer alone: comparing names was the
+    /// largest cost of a delivery at 1000 tablets (BENCHMARKS.md, "What acks cost").
+    fn receipt_or_new(&mut self, tablet: Tablet<'_>, max_unnamed: usize) -> Option<&mut TabletReceipt> {
+        let Tablet { name, named, by_pointer } = tablet;
+        let index = self.tablets.iter().position(|receipt| Rc::ptr_eq(&receipt.tablet, name));
+        let index = match index {
+            None if !by_pointer => self.tablets.iter().position(|receipt| receipt.tablet == *name),
+            found => found,
+        };
+        if let Some(index) = index {
             return self.tablets.get_mut(index);
         }
-        let unnamed = self.tablets.iter().filter(|receipt| !receipt.named).count();
-        if !named && unnamed >= max_unnamed {
+        let tablet = name;
+        if !named && self.unnamed >= max_unnamed {
             return None;
         }
-        let receipt = TabletReceipt {
-            tablet: Rc::clone(tablet),
-            named,
-            delivered_ms: 0,
-            acked_ms: 0,
-            ack_pending: false,
-        };
+        if !named {
+            self.unnamed += 1;
+        }
+        let receipt =
+            TabletReceipt { tablet: Rc::clone(tablet), delivered_ms: 0, acked_ms: 0, ack_pending: false };
         self.tablets.push(receipt);
         self.tablets.last_mut()
     }
+}
+
+/// Who a receipt is for: a tablet's name, whether it is a token's name (not capped), and whether
+/// `name` is the hub's one `Rc` for it (every receipt of it then holds that `Rc`).
+#[derive(Clone, Copy, Debug)]
+pub struct Tablet<'a> {
+    pub name: &'a Rc<str>,
+    pub named: bool,
+    pub by_pointer: bool,
 }
 
 /// What an ack asked for turned out to be.
@@ -273,6 +285,13 @@ impl Receipts {
         self.open
     }
 
+    /// The ledgers with seqs `first..=last`, oldest first.
+    pub fn ledgers_in(&self, first: u64, last: u64) -> impl Iterator<Item = &Ledger> {
+        // Half-open and never reversed: `BTreeMap::range` panics on a start past its end.
+        let end = last.saturating_add(1).max(first);
+        self.ledgers.range(first..end).map(|(_, ledger)| ledger)
+    }
+
     /// Every ledger, oldest first.
     pub fn ledgers(&self) -> impl Iterator<Item = &Ledger> {
         self.ledgers.values()
@@ -340,36 +359,30 @@ impl Receipts {
     }
 
     /// Records that `seq` was written in full to `tablet`: the event to store, the first time.
-    pub fn delivered(
-        &mut self,
-        seq: u64,
-        tablet: &Rc<str>,
-        named: bool,
-        at: SystemTime,
-    ) -> Option<ReceiptEvent> {
+    pub fn delivered(&mut self, seq: u64, tablet: Tablet<'_>, at: SystemTime) -> Option<ReceiptEvent> {
         let max_unnamed = self.limits.max_unnamed;
         let ledger = self.ledgers.get_mut(&seq)?;
-        let receipt = ledger.receipt_or_new(tablet, named, max_unnamed)?;
+        let receipt = ledger.receipt_or_new(tablet, max_unnamed)?;
         if receipt.delivered_ms != 0 {
             return None;
         }
         receipt.delivered_ms = millis(at);
         ledger.delivered += 1;
-        Some(ReceiptEvent::Delivered { seq, tablet: tablet.to_string(), at })
+        Some(ReceiptEvent::Delivered { seq, tablet: tablet.name.to_string(), at })
     }
 
     /// A tablet acks `seq`: the event to store if it is its first.
-    pub fn begin_ack(&mut self, seq: u64, tablet: &Rc<str>, named: bool, at: SystemTime) -> AckRequest {
+    pub fn begin_ack(&mut self, seq: u64, tablet: Tablet<'_>, at: SystemTime) -> AckRequest {
         let max_unnamed = self.limits.max_unnamed;
         let Some(ledger) = self.ledgers.get_mut(&seq) else { return AckRequest::Unknown };
-        let Some(receipt) = ledger.receipt_or_new(tablet, named, max_unnamed) else {
+        let Some(receipt) = ledger.receipt_or_new(tablet, max_unnamed) else {
             return AckRequest::Uncounted;
         };
         if receipt.acked_ms != 0 || receipt.ack_pending {
             return AckRequest::Repeated;
         }
         receipt.ack_pending = true;
-        AckRequest::First(ReceiptEvent::Acked { seq, tablet: tablet.to_string(), at })
+        AckRequest::First(ReceiptEvent::Acked { seq, tablet: tablet.name.to_string(), at })
     }
 
     /// A publisher closes `seq`: the event to store if it is the first close.
@@ -419,12 +432,20 @@ impl Receipts {
 
     /// Applies a stored event; says what to broadcast.
     pub fn apply(&mut self, event: ReceiptEvent) -> Applied {
+        self.apply_as(event, None)
+    }
+
+    /// As `apply`, a delivery or an ack being for `name` when given: the hub's one `Rc` of the
+    /// tablet's name (restoring, so that its receipts are found by pointer afterwards).
+    pub fn apply_as(&mut self, event: ReceiptEvent, name: Option<Rc<str>>) -> Applied {
         let max_unnamed = self.limits.max_unnamed;
+        let by_pointer = name.is_some();
         let Some(ledger) = self.ledgers.get_mut(&event.seq()) else { return Applied::Nothing };
         match event {
             ReceiptEvent::Delivered { tablet, at, .. } => {
-                let tablet: Rc<str> = tablet.into();
-                if let Some(receipt) = ledger.receipt_or_new(&tablet, true, max_unnamed)
+                let name = name.unwrap_or_else(|| tablet.into());
+                let tablet = Tablet { name: &name, named: true, by_pointer };
+                if let Some(receipt) = ledger.receipt_or_new(tablet, max_unnamed)
                     && receipt.delivered_ms == 0
                 {
                     receipt.delivered_ms = millis(at);
@@ -433,10 +454,16 @@ impl Receipts {
                 Applied::Nothing
             }
             ReceiptEvent::Acked { seq, tablet, at } => {
-                let name: Rc<str> = tablet.into();
-                let Some(receipt) = ledger.receipt_or_new(&name, true, max_unnamed) else {
-                    return Applied::Nothing;
+                // A live ack's receipt is pending: among the few that are, found at once.
+                let pending = ledger.tablets.iter().position(|r| r.ack_pending && *r.tablet == *tablet);
+                let name = name.unwrap_or_else(|| tablet.into());
+                let receipt = match pending {
+                    Some(index) => ledger.tablets.get_mut(index),
+                    None => {
+                        ledger.receipt_or_new(Tablet { name: &name, named: true, by_pointer }, max_unnamed)
+                    }
                 };
+                let Some(receipt) = receipt else { return Applied::Nothing };
                 receipt.ack_pending = false;
                 if receipt.acked_ms != 0 {
                     return Applied::Nothing;
@@ -514,14 +541,29 @@ mod tests {
         publish(&mut receipts, 1);
         let tablet: Rc<str> = "tablet-1".into();
         let now = SystemTime::now();
-        assert!(receipts.delivered(1, &tablet, true, now).is_some());
-        assert!(receipts.delivered(1, &tablet, true, now).is_none());
-        let event = first(receipts.begin_ack(1, &tablet, true, now));
-        assert_eq!(receipts.begin_ack(1, &tablet, true, now), AckRequest::Repeated, "while being stored");
+        assert!(
+            receipts.delivered(1, Tablet { name: &tablet, named: true, by_pointer: false }, now).is_some()
+        );
+        assert!(
+            receipts.delivered(1, Tablet { name: &tablet, named: true, by_pointer: false }, now).is_none()
+        );
+        let event =
+            first(receipts.begin_ack(1, Tablet { name: &tablet, named: true, by_pointer: false }, now));
+        assert_eq!(
+            receipts.begin_ack(1, Tablet { name: &tablet, named: true, by_pointer: false }, now),
+            AckRequest::Repeated,
+            "while being stored"
+        );
         assert!(matches!(receipts.apply(event.clone()), Applied::Ack { acked: 1, delivered: 1, .. }));
         assert!(matches!(receipts.apply(event), Applied::Nothing), "applied twice, counted once");
-        assert_eq!(receipts.begin_ack(1, &tablet, true, now), AckRequest::Repeated);
-        assert_eq!(receipts.begin_ack(9, &tablet, true, now), AckRequest::Unknown);
+        assert_eq!(
+            receipts.begin_ack(1, Tablet { name: &tablet, named: true, by_pointer: false }, now),
+            AckRequest::Repeated
+        );
+        assert_eq!(
+            receipts.begin_ack(9, Tablet { name: &tablet, named: true, by_pointer: false }, now),
+            AckRequest::Unknown
+        );
         assert_eq!(receipts.get(1).unwrap().acked_by().collect::<Vec<_>>(), ["tablet-1"]);
     }
 
@@ -530,10 +572,26 @@ mod tests {
         let mut receipts = receipts(10);
         publish(&mut receipts, 1);
         let now = SystemTime::now();
-        assert!(receipts.delivered(1, &"client-1".into(), false, now).is_some());
-        assert!(receipts.delivered(1, &"client-2".into(), false, now).is_none());
-        assert_eq!(receipts.begin_ack(1, &"client-3".into(), false, now), AckRequest::Uncounted);
-        assert!(receipts.delivered(1, &"tablet-1".into(), true, now).is_some(), "names are not capped");
+        assert!(
+            receipts
+                .delivered(1, Tablet { name: &"client-1".into(), named: false, by_pointer: false }, now)
+                .is_some()
+        );
+        assert!(
+            receipts
+                .delivered(1, Tablet { name: &"client-2".into(), named: false, by_pointer: false }, now)
+                .is_none()
+        );
+        assert_eq!(
+            receipts.begin_ack(1, Tablet { name: &"client-3".into(), named: false, by_pointer: false }, now),
+            AckRequest::Uncounted
+        );
+        assert!(
+            receipts
+                .delivered(1, Tablet { name: &"tablet-1".into(), named: true, by_pointer: false }, now)
+                .is_some(),
+            "names are not capped"
+        );
     }
 
     #[test]
@@ -567,12 +625,29 @@ mod tests {
     }
 
     #[test]
+    fn a_range_of_ledgers_may_be_empty_or_reversed() {
+        let mut receipts = receipts(10);
+        for seq in 1..=3 {
+            publish(&mut receipts, seq);
+        }
+        let seqs =
+            |first, last| receipts.ledgers_in(first, last).map(|ledger| ledger.seq).collect::<Vec<_>>();
+        assert_eq!(seqs(2, 3), [2, 3]);
+        assert_eq!(seqs(3, 2), [] as [u64; 0]);
+        assert_eq!(seqs(1, u64::MAX), [1, 2, 3]);
+    }
+
+    #[test]
     fn an_escalation_falls_due_once_and_never_for_an_acked_one() {
         let mut receipts = receipts(10);
         let long_ago = SystemTime::now() - Duration::from_secs(60);
         receipts.published(1, long_ago, "{}".into(), 0, 1);
         receipts.published(2, long_ago, "{}".into(), 0, 1);
-        let ack = first(receipts.begin_ack(2, &"tablet-1".into(), true, long_ago));
+        let ack = first(receipts.begin_ack(
+            2,
+            Tablet { name: &"tablet-1".into(), named: true, by_pointer: false },
+            long_ago,
+        ));
         receipts.apply(ack);
         let timeout = Duration::from_secs(30);
         let due = receipts.due_escalations(SystemTime::now(), timeout);

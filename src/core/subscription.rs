@@ -2,12 +2,14 @@
 
 use std::net::SocketAddr;
 use std::rc::Rc;
+use std::time::SystemTime;
 
 use crate::auth::Identity;
 use crate::core::Outgoing;
 use crate::core::doorbell::Doorbell;
 use crate::core::handle::HubHandle;
 use crate::core::hub::{Greeting, Refusal, Resume};
+use crate::core::receipts::{AckRequest, ReceiptEvent};
 
 /// What a client holds while it is connected. Dropping it unsubscribes, whichever side ended
 /// the session: join and leave come in pairs.
@@ -48,26 +50,22 @@ impl Subscription {
     }
 
     /// Records that `seqs` were written to this client in full: the events to store.
-    pub fn delivered(
-        &self,
-        seqs: &[u64],
-        at: std::time::SystemTime,
-    ) -> Vec<crate::core::receipts::ReceiptEvent> {
+    pub fn delivered(&self, seqs: &[u64], at: SystemTime) -> Vec<ReceiptEvent> {
         let (key, client_id) = (self.key, self.client_id);
         self.hub.try_with(|hub| hub.delivered(key, client_id, seqs, at)).unwrap_or_default()
     }
 
     /// This client sent something.
-    pub fn heard(&self, at: std::time::SystemTime) {
+    pub fn heard(&self, at: SystemTime) {
         let (key, client_id) = (self.key, self.client_id);
         self.hub.try_with(|hub| hub.heard(key, client_id, at));
     }
 
     /// This client acks `seq`.
-    pub fn ack(&self, seq: u64, at: std::time::SystemTime) -> crate::core::receipts::AckRequest {
+    pub fn ack(&self, seq: u64, at: SystemTime) -> AckRequest {
         let (key, client_id) = (self.key, self.client_id);
         let request = self.hub.try_with(|hub| hub.ack_from_client(key, client_id, seq, at));
-        request.unwrap_or(crate::core::receipts::AckRequest::Unknown)
+        request.unwrap_or(AckRequest::Unknown)
     }
 
     /// The client's slab key, for tests of the hub's bookkeeping.

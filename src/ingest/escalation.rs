@@ -86,8 +86,9 @@ pub async fn run(publisher: &Publisher, settings: EscalationSettings) {
             for seq in &seqs {
                 warn!("seq {seq}: no tablet acked it within --ack-timeout; escalating");
             }
-            // Stored before anything runs: a restart never runs a command twice.
-            if let Err(rejection) = publisher.record_and_wait(due).await {
+            // Stored before anything runs: a restart never runs a command twice. No time limit:
+            // while storage fails the events wait in the journal, and the commands with them.
+            if let Err(rejection) = publisher.record_and_wait(due, None).await {
                 error!("escalations of {seqs:?} not stored ({rejection}); their commands do not run");
                 continue;
             }

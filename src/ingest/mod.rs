@@ -15,9 +15,9 @@
 pub mod escalation;
 mod strict;
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::rc::Rc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use async_channel::Receiver;
 use serde::{Deserialize, Deserializer};
@@ -40,6 +40,15 @@ pub const KEY_MEMBER: &str = "idempotency_key";
 /// Longest a publish waits for room in `--max-inflight-bytes` before it is refused as busy: a
 /// commit frees its share in milliseconds, so a longer wait means the disk does not keep up.
 pub const INFLIGHT_WAIT: Duration = Duration::from_secs(2);
+/// Longest an HTTP ack or a close waits for its commit before it is answered "storage failed"
+/// (the event stays queued and is stored by a later commit: a retry is answered from it).
+pub const RECORD_WAIT: Duration = Duration::from_secs(5);
+/// Deliveries are held for the journal at most this long, riding with the next ack, close or
+/// escalation if one comes first: a fan-out to every tablet is one transaction, not one per
+/// tablet. A `kill -9` loses at most this much of delivery marks (never an ack).
+pub const DELIVERY_FLUSH: Duration = Duration::from_millis(500);
+/// Deliveries held at most: past it they go to the journal at once.
+pub const MAX_HELD_DELIVERIES: usize = 16 * 1024;
 
 /// Why a submission was not published. `Display` gives the message sent back to the publisher.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -351,6 +360,8 @@ pub struct Publisher {
     in_flight: Rc<ByteBudget>,
     /// Cleared when shutdown begins: from then on every submission is refused.
     accepting: Cell<bool>,
+    /// Deliveries not yet sent to the journal (durable only): see `DELIVERY_FLUSH`.
+    held_deliveries: RefCell<Vec<ReceiptEvent>>,
 }
 
 impl Publisher {
@@ -363,7 +374,16 @@ impl Publisher {
         max_inflight_bytes: usize,
     ) -> Publisher {
         let in_flight = ByteBudget::new(max_inflight_bytes);
-        Publisher { ingress, journal, fan_out, metrics, max_bytes, in_flight, accepting: Cell::new(true) }
+        Publisher {
+            ingress,
+            journal,
+            fan_out,
+            metrics,
+            max_bytes,
+            in_flight,
+            accepting: Cell::new(true),
+            held_deliveries: RefCell::default(),
+        }
     }
 
     /// Takes `bytes` of `--max-inflight-bytes` for a publish about to hold them (a body about
@@ -379,6 +399,7 @@ impl Publisher {
     /// `deliver_committed` ends once everything accepted is in the hub.
     pub fn stop_accepting(&self) {
         self.accepting.set(false);
+        self.flush_deliveries();
         if let Some(journal) = &self.journal {
             journal.close();
         }
@@ -475,30 +496,73 @@ impl Publisher {
     /// Stores receipt events and then applies them to the hub, which broadcasts what they
     /// change: durably, in the journal's next transaction (the broadcast follows the commit);
     /// in memory, at once. Does not wait.
+    /// Deliveries are held (`DELIVERY_FLUSH`) and go with the next other event.
     pub fn record(&self, events: Vec<ReceiptEvent>) {
         if events.is_empty() {
             return;
         }
-        match &self.journal {
-            Some(journal) => {
-                if let Err(error) = journal.record(events, None) {
-                    log::error!("receipts not stored: {error:?}");
-                }
+        let Some(journal) = &self.journal else { return self.apply(events) };
+        if events.iter().all(|event| matches!(event, ReceiptEvent::Delivered { .. })) {
+            let mut held = self.held_deliveries.borrow_mut();
+            held.extend(events);
+            if held.len() < MAX_HELD_DELIVERIES {
+                return;
             }
-            None => self.apply(events),
+            drop(held);
+            return self.flush_deliveries();
+        }
+        if let Err(error) = journal.record(self.with_held_deliveries(events), None) {
+            log::error!("receipts not stored: {error:?}");
         }
     }
 
+    /// Sends the held deliveries to the journal.
+    pub fn flush_deliveries(&self) {
+        let held = std::mem::take(&mut *self.held_deliveries.borrow_mut());
+        if let (Some(journal), false) = (&self.journal, held.is_empty())
+            && let Err(error) = journal.record(held, None)
+        {
+            log::error!("deliveries not stored: {error:?}");
+        }
+    }
+
+    /// Sends the held deliveries every `DELIVERY_FLUSH`; runs as long as the server.
+    pub async fn flush_deliveries_periodically(&self) {
+        loop {
+            smol::Timer::after(DELIVERY_FLUSH).await;
+            self.flush_deliveries();
+        }
+    }
+
+    /// The held deliveries, then `events`: they go to the journal together.
+    fn with_held_deliveries(&self, events: Vec<ReceiptEvent>) -> Vec<ReceiptEvent> {
+        let mut all = std::mem::take(&mut *self.held_deliveries.borrow_mut());
+        all.extend(events);
+        all
+    }
+
     /// As `record`, and waits until the events are stored and applied (a close, an escalation,
-    /// whose answer or command must follow the commit).
-    pub async fn record_and_wait(&self, events: Vec<ReceiptEvent>) -> Result<(), Rejection> {
+    /// whose answer or command must follow the commit), for at most `limit` if given.
+    pub async fn record_and_wait(
+        &self,
+        events: Vec<ReceiptEvent>,
+        limit: Option<Duration>,
+    ) -> Result<(), Rejection> {
         let Some(journal) = &self.journal else {
             self.apply(events);
             return Ok(());
         };
         let (done, applied) = async_channel::bounded(1);
+        let events = self.with_held_deliveries(events);
         journal.record(events, Some(done)).map_err(|error| self.refused_by_storage(error))?;
-        applied.recv().await.map_err(|_| {
+        let stored = async { applied.recv().await.ok() };
+        let stored = match limit {
+            Some(limit) => crate::runtime::deadline::within(limit, stored).await.map_err(|_| {
+                Rejection::StorageFailed(format!("not stored within {limit:?}; it will be by a later commit"))
+            })?,
+            None => stored.await,
+        };
+        stored.ok_or_else(|| {
             self.refused_by_storage(StorageError::Failed {
                 cause: FailureCause::Stopped,
                 detail: "the storage thread stopped".into(),
@@ -509,12 +573,12 @@ impl Publisher {
     /// Closes emergency `seq`: stored, then broadcast to every client, before this returns.
     /// Closing twice is harmless.
     pub async fn close(&self, seq: u64, detail: Option<String>) -> Result<CloseOutcome, Rejection> {
-        let request = self.ingress.hub().with(|hub| hub.close(seq, detail, std::time::SystemTime::now()));
+        let request = self.ingress.hub().with(|hub| hub.close(seq, detail, SystemTime::now()));
         match request {
             CloseRequest::Unknown => Ok(CloseOutcome::Unknown),
             CloseRequest::AlreadyClosed => Ok(CloseOutcome::Closed { already: true }),
             CloseRequest::First(event) => {
-                self.record_and_wait(vec![event]).await?;
+                self.record_and_wait(vec![event], Some(RECORD_WAIT)).await?;
                 Ok(CloseOutcome::Closed { already: false })
             }
         }
@@ -524,11 +588,11 @@ impl Publisher {
     /// returns, when it is the tablet's first.
     pub async fn ack(&self, tablet: &str, named: bool, seq: u64) -> Result<AckOutcome, Rejection> {
         let hub = self.ingress.hub();
-        let duplicate = match hub.with(|hub| hub.ack_from(tablet, named, seq, std::time::SystemTime::now())) {
+        let duplicate = match hub.with(|hub| hub.ack_from(tablet, named, seq, SystemTime::now())) {
             AckRequest::Unknown => return Ok(AckOutcome::Unknown),
             AckRequest::Repeated | AckRequest::Uncounted => true,
             AckRequest::First(event) => {
-                self.record_and_wait(vec![event]).await?;
+                self.record_and_wait(vec![event], Some(RECORD_WAIT)).await?;
                 false
             }
         };
