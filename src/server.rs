@@ -327,7 +327,10 @@ async fn open_tls(
     match handshake {
         Ok(transport) => Some(transport),
         Err(HandshakeError::NotTls(stream)) => {
-            warn!("closed {peer}: not TLS on the TLS port (plain http:// or ws:// to --tls-listen?)");
+            note_tls_failure(
+                NOT_TLS,
+                &format!("closed {peer}: not TLS on the TLS port (plain http:// or ws:// to --tls-listen?)"),
+            );
             let connection = HttpConnection::new(Transport::Plain(stream), Rc::clone(&app.metrics));
             let refusal = Response::json(
                 Status::BAD_REQUEST,
@@ -337,15 +340,34 @@ async fn open_tls(
             None
         }
         Err(HandshakeError::TimedOut) => {
-            warn!("closed {peer}: TLS handshake not complete within --header-timeout");
+            note_tls_failure(
+                HANDSHAKE_TIMED_OUT,
+                &format!("closed {peer}: TLS handshake not complete within --header-timeout"),
+            );
             None
         }
         Err(HandshakeError::Failed(error)) => {
-            warn!("TLS handshake with {peer} failed: {error}");
+            note_tls_failure(HANDSHAKE_FAILED, &format!("TLS handshake with {peer} failed: {error}"));
             None
         }
         Err(HandshakeError::Closed) => None,
     }
+}
+
+thread_local! {
+    /// Failed TLS handshakes, one line per period: a tablet that does not trust the site CA yet
+    /// retries for as long as it is on, and a port scan fails hundreds at once.
+    /// One throttle per kind, so that a flood of one does not hide the first of another.
+    static TLS_FAILURES: [WarningThrottle; 3] = Default::default();
+}
+
+/// The kinds of failed TLS handshakes, as indexes into `TLS_FAILURES`.
+const NOT_TLS: usize = 0;
+const HANDSHAKE_TIMED_OUT: usize = 1;
+const HANDSHAKE_FAILED: usize = 2;
+
+fn note_tls_failure(kind: usize, message: &str) {
+    TLS_FAILURES.with(|failures| failures[kind].note(message));
 }
 
 /// Answers a connection over `--max-http-connections` with a 503 (counted like every response)

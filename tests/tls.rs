@@ -40,9 +40,9 @@ impl SiteCa {
 
     /// Runs the script again (idempotent), with `extra` arguments (`--renew`); returns its output.
     fn run(&self, extra: &[&str]) -> String {
-        let group = String::from_utf8(Command::new("id").arg("-gn").output().unwrap().stdout).unwrap();
+        let user = String::from_utf8(Command::new("id").arg("-un").output().unwrap().stdout).unwrap();
         let output = Command::new(Path::new(ROOT).join("deploy/site-ca"))
-            .args(["--dir", self.dir.to_str().unwrap(), "--group", group.trim()])
+            .args(["--dir", self.dir.to_str().unwrap(), "--owner", user.trim()])
             .args(["--name", "localhost", "--ip", "127.0.0.1", "--no-reload"])
             .args(extra)
             .output()
