@@ -353,3 +353,22 @@ fn fresh_tablets_get_every_open_emergency_however_old_and_closes_are_broadcast()
     assert_eq!(status(&server, 1)["status"]["closed"], false);
     assert_eq!(server.get("/emergencias/3").status, 404, "closed and beyond the history: aged out");
 }
+
+#[test]
+fn an_upgraded_data_dir_keeps_its_emergencies_closed_neither_escalated_nor_resent() {
+    let dir = TempDir::new();
+    // The schema as it was before receipts and closes: idempotency keys, no close column.
+    common::old_data_dir(&dir, ", idempotency_key TEXT, body_sha1 BLOB", 2);
+    let commands = TempDir::new();
+    let command = recording_command(commands.path());
+    let server = Server::start_in(dir, &["--ack-timeout", "0.1", "--on-unacked", &command]);
+    assert_eq!(server.health()["stream"], "00112233aabbccdd");
+    let (mut fresh, welcome) = server.subscribe();
+    assert_eq!(welcome["open"], json!([]), "{welcome}");
+    assert_eq!(server.unix().publish("{}"), 3);
+    fresh.recv_emergency(3);
+    server.wait_for_log("--on-unacked for seq 3 exited 0");
+    assert_eq!((runs(commands.path(), 1), runs(commands.path(), 2)), (None, None), "an old one escalated");
+    assert_eq!(status(&server, 1)["status"]["closed"], true);
+    assert_eq!(server.poll_all().len(), 3, "the history is kept");
+}

@@ -499,10 +499,21 @@ fn open_database(path: &Path) -> Result<Connection, Unusable> {
 
 /// The receipts table and the close and escalation columns, added to a data dir from before
 /// them; the partial index finds the open emergencies.
+///
+/// The emergencies a data dir from before closes holds were handled back then, by radio or
+/// otherwise: they are added closed (at the time they were received), or an upgrade would
+/// escalate every one of them and resend them all to every fresh tablet. The column and the
+/// closes are one transaction, so a crash between them cannot leave them open.
 fn add_receipt_tables(db: &Connection) -> rusqlite::Result<()> {
-    for (column, kind) in
-        [("closed_at_ms", "INTEGER"), ("close_detail", "TEXT"), ("escalated_at_ms", "INTEGER")]
-    {
+    if !has_column(db, "closed_at_ms")? {
+        db.execute_batch(
+            "BEGIN IMMEDIATE;
+             ALTER TABLE emergencies ADD COLUMN closed_at_ms INTEGER;
+             UPDATE emergencies SET closed_at_ms = received_at_ms;
+             COMMIT;",
+        )?;
+    }
+    for (column, kind) in [("close_detail", "TEXT"), ("escalated_at_ms", "INTEGER")] {
         add_column(db, column, kind)?;
     }
     db.execute_batch(
@@ -517,13 +528,16 @@ fn add_receipt_tables(db: &Connection) -> rusqlite::Result<()> {
     )
 }
 
-fn add_column(db: &Connection, column: &str, kind: &str) -> rusqlite::Result<()> {
-    let present: bool = db.query_row(
+fn has_column(db: &Connection, column: &str) -> rusqlite::Result<bool> {
+    db.query_row(
         "SELECT COUNT(*) > 0 FROM pragma_table_info('emergencies') WHERE name = ?1",
         [column],
         |row| row.get(0),
-    )?;
-    if !present {
+    )
+}
+
+fn add_column(db: &Connection, column: &str, kind: &str) -> rusqlite::Result<()> {
+    if !has_column(db, column)? {
         db.execute_batch(&format!("ALTER TABLE emergencies ADD COLUMN {column} {kind}"))?;
     }
     Ok(())
