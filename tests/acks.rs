@@ -372,3 +372,29 @@ fn an_upgraded_data_dir_keeps_its_emergencies_closed_neither_escalated_nor_resen
     assert_eq!(status(&server, 1)["status"]["closed"], true);
     assert_eq!(server.poll_all().len(), 3, "the history is kept");
 }
+
+#[test]
+fn a_chunked_close_or_ack_gets_411_and_its_body_is_never_taken_for_a_request() {
+    let server = Server::start(&[]);
+    let mut unix = server.unix();
+    assert_eq!(unix.publish("{}"), 1);
+    assert_eq!(unix.publish("{}"), 2);
+    for path in ["/emergencias/1/cerrar", "/emergencias/1/ack"] {
+        // What follows the head is another request, as a proxy that ignores the chunking would
+        // pass it on: it must not be run.
+        let mut stream = std::net::TcpStream::connect(server.addr).unwrap();
+        stream.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
+        let smuggled = "POST /emergencias/2/cerrar HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\n\r\n";
+        let head = format!("POST {path} HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n{smuggled}");
+        std::io::Write::write_all(&mut stream, head.as_bytes()).unwrap();
+        let mut reader = std::io::BufReader::new(stream);
+        let refused = HttpResponse::read(&mut reader);
+        assert_eq!(refused.status, 411, "{path}: {}", refused.body);
+        assert!(refused.error().contains("Content-Length"), "{}", refused.body);
+        let mut rest = Vec::new();
+        std::io::Read::read_to_end(&mut reader, &mut rest).unwrap();
+        assert_eq!(String::from_utf8_lossy(&rest), "", "{path}: the connection went on");
+    }
+    assert_eq!(status(&server, 1)["status"]["closed"], false);
+    assert_eq!(status(&server, 2)["status"]["closed"], false, "the smuggled close ran");
+}
