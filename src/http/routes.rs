@@ -137,11 +137,7 @@ async fn handle(
         ("/emergencias", "OPTIONS") => preflight(app, &request, peer, "GET, POST"),
         ("/emergencias", _) => method_not_allowed("GET, POST"),
         (path, _) if path.starts_with("/emergencias/") => {
-            return Outcome::Reply(with_cors(
-                app,
-                &request,
-                emergency_route(app, connection, &request, peer, deadline, slot).await,
-            ));
+            emergency_route(app, connection, &request, peer, deadline, slot).await
         }
         ("/tablets", "GET") => tablets(app, &request, peer),
         ("/tablets", _) => method_not_allowed("GET"),
