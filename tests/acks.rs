@@ -398,3 +398,39 @@ fn a_chunked_close_or_ack_gets_411_and_its_body_is_never_taken_for_a_request() {
     assert_eq!(status(&server, 1)["status"]["closed"], false);
     assert_eq!(status(&server, 2)["status"]["closed"], false, "the smuggled close ran");
 }
+
+#[test]
+fn a_command_whose_background_process_outlives_its_time_limit_is_killed_with_it_and_frees_its_slot() {
+    let commands = TempDir::new();
+    let out = commands.path().display();
+    // Seq 1's command starts a process that holds its stderr and waits for it: only killing the
+    // whole group ends it.
+    let command = format!(
+        r#"if [ "$RESQ_SEQ" = 1 ]; then sleep 1000 & echo $! > {out}/pid; wait; fi; echo ran >> {out}/ran.$RESQ_SEQ"#
+    );
+    let flags = [
+        "--ack-timeout",
+        "0.1",
+        "--on-unacked",
+        &command,
+        "--max-escalation-children",
+        "1",
+        "--escalation-time-limit",
+        "0.5",
+    ];
+    let server = Server::start(&flags);
+    let mut unix = server.unix();
+    assert_eq!(unix.publish("{}"), 1);
+    server.wait_for_log("--on-unacked for seq 1 killed after --escalation-time-limit");
+    assert_eq!(unix.publish("{}"), 2);
+    server.wait_for_log("--on-unacked for seq 2 exited 0");
+    assert_eq!(runs(commands.path(), 2).as_deref(), Some("ran\n"));
+    let pid = std::fs::read_to_string(commands.path().join("pid")).unwrap();
+    let stat = format!("/proc/{}/stat", pid.trim());
+    // Gone, or a zombie waiting for whoever adopted it.
+    wait_until("the background sleep killed", || {
+        std::fs::read_to_string(&stat).map_or(true, |stat| stat.contains(") Z "))
+    });
+    let metrics = server.get("/metrics").body;
+    assert!(metrics.contains("resq_push_escalation_commands_total{outcome=\"killed\"} 1\n"), "{metrics}");
+}
