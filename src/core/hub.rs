@@ -834,8 +834,12 @@ impl Hub {
     }
 
     /// The envelope of an emergency the receipts hold (for the escalation command).
-    pub fn envelope(&self, seq: u64) -> Option<SharedEnvelope> {
-        self.receipts.get(seq).map(|ledger| Rc::clone(&ledger.envelope))
+    /// The envelope of an escalated emergency whose command still has a reason to run: nobody
+    /// acked it and it is not closed, though an ack or a close may have been stored with the
+    /// escalation.
+    pub fn unanswered_envelope(&self, seq: u64) -> Option<SharedEnvelope> {
+        let ledger = self.receipts.get(seq).filter(|ledger| ledger.unanswered())?;
+        Some(Rc::clone(&ledger.envelope))
     }
 
     /// What the roster remembers of a named tablet.

@@ -163,6 +163,23 @@ impl Ledger {
         self.closed.is_none() && !self.abandoned
     }
 
+    /// Open, nobody acked it, and no escalation, ack or close of it being stored: an ack or a
+    /// close on its way to the disk when the deadline passes wins over the escalation.
+    fn may_escalate(&self) -> bool {
+        self.is_open()
+            && self.acked == 0
+            && self.escalated_at.is_none()
+            && !self.escalation_pending
+            && !self.close_pending
+            && !self.tablets.iter().any(|receipt| receipt.ack_pending)
+    }
+
+    /// Nobody acked it and it is not closed: its escalation's command still has a reason to
+    /// run (asked once its escalation is stored, for what was stored alongside).
+    pub fn unanswered(&self) -> bool {
+        self.acked == 0 && self.closed.is_none()
+    }
+
     /// Whether there is anything to tell a tablet beyond the envelope itself.
     pub fn has_news(&self) -> bool {
         self.acked > 0 || self.closed.is_some() || self.escalated_at.is_some()
@@ -401,12 +418,7 @@ impl Receipts {
         let mut due = Vec::new();
         for ledger in self.ledgers.values_mut() {
             let deadline = ledger.received_at + timeout;
-            if ledger.is_open()
-                && ledger.acked == 0
-                && ledger.escalated_at.is_none()
-                && !ledger.escalation_pending
-                && deadline <= now
-            {
+            if deadline <= now && ledger.may_escalate() {
                 ledger.escalation_pending = true;
                 due.push(ReceiptEvent::Escalated { seq: ledger.seq, at: now });
             }
@@ -416,12 +428,7 @@ impl Receipts {
 
     /// The earliest moment an escalation may fall due, if any could.
     pub fn next_deadline(&self, timeout: Duration) -> Option<SystemTime> {
-        let waiting = self.ledgers.values().filter(|ledger| {
-            ledger.is_open()
-                && ledger.acked == 0
-                && ledger.escalated_at.is_none()
-                && !ledger.escalation_pending
-        });
+        let waiting = self.ledgers.values().filter(|ledger| ledger.may_escalate());
         waiting.map(|ledger| ledger.received_at + timeout).min()
     }
 
@@ -656,5 +663,25 @@ mod tests {
         assert!(matches!(receipts.apply(due[0].clone()), Applied::Escalated { seq: 1, .. }));
         assert!(receipts.due_escalations(SystemTime::now(), timeout).is_empty());
         assert_eq!(receipts.next_deadline(timeout), None);
+    }
+
+    #[test]
+    fn an_ack_or_a_close_being_stored_holds_the_escalation_back() {
+        let mut receipts = receipts(10);
+        let long_ago = SystemTime::now() - Duration::from_secs(60);
+        receipts.published(1, long_ago, "{}".into(), 0, 1);
+        receipts.published(2, long_ago, "{}".into(), 0, 1);
+        let tablet = Tablet { name: &"tablet-1".into(), named: true, by_pointer: false };
+        let ack = first(receipts.begin_ack(1, tablet, SystemTime::now()));
+        let CloseRequest::First(close) = receipts.begin_close(2, None, SystemTime::now()) else {
+            panic!("not a first close")
+        };
+        let timeout = Duration::from_secs(30);
+        assert!(receipts.due_escalations(SystemTime::now(), timeout).is_empty());
+        assert_eq!(receipts.next_deadline(timeout), None, "the timer would spin on them");
+        receipts.apply(ack);
+        receipts.apply(close);
+        assert!(receipts.due_escalations(SystemTime::now(), timeout).is_empty());
+        assert!(!receipts.get(1).unwrap().unanswered() && !receipts.get(2).unwrap().unanswered());
     }
 }

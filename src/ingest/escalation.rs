@@ -98,8 +98,12 @@ pub async fn run(publisher: &Publisher, settings: EscalationSettings) {
                 continue;
             }
             if settings.command.is_some() {
-                waiting
-                    .extend(seqs.iter().filter_map(|&seq| Some((seq, hub.with(|hub| hub.envelope(seq))?))));
+                for seq in seqs {
+                    match hub.with(|hub| hub.unanswered_envelope(seq)) {
+                        Some(envelope) => waiting.push_back((seq, envelope)),
+                        None => info!("seq {seq} was acked or closed as it escalated: --on-unacked not run"),
+                    }
+                }
             }
         }
         while running < settings.max_children
