@@ -434,3 +434,34 @@ fn a_command_whose_background_process_outlives_its_time_limit_is_killed_with_it_
     let metrics = server.get("/metrics").body;
     assert!(metrics.contains("resq_push_escalation_commands_total{outcome=\"killed\"} 1\n"), "{metrics}");
 }
+
+#[test]
+fn a_command_still_waiting_for_a_slot_when_the_server_is_killed_runs_after_the_restart_and_a_started_one_does_not()
+ {
+    let commands = TempDir::new();
+    let out = commands.path().display();
+    // Seq 1's command takes the only slot until the test kills it; seq 2's waits for it.
+    let command = format!(
+        r#"echo $$ >> {out}/started.$RESQ_SEQ; if [ "$RESQ_SEQ" = 1 ]; then exec sleep 1000; fi; cat > {out}/ran.$RESQ_SEQ"#
+    );
+    let flags = ["--ack-timeout", "0.1", "--on-unacked", &command, "--max-escalation-children", "1"];
+    let server = Server::start(&flags);
+    let mut unix = server.unix();
+    assert_eq!(unix.publish("{}"), 1);
+    assert_eq!(unix.publish("{}"), 2);
+    let started = commands.path().join("started.1");
+    wait_until("seq 1's command started", || {
+        std::fs::read_to_string(&started).is_ok_and(|s| s.ends_with('\n'))
+    });
+    wait_until("seq 2 escalated", || status(&server, 2)["status"]["escalated"] == true);
+    let dir = server.kill9();
+    // The first command outlives the server (a group of its own): the test ends it.
+    let pid = std::fs::read_to_string(&started).unwrap();
+    common::signal(pid.trim().parse().unwrap(), "KILL");
+
+    let server = Server::start_in(dir, &flags);
+    server.wait_for_log("--on-unacked for seq 2 exited 0");
+    assert_eq!(serde_json::from_str::<Value>(&runs(commands.path(), 2).unwrap()).unwrap()["seq"], 2);
+    assert_eq!(std::fs::read_to_string(&started).unwrap(), pid, "seq 1's command ran twice");
+    assert!(server.logs().contains("never started for seqs [2]"), "{}", server.logs());
+}

@@ -323,7 +323,9 @@ impl Hub {
                     last = Some((*seq, Rc::clone(&name)));
                     Some(name)
                 }
-                ReceiptEvent::Closed { .. } | ReceiptEvent::Escalated { .. } => None,
+                ReceiptEvent::Closed { .. }
+                | ReceiptEvent::Escalated { .. }
+                | ReceiptEvent::CommandStarted { .. } => None,
             };
             let _ = self.receipts.apply_as(event, name);
         }
@@ -704,6 +706,12 @@ impl Hub {
         }
     }
 
+    /// Escalated emergencies, still unanswered, whose command never started: the server
+    /// stopped first. Their commands run at start.
+    pub fn commands_owed(&self) -> Vec<u64> {
+        self.receipts.commands_owed()
+    }
+
     /// When the next escalation may fall due.
     pub fn next_escalation(&self) -> Option<SystemTime> {
         self.receipts.next_deadline(self.limits.ack_timeout?)
@@ -773,7 +781,9 @@ impl Hub {
                     record.last_acked_seq = record.last_acked_seq.max(Some(seq))
                 });
             }
-            ReceiptEvent::Closed { .. } | ReceiptEvent::Escalated { .. } => {}
+            ReceiptEvent::Closed { .. }
+            | ReceiptEvent::Escalated { .. }
+            | ReceiptEvent::CommandStarted { .. } => {}
         }
     }
 

@@ -48,6 +48,9 @@ pub enum ReceiptEvent {
     Closed { seq: u64, at: SystemTime, detail: Option<String> },
     /// Nobody acked it within `--ack-timeout`.
     Escalated { seq: u64, at: SystemTime },
+    /// Its escalation's `--on-unacked` is about to start (stored before it does), or there is
+    /// none to run: a restart runs the commands of the escalated ones without this mark.
+    CommandStarted { seq: u64, at: SystemTime },
 }
 
 impl ReceiptEvent {
@@ -56,7 +59,8 @@ impl ReceiptEvent {
             ReceiptEvent::Delivered { seq, .. }
             | ReceiptEvent::Acked { seq, .. }
             | ReceiptEvent::Closed { seq, .. }
-            | ReceiptEvent::Escalated { seq, .. } => *seq,
+            | ReceiptEvent::Escalated { seq, .. }
+            | ReceiptEvent::CommandStarted { seq, .. } => *seq,
         }
     }
 }
@@ -106,6 +110,8 @@ pub struct Ledger {
     unnamed: usize,
     pub closed: Option<Closure>,
     pub escalated_at: Option<SystemTime>,
+    /// Its escalation's command was started (or there was none): `ReceiptEvent::CommandStarted`.
+    command_started: bool,
     close_pending: bool,
     escalation_pending: bool,
     /// Let go over `max_open`: no longer open (resent, escalated), kept only for its history entry.
@@ -125,6 +131,7 @@ impl Ledger {
             unnamed: 0,
             closed: None,
             escalated_at: None,
+            command_started: false,
             close_pending: false,
             escalation_pending: false,
             abandoned: false,
@@ -178,6 +185,11 @@ impl Ledger {
     /// run (asked once its escalation is stored, for what was stored alongside).
     pub fn unanswered(&self) -> bool {
         self.acked == 0 && self.closed.is_none()
+    }
+
+    /// Escalated, its command never started, and still unanswered: a restart runs its command.
+    pub fn command_owed(&self) -> bool {
+        self.escalated_at.is_some() && !self.command_started && self.unanswered()
     }
 
     /// Whether there is anything to tell a tablet beyond the envelope itself.
@@ -432,6 +444,11 @@ impl Receipts {
         waiting.map(|ledger| ledger.received_at + timeout).min()
     }
 
+    /// The seqs whose escalation's command is owed (`Ledger::command_owed`), oldest first.
+    pub fn commands_owed(&self) -> Vec<u64> {
+        self.ledgers.values().filter(|ledger| ledger.command_owed()).map(|ledger| ledger.seq).collect()
+    }
+
     /// Open emergencies nobody has acked.
     pub fn open_unacked(&self) -> usize {
         self.open().filter(|ledger| ledger.acked == 0).count()
@@ -510,6 +527,10 @@ impl Receipts {
                 }
                 ledger.escalated_at = Some(at);
                 Applied::Escalated { seq, at, delivered: ledger.delivered }
+            }
+            ReceiptEvent::CommandStarted { .. } => {
+                ledger.command_started = true;
+                Applied::Nothing
             }
         }
     }

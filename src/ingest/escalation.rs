@@ -3,8 +3,10 @@
 //!
 //! One task and one timer for every emergency: it wakes at the earliest deadline (at least once
 //! a second, to see new emergencies), asks the hub which fell due (each is asked for once), has
-//! the journal store them, and only then starts the commands: a restart finds them escalated
-//! and never runs one twice, and an emergency whose deadline passed while the server was down
+//! the journal store them, and only then queues the commands. Each command's start is stored
+//! (`ReceiptEvent::CommandStarted`) before it starts: a restart runs the commands of escalated
+//! emergencies whose start was never stored (they waited for a slot, or the server stopped
+//! first) and never one twice, and an emergency whose deadline passed while the server was down
 //! falls due at the first tick. A command is a child process (`/bin/sh -c`) run by threads of its
 //! own, so the event loop never waits on it: at most `--max-escalation-children` at once (the
 //! rest wait in order), each killed with its process group past `--escalation-time-limit`; its exit status and the end
@@ -69,7 +71,15 @@ impl ChildEnd {
 pub async fn run(publisher: &Publisher, settings: EscalationSettings) {
     let hub = publisher.hub();
     let (finished, ended) = async_channel::unbounded::<ChildEnd>();
-    let mut waiting: VecDeque<(u64, SharedEnvelope)> = VecDeque::new();
+    let mut waiting: VecDeque<u64> = VecDeque::new();
+    if settings.command.is_some() {
+        waiting.extend(hub.with(|hub| hub.commands_owed()));
+        if !waiting.is_empty() {
+            warn!(
+                "--on-unacked never started for seqs {waiting:?} (the server stopped first): running them now"
+            );
+        }
+    }
     let mut running = 0;
     loop {
         let now = SystemTime::now();
@@ -88,27 +98,13 @@ pub async fn run(publisher: &Publisher, settings: EscalationSettings) {
         let due = hub.with(|hub| hub.due_escalations(SystemTime::now()));
         if !due.is_empty() {
             let seqs: Vec<u64> = due.iter().map(ReceiptEvent::seq).collect();
-            for seq in &seqs {
-                warn!("seq {seq}: no tablet acked it within --ack-timeout; escalating");
-            }
-            // Stored before anything runs: a restart never runs a command twice. No time limit:
-            // while storage fails the events wait in the journal, and the commands with them.
-            if let Err(rejection) = publisher.record_and_wait(due, None).await {
-                error!("escalations of {seqs:?} not stored ({rejection}); their commands do not run");
-                continue;
-            }
-            if settings.command.is_some() {
-                for seq in seqs {
-                    match hub.with(|hub| hub.unanswered_envelope(seq)) {
-                        Some(envelope) => waiting.push_back((seq, envelope)),
-                        None => info!("seq {seq} was acked or closed as it escalated: --on-unacked not run"),
-                    }
-                }
+            if escalate(publisher, &settings, due).await {
+                waiting.extend(seqs.into_iter().filter(|_| settings.command.is_some()));
             }
         }
-        while running < settings.max_children
-            && let Some((seq, envelope)) = waiting.pop_front()
-        {
+        let free = settings.max_children.saturating_sub(running);
+        let starting = claim_commands(publisher, &mut waiting, free).await;
+        for (seq, envelope) in starting {
             if start(&settings, seq, &envelope, finished.clone()) {
                 running += 1;
             } else {
@@ -116,6 +112,59 @@ pub async fn run(publisher: &Publisher, settings: EscalationSettings) {
             }
         }
     }
+}
+
+/// Stores the escalations `due`, and with them, without a command, that there is none to
+/// run; `false` if they could not be stored (their commands do not run).
+async fn escalate(publisher: &Publisher, settings: &EscalationSettings, mut due: Vec<ReceiptEvent>) -> bool {
+    let seqs: Vec<u64> = due.iter().map(ReceiptEvent::seq).collect();
+    for seq in &seqs {
+        warn!("seq {seq}: no tablet acked it within --ack-timeout; escalating");
+    }
+    if settings.command.is_none() {
+        let at = SystemTime::now();
+        due.extend(seqs.iter().map(|&seq| ReceiptEvent::CommandStarted { seq, at }));
+    }
+    // Stored before anything runs: a restart never runs a command twice. No time limit:
+    // while storage fails the events wait in the journal, and the commands with them.
+    if let Err(rejection) = publisher.record_and_wait(due, None).await {
+        error!("escalations of {seqs:?} not stored ({rejection}); their commands do not run");
+        return false;
+    }
+    true
+}
+
+/// Takes up to `free` commands from `waiting` and stores that they start, before they do: a
+/// restart runs the escalated ones whose start was not stored, and never one twice. One whose
+/// emergency was acked or closed meanwhile is not run (and marked so). If the marks cannot be
+/// stored the commands stay waiting, for the next round.
+async fn claim_commands(
+    publisher: &Publisher,
+    waiting: &mut VecDeque<u64>,
+    free: usize,
+) -> Vec<(u64, SharedEnvelope)> {
+    let hub = publisher.hub();
+    let taken: Vec<u64> = waiting.drain(..free.min(waiting.len())).collect();
+    if taken.is_empty() {
+        return Vec::new();
+    }
+    let at = SystemTime::now();
+    let marks = taken.iter().map(|&seq| ReceiptEvent::CommandStarted { seq, at }).collect();
+    if let Err(rejection) = publisher.record_and_wait(marks, None).await {
+        warn!("--on-unacked for seqs {taken:?} waits: their start could not be stored ({rejection})");
+        for seq in taken.into_iter().rev() {
+            waiting.push_front(seq);
+        }
+        return Vec::new();
+    }
+    let mut starting = Vec::new();
+    for seq in taken {
+        match hub.with(|hub| hub.unanswered_envelope(seq)) {
+            Some(envelope) => starting.push((seq, envelope)),
+            None => info!("seq {seq} was acked or closed after it escalated: --on-unacked not run"),
+        }
+    }
+    starting
 }
 
 /// Starts the command for `seq` on a thread of its own; `finished` hears how it ended, even if

@@ -505,17 +505,12 @@ fn open_database(path: &Path) -> Result<Connection, Unusable> {
 /// escalate every one of them and resend them all to every fresh tablet. The column and the
 /// closes are one transaction, so a crash between them cannot leave them open.
 fn add_receipt_tables(db: &Connection) -> rusqlite::Result<()> {
-    if !has_column(db, "closed_at_ms")? {
-        db.execute_batch(
-            "BEGIN IMMEDIATE;
-             ALTER TABLE emergencies ADD COLUMN closed_at_ms INTEGER;
-             UPDATE emergencies SET closed_at_ms = received_at_ms;
-             COMMIT;",
-        )?;
-    }
+    add_filled_column(db, "closed_at_ms", "received_at_ms")?;
     for (column, kind) in [("close_detail", "TEXT"), ("escalated_at_ms", "INTEGER")] {
         add_column(db, column, kind)?;
     }
+    // Every command of an escalation stored before this column had started, or was lost.
+    add_filled_column(db, "command_started_at_ms", "escalated_at_ms")?;
     db.execute_batch(
         "CREATE TABLE IF NOT EXISTS receipts (
              seq INTEGER NOT NULL,
@@ -534,6 +529,20 @@ fn has_column(db: &Connection, column: &str) -> rusqlite::Result<bool> {
         [column],
         |row| row.get(0),
     )
+}
+
+/// Adds the INTEGER `column`, set to `fill` (an expression) in every row there is, in one
+/// transaction.
+fn add_filled_column(db: &Connection, column: &str, fill: &str) -> rusqlite::Result<()> {
+    if has_column(db, column)? {
+        return Ok(());
+    }
+    db.execute_batch(&format!(
+        "BEGIN IMMEDIATE;
+         ALTER TABLE emergencies ADD COLUMN {column} INTEGER;
+         UPDATE emergencies SET {column} = {fill};
+         COMMIT;"
+    ))
 }
 
 fn add_column(db: &Connection, column: &str, kind: &str) -> rusqlite::Result<()> {
@@ -618,7 +627,7 @@ fn load_events(db: &Connection) -> rusqlite::Result<Vec<ReceiptEvent>> {
         }
     }
     let mut marks = db.prepare(
-        "SELECT seq, closed_at_ms, close_detail, escalated_at_ms FROM emergencies
+        "SELECT seq, closed_at_ms, close_detail, escalated_at_ms, command_started_at_ms FROM emergencies
          WHERE closed_at_ms IS NOT NULL OR escalated_at_ms IS NOT NULL ORDER BY seq",
     )?;
     let mut rows = marks.query([])?;
@@ -626,6 +635,9 @@ fn load_events(db: &Connection) -> rusqlite::Result<Vec<ReceiptEvent>> {
         let seq = row.get::<_, i64>(0)? as u64;
         if let Some(at) = row.get::<_, Option<i64>>(3)? {
             events.push(ReceiptEvent::Escalated { seq, at: from_unix_millis(at) });
+        }
+        if let Some(at) = row.get::<_, Option<i64>>(4)? {
+            events.push(ReceiptEvent::CommandStarted { seq, at: from_unix_millis(at) });
         }
         if let Some(at) = row.get::<_, Option<i64>>(1)? {
             events.push(ReceiptEvent::Closed { seq, at: from_unix_millis(at), detail: row.get(2)? });
@@ -665,6 +677,13 @@ fn write_events(transaction: &Connection, events: &[ReceiptEvent]) -> rusqlite::
             ReceiptEvent::Escalated { seq, at } => {
                 transaction.execute(
                     "UPDATE emergencies SET escalated_at_ms = ?2 WHERE seq = ?1 AND escalated_at_ms IS NULL",
+                    params![*seq as i64, unix_millis(*at)],
+                )?;
+            }
+            ReceiptEvent::CommandStarted { seq, at } => {
+                transaction.execute(
+                    "UPDATE emergencies SET command_started_at_ms = ?2
+                     WHERE seq = ?1 AND command_started_at_ms IS NULL",
                     params![*seq as i64, unix_millis(*at)],
                 )?;
             }
