@@ -698,6 +698,13 @@ impl Hub {
         }
     }
 
+    /// Forgets that `events` were asked for: they will never be stored (`Receipts::abandon`).
+    pub fn abandon(&mut self, events: &[ReceiptEvent]) {
+        for event in events {
+            self.receipts.abandon(event);
+        }
+    }
+
     /// The escalations due at `now` under `--ack-timeout` (none without it).
     pub fn due_escalations(&mut self, now: SystemTime) -> Vec<ReceiptEvent> {
         match self.limits.ack_timeout {

@@ -424,6 +424,23 @@ impl Receipts {
         CloseRequest::First(ReceiptEvent::Closed { seq, at, detail })
     }
 
+    /// Forgets that `event` was asked for (`begin_ack`, `begin_close`, `due_escalations`): it
+    /// will never be stored (the journal refused it, or stopped), so it may be asked for again.
+    pub fn abandon(&mut self, event: &ReceiptEvent) {
+        let Some(ledger) = self.ledgers.get_mut(&event.seq()) else { return };
+        match event {
+            ReceiptEvent::Acked { tablet, .. } => {
+                let pending = ledger.tablets.iter_mut().find(|r| r.ack_pending && *r.tablet == **tablet);
+                if let Some(receipt) = pending {
+                    receipt.ack_pending = false;
+                }
+            }
+            ReceiptEvent::Closed { .. } => ledger.close_pending = false,
+            ReceiptEvent::Escalated { .. } => ledger.escalation_pending = false,
+            ReceiptEvent::Delivered { .. } | ReceiptEvent::CommandStarted { .. } => {}
+        }
+    }
+
     /// Open, unacked emergencies received `timeout` or longer before `now` and not escalated
     /// yet: the events to store, each marked so that it is asked for once.
     pub fn due_escalations(&mut self, now: SystemTime, timeout: Duration) -> Vec<ReceiptEvent> {
@@ -684,6 +701,30 @@ mod tests {
         assert!(matches!(receipts.apply(due[0].clone()), Applied::Escalated { seq: 1, .. }));
         assert!(receipts.due_escalations(SystemTime::now(), timeout).is_empty());
         assert_eq!(receipts.next_deadline(timeout), None);
+    }
+
+    #[test]
+    fn what_was_asked_for_and_never_stored_may_be_asked_for_again() {
+        let mut receipts = receipts(10);
+        let long_ago = SystemTime::now() - Duration::from_secs(60);
+        receipts.published(1, long_ago, "{}".into(), 0, 1);
+        receipts.published(2, long_ago, "{}".into(), 0, 1);
+        let tablet = Tablet { name: &"tablet-1".into(), named: true, by_pointer: false };
+        let timeout = Duration::from_secs(30);
+        let escalations = receipts.due_escalations(SystemTime::now(), timeout);
+        assert_eq!(escalations.len(), 2);
+        let ack = first(receipts.begin_ack(1, tablet, SystemTime::now()));
+        let CloseRequest::First(close) = receipts.begin_close(2, None, SystemTime::now()) else {
+            panic!("not a first close")
+        };
+        for event in escalations.iter().chain([&ack, &close]) {
+            receipts.abandon(event);
+        }
+        assert!(matches!(receipts.begin_ack(1, tablet, SystemTime::now()), AckRequest::First(_)));
+        assert!(matches!(receipts.begin_close(2, None, SystemTime::now()), CloseRequest::First(_)));
+        receipts.abandon(&ack);
+        receipts.abandon(&close);
+        assert_eq!(receipts.due_escalations(SystemTime::now(), timeout).len(), 2, "escalated again");
     }
 
     #[test]

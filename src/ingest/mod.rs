@@ -511,8 +511,10 @@ impl Publisher {
             drop(held);
             return self.flush_deliveries();
         }
+        let asked_for = events.clone();
         if let Err(error) = journal.record(self.with_held_deliveries(events), None) {
             log::error!("receipts not stored: {error:?}");
+            self.abandon(&asked_for);
         }
     }
 
@@ -553,8 +555,12 @@ impl Publisher {
             return Ok(());
         };
         let (done, applied) = async_channel::bounded(1);
+        let asked_for = events.clone();
         let events = self.with_held_deliveries(events);
-        journal.record(events, Some(done)).map_err(|error| self.refused_by_storage(error))?;
+        journal.record(events, Some(done)).map_err(|error| {
+            self.abandon(&asked_for);
+            self.refused_by_storage(error)
+        })?;
         let stored = async { applied.recv().await.ok() };
         let stored = match limit {
             Some(limit) => crate::runtime::deadline::within(limit, stored).await.map_err(|_| {
@@ -562,7 +568,10 @@ impl Publisher {
             })?,
             None => stored.await,
         };
+        // Past `limit` the events are still queued and a later commit applies them; without an
+        // answer at all the storage thread stopped and they are lost.
         stored.ok_or_else(|| {
+            self.abandon(&asked_for);
             self.refused_by_storage(StorageError::Failed {
                 cause: FailureCause::Stopped,
                 detail: "the storage thread stopped".into(),
@@ -597,6 +606,12 @@ impl Publisher {
             }
         };
         Ok(AckOutcome::Acked { duplicate, counts: hub.with(|hub| hub.counts(seq)) })
+    }
+
+    /// Clears the pending marks of events that will never be stored, so that they can be asked
+    /// for again (a retried ack counts, a close closes, an escalation falls due again).
+    fn abandon(&self, events: &[ReceiptEvent]) {
+        self.ingress.hub().with(|hub| hub.abandon(events));
     }
 
     /// Applies stored events to the hub and counts what they changed.
