@@ -465,3 +465,13 @@ fn a_command_still_waiting_for_a_slot_when_the_server_is_killed_runs_after_the_r
     assert_eq!(std::fs::read_to_string(&started).unwrap(), pid, "seq 1's command ran twice");
     assert!(server.logs().contains("never started for seqs [2]"), "{}", server.logs());
 }
+
+#[test]
+fn with_max_open_0_an_unacked_emergency_still_escalates() {
+    let commands = TempDir::new();
+    let command = recording_command(commands.path());
+    let server = Server::start(&["--max-open", "0", "--ack-timeout", "0.1", "--on-unacked", &command]);
+    assert_eq!(server.unix().publish("{}"), 1);
+    server.wait_for_log("--on-unacked for seq 1 exited 0");
+    assert_eq!(status(&server, 1)["status"]["escalated"], true);
+}

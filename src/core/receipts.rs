@@ -170,10 +170,12 @@ impl Ledger {
         self.closed.is_none() && !self.abandoned
     }
 
-    /// Open, nobody acked it, and no escalation, ack or close of it being stored: an ack or a
-    /// close on its way to the disk when the deadline passes wins over the escalation.
+    /// Not closed, nobody acked it, and no escalation, ack or close of it being stored: an ack
+    /// or a close on its way to the disk when the deadline passes wins over the escalation. One
+    /// let go over `--max-open` (not resent to fresh tablets) still escalates while the history
+    /// holds it: the cap bounds what is resent, not who is alerted.
     fn may_escalate(&self) -> bool {
-        self.is_open()
+        self.closed.is_none()
             && self.acked == 0
             && self.escalated_at.is_none()
             && !self.escalation_pending
