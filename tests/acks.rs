@@ -156,6 +156,7 @@ fn three_named_tablets_two_ack(restart: fn(Server) -> TempDir) {
     let after = status(&server, 1);
     assert_eq!(after["status"]["acked"], 2, "{after}");
     assert_eq!(after["status"]["delivered"], 3, "{after}");
+    assert_eq!(after["status"]["queued_to"], 3, "{after}");
     assert_eq!(acked_by(&after["status"]), ["tablet-1", "tablet-2"]);
     // A tablet resuming is replayed the emergencies, then told their status.
     let (mut resumed, welcome) = tablet(&server, 2, "&since=0");

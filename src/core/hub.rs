@@ -323,7 +323,8 @@ impl Hub {
                     last = Some((*seq, Rc::clone(&name)));
                     Some(name)
                 }
-                ReceiptEvent::Closed { .. }
+                ReceiptEvent::Queued { .. }
+                | ReceiptEvent::Closed { .. }
                 | ReceiptEvent::Escalated { .. }
                 | ReceiptEvent::CommandStarted { .. } => None,
             };
@@ -729,8 +730,9 @@ impl Hub {
     pub fn apply(&mut self, events: Vec<ReceiptEvent>) -> Vec<Applied> {
         let mut applied = Vec::new();
         for event in events {
-            // A delivery is in the receipts from the moment it was written (`delivered`).
-            if matches!(event, ReceiptEvent::Delivered { .. }) {
+            // A delivery is in the receipts from the moment it was written (`delivered`), the
+            // clients an emergency was queued to from its publish.
+            if event.is_held() {
                 continue;
             }
             self.remember_receipt(&event);
@@ -788,7 +790,8 @@ impl Hub {
                     record.last_acked_seq = record.last_acked_seq.max(Some(seq))
                 });
             }
-            ReceiptEvent::Closed { .. }
+            ReceiptEvent::Queued { .. }
+            | ReceiptEvent::Closed { .. }
             | ReceiptEvent::Escalated { .. }
             | ReceiptEvent::CommandStarted { .. } => {}
         }

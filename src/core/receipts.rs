@@ -40,6 +40,9 @@ pub struct ReceiptLimits {
 /// (`Send`): it crosses to the storage thread.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ReceiptEvent {
+    /// The emergency was queued to `clients` connected clients when it was published (stored
+    /// for `queued_to` after a restart).
+    Queued { seq: u64, clients: usize },
     /// The emergency was written in full to the tablet's socket.
     Delivered { seq: u64, tablet: String, at: SystemTime },
     /// The tablet's first ack.
@@ -54,9 +57,16 @@ pub enum ReceiptEvent {
 }
 
 impl ReceiptEvent {
+    /// Already in the receipts when it is made, and nobody waits for it: the journal may take
+    /// it with the next transaction there is anyway.
+    pub fn is_held(&self) -> bool {
+        matches!(self, ReceiptEvent::Queued { .. } | ReceiptEvent::Delivered { .. })
+    }
+
     pub fn seq(&self) -> u64 {
         match self {
-            ReceiptEvent::Delivered { seq, .. }
+            ReceiptEvent::Queued { seq, .. }
+            | ReceiptEvent::Delivered { seq, .. }
             | ReceiptEvent::Acked { seq, .. }
             | ReceiptEvent::Closed { seq, .. }
             | ReceiptEvent::Escalated { seq, .. }
@@ -101,7 +111,8 @@ pub struct Ledger {
     /// Its envelope, shared with the history: an open emergency is resent to fresh tablets
     /// after the history has let it go.
     pub envelope: SharedEnvelope,
-    /// Clients it was queued to when published (0 when restored).
+    /// Clients it was queued to when published (`ReceiptEvent::Queued` after a restart; 0 if
+    /// that was lost).
     pub queued_to: usize,
     pub tablets: Vec<TabletReceipt>,
     pub delivered: usize,
@@ -439,7 +450,9 @@ impl Receipts {
             }
             ReceiptEvent::Closed { .. } => ledger.close_pending = false,
             ReceiptEvent::Escalated { .. } => ledger.escalation_pending = false,
-            ReceiptEvent::Delivered { .. } | ReceiptEvent::CommandStarted { .. } => {}
+            ReceiptEvent::Queued { .. }
+            | ReceiptEvent::Delivered { .. }
+            | ReceiptEvent::CommandStarted { .. } => {}
         }
     }
 
@@ -485,6 +498,10 @@ impl Receipts {
         let by_pointer = name.is_some();
         let Some(ledger) = self.ledgers.get_mut(&event.seq()) else { return Applied::Nothing };
         match event {
+            ReceiptEvent::Queued { clients, .. } => {
+                ledger.queued_to = ledger.queued_to.max(clients);
+                Applied::Nothing
+            }
             ReceiptEvent::Delivered { tablet, at, .. } => {
                 let name = name.unwrap_or_else(|| tablet.into());
                 let tablet = Tablet { name: &name, named: true, by_pointer };

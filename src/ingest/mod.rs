@@ -502,7 +502,7 @@ impl Publisher {
             return;
         }
         let Some(journal) = &self.journal else { return self.apply(events) };
-        if events.iter().all(|event| matches!(event, ReceiptEvent::Delivered { .. })) {
+        if events.iter().all(ReceiptEvent::is_held) {
             let mut held = self.held_deliveries.borrow_mut();
             held.extend(events);
             if held.len() < MAX_HELD_DELIVERIES {
@@ -649,7 +649,10 @@ impl Publisher {
             for (outcome, reply) in outcomes {
                 let answer = match outcome {
                     Outcome::New(stored) => {
-                        Ok(Outcome::New(self.hand_over(|ingress| ingress.deliver(stored)).await))
+                        let receipt = self.hand_over(|ingress| ingress.deliver(stored)).await;
+                        let Receipt { seq, queued_to: clients } = receipt;
+                        self.record(vec![ReceiptEvent::Queued { seq, clients }]);
+                        Ok(Outcome::New(receipt))
                     }
                     // Its original came before it, in this batch or an earlier one, so it is in
                     // the hub already: the publisher of a retry hears "ok" only once a tablet can

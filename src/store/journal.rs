@@ -509,6 +509,7 @@ fn add_receipt_tables(db: &Connection) -> rusqlite::Result<()> {
     for (column, kind) in [("close_detail", "TEXT"), ("escalated_at_ms", "INTEGER")] {
         add_column(db, column, kind)?;
     }
+    add_column(db, "queued_to", "INTEGER")?;
     // Every command of an escalation stored before this column had started, or was lost.
     add_filled_column(db, "command_started_at_ms", "escalated_at_ms")?;
     db.execute_batch(
@@ -627,12 +628,16 @@ fn load_events(db: &Connection) -> rusqlite::Result<Vec<ReceiptEvent>> {
         }
     }
     let mut marks = db.prepare(
-        "SELECT seq, closed_at_ms, close_detail, escalated_at_ms, command_started_at_ms FROM emergencies
-         WHERE closed_at_ms IS NOT NULL OR escalated_at_ms IS NOT NULL ORDER BY seq",
+        "SELECT seq, closed_at_ms, close_detail, escalated_at_ms, command_started_at_ms, queued_to
+         FROM emergencies WHERE closed_at_ms IS NOT NULL OR escalated_at_ms IS NOT NULL
+             OR queued_to IS NOT NULL ORDER BY seq",
     )?;
     let mut rows = marks.query([])?;
     while let Some(row) = rows.next()? {
         let seq = row.get::<_, i64>(0)? as u64;
+        if let Some(clients) = row.get::<_, Option<i64>>(5)? {
+            events.push(ReceiptEvent::Queued { seq, clients: clients.max(0) as usize });
+        }
         if let Some(at) = row.get::<_, Option<i64>>(3)? {
             events.push(ReceiptEvent::Escalated { seq, at: from_unix_millis(at) });
         }
@@ -661,6 +666,12 @@ fn write_events(transaction: &Connection, events: &[ReceiptEvent]) -> rusqlite::
     )?;
     for event in events {
         match event {
+            ReceiptEvent::Queued { seq, clients } => {
+                transaction.execute(
+                    "UPDATE emergencies SET queued_to = ?2 WHERE seq = ?1 AND queued_to IS NULL",
+                    params![*seq as i64, *clients as i64],
+                )?;
+            }
             ReceiptEvent::Delivered { seq, tablet, at } => {
                 delivered.execute(params![*seq as i64, tablet, unix_millis(*at)])?;
             }
