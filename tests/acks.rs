@@ -270,9 +270,16 @@ fn a_deadline_that_passed_while_the_server_was_down_escalates_once_after_the_res
     let server = Server::start(&["--ack-timeout", "3600", "--on-unacked", &command]);
     assert_eq!(server.unix().publish("{}"), 1);
     let dir = server.kill9();
-    let server = Server::start_in(dir, &["--ack-timeout", "0.1", "--on-unacked", &command]);
+    let flags = ["--ack-timeout", "0.1", "--on-unacked", &command];
+    let server = Server::start_in(dir, &flags);
     server.wait_for_log("--on-unacked for seq 1 exited 0");
-    assert_eq!(runs(commands.path(), 1).unwrap().matches('\n').count(), 2, "run once");
+    let ran = runs(commands.path(), 1).unwrap();
+    assert_eq!(ran.matches('\n').count(), 2, "run once");
+    // Killed again and restarted: a new emergency's command runs, and seq 1's does not again.
+    let server = Server::start_in(server.kill9(), &flags);
+    assert_eq!(server.unix().publish("{}"), 2);
+    server.wait_for_log("--on-unacked for seq 2 exited 0");
+    assert_eq!(runs(commands.path(), 1), Some(ran), "seq 1 ran twice");
 }
 
 #[test]
@@ -475,4 +482,20 @@ fn with_max_open_0_an_unacked_emergency_still_escalates() {
     assert_eq!(server.unix().publish("{}"), 1);
     server.wait_for_log("--on-unacked for seq 1 exited 0");
     assert_eq!(status(&server, 1)["status"]["escalated"], true);
+}
+
+#[test]
+fn a_close_answered_holds_after_kill_9() {
+    let server = Server::start(&[]);
+    assert_eq!(server.unix().publish("{}"), 1);
+    let closed = close(&server, 1, r#"{"motivo":"resuelta"}"#);
+    assert_eq!(closed.json()["already_closed"], false, "{}", closed.body);
+    let server = Server::start_in(server.kill9(), &[]);
+    let after = status(&server, 1);
+    assert_eq!(
+        (&after["status"]["closed"], &after["status"]["close"]),
+        (&json!(true), &json!({"motivo": "resuelta"}))
+    );
+    let (_fresh, welcome) = server.subscribe();
+    assert_eq!(welcome["open"], json!([]), "{welcome}");
 }
