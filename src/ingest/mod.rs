@@ -513,7 +513,7 @@ impl Publisher {
         }
         let asked_for = events.clone();
         if let Err(error) = journal.record(self.with_held_deliveries(events), None) {
-            log::error!("receipts not stored: {error:?}");
+            self.log_not_stored("receipts", &error);
             self.abandon(&asked_for);
         }
     }
@@ -524,7 +524,17 @@ impl Publisher {
         if let (Some(journal), false) = (&self.journal, held.is_empty())
             && let Err(error) = journal.record(held, None)
         {
-            log::error!("deliveries not stored: {error:?}");
+            self.log_not_stored("deliveries", &error);
+        }
+    }
+
+    /// An error, unless the server is shutting down: then the journal has closed, and the last
+    /// deliveries of every session leaving are not stored (one line each would be noise).
+    fn log_not_stored(&self, what: &str, error: &StorageError) {
+        if self.accepting.get() {
+            log::error!("{what} not stored: {error:?}");
+        } else {
+            log::debug!("{what} not stored at shutdown: {error:?}");
         }
     }
 
