@@ -44,6 +44,9 @@ use crate::support::logger::WarningThrottle;
 pub const MAX_QUEUED: usize = 4096;
 /// Most submissions committed in one transaction.
 const MAX_BATCH: usize = 512;
+/// Receipt events past which no further request joins a transaction (one request's events are
+/// never split): a flood of acks makes several transactions, not one growing one.
+const MAX_BATCH_EVENTS: usize = 16 * 1024;
 /// Committed transactions waiting for the executor to deliver them; then the storage thread waits.
 const COMMITTED_BATCHES: usize = 64;
 const DATABASE_FILE: &str = "history.sqlite3";
@@ -772,7 +775,7 @@ fn run(
                 }
                 Request::Sweep => {}
             }
-            if appends.len() < MAX_BATCH {
+            if appends.len() < MAX_BATCH && events.len() < MAX_BATCH_EVENTS {
                 request = incoming.0.try_recv().ok();
             }
         }
