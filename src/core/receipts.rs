@@ -503,8 +503,9 @@ impl Receipts {
                 Applied::Nothing
             }
             ReceiptEvent::Delivered { tablet, at, .. } => {
+                let named = is_named(&tablet);
                 let name = name.unwrap_or_else(|| tablet.into());
-                let tablet = Tablet { name: &name, named: true, by_pointer };
+                let tablet = Tablet { name: &name, named, by_pointer };
                 if let Some(receipt) = ledger.receipt_or_new(tablet, max_unnamed)
                     && receipt.delivered_ms == 0
                 {
@@ -516,12 +517,11 @@ impl Receipts {
             ReceiptEvent::Acked { seq, tablet, at } => {
                 // A live ack's receipt is pending: among the few that are, found at once.
                 let pending = ledger.tablets.iter().position(|r| r.ack_pending && *r.tablet == *tablet);
+                let named = is_named(&tablet);
                 let name = name.unwrap_or_else(|| tablet.into());
                 let receipt = match pending {
                     Some(index) => ledger.tablets.get_mut(index),
-                    None => {
-                        ledger.receipt_or_new(Tablet { name: &name, named: true, by_pointer }, max_unnamed)
-                    }
+                    None => ledger.receipt_or_new(Tablet { name: &name, named, by_pointer }, max_unnamed),
                 };
                 let Some(receipt) = receipt else { return Applied::Nothing };
                 receipt.ack_pending = false;
@@ -570,6 +570,13 @@ impl Receipts {
             }
         }
     }
+}
+
+/// Whether a stored receipt's tablet is a token's name: a connection without one is stored as
+/// `client-...` (its own label, or `client-ADDRESS` for an HTTP ack), and stays under the
+/// unnamed cap when it is restored.
+fn is_named(tablet: &str) -> bool {
+    !tablet.starts_with("client-")
 }
 
 fn millis(time: SystemTime) -> u64 {
@@ -744,6 +751,17 @@ mod tests {
         receipts.abandon(&ack);
         receipts.abandon(&close);
         assert_eq!(receipts.due_escalations(SystemTime::now(), timeout).len(), 2, "escalated again");
+    }
+
+    #[test]
+    fn restored_receipts_of_unnamed_connections_stay_under_the_unnamed_cap() {
+        let mut receipts = receipts(10);
+        publish(&mut receipts, 1);
+        let at = SystemTime::now();
+        for tablet in ["client-1@127.0.0.1:5000", "client-2@127.0.0.1:5001", "tablet-1"] {
+            receipts.apply(ReceiptEvent::Delivered { seq: 1, tablet: tablet.into(), at });
+        }
+        assert_eq!(receipts.get(1).unwrap().delivered, 2, "the unnamed cap is 1");
     }
 
     #[test]

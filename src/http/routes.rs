@@ -223,7 +223,8 @@ async fn http_ack(app: &App, request: &Request, peer: SocketAddr, seq: u64) -> R
     }
     let (tablet, named) = match &identity {
         Some(identity) => (identity.name.to_string(), true),
-        None => (peer.ip().to_string(), false),
+        // Labelled as a connection is: never in the roster, under the unnamed cap after a restart.
+        None => (format!("client-{}", peer.ip()), false),
     };
     match app.publisher.ack(&tablet, named, seq).await {
         Ok(AckOutcome::Unknown) => unknown_seq(),
