@@ -9,7 +9,7 @@
 //! two tokens, its old and its new one while they are rolled over. A file any user may read or
 //! change is loaded, with a warning.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -80,13 +80,9 @@ impl TokenSet {
 
     /// The holders' names, each once, in file order: the roster of expected tablets.
     pub fn names(&self) -> Vec<Rc<str>> {
-        let mut names: Vec<Rc<str>> = Vec::new();
-        for entry in &self.entries {
-            if !names.contains(&entry.name) {
-                names.push(Rc::clone(&entry.name));
-            }
-        }
-        names
+        let mut seen: HashSet<&str> = HashSet::with_capacity(self.entries.len());
+        let unseen = self.entries.iter().filter(|entry| seen.insert(&entry.name));
+        unseen.map(|entry| Rc::clone(&entry.name)).collect()
     }
 
     pub fn token_count(&self) -> usize {

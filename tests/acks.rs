@@ -156,6 +156,7 @@ fn three_named_tablets_two_ack(restart: fn(Server) -> TempDir) {
     let after = status(&server, 1);
     assert_eq!(after["status"]["acked"], 2, "{after}");
     assert_eq!(after["status"]["delivered"], 3, "{after}");
+    assert_eq!(after["status"]["queued_to"], 3, "{after}");
     assert_eq!(acked_by(&after["status"]), ["tablet-1", "tablet-2"]);
     // A tablet resuming is replayed the emergencies, then told their status.
     let (mut resumed, welcome) = tablet(&server, 2, "&since=0");
@@ -269,9 +270,16 @@ fn a_deadline_that_passed_while_the_server_was_down_escalates_once_after_the_res
     let server = Server::start(&["--ack-timeout", "3600", "--on-unacked", &command]);
     assert_eq!(server.unix().publish("{}"), 1);
     let dir = server.kill9();
-    let server = Server::start_in(dir, &["--ack-timeout", "0.1", "--on-unacked", &command]);
+    let flags = ["--ack-timeout", "0.1", "--on-unacked", &command];
+    let server = Server::start_in(dir, &flags);
     server.wait_for_log("--on-unacked for seq 1 exited 0");
-    assert_eq!(runs(commands.path(), 1).unwrap().matches('\n').count(), 2, "run once");
+    let ran = runs(commands.path(), 1).unwrap();
+    assert_eq!(ran.matches('\n').count(), 2, "run once");
+    // Killed again and restarted: a new emergency's command runs, and seq 1's does not again.
+    let server = Server::start_in(server.kill9(), &flags);
+    assert_eq!(server.unix().publish("{}"), 2);
+    server.wait_for_log("--on-unacked for seq 2 exited 0");
+    assert_eq!(runs(commands.path(), 1), Some(ran), "seq 1 ran twice");
 }
 
 #[test]
@@ -352,4 +360,142 @@ fn fresh_tablets_get_every_open_emergency_however_old_and_closes_are_broadcast()
     assert!(round_trip(&mut fresh).is_empty(), "closed ones are not sent");
     assert_eq!(status(&server, 1)["status"]["closed"], false);
     assert_eq!(server.get("/emergencias/3").status, 404, "closed and beyond the history: aged out");
+}
+
+#[test]
+fn an_upgraded_data_dir_keeps_its_emergencies_closed_neither_escalated_nor_resent() {
+    let dir = TempDir::new();
+    // The schema as it was before receipts and closes: idempotency keys, no close column.
+    common::old_data_dir(&dir, ", idempotency_key TEXT, body_sha1 BLOB", 2);
+    let commands = TempDir::new();
+    let command = recording_command(commands.path());
+    let server = Server::start_in(dir, &["--ack-timeout", "0.1", "--on-unacked", &command]);
+    assert_eq!(server.health()["stream"], "00112233aabbccdd");
+    let (mut fresh, welcome) = server.subscribe();
+    assert_eq!(welcome["open"], json!([]), "{welcome}");
+    assert_eq!(server.unix().publish("{}"), 3);
+    fresh.recv_emergency(3);
+    server.wait_for_log("--on-unacked for seq 3 exited 0");
+    assert_eq!((runs(commands.path(), 1), runs(commands.path(), 2)), (None, None), "an old one escalated");
+    assert_eq!(status(&server, 1)["status"]["closed"], true);
+    assert_eq!(server.poll_all().len(), 3, "the history is kept");
+}
+
+#[test]
+fn a_chunked_close_or_ack_gets_411_and_its_body_is_never_taken_for_a_request() {
+    let server = Server::start(&[]);
+    let mut unix = server.unix();
+    assert_eq!(unix.publish("{}"), 1);
+    assert_eq!(unix.publish("{}"), 2);
+    for path in ["/emergencias/1/cerrar", "/emergencias/1/ack"] {
+        // What follows the head is another request, as a proxy that ignores the chunking would
+        // pass it on: it must not be run.
+        let mut stream = std::net::TcpStream::connect(server.addr).unwrap();
+        stream.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
+        let smuggled = "POST /emergencias/2/cerrar HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\n\r\n";
+        let head = format!("POST {path} HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n{smuggled}");
+        std::io::Write::write_all(&mut stream, head.as_bytes()).unwrap();
+        let mut reader = std::io::BufReader::new(stream);
+        let refused = HttpResponse::read(&mut reader);
+        assert_eq!(refused.status, 411, "{path}: {}", refused.body);
+        assert!(refused.error().contains("Content-Length"), "{}", refused.body);
+        let mut rest = Vec::new();
+        std::io::Read::read_to_end(&mut reader, &mut rest).unwrap();
+        assert_eq!(String::from_utf8_lossy(&rest), "", "{path}: the connection went on");
+    }
+    assert_eq!(status(&server, 1)["status"]["closed"], false);
+    assert_eq!(status(&server, 2)["status"]["closed"], false, "the smuggled close ran");
+}
+
+#[test]
+fn a_command_whose_background_process_outlives_its_time_limit_is_killed_with_it_and_frees_its_slot() {
+    let commands = TempDir::new();
+    let out = commands.path().display();
+    // Seq 1's command starts a process that holds its stderr and waits for it: only killing the
+    // whole group ends it.
+    let command = format!(
+        r#"if [ "$RESQ_SEQ" = 1 ]; then sleep 1000 & echo $! > {out}/pid; wait; fi; echo ran >> {out}/ran.$RESQ_SEQ"#
+    );
+    let flags = [
+        "--ack-timeout",
+        "0.1",
+        "--on-unacked",
+        &command,
+        "--max-escalation-children",
+        "1",
+        "--escalation-time-limit",
+        "0.5",
+    ];
+    let server = Server::start(&flags);
+    let mut unix = server.unix();
+    assert_eq!(unix.publish("{}"), 1);
+    server.wait_for_log("--on-unacked for seq 1 killed after --escalation-time-limit");
+    assert_eq!(unix.publish("{}"), 2);
+    server.wait_for_log("--on-unacked for seq 2 exited 0");
+    assert_eq!(runs(commands.path(), 2).as_deref(), Some("ran\n"));
+    let pid = std::fs::read_to_string(commands.path().join("pid")).unwrap();
+    let stat = format!("/proc/{}/stat", pid.trim());
+    // Gone, or a zombie waiting for whoever adopted it.
+    wait_until("the background sleep killed", || {
+        std::fs::read_to_string(&stat).map_or(true, |stat| stat.contains(") Z "))
+    });
+    let metrics = server.get("/metrics").body;
+    assert!(metrics.contains("resq_push_escalation_commands_total{outcome=\"killed\"} 1\n"), "{metrics}");
+}
+
+#[test]
+fn a_command_still_waiting_for_a_slot_when_the_server_is_killed_runs_after_the_restart_and_a_started_one_does_not()
+ {
+    let commands = TempDir::new();
+    let out = commands.path().display();
+    // Seq 1's command takes the only slot until the test kills it; seq 2's waits for it.
+    let command = format!(
+        r#"echo $$ >> {out}/started.$RESQ_SEQ; if [ "$RESQ_SEQ" = 1 ]; then exec sleep 1000; fi; cat > {out}/ran.$RESQ_SEQ"#
+    );
+    let flags = ["--ack-timeout", "0.1", "--on-unacked", &command, "--max-escalation-children", "1"];
+    let server = Server::start(&flags);
+    let mut unix = server.unix();
+    assert_eq!(unix.publish("{}"), 1);
+    assert_eq!(unix.publish("{}"), 2);
+    let started = commands.path().join("started.1");
+    wait_until("seq 1's command started", || {
+        std::fs::read_to_string(&started).is_ok_and(|s| s.ends_with('\n'))
+    });
+    wait_until("seq 2 escalated", || status(&server, 2)["status"]["escalated"] == true);
+    let dir = server.kill9();
+    // The first command outlives the server (a group of its own): the test ends it.
+    let pid = std::fs::read_to_string(&started).unwrap();
+    common::signal(pid.trim().parse().unwrap(), "KILL");
+
+    let server = Server::start_in(dir, &flags);
+    server.wait_for_log("--on-unacked for seq 2 exited 0");
+    assert_eq!(serde_json::from_str::<Value>(&runs(commands.path(), 2).unwrap()).unwrap()["seq"], 2);
+    assert_eq!(std::fs::read_to_string(&started).unwrap(), pid, "seq 1's command ran twice");
+    assert!(server.logs().contains("never started for seqs [2]"), "{}", server.logs());
+}
+
+#[test]
+fn with_max_open_0_an_unacked_emergency_still_escalates() {
+    let commands = TempDir::new();
+    let command = recording_command(commands.path());
+    let server = Server::start(&["--max-open", "0", "--ack-timeout", "0.1", "--on-unacked", &command]);
+    assert_eq!(server.unix().publish("{}"), 1);
+    server.wait_for_log("--on-unacked for seq 1 exited 0");
+    assert_eq!(status(&server, 1)["status"]["escalated"], true);
+}
+
+#[test]
+fn a_close_answered_holds_after_kill_9() {
+    let server = Server::start(&[]);
+    assert_eq!(server.unix().publish("{}"), 1);
+    let closed = close(&server, 1, r#"{"motivo":"resuelta"}"#);
+    assert_eq!(closed.json()["already_closed"], false, "{}", closed.body);
+    let server = Server::start_in(server.kill9(), &[]);
+    let after = status(&server, 1);
+    assert_eq!(
+        (&after["status"]["closed"], &after["status"]["close"]),
+        (&json!(true), &json!({"motivo": "resuelta"}))
+    );
+    let (_fresh, welcome) = server.subscribe();
+    assert_eq!(welcome["open"], json!([]), "{welcome}");
 }

@@ -303,28 +303,8 @@ fn a_retry_after_kill_9_gets_the_original_seq_and_nothing_is_broadcast_again() {
 #[test]
 fn a_data_dir_from_before_idempotency_keys_is_migrated() {
     let dir = TempDir::new();
-    let data = dir.path().join("data");
-    std::fs::create_dir_all(&data).unwrap();
-    {
-        // The schema as it was before keys: no key or body digest columns.
-        let db = rusqlite::Connection::open(data.join("history.sqlite3")).unwrap();
-        db.execute_batch(
-            "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-             CREATE TABLE emergencies (
-                 seq INTEGER PRIMARY KEY, received_at_ms INTEGER NOT NULL, envelope TEXT NOT NULL);
-             INSERT INTO meta VALUES ('stream_id', '00112233aabbccdd'), ('last_seq', '1');",
-        )
-        .unwrap();
-        let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis();
-        db.execute(
-            "INSERT INTO emergencies VALUES (1, ?1, ?2)",
-            rusqlite::params![
-                now_ms as i64,
-                r#"{"type":"emergencia","seq":1,"received_at":"2026-01-01T00:00:00.000Z","source":"unix","data":{}}"#
-            ],
-        )
-        .unwrap();
-    }
+    // The schema as it was before keys: no key or body digest columns.
+    common::old_data_dir(&dir, "", 1);
     let server = Server::start_in(dir, &[]);
     assert_eq!(server.health()["stream"], "00112233aabbccdd");
     assert_eq!(server.poll_all().len(), 1);

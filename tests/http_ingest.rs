@@ -201,7 +201,10 @@ fn head_requests_get_headers_without_a_body() {
     stream.set_read_timeout(Some(PATIENCE)).unwrap();
     let mut writer = stream.try_clone().unwrap();
     writer
-        .write_all(b"HEAD /healthz HTTP/1.1\r\n\r\nHEAD /nope HTTP/1.1\r\n\r\nGET /healthz HTTP/1.1\r\n\r\n")
+        .write_all(
+            b"HEAD /healthz HTTP/1.1\r\n\r\nHEAD /nope HTTP/1.1\r\n\r\nHEAD /emergencias/1 HTTP/1.1\r\n\r\n\
+              HEAD /emergencias/1/ack HTTP/1.1\r\n\r\nHEAD /tablets HTTP/1.1\r\n\r\nGET /healthz HTTP/1.1\r\n\r\n",
+        )
         .unwrap();
     let mut reader = BufReader::new(stream);
     // HttpResponse::read would wait for a body that never comes: read heads by hand.
@@ -217,6 +220,12 @@ fn head_requests_get_headers_without_a_body() {
     let health = read_head();
     assert!(health.starts_with("HTTP/1.1 200 OK\r\n") && health.contains("Content-Length: "), "{health}");
     assert!(read_head().starts_with("HTTP/1.1 404 "));
+    let emergency = read_head();
+    assert!(emergency.starts_with("HTTP/1.1 404 "), "{emergency}");
+    let ack = read_head();
+    assert!(ack.starts_with("HTTP/1.1 405 "), "{ack}");
+    let tablets = read_head();
+    assert!(tablets.starts_with("HTTP/1.1 200 "), "{tablets}");
     // The GET right behind them parses cleanly: no stray body bytes in between.
     assert!(read_head().starts_with("HTTP/1.1 200 OK\r\n"));
 }

@@ -323,7 +323,10 @@ impl Hub {
                     last = Some((*seq, Rc::clone(&name)));
                     Some(name)
                 }
-                ReceiptEvent::Closed { .. } | ReceiptEvent::Escalated { .. } => None,
+                ReceiptEvent::Queued { .. }
+                | ReceiptEvent::Closed { .. }
+                | ReceiptEvent::Escalated { .. }
+                | ReceiptEvent::CommandStarted { .. } => None,
             };
             let _ = self.receipts.apply_as(event, name);
         }
@@ -696,12 +699,25 @@ impl Hub {
         }
     }
 
+    /// Forgets that `events` were asked for: they will never be stored (`Receipts::abandon`).
+    pub fn abandon(&mut self, events: &[ReceiptEvent]) {
+        for event in events {
+            self.receipts.abandon(event);
+        }
+    }
+
     /// The escalations due at `now` under `--ack-timeout` (none without it).
     pub fn due_escalations(&mut self, now: SystemTime) -> Vec<ReceiptEvent> {
         match self.limits.ack_timeout {
             Some(timeout) => self.receipts.due_escalations(now, timeout),
             None => Vec::new(),
         }
+    }
+
+    /// Escalated emergencies, still unanswered, whose command never started: the server
+    /// stopped first. Their commands run at start.
+    pub fn commands_owed(&self) -> Vec<u64> {
+        self.receipts.commands_owed()
     }
 
     /// When the next escalation may fall due.
@@ -714,8 +730,9 @@ impl Hub {
     pub fn apply(&mut self, events: Vec<ReceiptEvent>) -> Vec<Applied> {
         let mut applied = Vec::new();
         for event in events {
-            // A delivery is in the receipts from the moment it was written (`delivered`).
-            if matches!(event, ReceiptEvent::Delivered { .. }) {
+            // A delivery is in the receipts from the moment it was written (`delivered`), the
+            // clients an emergency was queued to from its publish.
+            if event.is_held() {
                 continue;
             }
             self.remember_receipt(&event);
@@ -773,7 +790,10 @@ impl Hub {
                     record.last_acked_seq = record.last_acked_seq.max(Some(seq))
                 });
             }
-            ReceiptEvent::Closed { .. } | ReceiptEvent::Escalated { .. } => {}
+            ReceiptEvent::Queued { .. }
+            | ReceiptEvent::Closed { .. }
+            | ReceiptEvent::Escalated { .. }
+            | ReceiptEvent::CommandStarted { .. } => {}
         }
     }
 
@@ -834,8 +854,12 @@ impl Hub {
     }
 
     /// The envelope of an emergency the receipts hold (for the escalation command).
-    pub fn envelope(&self, seq: u64) -> Option<SharedEnvelope> {
-        self.receipts.get(seq).map(|ledger| Rc::clone(&ledger.envelope))
+    /// The envelope of an escalated emergency whose command still has a reason to run: nobody
+    /// acked it and it is not closed, though an ack or a close may have been stored with the
+    /// escalation.
+    pub fn unanswered_envelope(&self, seq: u64) -> Option<SharedEnvelope> {
+        let ledger = self.receipts.get(seq).filter(|ledger| ledger.unanswered())?;
+        Some(Rc::clone(&ledger.envelope))
     }
 
     /// What the roster remembers of a named tablet.

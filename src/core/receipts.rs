@@ -40,6 +40,9 @@ pub struct ReceiptLimits {
 /// (`Send`): it crosses to the storage thread.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ReceiptEvent {
+    /// The emergency was queued to `clients` connected clients when it was published (stored
+    /// for `queued_to` after a restart).
+    Queued { seq: u64, clients: usize },
     /// The emergency was written in full to the tablet's socket.
     Delivered { seq: u64, tablet: String, at: SystemTime },
     /// The tablet's first ack.
@@ -48,15 +51,26 @@ pub enum ReceiptEvent {
     Closed { seq: u64, at: SystemTime, detail: Option<String> },
     /// Nobody acked it within `--ack-timeout`.
     Escalated { seq: u64, at: SystemTime },
+    /// Its escalation's `--on-unacked` is about to start (stored before it does), or there is
+    /// none to run: a restart runs the commands of the escalated ones without this mark.
+    CommandStarted { seq: u64, at: SystemTime },
 }
 
 impl ReceiptEvent {
+    /// Already in the receipts when it is made, and nobody waits for it: the journal may take
+    /// it with the next transaction there is anyway.
+    pub fn is_held(&self) -> bool {
+        matches!(self, ReceiptEvent::Queued { .. } | ReceiptEvent::Delivered { .. })
+    }
+
     pub fn seq(&self) -> u64 {
         match self {
-            ReceiptEvent::Delivered { seq, .. }
+            ReceiptEvent::Queued { seq, .. }
+            | ReceiptEvent::Delivered { seq, .. }
             | ReceiptEvent::Acked { seq, .. }
             | ReceiptEvent::Closed { seq, .. }
-            | ReceiptEvent::Escalated { seq, .. } => *seq,
+            | ReceiptEvent::Escalated { seq, .. }
+            | ReceiptEvent::CommandStarted { seq, .. } => *seq,
         }
     }
 }
@@ -97,7 +111,8 @@ pub struct Ledger {
     /// Its envelope, shared with the history: an open emergency is resent to fresh tablets
     /// after the history has let it go.
     pub envelope: SharedEnvelope,
-    /// Clients it was queued to when published (0 when restored).
+    /// Clients it was queued to when published (`ReceiptEvent::Queued` after a restart; 0 if
+    /// that was lost).
     pub queued_to: usize,
     pub tablets: Vec<TabletReceipt>,
     pub delivered: usize,
@@ -106,6 +121,8 @@ pub struct Ledger {
     unnamed: usize,
     pub closed: Option<Closure>,
     pub escalated_at: Option<SystemTime>,
+    /// Its escalation's command was started (or there was none): `ReceiptEvent::CommandStarted`.
+    command_started: bool,
     close_pending: bool,
     escalation_pending: bool,
     /// Let go over `max_open`: no longer open (resent, escalated), kept only for its history entry.
@@ -125,6 +142,7 @@ impl Ledger {
             unnamed: 0,
             closed: None,
             escalated_at: None,
+            command_started: false,
             close_pending: false,
             escalation_pending: false,
             abandoned: false,
@@ -161,6 +179,30 @@ impl Ledger {
     /// Not closed, and not let go over `--max-open`: resent to fresh tablets, may escalate.
     pub fn is_open(&self) -> bool {
         self.closed.is_none() && !self.abandoned
+    }
+
+    /// Not closed, nobody acked it, and no escalation, ack or close of it being stored: an ack
+    /// or a close on its way to the disk when the deadline passes wins over the escalation. One
+    /// let go over `--max-open` (not resent to fresh tablets) still escalates while the history
+    /// holds it: the cap bounds what is resent, not who is alerted.
+    fn may_escalate(&self) -> bool {
+        self.closed.is_none()
+            && self.acked == 0
+            && self.escalated_at.is_none()
+            && !self.escalation_pending
+            && !self.close_pending
+            && !self.tablets.iter().any(|receipt| receipt.ack_pending)
+    }
+
+    /// Nobody acked it and it is not closed: its escalation's command still has a reason to
+    /// run (asked once its escalation is stored, for what was stored alongside).
+    pub fn unanswered(&self) -> bool {
+        self.acked == 0 && self.closed.is_none()
+    }
+
+    /// Escalated, its command never started, and still unanswered: a restart runs its command.
+    pub fn command_owed(&self) -> bool {
+        self.escalated_at.is_some() && !self.command_started && self.unanswered()
     }
 
     /// Whether there is anything to tell a tablet beyond the envelope itself.
@@ -395,18 +437,32 @@ impl Receipts {
         CloseRequest::First(ReceiptEvent::Closed { seq, at, detail })
     }
 
+    /// Forgets that `event` was asked for (`begin_ack`, `begin_close`, `due_escalations`): it
+    /// will never be stored (the journal refused it, or stopped), so it may be asked for again.
+    pub fn abandon(&mut self, event: &ReceiptEvent) {
+        let Some(ledger) = self.ledgers.get_mut(&event.seq()) else { return };
+        match event {
+            ReceiptEvent::Acked { tablet, .. } => {
+                let pending = ledger.tablets.iter_mut().find(|r| r.ack_pending && *r.tablet == **tablet);
+                if let Some(receipt) = pending {
+                    receipt.ack_pending = false;
+                }
+            }
+            ReceiptEvent::Closed { .. } => ledger.close_pending = false,
+            ReceiptEvent::Escalated { .. } => ledger.escalation_pending = false,
+            ReceiptEvent::Queued { .. }
+            | ReceiptEvent::Delivered { .. }
+            | ReceiptEvent::CommandStarted { .. } => {}
+        }
+    }
+
     /// Open, unacked emergencies received `timeout` or longer before `now` and not escalated
     /// yet: the events to store, each marked so that it is asked for once.
     pub fn due_escalations(&mut self, now: SystemTime, timeout: Duration) -> Vec<ReceiptEvent> {
         let mut due = Vec::new();
         for ledger in self.ledgers.values_mut() {
             let deadline = ledger.received_at + timeout;
-            if ledger.is_open()
-                && ledger.acked == 0
-                && ledger.escalated_at.is_none()
-                && !ledger.escalation_pending
-                && deadline <= now
-            {
+            if deadline <= now && ledger.may_escalate() {
                 ledger.escalation_pending = true;
                 due.push(ReceiptEvent::Escalated { seq: ledger.seq, at: now });
             }
@@ -416,13 +472,13 @@ impl Receipts {
 
     /// The earliest moment an escalation may fall due, if any could.
     pub fn next_deadline(&self, timeout: Duration) -> Option<SystemTime> {
-        let waiting = self.ledgers.values().filter(|ledger| {
-            ledger.is_open()
-                && ledger.acked == 0
-                && ledger.escalated_at.is_none()
-                && !ledger.escalation_pending
-        });
+        let waiting = self.ledgers.values().filter(|ledger| ledger.may_escalate());
         waiting.map(|ledger| ledger.received_at + timeout).min()
+    }
+
+    /// The seqs whose escalation's command is owed (`Ledger::command_owed`), oldest first.
+    pub fn commands_owed(&self) -> Vec<u64> {
+        self.ledgers.values().filter(|ledger| ledger.command_owed()).map(|ledger| ledger.seq).collect()
     }
 
     /// Open emergencies nobody has acked.
@@ -442,9 +498,14 @@ impl Receipts {
         let by_pointer = name.is_some();
         let Some(ledger) = self.ledgers.get_mut(&event.seq()) else { return Applied::Nothing };
         match event {
+            ReceiptEvent::Queued { clients, .. } => {
+                ledger.queued_to = ledger.queued_to.max(clients);
+                Applied::Nothing
+            }
             ReceiptEvent::Delivered { tablet, at, .. } => {
+                let named = is_named(&tablet);
                 let name = name.unwrap_or_else(|| tablet.into());
-                let tablet = Tablet { name: &name, named: true, by_pointer };
+                let tablet = Tablet { name: &name, named, by_pointer };
                 if let Some(receipt) = ledger.receipt_or_new(tablet, max_unnamed)
                     && receipt.delivered_ms == 0
                 {
@@ -456,12 +517,11 @@ impl Receipts {
             ReceiptEvent::Acked { seq, tablet, at } => {
                 // A live ack's receipt is pending: among the few that are, found at once.
                 let pending = ledger.tablets.iter().position(|r| r.ack_pending && *r.tablet == *tablet);
+                let named = is_named(&tablet);
                 let name = name.unwrap_or_else(|| tablet.into());
                 let receipt = match pending {
                     Some(index) => ledger.tablets.get_mut(index),
-                    None => {
-                        ledger.receipt_or_new(Tablet { name: &name, named: true, by_pointer }, max_unnamed)
-                    }
+                    None => ledger.receipt_or_new(Tablet { name: &name, named, by_pointer }, max_unnamed),
                 };
                 let Some(receipt) = receipt else { return Applied::Nothing };
                 receipt.ack_pending = false;
@@ -504,8 +564,19 @@ impl Receipts {
                 ledger.escalated_at = Some(at);
                 Applied::Escalated { seq, at, delivered: ledger.delivered }
             }
+            ReceiptEvent::CommandStarted { .. } => {
+                ledger.command_started = true;
+                Applied::Nothing
+            }
         }
     }
+}
+
+/// Whether a stored receipt's tablet is a token's name: a connection without one is stored as
+/// `client-...` (its own label, or `client-ADDRESS` for an HTTP ack), and stays under the
+/// unnamed cap when it is restored.
+fn is_named(tablet: &str) -> bool {
+    !tablet.starts_with("client-")
 }
 
 fn millis(time: SystemTime) -> u64 {
@@ -656,5 +727,60 @@ mod tests {
         assert!(matches!(receipts.apply(due[0].clone()), Applied::Escalated { seq: 1, .. }));
         assert!(receipts.due_escalations(SystemTime::now(), timeout).is_empty());
         assert_eq!(receipts.next_deadline(timeout), None);
+    }
+
+    #[test]
+    fn what_was_asked_for_and_never_stored_may_be_asked_for_again() {
+        let mut receipts = receipts(10);
+        let long_ago = SystemTime::now() - Duration::from_secs(60);
+        receipts.published(1, long_ago, "{}".into(), 0, 1);
+        receipts.published(2, long_ago, "{}".into(), 0, 1);
+        let tablet = Tablet { name: &"tablet-1".into(), named: true, by_pointer: false };
+        let timeout = Duration::from_secs(30);
+        let escalations = receipts.due_escalations(SystemTime::now(), timeout);
+        assert_eq!(escalations.len(), 2);
+        let ack = first(receipts.begin_ack(1, tablet, SystemTime::now()));
+        let CloseRequest::First(close) = receipts.begin_close(2, None, SystemTime::now()) else {
+            panic!("not a first close")
+        };
+        for event in escalations.iter().chain([&ack, &close]) {
+            receipts.abandon(event);
+        }
+        assert!(matches!(receipts.begin_ack(1, tablet, SystemTime::now()), AckRequest::First(_)));
+        assert!(matches!(receipts.begin_close(2, None, SystemTime::now()), CloseRequest::First(_)));
+        receipts.abandon(&ack);
+        receipts.abandon(&close);
+        assert_eq!(receipts.due_escalations(SystemTime::now(), timeout).len(), 2, "escalated again");
+    }
+
+    #[test]
+    fn restored_receipts_of_unnamed_connections_stay_under_the_unnamed_cap() {
+        let mut receipts = receipts(10);
+        publish(&mut receipts, 1);
+        let at = SystemTime::now();
+        for tablet in ["client-1@127.0.0.1:5000", "client-2@127.0.0.1:5001", "tablet-1"] {
+            receipts.apply(ReceiptEvent::Delivered { seq: 1, tablet: tablet.into(), at });
+        }
+        assert_eq!(receipts.get(1).unwrap().delivered, 2, "the unnamed cap is 1");
+    }
+
+    #[test]
+    fn an_ack_or_a_close_being_stored_holds_the_escalation_back() {
+        let mut receipts = receipts(10);
+        let long_ago = SystemTime::now() - Duration::from_secs(60);
+        receipts.published(1, long_ago, "{}".into(), 0, 1);
+        receipts.published(2, long_ago, "{}".into(), 0, 1);
+        let tablet = Tablet { name: &"tablet-1".into(), named: true, by_pointer: false };
+        let ack = first(receipts.begin_ack(1, tablet, SystemTime::now()));
+        let CloseRequest::First(close) = receipts.begin_close(2, None, SystemTime::now()) else {
+            panic!("not a first close")
+        };
+        let timeout = Duration::from_secs(30);
+        assert!(receipts.due_escalations(SystemTime::now(), timeout).is_empty());
+        assert_eq!(receipts.next_deadline(timeout), None, "the timer would spin on them");
+        receipts.apply(ack);
+        receipts.apply(close);
+        assert!(receipts.due_escalations(SystemTime::now(), timeout).is_empty());
+        assert!(!receipts.get(1).unwrap().unanswered() && !receipts.get(2).unwrap().unanswered());
     }
 }

@@ -17,6 +17,7 @@
 //! Anything else gets `404` or `405`. A request that leaves the connection in an unknown state
 //! (a body not read, a malformed head) is answered and the connection closed.
 
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::Instant;
@@ -39,6 +40,7 @@ use crate::protocol::{
     self, AckReply, ClientInfo, CloseReply, Health, Source, StorageHealth, TabletInfo, TabletSummary,
     Tablets, error_json,
 };
+use crate::runtime::budget::Reservation;
 use crate::runtime::slots::SlotGuard;
 use crate::store::journal::StorageState;
 use crate::support::metrics::Gauges;
@@ -136,11 +138,7 @@ async fn handle(
         ("/emergencias", "OPTIONS") => preflight(app, &request, peer, "GET, POST"),
         ("/emergencias", _) => method_not_allowed("GET, POST"),
         (path, _) if path.starts_with("/emergencias/") => {
-            return Outcome::Reply(with_cors(
-                app,
-                &request,
-                emergency_route(app, connection, &request, peer, deadline, slot).await,
-            ));
+            emergency_route(app, connection, &request, peer, deadline, slot).await
         }
         ("/tablets", "GET") => tablets(app, &request, peer),
         ("/tablets", _) => method_not_allowed("GET"),
@@ -219,9 +217,14 @@ async fn http_ack(app: &App, request: &Request, peer: SocketAddr, seq: u64) -> R
         Ok(identity) => identity,
         Err(refusal) => return refusal,
     };
+    // The body is never read: one declared is left unread and closes the connection after.
+    if let Err(refusal) = declared_length(app, request, peer, "ack", false) {
+        return refusal;
+    }
     let (tablet, named) = match &identity {
         Some(identity) => (identity.name.to_string(), true),
-        None => (peer.ip().to_string(), false),
+        // Labelled as a connection is: never in the roster, under the unnamed cap after a restart.
+        None => (format!("client-{}", peer.ip()), false),
     };
     match app.publisher.ack(&tablet, named, seq).await {
         Ok(AckOutcome::Unknown) => unknown_seq(),
@@ -251,22 +254,13 @@ async fn close(
         Ok(publisher) => publisher,
         Err(refusal) => return refusal,
     };
-    let length = match content_length(request) {
-        Ok(length) => length.unwrap_or(0),
-        Err(message) => return error(Status::BAD_REQUEST, message),
+    let length = match declared_length(app, request, peer, "close", false) {
+        Ok(length) => length,
+        Err(refusal) => return refusal,
     };
-    let max_bytes = app.config.max_body_bytes;
-    if length > max_bytes {
-        return error(Status::CONTENT_TOO_LARGE, &format!("body larger than {max_bytes} bytes"));
-    }
-    let mut held = match app.publisher.reserve(length, deadline).await {
-        Ok(reservation) => Some(reservation),
-        Err(rejection) => return refused(rejection, peer),
-    };
-    let pace = BodyPace { started: Instant::now(), min_rate: app.config.min_body_rate };
-    let body = match connection.read_body(length, deadline, pace, slot, &mut held).await {
-        Ok(body) => body,
-        Err(_) => return error(Status::REQUEST_TIMEOUT, "body not complete"),
+    let (body, _held) = match read_whole_body(app, connection, request, peer, length, deadline, slot).await {
+        Ok(read) => read,
+        Err(refusal) => return refusal,
     };
     let detail = match ingest::parse_close_detail(&body) {
         Ok(detail) => detail,
@@ -304,11 +298,17 @@ fn roster(app: &App) -> (Vec<TabletInfo>, usize) {
     app.hub.with(|hub| {
         let clients: Vec<ConnectedClient> = hub.clients().collect();
         let unnamed = clients.iter().filter(|client| client.name.is_none()).count();
+        // Each tablet's connections, found by name once: not one scan of the clients per name.
+        let mut by_name: HashMap<&str, Vec<&ConnectedClient>> = HashMap::new();
+        for client in &clients {
+            if let Some(name) = &client.name {
+                by_name.entry(&**name).or_default().push(client);
+            }
+        }
         let tablets = names
             .iter()
             .map(|name| {
-                let own: Vec<&ConnectedClient> =
-                    clients.iter().filter(|client| client.name.as_deref() == Some(&**name)).collect();
+                let own = by_name.get(&**name).map(Vec::as_slice).unwrap_or_default();
                 let record = hub.tablet_record(name);
                 let heard = own.iter().map(|client| client.last_heard).max().or(record.last_heard);
                 TabletInfo {
@@ -373,24 +373,14 @@ async fn publish(
     deadline: Instant,
     slot: &SlotGuard,
 ) -> Response {
-    let max_bytes = app.config.max_body_bytes;
     let publisher = match authorize(app.access.borrow().publish.as_ref(), request, false, "publish", peer) {
         Ok(publisher) => publisher,
         Err(refusal) => return refusal,
     };
-    if request.header("transfer-encoding").is_some() {
-        warn!("rejected publish from {peer}: chunked body");
-        return error(Status::LENGTH_REQUIRED, "chunked bodies are not supported: send Content-Length");
-    }
-    let length = match content_length(request) {
-        Ok(Some(length)) => length,
-        Ok(None) => return error(Status::LENGTH_REQUIRED, "Content-Length required"),
-        Err(message) => return error(Status::BAD_REQUEST, message),
+    let length = match declared_length(app, request, peer, "publish", true) {
+        Ok(length) => length,
+        Err(refusal) => return refusal,
     };
-    if length > max_bytes {
-        warn!("rejected publish from {peer}: body of {length} bytes over --max-body-bytes");
-        return error(Status::CONTENT_TOO_LARGE, &format!("body larger than {max_bytes} bytes"));
-    }
     let key = match idempotency_key(request) {
         Ok(key) => key,
         Err(message) => {
@@ -398,43 +388,9 @@ async fn publish(
             return error(Status::BAD_REQUEST, &message);
         }
     };
-    if let Some(expectation) = request.header("expect") {
-        if !expectation.trim().eq_ignore_ascii_case("100-continue") {
-            return error(Status::EXPECTATION_FAILED, "only Expect: 100-continue is supported");
-        }
-        let interim = Response::interim(Status::CONTINUE).to_bytes(false);
-        if request.minor_version >= 1 && connection.send(&interim, deadline).await.is_err() {
-            return error(Status::REQUEST_TIMEOUT, "could not send 100 Continue");
-        }
-    }
-    let mut held = match app.publisher.reserve(length, deadline).await {
-        Ok(reservation) => Some(reservation),
-        Err(rejection) => return refused(rejection, peer),
-    };
-    let pace = BodyPace { started: Instant::now(), min_rate: app.config.min_body_rate };
-    let body = match connection.read_body(length, deadline, pace, slot, &mut held).await {
-        Ok(body) => body,
-        Err(BodyError::TimedOut) => {
-            warn!("closed {peer}: body not complete within --header-timeout");
-            return error(Status::REQUEST_TIMEOUT, "body not complete within the request timeout");
-        }
-        // The eviction is logged, throttled, where it is decided: a flood of these is one line.
-        Err(BodyError::TooSlow) => {
-            debug!("closed {peer}: body below --min-body-rate, evicted for a new connection");
-            return error(
-                Status::REQUEST_TIMEOUT,
-                "body slower than --min-body-rate: closed for a new connection",
-            );
-        }
-        Err(BodyError::Incomplete) => return error(Status::BAD_REQUEST, "body incomplete"),
-    };
-    // A body that trickled gave its share back; it is whole now, and holds it again.
-    let _held = match held {
-        Some(reservation) => reservation,
-        None => match app.publisher.reserve(length, deadline).await {
-            Ok(reservation) => reservation,
-            Err(rejection) => return refused(rejection, peer),
-        },
+    let (body, _held) = match read_whole_body(app, connection, request, peer, length, deadline, slot).await {
+        Ok(read) => read,
+        Err(refusal) => return refusal,
     };
     match app.publisher.submit(body, Source::Http, key).await {
         // A duplicate gets the status its original got: a publisher that retries until it sees
@@ -446,6 +402,86 @@ async fn publish(
         }
         Err(rejection) => refused(rejection, peer),
     }
+}
+
+/// The length of a request's body: `411` if chunked (or, when `required`, without
+/// `Content-Length`), `413` past `--max-body-bytes`. A refused body is never read, so the
+/// connection is closed after the answer and no byte of it is taken for a request.
+fn declared_length(
+    app: &App,
+    request: &Request,
+    peer: SocketAddr,
+    what: &str,
+    required: bool,
+) -> Result<usize, Response> {
+    if request.header("transfer-encoding").is_some() {
+        warn!("rejected {what} from {peer}: chunked body");
+        return Err(error(Status::LENGTH_REQUIRED, "chunked bodies are not supported: send Content-Length"));
+    }
+    let length = match content_length(request) {
+        Ok(Some(length)) => length,
+        Ok(None) if !required => 0,
+        Ok(None) => return Err(error(Status::LENGTH_REQUIRED, "Content-Length required")),
+        Err(message) => return Err(error(Status::BAD_REQUEST, message)),
+    };
+    let max_bytes = app.config.max_body_bytes;
+    if length > max_bytes {
+        warn!("rejected {what} from {peer}: body of {length} bytes over --max-body-bytes");
+        return Err(error(Status::CONTENT_TOO_LARGE, &format!("body larger than {max_bytes} bytes")));
+    }
+    Ok(length)
+}
+
+/// Reads a body of `length` bytes (after `100 Continue` if asked), holding its share of
+/// `--max-inflight-bytes` while it comes in and after.
+async fn read_whole_body(
+    app: &App,
+    connection: &mut HttpConnection,
+    request: &Request,
+    peer: SocketAddr,
+    length: usize,
+    deadline: Instant,
+    slot: &SlotGuard,
+) -> Result<(Vec<u8>, Reservation), Response> {
+    if let Some(expectation) = request.header("expect") {
+        if !expectation.trim().eq_ignore_ascii_case("100-continue") {
+            return Err(error(Status::EXPECTATION_FAILED, "only Expect: 100-continue is supported"));
+        }
+        let interim = Response::interim(Status::CONTINUE).to_bytes(false);
+        if request.minor_version >= 1 && connection.send(&interim, deadline).await.is_err() {
+            return Err(error(Status::REQUEST_TIMEOUT, "could not send 100 Continue"));
+        }
+    }
+    let mut held = match app.publisher.reserve(length, deadline).await {
+        Ok(reservation) => Some(reservation),
+        Err(rejection) => return Err(refused(rejection, peer)),
+    };
+    let pace = BodyPace { started: Instant::now(), min_rate: app.config.min_body_rate };
+    let body = match connection.read_body(length, deadline, pace, slot, &mut held).await {
+        Ok(body) => body,
+        Err(BodyError::TimedOut) => {
+            warn!("closed {peer}: body not complete within --header-timeout");
+            return Err(error(Status::REQUEST_TIMEOUT, "body not complete within the request timeout"));
+        }
+        // The eviction is logged, throttled, where it is decided: a flood of these is one line.
+        Err(BodyError::TooSlow) => {
+            debug!("closed {peer}: body below --min-body-rate, evicted for a new connection");
+            return Err(error(
+                Status::REQUEST_TIMEOUT,
+                "body slower than --min-body-rate: closed for a new connection",
+            ));
+        }
+        Err(BodyError::Incomplete) => return Err(error(Status::BAD_REQUEST, "body incomplete")),
+    };
+    // A body that trickled gave its share back; it is whole now, and holds it again.
+    let held = match held {
+        Some(reservation) => reservation,
+        None => match app.publisher.reserve(length, deadline).await {
+            Ok(reservation) => reservation,
+            Err(rejection) => return Err(refused(rejection, peer)),
+        },
+    };
+    Ok((body, held))
 }
 
 /// The answer to a publish the ingest path refused, logged.
@@ -558,8 +594,8 @@ fn metrics(app: &App) -> Response {
 fn tablet_summary(app: &App) -> TabletSummary {
     let names = app.access.borrow().subscribe.as_ref().map(TokenSet::names).unwrap_or_default();
     let connected = app.hub.with(|hub| {
-        let connected: Vec<Rc<str>> = hub.clients().filter_map(|client| client.name).collect();
-        names.iter().filter(|name| connected.contains(name)).count()
+        let connected: HashSet<Rc<str>> = hub.clients().filter_map(|client| client.name).collect();
+        names.iter().filter(|name| connected.contains(*name)).count()
     });
     TabletSummary { expected: names.len(), connected }
 }

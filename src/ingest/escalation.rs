@@ -3,16 +3,19 @@
 //!
 //! One task and one timer for every emergency: it wakes at the earliest deadline (at least once
 //! a second, to see new emergencies), asks the hub which fell due (each is asked for once), has
-//! the journal store them, and only then starts the commands: a restart finds them escalated
-//! and never runs one twice, and an emergency whose deadline passed while the server was down
+//! the journal store them, and only then queues the commands. Each command's start is stored
+//! (`ReceiptEvent::CommandStarted`) before it starts: a restart runs the commands of escalated
+//! emergencies whose start was never stored (they waited for a slot, or the server stopped
+//! first) and never one twice, and an emergency whose deadline passed while the server was down
 //! falls due at the first tick. A command is a child process (`/bin/sh -c`) run by threads of its
 //! own, so the event loop never waits on it: at most `--max-escalation-children` at once (the
-//! rest wait in order), each killed past `--escalation-time-limit`; its exit status and the end
+//! rest wait in order), each killed with its process group past `--escalation-time-limit`; its exit status and the end
 //! of its stderr are logged.
 
 use std::collections::VecDeque;
 use std::io::{Read, Write};
-use std::process::{Command, ExitStatus, Stdio};
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
 use async_channel::Sender;
@@ -22,11 +25,15 @@ use smol::{Timer, future};
 use crate::core::SharedEnvelope;
 use crate::core::receipts::ReceiptEvent;
 use crate::ingest::Publisher;
+use crate::support::join::join_within;
 
 /// Longest the escalation task sleeps: a new emergency's deadline is seen within this.
 const ESCALATION_TICK: Duration = Duration::from_secs(1);
 /// Bytes of a command's stderr kept for the log (its end); the rest is read and dropped.
 const STDERR_LOGGED_BYTES: usize = 2048;
+/// How long the threads writing a command's stdin and reading its stderr get to end once it has:
+/// only a process that left its group can hold them longer.
+const PIPE_GRACE: Duration = Duration::from_secs(1);
 /// How often a running command is checked for its end.
 const CHILD_POLL: Duration = Duration::from_millis(20);
 
@@ -64,7 +71,15 @@ impl ChildEnd {
 pub async fn run(publisher: &Publisher, settings: EscalationSettings) {
     let hub = publisher.hub();
     let (finished, ended) = async_channel::unbounded::<ChildEnd>();
-    let mut waiting: VecDeque<(u64, SharedEnvelope)> = VecDeque::new();
+    let mut waiting: VecDeque<u64> = VecDeque::new();
+    if settings.command.is_some() {
+        waiting.extend(hub.with(|hub| hub.commands_owed()));
+        if !waiting.is_empty() {
+            warn!(
+                "--on-unacked never started for seqs {waiting:?} (the server stopped first): running them now"
+            );
+        }
+    }
     let mut running = 0;
     loop {
         let now = SystemTime::now();
@@ -83,43 +98,98 @@ pub async fn run(publisher: &Publisher, settings: EscalationSettings) {
         let due = hub.with(|hub| hub.due_escalations(SystemTime::now()));
         if !due.is_empty() {
             let seqs: Vec<u64> = due.iter().map(ReceiptEvent::seq).collect();
-            for seq in &seqs {
-                warn!("seq {seq}: no tablet acked it within --ack-timeout; escalating");
-            }
-            // Stored before anything runs: a restart never runs a command twice. No time limit:
-            // while storage fails the events wait in the journal, and the commands with them.
-            if let Err(rejection) = publisher.record_and_wait(due, None).await {
-                error!("escalations of {seqs:?} not stored ({rejection}); their commands do not run");
-                continue;
-            }
-            if settings.command.is_some() {
-                waiting
-                    .extend(seqs.iter().filter_map(|&seq| Some((seq, hub.with(|hub| hub.envelope(seq))?))));
+            if escalate(publisher, &settings, due).await {
+                waiting.extend(seqs.into_iter().filter(|_| settings.command.is_some()));
             }
         }
-        while running < settings.max_children
-            && let Some((seq, envelope)) = waiting.pop_front()
-        {
-            running += 1;
-            start(&settings, seq, &envelope, finished.clone());
+        let free = settings.max_children.saturating_sub(running);
+        let starting = claim_commands(publisher, &mut waiting, free).await;
+        for (seq, envelope) in starting {
+            if start(&settings, seq, &envelope, finished.clone()) {
+                running += 1;
+            } else {
+                publisher.metrics.count("resq_push_escalation_commands_total", "not_started");
+            }
         }
     }
 }
 
-/// Starts the command for `seq` on a thread of its own; `finished` hears how it ended.
-fn start(settings: &EscalationSettings, seq: u64, envelope: &str, finished: Sender<ChildEnd>) {
-    let Some(command) = settings.command.clone() else { return };
+/// Stores the escalations `due`, and with them, without a command, that there is none to
+/// run; `false` if they could not be stored (their commands do not run).
+async fn escalate(publisher: &Publisher, settings: &EscalationSettings, mut due: Vec<ReceiptEvent>) -> bool {
+    let seqs: Vec<u64> = due.iter().map(ReceiptEvent::seq).collect();
+    for seq in &seqs {
+        warn!("seq {seq}: no tablet acked it within --ack-timeout; escalating");
+    }
+    if settings.command.is_none() {
+        let at = SystemTime::now();
+        due.extend(seqs.iter().map(|&seq| ReceiptEvent::CommandStarted { seq, at }));
+    }
+    // Stored before anything runs: a restart never runs a command twice. No time limit:
+    // while storage fails the events wait in the journal, and the commands with them.
+    if let Err(rejection) = publisher.record_and_wait(due, None).await {
+        error!("escalations of {seqs:?} not stored ({rejection}); their commands do not run");
+        return false;
+    }
+    true
+}
+
+/// Takes up to `free` commands from `waiting` and stores that they start, before they do: a
+/// restart runs the escalated ones whose start was not stored, and never one twice. One whose
+/// emergency was acked or closed meanwhile is not run (and marked so). If the marks cannot be
+/// stored the commands stay waiting, for the next round.
+async fn claim_commands(
+    publisher: &Publisher,
+    waiting: &mut VecDeque<u64>,
+    free: usize,
+) -> Vec<(u64, SharedEnvelope)> {
+    let hub = publisher.hub();
+    let taken: Vec<u64> = waiting.drain(..free.min(waiting.len())).collect();
+    if taken.is_empty() {
+        return Vec::new();
+    }
+    let at = SystemTime::now();
+    let marks = taken.iter().map(|&seq| ReceiptEvent::CommandStarted { seq, at }).collect();
+    if let Err(rejection) = publisher.record_and_wait(marks, None).await {
+        warn!("--on-unacked for seqs {taken:?} waits: their start could not be stored ({rejection})");
+        for seq in taken.into_iter().rev() {
+            waiting.push_front(seq);
+        }
+        return Vec::new();
+    }
+    let mut starting = Vec::new();
+    for seq in taken {
+        match hub.with(|hub| hub.unanswered_envelope(seq)) {
+            Some(envelope) => starting.push((seq, envelope)),
+            None => info!("seq {seq} was acked or closed after it escalated: --on-unacked not run"),
+        }
+    }
+    starting
+}
+
+/// Starts the command for `seq` on a thread of its own; `finished` hears how it ended, even if
+/// that thread panics. `false` if no thread could be started (then nothing runs, nothing is told).
+fn start(settings: &EscalationSettings, seq: u64, envelope: &str, finished: Sender<ChildEnd>) -> bool {
+    let Some(command) = settings.command.clone() else { return false };
     let (stream, envelope, limit) = (settings.stream.clone(), envelope.to_owned(), settings.time_limit);
     let spawned = std::thread::Builder::new().name("resq-escalation".into()).spawn(move || {
-        let end = run_child(&command, seq, &stream, envelope, limit);
+        let run = std::panic::AssertUnwindSafe(|| run_child(&command, seq, &stream, envelope, limit));
+        let end = std::panic::catch_unwind(run)
+            .unwrap_or_else(|_| ChildEnd::NotStarted(std::io::Error::other("its thread panicked")));
         let _ = finished.send_blocking(end);
     });
     if let Err(error) = spawned {
         error!("--on-unacked for seq {seq} not run: cannot start a thread: {error}");
+        return false;
     }
+    true
 }
 
-/// Runs one command to its end or its time limit, and logs how it ended.
+/// Runs one command to its end or its time limit, and logs how it ended. The command is the
+/// leader of a process group of its own: past the limit the whole group is killed, so a
+/// background process it started cannot keep it, or its stdin and stderr, alive. It has ended
+/// when `/bin/sh` has exited and its stdin and stderr are done with (every process of it that
+/// held them has ended or closed them).
 fn run_child(command: &str, seq: u64, stream: &str, envelope: String, limit: Duration) -> ChildEnd {
     let started = Instant::now();
     let spawned = Command::new("/bin/sh")
@@ -130,6 +200,7 @@ fn run_child(command: &str, seq: u64, stream: &str, envelope: String, limit: Dur
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
+        .process_group(0)
         .spawn();
     let mut child = match spawned {
         Ok(child) => child,
@@ -139,30 +210,63 @@ fn run_child(command: &str, seq: u64, stream: &str, envelope: String, limit: Dur
         }
     };
     // Written and read by threads of their own: a command that never reads its stdin, or
-    // writes much to stderr, cannot hold this one past the time limit.
-    if let Some(mut stdin) = child.stdin.take() {
-        std::thread::spawn(move || {
+    // writes much to stderr, cannot hold this one past the time limit. Without a thread the
+    // pipe is closed at once: the command reads an empty stdin.
+    let writer = child.stdin.take().and_then(|mut stdin| {
+        let write = move || {
             let _ = stdin.write_all(envelope.as_bytes());
-        });
-    }
-    let stderr = child.stderr.take().map(|stderr| std::thread::spawn(move || tail_of(stderr)));
+        };
+        std::thread::Builder::new().name("resq-escalation-stdin".into()).spawn(write).ok()
+    });
+    let (tail_sender, tail) = std::sync::mpsc::channel();
+    let reader = child.stderr.take().and_then(|stderr| {
+        let read = move || {
+            let _ = tail_sender.send(tail_of(stderr));
+        };
+        std::thread::Builder::new().name("resq-escalation-stderr".into()).spawn(read).ok()
+    });
+    let pipes_done =
+        || [&writer, &reader].iter().all(|thread| thread.as_ref().is_none_or(|t| t.is_finished()));
     let end = loop {
         match child.try_wait() {
-            Ok(Some(status)) => break ChildEnd::Exited(status),
-            Ok(None) if started.elapsed() >= limit => {
-                let _ = child.kill();
-                let _ = child.wait();
+            Ok(Some(status)) if pipes_done() => break ChildEnd::Exited(status),
+            Ok(_) if started.elapsed() >= limit => {
+                kill_group(&mut child);
                 break ChildEnd::Killed;
             }
-            Ok(None) => std::thread::sleep(CHILD_POLL),
-            Err(error) => break ChildEnd::NotStarted(error),
+            Ok(_) => std::thread::sleep(CHILD_POLL),
+            Err(error) => {
+                kill_group(&mut child);
+                break ChildEnd::NotStarted(error);
+            }
         }
     };
-    let stderr = stderr.and_then(|reader| reader.join().ok()).unwrap_or_default();
-    let stderr =
-        if stderr.trim().is_empty() { String::new() } else { format!("; stderr: {}", stderr.trim()) };
-    let took = started.elapsed();
-    match &end {
+    // Only a process that left the group (setsid) can still hold a pipe: then its thread is
+    // left behind, detached, rather than holding this one (and the command's slot).
+    for thread in [writer, reader].into_iter().flatten() {
+        if !join_within(thread, PIPE_GRACE) {
+            warn!("--on-unacked for seq {seq}: a process outside its group still holds its stdin or stderr");
+        }
+    }
+    let stderr = tail.try_recv().unwrap_or_default();
+    log_end(seq, &end, started.elapsed(), limit, stderr.trim());
+    end
+}
+
+/// Kills the command's process group (the command and everything it started that stayed in
+/// it), then reaps the command.
+fn kill_group(child: &mut Child) {
+    if let Ok(group) = libc::pid_t::try_from(child.id()) {
+        // SAFETY: kill(2) with a negative pid signals that process group; it touches no memory.
+        unsafe { libc::kill(-group, libc::SIGKILL) };
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+fn log_end(seq: u64, end: &ChildEnd, took: Duration, limit: Duration, stderr: &str) {
+    let stderr = if stderr.is_empty() { String::new() } else { format!("; stderr: {stderr}") };
+    match end {
         ChildEnd::Exited(status) if status.success() => {
             info!("--on-unacked for seq {seq} exited 0 after {took:.1?}{stderr}")
         }
@@ -174,7 +278,6 @@ fn run_child(command: &str, seq: u64, stream: &str, envelope: String, limit: Dur
         }
         ChildEnd::NotStarted(error) => error!("--on-unacked for seq {seq}: {error}"),
     }
-    end
 }
 
 /// The last `STDERR_LOGGED_BYTES` of what `pipe` gives until it closes, as one line.
@@ -214,6 +317,14 @@ mod tests {
         let end = run_child("sleep 10", 8, "s1", String::new(), Duration::from_millis(100));
         assert_eq!(end.label(), "killed");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn past_its_limit_a_command_is_killed_with_the_background_processes_holding_its_pipes() {
+        let started = Instant::now();
+        let end = run_child("sleep 1000 & exit 0", 9, "s1", "x".repeat(1 << 20), Duration::from_millis(200));
+        assert_eq!(end.label(), "killed");
+        assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
     }
 
     #[test]

@@ -502,7 +502,7 @@ impl Publisher {
             return;
         }
         let Some(journal) = &self.journal else { return self.apply(events) };
-        if events.iter().all(|event| matches!(event, ReceiptEvent::Delivered { .. })) {
+        if events.iter().all(ReceiptEvent::is_held) {
             let mut held = self.held_deliveries.borrow_mut();
             held.extend(events);
             if held.len() < MAX_HELD_DELIVERIES {
@@ -511,8 +511,10 @@ impl Publisher {
             drop(held);
             return self.flush_deliveries();
         }
+        let asked_for = events.clone();
         if let Err(error) = journal.record(self.with_held_deliveries(events), None) {
-            log::error!("receipts not stored: {error:?}");
+            self.log_not_stored("receipts", &error);
+            self.abandon(&asked_for);
         }
     }
 
@@ -522,7 +524,17 @@ impl Publisher {
         if let (Some(journal), false) = (&self.journal, held.is_empty())
             && let Err(error) = journal.record(held, None)
         {
-            log::error!("deliveries not stored: {error:?}");
+            self.log_not_stored("deliveries", &error);
+        }
+    }
+
+    /// An error, unless the server is shutting down: then the journal has closed, and the last
+    /// deliveries of every session leaving are not stored (one line each would be noise).
+    fn log_not_stored(&self, what: &str, error: &StorageError) {
+        if self.accepting.get() {
+            log::error!("{what} not stored: {error:?}");
+        } else {
+            log::debug!("{what} not stored at shutdown: {error:?}");
         }
     }
 
@@ -553,8 +565,12 @@ impl Publisher {
             return Ok(());
         };
         let (done, applied) = async_channel::bounded(1);
+        let asked_for = events.clone();
         let events = self.with_held_deliveries(events);
-        journal.record(events, Some(done)).map_err(|error| self.refused_by_storage(error))?;
+        journal.record(events, Some(done)).map_err(|error| {
+            self.abandon(&asked_for);
+            self.refused_by_storage(error)
+        })?;
         let stored = async { applied.recv().await.ok() };
         let stored = match limit {
             Some(limit) => crate::runtime::deadline::within(limit, stored).await.map_err(|_| {
@@ -562,7 +578,10 @@ impl Publisher {
             })?,
             None => stored.await,
         };
+        // Past `limit` the events are still queued and a later commit applies them; without an
+        // answer at all the storage thread stopped and they are lost.
         stored.ok_or_else(|| {
+            self.abandon(&asked_for);
             self.refused_by_storage(StorageError::Failed {
                 cause: FailureCause::Stopped,
                 detail: "the storage thread stopped".into(),
@@ -597,6 +616,12 @@ impl Publisher {
             }
         };
         Ok(AckOutcome::Acked { duplicate, counts: hub.with(|hub| hub.counts(seq)) })
+    }
+
+    /// Clears the pending marks of events that will never be stored, so that they can be asked
+    /// for again (a retried ack counts, a close closes, an escalation falls due again).
+    fn abandon(&self, events: &[ReceiptEvent]) {
+        self.ingress.hub().with(|hub| hub.abandon(events));
     }
 
     /// Applies stored events to the hub and counts what they changed.
@@ -634,7 +659,10 @@ impl Publisher {
             for (outcome, reply) in outcomes {
                 let answer = match outcome {
                     Outcome::New(stored) => {
-                        Ok(Outcome::New(self.hand_over(|ingress| ingress.deliver(stored)).await))
+                        let receipt = self.hand_over(|ingress| ingress.deliver(stored)).await;
+                        let Receipt { seq, queued_to: clients } = receipt;
+                        self.record(vec![ReceiptEvent::Queued { seq, clients }]);
+                        Ok(Outcome::New(receipt))
                     }
                     // Its original came before it, in this batch or an earlier one, so it is in
                     // the hub already: the publisher of a retry hears "ok" only once a tablet can

@@ -44,6 +44,9 @@ use crate::support::logger::WarningThrottle;
 pub const MAX_QUEUED: usize = 4096;
 /// Most submissions committed in one transaction.
 const MAX_BATCH: usize = 512;
+/// Receipt events past which no further request joins a transaction (one request's events are
+/// never split): a flood of acks makes several transactions, not one growing one.
+const MAX_BATCH_EVENTS: usize = 16 * 1024;
 /// Committed transactions waiting for the executor to deliver them; then the storage thread waits.
 const COMMITTED_BATCHES: usize = 64;
 const DATABASE_FILE: &str = "history.sqlite3";
@@ -499,12 +502,19 @@ fn open_database(path: &Path) -> Result<Connection, Unusable> {
 
 /// The receipts table and the close and escalation columns, added to a data dir from before
 /// them; the partial index finds the open emergencies.
+///
+/// The emergencies a data dir from before closes holds were handled back then, by radio or
+/// otherwise: they are added closed (at the time they were received), or an upgrade would
+/// escalate every one of them and resend them all to every fresh tablet. The column and the
+/// closes are one transaction, so a crash between them cannot leave them open.
 fn add_receipt_tables(db: &Connection) -> rusqlite::Result<()> {
-    for (column, kind) in
-        [("closed_at_ms", "INTEGER"), ("close_detail", "TEXT"), ("escalated_at_ms", "INTEGER")]
-    {
+    add_filled_column(db, "closed_at_ms", "received_at_ms")?;
+    for (column, kind) in [("close_detail", "TEXT"), ("escalated_at_ms", "INTEGER")] {
         add_column(db, column, kind)?;
     }
+    add_column(db, "queued_to", "INTEGER")?;
+    // Every command of an escalation stored before this column had started, or was lost.
+    add_filled_column(db, "command_started_at_ms", "escalated_at_ms")?;
     db.execute_batch(
         "CREATE TABLE IF NOT EXISTS receipts (
              seq INTEGER NOT NULL,
@@ -517,13 +527,30 @@ fn add_receipt_tables(db: &Connection) -> rusqlite::Result<()> {
     )
 }
 
-fn add_column(db: &Connection, column: &str, kind: &str) -> rusqlite::Result<()> {
-    let present: bool = db.query_row(
+fn has_column(db: &Connection, column: &str) -> rusqlite::Result<bool> {
+    db.query_row(
         "SELECT COUNT(*) > 0 FROM pragma_table_info('emergencies') WHERE name = ?1",
         [column],
         |row| row.get(0),
-    )?;
-    if !present {
+    )
+}
+
+/// Adds the INTEGER `column`, set to `fill` (an expression) in every row there is, in one
+/// transaction.
+fn add_filled_column(db: &Connection, column: &str, fill: &str) -> rusqlite::Result<()> {
+    if has_column(db, column)? {
+        return Ok(());
+    }
+    db.execute_batch(&format!(
+        "BEGIN IMMEDIATE;
+         ALTER TABLE emergencies ADD COLUMN {column} INTEGER;
+         UPDATE emergencies SET {column} = {fill};
+         COMMIT;"
+    ))
+}
+
+fn add_column(db: &Connection, column: &str, kind: &str) -> rusqlite::Result<()> {
+    if !has_column(db, column)? {
         db.execute_batch(&format!("ALTER TABLE emergencies ADD COLUMN {column} {kind}"))?;
     }
     Ok(())
@@ -604,14 +631,21 @@ fn load_events(db: &Connection) -> rusqlite::Result<Vec<ReceiptEvent>> {
         }
     }
     let mut marks = db.prepare(
-        "SELECT seq, closed_at_ms, close_detail, escalated_at_ms FROM emergencies
-         WHERE closed_at_ms IS NOT NULL OR escalated_at_ms IS NOT NULL ORDER BY seq",
+        "SELECT seq, closed_at_ms, close_detail, escalated_at_ms, command_started_at_ms, queued_to
+         FROM emergencies WHERE closed_at_ms IS NOT NULL OR escalated_at_ms IS NOT NULL
+             OR queued_to IS NOT NULL ORDER BY seq",
     )?;
     let mut rows = marks.query([])?;
     while let Some(row) = rows.next()? {
         let seq = row.get::<_, i64>(0)? as u64;
+        if let Some(clients) = row.get::<_, Option<i64>>(5)? {
+            events.push(ReceiptEvent::Queued { seq, clients: clients.max(0) as usize });
+        }
         if let Some(at) = row.get::<_, Option<i64>>(3)? {
             events.push(ReceiptEvent::Escalated { seq, at: from_unix_millis(at) });
+        }
+        if let Some(at) = row.get::<_, Option<i64>>(4)? {
+            events.push(ReceiptEvent::CommandStarted { seq, at: from_unix_millis(at) });
         }
         if let Some(at) = row.get::<_, Option<i64>>(1)? {
             events.push(ReceiptEvent::Closed { seq, at: from_unix_millis(at), detail: row.get(2)? });
@@ -635,6 +669,12 @@ fn write_events(transaction: &Connection, events: &[ReceiptEvent]) -> rusqlite::
     )?;
     for event in events {
         match event {
+            ReceiptEvent::Queued { seq, clients } => {
+                transaction.execute(
+                    "UPDATE emergencies SET queued_to = ?2 WHERE seq = ?1 AND queued_to IS NULL",
+                    params![*seq as i64, *clients as i64],
+                )?;
+            }
             ReceiptEvent::Delivered { seq, tablet, at } => {
                 delivered.execute(params![*seq as i64, tablet, unix_millis(*at)])?;
             }
@@ -651,6 +691,13 @@ fn write_events(transaction: &Connection, events: &[ReceiptEvent]) -> rusqlite::
             ReceiptEvent::Escalated { seq, at } => {
                 transaction.execute(
                     "UPDATE emergencies SET escalated_at_ms = ?2 WHERE seq = ?1 AND escalated_at_ms IS NULL",
+                    params![*seq as i64, unix_millis(*at)],
+                )?;
+            }
+            ReceiptEvent::CommandStarted { seq, at } => {
+                transaction.execute(
+                    "UPDATE emergencies SET command_started_at_ms = ?2
+                     WHERE seq = ?1 AND command_started_at_ms IS NULL",
                     params![*seq as i64, unix_millis(*at)],
                 )?;
             }
@@ -728,7 +775,7 @@ fn run(
                 }
                 Request::Sweep => {}
             }
-            if appends.len() < MAX_BATCH {
+            if appends.len() < MAX_BATCH && events.len() < MAX_BATCH_EVENTS {
                 request = incoming.0.try_recv().ok();
             }
         }

@@ -584,3 +584,30 @@ pub fn post_head_read(server: &Server, content_length: usize) -> TcpStream {
     assert_eq!(&interim, b"HTTP/1.1 100 Continue\r\n\r\n");
     stream
 }
+
+/// A data dir in `dir` as an older version left it: the `emergencies` table with `columns` only
+/// (beyond seq, received_at_ms and envelope), stream `00112233aabbccdd`, and `count` emergencies
+/// received a minute ago.
+pub fn old_data_dir(dir: &TempDir, columns: &str, count: u64) {
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let db = rusqlite::Connection::open(data.join("history.sqlite3")).unwrap();
+    db.execute_batch(&format!(
+        "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+         CREATE TABLE emergencies (
+             seq INTEGER PRIMARY KEY, received_at_ms INTEGER NOT NULL, envelope TEXT NOT NULL{columns});
+         INSERT INTO meta VALUES ('stream_id', '00112233aabbccdd'), ('last_seq', '{count}');"
+    ))
+    .unwrap();
+    let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis();
+    for seq in 1..=count {
+        let envelope = format!(
+            r#"{{"type":"emergencia","seq":{seq},"received_at":"2026-01-01T00:00:00.000Z","source":"unix","data":{{}}}}"#
+        );
+        db.execute(
+            "INSERT INTO emergencies (seq, received_at_ms, envelope) VALUES (?1, ?2, ?3)",
+            rusqlite::params![seq as i64, now_ms as i64 - 60_000, envelope],
+        )
+        .unwrap();
+    }
+}
