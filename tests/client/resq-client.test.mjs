@@ -349,3 +349,21 @@ test("transport auto falls back to SSE after WebSocket failures, acks by POST", 
   assert.ok(sources[0].closed);
   assert.equal(seen.state.at(-1).reason, "no ping from the server");
 });
+
+test("a late pong never trips the dead-link timer of a later ping; silence still does", () => {
+  // A pong timeout above the heartbeat: a second ping goes out while the first is unanswered.
+  const { c, net, time } = client({ heartbeatMs: 15000 });
+  c.start();
+  const socket = net.last();
+  socket.open();
+  socket.push(welcome({ pong_timeout_ms: 20000 }));
+  time.advance(30000);
+  assert.equal(socket.sent.length, 2);
+  time.advance(2000);
+  socket.push({ type: "pong" }); // the first ping's answer, late
+  time.advance(8000); // past the first ping's deadline
+  assert.equal(socket.readyState, 1, "answered: still open");
+  // From now on nothing answers: the next ping's deadline closes it.
+  time.advance(25000);
+  assert.equal(socket.readyState, 3, "silence: closed");
+});

@@ -442,7 +442,10 @@ export class ResqClient {
     }
     link.heartbeatTimer = this.timer(() => {
       if (link !== this.link) return;
-      if (link.send(JSON.stringify({ type: "ping" }))) {
+      // A deadline already running is the oldest unanswered ping's: it stands (replacing it
+      // would leave it running unseen, or, with a pong timeout above the heartbeat, push the
+      // deadline back for ever).
+      if (link.send(JSON.stringify({ type: "ping" })) && link.pongTimer === undefined) {
         link.pongTimer = this.timer(() => this.linkLost(link, "no pong"), this.pongTimeoutMs);
       }
       this.scheduleHeartbeat(link);
