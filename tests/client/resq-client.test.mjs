@@ -367,3 +367,58 @@ test("a late pong never trips the dead-link timer of a later ping; silence still
   time.advance(25000);
   assert.equal(socket.readyState, 3, "silence: closed");
 });
+
+/// EventSource stand-ins; the test plays the server.
+function fakeSources() {
+  const sources = [];
+  class FakeEventSource {
+    constructor(url) {
+      this.url = url;
+      this.listeners = {};
+      sources.push(this);
+    }
+    addEventListener(type, fn) {
+      this.listeners[type] = fn;
+    }
+    close() {
+      this.closed = true;
+    }
+    // The server's side:
+    welcome(msg) {
+      this.listeners.welcome({ data: JSON.stringify(msg) });
+    }
+    fail() {
+      this.onerror?.({});
+    }
+  }
+  return { FakeEventSource, sources };
+}
+
+test("once SSE worked, auto stays on SSE for reconnects and probes WebSocket only every 10th", () => {
+  const sse = fakeSources();
+  const { c, net, time } = client({ transport: "auto", fallbackAfter: 3, EventSource: sse.FakeEventSource, random: () => 0 });
+  c.start();
+  for (let i = 0; i < 3; i++) {
+    net.last().drop();
+    time.advance(5000);
+  }
+  assert.equal(net.sockets.length, 3);
+  assert.equal(sse.sources.length, 1);
+  sse.sources[0].welcome(welcome());
+  // Nine reconnects on SSE, each welcomed; the tenth probes WebSocket.
+  for (let i = 1; i <= 9; i++) {
+    sse.sources.at(-1).fail();
+    time.advance(5000);
+    assert.equal(sse.sources.length, 1 + i, `reconnect ${i} is on SSE`);
+    sse.sources.at(-1).welcome(welcome());
+  }
+  assert.equal(net.sockets.length, 3, "no WebSocket attempt meanwhile");
+  sse.sources.at(-1).fail();
+  time.advance(5000);
+  assert.equal(net.sockets.length, 4, "the tenth reconnect probes WebSocket");
+  // The probe fails: back on SSE at once, not after three more WebSocket attempts.
+  net.last().drop();
+  time.advance(5000);
+  assert.equal(sse.sources.length, 11);
+  assert.equal(net.sockets.length, 4);
+});

@@ -10,7 +10,8 @@
 //   client.ack(seq);                                           // "seen on this tablet"
 //
 // What it does for the app: connects over WebSocket (or Server-Sent Events, `transport: "sse"`, or
-// "auto": SSE after WebSocket failed `fallbackAfter` times in a row without a welcome); sends
+// "auto": SSE after WebSocket failed `fallbackAfter` times in a row without a welcome, then SSE
+// for good but for a WebSocket probe every `probeWebSocketEvery`-th reconnect); sends
 // {"type":"ping"} every `heartbeatMs` and treats a missing answer within the server's pong timeout
 // as a dead link; reconnects with exponential backoff and jitter (1 s, 2 s, 4 s, ... up to 30 s,
 // each between half and all of its step); resumes with ?since=<last seq handed over>&stream=<its
@@ -35,6 +36,8 @@ export const DEFAULTS = Object.freeze({
   backoffBaseMs: 1000,
   backoffMaxMs: 30000,
   fallbackAfter: 3,
+  // Once SSE has worked ("auto"), every this-many-th reconnect tries WebSocket again.
+  probeWebSocketEvery: 10,
   storagePrefix: "resq.",
   maxPendingAcks: 1000,
 });
@@ -196,6 +199,9 @@ export class ResqClient {
     this.transport = o.transport === "sse" ? "sse" : "websocket";
     this.attempt = 0;
     this.failuresWithoutWelcome = 0;
+    // "auto": SSE delivered a welcome, so reconnects stay on SSE (but for an occasional probe).
+    this.sseWorks = false;
+    this.reconnectsOnSse = 0;
     this.link = null;
     this.timers = new Set();
     this.pendingAcks = new Set();
@@ -305,14 +311,23 @@ export class ResqClient {
   connect() {
     if (!this.started) return;
     this.welcomed = false;
-    if (this.options.transport === "auto") {
-      this.transport = this.failuresWithoutWelcome >= this.options.fallbackAfter && this.env.EventSource ? "sse" : "websocket";
-    }
+    if (this.options.transport === "auto") this.transport = this.autoTransport();
     this.setState("connecting");
     const link = this.transport === "sse" ? this.openSse() : this.openWebSocket();
     this.link = link;
     // A connection that never opens (a server that accepts and never answers) is given up.
     link.connectTimer = this.timer(() => this.linkLost(link, "connect timeout"), this.options.connectTimeoutMs);
+  }
+
+  /// "auto": WebSocket until it failed `fallbackAfter` times in a row without a welcome; then SSE,
+  /// and once SSE worked, SSE for every reconnect but every `probeWebSocketEvery`-th.
+  autoTransport() {
+    if (!this.env.EventSource) return "websocket";
+    if (this.sseWorks) {
+      this.reconnectsOnSse += 1;
+      return this.reconnectsOnSse % this.options.probeWebSocketEvery === 0 ? "websocket" : "sse";
+    }
+    return this.failuresWithoutWelcome >= this.options.fallbackAfter ? "sse" : "websocket";
   }
 
   openWebSocket() {
@@ -402,6 +417,7 @@ export class ResqClient {
     this.welcomed = true;
     this.attempt = 0;
     this.failuresWithoutWelcome = 0;
+    this.sseWorks = link.kind === "sse";
     if (msg.pong_timeout_ms > 0) this.pongTimeoutMs = msg.pong_timeout_ms;
     if (msg.ping_interval_ms > 0) this.pingIntervalMs = msg.ping_interval_ms;
     const gap = this.cursor.welcome(msg);
