@@ -271,6 +271,10 @@ test("acks go out as frames once connected; made while down, they wait", () => {
   c.ack(4.5);
   c.ack(5);
   assert.deepEqual(net.last().sent.at(-1), { type: "ack", seq: 5 });
+  // The heartbeat's pong says the server read them.
+  time.advance(15000);
+  net.last().push({ type: "pong" });
+  assert.deepEqual(c.pendingAcks, []);
   net.last().drop();
   c.ack(6);
   time.advance(1000);
@@ -421,4 +425,91 @@ test("once SSE worked, auto stays on SSE for reconnects and probes WebSocket onl
   time.advance(5000);
   assert.equal(sse.sources.length, 11);
   assert.equal(net.sockets.length, 4);
+});
+
+test("an ack sent on a dead socket is kept, sent again after the next welcome, until a pong confirms it", () => {
+  const storage = memoryStorage();
+  const { c, net, time } = client({ storage });
+  c.start();
+  net.last().open();
+  net.last().push(welcome({ seq: 3 }));
+  c.ack(3); // the socket looks open, the path is dead: nothing will answer
+  assert.deepEqual(net.last().sent, [{ type: "ack", seq: 3 }]);
+  assert.deepEqual(c.pendingAcks, [3]);
+  assert.ok(c.ackedHere(3));
+  time.advance(15000 + 10000); // ping, no pong: dead link
+  assert.equal(net.last().readyState, 3);
+  // A reload meanwhile keeps it too.
+  const reloaded = client({ storage });
+  assert.deepEqual(reloaded.c.pendingAcks, [3]);
+  assert.ok(reloaded.c.ackedHere(3));
+  time.advance(1000);
+  net.last().open();
+  net.last().push(welcome({ seq: 3 }));
+  assert.deepEqual(net.last().sent, [{ type: "ack", seq: 3 }], "sent again");
+  time.advance(15000);
+  net.last().push({ type: "pong" });
+  assert.deepEqual(c.pendingAcks, []);
+  net.last().drop();
+  time.advance(1000);
+  net.last().open();
+  net.last().push(welcome({ seq: 3 }));
+  assert.deepEqual(net.last().sent, [], "confirmed: not sent again");
+});
+
+test("an ack is confirmed by an ack or status naming this tablet; a new history forgets acks", () => {
+  const { c, net, time } = client({ tablet: "tablet-1" });
+  c.start();
+  net.last().open();
+  net.last().push(welcome({ seq: 5 }));
+  c.ack(4);
+  c.ack(5);
+  net.last().push({ type: "ack", seq: 4, by: "tablet-2", acked: 1, delivered: 2 });
+  assert.deepEqual(c.pendingAcks, [4, 5], "another tablet's ack confirms nothing");
+  net.last().push({ type: "ack", seq: 4, by: "tablet-1", acked: 2, delivered: 2 });
+  net.last().push({ type: "status", seq: 5, acked_by: ["tablet-1"] });
+  assert.deepEqual(c.pendingAcks, []);
+  assert.ok(c.ackedHere(4) && c.ackedHere(5));
+  net.last().drop();
+  c.ack(6);
+  time.advance(1000);
+  net.last().open();
+  net.last().push(welcome({ stream: "s2", seq: 1, replay: { since: 5, count: 1, missed: 0, reset: false, stream_changed: true } }));
+  assert.deepEqual(net.last().sent, [], "seq 6 of the old history is not acked in the new one");
+  assert.deepEqual(c.pendingAcks, []);
+  assert.ok(!c.ackedHere(4));
+});
+
+test("over SSE a failed ack POST is retried with backoff until the server answers 200", async () => {
+  const sse = fakeSources();
+  const answers = [Promise.reject(new Error("offline")), Promise.resolve({ ok: false, status: 503 }), Promise.resolve({ ok: true, status: 200 })];
+  const posts = [];
+  const fetch = (url) => (posts.push(url), answers.shift() ?? Promise.resolve({ ok: true, status: 200 }));
+  const { c, time } = client({ transport: "sse", EventSource: sse.FakeEventSource, fetch, random: () => 0 });
+  const settle = () => new Promise((resolve) => setImmediate(resolve));
+  c.start();
+  sse.sources[0].welcome(welcome({ seq: 7 }));
+  c.ack(7);
+  await settle();
+  assert.equal(posts.length, 1);
+  assert.deepEqual(c.pendingAcks, [7]);
+  time.advance(500); // the first retry, after backoff
+  await settle();
+  assert.equal(posts.length, 2);
+  assert.deepEqual(c.pendingAcks, [7], "a 503 is no answer");
+  time.advance(1000);
+  await settle();
+  assert.equal(posts.length, 3);
+  assert.deepEqual(c.pendingAcks, []);
+  time.advance(60000);
+  await settle();
+  assert.equal(posts.length, 3, "confirmed: no more POSTs");
+  assert.ok(posts.every((url) => url === "http://resq.test:8000/emergencias/7/ack"));
+});
+
+test("pending acks are bounded: the oldest go first", () => {
+  const { c } = client({ maxPendingAcks: 3 });
+  for (const seq of [1, 2, 3, 4, 5]) c.ack(seq);
+  assert.deepEqual(c.pendingAcks, [3, 4, 5]);
+  assert.ok(!c.ackedHere(1) && c.ackedHere(5));
 });

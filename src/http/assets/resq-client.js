@@ -164,6 +164,56 @@ export class Cursor {
   }
 }
 
+/// The acks made on this device: `pending` (seq -> {link it was last sent on, attempts, pinged})
+/// until the server confirms them, `done` (every seq acked here, for the app: "seen on this
+/// device" survives a reload). Both persisted next to the cursor, both bounded (the oldest go).
+export class AckBook {
+  constructor(cursor, max = DEFAULTS.maxPendingAcks) {
+    this.cursor = cursor;
+    this.max = max;
+    this.pending = new Map(this.load("pendingAcks").map((seq) => [seq, AckBook.entry()]));
+    this.done = new Set(this.load("acked"));
+  }
+
+  static entry() {
+    return { link: null, attempts: 0, pinged: false };
+  }
+
+  load(key) {
+    try {
+      const list = JSON.parse(this.cursor.read(key) || "[]");
+      return Array.isArray(list) ? list.filter((seq) => Number.isSafeInteger(seq) && seq > 0) : [];
+    } catch {
+      return [];
+    }
+  }
+
+  save() {
+    this.cursor.write("pendingAcks", JSON.stringify([...this.pending.keys()]));
+    this.cursor.write("acked", JSON.stringify([...this.done]));
+  }
+
+  add(seq) {
+    this.done.delete(seq);
+    this.done.add(seq);
+    if (!this.pending.has(seq)) this.pending.set(seq, AckBook.entry());
+    for (const set of [this.pending, this.done]) {
+      while (set.size > this.max) set.delete(set.keys().next().value);
+    }
+    this.save();
+  }
+
+  confirm(seq) {
+    if (this.pending.delete(seq)) this.save();
+  }
+
+  clear() {
+    this.pending.clear();
+    this.done.clear();
+    this.save();
+  }
+}
+
 function httpBase(url) {
   if (url) return String(url).replace(/\/+$/, "");
   if (typeof location !== "undefined") return location.origin;
@@ -204,7 +254,8 @@ export class ResqClient {
     this.reconnectsOnSse = 0;
     this.link = null;
     this.timers = new Set();
-    this.pendingAcks = new Set();
+    this.acks = new AckBook(this.cursor, this.options.maxPendingAcks);
+    this.tablet = o.tablet || "";
     this.state = { state: "stopped", since: this.env.now(), attempt: 0, delay: 0, transport: this.transport };
     this.pongTimeoutMs = o.pongTimeoutMs;
     this.welcomed = false;
@@ -257,19 +308,80 @@ export class ResqClient {
   }
 
   /// Tells the server that emergency `seq` was shown to an operator here. Over WebSocket it is a
-  /// frame; over SSE (which cannot send) a POST. Not connected: sent once connected again.
+  /// frame; over SSE (which cannot send) a POST. It stays pending (in storage too) until the
+  /// server confirms it: the POST's 200, a pong to a ping sent after the frame (the server reads
+  /// a connection's frames in order), or an `ack`/`status` naming this tablet (`tablet` option).
+  /// Pending acks are sent again after each welcome; a failed POST is retried with backoff.
   ack(seq) {
     seq = Number(seq);
     if (!Number.isSafeInteger(seq) || seq < 1) return;
-    if (this.welcomed && this.link && this.link.sendAck(seq)) return;
-    if (this.pendingAcks.size < this.options.maxPendingAcks) this.pendingAcks.add(seq);
+    this.acks.add(seq);
+    this.sendAck(seq);
+  }
+
+  /// Whether `seq` was acked from this device (kept in storage, within this history).
+  ackedHere(seq) {
+    return this.acks.done.has(Number(seq));
+  }
+
+  /// The acks not confirmed yet, oldest first.
+  get pendingAcks() {
+    return [...this.acks.pending.keys()];
+  }
+
+  sendAck(seq) {
+    const link = this.link;
+    const entry = this.acks.pending.get(seq);
+    if (!entry || !this.welcomed || !link || entry.link === link) return;
+    if (link.kind === "websocket") {
+      if (link.sendAck(seq)) entry.link = link;
+      entry.pinged = false;
+      return;
+    }
+    if (!this.env.fetch) return;
+    entry.link = link;
+    this.env
+      .fetch(`${this.base}/emergencias/${seq}/ack`, { method: "POST", headers: this.authHeaders() })
+      .then((response) => {
+        // 404: no such emergency here (any more); 400: a seq this server cannot take. Final.
+        if (response.ok || response.status === 404 || response.status === 400) return this.acks.confirm(seq);
+        throw new Error(`status ${response.status}`);
+      })
+      .catch(() => this.retryAck(seq, link));
+  }
+
+  retryAck(seq, link) {
+    const entry = this.acks.pending.get(seq);
+    if (!entry || entry.link !== link) return;
+    const delay = backoffDelay(entry.attempts++, { baseMs: this.options.backoffBaseMs, maxMs: this.options.backoffMaxMs, random: this.env.random });
+    this.timer(() => {
+      if (entry.link !== link || link !== this.link) return;
+      entry.link = null;
+      this.sendAck(seq);
+    }, delay);
   }
 
   flushAcks() {
-    for (const seq of [...this.pendingAcks]) {
-      if (!this.link || !this.link.sendAck(seq)) return;
-      this.pendingAcks.delete(seq);
+    for (const [seq, entry] of this.acks.pending) {
+      entry.link = null;
+      this.sendAck(seq);
     }
+  }
+
+  /// A ping is going out on `link`: its pong confirms the acks sent on it before.
+  pinging(link) {
+    for (const entry of this.acks.pending.values()) if (entry.link === link) entry.pinged = true;
+  }
+
+  ponged(link) {
+    for (const [seq, entry] of this.acks.pending) if (entry.link === link && entry.pinged) this.acks.confirm(seq);
+  }
+
+  /// The server's `ack` and `status` messages confirm this tablet's acks, when it knows its name.
+  confirmedBy(msg) {
+    if (!this.tablet) return;
+    const by = msg.type === "ack" ? [msg.by] : Array.isArray(msg.acked_by) ? msg.acked_by : [];
+    if (by.includes(this.tablet)) this.acks.confirm(Number(msg.seq));
   }
 
   /// Authorization for fetch() calls: the subscribe token as a bearer token.
@@ -400,12 +512,15 @@ export class ResqClient {
       case "emergencia":
         return this.envelope(msg);
       case "pong":
+        return this.ponged(link);
       case "ping":
         return;
       case "ack":
+      case "status":
+        this.confirmedBy(msg);
+        return this.emit(msg.type, msg);
       case "closed":
       case "unacked":
-      case "status":
         return this.emit(msg.type, msg);
       default:
         return this.emit("message", msg);
@@ -421,6 +536,8 @@ export class ResqClient {
     if (msg.pong_timeout_ms > 0) this.pongTimeoutMs = msg.pong_timeout_ms;
     if (msg.ping_interval_ms > 0) this.pingIntervalMs = msg.ping_interval_ms;
     const gap = this.cursor.welcome(msg);
+    // Seqs of another history: acks of them mean nothing here.
+    if (gap && gap.reason !== "missed") this.acks.clear();
     this.setState("open", { stream: this.cursor.stream });
     this.emit("welcome", msg);
     if (gap) this.emit("gap", gap);
@@ -461,6 +578,7 @@ export class ResqClient {
       // A deadline already running is the oldest unanswered ping's: it stands (replacing it
       // would leave it running unseen, or, with a pong timeout above the heartbeat, push the
       // deadline back for ever).
+      this.pinging(link);
       if (link.send(JSON.stringify({ type: "ping" })) && link.pongTimer === undefined) {
         link.pongTimer = this.timer(() => this.linkLost(link, "no pong"), this.pongTimeoutMs);
       }
