@@ -189,6 +189,27 @@ fn a_reloaded_or_new_page_shows_the_open_emergencies_and_rings_for_them() {
     assert_no_errors(&state);
 }
 
+/// A server with another history (a wiped data dir, another box) numbers from 1 again: the page
+/// drops the old cards instead of mistaking the new seq 1 for the old one.
+#[test]
+fn a_new_history_starts_the_list_over() {
+    let mut browser = launch();
+    let server = Server::start(&["--in-memory"]);
+    browser.open("tablet", &console_url(&server, ""));
+    browser.wait_for("tablet", json!({"state": "open"}));
+    publish_each(&server, 1..=2);
+    browser.wait_for("tablet", json!({"cards": 2}));
+    let addr = server.addr.to_string();
+    drop(server.stop());
+    let server = Server::start(&["--in-memory", "--listen", &addr]);
+    let published = server.post(&json!({"tipo": "otra", "direccion": "Nueva 1"}).to_string());
+    assert_eq!(published.status, 202, "{}", published.body);
+    let fresh = json!({"seq": 1, "has": "new", "fields": {"direccion": "Nueva 1"}});
+    let state = browser.wait_up_to("tablet", json!({"banner": "stream", "card": fresh}), RECONNECT_PATIENCE);
+    assert_eq!(listed(&state), [1], "{state:#}");
+    assert_only_outage_errors(&state);
+}
+
 const TABLETS: [(&str, &str); 3] = [
     ("tablet-1", "tok-one-Xk2Lm9Nq4Rs7"),
     ("tablet-2", "tok-two-Yb5Cd8Ef1Gh4"),

@@ -135,6 +135,15 @@ function addCard(envelope, { alarm }) {
   return item;
 }
 
+/// Another history: its seqs are not the old cards'. The list starts over.
+function clearList() {
+  page.generation += 1;
+  items.clear();
+  $("list").replaceChildren();
+  saveCards();
+  refresh();
+}
+
 /// A card this page had (before a reload) or the server names (`open`, `status`) but did not
 /// send: fetched and shown, ringing if it is open and was not acked on this device.
 async function rebuildCard(seq) {
@@ -331,6 +340,11 @@ client.on("state", (state) => {
 
 client.on("welcome", (welcome) => {
   $("banner-token").hidden = true;
+  const replay = welcome.replay || {};
+  if (replay.reset || replay.stream_changed || (page.stream && welcome.stream !== page.stream)) {
+    remembered.seqs = [];
+    clearList();
+  }
   page.stream = welcome.stream;
   saveCards();
   // The replay and the open ones come as envelopes; what this page had before a reload does not.
