@@ -21,7 +21,9 @@
 //
 // Events (client.on(type, handler); it returns a function that removes the handler):
 //   emergency  the envelope {type:"emergencia",seq,received_at,source,data}, new to this client
-//   reopened   an envelope the server resent because it is still open, already handed over before
+//   reopened   an open emergency older than where this client started: sent to a connection with
+//              no stored position (a new device, cleared storage), before the welcome's seq; a
+//              resume gets the open ones after its since as `emergency`, and never resends older
 //   gap        {missed, since, reset, streamChanged, reason}: tell the operator
 //   welcome    the server's {"type":"connection",...} message
 //   ack, closed, unacked, status   the server's messages of those types, as they are
@@ -70,7 +72,8 @@ function defaultStorage() {
 
 /// Where this client is in one history: the last seq it handed over and the stream it belongs to,
 /// persisted in `storage`. Decides, for each envelope, whether it is new (hand it over), a
-/// duplicate (drop it) or an open emergency resent by the server; and, for each welcome, whether
+/// duplicate (drop it) or an open one from before the start (a first connection's `open`,
+/// "reopened"); and, for each welcome, whether
 /// there is a gap. Pure bookkeeping, no I/O beyond the storage.
 export class Cursor {
   constructor(storage = memoryStorage(), prefix = DEFAULTS.storagePrefix) {
