@@ -310,7 +310,8 @@ fn roster(app: &App) -> (Vec<TabletInfo>, usize) {
                 let own: Vec<&ConnectedClient> =
                     clients.iter().filter(|client| client.name.as_deref() == Some(&**name)).collect();
                 let record = hub.tablet_record(name);
-                let heard = own.iter().map(|client| client.last_heard).max().or(record.last_heard);
+                // A connection's last frame, or the tablet's last HTTP ack (all an SSE page sends).
+                let heard = own.iter().map(|client| client.last_heard).chain(record.last_heard).max();
                 TabletInfo {
                     name: name.to_string(),
                     connected: !own.is_empty(),
