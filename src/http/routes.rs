@@ -143,6 +143,8 @@ async fn handle(
             ));
         }
         ("/tablets", "GET") => tablets(app, &request, peer),
+        // A console of another origin sends its token in a header: that needs a preflight.
+        ("/tablets", "OPTIONS") => preflight(app, &request, peer, "GET"),
         ("/tablets", _) => method_not_allowed("GET"),
         ("/healthz", "GET") => health(app),
         ("/healthz", "OPTIONS") => preflight(app, &request, peer, "GET"),
