@@ -7,6 +7,9 @@ import { test } from "node:test";
 
 import { Cursor, ResqClient, backoffDelay, memoryStorage } from "../../src/http/assets/resq-client.js";
 
+/// The storage keys' prefix of a client of http://resq.test:8000 (not the page's own origin).
+const KEYS = "resq.http://resq.test:8000.";
+
 /// A clock and timers that only move when the test says so.
 function fakeTime() {
   let now = 1_000_000;
@@ -101,8 +104,8 @@ function client(extra = {}) {
 /// A client that stored seq `lastSeq` of stream s1 earlier, connected and welcomed with `welcomed`.
 function resumed(lastSeq, welcomed) {
   const storage = memoryStorage();
-  storage.setItem("resq.lastSeq", String(lastSeq));
-  storage.setItem("resq.stream", "s1");
+  storage.setItem(`${KEYS}lastSeq`, String(lastSeq));
+  storage.setItem(`${KEYS}stream`, "s1");
   const started = client({ storage });
   started.c.start();
   started.net.last().open();
@@ -191,8 +194,8 @@ test("missed emergencies are reported once, and the replay after them is not a s
 test("a new history starts over from seq 0, stored before the new stream", () => {
   const writes = [];
   const inner = memoryStorage();
-  inner.setItem("resq.lastSeq", "40");
-  inner.setItem("resq.stream", "old");
+  inner.setItem(`${KEYS}lastSeq`, "40");
+  inner.setItem(`${KEYS}stream`, "old");
   const storage = { getItem: (k) => inner.getItem(k), setItem: (k, v) => (writes.push([k, String(v)]), inner.setItem(k, v)) };
   const { c, net, seen } = client({ storage });
   c.start();
@@ -200,7 +203,7 @@ test("a new history starts over from seq 0, stored before the new stream", () =>
   net.last().push(welcome({ stream: "new", seq: 2, replay: { since: 40, count: 2, missed: 0, reset: false, stream_changed: true } }));
   net.last().push(envelope(1));
   net.last().push(envelope(2));
-  assert.deepEqual(writes.slice(0, 2), [["resq.lastSeq", "0"], ["resq.stream", "new"]]);
+  assert.deepEqual(writes.slice(0, 2), [[`${KEYS}lastSeq`, "0"], [`${KEYS}stream`, "new"]]);
   assert.deepEqual(seen.emergency.map((m) => m.seq), [1, 2]);
   assert.equal(seen.gap.length, 1);
   assert.equal(seen.gap[0].reason, "stream_changed");
@@ -526,4 +529,18 @@ test("pending acks are bounded: the oldest go first", () => {
   for (const seq of [1, 2, 3, 4, 5]) c.ack(seq);
   assert.deepEqual(c.pendingAcks, [3, 4, 5]);
   assert.ok(!c.ackedHere(1) && c.ackedHere(5));
+});
+
+test("storage keys are scoped per server: two servers' positions never mix", () => {
+  const storage = memoryStorage();
+  const first = client({ storage });
+  first.c.start();
+  first.net.last().open();
+  first.net.last().push(welcome({ seq: 9 }));
+  const other = client({ storage, url: "http://other.test:8000" });
+  other.c.start();
+  assert.equal(other.net.last().url, "ws://other.test:8000/ws/emergencias", "no position of the first server");
+  assert.equal(storage.getItem(`${KEYS}lastSeq`), "9");
+  const told = client({ storage, storagePrefix: "app." });
+  assert.equal(told.c.cursor.prefix, "app.");
 });

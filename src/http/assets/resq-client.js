@@ -15,7 +15,8 @@
 // {"type":"ping"} every `heartbeatMs` and treats a missing answer within the server's pong timeout
 // as a dead link; reconnects with exponential backoff and jitter (1 s, 2 s, 4 s, ... up to 30 s,
 // each between half and all of its step); resumes with ?since=<last seq handed over>&stream=<its
-// history>, both kept in `storage` (localStorage by default: any object with getItem/setItem);
+// history>, both kept in `storage` (localStorage by default: any object with getItem/setItem),
+// under keys scoped per server (`storagePrefix`);
 // hands each emergency to the app exactly once and in order; reports gaps (emergencies missed
 // because the server no longer retains them, a reset history, an unexplained jump).
 //
@@ -40,6 +41,8 @@ export const DEFAULTS = Object.freeze({
   fallbackAfter: 3,
   // Once SSE has worked ("auto"), every this-many-th reconnect tries WebSocket again.
   probeWebSocketEvery: 10,
+  // The storage keys' prefix for a page of the server's own origin; a client of another server
+  // (`url` of another origin) uses "resq.<that url>." unless told one.
   storagePrefix: "resq.",
   maxPendingAcks: 1000,
 });
@@ -223,6 +226,13 @@ function httpBase(url) {
   throw new Error("resq-client: no url given and no location to default to");
 }
 
+/// Two servers' positions must not mix on one device: keys are scoped per server, but for the
+/// page's own (where they stay as they always were).
+function storagePrefix(base) {
+  const own = typeof location !== "undefined" && location.origin === base;
+  return own ? DEFAULTS.storagePrefix : `${DEFAULTS.storagePrefix}${base}.`;
+}
+
 function query(params) {
   const parts = [];
   for (const [key, value] of Object.entries(params)) {
@@ -238,7 +248,7 @@ export class ResqClient {
     const o = this.options;
     this.base = httpBase(o.url);
     this.token = o.token || "";
-    this.cursor = new Cursor(o.storage || defaultStorage(), o.storagePrefix);
+    this.cursor = new Cursor(o.storage || defaultStorage(), options.storagePrefix ?? storagePrefix(this.base));
     this.env = {
       WebSocket: o.WebSocket || globalThis.WebSocket,
       EventSource: o.EventSource || globalThis.EventSource,
