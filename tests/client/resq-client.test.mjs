@@ -1,5 +1,5 @@
 // Unit tests for src/http/assets/resq-client.js (the module the server serves at /resq-client.js):
-// its backoff, its dedup and ordering, its gap logic, the heartbeat and the fallback transport,
+// its backoff, its dedup and ordering, its gap logic, the heartbeat, the fallback transport and acks,
 // against fake sockets and a fake clock. `node --test tests/client` (scripts/test runs it).
 
 import assert from "node:assert/strict";
