@@ -255,6 +255,18 @@ fn foreign_origins_are_refused_and_listed_ones_get_cors() {
         (publish.status, publish.header("access-control-allow-origin").as_deref()),
         (202, Some(console))
     );
+    // A console of another origin polls the roster with its token in a header: a preflight.
+    let roster = server.http(
+        format!(
+            "OPTIONS /tablets HTTP/1.1\r\nOrigin: {console}\r\nAccess-Control-Request-Method: GET\r\n\r\n"
+        )
+        .as_bytes(),
+    );
+    assert_eq!(
+        (roster.status, roster.header("access-control-allow-origin").as_deref()),
+        (204, Some(console))
+    );
+    assert_eq!(roster.header("access-control-allow-methods").as_deref(), Some("GET"));
     let evil = get_with(&server, "/healthz", "Origin: https://evil.example\r\n");
     assert_eq!(evil.header("access-control-allow-origin"), None);
 }

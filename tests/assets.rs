@@ -42,5 +42,5 @@ fn the_console_and_the_client_module_are_served_with_their_type_tag_and_policy()
     reader.read_to_end(&mut rest).unwrap();
     assert_eq!(rest, b"", "a body after HEAD");
     let post = server.http(b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
-    assert_eq!((post.status, post.header("allow").as_deref()), (405, Some("GET")));
+    assert_eq!((post.status, post.header("allow").as_deref()), (405, Some("GET, HEAD")));
 }

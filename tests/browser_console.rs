@@ -154,6 +154,62 @@ fn the_alarm_rings_until_each_new_emergency_is_seen() {
     assert_no_errors(&state);
 }
 
+/// A reload (or a tab the browser discarded) resumes after the last seq, so the server replays
+/// nothing the page had: the page rebuilds its cards, and an open one not acked on this device
+/// rings again. A new device is sent the open ones: they ring too.
+#[test]
+fn a_reloaded_or_new_page_shows_the_open_emergencies_and_rings_for_them() {
+    let mut browser = launch();
+    let server = Server::start(&["--in-memory"]);
+    browser.open("tablet", &console_url(&server, ""));
+    browser.wait_for("tablet", json!({"state": "open"}));
+    publish_each(&server, 1..=2);
+    browser.wait_for("tablet", json!({"cards": 2}));
+    browser.click("tablet", "[data-seq='2'] .seen");
+    browser.wait_for("tablet", json!({"card": {"seq": 2, "lacks": "new", "seen_by": "visto por"}}));
+    common::wait_until("the page's ack", || status(&server, 2)["acked"] == 1);
+
+    browser.call(json!({"cmd": "reload", "page": "tablet"}));
+    let state =
+        browser.wait_for("tablet", json!({"state": "open", "cards": 2, "card": {"seq": 1, "has": "new"}}));
+    assert_eq!(listed(&state), [2, 1], "{state:#}");
+    assert_eq!(state["cards"][0]["fields"]["direccion"], "Los Aromos 2", "{state:#}");
+    assert!(
+        !state["cards"][0]["classes"].as_array().unwrap().contains(&json!("new")),
+        "acked here: {state:#}"
+    );
+    assert_eq!(state["counters"]["unseen"], "1", "{state:#}");
+    // Audio needs a tap after every load; then it rings for seq 1.
+    browser.click("tablet", "#state");
+    browser.wait_for("tablet", json!({"alarm": "on"}));
+
+    browser.open("new", &console_url(&server, ""));
+    let state = browser.wait_for("new", json!({"cards": 2, "card": {"seq": 1, "has": "new"}}));
+    assert_eq!(state["counters"]["unseen"], "2", "{state:#}");
+    assert_no_errors(&state);
+}
+
+/// A server with another history (a wiped data dir, another box) numbers from 1 again: the page
+/// drops the old cards instead of mistaking the new seq 1 for the old one.
+#[test]
+fn a_new_history_starts_the_list_over() {
+    let mut browser = launch();
+    let server = Server::start(&["--in-memory"]);
+    browser.open("tablet", &console_url(&server, ""));
+    browser.wait_for("tablet", json!({"state": "open"}));
+    publish_each(&server, 1..=2);
+    browser.wait_for("tablet", json!({"cards": 2}));
+    let addr = server.addr.to_string();
+    drop(server.stop());
+    let server = Server::start(&["--in-memory", "--listen", &addr]);
+    let published = server.post(&json!({"tipo": "otra", "direccion": "Nueva 1"}).to_string());
+    assert_eq!(published.status, 202, "{}", published.body);
+    let fresh = json!({"seq": 1, "has": "new", "fields": {"direccion": "Nueva 1"}});
+    let state = browser.wait_up_to("tablet", json!({"banner": "stream", "card": fresh}), RECONNECT_PATIENCE);
+    assert_eq!(listed(&state), [1], "{state:#}");
+    assert_only_outage_errors(&state);
+}
+
 const TABLETS: [(&str, &str); 3] = [
     ("tablet-1", "tok-one-Xk2Lm9Nq4Rs7"),
     ("tablet-2", "tok-two-Yb5Cd8Ef1Gh4"),

@@ -232,12 +232,18 @@ fn the_heartbeat_is_a_comment_and_a_ping_event() {
     assert_eq!(server.clients(), 1, "a client that never answers pings stays: SSE clients cannot");
 }
 
-#[test]
-fn tokens_limits_and_acks_are_those_of_websocket_clients() {
-    let dir = TempDir::new();
+/// A subscribe token file in `dir` naming one tablet, `tablet-1`, token `s3cret-one-long-enough`.
+fn tablet_one(dir: &TempDir) -> std::path::PathBuf {
     let tokens = dir.path().join("subscribe.tokens");
     std::fs::write(&tokens, "tablet-1 s3cret-one-long-enough\n").unwrap();
     std::fs::set_permissions(&tokens, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    tokens
+}
+
+#[test]
+fn tokens_limits_and_acks_are_those_of_websocket_clients() {
+    let dir = TempDir::new();
+    let tokens = tablet_one(&dir);
     let server = Server::start(&["--max-clients", "1", "--subscribe-token-file", tokens.to_str().unwrap()]);
     let missing = EventClient::connect(&server, "", &[]).err().unwrap();
     assert_eq!(missing.status, 401);
@@ -265,6 +271,35 @@ fn tokens_limits_and_acks_are_those_of_websocket_clients() {
     );
     server.terminate();
     assert!(client.ended(), "closed at shutdown");
+}
+
+/// An SSE page cannot send on its stream: its HTTP acks are what the roster hears from it.
+#[test]
+fn an_sse_tablets_http_ack_is_its_last_heard() {
+    let dir = TempDir::new();
+    let tokens = tablet_one(&dir);
+    let server = Server::start(&["--in-memory", "--subscribe-token-file", tokens.to_str().unwrap()]);
+    let heard = || {
+        let roster = server.get("/tablets?token=s3cret-one-long-enough");
+        assert_eq!(roster.status, 200, "{}", roster.body);
+        roster.json()["tablets"][0]["last_heard"].as_str().unwrap().to_owned()
+    };
+    let mut client = EventClient::open(&server, "?token=s3cret-one-long-enough", &[]);
+    client.welcome();
+    let connected = heard();
+    let since = Instant::now();
+    // RFC 3339 in milliseconds: the ack must come in a later one to be told apart.
+    common::wait_until("the next milliseconds", || since.elapsed().as_millis() >= 3);
+    assert_eq!(server.post("{\"tipo\":\"incendio\"}").status, 202);
+    assert_eq!(client.next_message().data()["seq"], 1);
+    let acked = server.http(
+        b"POST /emergencias/1/ack HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer s3cret-one-long-enough\r\n\
+          Content-Length: 0\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(acked.status, 200, "{}", acked.body);
+    let at = client.next_message().data()["at"].as_str().unwrap().to_owned();
+    assert!(at > connected, "{at} after {connected}");
+    assert_eq!(heard(), at, "the ack is the last the server heard of tablet-1");
 }
 
 #[test]

@@ -681,12 +681,16 @@ impl Hub {
         self.receipts.begin_ack(seq, tablet, at)
     }
 
-    /// A tablet acks `seq` without a connection (`POST /emergencias/{seq}/ack`).
+    /// A tablet acks `seq` without a connection (`POST /emergencias/{seq}/ack`). A named
+    /// tablet is heard from: an SSE page cannot send on its stream, so its acks are all it says.
     pub fn ack_from(&mut self, tablet: &str, named: bool, seq: u64, at: SystemTime) -> AckRequest {
         let (name, by_pointer) = match named {
             true => self.canonical_name(&Rc::from(tablet)),
             false => (Rc::from(tablet), false),
         };
+        if named {
+            self.update_roster(&name, |record| record.last_heard = Some(at));
+        }
         self.receipts.begin_ack(seq, Tablet { name: &name, named, by_pointer }, at)
     }
 

@@ -56,9 +56,9 @@ pub fn respond(path: &str, method: &str, request: &Request) -> Option<Response> 
         return Some(
             Response::json(
                 Status::METHOD_NOT_ALLOWED,
-                crate::protocol::error_json("method not allowed; use GET"),
+                crate::protocol::error_json("method not allowed; use GET or HEAD"),
             )
-            .with_header("Allow", "GET"),
+            .with_header("Allow", "GET, HEAD"),
         );
     }
     let (asset, etag) = (&ASSETS[index], ETAGS[index].as_str());
@@ -117,6 +117,7 @@ mod tests {
         assert_eq!(get("/resq-client.js", &[("if-none-match", "\"other\"")]).status, Status::OK);
         let post = respond("/", "POST", &Request::with_headers(&[])).unwrap();
         assert_eq!(post.status, Status::METHOD_NOT_ALLOWED);
+        assert!(post.headers.iter().any(|(name, value)| *name == "Allow" && *value == "GET, HEAD"));
         assert!(respond("/nothing.js", "GET", &Request::with_headers(&[])).is_none());
     }
 

@@ -141,6 +141,8 @@ async fn handle(
             emergency_route(app, connection, &request, peer, deadline, slot).await
         }
         ("/tablets", "GET") => tablets(app, &request, peer),
+        // A console of another origin sends its token in a header: that needs a preflight.
+        ("/tablets", "OPTIONS") => preflight(app, &request, peer, "GET"),
         ("/tablets", _) => method_not_allowed("GET"),
         ("/healthz", "GET") => health(app),
         ("/healthz", "OPTIONS") => preflight(app, &request, peer, "GET"),
@@ -310,7 +312,8 @@ fn roster(app: &App) -> (Vec<TabletInfo>, usize) {
             .map(|name| {
                 let own = by_name.get(&**name).map(Vec::as_slice).unwrap_or_default();
                 let record = hub.tablet_record(name);
-                let heard = own.iter().map(|client| client.last_heard).max().or(record.last_heard);
+                // A connection's last frame, or the tablet's last HTTP ack (all an SSE page sends).
+                let heard = own.iter().map(|client| client.last_heard).chain(record.last_heard).max();
                 TabletInfo {
                     name: name.to_string(),
                     connected: !own.is_empty(),

@@ -17,12 +17,14 @@
 //        answers once the page's snapshot matches every member of `until`:
 //          state: "open"                  the connection state (body[data-state])
 //          cards: N                       at least N cards in the list
-//          card: {seq, has, lacks, seen_by}   card `seq` has/lacks a class, its "visto por" text contains seen_by
+//          card: {seq, has, lacks, seen_by, fields}   card `seq` has/lacks a class, its "visto por"
+//                                         text contains seen_by, it shows each of `fields` as given
 //          alarm: "on"                    body[data-alarm]
 //          roster_connected: N            at least N tablets shown connected
 //          banner: "down"                 that banner shown (down, missed, stream, token)
 //          list: N, title: "open"         (README's module page) at least N items, the title
 //   {"cmd":"click","page":"a","selector":"..."}     a real click (pointer events: a user gesture)
+//   {"cmd":"reload","page":"a"}                    reloads the page (its storage stays)
 //   {"cmd":"state","page":"a"}
 //   {"cmd":"screenshot","page":"a","path":"/tmp/x.png"}
 //   {"cmd":"close","page":"a"}
@@ -143,6 +145,7 @@ function snapshot(until) {
         if (!card) return false;
         if (want.has && !card.classes.includes(want.has)) return false;
         if (want.lacks && card.classes.includes(want.lacks)) return false;
+        if (want.fields && Object.entries(want.fields).some(([name, value]) => card.fields[name] !== value)) return false;
         return !want.seen_by || card.seen_by.includes(want.seen_by);
       }
       default:
@@ -204,6 +207,11 @@ async function handle(command) {
     case 'click': {
       const record = known(command.page);
       await record.page.click(command.selector);
+      return state(record);
+    }
+    case 'reload': {
+      const record = known(command.page);
+      await record.page.reload();
       return state(record);
     }
     case 'state':

@@ -1,11 +1,14 @@
 // Unit tests for src/http/assets/resq-client.js (the module the server serves at /resq-client.js):
-// its backoff, its dedup and ordering, its gap logic, the heartbeat and the fallback transport,
+// its backoff, its dedup and ordering, its gap logic, the heartbeat, the fallback transport and acks,
 // against fake sockets and a fake clock. `node --test tests/client` (scripts/test runs it).
 
 import assert from "node:assert/strict";
 import { test } from "node:test";
 
 import { Cursor, ResqClient, backoffDelay, memoryStorage } from "../../src/http/assets/resq-client.js";
+
+/// The storage keys' prefix of a client of http://resq.test:8000 (not the page's own origin).
+const KEYS = "resq.http://resq.test:8000.";
 
 /// A clock and timers that only move when the test says so.
 function fakeTime() {
@@ -101,8 +104,8 @@ function client(extra = {}) {
 /// A client that stored seq `lastSeq` of stream s1 earlier, connected and welcomed with `welcomed`.
 function resumed(lastSeq, welcomed) {
   const storage = memoryStorage();
-  storage.setItem("resq.lastSeq", String(lastSeq));
-  storage.setItem("resq.stream", "s1");
+  storage.setItem(`${KEYS}lastSeq`, String(lastSeq));
+  storage.setItem(`${KEYS}stream`, "s1");
   const started = client({ storage });
   started.c.start();
   started.net.last().open();
@@ -191,8 +194,8 @@ test("missed emergencies are reported once, and the replay after them is not a s
 test("a new history starts over from seq 0, stored before the new stream", () => {
   const writes = [];
   const inner = memoryStorage();
-  inner.setItem("resq.lastSeq", "40");
-  inner.setItem("resq.stream", "old");
+  inner.setItem(`${KEYS}lastSeq`, "40");
+  inner.setItem(`${KEYS}stream`, "old");
   const storage = { getItem: (k) => inner.getItem(k), setItem: (k, v) => (writes.push([k, String(v)]), inner.setItem(k, v)) };
   const { c, net, seen } = client({ storage });
   c.start();
@@ -200,7 +203,7 @@ test("a new history starts over from seq 0, stored before the new stream", () =>
   net.last().push(welcome({ stream: "new", seq: 2, replay: { since: 40, count: 2, missed: 0, reset: false, stream_changed: true } }));
   net.last().push(envelope(1));
   net.last().push(envelope(2));
-  assert.deepEqual(writes.slice(0, 2), [["resq.lastSeq", "0"], ["resq.stream", "new"]]);
+  assert.deepEqual(writes.slice(0, 2), [[`${KEYS}lastSeq`, "0"], [`${KEYS}stream`, "new"]]);
   assert.deepEqual(seen.emergency.map((m) => m.seq), [1, 2]);
   assert.equal(seen.gap.length, 1);
   assert.equal(seen.gap[0].reason, "stream_changed");
@@ -222,13 +225,27 @@ test("an unexplained jump in seqs is a gap", () => {
   assert.deepEqual(gap, { reason: "jump", reset: false, streamChanged: false, since: 2, missed: 2 });
 });
 
-test("open emergencies the server resends are reported as reopened, not handed over again", () => {
-  const { net, seen } = resumed(9, { seq: 10, open: [3, 10], replay: replay(9, 1, 0) });
+test("a first connection's open emergencies (before the welcome's seq) are reopened, once", () => {
+  // As the server does it: without a stored position the welcome lists every open one, sent first.
+  const { c, net, seen } = client();
+  c.start();
+  net.last().open();
+  net.last().push(welcome({ seq: 10, open: [3, 7] }));
   net.last().push(envelope(3));
-  net.last().push(envelope(10));
-  net.last().push(envelope(3));
-  assert.deepEqual(seen.reopened.map((m) => m.seq), [3]);
-  assert.deepEqual(seen.emergency.map((m) => m.seq), [10]);
+  net.last().push(envelope(7));
+  net.last().push(envelope(3)); // a duplicate
+  net.last().push(envelope(11));
+  assert.deepEqual(seen.reopened.map((m) => m.seq), [3, 7]);
+  assert.deepEqual(seen.emergency.map((m) => m.seq), [11]);
+});
+
+test("a resume's open emergencies come after its since: new, never reopened", () => {
+  // The server lists only the open ones after since that the replay does not cover (gone from
+  // its history); those it had already are told by a `status`, not sent again.
+  const { net, seen } = resumed(4, { seq: 9, open: [6], replay: replay(4, 2, 3) });
+  for (const seq of [6, 8, 9]) net.last().push(envelope(seq));
+  assert.deepEqual(seen.reopened, []);
+  assert.deepEqual(seen.emergency.map((m) => m.seq), [6, 8, 9]);
 });
 
 test("a ping every heartbeat; no answer within the pong timeout is a dead link", () => {
@@ -271,6 +288,10 @@ test("acks go out as frames once connected; made while down, they wait", () => {
   c.ack(4.5);
   c.ack(5);
   assert.deepEqual(net.last().sent.at(-1), { type: "ack", seq: 5 });
+  // The heartbeat's pong says the server read them.
+  time.advance(15000);
+  net.last().push({ type: "pong" });
+  assert.deepEqual(c.pendingAcks, []);
   net.last().drop();
   c.ack(6);
   time.advance(1000);
@@ -348,4 +369,178 @@ test("transport auto falls back to SSE after WebSocket failures, acks by POST", 
   time.advance(1);
   assert.ok(sources[0].closed);
   assert.equal(seen.state.at(-1).reason, "no ping from the server");
+});
+
+test("a late pong never trips the dead-link timer of a later ping; silence still does", () => {
+  // A pong timeout above the heartbeat: a second ping goes out while the first is unanswered.
+  const { c, net, time } = client({ heartbeatMs: 15000 });
+  c.start();
+  const socket = net.last();
+  socket.open();
+  socket.push(welcome({ pong_timeout_ms: 20000 }));
+  time.advance(30000);
+  assert.equal(socket.sent.length, 2);
+  time.advance(2000);
+  socket.push({ type: "pong" }); // the first ping's answer, late
+  time.advance(8000); // past the first ping's deadline
+  assert.equal(socket.readyState, 1, "answered: still open");
+  // From now on nothing answers: the next ping's deadline closes it.
+  time.advance(25000);
+  assert.equal(socket.readyState, 3, "silence: closed");
+});
+
+/// EventSource stand-ins; the test plays the server.
+function fakeSources() {
+  const sources = [];
+  class FakeEventSource {
+    constructor(url) {
+      this.url = url;
+      this.listeners = {};
+      sources.push(this);
+    }
+    addEventListener(type, fn) {
+      this.listeners[type] = fn;
+    }
+    close() {
+      this.closed = true;
+    }
+    // The server's side:
+    welcome(msg) {
+      this.listeners.welcome({ data: JSON.stringify(msg) });
+    }
+    fail() {
+      this.onerror?.({});
+    }
+  }
+  return { FakeEventSource, sources };
+}
+
+test("once SSE worked, auto stays on SSE for reconnects and probes WebSocket only every 10th", () => {
+  const sse = fakeSources();
+  const { c, net, time } = client({ transport: "auto", fallbackAfter: 3, EventSource: sse.FakeEventSource, random: () => 0 });
+  c.start();
+  for (let i = 0; i < 3; i++) {
+    net.last().drop();
+    time.advance(5000);
+  }
+  assert.equal(net.sockets.length, 3);
+  assert.equal(sse.sources.length, 1);
+  sse.sources[0].welcome(welcome());
+  // Nine reconnects on SSE, each welcomed; the tenth probes WebSocket.
+  for (let i = 1; i <= 9; i++) {
+    sse.sources.at(-1).fail();
+    time.advance(5000);
+    assert.equal(sse.sources.length, 1 + i, `reconnect ${i} is on SSE`);
+    sse.sources.at(-1).welcome(welcome());
+  }
+  assert.equal(net.sockets.length, 3, "no WebSocket attempt meanwhile");
+  sse.sources.at(-1).fail();
+  time.advance(5000);
+  assert.equal(net.sockets.length, 4, "the tenth reconnect probes WebSocket");
+  // The probe fails: back on SSE at once, not after three more WebSocket attempts.
+  net.last().drop();
+  time.advance(5000);
+  assert.equal(sse.sources.length, 11);
+  assert.equal(net.sockets.length, 4);
+});
+
+test("an ack sent on a dead socket is kept, sent again after the next welcome, until a pong confirms it", () => {
+  const storage = memoryStorage();
+  const { c, net, time } = client({ storage });
+  c.start();
+  net.last().open();
+  net.last().push(welcome({ seq: 3 }));
+  c.ack(3); // the socket looks open, the path is dead: nothing will answer
+  assert.deepEqual(net.last().sent, [{ type: "ack", seq: 3 }]);
+  assert.deepEqual(c.pendingAcks, [3]);
+  assert.ok(c.ackedHere(3));
+  time.advance(15000 + 10000); // ping, no pong: dead link
+  assert.equal(net.last().readyState, 3);
+  // A reload meanwhile keeps it too.
+  const reloaded = client({ storage });
+  assert.deepEqual(reloaded.c.pendingAcks, [3]);
+  assert.ok(reloaded.c.ackedHere(3));
+  time.advance(1000);
+  net.last().open();
+  net.last().push(welcome({ seq: 3 }));
+  assert.deepEqual(net.last().sent, [{ type: "ack", seq: 3 }], "sent again");
+  time.advance(15000);
+  net.last().push({ type: "pong" });
+  assert.deepEqual(c.pendingAcks, []);
+  net.last().drop();
+  time.advance(1000);
+  net.last().open();
+  net.last().push(welcome({ seq: 3 }));
+  assert.deepEqual(net.last().sent, [], "confirmed: not sent again");
+});
+
+test("an ack is confirmed by an ack or status naming this tablet; a new history forgets acks", () => {
+  const { c, net, time } = client({ tablet: "tablet-1" });
+  c.start();
+  net.last().open();
+  net.last().push(welcome({ seq: 5 }));
+  c.ack(4);
+  c.ack(5);
+  net.last().push({ type: "ack", seq: 4, by: "tablet-2", acked: 1, delivered: 2 });
+  assert.deepEqual(c.pendingAcks, [4, 5], "another tablet's ack confirms nothing");
+  net.last().push({ type: "ack", seq: 4, by: "tablet-1", acked: 2, delivered: 2 });
+  net.last().push({ type: "status", seq: 5, acked_by: ["tablet-1"] });
+  assert.deepEqual(c.pendingAcks, []);
+  assert.ok(c.ackedHere(4) && c.ackedHere(5));
+  net.last().drop();
+  c.ack(6);
+  time.advance(1000);
+  net.last().open();
+  net.last().push(welcome({ stream: "s2", seq: 1, replay: { since: 5, count: 1, missed: 0, reset: false, stream_changed: true } }));
+  assert.deepEqual(net.last().sent, [], "seq 6 of the old history is not acked in the new one");
+  assert.deepEqual(c.pendingAcks, []);
+  assert.ok(!c.ackedHere(4));
+});
+
+test("over SSE a failed ack POST is retried with backoff until the server answers 200", async () => {
+  const sse = fakeSources();
+  const answers = [Promise.reject(new Error("offline")), Promise.resolve({ ok: false, status: 503 }), Promise.resolve({ ok: true, status: 200 })];
+  const posts = [];
+  const fetch = (url) => (posts.push(url), answers.shift() ?? Promise.resolve({ ok: true, status: 200 }));
+  const { c, time } = client({ transport: "sse", EventSource: sse.FakeEventSource, fetch, random: () => 0 });
+  const settle = () => new Promise((resolve) => setImmediate(resolve));
+  c.start();
+  sse.sources[0].welcome(welcome({ seq: 7 }));
+  c.ack(7);
+  await settle();
+  assert.equal(posts.length, 1);
+  assert.deepEqual(c.pendingAcks, [7]);
+  time.advance(500); // the first retry, after backoff
+  await settle();
+  assert.equal(posts.length, 2);
+  assert.deepEqual(c.pendingAcks, [7], "a 503 is no answer");
+  time.advance(1000);
+  await settle();
+  assert.equal(posts.length, 3);
+  assert.deepEqual(c.pendingAcks, []);
+  time.advance(60000);
+  await settle();
+  assert.equal(posts.length, 3, "confirmed: no more POSTs");
+  assert.ok(posts.every((url) => url === "http://resq.test:8000/emergencias/7/ack"));
+});
+
+test("pending acks are bounded: the oldest go first", () => {
+  const { c } = client({ maxPendingAcks: 3 });
+  for (const seq of [1, 2, 3, 4, 5]) c.ack(seq);
+  assert.deepEqual(c.pendingAcks, [3, 4, 5]);
+  assert.ok(!c.ackedHere(1) && c.ackedHere(5));
+});
+
+test("storage keys are scoped per server: two servers' positions never mix", () => {
+  const storage = memoryStorage();
+  const first = client({ storage });
+  first.c.start();
+  first.net.last().open();
+  first.net.last().push(welcome({ seq: 9 }));
+  const other = client({ storage, url: "http://other.test:8000" });
+  other.c.start();
+  assert.equal(other.net.last().url, "ws://other.test:8000/ws/emergencias", "no position of the first server");
+  assert.equal(storage.getItem(`${KEYS}lastSeq`), "9");
+  const told = client({ storage, storagePrefix: "app." });
+  assert.equal(told.c.cursor.prefix, "app.");
 });

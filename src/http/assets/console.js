@@ -14,10 +14,13 @@ const MAIN_FIELDS = ["tipo", "prioridad", "direccion", "comuna", "descripcion", 
 const FIELDS_SHOWN = 5;
 const FIELD_CHARS = 160;
 const TOKEN_KEY = "resq.token";
+// The seqs of the cards and their history, so that a reload (or a tab the browser discarded)
+// can rebuild the list: a resume replays nothing up to the stored seq.
+const CARDS_KEY = "resq.console.cards";
 
 const $ = (id) => document.getElementById(id);
 const items = new Map(); // seq -> {envelope, status, seenHere, card}
-const page = { missed: 0, received: 0, audio: null, alarmTimer: null, wakeLock: null, lastProbe: 0 };
+const page = { missed: 0, received: 0, audio: null, alarmTimer: null, wakeLock: null, lastProbe: 0, generation: 0, fetching: new Set() };
 
 function storedToken() {
   const params = new URLSearchParams(location.search);
@@ -34,6 +37,24 @@ function storedToken() {
   }
 }
 
+function storedCards() {
+  try {
+    const stored = JSON.parse(localStorage.getItem(CARDS_KEY) || "{}");
+    const seqs = Array.isArray(stored.seqs) ? stored.seqs.filter((seq) => Number.isSafeInteger(seq) && seq > 0) : [];
+    return { stream: typeof stored.stream === "string" ? stored.stream : "", seqs };
+  } catch {
+    return { stream: "", seqs: [] };
+  }
+}
+
+function saveCards() {
+  try {
+    localStorage.setItem(CARDS_KEY, JSON.stringify({ stream: page.stream, seqs: [...items.keys()] }));
+  } catch {
+    // Storage refused: a reload shows only what the server sends.
+  }
+}
+
 function saveToken(token) {
   try {
     localStorage.setItem(TOKEN_KEY, token);
@@ -45,6 +66,8 @@ function saveToken(token) {
 const token = storedToken();
 const transport = new URLSearchParams(location.search).get("transport") || "auto";
 const client = new ResqClient({ token, transport });
+const remembered = storedCards();
+page.stream = remembered.stream;
 
 function time(iso) {
   const date = new Date(iso);
@@ -106,9 +129,45 @@ function addCard(envelope, { alarm }) {
     items.get(oldest).card.remove();
     items.delete(oldest);
   }
+  saveCards();
   renderStatus(item);
   refresh();
   return item;
+}
+
+/// Another history: its seqs are not the old cards'. The list starts over.
+function clearList() {
+  page.generation += 1;
+  items.clear();
+  $("list").replaceChildren();
+  saveCards();
+  refresh();
+}
+
+/// A card this page had (before a reload) or the server names (`open`, `status`) but did not
+/// send: fetched and shown, ringing if it is open and was not acked on this device.
+async function rebuildCard(seq) {
+  if (items.has(seq) || page.fetching.has(seq)) return;
+  const generation = page.generation;
+  page.fetching.add(seq);
+  try {
+    const response = await fetch(`/emergencias/${seq}`, { headers: client.authHeaders(), cache: "no-store" });
+    if (response.status === 404) return forget(seq);
+    if (!response.ok) return;
+    const { emergency, status } = await response.json();
+    if (generation !== page.generation || !emergency || items.has(seq)) return;
+    addCard(emergency, { alarm: !status?.closed && !client.ackedHere(seq) });
+    if (status) updateStatus(seq, (mine) => Object.assign(mine, status));
+  } catch {
+    // Down again: the next welcome tries again.
+  } finally {
+    page.fetching.delete(seq);
+  }
+}
+
+/// No longer on the server: not asked for again.
+function forget(seq) {
+  remembered.seqs = remembered.seqs.filter((other) => other !== seq);
 }
 
 function renderStatus(item) {
@@ -279,8 +338,17 @@ client.on("state", (state) => {
   if (state.state === "reconnecting" && state.attempt > 0) probeToken();
 });
 
-client.on("welcome", () => {
+client.on("welcome", (welcome) => {
   $("banner-token").hidden = true;
+  const replay = welcome.replay || {};
+  if (replay.reset || replay.stream_changed || (page.stream && welcome.stream !== page.stream)) {
+    remembered.seqs = [];
+    clearList();
+  }
+  page.stream = welcome.stream;
+  saveCards();
+  // The replay and the open ones come as envelopes; what this page had before a reload does not.
+  for (const seq of remembered.seqs) rebuildCard(seq);
   pollServer();
 });
 
@@ -301,12 +369,16 @@ client.on("emergency", (envelope) => {
   notify(envelope);
 });
 
-// Still open, resent after a reconnect or a reload: shown if this page does not have it yet.
+// Still open, sent to a connection with no stored position (a new device, cleared storage):
+// it rings unless it was acked on this device.
 client.on("reopened", (envelope) => {
-  if (!items.has(envelope.seq)) addCard(envelope, { alarm: false });
+  if (!items.has(envelope.seq)) addCard(envelope, { alarm: !client.ackedHere(envelope.seq) });
 });
 
-client.on("status", (status) => updateStatus(status.seq, (mine) => Object.assign(mine, status)));
+client.on("status", (status) => {
+  if (!items.has(status.seq)) return rebuildCard(status.seq);
+  updateStatus(status.seq, (mine) => Object.assign(mine, status));
+});
 client.on("ack", (ack) =>
   updateStatus(ack.seq, (status) => {
     if (ack.by && !status.acked_by.includes(ack.by)) status.acked_by.push(ack.by);

@@ -10,17 +10,21 @@
 //   client.ack(seq);                                           // "seen on this tablet"
 //
 // What it does for the app: connects over WebSocket (or Server-Sent Events, `transport: "sse"`, or
-// "auto": SSE after WebSocket failed `fallbackAfter` times in a row without a welcome); sends
+// "auto": SSE after WebSocket failed `fallbackAfter` times in a row without a welcome, then SSE
+// for good but for a WebSocket probe every `probeWebSocketEvery`-th reconnect); sends
 // {"type":"ping"} every `heartbeatMs` and treats a missing answer within the server's pong timeout
 // as a dead link; reconnects with exponential backoff and jitter (1 s, 2 s, 4 s, ... up to 30 s,
 // each between half and all of its step); resumes with ?since=<last seq handed over>&stream=<its
-// history>, both kept in `storage` (localStorage by default: any object with getItem/setItem);
+// history>, both kept in `storage` (localStorage by default: any object with getItem/setItem),
+// under keys scoped per server (`storagePrefix`);
 // hands each emergency to the app exactly once and in order; reports gaps (emergencies missed
 // because the server no longer retains them, a reset history, an unexplained jump).
 //
 // Events (client.on(type, handler); it returns a function that removes the handler):
 //   emergency  the envelope {type:"emergencia",seq,received_at,source,data}, new to this client
-//   reopened   an envelope the server resent because it is still open, already handed over before
+//   reopened   an open emergency older than where this client started: sent to a connection with
+//              no stored position (a new device, cleared storage), before the welcome's seq; a
+//              resume gets the open ones after its since as `emergency`, and never resends older
 //   gap        {missed, since, reset, streamChanged, reason}: tell the operator
 //   welcome    the server's {"type":"connection",...} message
 //   ack, closed, unacked, status   the server's messages of those types, as they are
@@ -35,6 +39,10 @@ export const DEFAULTS = Object.freeze({
   backoffBaseMs: 1000,
   backoffMaxMs: 30000,
   fallbackAfter: 3,
+  // Once SSE has worked ("auto"), every this-many-th reconnect tries WebSocket again.
+  probeWebSocketEvery: 10,
+  // The storage keys' prefix for a page of the server's own origin; a client of another server
+  // (`url` of another origin) uses "resq.<that url>." unless told one.
   storagePrefix: "resq.",
   maxPendingAcks: 1000,
 });
@@ -67,7 +75,8 @@ function defaultStorage() {
 
 /// Where this client is in one history: the last seq it handed over and the stream it belongs to,
 /// persisted in `storage`. Decides, for each envelope, whether it is new (hand it over), a
-/// duplicate (drop it) or an open emergency resent by the server; and, for each welcome, whether
+/// duplicate (drop it) or an open one from before the start (a first connection's `open`,
+/// "reopened"); and, for each welcome, whether
 /// there is a gap. Pure bookkeeping, no I/O beyond the storage.
 export class Cursor {
   constructor(storage = memoryStorage(), prefix = DEFAULTS.storagePrefix) {
@@ -161,10 +170,67 @@ export class Cursor {
   }
 }
 
+/// The acks made on this device: `pending` (seq -> {link it was last sent on, attempts, pinged})
+/// until the server confirms them, `done` (every seq acked here, for the app: "seen on this
+/// device" survives a reload). Both persisted next to the cursor, both bounded (the oldest go).
+export class AckBook {
+  constructor(cursor, max = DEFAULTS.maxPendingAcks) {
+    this.cursor = cursor;
+    this.max = max;
+    this.pending = new Map(this.load("pendingAcks").map((seq) => [seq, AckBook.entry()]));
+    this.done = new Set(this.load("acked"));
+  }
+
+  static entry() {
+    return { link: null, attempts: 0, pinged: false };
+  }
+
+  load(key) {
+    try {
+      const list = JSON.parse(this.cursor.read(key) || "[]");
+      return Array.isArray(list) ? list.filter((seq) => Number.isSafeInteger(seq) && seq > 0) : [];
+    } catch {
+      return [];
+    }
+  }
+
+  save() {
+    this.cursor.write("pendingAcks", JSON.stringify([...this.pending.keys()]));
+    this.cursor.write("acked", JSON.stringify([...this.done]));
+  }
+
+  add(seq) {
+    this.done.delete(seq);
+    this.done.add(seq);
+    if (!this.pending.has(seq)) this.pending.set(seq, AckBook.entry());
+    for (const set of [this.pending, this.done]) {
+      while (set.size > this.max) set.delete(set.keys().next().value);
+    }
+    this.save();
+  }
+
+  confirm(seq) {
+    if (this.pending.delete(seq)) this.save();
+  }
+
+  clear() {
+    this.pending.clear();
+    this.done.clear();
+    this.save();
+  }
+}
+
 function httpBase(url) {
   if (url) return String(url).replace(/\/+$/, "");
   if (typeof location !== "undefined") return location.origin;
   throw new Error("resq-client: no url given and no location to default to");
+}
+
+/// Two servers' positions must not mix on one device: keys are scoped per server, but for the
+/// page's own (where they stay as they always were).
+function storagePrefix(base) {
+  const own = typeof location !== "undefined" && location.origin === base;
+  return own ? DEFAULTS.storagePrefix : `${DEFAULTS.storagePrefix}${base}.`;
 }
 
 function query(params) {
@@ -182,7 +248,7 @@ export class ResqClient {
     const o = this.options;
     this.base = httpBase(o.url);
     this.token = o.token || "";
-    this.cursor = new Cursor(o.storage || defaultStorage(), o.storagePrefix);
+    this.cursor = new Cursor(o.storage || defaultStorage(), options.storagePrefix ?? storagePrefix(this.base));
     this.env = {
       WebSocket: o.WebSocket || globalThis.WebSocket,
       EventSource: o.EventSource || globalThis.EventSource,
@@ -196,9 +262,13 @@ export class ResqClient {
     this.transport = o.transport === "sse" ? "sse" : "websocket";
     this.attempt = 0;
     this.failuresWithoutWelcome = 0;
+    // "auto": SSE delivered a welcome, so reconnects stay on SSE (but for an occasional probe).
+    this.sseWorks = false;
+    this.reconnectsOnSse = 0;
     this.link = null;
     this.timers = new Set();
-    this.pendingAcks = new Set();
+    this.acks = new AckBook(this.cursor, this.options.maxPendingAcks);
+    this.tablet = o.tablet || "";
     this.state = { state: "stopped", since: this.env.now(), attempt: 0, delay: 0, transport: this.transport };
     this.pongTimeoutMs = o.pongTimeoutMs;
     this.welcomed = false;
@@ -251,19 +321,80 @@ export class ResqClient {
   }
 
   /// Tells the server that emergency `seq` was shown to an operator here. Over WebSocket it is a
-  /// frame; over SSE (which cannot send) a POST. Not connected: sent once connected again.
+  /// frame; over SSE (which cannot send) a POST. It stays pending (in storage too) until the
+  /// server confirms it: the POST's 200, a pong to a ping sent after the frame (the server reads
+  /// a connection's frames in order), or an `ack`/`status` naming this tablet (`tablet` option).
+  /// Pending acks are sent again after each welcome; a failed POST is retried with backoff.
   ack(seq) {
     seq = Number(seq);
     if (!Number.isSafeInteger(seq) || seq < 1) return;
-    if (this.welcomed && this.link && this.link.sendAck(seq)) return;
-    if (this.pendingAcks.size < this.options.maxPendingAcks) this.pendingAcks.add(seq);
+    this.acks.add(seq);
+    this.sendAck(seq);
+  }
+
+  /// Whether `seq` was acked from this device (kept in storage, within this history).
+  ackedHere(seq) {
+    return this.acks.done.has(Number(seq));
+  }
+
+  /// The acks not confirmed yet, oldest first.
+  get pendingAcks() {
+    return [...this.acks.pending.keys()];
+  }
+
+  sendAck(seq) {
+    const link = this.link;
+    const entry = this.acks.pending.get(seq);
+    if (!entry || !this.welcomed || !link || entry.link === link) return;
+    if (link.kind === "websocket") {
+      if (link.sendAck(seq)) entry.link = link;
+      entry.pinged = false;
+      return;
+    }
+    if (!this.env.fetch) return;
+    entry.link = link;
+    this.env
+      .fetch(`${this.base}/emergencias/${seq}/ack`, { method: "POST", headers: this.authHeaders() })
+      .then((response) => {
+        // 404: no such emergency here (any more); 400: a seq this server cannot take. Final.
+        if (response.ok || response.status === 404 || response.status === 400) return this.acks.confirm(seq);
+        throw new Error(`status ${response.status}`);
+      })
+      .catch(() => this.retryAck(seq, link));
+  }
+
+  retryAck(seq, link) {
+    const entry = this.acks.pending.get(seq);
+    if (!entry || entry.link !== link) return;
+    const delay = backoffDelay(entry.attempts++, { baseMs: this.options.backoffBaseMs, maxMs: this.options.backoffMaxMs, random: this.env.random });
+    this.timer(() => {
+      if (entry.link !== link || link !== this.link) return;
+      entry.link = null;
+      this.sendAck(seq);
+    }, delay);
   }
 
   flushAcks() {
-    for (const seq of [...this.pendingAcks]) {
-      if (!this.link || !this.link.sendAck(seq)) return;
-      this.pendingAcks.delete(seq);
+    for (const [seq, entry] of this.acks.pending) {
+      entry.link = null;
+      this.sendAck(seq);
     }
+  }
+
+  /// A ping is going out on `link`: its pong confirms the acks sent on it before.
+  pinging(link) {
+    for (const entry of this.acks.pending.values()) if (entry.link === link) entry.pinged = true;
+  }
+
+  ponged(link) {
+    for (const [seq, entry] of this.acks.pending) if (entry.link === link && entry.pinged) this.acks.confirm(seq);
+  }
+
+  /// The server's `ack` and `status` messages confirm this tablet's acks, when it knows its name.
+  confirmedBy(msg) {
+    if (!this.tablet) return;
+    const by = msg.type === "ack" ? [msg.by] : Array.isArray(msg.acked_by) ? msg.acked_by : [];
+    if (by.includes(this.tablet)) this.acks.confirm(Number(msg.seq));
   }
 
   /// Authorization for fetch() calls: the subscribe token as a bearer token.
@@ -305,14 +436,23 @@ export class ResqClient {
   connect() {
     if (!this.started) return;
     this.welcomed = false;
-    if (this.options.transport === "auto") {
-      this.transport = this.failuresWithoutWelcome >= this.options.fallbackAfter && this.env.EventSource ? "sse" : "websocket";
-    }
+    if (this.options.transport === "auto") this.transport = this.autoTransport();
     this.setState("connecting");
     const link = this.transport === "sse" ? this.openSse() : this.openWebSocket();
     this.link = link;
     // A connection that never opens (a server that accepts and never answers) is given up.
     link.connectTimer = this.timer(() => this.linkLost(link, "connect timeout"), this.options.connectTimeoutMs);
+  }
+
+  /// "auto": WebSocket until it failed `fallbackAfter` times in a row without a welcome; then SSE,
+  /// and once SSE worked, SSE for every reconnect but every `probeWebSocketEvery`-th.
+  autoTransport() {
+    if (!this.env.EventSource) return "websocket";
+    if (this.sseWorks) {
+      this.reconnectsOnSse += 1;
+      return this.reconnectsOnSse % this.options.probeWebSocketEvery === 0 ? "websocket" : "sse";
+    }
+    return this.failuresWithoutWelcome >= this.options.fallbackAfter ? "sse" : "websocket";
   }
 
   openWebSocket() {
@@ -385,12 +525,15 @@ export class ResqClient {
       case "emergencia":
         return this.envelope(msg);
       case "pong":
+        return this.ponged(link);
       case "ping":
         return;
       case "ack":
+      case "status":
+        this.confirmedBy(msg);
+        return this.emit(msg.type, msg);
       case "closed":
       case "unacked":
-      case "status":
         return this.emit(msg.type, msg);
       default:
         return this.emit("message", msg);
@@ -402,9 +545,12 @@ export class ResqClient {
     this.welcomed = true;
     this.attempt = 0;
     this.failuresWithoutWelcome = 0;
+    this.sseWorks = link.kind === "sse";
     if (msg.pong_timeout_ms > 0) this.pongTimeoutMs = msg.pong_timeout_ms;
     if (msg.ping_interval_ms > 0) this.pingIntervalMs = msg.ping_interval_ms;
     const gap = this.cursor.welcome(msg);
+    // Seqs of another history: acks of them mean nothing here.
+    if (gap && gap.reason !== "missed") this.acks.clear();
     this.setState("open", { stream: this.cursor.stream });
     this.emit("welcome", msg);
     if (gap) this.emit("gap", gap);
@@ -442,7 +588,11 @@ export class ResqClient {
     }
     link.heartbeatTimer = this.timer(() => {
       if (link !== this.link) return;
-      if (link.send(JSON.stringify({ type: "ping" }))) {
+      // A deadline already running is the oldest unanswered ping's: it stands (replacing it
+      // would leave it running unseen, or, with a pong timeout above the heartbeat, push the
+      // deadline back for ever).
+      this.pinging(link);
+      if (link.send(JSON.stringify({ type: "ping" })) && link.pongTimer === undefined) {
         link.pongTimer = this.timer(() => this.linkLost(link, "no pong"), this.pongTimeoutMs);
       }
       this.scheduleHeartbeat(link);
