@@ -27,8 +27,7 @@
 
 import { readFileSync } from 'node:fs';
 import { createServer } from 'node:http';
-import { createInterface } from 'node:readline';
-import { chromium } from 'playwright-core';
+import { answer, launchChromium, serveCommands } from './driver.mjs';
 
 const [readmePath, chromiumPath = '/usr/bin/chromium'] = process.argv.slice(2);
 if (!readmePath) {
@@ -129,22 +128,8 @@ const http = createServer((request, response) => {
 await new Promise((resolve) => http.listen(0, '127.0.0.1', resolve));
 const origin = `http://127.0.0.1:${http.address().port}`;
 
-const launching = Date.now();
-const browser = await chromium.launch({
-  executablePath: chromiumPath,
-  headless: true,
-  chromiumSandbox: false,
-  args: [
-    '--disable-gpu',
-    '--disable-quic',
-    '--no-first-run',
-    '--disable-background-networking',
-    '--disable-component-update',
-    '--disable-sync',
-  ],
-});
+const browser = await launchChromium(chromiumPath);
 const context = await browser.newContext();
-console.error(`launching Chromium ${browser.version()}: ${Date.now() - launching} ms`);
 
 const pages = new Map();
 
@@ -247,32 +232,12 @@ async function handle(command) {
   }
 }
 
-function answer(value) {
-  process.stdout.write(`${JSON.stringify(value)}\n`);
-}
-
-answer({ ok: true, ready: true, browser: browser.version() });
-for await (const line of createInterface({ input: process.stdin })) {
-  if (!line.trim()) continue;
-  let command;
-  try {
-    command = JSON.parse(line);
-  } catch (error) {
-    answer({ ok: false, error: `not JSON: ${error.message}` });
-    continue;
-  }
-  if (command.cmd === 'quit') break;
-  const started = Date.now();
-  try {
-    answer({ ok: true, state: await handle(command) });
-    console.error(`${line}: ${Date.now() - started} ms`);
-  } catch (error) {
+await serveCommands({
+  browser,
+  http,
+  handle,
+  stateOf: async (command) => {
     const record = pages.get(command.page);
-    answer({ ok: false, error: String(error.message), state: record ? state(record) : null });
-  }
-}
-const closing = Date.now();
-await browser.close();
-console.error(`closing the browser: ${Date.now() - closing} ms`);
-http.close();
-answer({ ok: true, quit: true });
+    return record ? state(record) : null;
+  },
+});
