@@ -70,6 +70,11 @@ struct Args {
     /// start this resq-push binary for each run, on --url's port, with a raised open-file limit
     #[argh(option)]
     spawn_server: Option<PathBuf>,
+    /// start this command for each run instead (another server, e.g. "node
+    /// bench/peers/uws/server.js"; space-separated): the bench appends `--listen HOST:PORT`, the
+    /// mode's `--ping-interval` if any, and --server-args; it must answer GET /healthz
+    #[argh(option)]
+    server_cmd: Option<String>,
     /// extra flags for the spawned server, space-separated (e.g. "--ping-interval 1")
     #[argh(option, default = "String::new()")]
     server_args: String,
@@ -222,11 +227,19 @@ struct StormArgs {
     within: f64,
 }
 
+/// The server a run starts itself.
+enum Spawn {
+    /// A resq-push binary: the bench passes its listen, socket, TLS and `--max-clients` flags.
+    ResqPush(PathBuf),
+    /// Any other server (`--server-cmd`): program and arguments, given `--listen` only.
+    Command(Vec<String>),
+}
+
 /// What every run needs.
 struct Ctx {
     target: Target,
     unix_socket: Option<PathBuf>,
-    spawn: Option<PathBuf>,
+    spawn: Option<Spawn>,
     server_args: Vec<String>,
     /// `--tls-dir`, for a spawned server's certificate.
     tls_dir: Option<PathBuf>,
@@ -270,6 +283,21 @@ fn main() -> ExitCode {
     for _ in 1..args.threads.max(1) {
         std::thread::spawn(|| smol::block_on(ex.run(future::pending::<()>())));
     }
+    let spawn = match (&args.spawn_server, &args.server_cmd) {
+        (Some(_), Some(_)) => {
+            eprintln!("resq-bench: give --spawn-server or --server-cmd, not both");
+            return ExitCode::from(2);
+        }
+        (Some(binary), None) => Some(Spawn::ResqPush(binary.clone())),
+        (None, Some(command)) if command.trim().is_empty() => {
+            eprintln!("resq-bench: --server-cmd is empty");
+            return ExitCode::from(2);
+        }
+        (None, Some(command)) => {
+            Some(Spawn::Command(command.split_whitespace().map(str::to_owned).collect()))
+        }
+        (None, None) => None,
+    };
     let unix_socket = match (&args.unix_socket, &args.spawn_server, args.smoke) {
         (Some(path), _, _) => Some(path.clone()),
         (None, Some(_), true) => {
@@ -280,7 +308,7 @@ fn main() -> ExitCode {
     let ctx = Ctx {
         target,
         unix_socket,
-        spawn: args.spawn_server.clone(),
+        spawn,
         server_args: args.server_args.split_whitespace().map(str::to_owned).collect(),
         tls_dir: args.tls_dir.clone(),
         server_log: args.server_log.clone(),
@@ -420,10 +448,26 @@ fn start_server(
 ) -> Result<Server, String> {
     report.set("machine", ctx.machine.clone());
     report.set("url", json!(ctx.target.ws_url));
-    let Some(binary) = &ctx.spawn else {
-        report.note(format!("server: {} (not spawned; pid {:?})", ctx.target.ws_url, ctx.pid));
-        return Ok(Server { spawned: None, pid: ctx.pid });
+    let (binary, args) = match &ctx.spawn {
+        None => {
+            report.note(format!("server: {} (not spawned; pid {:?})", ctx.target.ws_url, ctx.pid));
+            return Ok(Server { spawned: None, pid: ctx.pid });
+        }
+        Some(Spawn::Command(words)) => (PathBuf::from(&words[0]), peer_args(ctx, &words[1..], mode_args)),
+        Some(Spawn::ResqPush(binary)) => (binary.clone(), resq_push_args(ctx, clients, mode_args)),
     };
+    let spawned = SpawnedServer::start(
+        &binary,
+        &args,
+        ctx.target.http_addr,
+        &ctx.server_log,
+        ctx.server_cpus.as_deref(),
+    )?;
+    spawned_rows(ctx, report, spawned)
+}
+
+/// A resq-push's flags for a run: where to listen, the socket, TLS, room for the clients.
+fn resq_push_args(ctx: &Ctx, clients: usize, mode_args: &[&str]) -> Vec<String> {
     let mut args: Vec<String> = vec!["--listen".into(), ctx.target.http_addr.to_string()];
     if let (Some(_), Some(dir)) = (&ctx.target.tls, &ctx.tls_dir) {
         let file = |name: &str| dir.join(name).display().to_string();
@@ -438,13 +482,26 @@ fn start_server(
     }
     args.extend(mode_args.iter().map(|a| a.to_string()));
     args.extend(ctx.server_args.iter().cloned());
-    let spawned = SpawnedServer::start(
-        binary,
-        &args,
-        ctx.target.http_addr,
-        &ctx.server_log,
-        ctx.server_cpus.as_deref(),
-    )?;
+    args
+}
+
+/// Another server's flags (`--server-cmd`): its own words, `--listen`, the mode's ping interval
+/// (the one resq-push flag every peer takes), then --server-args.
+fn peer_args(ctx: &Ctx, words: &[String], mode_args: &[&str]) -> Vec<String> {
+    let mut args = words.to_vec();
+    args.extend(["--listen".into(), ctx.target.http_addr.to_string()]);
+    if let Some(i) = mode_args.iter().position(|a| *a == "--ping-interval")
+        && let Some(value) = mode_args.get(i + 1)
+        && !ctx.server_args.iter().any(|a| a == "--ping-interval")
+    {
+        args.extend(["--ping-interval".into(), value.to_string()]);
+    }
+    args.extend(ctx.server_args.iter().cloned());
+    args
+}
+
+/// The rows every spawned server gets: its command, start-up, size, idle RSS.
+fn spawned_rows(ctx: &Ctx, report: &mut Report, spawned: SpawnedServer) -> Result<Server, String> {
     let pid = spawned.pid;
     report.set("server_command", json!(spawned.command));
     report.set("server_cpus", json!(ctx.server_cpus));
@@ -701,6 +758,14 @@ fn cpu_rows(
             if others > 0.1 * wall { ": the machine was shared, timings are pessimistic" } else { "" }
         ),
     );
+    let (wakeups, preemptions) = (server_a.wakeups_until(&server_b), server_a.preemptions_until(&server_b));
+    report.info(
+        &format!("server wake-ups {label}"),
+        format!(
+            "{:.1}/s ({wakeups} voluntary context switches, all threads; {preemptions} preemptions)",
+            wakeups as f64 / wall.max(1e-9)
+        ),
+    );
     let per_message = (delivered > 0).then(|| server_cpu * 1e6 / delivered as f64);
     report.set(
         key,
@@ -710,6 +775,8 @@ fn cpu_rows(
             "server_rss_kib": server_b.rss_kib, "server_hwm_kib": server_b.hwm_kib,
             "bench_rss_kib": bench_b.rss_kib, "delivered": delivered,
             "server_cpu_us_per_delivered": per_message.map(round3),
+            "server_wakeups": wakeups, "server_preemptions": preemptions,
+            "server_wakeups_per_s": round3(wakeups as f64 / wall.max(1e-9)),
         }),
     );
     per_message
@@ -884,7 +951,7 @@ fn fanout(ctx: &Ctx, a: &FanoutArgs) -> Result<Report, String> {
 
 fn acks(ctx: &Ctx, a: &AcksArgs) -> Result<Report, String> {
     let mut report = Report::new("acks");
-    if ctx.spawn.is_none() {
+    if !matches!(ctx.spawn, Some(Spawn::ResqPush(_))) {
         return Err("acks needs --spawn-server: it measures each phase's data dir".into());
     }
     report.set("params", json!({"clients": a.clients, "count": a.count, "rate": a.rate, "size": a.size}));
