@@ -11,11 +11,15 @@
 //! - `acks`: N clients, a few emergencies, twice: without acks, then with every client acking
 //!   every emergency; server CPU per delivered emergency in each, the ack broadcasts, and bytes on
 //!   disk per emergency (receipts included).
-//! - `--smoke`: all four, small, in a few seconds. Exits non-zero only if a message is lost,
+//! - `resume-storm`: M emergencies, then N clients reconnect at once with `?since=` M-50 back
+//!   while a slow publisher goes on: time until every client holds the latest seq, each client's
+//!   books from its `since`, ping gaps during the storm.
+//! - `--smoke`: the modes, small, in a few seconds (resume-storm only against resq-push). Exits non-zero only if a message is lost,
 //!   duplicated or out of order, or a connection fails or is dropped: never on timing.
 //!
 //! Server RSS and CPU come from `/proc/PID` of `--pid`, or of the server started with
-//! `--spawn-server PATH` (which also gives start-up time, binary size and shutdown time).
+//! `--spawn-server PATH` (which also gives start-up time, binary size and shutdown time), or of
+//! any other server started with `--server-cmd` (the peers of bench/peers, for side by side runs).
 //! Publisher and clients share one clock (`Instant`), so latency needs no clock sync.
 //!
 //! ```sh
@@ -29,6 +33,8 @@ mod client;
 mod publish;
 #[path = "resq-bench/report.rs"]
 mod report;
+#[path = "resq-bench/resume.rs"]
+mod resume;
 #[path = "resq-bench/sys.rs"]
 mod sys;
 #[path = "resq-bench/tls.rs"]
@@ -52,8 +58,9 @@ use publish::{Ingest, PublishLog};
 use report::{Percentiles, Report, round3};
 use sys::{ProcSample, SpawnedServer};
 
-/// resq-bench: load generator for resq-push. Modes: idle, fanout, burst, storm; or --smoke for a
-/// quick correctness run of all four (exit 1 only if something is lost or a connection fails).
+/// resq-bench: load generator for resq-push. Modes: idle, fanout, burst, storm, acks,
+/// resume-storm; or --smoke for a quick correctness run of them (exit 1 only if something is lost
+/// or a connection fails).
 #[derive(FromArgs)]
 struct Args {
     /// server URL (default ws://127.0.0.1:8000; the path defaults to /ws/emergencias); wss://
@@ -117,6 +124,39 @@ enum Mode {
     Burst(BurstArgs),
     Storm(StormArgs),
     Acks(AcksArgs),
+    ResumeStorm(ResumeStormArgs),
+}
+
+/// The access point reboots: N clients reconnect at once, each resuming `--behind` emergencies
+/// back, while the publisher goes on slowly. Time until every client holds the latest seq, loss
+/// and duplicates per client, and ping gaps during the storm.
+#[derive(FromArgs)]
+#[argh(subcommand, name = "resume-storm")]
+struct ResumeStormArgs {
+    /// clients (default 5000)
+    #[argh(option, default = "5000")]
+    clients: usize,
+    /// emergencies published before the storm (default 200)
+    #[argh(option, default = "200")]
+    emergencies: u64,
+    /// each client resumes with ?since=<last seq - behind> (default 50)
+    #[argh(option, default = "50")]
+    behind: u64,
+    /// emergencies per second published during the storm (default 2)
+    #[argh(option, default = "2.0")]
+    rate: f64,
+    /// seconds to go on once every client has caught up, for the ping gaps (default 5)
+    #[argh(option, default = "5.0")]
+    hold: f64,
+    /// the server's --ping-interval for the run, seconds (default 1; unless --server-args has one)
+    #[argh(option, default = "1.0")]
+    ping_interval: f64,
+    /// bytes of each published JSON object (default 512)
+    #[argh(option, default = "512")]
+    size: usize,
+    /// the target: every client caught up within this many seconds (default 5)
+    #[argh(option, default = "5.0")]
+    within: f64,
 }
 
 /// N clients, `count` emergencies at `rate`, first without acks, then each client acking each
@@ -325,7 +365,9 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
         (false, None) => {
-            eprintln!("resq-bench: give a mode (idle, fanout, burst, storm) or --smoke; see --help");
+            eprintln!(
+                "resq-bench: give a mode (idle, fanout, burst, storm, acks, resume-storm) or --smoke; see --help"
+            );
             return ExitCode::from(2);
         }
     };
@@ -374,13 +416,14 @@ fn run_mode(ctx: &Ctx, mode: Mode) -> Result<Report, String> {
         Mode::Burst(a) => burst(ctx, &a),
         Mode::Storm(a) => storm(ctx, &a),
         Mode::Acks(a) => acks(ctx, &a),
+        Mode::ResumeStorm(a) => resume::resume_storm(ctx, &a),
     }
 }
 
 /// Every mode at a small size, a few seconds in all.
 fn smoke(ctx: &Ctx) -> Vec<Result<Report, String>> {
     let ingest = if ctx.unix_socket.is_some() { "unix" } else { "http" };
-    vec![
+    let mut runs = vec![
         storm(ctx, &StormArgs { clients: 100, within: 2.0 }),
         idle(ctx, &IdleArgs { clients: 200, hold: 1.0, concurrency: 64 }, &["--ping-interval", "0.2"]),
         fanout(
@@ -408,7 +451,22 @@ fn smoke(ctx: &Ctx) -> Vec<Result<Report, String>> {
                 concurrency: 64,
             },
         ),
-    ]
+    ];
+    // The peers keep no history to resume from.
+    if !matches!(ctx.spawn, Some(Spawn::Command(_))) {
+        let resume = ResumeStormArgs {
+            clients: 200,
+            emergencies: 100,
+            behind: 50,
+            rate: 5.0,
+            hold: 1.0,
+            ping_interval: 0.3,
+            size: 512,
+            within: 5.0,
+        };
+        runs.push(resume::resume_storm(ctx, &resume));
+    }
+    runs
 }
 
 fn machine(nofile: libc::rlim_t, threads: usize, bench_cpus: &Option<Vec<usize>>) -> Value {
@@ -910,6 +968,7 @@ fn fanout(ctx: &Ctx, a: &FanoutArgs) -> Result<Report, String> {
             count,
             a.size,
             Duration::from_secs_f64(a.duration * 2.0 + 10.0),
+            None,
         )
         .await;
         let last = log.accepted.iter().copied().max().unwrap_or(0);
@@ -973,7 +1032,8 @@ fn acks(ctx: &Ctx, a: &AcksArgs) -> Result<Report, String> {
             eprintln!("resq-bench: acks: {} emergencies to {} clients, {phase}", a.count, a.clients);
             let before = pair(server.pid);
             let limit = Duration::from_secs_f64(a.count as f64 / a.rate * 2.0 + 10.0);
-            let log = publish::paced(t0, &Ingest::Http, &ctx.target, a.rate, a.count, a.size, limit).await;
+            let log =
+                publish::paced(t0, &Ingest::Http, &ctx.target, a.rate, a.count, a.size, limit, None).await;
             let last = log.accepted.iter().copied().max().unwrap_or(0);
             let mut settled = drained(&fleet, last, Duration::from_secs(10)).await;
             let until = Instant::now() + Duration::from_secs(300);
