@@ -21,6 +21,10 @@ use tokio::sync::broadcast;
 
 /// Envelopes a subscriber may fall behind before it is dropped (it then reconnects).
 const QUEUE: usize = 1024;
+/// Each socket's read buffer.
+const READ_BUFFER_BYTES: usize = 4096;
+/// Bytes a socket's unsent frames may hold.
+const MAX_WRITE_BUFFER_BYTES: usize = 1024 * 1024;
 /// Largest accepted body, as resq-push's default `--max-body-bytes`.
 const MAX_BODY_BYTES: usize = 64 * 1024;
 
@@ -144,7 +148,13 @@ async fn publish(State(hub): State<&'static Hub>, body: Bytes) -> Response {
 }
 
 async fn upgrade(State(hub): State<&'static Hub>, ws: WebSocketUpgrade) -> Response {
-    ws.on_upgrade(move |socket| serve(hub, socket))
+    // tungstenite's defaults (a 128 KiB read buffer, writes batched up to 128 KiB) would cost an
+    // idle socket over 100 KiB: small buffers as resq-push has, each frame written out at once.
+    ws.read_buffer_size(READ_BUFFER_BYTES)
+        .write_buffer_size(0)
+        .max_write_buffer_size(MAX_WRITE_BUFFER_BYTES)
+        .max_message_size(16 * 1024)
+        .on_upgrade(move |socket| serve(hub, socket))
 }
 
 /// One subscriber: the welcome, then broadcast envelopes and pings until either side ends.
