@@ -14,7 +14,8 @@
 //! - `resume-storm`: M emergencies, then N clients reconnect at once with `?since=` M-50 back
 //!   while a slow publisher goes on: time until every client holds the latest seq, each client's
 //!   books from its `since`, ping gaps during the storm.
-//! - `--smoke`: the modes, small, in a few seconds (resume-storm only against resq-push). Exits non-zero only if a message is lost,
+//! - `--smoke`: the modes but acks, small, in a few seconds (resume-storm not against a
+//!   `--server-cmd` peer: they keep no history). Exits non-zero only if a message is lost,
 //!   duplicated or out of order, or a connection fails or is dropped: never on timing.
 //!
 //! Server RSS and CPU come from `/proc/PID` of `--pid`, or of the server started with
