@@ -79,7 +79,8 @@ app.post("/emergencias", (res) => {
     const made = common.envelopeOf(body, seq + 1);
     res.cork(() => {
       if (made.error) {
-        res.writeStatus(`${made.status} Bad Request`).writeHeader("Content-Type", "application/json");
+        const reason = made.status === 413 ? "Payload Too Large" : "Bad Request";
+        res.writeStatus(`${made.status} ${reason}`).writeHeader("Content-Type", "application/json");
         res.end(common.refused(made.error));
         return;
       }
