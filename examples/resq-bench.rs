@@ -11,11 +11,16 @@
 //! - `acks`: N clients, a few emergencies, twice: without acks, then with every client acking
 //!   every emergency; server CPU per delivered emergency in each, the ack broadcasts, and bytes on
 //!   disk per emergency (receipts included).
-//! - `--smoke`: all four, small, in a few seconds. Exits non-zero only if a message is lost,
+//! - `resume-storm`: M emergencies, then N clients reconnect at once with `?since=` M-50 back
+//!   while a slow publisher goes on: time until every client holds the latest seq, each client's
+//!   books from its `since`, ping gaps during the storm.
+//! - `--smoke`: the modes but acks, small, in a few seconds (resume-storm not against a
+//!   `--server-cmd` peer: they keep no history). Exits non-zero only if a message is lost,
 //!   duplicated or out of order, or a connection fails or is dropped: never on timing.
 //!
 //! Server RSS and CPU come from `/proc/PID` of `--pid`, or of the server started with
-//! `--spawn-server PATH` (which also gives start-up time, binary size and shutdown time).
+//! `--spawn-server PATH` (which also gives start-up time, binary size and shutdown time), or of
+//! any other server started with `--server-cmd` (the peers of bench/peers, for side by side runs).
 //! Publisher and clients share one clock (`Instant`), so latency needs no clock sync.
 //!
 //! ```sh
@@ -29,6 +34,8 @@ mod client;
 mod publish;
 #[path = "resq-bench/report.rs"]
 mod report;
+#[path = "resq-bench/resume.rs"]
+mod resume;
 #[path = "resq-bench/sys.rs"]
 mod sys;
 #[path = "resq-bench/tls.rs"]
@@ -52,8 +59,9 @@ use publish::{Ingest, PublishLog};
 use report::{Percentiles, Report, round3};
 use sys::{ProcSample, SpawnedServer};
 
-/// resq-bench: load generator for resq-push. Modes: idle, fanout, burst, storm; or --smoke for a
-/// quick correctness run of all four (exit 1 only if something is lost or a connection fails).
+/// resq-bench: load generator for resq-push. Modes: idle, fanout, burst, storm, acks,
+/// resume-storm; or --smoke for a quick correctness run of them (exit 1 only if something is lost
+/// or a connection fails).
 #[derive(FromArgs)]
 struct Args {
     /// server URL (default ws://127.0.0.1:8000; the path defaults to /ws/emergencias); wss://
@@ -70,6 +78,11 @@ struct Args {
     /// start this resq-push binary for each run, on --url's port, with a raised open-file limit
     #[argh(option)]
     spawn_server: Option<PathBuf>,
+    /// start this command for each run instead (another server, e.g. "node
+    /// bench/peers/uws/server.js"; space-separated): the bench appends `--listen HOST:PORT`, the
+    /// mode's `--ping-interval` if any, and --server-args; it must answer GET /healthz
+    #[argh(option)]
+    server_cmd: Option<String>,
     /// extra flags for the spawned server, space-separated (e.g. "--ping-interval 1")
     #[argh(option, default = "String::new()")]
     server_args: String,
@@ -112,6 +125,39 @@ enum Mode {
     Burst(BurstArgs),
     Storm(StormArgs),
     Acks(AcksArgs),
+    ResumeStorm(ResumeStormArgs),
+}
+
+/// The access point reboots: N clients reconnect at once, each resuming `--behind` emergencies
+/// back, while the publisher goes on slowly. Time until every client holds the latest seq, loss
+/// and duplicates per client, and ping gaps during the storm.
+#[derive(FromArgs)]
+#[argh(subcommand, name = "resume-storm")]
+struct ResumeStormArgs {
+    /// clients (default 5000)
+    #[argh(option, default = "5000")]
+    clients: usize,
+    /// emergencies published before the storm (default 200)
+    #[argh(option, default = "200")]
+    emergencies: u64,
+    /// each client resumes with ?since=<last seq - behind> (default 50)
+    #[argh(option, default = "50")]
+    behind: u64,
+    /// emergencies per second published during the storm (default 2)
+    #[argh(option, default = "2.0")]
+    rate: f64,
+    /// seconds to go on once every client has caught up, for the ping gaps (default 5)
+    #[argh(option, default = "5.0")]
+    hold: f64,
+    /// the server's --ping-interval for the run, seconds (default 1; unless --server-args has one)
+    #[argh(option, default = "1.0")]
+    ping_interval: f64,
+    /// bytes of each published JSON object (default 512)
+    #[argh(option, default = "512")]
+    size: usize,
+    /// the target: every client caught up within this many seconds (default 5)
+    #[argh(option, default = "5.0")]
+    within: f64,
 }
 
 /// N clients, `count` emergencies at `rate`, first without acks, then each client acking each
@@ -222,11 +268,19 @@ struct StormArgs {
     within: f64,
 }
 
+/// The server a run starts itself.
+enum Spawn {
+    /// A resq-push binary: the bench passes its listen, socket, TLS and `--max-clients` flags.
+    ResqPush(PathBuf),
+    /// Any other server (`--server-cmd`): program and arguments, given `--listen` only.
+    Command(Vec<String>),
+}
+
 /// What every run needs.
 struct Ctx {
     target: Target,
     unix_socket: Option<PathBuf>,
-    spawn: Option<PathBuf>,
+    spawn: Option<Spawn>,
     server_args: Vec<String>,
     /// `--tls-dir`, for a spawned server's certificate.
     tls_dir: Option<PathBuf>,
@@ -270,6 +324,21 @@ fn main() -> ExitCode {
     for _ in 1..args.threads.max(1) {
         std::thread::spawn(|| smol::block_on(ex.run(future::pending::<()>())));
     }
+    let spawn = match (&args.spawn_server, &args.server_cmd) {
+        (Some(_), Some(_)) => {
+            eprintln!("resq-bench: give --spawn-server or --server-cmd, not both");
+            return ExitCode::from(2);
+        }
+        (Some(binary), None) => Some(Spawn::ResqPush(binary.clone())),
+        (None, Some(command)) if command.trim().is_empty() => {
+            eprintln!("resq-bench: --server-cmd is empty");
+            return ExitCode::from(2);
+        }
+        (None, Some(command)) => {
+            Some(Spawn::Command(command.split_whitespace().map(str::to_owned).collect()))
+        }
+        (None, None) => None,
+    };
     let unix_socket = match (&args.unix_socket, &args.spawn_server, args.smoke) {
         (Some(path), _, _) => Some(path.clone()),
         (None, Some(_), true) => {
@@ -280,7 +349,7 @@ fn main() -> ExitCode {
     let ctx = Ctx {
         target,
         unix_socket,
-        spawn: args.spawn_server.clone(),
+        spawn,
         server_args: args.server_args.split_whitespace().map(str::to_owned).collect(),
         tls_dir: args.tls_dir.clone(),
         server_log: args.server_log.clone(),
@@ -297,7 +366,9 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
         (false, None) => {
-            eprintln!("resq-bench: give a mode (idle, fanout, burst, storm) or --smoke; see --help");
+            eprintln!(
+                "resq-bench: give a mode (idle, fanout, burst, storm, acks, resume-storm) or --smoke; see --help"
+            );
             return ExitCode::from(2);
         }
     };
@@ -346,13 +417,14 @@ fn run_mode(ctx: &Ctx, mode: Mode) -> Result<Report, String> {
         Mode::Burst(a) => burst(ctx, &a),
         Mode::Storm(a) => storm(ctx, &a),
         Mode::Acks(a) => acks(ctx, &a),
+        Mode::ResumeStorm(a) => resume::resume_storm(ctx, &a),
     }
 }
 
 /// Every mode at a small size, a few seconds in all.
 fn smoke(ctx: &Ctx) -> Vec<Result<Report, String>> {
     let ingest = if ctx.unix_socket.is_some() { "unix" } else { "http" };
-    vec![
+    let mut runs = vec![
         storm(ctx, &StormArgs { clients: 100, within: 2.0 }),
         idle(ctx, &IdleArgs { clients: 200, hold: 1.0, concurrency: 64 }, &["--ping-interval", "0.2"]),
         fanout(
@@ -380,7 +452,22 @@ fn smoke(ctx: &Ctx) -> Vec<Result<Report, String>> {
                 concurrency: 64,
             },
         ),
-    ]
+    ];
+    // The peers keep no history to resume from.
+    if !matches!(ctx.spawn, Some(Spawn::Command(_))) {
+        let resume = ResumeStormArgs {
+            clients: 200,
+            emergencies: 100,
+            behind: 50,
+            rate: 5.0,
+            hold: 1.0,
+            ping_interval: 0.3,
+            size: 512,
+            within: 5.0,
+        };
+        runs.push(resume::resume_storm(ctx, &resume));
+    }
+    runs
 }
 
 fn machine(nofile: libc::rlim_t, threads: usize, bench_cpus: &Option<Vec<usize>>) -> Value {
@@ -420,10 +507,26 @@ fn start_server(
 ) -> Result<Server, String> {
     report.set("machine", ctx.machine.clone());
     report.set("url", json!(ctx.target.ws_url));
-    let Some(binary) = &ctx.spawn else {
-        report.note(format!("server: {} (not spawned; pid {:?})", ctx.target.ws_url, ctx.pid));
-        return Ok(Server { spawned: None, pid: ctx.pid });
+    let (binary, args) = match &ctx.spawn {
+        None => {
+            report.note(format!("server: {} (not spawned; pid {:?})", ctx.target.ws_url, ctx.pid));
+            return Ok(Server { spawned: None, pid: ctx.pid });
+        }
+        Some(Spawn::Command(words)) => (PathBuf::from(&words[0]), peer_args(ctx, &words[1..], mode_args)),
+        Some(Spawn::ResqPush(binary)) => (binary.clone(), resq_push_args(ctx, clients, mode_args)),
     };
+    let spawned = SpawnedServer::start(
+        &binary,
+        &args,
+        ctx.target.http_addr,
+        &ctx.server_log,
+        ctx.server_cpus.as_deref(),
+    )?;
+    spawned_rows(ctx, report, spawned)
+}
+
+/// A resq-push's flags for a run: where to listen, the socket, TLS, room for the clients.
+fn resq_push_args(ctx: &Ctx, clients: usize, mode_args: &[&str]) -> Vec<String> {
     let mut args: Vec<String> = vec!["--listen".into(), ctx.target.http_addr.to_string()];
     if let (Some(_), Some(dir)) = (&ctx.target.tls, &ctx.tls_dir) {
         let file = |name: &str| dir.join(name).display().to_string();
@@ -438,13 +541,26 @@ fn start_server(
     }
     args.extend(mode_args.iter().map(|a| a.to_string()));
     args.extend(ctx.server_args.iter().cloned());
-    let spawned = SpawnedServer::start(
-        binary,
-        &args,
-        ctx.target.http_addr,
-        &ctx.server_log,
-        ctx.server_cpus.as_deref(),
-    )?;
+    args
+}
+
+/// Another server's flags (`--server-cmd`): its own words, `--listen`, the mode's ping interval
+/// (the one resq-push flag every peer takes), then --server-args.
+fn peer_args(ctx: &Ctx, words: &[String], mode_args: &[&str]) -> Vec<String> {
+    let mut args = words.to_vec();
+    args.extend(["--listen".into(), ctx.target.http_addr.to_string()]);
+    if let Some(i) = mode_args.iter().position(|a| *a == "--ping-interval")
+        && let Some(value) = mode_args.get(i + 1)
+        && !ctx.server_args.iter().any(|a| a == "--ping-interval")
+    {
+        args.extend(["--ping-interval".into(), value.to_string()]);
+    }
+    args.extend(ctx.server_args.iter().cloned());
+    args
+}
+
+/// The rows every spawned server gets: its command, start-up, size, idle RSS.
+fn spawned_rows(ctx: &Ctx, report: &mut Report, spawned: SpawnedServer) -> Result<Server, String> {
     let pid = spawned.pid;
     report.set("server_command", json!(spawned.command));
     report.set("server_cpus", json!(ctx.server_cpus));
@@ -701,6 +817,14 @@ fn cpu_rows(
             if others > 0.1 * wall { ": the machine was shared, timings are pessimistic" } else { "" }
         ),
     );
+    let (wakeups, preemptions) = (server_a.wakeups_until(&server_b), server_a.preemptions_until(&server_b));
+    report.info(
+        &format!("server wake-ups {label}"),
+        format!(
+            "{:.1}/s ({wakeups} voluntary context switches, all threads; {preemptions} preemptions)",
+            wakeups as f64 / wall.max(1e-9)
+        ),
+    );
     let per_message = (delivered > 0).then(|| server_cpu * 1e6 / delivered as f64);
     report.set(
         key,
@@ -710,6 +834,8 @@ fn cpu_rows(
             "server_rss_kib": server_b.rss_kib, "server_hwm_kib": server_b.hwm_kib,
             "bench_rss_kib": bench_b.rss_kib, "delivered": delivered,
             "server_cpu_us_per_delivered": per_message.map(round3),
+            "server_wakeups": wakeups, "server_preemptions": preemptions,
+            "server_wakeups_per_s": round3(wakeups as f64 / wall.max(1e-9)),
         }),
     );
     per_message
@@ -843,6 +969,7 @@ fn fanout(ctx: &Ctx, a: &FanoutArgs) -> Result<Report, String> {
             count,
             a.size,
             Duration::from_secs_f64(a.duration * 2.0 + 10.0),
+            None,
         )
         .await;
         let last = log.accepted.iter().copied().max().unwrap_or(0);
@@ -884,7 +1011,7 @@ fn fanout(ctx: &Ctx, a: &FanoutArgs) -> Result<Report, String> {
 
 fn acks(ctx: &Ctx, a: &AcksArgs) -> Result<Report, String> {
     let mut report = Report::new("acks");
-    if ctx.spawn.is_none() {
+    if !matches!(ctx.spawn, Some(Spawn::ResqPush(_))) {
         return Err("acks needs --spawn-server: it measures each phase's data dir".into());
     }
     report.set("params", json!({"clients": a.clients, "count": a.count, "rate": a.rate, "size": a.size}));
@@ -906,7 +1033,8 @@ fn acks(ctx: &Ctx, a: &AcksArgs) -> Result<Report, String> {
             eprintln!("resq-bench: acks: {} emergencies to {} clients, {phase}", a.count, a.clients);
             let before = pair(server.pid);
             let limit = Duration::from_secs_f64(a.count as f64 / a.rate * 2.0 + 10.0);
-            let log = publish::paced(t0, &Ingest::Http, &ctx.target, a.rate, a.count, a.size, limit).await;
+            let log =
+                publish::paced(t0, &Ingest::Http, &ctx.target, a.rate, a.count, a.size, limit, None).await;
             let last = log.accepted.iter().copied().max().unwrap_or(0);
             let mut settled = drained(&fleet, last, Duration::from_secs(10)).await;
             let until = Instant::now() + Duration::from_secs(300);

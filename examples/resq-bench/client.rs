@@ -104,6 +104,11 @@ pub struct Fleet {
     pub ack: bool,
     /// `ack` broadcasts received, by every client together.
     pub acks_seen: AtomicU64,
+    /// Resuming clients (`?since=` in the URL): the seq they resume after, where their books
+    /// start (else each starts at its welcome's seq).
+    pub since: Option<u64>,
+    /// Each client notes when it first holds this seq (`ClientReport::caught_up_at`).
+    pub catch_up_to: u64,
 }
 
 impl Fleet {
@@ -126,6 +131,8 @@ impl Fleet {
             connect_timeout: Duration::from_secs(30),
             ack: false,
             acks_seen: AtomicU64::new(0),
+            since: None,
+            catch_up_to: u64::MAX,
         }
     }
 
@@ -175,6 +182,8 @@ pub struct ClientReport {
     pub max_ping_gap: Option<Duration>,
     pub end: End,
     pub ended_at: Option<Instant>,
+    /// When this client first held `Fleet::catch_up_to`.
+    pub caught_up_at: Option<Instant>,
 }
 
 impl ClientReport {
@@ -355,8 +364,15 @@ async fn handshake(key: &str, mut stream: BenchStream) -> Result<WebSocketStream
     Ok(WebSocketStream::from_partially_read(stream, rest, Role::Client, Some(websocket_config())).await)
 }
 
-/// Connects and reads the welcome: the socket, and the welcome's `seq`.
-pub async fn connect(target: &Target) -> Result<(WebSocketStream<BenchStream>, u64), String> {
+/// What a client keeps of the welcome.
+pub struct Welcome {
+    pub seq: u64,
+    /// The identity of the server's history, for `&stream=` on a resume.
+    pub stream: Option<String>,
+}
+
+/// Connects and reads the welcome.
+pub async fn connect(target: &Target) -> Result<(WebSocketStream<BenchStream>, Welcome), String> {
     let (key, request) = upgrade_request(target);
     let stream = match &target.tls {
         None => BenchStream::Plain(connect_and_send(target.addr, request.as_bytes()).await?),
@@ -377,7 +393,8 @@ pub async fn connect(target: &Target) -> Result<(WebSocketStream<BenchStream>, u
                 if welcome["type"] != "connection" {
                     return Err(format!("first frame is not the welcome: {text}"));
                 }
-                return Ok((ws, welcome["seq"].as_u64().unwrap_or(0)));
+                let stream = welcome["stream"].as_str().map(str::to_owned);
+                return Ok((ws, Welcome { seq: welcome["seq"].as_u64().unwrap_or(0), stream }));
             }
             Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
             Some(Ok(Message::Close(frame))) => {
@@ -404,7 +421,8 @@ pub async fn run(fleet: Arc<Fleet>, index: usize, record_latency: bool) -> Clien
     .await;
     drop(permit);
     let mut ws = match connected {
-        Some(Ok((ws, seq))) => {
+        Some(Ok((ws, welcome))) => {
+            let seq = fleet.since.unwrap_or(welcome.seq);
             report.welcome_seq = seq;
             report.max_seq = seq;
             report.welcomed_at = Some(Instant::now());
@@ -462,11 +480,16 @@ async fn read_loop(
                 Some((seq, t)) => {
                     report.events += 1;
                     report.record_seq(seq);
-                    if let (true, Some(t)) = (record_latency, t) {
+                    // A resume's replayed emergencies are old by design: only live ones count.
+                    let live = fleet.since.is_none() || seq > fleet.catch_up_to;
+                    if let (true, true, Some(t)) = (record_latency, live, t) {
                         let us = fleet.now_ns().saturating_sub(t) / 1000;
                         report.latencies_us.push(us.min(u64::from(u32::MAX)) as u32);
                     }
                     fleet.progress[index].store(report.max_seq, Relaxed);
+                    if report.caught_up_at.is_none() && report.max_seq >= fleet.catch_up_to {
+                        report.caught_up_at = Some(Instant::now());
+                    }
                     if fleet.ack
                         && ws.send(Message::text(format!(r#"{{"type":"ack","seq":{seq}}}"#))).await.is_err()
                     {
@@ -519,6 +542,18 @@ mod tests {
         }
         assert_eq!((report.duplicates, report.out_of_order, report.max_seq), (1, 1, 200));
         assert_eq!(report.lost(&[9, 10, 11, 12, 13, 14, 15]), 2);
+    }
+
+    #[test]
+    fn books_from_since_count_an_old_replay_as_duplicate_and_a_gap_as_loss() {
+        // A resuming client's books start at its `since` (150), not at its welcome's seq.
+        let mut report =
+            ClientReport { welcome_seq: 150, welcomed_at: Some(Instant::now()), ..Default::default() };
+        for seq in [150, 151, 153] {
+            report.record_seq(seq);
+        }
+        assert_eq!(report.duplicates, 1);
+        assert_eq!(report.lost(&(1..=153).collect::<Vec<_>>()), 1);
     }
 
     #[test]

@@ -5,7 +5,7 @@
 use std::io;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use smol::Timer;
@@ -215,9 +215,19 @@ impl PublishLog {
     }
 }
 
+/// A paced publisher's state as it goes, for whoever runs beside it.
+#[derive(Default)]
+pub struct Live {
+    /// The highest seq accepted so far.
+    pub latest: AtomicU64,
+    /// Set to stop the publisher before its next publish.
+    pub stop: AtomicBool,
+}
+
 /// Publishes `count` emergencies of `size` bytes at `rate` per second, one at a time, each
 /// stamped with the moment it is written; stops after `give_up_after` if the server cannot keep
-/// up with the rate, so that a run stays bounded.
+/// up with the rate, so that a run stays bounded, or once `live.stop` is set.
+#[allow(clippy::too_many_arguments)]
 pub async fn paced(
     t0: Instant,
     ingest: &Ingest,
@@ -226,6 +236,7 @@ pub async fn paced(
     count: u64,
     size: usize,
     give_up_after: Duration,
+    live: Option<&Live>,
 ) -> PublishLog {
     let mut log = PublishLog::default();
     let (mut writer, mut reader) = match open(ingest, target).await {
@@ -244,6 +255,9 @@ pub async fn paced(
         }
         let due = start + period.mul_f64(i as f64);
         Timer::at(due).await;
+        if live.is_some_and(|live| live.stop.load(Relaxed)) {
+            break;
+        }
         let sent = Instant::now();
         log.max_lag = log.max_lag.max(sent - due);
         frame.clear();
@@ -256,6 +270,9 @@ pub async fn paced(
         let reply = reader.reply().await;
         let failed = reply.is_err();
         log.note(reply, sent);
+        if let (Some(live), Some(&seq)) = (live, log.accepted.last()) {
+            live.latest.fetch_max(seq, Relaxed);
+        }
         if failed {
             break;
         }

@@ -28,6 +28,10 @@ pub struct ProcSample {
     /// what other processes used shows whether a run shared the machine.
     pub machine_busy_ticks: u64,
     pub machine_total_ticks: u64,
+    /// Context switches of all the process's threads (`/proc/PID/task/*/status`): voluntary ones
+    /// are the times a thread slept and was woken, involuntary ones preemptions.
+    pub voluntary_switches: u64,
+    pub involuntary_switches: u64,
 }
 
 impl ProcSample {
@@ -48,6 +52,16 @@ impl ProcSample {
         let ours = after.0.cpu_ticks.saturating_sub(before.0.cpu_ticks)
             + after.1.cpu_ticks.saturating_sub(before.1.cpu_ticks);
         busy.saturating_sub(ours) as f64 / clock_ticks_per_sec() as f64
+    }
+
+    /// Wake-ups (voluntary context switches of every thread) between `self` and a later sample.
+    pub fn wakeups_until(&self, later: &ProcSample) -> u64 {
+        later.voluntary_switches.saturating_sub(self.voluntary_switches)
+    }
+
+    /// Preemptions (involuntary context switches) between `self` and a later sample.
+    pub fn preemptions_until(&self, later: &ProcSample) -> u64 {
+        later.involuntary_switches.saturating_sub(self.involuntary_switches)
     }
 
     /// Wall-clock seconds between `self` and a later sample.
@@ -78,6 +92,7 @@ pub fn sample(pid: u32) -> Option<ProcSample> {
     };
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let (busy, total) = machine_ticks();
+    let (voluntary, involuntary) = context_switches(pid);
     // Fields after the command name (which may hold spaces) start at field 3, `state`.
     let after_comm = &stat[stat.rfind(')')? + 1..];
     let fields: Vec<&str> = after_comm.split_whitespace().collect();
@@ -92,7 +107,28 @@ pub fn sample(pid: u32) -> Option<ProcSample> {
         at: Some(Instant::now()),
         machine_busy_ticks: busy,
         machine_total_ticks: total,
+        voluntary_switches: voluntary,
+        involuntary_switches: involuntary,
     })
+}
+
+/// Voluntary and involuntary context switches summed over the threads of `pid` (threads that
+/// already exited are not counted).
+fn context_switches(pid: u32) -> (u64, u64) {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return (0, 0) };
+    let mut sums = (0, 0);
+    for task in tasks.flatten() {
+        let Ok(status) = std::fs::read_to_string(task.path().join("status")) else { continue };
+        for line in status.lines() {
+            let number = |rest: &str| rest.trim().parse::<u64>().unwrap_or(0);
+            if let Some(rest) = line.strip_prefix("voluntary_ctxt_switches:") {
+                sums.0 += number(rest);
+            } else if let Some(rest) = line.strip_prefix("nonvoluntary_ctxt_switches:") {
+                sums.1 += number(rest);
+            }
+        }
+    }
+    sums
 }
 
 /// Busy and total ticks of all CPUs since boot (busy: all but idle and iowait).
@@ -182,7 +218,8 @@ impl SpawnedServer {
         log: &Path,
         cpus: Option<&[usize]>,
     ) -> Result<SpawnedServer, String> {
-        let binary_bytes = std::fs::metadata(binary).map_err(|e| format!("{}: {e}", binary.display()))?.len();
+        let binary_bytes =
+            binary_size(binary).ok_or_else(|| format!("{}: no such program", binary.display()))?;
         let log_file = File::options()
             .create(true)
             .append(true)
@@ -286,6 +323,15 @@ impl Drop for SpawnedServer {
             let _ = child.wait();
         }
     }
+}
+
+/// Bytes of `program`, found as a path or on `PATH` as a shell would.
+fn binary_size(program: &Path) -> Option<u64> {
+    if program.components().count() > 1 {
+        return std::fs::metadata(program).ok().map(|m| m.len());
+    }
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path).find_map(|dir| std::fs::metadata(dir.join(program)).ok()).map(|m| m.len())
 }
 
 /// One blocking `GET /healthz`; true on a 200.
