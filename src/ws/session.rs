@@ -14,7 +14,7 @@
 
 use std::fmt;
 use std::io::{self, IoSlice};
-use std::pin::{Pin, pin};
+use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::task::Poll;
@@ -38,6 +38,7 @@ use crate::core::receipts::AckRequest;
 use crate::core::subscription::Subscription;
 use crate::protocol::{self, PONG, WELCOME_MESSAGE, Welcome};
 use crate::runtime::deadline::{self, TimedOut};
+use crate::runtime::heartbeat::Pulse;
 use crate::runtime::linger::HalfClose;
 use crate::tls::transport::Transport;
 use crate::ws::events::EventStream;
@@ -110,7 +111,8 @@ enum Wake {
     Readable,
     /// The hub rang, or closed the doorbell to end the session.
     Doorbell,
-    Timer,
+    /// The heartbeat's sweep: time to ping, or the pong deadline passed.
+    Heartbeat,
 }
 
 /// How a session's client is spoken to.
@@ -149,6 +151,8 @@ pub struct Session {
     socket: Arc<Async<std::net::TcpStream>>,
     app: Rc<App>,
     subscription: Subscription,
+    /// Its place in the one heartbeat timer: when to ping, and whether a pong is awaited.
+    pulse: Pulse,
     /// For the welcome; taken when it is sent.
     greeting: Option<Box<Greeting>>,
     /// `client ID (name) (peer)`, for its last log line.
@@ -170,6 +174,7 @@ impl Session {
         Session {
             wire,
             socket,
+            pulse: app.heartbeat.register(),
             app,
             subscription,
             greeting: Some(Box::new(greeting)),
@@ -222,19 +227,16 @@ impl Session {
         if let Err(end) = Box::pin(self.read_frames()).await {
             return self.explain(end);
         }
-        let mut timer = Timer::at(Instant::now() + self.config().ping_interval);
-        // When the last ping went out, while its answer is awaited.
-        let mut ping_sent_at: Option<Instant> = None;
         loop {
             let wake = {
                 let socket = &self.socket;
                 let transport = self.wire.transport();
                 let doorbell = &self.subscription.doorbell;
-                let mut tick = pin!(&mut timer);
+                let pulse = &self.pulse;
                 // The socket is polled for readiness, not read: a read that finds nothing
                 // would cost a system call on every wake. While a pong is awaited the client
                 // goes first, so that no burst of events can make a live client look dead.
-                let client_first = ping_sent_at.is_some();
+                let client_first = pulse.awaiting_answer();
                 // Under TLS, input rustls already holds is not signaled by the socket.
                 let readable = |cx: &mut std::task::Context<'_>| {
                     transport.has_buffered_input() || socket.poll_readable(cx).is_ready()
@@ -249,35 +251,31 @@ impl Session {
                     if !client_first && readable(cx) {
                         return Poll::Ready(Wake::Readable);
                     }
-                    tick.as_mut().poll(cx).map(|_| Wake::Timer)
+                    pulse.poll_due(cx).map(|()| Wake::Heartbeat)
                 })
                 .await
             };
             let result = match wake {
                 Wake::Readable => {
-                    if let Some(sent_at) = ping_sent_at.take() {
-                        timer.set_at(sent_at + self.config().ping_interval);
-                    }
+                    self.pulse.answered();
                     Box::pin(self.read_frames()).await
                 }
                 Wake::Doorbell if self.subscription.doorbell.farewell().is_some() => {
                     Err(Box::pin(self.say_farewell()).await)
                 }
                 Wake::Doorbell => self.send_pending(Vec::new()).await,
-                Wake::Timer if ping_sent_at.is_some() => {
+                Wake::Heartbeat if self.pulse.awaiting_answer() => {
                     Box::pin(self.close(CloseCode::Policy, "no pong within pong_timeout")).await;
                     Err(SessionEnd::PongTimeout)
                 }
-                Wake::Timer if matches!(self.wire, Wire::EventStream(..)) => {
+                Wake::Heartbeat if matches!(self.wire, Wire::EventStream(..)) => {
                     // No answer can come: a dead peer shows as a write that fails (TCP's
                     // user timeout, set at the handshake) or one that times out.
-                    timer.set_at(Instant::now() + self.config().ping_interval);
+                    self.pulse.beat();
                     Box::pin(self.write(&[EventStream::heartbeat()])).await
                 }
-                Wake::Timer => {
-                    let now = Instant::now();
-                    ping_sent_at = Some(now);
-                    timer.set_at(now + self.config().pong_timeout);
+                Wake::Heartbeat => {
+                    self.pulse.pinged();
                     Box::pin(self.write(&[Frame::ping()])).await
                 }
             };
