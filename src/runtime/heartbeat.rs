@@ -261,7 +261,8 @@ mod tests {
     fn only_the_sessions_due_are_woken_and_a_dropped_pulse_is_gone() {
         let heartbeat = slow_heartbeat();
         let (early, late) = (heartbeat.register(), heartbeat.register());
-        let (early_waker, late_waker) = (Arc::new(CountingWaker::default()), Arc::new(CountingWaker::default()));
+        let (early_waker, late_waker) =
+            (Arc::new(CountingWaker::default()), Arc::new(CountingWaker::default()));
         assert!(!due(&early, &early_waker) && !due(&late, &late_waker));
         heartbeat.with_beat(late.key, |beat, _| beat.due = 20);
         heartbeat.sweep_now(9);
