@@ -77,7 +77,7 @@ impl App {
         let publisher =
             Publisher::new(ingress, None, fan_out, Rc::clone(&metrics), max_bytes, max_inflight_bytes);
         let (stop_sender, stop) = async_channel::bounded(1);
-        let heartbeat = Heartbeat::new(config.ping_interval, config.pong_timeout);
+        let heartbeat = Heartbeat::new(config.ping_interval, config.pong_timeout, config.max_clients);
         let access = RefCell::new(Access::default());
         let app = App { config, hub, access, publisher, metrics, heartbeat, stop };
         (Rc::new(app), stop_sender)

@@ -110,7 +110,7 @@ pub fn serve(
         config.max_body_bytes,
         config.max_inflight_bytes,
     );
-    let heartbeat = Heartbeat::new(config.ping_interval, config.pong_timeout);
+    let heartbeat = Heartbeat::new(config.ping_interval, config.pong_timeout, config.max_clients);
     let access = RefCell::new(access);
     let app = Rc::new(App { config, hub, access, publisher, metrics, heartbeat, stop });
     let (tasks, all_tasks_done) = TaskTokens::new();

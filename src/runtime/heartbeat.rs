@@ -52,14 +52,16 @@ struct Beat {
 }
 
 impl Heartbeat {
-    pub fn new(ping_interval: Duration, pong_timeout: Duration) -> Rc<Heartbeat> {
+    /// A heartbeat with room reserved (not touched) for `clients` sessions, so that its slab does
+    /// not grow by doubling and leave its old buffers as holes in the heap.
+    pub fn new(ping_interval: Duration, pong_timeout: Duration, clients: usize) -> Rc<Heartbeat> {
         Rc::new(Heartbeat {
             start: Instant::now(),
             slot_nanos: (ping_interval.as_nanos() / u128::from(SLOTS_PER_INTERVAL)).max(1),
             ping_interval,
             pong_timeout,
             swept: Cell::new(0),
-            beats: RefCell::new(Slab::new()),
+            beats: RefCell::new(Slab::with_capacity(clients)),
             sweeper: Cell::new(None),
         })
     }
@@ -211,7 +213,7 @@ mod tests {
     /// A heartbeat whose slots are so long that the clock never reaches the next one in a test:
     /// slots are swept by hand.
     fn slow_heartbeat() -> Rc<Heartbeat> {
-        Heartbeat::new(Duration::from_secs(8 * 3600), Duration::from_secs(2 * 3600))
+        Heartbeat::new(Duration::from_secs(8 * 3600), Duration::from_secs(2 * 3600), 2)
     }
 
     #[test]
@@ -275,7 +277,7 @@ mod tests {
 
     #[test]
     fn the_sweep_wakes_a_session_within_a_slot_of_its_ping() {
-        let heartbeat = Heartbeat::new(Duration::from_millis(80), Duration::from_millis(40));
+        let heartbeat = Heartbeat::new(Duration::from_millis(80), Duration::from_millis(40), 1);
         let pulse = heartbeat.register();
         let started = Instant::now();
         let sweep = heartbeat.sweep();
