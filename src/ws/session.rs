@@ -1,6 +1,6 @@
 //! One client of the live stream from its 101 (WebSocket) or its 200 (Server-Sent Events) to its
-//! end: a loop that sends what the hub has for the client, heartbeats on a timer and reads
-//! whatever the client sends.
+//! end: a loop that sends what the hub has for the client, heartbeats when the heartbeat's sweep
+//! (`runtime::heartbeat`) says it is due, and reads whatever the client sends.
 //!
 //! Tablets never have to send anything: a WebSocket client stays as long as it answers pings
 //! (browsers do so automatically). Emergencies are written as `Frame`s straight to the socket,
@@ -8,7 +8,7 @@
 //! client's frames and runs the close handshake. The `Wire` is the one part that differs between
 //! the two: the framing (`Frame::text` or `ws::events::EventStream`), what the client can send, how
 //! the heartbeat is answered and how the connection ends. The hub subscription, the queue and its
-//! slow-client rule, `--write-timeout`, the timer and the counting are the same code for both.
+//! slow-client rule, `--write-timeout`, the heartbeat and the counting are the same code for both.
 //! Every way out of the loop ends in `SessionEnd`, logged once; dropping the `Subscription` frees
 //! the client.
 
