@@ -12,6 +12,7 @@ use crate::core::handle::HubHandle;
 use crate::core::hub::HubLimits;
 use crate::core::receipts::ReceiptLimits;
 use crate::ingest::Publisher;
+use crate::runtime::heartbeat::Heartbeat;
 use crate::support::metrics::Metrics;
 
 pub struct App {
@@ -22,6 +23,8 @@ pub struct App {
     /// The one publish path, for every ingest transport.
     pub publisher: Publisher,
     pub metrics: Rc<Metrics>,
+    /// Every session's ping (or SSE heartbeat) timer, swept by one task.
+    pub heartbeat: Rc<Heartbeat>,
     /// Its `recv` fails once shutdown begins: idle connections race it to close promptly.
     pub stop: Receiver<()>,
 }
@@ -74,7 +77,9 @@ impl App {
         let publisher =
             Publisher::new(ingress, None, fan_out, Rc::clone(&metrics), max_bytes, max_inflight_bytes);
         let (stop_sender, stop) = async_channel::bounded(1);
-        let app = App { config, hub, access: RefCell::new(Access::default()), publisher, metrics, stop };
+        let heartbeat = Heartbeat::new(config.ping_interval, config.pong_timeout, config.max_clients);
+        let access = RefCell::new(Access::default());
+        let app = App { config, hub, access, publisher, metrics, heartbeat, stop };
         (Rc::new(app), stop_sender)
     }
 }

@@ -32,6 +32,7 @@ use crate::ingest::Publisher;
 use crate::ingest::escalation::{self, EscalationSettings};
 use crate::protocol::error_json;
 use crate::runtime::deadline;
+use crate::runtime::heartbeat::Heartbeat;
 use crate::runtime::linger::Refusals;
 use crate::runtime::scheduler::Scheduler;
 use crate::runtime::slots::{ConnectionSlots, HTTP_CONNECTIONS, SlotGuard};
@@ -109,13 +110,17 @@ pub fn serve(
         config.max_body_bytes,
         config.max_inflight_bytes,
     );
-    let app = Rc::new(App { config, hub, access: RefCell::new(access), publisher, metrics, stop });
+    let heartbeat = Heartbeat::new(config.ping_interval, config.pong_timeout, config.max_clients);
+    let access = RefCell::new(access);
+    let app = Rc::new(App { config, hub, access, publisher, metrics, heartbeat, stop });
     let (tasks, all_tasks_done) = TaskTokens::new();
     let delivery = committed.map(|committed| {
         let app = Rc::clone(&app);
         scheduler.control.spawn(async move { app.publisher.deliver_committed(committed).await })
     });
     scheduler.control.spawn(expire_history(Rc::clone(&app))).detach();
+    let heartbeat = Rc::clone(&app.heartbeat);
+    scheduler.control.spawn(async move { heartbeat.sweep().await }).detach();
     if app.publisher.journal().is_some() {
         let app = Rc::clone(&app);
         scheduler.control.spawn(async move { app.publisher.flush_deliveries_periodically().await }).detach();

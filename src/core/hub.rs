@@ -206,9 +206,12 @@ pub struct Greeting {
 impl Hub {
     pub fn new(limits: HubLimits, stream_id: &str) -> Hub {
         Hub {
+            // Room for every client at once, reserved, not touched: a slab that doubles as
+            // clients connect leaves each old buffer behind as a hole in the heap (BENCHMARKS.md,
+            // "Idle clients: where each byte and wake-up goes").
+            subscribers: Slab::with_capacity(limits.max_clients),
             limits,
             stream_id: stream_id.into(),
-            subscribers: Slab::new(),
             next_client_id: 1,
             last_seq: 0,
             history: VecDeque::new(),

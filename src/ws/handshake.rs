@@ -23,9 +23,11 @@ use crate::protocol::error_json;
 use crate::ws::admission::{Subscribed, cap_send_buffer, subscribe};
 use crate::ws::session::{Session, Wire};
 
-/// Initial read buffer per client. Clients send pongs and pings of a few bytes; tungstenite
-/// grows the buffer for a larger message, up to `--max-client-message-bytes`.
-const READ_BUFFER_BYTES: usize = 256;
+/// Initial read buffer per client, allocated (and zeroed) for its whole life. Clients send pongs
+/// and pings of a few bytes and acks of about 40; tungstenite grows the buffer for a larger
+/// message, up to `--max-client-message-bytes`. 128 rather than 256: 128 bytes less per idle
+/// client (BENCHMARKS.md, "Idle clients: where each byte and wake-up goes").
+const READ_BUFFER_BYTES: usize = 128;
 /// Room for the control frames tungstenite writes when the socket is full (a Pong, a Close).
 const CONTROL_WRITE_BUFFER_BYTES: usize = 1024;
 /// The GUID that RFC 6455 appends to the client's key.

@@ -1,6 +1,6 @@
 //! One client of the live stream from its 101 (WebSocket) or its 200 (Server-Sent Events) to its
-//! end: a loop that sends what the hub has for the client, heartbeats on a timer and reads
-//! whatever the client sends.
+//! end: a loop that sends what the hub has for the client, heartbeats when the heartbeat's sweep
+//! (`runtime::heartbeat`) says it is due, and reads whatever the client sends.
 //!
 //! Tablets never have to send anything: a WebSocket client stays as long as it answers pings
 //! (browsers do so automatically). Emergencies are written as `Frame`s straight to the socket,
@@ -8,13 +8,13 @@
 //! client's frames and runs the close handshake. The `Wire` is the one part that differs between
 //! the two: the framing (`Frame::text` or `ws::events::EventStream`), what the client can send, how
 //! the heartbeat is answered and how the connection ends. The hub subscription, the queue and its
-//! slow-client rule, `--write-timeout`, the timer and the counting are the same code for both.
+//! slow-client rule, `--write-timeout`, the heartbeat and the counting are the same code for both.
 //! Every way out of the loop ends in `SessionEnd`, logged once; dropping the `Subscription` frees
 //! the client.
 
 use std::fmt;
 use std::io::{self, IoSlice};
-use std::pin::{Pin, pin};
+use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::task::Poll;
@@ -38,6 +38,7 @@ use crate::core::receipts::AckRequest;
 use crate::core::subscription::Subscription;
 use crate::protocol::{self, PONG, WELCOME_MESSAGE, Welcome};
 use crate::runtime::deadline::{self, TimedOut};
+use crate::runtime::heartbeat::Pulse;
 use crate::runtime::linger::HalfClose;
 use crate::tls::transport::Transport;
 use crate::ws::events::EventStream;
@@ -110,7 +111,8 @@ enum Wake {
     Readable,
     /// The hub rang, or closed the doorbell to end the session.
     Doorbell,
-    Timer,
+    /// The heartbeat's sweep: time to ping, or the pong deadline passed.
+    Heartbeat,
 }
 
 /// How a session's client is spoken to.
@@ -149,6 +151,8 @@ pub struct Session {
     socket: Arc<Async<std::net::TcpStream>>,
     app: Rc<App>,
     subscription: Subscription,
+    /// Its place in the one heartbeat timer: when to ping, and whether a pong is awaited.
+    pulse: Pulse,
     /// For the welcome; taken when it is sent.
     greeting: Option<Box<Greeting>>,
     /// `client ID (name) (peer)`, for its last log line.
@@ -170,6 +174,7 @@ impl Session {
         Session {
             wire,
             socket,
+            pulse: app.heartbeat.register(),
             app,
             subscription,
             greeting: Some(Box::new(greeting)),
@@ -212,8 +217,11 @@ impl Session {
     }
 
     async fn run(&mut self) -> SessionEnd {
-        // Paths taken once or rarely are boxed: this future lives as long as the client, and
-        // inline it would be as large as its largest path.
+        // Every path that awaits is boxed: this future lives as long as the client, idle most of
+        // its life, and inline it would be as large as its largest path. Even sending what the
+        // doorbell rang for (248 bytes inline): a box per wake was not measurably dearer per
+        // delivery (callgrind), and every idle client is 248 bytes smaller (BENCHMARKS.md, "Idle
+        // clients: where each byte and wake-up goes").
         if let Err(end) = Box::pin(self.send_welcome_and_replay()).await {
             return end;
         }
@@ -222,19 +230,16 @@ impl Session {
         if let Err(end) = Box::pin(self.read_frames()).await {
             return self.explain(end);
         }
-        let mut timer = Timer::at(Instant::now() + self.config().ping_interval);
-        // When the last ping went out, while its answer is awaited.
-        let mut ping_sent_at: Option<Instant> = None;
         loop {
             let wake = {
                 let socket = &self.socket;
                 let transport = self.wire.transport();
                 let doorbell = &self.subscription.doorbell;
-                let mut tick = pin!(&mut timer);
+                let pulse = &self.pulse;
                 // The socket is polled for readiness, not read: a read that finds nothing
                 // would cost a system call on every wake. While a pong is awaited the client
                 // goes first, so that no burst of events can make a live client look dead.
-                let client_first = ping_sent_at.is_some();
+                let client_first = pulse.awaiting_answer();
                 // Under TLS, input rustls already holds is not signaled by the socket.
                 let readable = |cx: &mut std::task::Context<'_>| {
                     transport.has_buffered_input() || socket.poll_readable(cx).is_ready()
@@ -249,35 +254,31 @@ impl Session {
                     if !client_first && readable(cx) {
                         return Poll::Ready(Wake::Readable);
                     }
-                    tick.as_mut().poll(cx).map(|_| Wake::Timer)
+                    pulse.poll_due(cx).map(|()| Wake::Heartbeat)
                 })
                 .await
             };
             let result = match wake {
                 Wake::Readable => {
-                    if let Some(sent_at) = ping_sent_at.take() {
-                        timer.set_at(sent_at + self.config().ping_interval);
-                    }
+                    self.pulse.answered();
                     Box::pin(self.read_frames()).await
                 }
                 Wake::Doorbell if self.subscription.doorbell.farewell().is_some() => {
                     Err(Box::pin(self.say_farewell()).await)
                 }
-                Wake::Doorbell => self.send_pending(Vec::new()).await,
-                Wake::Timer if ping_sent_at.is_some() => {
+                Wake::Doorbell => Box::pin(self.send_pending(Vec::new())).await,
+                Wake::Heartbeat if self.pulse.awaiting_answer() => {
                     Box::pin(self.close(CloseCode::Policy, "no pong within pong_timeout")).await;
                     Err(SessionEnd::PongTimeout)
                 }
-                Wake::Timer if matches!(self.wire, Wire::EventStream(..)) => {
+                Wake::Heartbeat if matches!(self.wire, Wire::EventStream(..)) => {
                     // No answer can come: a dead peer shows as a write that fails (TCP's
                     // user timeout, set at the handshake) or one that times out.
-                    timer.set_at(Instant::now() + self.config().ping_interval);
+                    self.pulse.beat();
                     Box::pin(self.write(&[EventStream::heartbeat()])).await
                 }
-                Wake::Timer => {
-                    let now = Instant::now();
-                    ping_sent_at = Some(now);
-                    timer.set_at(now + self.config().pong_timeout);
+                Wake::Heartbeat => {
+                    self.pulse.pinged();
                     Box::pin(self.write(&[Frame::ping()])).await
                 }
             };
@@ -402,10 +403,13 @@ impl Session {
         self.flush_control_frames().await
     }
 
+    /// Its rare paths (a text ping's pong, every close) are boxed: `read_frames` holds this
+    /// future across its yield, in every session that one batch of pongs wakes at once, and
+    /// inline they made it 1192 bytes instead of 304 (BENCHMARKS.md, "Idle clients").
     async fn handle_frame(&mut self, frame: Option<Result<Message, WsError>>) -> Result<(), SessionEnd> {
         match frame {
             Some(Ok(Message::Text(text))) => match client_text(&text) {
-                ClientText::Ping => self.write(&[Frame::text(PONG.into())]).await,
+                ClientText::Ping => Box::pin(self.write(&[Frame::text(PONG.into())])).await,
                 ClientText::Ack(seq) => {
                     self.handle_ack(seq);
                     Ok(())
@@ -415,7 +419,7 @@ impl Session {
             Some(Ok(Message::Close(frame))) => {
                 // tungstenite has queued the Close reply; flushing sends it.
                 if let Wire::WebSocket(ws) = &mut self.wire {
-                    let _ = deadline::within(CLOSE_REPLY_TIMEOUT, ws.flush()).await;
+                    let _ = Box::pin(deadline::within(CLOSE_REPLY_TIMEOUT, ws.flush())).await;
                 }
                 Err(SessionEnd::ClientClosed(frame.map(|f| f.code)))
             }
@@ -423,15 +427,15 @@ impl Session {
             // queues the answer to a Ping; `write` sends it before anything else.
             Some(Ok(_)) => Ok(()),
             Some(Err(error @ WsError::Capacity(_))) => {
-                self.close(CloseCode::Size, "message too large").await;
+                Box::pin(self.close(CloseCode::Size, "message too large")).await;
                 Err(SessionEnd::ProtocolError(error))
             }
             Some(Err(error @ WsError::Utf8(_))) => {
-                self.close(CloseCode::Invalid, "text is not UTF-8").await;
+                Box::pin(self.close(CloseCode::Invalid, "text is not UTF-8")).await;
                 Err(SessionEnd::ProtocolError(error))
             }
             Some(Err(error @ WsError::Protocol(_))) => {
-                self.close(CloseCode::Protocol, "protocol error").await;
+                Box::pin(self.close(CloseCode::Protocol, "protocol error")).await;
                 Err(SessionEnd::ProtocolError(error))
             }
             Some(Err(error)) => Err(SessionEnd::Io(error)),
@@ -606,7 +610,10 @@ mod tests {
 
     /// What a connected client's task may hold: the session's future is allocated once per
     /// client and lives as long as it does, so a refactor that grows it grows every client.
-    const MAX_SESSION_FUTURE_BYTES: usize = 1024;
+    const MAX_SESSION_FUTURE_BYTES: usize = 704;
+    /// What reading a client's frames boxes: alive in every session woken by the same batch of
+    /// pongs, since it yields between frames (the close paths inside it are boxed again).
+    const MAX_READ_FRAMES_FUTURE_BYTES: usize = 384;
 
     #[test]
     fn a_session_future_stays_small() {
@@ -626,7 +633,17 @@ mod tests {
                 greeting,
                 "test".into(),
             );
+            let session_bytes = std::mem::size_of_val(&session);
+            let mut session = session;
+            // Boxed, but alive at once in every session a batch of pongs wakes (it yields).
+            let reading = size_of_val(&session.read_frames());
             let size = std::mem::size_of_val(&session.serve());
+            // `cargo test --release --lib a_session_future -- --nocapture` prints the figures.
+            eprintln!(
+                "session {session_bytes} bytes (its wire {}), its future {size}, reading {reading}",
+                size_of::<Wire>()
+            );
+            assert!(reading <= MAX_READ_FRAMES_FUTURE_BYTES, "reading frames takes a {reading}-byte future");
             assert!(size <= MAX_SESSION_FUTURE_BYTES, "a session's future is {size} bytes");
         });
     }

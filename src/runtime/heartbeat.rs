@@ -1,0 +1,290 @@
+//! Every client's heartbeat from one timer: `Heartbeat` divides `--ping-interval` into
+//! `SLOTS_PER_INTERVAL` slots, and one task (`Heartbeat::sweep`) wakes at each slot's start, only
+//! while some client is registered, and wakes the sessions whose ping (or pong deadline) falls in
+//! the slot just begun.
+//!
+//! Why not a timer per session: each costs an entry in the reactor's timer tree, a wake-up of the
+//! thread when it fires and a task poll, so an idle server with N tablets woke about N times per
+//! interval. Swept, the sessions due in a slot are woken together, write their pings in one pass,
+//! and their pongs come back together, returned by one `epoll_wait`: the thread wakes a handful of
+//! times per interval, whatever the number of clients. The price is granularity: a ping or a pong
+//! deadline falls on the next slot boundary, at most one slot (`--ping-interval` / 8) late, never
+//! early. A session is a `Pulse` (its key in the slab of `Beat`s, removed on drop) and keeps its
+//! own waker there; the sweep visits every beat, a few nanoseconds each.
+
+use std::cell::{Cell, RefCell};
+use std::rc::Rc;
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use slab::Slab;
+use smol::Timer;
+use smol::future;
+
+/// Slots per `--ping-interval`: how often the sweep wakes, and the granularity of pings and pong
+/// deadlines (one slot of 30 s is 3.75 s).
+pub const SLOTS_PER_INTERVAL: u64 = 8;
+
+/// A slot's number, counted from the heartbeat's start.
+type Tick = u64;
+
+/// The one timer of every session's heartbeat.
+pub struct Heartbeat {
+    start: Instant,
+    /// `--ping-interval` / `SLOTS_PER_INTERVAL`, in nanoseconds (at least 1).
+    slot_nanos: u128,
+    ping_interval: Duration,
+    pong_timeout: Duration,
+    /// The last slot swept: a beat due at or before it has been woken.
+    swept: Cell<Tick>,
+    beats: RefCell<Slab<Beat>>,
+    /// The sweep, waiting for a first beat.
+    sweeper: Cell<Option<Waker>>,
+}
+
+/// One session's place in the heartbeat.
+struct Beat {
+    /// The slot at which the session is woken: its next ping, or its pong deadline.
+    due: Tick,
+    /// While a pong is awaited, the slot the ping was due at.
+    pinged_at: Option<Tick>,
+    waker: Option<Waker>,
+}
+
+impl Heartbeat {
+    /// A heartbeat with room reserved (not touched) for `clients` sessions, so that its slab does
+    /// not grow by doubling and leave its old buffers as holes in the heap.
+    pub fn new(ping_interval: Duration, pong_timeout: Duration, clients: usize) -> Rc<Heartbeat> {
+        Rc::new(Heartbeat {
+            start: Instant::now(),
+            slot_nanos: (ping_interval.as_nanos() / u128::from(SLOTS_PER_INTERVAL)).max(1),
+            ping_interval,
+            pong_timeout,
+            swept: Cell::new(0),
+            beats: RefCell::new(Slab::with_capacity(clients)),
+            sweeper: Cell::new(None),
+        })
+    }
+
+    /// A session's heartbeat, first due one `--ping-interval` from now (rounded up to a slot).
+    pub fn register(self: &Rc<Self>) -> Pulse {
+        let due = self.first_tick_from(Instant::now() + self.ping_interval);
+        let key = self.beats.borrow_mut().insert(Beat { due, pinged_at: None, waker: None });
+        if let Some(sweeper) = self.sweeper.take() {
+            sweeper.wake();
+        }
+        Pulse { heartbeat: Rc::clone(self), key }
+    }
+
+    /// The one timer task: at each slot's start, wakes the sessions due. Sleeps without a timer
+    /// while no session is registered.
+    pub async fn sweep(&self) {
+        loop {
+            future::poll_fn(|cx| {
+                if self.beats.borrow().is_empty() {
+                    self.sweeper.set(Some(cx.waker().clone()));
+                    return Poll::Pending;
+                }
+                Poll::Ready(())
+            })
+            .await;
+            Timer::at(self.instant_of(self.swept.get() + 1)).await;
+            self.sweep_now(self.tick_at(Instant::now()));
+        }
+    }
+
+    fn sweep_now(&self, tick: Tick) {
+        self.swept.set(tick);
+        for (_, beat) in self.beats.borrow_mut().iter_mut() {
+            if beat.due <= tick
+                && let Some(waker) = beat.waker.take()
+            {
+                waker.wake();
+            }
+        }
+    }
+
+    /// The slot under way at `now`.
+    fn tick_at(&self, now: Instant) -> Tick {
+        Tick::try_from(now.saturating_duration_since(self.start).as_nanos() / self.slot_nanos)
+            .unwrap_or(Tick::MAX)
+    }
+
+    /// The first slot that starts at or after `when`.
+    fn first_tick_from(&self, when: Instant) -> Tick {
+        let nanos = when.saturating_duration_since(self.start).as_nanos();
+        Tick::try_from(nanos.div_ceil(self.slot_nanos)).unwrap_or(Tick::MAX)
+    }
+
+    fn instant_of(&self, tick: Tick) -> Instant {
+        let nanos = u64::try_from(u128::from(tick) * self.slot_nanos).unwrap_or(u64::MAX);
+        self.start + Duration::from_nanos(nanos)
+    }
+
+    fn with_beat<T>(&self, key: usize, work: impl FnOnce(&mut Beat, Tick) -> T) -> Option<T> {
+        let swept = self.swept.get();
+        self.beats.borrow_mut().get_mut(key).map(|beat| work(beat, swept))
+    }
+}
+
+/// A session's registration in the `Heartbeat`; dropping it unregisters the session.
+pub struct Pulse {
+    heartbeat: Rc<Heartbeat>,
+    key: usize,
+}
+
+impl Pulse {
+    /// Ready once the sweep has reached the slot this session is due at: time to ping (or to
+    /// send an SSE heartbeat), or, while a pong is awaited, its deadline.
+    pub fn poll_due(&self, cx: &mut Context<'_>) -> Poll<()> {
+        let due = self.heartbeat.with_beat(self.key, |beat, swept| {
+            if beat.due <= swept {
+                return true;
+            }
+            if !beat.waker.as_ref().is_some_and(|waker| waker.will_wake(cx.waker())) {
+                beat.waker = Some(cx.waker().clone());
+            }
+            false
+        });
+        if due.unwrap_or(false) { Poll::Ready(()) } else { Poll::Pending }
+    }
+
+    /// Whether a ping went out and nothing has come back since.
+    pub fn awaiting_answer(&self) -> bool {
+        self.heartbeat.with_beat(self.key, |beat, _| beat.pinged_at.is_some()).unwrap_or(false)
+    }
+
+    /// A ping is going out now: the session is next due at its pong deadline.
+    pub fn pinged(&self) {
+        self.pinged_at(Instant::now());
+    }
+
+    fn pinged_at(&self, now: Instant) {
+        let deadline = self.heartbeat.first_tick_from(now + self.heartbeat.pong_timeout);
+        self.heartbeat.with_beat(self.key, |beat, _| {
+            beat.pinged_at = Some(beat.due);
+            beat.due = deadline;
+        });
+    }
+
+    /// The client answered (anything it sends counts): the next ping is one interval after the
+    /// last one, as if the ping had been answered at once.
+    pub fn answered(&self) {
+        self.heartbeat.with_beat(self.key, |beat, _| {
+            if let Some(pinged_at) = beat.pinged_at.take() {
+                beat.due = pinged_at + SLOTS_PER_INTERVAL;
+            }
+        });
+    }
+
+    /// A heartbeat that expects no answer (SSE) went out: next due one interval later.
+    pub fn beat(&self) {
+        self.heartbeat.with_beat(self.key, |beat, swept| beat.due = beat.due.max(swept) + SLOTS_PER_INTERVAL);
+    }
+}
+
+impl Drop for Pulse {
+    fn drop(&mut self) {
+        self.heartbeat.beats.borrow_mut().try_remove(self.key);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::task::Wake;
+
+    #[derive(Default)]
+    struct CountingWaker(AtomicUsize);
+
+    impl Wake for CountingWaker {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn due(pulse: &Pulse, counter: &Arc<CountingWaker>) -> bool {
+        let waker = Waker::from(Arc::clone(counter));
+        pulse.poll_due(&mut Context::from_waker(&waker)).is_ready()
+    }
+
+    /// A heartbeat whose slots are so long that the clock never reaches the next one in a test:
+    /// slots are swept by hand.
+    fn slow_heartbeat() -> Rc<Heartbeat> {
+        Heartbeat::new(Duration::from_secs(8 * 3600), Duration::from_secs(2 * 3600), 2)
+    }
+
+    #[test]
+    fn a_ping_is_due_one_interval_after_registering_then_its_pong_deadline() {
+        let heartbeat = slow_heartbeat();
+        let pulse = heartbeat.register();
+        let counter = Arc::new(CountingWaker::default());
+        // Registered just after slot 0 began: due one interval later, rounded up: slot 9.
+        heartbeat.sweep_now(8);
+        assert!(!due(&pulse, &counter));
+        heartbeat.sweep_now(9);
+        assert_eq!(counter.0.load(Ordering::Relaxed), 1, "the sweep wakes a due session");
+        assert!(due(&pulse, &counter));
+        // Sent a moment after slot 9 began: the pong deadline, two hours (slots) later, rounds
+        // up to slot 12.
+        pulse.pinged_at(heartbeat.instant_of(9) + Duration::from_millis(5));
+        assert!(pulse.awaiting_answer());
+        assert!(!due(&pulse, &counter), "not due again until its pong deadline");
+        heartbeat.sweep_now(11);
+        assert!(!due(&pulse, &counter));
+        heartbeat.sweep_now(12);
+        assert!(due(&pulse, &counter), "past the pong deadline");
+        pulse.answered();
+        assert!(!pulse.awaiting_answer());
+        heartbeat.sweep_now(16);
+        assert!(!due(&pulse, &counter), "answered: the next ping is one interval after the last");
+        heartbeat.sweep_now(17);
+        assert!(due(&pulse, &counter));
+    }
+
+    #[test]
+    fn an_sse_heartbeat_is_due_every_interval() {
+        let heartbeat = slow_heartbeat();
+        let pulse = heartbeat.register();
+        let counter = Arc::new(CountingWaker::default());
+        heartbeat.sweep_now(9);
+        assert!(due(&pulse, &counter));
+        pulse.beat();
+        assert!(!due(&pulse, &counter));
+        heartbeat.sweep_now(16);
+        assert!(!due(&pulse, &counter));
+        heartbeat.sweep_now(17);
+        assert!(due(&pulse, &counter));
+    }
+
+    #[test]
+    fn only_the_sessions_due_are_woken_and_a_dropped_pulse_is_gone() {
+        let heartbeat = slow_heartbeat();
+        let (early, late) = (heartbeat.register(), heartbeat.register());
+        let (early_waker, late_waker) =
+            (Arc::new(CountingWaker::default()), Arc::new(CountingWaker::default()));
+        assert!(!due(&early, &early_waker) && !due(&late, &late_waker));
+        heartbeat.with_beat(late.key, |beat, _| beat.due = 20);
+        heartbeat.sweep_now(9);
+        assert_eq!(early_waker.0.load(Ordering::Relaxed), 1);
+        assert_eq!(late_waker.0.load(Ordering::Relaxed), 0);
+        drop(early);
+        drop(late);
+        assert!(heartbeat.beats.borrow().is_empty());
+    }
+
+    #[test]
+    fn the_sweep_wakes_a_session_within_a_slot_of_its_ping() {
+        let heartbeat = Heartbeat::new(Duration::from_millis(80), Duration::from_millis(40), 1);
+        let pulse = heartbeat.register();
+        let started = Instant::now();
+        let sweep = heartbeat.sweep();
+        let woken = future::poll_fn(|cx| pulse.poll_due(cx));
+        smol::block_on(future::or(woken, sweep));
+        let elapsed = started.elapsed();
+        assert!(elapsed >= Duration::from_millis(80), "woken after {elapsed:?}");
+        assert!(elapsed < Duration::from_secs(5), "woken after {elapsed:?}");
+    }
+}
