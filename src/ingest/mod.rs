@@ -641,21 +641,12 @@ impl Publisher {
         }
     }
 
-    /// Stages one submission and waits for its outcome; refused at once if the journal is busy.
-    pub async fn submit(
-        &self,
-        bytes: Vec<u8>,
-        source: Source,
-        key: Option<IdempotencyKey>,
-    ) -> Result<Accepted, Rejection> {
-        let staged = self.stage(bytes, source, key, WhenBusy::Refuse).await?;
-        self.settle(staged, source).await
-    }
-
     /// Hands what the journal committed to the hub, in seq order, and answers each publisher.
     /// Ends when the journal has stopped and everything it committed is delivered.
     pub async fn deliver_committed(&self, committed: Receiver<Committed>) {
         while let Ok(Committed { outcomes, events, waiting }) = committed.recv().await {
+            let carrying = if outcomes.is_empty() { "receipts" } else { "emergencies" };
+            self.metrics.count("resq_push_journal_commits_total", carrying);
             for (outcome, reply) in outcomes {
                 let answer = match outcome {
                     Outcome::New(stored) => {
@@ -851,7 +842,8 @@ mod tests {
     #[test]
     fn the_reply_to_an_accepted_submission_names_the_history() {
         let publisher = in_memory_publisher();
-        let accepted = smol::block_on(publisher.submit(b"{}".to_vec(), Source::Http, None)).unwrap();
+        let staged = smol::block_on(publisher.stage(b"{}".to_vec(), Source::Http, None, WhenBusy::Refuse));
+        let accepted = smol::block_on(publisher.settle(staged.unwrap(), Source::Http)).unwrap();
         assert_eq!(
             publisher.reply(accepted),
             r#"{"ok":true,"stream":"stream-a","seq":1,"queued_to":0,"delivered":0,"acked":0}"#
