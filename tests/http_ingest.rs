@@ -130,13 +130,6 @@ fn pipelined_posts(n: u32) -> String {
         .collect()
 }
 
-/// A counter of `/metrics` with one label, 0 if absent.
-fn counter(server: &Server, family_and_label: &str) -> u64 {
-    let page = server.get("/metrics").body;
-    let line = page.lines().find(|line| line.starts_with(family_and_label));
-    line.and_then(|line| line.rsplit(' ').next()).map_or(0, |value| value.parse().unwrap())
-}
-
 #[test]
 fn pipelined_publishes_share_commits_and_are_answered_in_order() {
     const N: u32 = 48;
@@ -158,7 +151,7 @@ fn pipelined_publishes_share_commits_and_are_answered_in_order() {
         assert_eq!(client.recv_emergency(seq)["data"]["n"], seq);
     }
     // Answered one at a time, each publish would have had a commit of its own.
-    let commits = counter(&server, "resq_push_journal_commits_total{carrying=\"emergencies\"}");
+    let commits = server.counter(r#"resq_push_journal_commits_total{carrying="emergencies"}"#);
     assert!((1..u64::from(N)).contains(&commits), "{commits} commits for {N} pipelined publishes");
 }
 
