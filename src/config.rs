@@ -81,6 +81,11 @@ pub const DEFAULT_STATUS_QUEUE: usize = 8192;
 pub const DEFAULT_MAX_OPEN: usize = 1000;
 /// Default bytes of envelopes the open emergencies may hold in memory (beyond the history's).
 pub const DEFAULT_MAX_OPEN_BYTES: usize = 16 * 1024 * 1024;
+/// Default pipelined `POST /emergencias` an HTTP connection takes in before it answers the first,
+/// so that they share one commit (as a Unix-socket burst does); 1 answers each before the next.
+pub const DEFAULT_HTTP_PIPELINE: usize = 16;
+/// The largest `--http-pipeline`: the journal's queue (`store::journal::MAX_QUEUED`) is 4096.
+pub const MAX_HTTP_PIPELINE: usize = 1024;
 /// Default receipts per emergency of connections without a token name (open subscribing).
 pub const DEFAULT_MAX_UNNAMED_RECEIPTS: usize = 64;
 /// Default `--on-unacked` commands running at once; more wait their turn.
@@ -247,6 +252,12 @@ pub struct Config {
     #[argh(option, default = "DEFAULT_MAX_OPEN_BYTES")]
     pub max_open_bytes: usize,
 
+    /// pipelined POST /emergencias requests of one HTTP connection stored together before the
+    /// first is answered, so that they share a commit; 1: each answered before the next is read
+    /// (default 16, at most 1024)
+    #[argh(option, default = "DEFAULT_HTTP_PIPELINE")]
+    pub http_pipeline: usize,
+
     /// receipts kept per emergency for connections without a token name (default 64)
     #[argh(option, default = "DEFAULT_MAX_UNNAMED_RECEIPTS")]
     pub max_unnamed_receipts: usize,
@@ -342,6 +353,9 @@ impl Config {
         }
         if self.max_inflight_bytes < self.max_body_bytes {
             return Err("--max-inflight-bytes must be at least --max-body-bytes".into());
+        }
+        if !(1..=MAX_HTTP_PIPELINE).contains(&self.http_pipeline) {
+            return Err(format!("--http-pipeline must be from 1 to {MAX_HTTP_PIPELINE}"));
         }
         if self.max_head_bytes < 256 {
             return Err("--max-head-bytes must be at least 256".into());

@@ -93,6 +93,24 @@ fn publish_keyed(server: &Server, n: u64) -> Value {
     response.json()
 }
 
+/// With no ack to ride with, receipts are stored on their own within `DELIVERY_FLUSH`: the
+/// flush is rung by the first one held, not by a tick.
+#[test]
+fn a_delivery_alone_is_stored_and_survives_a_crash() {
+    let (dir, tokens) = site();
+    let server = start(dir, &tokens, &[]);
+    let receipts_commits = || server.counter(r#"resq_push_journal_commits_total{carrying="receipts"}"#);
+    assert_eq!(publish_keyed(&server, 1)["seq"], 1);
+    wait_until("`queued_to` committed", || receipts_commits() == 1);
+    let (mut tablet_1, _) = tablet(&server, 0, "&since=0");
+    recv_kind(&mut tablet_1, "emergencia", 1);
+    wait_until("the delivery seen", || status(&server, 1)["status"]["delivered"] == 1);
+    wait_until("the delivery committed", || receipts_commits() == 2);
+    drop(tablet_1);
+    let server = start(server.kill9(), &tokens, &[]);
+    assert_eq!(status(&server, 1)["status"]["delivered"], 1);
+}
+
 fn three_named_tablets_two_ack(restart: fn(Server) -> TempDir) {
     let (dir, tokens) = site();
     let server = start(dir, &tokens, &[]);

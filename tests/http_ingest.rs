@@ -116,6 +116,102 @@ fn keep_alive_and_pipelined_requests_share_one_connection() {
     assert_eq!(HttpResponse::read(&mut reader).json()["seq"], 3);
 }
 
+/// `n` pipelined publishes of `{"n":i}`, `Connection: close` on the last.
+fn pipelined_posts(n: u32) -> String {
+    (1..=n)
+        .map(|i| {
+            let body = format!("{{\"n\":{i}}}");
+            let close = if i == n { "Connection: close\r\n" } else { "" };
+            format!(
+                "POST /emergencias HTTP/1.1\r\nHost: t\r\n{close}Content-Length: {}\r\n\r\n{body}",
+                body.len()
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn pipelined_publishes_share_commits_and_are_answered_in_order() {
+    const N: u32 = 48;
+    let server = Server::start(&[]);
+    let (mut client, _) = server.subscribe();
+    let stream = TcpStream::connect(server.addr).unwrap();
+    stream.set_read_timeout(Some(PATIENCE)).unwrap();
+    let mut writer = stream.try_clone().unwrap();
+    let mut reader = BufReader::new(stream);
+    writer.write_all(pipelined_posts(N).as_bytes()).unwrap();
+    for seq in 1..=u64::from(N) {
+        let reply = HttpResponse::read(&mut reader);
+        assert_eq!(reply.status, 202, "{}", reply.body);
+        assert_eq!(reply.json()["seq"], seq);
+        let expected = if seq == u64::from(N) { "close" } else { "keep-alive" };
+        assert_eq!(reply.header("connection").as_deref(), Some(expected));
+    }
+    for seq in 1..=u64::from(N) {
+        assert_eq!(client.recv_emergency(seq)["data"]["n"], seq);
+    }
+    // Answered one at a time, each publish would have had a commit of its own.
+    let commits = server.counter(r#"resq_push_journal_commits_total{carrying="emergencies"}"#);
+    assert!((1..u64::from(N)).contains(&commits), "{commits} commits for {N} pipelined publishes");
+}
+
+#[test]
+fn every_request_of_a_pipeline_gets_its_own_answer_in_order() {
+    let server = Server::start(&["--max-body-bytes", "100"]);
+    let (mut client, _) = server.subscribe();
+    let post = |body: &str, extra: &str| {
+        format!(
+            "POST /emergencias HTTP/1.1\r\nHost: t\r\n{extra}Content-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+    };
+    let too_large = format!(r#"{{"x":"{}"}}"#, "y".repeat(100));
+    let pipeline = [
+        post(r#"{"n":1}"#, ""),
+        post("not json", ""),
+        post(r#"{"n":2}"#, "Idempotency-Key: k-2\r\n"),
+        post(r#"{"n":2}"#, "Idempotency-Key: k-2\r\n"),
+        post(r#"{"n":3}"#, "Idempotency-Key: k-2\r\n"),
+        "GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n".to_owned(),
+        post(r#"{"n":3}"#, ""),
+        post(&too_large, ""),
+        post(r#"{"n":4}"#, ""),
+    ];
+    let stream = TcpStream::connect(server.addr).unwrap();
+    stream.set_read_timeout(Some(PATIENCE)).unwrap();
+    let mut writer = stream.try_clone().unwrap();
+    let mut reader = BufReader::new(stream);
+    writer.write_all(pipeline.concat().as_bytes()).unwrap();
+    let mut answers = Vec::new();
+    for _ in 0..8 {
+        let reply = HttpResponse::read(&mut reader);
+        let seq = reply.json()["seq"].as_u64();
+        let duplicate = reply.json()["duplicate"].as_bool();
+        answers.push((reply.status, seq, duplicate));
+    }
+    assert_eq!(
+        answers,
+        [
+            (202, Some(1), None),
+            (400, None, None),
+            (202, Some(2), None),
+            (202, Some(2), Some(true)),
+            (409, None, None),
+            (200, Some(2), None),
+            (202, Some(3), None),
+            (413, None, None),
+        ]
+    );
+    // The body of the 413 is never read: the connection closes after it, and the last request
+    // is not taken.
+    let mut rest = Vec::new();
+    assert_eq!(reader.read_to_end(&mut rest).unwrap(), 0, "{}", String::from_utf8_lossy(&rest));
+    for seq in 1..=3 {
+        assert_eq!(client.recv_emergency(seq)["data"]["n"], seq);
+    }
+    assert_eq!(server.last_seq(), 3);
+}
+
 #[test]
 fn expect_100_continue_is_honoured() {
     let server = Server::start(&[]);

@@ -24,6 +24,7 @@ const SECTIONS: &[(&str, &[&str])] = &[
             "--max-inflight-bytes",
             "--max-poll-bytes",
             "--max-head-bytes",
+            "--http-pipeline",
             "--max-client-message-bytes",
             "--client-send-buffer",
             "--status-queue",

@@ -231,6 +231,44 @@ impl HttpConnection {
         read
     }
 
+    /// The next request's head, if it and its whole body (by a plain `Content-Length`) are
+    /// already read, without taking it: what a pipeline may take in before answering. Reads
+    /// once more if the socket has bytes ready now, never waiting for them.
+    pub async fn peek_whole_request(&mut self, max_head_bytes: usize) -> Option<Request> {
+        if let Some(request) = self.buffered_whole_request(max_head_bytes) {
+            return Some(request);
+        }
+        if !self.read_ready(BODY_CHUNK).await {
+            return None;
+        }
+        self.buffered_whole_request(max_head_bytes)
+    }
+
+    fn buffered_whole_request(&self, max_head_bytes: usize) -> Option<Request> {
+        let (request, head_len) = parse_head(&self.buffered, max_head_bytes).ok()??;
+        let mut lengths = request.headers("content-length");
+        let body_len = match (lengths.next(), lengths.next()) {
+            (Some(length), None) => length.trim().parse::<usize>().ok()?,
+            _ => return None,
+        };
+        drop(lengths);
+        (self.buffered.len() - head_len >= body_len).then_some(request)
+    }
+
+    /// Reads at most `at_most` bytes onto the end of `buffered` if the stream has them now;
+    /// whether it did. An end or an error is left for the next real read to find.
+    async fn read_ready(&mut self, at_most: usize) -> bool {
+        let start = self.buffered.len();
+        self.buffered.resize(start + at_most, 0);
+        let read = future::poll_once(self.stream.read(&mut self.buffered[start..])).await;
+        let filled = match read {
+            Some(Ok(n)) => n,
+            _ => 0,
+        };
+        self.buffered.truncate(start + filled);
+        filled > 0
+    }
+
     fn parse_buffered_head(&mut self, max_bytes: usize) -> Result<Option<Request>, HeadError> {
         let Some((request, head_len)) = parse_head(&self.buffered, max_bytes)? else {
             return Ok(None);

@@ -17,7 +17,7 @@
 //! Anything else gets `404` or `405`. A request that leaves the connection in an unknown state
 //! (a body not read, a malformed head) is answered and the connection closed.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::Instant;
@@ -35,7 +35,7 @@ use crate::http::conn::{BodyError, BodyPace, HeadError, HttpConnection, MAX_HEAD
 use crate::http::credentials::{authorize, parse_resume};
 use crate::http::forwarded;
 use crate::http::status::Status;
-use crate::ingest::{self, AckOutcome, CloseOutcome, Rejection};
+use crate::ingest::{self, AckOutcome, CloseOutcome, Rejection, Staged, WhenBusy};
 use crate::protocol::{
     self, AckReply, ClientInfo, CloseReply, Health, Source, StorageHealth, TabletInfo, TabletSummary,
     Tablets, error_json,
@@ -53,6 +53,70 @@ enum Outcome {
     Reply(Response),
     /// Hand the connection to a session of the live stream (WebSocket or SSE).
     Upgrade(Request),
+    /// A publish handed to the history, answered once it is settled (`Pipeline`).
+    Publishing(PendingPublish),
+}
+
+/// A `POST /emergencias` not yet answered: its request (keep-alive, CORS) and its publish.
+struct PendingPublish {
+    request: Request,
+    publish: StagedPublish,
+}
+
+/// An emergency staged in the history, waiting for its outcome.
+struct StagedPublish {
+    staged: Staged,
+    /// Its share of `--max-inflight-bytes`, held until it is answered.
+    _held: Reservation,
+    peer: SocketAddr,
+    /// The publish token's name, for the log line.
+    publisher: Option<Rc<str>>,
+    length: usize,
+}
+
+/// The publishes of one connection staged before the first of them is answered: pipelined
+/// requests read ahead (at most `--http-pipeline`) share the journal's next commit, as a Unix
+/// burst does, instead of each waiting for its own. Only a `POST /emergencias` whose head and
+/// body are both at hand is read ahead; any other request, or one still arriving, waits until
+/// everything before it is answered, so every answer is the one it would get alone, in order.
+struct Pipeline {
+    pending: VecDeque<PendingPublish>,
+    window: usize,
+}
+
+impl Pipeline {
+    /// Whether the next request should be read before the pending ones are answered.
+    async fn reads_ahead(&self, app: &App, connection: &mut HttpConnection) -> bool {
+        let Some(last) = self.pending.back() else { return true };
+        if self.pending.len() >= self.window || !last.request.keep_alive() || app.is_stopping() {
+            return false;
+        }
+        let next = connection.peek_whole_request(app.config.max_head_bytes).await;
+        next.is_some_and(|request| {
+            request.method == "POST" && request.path == "/emergencias" && request.header("expect").is_none()
+        })
+    }
+
+    /// Answers every pending publish in order; the connection, unless the last closed it. Only
+    /// the last can close it, and not even that one if an answer `follows` (a request after
+    /// them was read: it decides whether the connection goes on).
+    async fn answer_all(
+        &mut self,
+        app: &App,
+        mut connection: HttpConnection,
+        slot: &SlotGuard,
+        follows: bool,
+    ) -> Option<HttpConnection> {
+        while let Some(pending) = self.pending.pop_front() {
+            let wants_keep_alive = pending.request.keep_alive();
+            let response = settle_publish(app, pending).await;
+            let keep_open = follows
+                || !self.pending.is_empty()
+                || connection.can_continue(wants_keep_alive, app.is_stopping());
+            connection = answer(app, connection, response, keep_open, slot).await?;
+        }
+        Some(connection)
+    }
 }
 
 /// A connection whose request asked for the live stream (`/ws/emergencias`, `/sse/emergencias`),
@@ -77,10 +141,14 @@ pub async fn serve_requests(
 ) -> Option<Upgrade> {
     let config = &app.config;
     let mut connection = HttpConnection::new(stream, Rc::clone(&app.metrics));
+    let mut pipeline = Pipeline { pending: VecDeque::new(), window: config.http_pipeline };
     loop {
+        if !pipeline.reads_ahead(app, &mut connection).await {
+            connection = pipeline.answer_all(app, connection, &slot, false).await?;
+        }
         let idle_until = Instant::now() + config.header_timeout;
         // Waiting for a request, the connection may be evicted to make room for a newer one.
-        slot.set_idle(true);
+        slot.set_idle(pipeline.pending.is_empty());
         let head = future::or(
             connection.read_head(config.max_head_bytes, idle_until, config.header_timeout),
             async {
@@ -93,6 +161,7 @@ pub async fn serve_requests(
         let (request, deadline) = match head {
             Ok(head) => head,
             Err(error) => {
+                // Read ahead only when whole: a head that failed was not, and none is pending.
                 answer_bad_head(connection, error, peer, app, &slot).await;
                 return None;
             }
@@ -102,20 +171,34 @@ pub async fn serve_requests(
         let wants_keep_alive = request.keep_alive();
         match handle(app, &mut connection, request, client, deadline, &slot).await {
             Outcome::Upgrade(request) => return Some(Upgrade { connection, request, slot, client }),
-            Outcome::Reply(response) if !connection.can_continue(wants_keep_alive, app.is_stopping()) => {
-                connection.respond_and_close(response, config.write_timeout, &slot).await;
-                return None;
-            }
+            Outcome::Publishing(pending) => pipeline.pending.push_back(pending),
             Outcome::Reply(response) => {
-                let written = connection.respond(&response, true, Instant::now() + config.write_timeout);
-                if written.await.is_err() {
-                    return None;
-                }
+                connection = pipeline.answer_all(app, connection, &slot, true).await?;
+                let keep_open = connection.can_continue(wants_keep_alive, app.is_stopping());
+                connection = answer(app, connection, response, keep_open, &slot).await?;
             }
         }
         // Pipelined requests must not monopolize the thread.
         future::yield_now().await;
     }
+}
+
+/// Writes a response, and closes the connection after it unless `keep_open`; the connection,
+/// unless it is closed.
+async fn answer(
+    app: &App,
+    mut connection: HttpConnection,
+    response: Response,
+    keep_open: bool,
+    slot: &SlotGuard,
+) -> Option<HttpConnection> {
+    let write_timeout = app.config.write_timeout;
+    if !keep_open {
+        connection.respond_and_close(response, write_timeout, slot).await;
+        return None;
+    }
+    let written = connection.respond(&response, true, Instant::now() + write_timeout);
+    written.await.ok().map(|()| connection)
 }
 
 async fn handle(
@@ -133,7 +216,10 @@ async fn handle(
         ("/ws/emergencias", _) => method_not_allowed("GET"),
         ("/sse/emergencias", "GET") if !head_only => return Outcome::Upgrade(request),
         ("/sse/emergencias", _) => method_not_allowed("GET"),
-        ("/emergencias", "POST") => publish(app, connection, &request, peer, deadline, slot).await,
+        ("/emergencias", "POST") => match publish(app, connection, &request, peer, deadline, slot).await {
+            Ok(publish) => return Outcome::Publishing(PendingPublish { request, publish }),
+            Err(refusal) => refusal,
+        },
         ("/emergencias", "GET") => poll(app, &request, peer),
         ("/emergencias", "OPTIONS") => preflight(app, &request, peer, "GET, POST"),
         ("/emergencias", _) => method_not_allowed("GET, POST"),
@@ -367,7 +453,8 @@ fn error(status: Status, message: &str) -> Response {
     Response::json(status, error_json(message))
 }
 
-/// `POST /emergencias`: one JSON object with `Content-Length`.
+/// `POST /emergencias`: one JSON object with `Content-Length`, staged in the history; answered
+/// by `settle_publish`.
 async fn publish(
     app: &App,
     connection: &mut HttpConnection,
@@ -375,36 +462,35 @@ async fn publish(
     peer: SocketAddr,
     deadline: Instant,
     slot: &SlotGuard,
-) -> Response {
-    let publisher = match authorize(app.access.borrow().publish.as_ref(), request, false, "publish", peer) {
-        Ok(publisher) => publisher,
-        Err(refusal) => return refusal,
-    };
-    let length = match declared_length(app, request, peer, "publish", true) {
-        Ok(length) => length,
-        Err(refusal) => return refusal,
-    };
-    let key = match idempotency_key(request) {
-        Ok(key) => key,
-        Err(message) => {
-            warn!("rejected publish from {peer}: {message}");
-            return error(Status::BAD_REQUEST, &message);
-        }
-    };
-    let (body, _held) = match read_whole_body(app, connection, request, peer, length, deadline, slot).await {
-        Ok(read) => read,
-        Err(refusal) => return refusal,
-    };
-    match app.publisher.submit(body, Source::Http, key).await {
+) -> Result<StagedPublish, Response> {
+    let publisher = authorize(app.access.borrow().publish.as_ref(), request, false, "publish", peer)?;
+    let length = declared_length(app, request, peer, "publish", true)?;
+    let key = idempotency_key(request).map_err(|message| {
+        warn!("rejected publish from {peer}: {message}");
+        error(Status::BAD_REQUEST, &message)
+    })?;
+    let (body, held) = read_whole_body(app, connection, request, peer, length, deadline, slot).await?;
+    let staged = app.publisher.stage(body, Source::Http, key, WhenBusy::Refuse).await;
+    let staged = staged.map_err(|rejection| refused(rejection, peer))?;
+    let publisher = publisher.map(|identity| identity.name);
+    Ok(StagedPublish { staged, _held: held, peer, publisher, length })
+}
+
+/// Waits for a staged publish's outcome: its answer (`202`, `409`, `503`), with CORS headers.
+async fn settle_publish(app: &App, pending: PendingPublish) -> Response {
+    let PendingPublish { request, publish: StagedPublish { staged, _held, peer, publisher, length } } =
+        pending;
+    let response = match app.publisher.settle(staged, Source::Http).await {
         // A duplicate gets the status its original got: a publisher that retries until it sees
         // a 202 stops at the first retry that gets through.
         Ok(accepted) => {
-            let name = publisher.map(|identity| format!(" ({})", identity.name)).unwrap_or_default();
+            let name = publisher.map(|name| format!(" ({name})")).unwrap_or_default();
             info!("{accepted} ({length} bytes) over http from {peer}{name}");
             Response::json(Status::ACCEPTED, app.publisher.reply(accepted))
         }
         Err(rejection) => refused(rejection, peer),
-    }
+    };
+    with_cors(app, &request, response)
 }
 
 /// The length of a request's body: `411` if chunked (or, when `required`, without

@@ -19,7 +19,7 @@ use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::time::{Duration, Instant, SystemTime};
 
-use async_channel::Receiver;
+use async_channel::{Receiver, Sender};
 use serde::{Deserialize, Deserializer};
 use serde_json::value::RawValue;
 
@@ -362,6 +362,9 @@ pub struct Publisher {
     accepting: Cell<bool>,
     /// Deliveries not yet sent to the journal (durable only): see `DELIVERY_FLUSH`.
     held_deliveries: RefCell<Vec<ReceiptEvent>>,
+    /// Rung when the first delivery is held: the flush waits for it rather than ticking, so an
+    /// idle server sleeps (BENCHMARKS.md, "the idle server's wake-ups").
+    deliveries_held: (Sender<()>, Receiver<()>),
 }
 
 impl Publisher {
@@ -383,6 +386,7 @@ impl Publisher {
             in_flight,
             accepting: Cell::new(true),
             held_deliveries: RefCell::default(),
+            deliveries_held: async_channel::bounded(1),
         }
     }
 
@@ -504,6 +508,10 @@ impl Publisher {
         let Some(journal) = &self.journal else { return self.apply(events) };
         if events.iter().all(ReceiptEvent::is_held) {
             let mut held = self.held_deliveries.borrow_mut();
+            if held.is_empty() {
+                // Full means a flush is already due.
+                let _ = self.deliveries_held.0.try_send(());
+            }
             held.extend(events);
             if held.len() < MAX_HELD_DELIVERIES {
                 return;
@@ -538,9 +546,11 @@ impl Publisher {
         }
     }
 
-    /// Sends the held deliveries every `DELIVERY_FLUSH`; runs as long as the server.
+    /// Sends the held deliveries `DELIVERY_FLUSH` after the first of them was held (unless
+    /// another event took them first); runs as long as the server. With nothing held it waits
+    /// without a timer.
     pub async fn flush_deliveries_periodically(&self) {
-        loop {
+        while self.deliveries_held.1.recv().await.is_ok() {
             smol::Timer::after(DELIVERY_FLUSH).await;
             self.flush_deliveries();
         }
@@ -641,21 +651,12 @@ impl Publisher {
         }
     }
 
-    /// Stages one submission and waits for its outcome; refused at once if the journal is busy.
-    pub async fn submit(
-        &self,
-        bytes: Vec<u8>,
-        source: Source,
-        key: Option<IdempotencyKey>,
-    ) -> Result<Accepted, Rejection> {
-        let staged = self.stage(bytes, source, key, WhenBusy::Refuse).await?;
-        self.settle(staged, source).await
-    }
-
     /// Hands what the journal committed to the hub, in seq order, and answers each publisher.
     /// Ends when the journal has stopped and everything it committed is delivered.
     pub async fn deliver_committed(&self, committed: Receiver<Committed>) {
         while let Ok(Committed { outcomes, events, waiting }) = committed.recv().await {
+            let carrying = if outcomes.is_empty() { "receipts" } else { "emergencies" };
+            self.metrics.count("resq_push_journal_commits_total", carrying);
             for (outcome, reply) in outcomes {
                 let answer = match outcome {
                     Outcome::New(stored) => {
@@ -851,7 +852,8 @@ mod tests {
     #[test]
     fn the_reply_to_an_accepted_submission_names_the_history() {
         let publisher = in_memory_publisher();
-        let accepted = smol::block_on(publisher.submit(b"{}".to_vec(), Source::Http, None)).unwrap();
+        let staged = smol::block_on(publisher.stage(b"{}".to_vec(), Source::Http, None, WhenBusy::Refuse));
+        let accepted = smol::block_on(publisher.settle(staged.unwrap(), Source::Http)).unwrap();
         assert_eq!(
             publisher.reply(accepted),
             r#"{"ok":true,"stream":"stream-a","seq":1,"queued_to":0,"delivered":0,"acked":0}"#

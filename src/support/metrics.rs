@@ -28,6 +28,11 @@ const FAMILIES: &[(&str, &str, &str)] = &[
         "Emergencies refused because storage did not take them, by cause.",
         "cause",
     ),
+    (
+        "resq_push_journal_commits_total",
+        "Journal transactions handed back: with emergencies (any receipts beside them), or receipts only.",
+        "carrying",
+    ),
     ("resq_push_acks_total", "Tablets' first acks of an emergency (repeats are not counted).", "kind"),
     ("resq_push_closes_total", "Emergencies closed by a publisher.", "kind"),
     ("resq_push_escalations_total", "Emergencies nobody acked within --ack-timeout.", "kind"),

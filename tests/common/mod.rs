@@ -140,6 +140,14 @@ impl Server {
         self.health()["clients"].as_u64().unwrap()
     }
 
+    /// A counter of `/metrics`, named with its labels as the page writes them; 0 if absent.
+    pub fn counter(&self, name_and_labels: &str) -> u64 {
+        let page = self.get("/metrics").body;
+        let line =
+            page.lines().find(|line| line.rsplit_once(' ').is_some_and(|(name, _)| name == name_and_labels));
+        line.and_then(|line| line.rsplit(' ').next()).map_or(0, |value| value.parse().unwrap())
+    }
+
     pub fn last_seq(&self) -> u64 {
         self.health()["seq"].as_u64().unwrap()
     }
