@@ -27,13 +27,8 @@ impl Frame {
         Frame { prefix: None, header: FrameHeader::new(OPCODE_TEXT, json.len()), payload: json, tail: "" }
     }
 
-    /// An empty ping; allocates nothing (its empty payload is shared).
     pub fn ping() -> Frame {
-        thread_local! {
-            static NO_PAYLOAD: SharedEnvelope = Rc::from("");
-        }
-        let payload = NO_PAYLOAD.with(Rc::clone);
-        Frame { prefix: None, header: FrameHeader::new(OPCODE_PING, 0), payload, tail: "" }
+        Frame { prefix: None, header: FrameHeader::new(OPCODE_PING, 0), payload: Rc::from(""), tail: "" }
     }
 
     /// A frame of other bytes around a payload (an SSE event): `prefix`, `head` (at most

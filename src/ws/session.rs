@@ -24,7 +24,7 @@ use async_tungstenite::WebSocketStream;
 use async_tungstenite::tungstenite::protocol::CloseFrame;
 use async_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use async_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
-use futures_util::{Sink, SinkExt, Stream};
+use futures_util::SinkExt;
 use log::{debug, info, warn};
 use smol::io::{AsyncReadExt, AsyncWrite};
 use smol::stream::StreamExt;
@@ -103,22 +103,6 @@ impl fmt::Display for SessionEnd {
             SessionEnd::Io(error) => write!(f, "i/o error: {error}"),
         }
     }
-}
-
-/// Frames a wake reads in place before the boxed path takes over (it yields between frames, so
-/// that a client flooding frames cannot hold the thread).
-const READ_IN_PLACE_FRAMES: usize = 4;
-
-/// What reading in place left to the boxed path.
-enum ReadNow {
-    /// Every frame read and handled, tungstenite's answers sent.
-    Done,
-    /// A frame that needs a write (or ends the session).
-    Frame(Option<Result<Message, WsError>>),
-    /// tungstenite's answer to a client's Ping met a full socket.
-    Unflushed,
-    /// More frames than `READ_IN_PLACE_FRAMES`.
-    More,
 }
 
 /// What woke the session loop.
@@ -277,7 +261,7 @@ impl Session {
             let result = match wake {
                 Wake::Readable => {
                     self.pulse.answered();
-                    self.read_in_place().await
+                    Box::pin(self.read_frames()).await
                 }
                 Wake::Doorbell if self.subscription.doorbell.farewell().is_some() => {
                     Err(Box::pin(self.say_farewell()).await)
@@ -295,7 +279,7 @@ impl Session {
                 }
                 Wake::Heartbeat => {
                     self.pulse.pinged();
-                    self.ping().await
+                    Box::pin(self.write(&[Frame::ping()])).await
                 }
             };
             if let Err(end) = result {
@@ -394,71 +378,6 @@ impl Session {
         }
     }
 
-    /// What an idle client's wake brings (a pong, an ack, a Ping whose answer goes out at once),
-    /// read and handled without a boxed future: a box per wake, in every session a batch of
-    /// pongs wakes at once, left holes in the heap (BENCHMARKS.md, "Idle clients"). A frame that
-    /// needs a write, or more than `READ_IN_PLACE_FRAMES` of them, goes on in the boxed path.
-    async fn read_in_place(&mut self) -> Result<(), SessionEnd> {
-        if matches!(self.wire, Wire::EventStream(..)) {
-            return Box::pin(self.read_frames()).await;
-        }
-        self.subscription.heard(SystemTime::now());
-        match future::poll_fn(|cx| Poll::Ready(self.poll_read_now(cx))).await {
-            ReadNow::Done => Ok(()),
-            ReadNow::Frame(frame) => {
-                Box::pin(async move {
-                    self.handle_frame(frame).await?;
-                    self.read_frames().await
-                })
-                .await
-            }
-            ReadNow::Unflushed => Box::pin(self.flush_control_frames()).await,
-            ReadNow::More => Box::pin(self.read_frames()).await,
-        }
-    }
-
-    /// Reads and handles the frames that need no write, up to `READ_IN_PLACE_FRAMES`.
-    fn poll_read_now(&mut self, cx: &mut std::task::Context<'_>) -> ReadNow {
-        for _ in 0..READ_IN_PLACE_FRAMES {
-            let Wire::WebSocket(ws) = &mut self.wire else { return ReadNow::More };
-            let Poll::Ready(frame) = Pin::new(&mut *ws).poll_next(cx) else {
-                // tungstenite's answer to a client's Ping, if any, goes out now.
-                return match Pin::new(ws).poll_flush(cx) {
-                    Poll::Ready(Ok(())) => ReadNow::Done,
-                    _ => ReadNow::Unflushed,
-                };
-            };
-            if let Some(frame) = self.handle_frame_now(frame) {
-                return ReadNow::Frame(frame);
-            }
-        }
-        ReadNow::More
-    }
-
-    /// A ping (a fixed 2-byte frame) written without a boxed future when the socket takes it at
-    /// once, as it does unless the client stopped reading; otherwise the boxed write finishes it
-    /// within `--write-timeout`.
-    async fn ping(&mut self) -> Result<(), SessionEnd> {
-        let mut written = 0;
-        match future::poll_fn(|cx| Poll::Ready(self.poll_ping_now(cx, &mut written))).await {
-            Poll::Ready(result) => result,
-            Poll::Pending => Box::pin(async move { self.write_from(&[Frame::ping()], written).await }).await,
-        }
-    }
-
-    fn poll_ping_now(
-        &mut self,
-        cx: &mut std::task::Context<'_>,
-        written: &mut usize,
-    ) -> Poll<Result<(), SessionEnd>> {
-        let Wire::WebSocket(ws) = &mut self.wire else { return Poll::Pending };
-        // What tungstenite holds (the answer to a client's Ping) goes first.
-        if !matches!(Pin::new(&mut *ws).poll_flush(cx), Poll::Ready(Ok(()))) {
-            return Poll::Pending;
-        }
-        poll_write_frames(ws.get_mut(), cx, &[Frame::ping()], written)
-    }
-
     /// Handles every frame the client has sent; returns when no complete frame is left, with
     /// tungstenite's answers to the client's Pings sent. An SSE client has nothing to say: what
     /// it sends is dropped, and its end of the connection ends the session.
@@ -488,10 +407,15 @@ impl Session {
     /// future across its yield, in every session that one batch of pongs wakes at once, and
     /// inline they made it 1192 bytes instead of 304 (BENCHMARKS.md, "Idle clients").
     async fn handle_frame(&mut self, frame: Option<Result<Message, WsError>>) -> Result<(), SessionEnd> {
-        let Some(frame) = self.handle_frame_now(frame) else { return Ok(()) };
         match frame {
-            // A text ping, the one text `handle_frame_now` leaves.
-            Some(Ok(Message::Text(_))) => Box::pin(self.write(&[Frame::text(PONG.into())])).await,
+            Some(Ok(Message::Text(text))) => match client_text(&text) {
+                ClientText::Ping => Box::pin(self.write(&[Frame::text(PONG.into())])).await,
+                ClientText::Ack(seq) => {
+                    self.handle_ack(seq);
+                    Ok(())
+                }
+                ClientText::Other => Ok(()),
+            },
             Some(Ok(Message::Close(frame))) => {
                 // tungstenite has queued the Close reply; flushing sends it.
                 if let Wire::WebSocket(ws) = &mut self.wire {
@@ -499,6 +423,8 @@ impl Session {
                 }
                 Err(SessionEnd::ClientClosed(frame.map(|f| f.code)))
             }
+            // Other text, binary, and Ping/Pong frames only show the client is alive. tungstenite
+            // queues the answer to a Ping; `write` sends it before anything else.
             Some(Ok(_)) => Ok(()),
             Some(Err(error @ WsError::Capacity(_))) => {
                 Box::pin(self.close(CloseCode::Size, "message too large")).await;
@@ -514,27 +440,6 @@ impl Session {
             }
             Some(Err(error)) => Err(SessionEnd::Io(error)),
             None => Err(SessionEnd::ConnectionLost),
-        }
-    }
-
-    /// Handles a frame that needs no write (an ack, other text, binary, a Ping or a Pong: they
-    /// only show the client is alive; tungstenite queues the answer to a Ping, and `write` sends
-    /// it before anything else); hands back any other.
-    fn handle_frame_now(
-        &self,
-        frame: Option<Result<Message, WsError>>,
-    ) -> Option<Option<Result<Message, WsError>>> {
-        match &frame {
-            Some(Ok(Message::Text(text))) => match client_text(text) {
-                ClientText::Ping => Some(frame),
-                ClientText::Ack(seq) => {
-                    self.handle_ack(seq);
-                    None
-                }
-                ClientText::Other => None,
-            },
-            Some(Ok(Message::Close(_))) | Some(Err(_)) | None => Some(frame),
-            Some(Ok(_)) => None,
         }
     }
 
@@ -569,7 +474,7 @@ impl Session {
         let ws = match &mut self.wire {
             Wire::WebSocket(ws) => ws,
             Wire::EventStream(_, transport) => {
-                let _ = write_all(transport, &[EventStream::farewell(reason)], 0, limit).await;
+                let _ = write_all(transport, &[EventStream::farewell(reason)], limit).await;
                 transport.end_writing();
                 let _ = deadline::within(CLOSE_REPLY_TIMEOUT, drain_to_end(&self.socket, transport)).await;
                 return;
@@ -596,14 +501,9 @@ impl Session {
     /// Writes `frames` to the socket. What tungstenite still holds (the answer to a client's
     /// Ping) goes first, so that frames never interleave.
     async fn write(&mut self, frames: &[Frame]) -> Result<(), SessionEnd> {
-        self.write_from(frames, 0).await
-    }
-
-    /// `write`, the first `written` bytes of `frames` already sent.
-    async fn write_from(&mut self, frames: &[Frame], written: usize) -> Result<(), SessionEnd> {
         self.flush_control_frames().await?;
         let limit = self.config().write_timeout;
-        write_all(self.wire.transport_mut(), frames, written, limit).await
+        write_all(self.wire.transport_mut(), frames, limit).await
     }
 
     /// Sends what tungstenite holds (an answer to a client's Ping that met a full socket);
@@ -618,52 +518,42 @@ impl Session {
     }
 }
 
-/// Writes every byte of `frames` after the first `written` with as few `writev` calls as the
-/// socket allows (under TLS, one rustls write a batch: one record, not one per frame), then what
-/// rustls still holds. The clock starts only if the socket is full: a write that goes through at
-/// once costs no timer.
-async fn write_all(
-    transport: &mut Transport,
-    frames: &[Frame],
-    mut written: usize,
-    limit: Duration,
-) -> Result<(), SessionEnd> {
+/// Writes every byte of `frames` with as few `writev` calls as the socket allows (under TLS,
+/// one rustls write a batch: one record, not one per frame), then what rustls still holds. The
+/// clock starts only if the socket is full: a write that goes through at once costs no timer.
+async fn write_all(transport: &mut Transport, frames: &[Frame], limit: Duration) -> Result<(), SessionEnd> {
+    let total: usize = frames.iter().map(Frame::len).sum();
+    let mut written = 0;
     let mut deadline: Option<Timer> = None;
-    future::poll_fn(|cx| match poll_write_frames(transport, cx, frames, &mut written) {
-        Poll::Pending => {
+    future::poll_fn(|cx| {
+        let mut wait = |cx: &mut std::task::Context<'_>| {
             let timer = deadline.get_or_insert_with(|| Timer::after(limit));
             match Pin::new(timer).poll(cx) {
                 Poll::Ready(_) => Poll::Ready(Err(SessionEnd::WriteTimeout)),
                 Poll::Pending => Poll::Pending,
             }
+        };
+        while written < total {
+            let mut slices = [IoSlice::new(&[]); slices_for(WRITE_BATCH_FRAMES)];
+            let count = unwritten_slices(frames, written, &mut slices);
+            match Pin::new(&mut *transport).poll_write_vectored(cx, &slices[..count]) {
+                Poll::Ready(Ok(0)) => {
+                    return Poll::Ready(Err(SessionEnd::Io(
+                        io::Error::from(io::ErrorKind::WriteZero).into(),
+                    )));
+                }
+                Poll::Ready(Ok(n)) => written += n,
+                Poll::Ready(Err(error)) => return Poll::Ready(Err(SessionEnd::Io(error.into()))),
+                Poll::Pending => return wait(cx),
+            }
         }
-        ready => ready,
+        match Pin::new(&mut *transport).poll_flush(cx) {
+            Poll::Ready(Ok(())) => Poll::Ready(Ok(())),
+            Poll::Ready(Err(error)) => Poll::Ready(Err(SessionEnd::Io(error.into()))),
+            Poll::Pending => wait(cx),
+        }
     })
     .await
-}
-
-/// Writes what the socket takes of `frames` after the first `written` bytes (counting them),
-/// then flushes; pending when the socket is full.
-fn poll_write_frames(
-    transport: &mut Transport,
-    cx: &mut std::task::Context<'_>,
-    frames: &[Frame],
-    written: &mut usize,
-) -> Poll<Result<(), SessionEnd>> {
-    let total: usize = frames.iter().map(Frame::len).sum();
-    while *written < total {
-        let mut slices = [IoSlice::new(&[]); slices_for(WRITE_BATCH_FRAMES)];
-        let count = unwritten_slices(frames, *written, &mut slices);
-        match Pin::new(&mut *transport).poll_write_vectored(cx, &slices[..count]) {
-            Poll::Ready(Ok(0)) => {
-                return Poll::Ready(Err(SessionEnd::Io(io::Error::from(io::ErrorKind::WriteZero).into())));
-            }
-            Poll::Ready(Ok(n)) => *written += n,
-            Poll::Ready(Err(error)) => return Poll::Ready(Err(SessionEnd::Io(error.into()))),
-            Poll::Pending => return Poll::Pending,
-        }
-    }
-    Pin::new(&mut *transport).poll_flush(cx).map_err(|error| SessionEnd::Io(error.into()))
 }
 
 /// Reads and drops what the client sends until it closes (an SSE client's end), in at most 64
