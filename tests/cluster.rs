@@ -821,8 +821,9 @@ fn everything_killed_and_restarted_acknowledged_equals_stored() {
     assert_eq!(nats.stream_info(STREAM)["state"]["last_seq"], n);
 }
 
-/// The stream deleted (an operator's `nats stream rm`) and recreated by the boxes: a new stream
-/// identity, seqs from 1 again, and a tablet resuming with the old `&stream=` gets
+/// The stream deleted (an operator's `nats stream rm RESQ`, the receipts' stream left as it is)
+/// and recreated by the boxes: a new stream identity, seqs from 1 again, no receipt of the old
+/// history on the new one, and a tablet resuming with the old `&stream=` gets
 /// `stream_changed: true` and the new history.
 #[test]
 fn stream_deleted_and_recreated_gives_stream_changed() {
@@ -833,6 +834,9 @@ fn stream_deleted_and_recreated_gives_stream_changed() {
     }
     let mut tablet = Tablet::connect("b1", &b);
     tablet.recv_until(3);
+    // An ack in the old history, which must not stick to the new history's seq 1.
+    tablet.send(r#"{"type":"ack","seq":1}"#);
+    tablet.recv_notice("ack", 1, |_| true);
     let old_stream = tablet.stream.clone();
     nats.delete_stream(STREAM);
     let (reply, _) = publish_until_ok(&target(&a), Http, "new-1");
@@ -850,6 +854,10 @@ fn stream_deleted_and_recreated_gives_stream_changed() {
     tablet.stream = new_stream;
     tablet.recv_until(1);
     assert_eq!(name_at(&tablet, 1), "new-1");
+    for server in [&a, &b] {
+        let status = server.get("/emergencias/1").json()["status"].clone();
+        assert_eq!(status["acked"], 0, "the old history's ack counts on the new seq 1: {status}");
+    }
     let mut on_a = Tablet::connect("a1", &a);
     on_a.recv_until(1);
     assert_all_got(&[&tablet, &on_a], 1);
