@@ -16,10 +16,11 @@ pub mod escalation;
 mod strict;
 
 use std::cell::{Cell, RefCell};
+use std::collections::BTreeMap;
 use std::rc::Rc;
 use std::time::{Duration, Instant, SystemTime};
 
-use async_channel::Receiver;
+use async_channel::{Receiver, Sender};
 use serde::{Deserialize, Deserializer};
 use serde_json::value::RawValue;
 
@@ -32,6 +33,8 @@ use crate::core::{Outcome, Receipt};
 use crate::protocol::{Counts, PublishReply, Source};
 use crate::runtime::budget::{ByteBudget, Reservation};
 use crate::runtime::scheduler::FanOut;
+use crate::store::Engine;
+use crate::store::engine::{EngineReply, Publication, unix_millis};
 use crate::store::journal::{Committed, FailureCause, Journal, StorageError};
 use crate::support::metrics::Metrics;
 
@@ -77,6 +80,12 @@ pub enum Rejection {
     Overloaded,
     /// Writing to the data dir failed; nothing was stored.
     StorageFailed(String),
+    /// Cluster mode: the engine did not commit it (not connected, no ack within
+    /// `--nats-timeout`), and why.
+    EngineUnavailable(String),
+    /// Cluster mode: the engine committed it as `seq`, but this box's follower did not bring it
+    /// back within `within`, so no tablet here can have it yet.
+    NotFollowed { seq: u64, within: Duration },
 }
 
 impl Rejection {
@@ -88,6 +97,8 @@ impl Rejection {
                 | Rejection::StorageBusy
                 | Rejection::Overloaded
                 | Rejection::StorageFailed(_)
+                | Rejection::EngineUnavailable(_)
+                | Rejection::NotFollowed { .. }
         )
     }
 
@@ -105,6 +116,8 @@ impl Rejection {
             Rejection::StorageBusy => "storage_busy",
             Rejection::Overloaded => "busy",
             Rejection::StorageFailed(_) => "storage_failed",
+            Rejection::EngineUnavailable(_) => "engine_unavailable",
+            Rejection::NotFollowed { .. } => "not_followed",
         }
     }
 }
@@ -141,6 +154,14 @@ impl std::fmt::Display for Rejection {
                 "server busy: --max-inflight-bytes of emergencies already in flight; publish again shortly",
             ),
             Rejection::StorageFailed(detail) => write!(f, "storage failed, nothing was stored: {detail}"),
+            Rejection::EngineUnavailable(reason) => {
+                write!(f, "engine unavailable: {reason}; nothing was stored")
+            }
+            Rejection::NotFollowed { seq, within } => write!(
+                f,
+                "engine unavailable: stored as seq {seq}, but this box has not received it back within \
+                 {within:?}; publish again with the same idempotency key to be answered from it"
+            ),
         }
     }
 }
@@ -342,6 +363,8 @@ pub enum Staged {
     Published(Outcome<Receipt>),
     /// Durable history: waiting for the journal to decide and commit it.
     Storing(Receiver<Result<Outcome<Receipt>, StorageError>>),
+    /// Cluster mode: waiting for the engine's commit.
+    Replicating(Receiver<EngineReply>),
 }
 
 /// The one way into the history, shared by every ingest path.
@@ -362,6 +385,15 @@ pub struct Publisher {
     accepting: Cell<bool>,
     /// Deliveries not yet sent to the journal (durable only): see `DELIVERY_FLUSH`.
     held_deliveries: RefCell<Vec<ReceiptEvent>>,
+    /// Cluster mode: the engine, which assigns the seqs; the journal is then its cache.
+    engine: Option<Engine>,
+    /// Cluster mode: publishers whose emergency the engine committed, by seq, waiting for this
+    /// box's follower to bring it into the hub (as many as `--max-inflight-bytes` lets in).
+    followers: RefCell<BTreeMap<u64, Vec<Sender<usize>>>>,
+    /// Cluster mode: publishes the engine did not take, for `/metrics`.
+    engine_failures: Cell<u64>,
+    /// Cluster mode: numbers the message ids of publishes without an idempotency key.
+    unkeyed: Cell<u64>,
 }
 
 impl Publisher {
@@ -383,7 +415,25 @@ impl Publisher {
             in_flight,
             accepting: Cell::new(true),
             held_deliveries: RefCell::default(),
+            engine: None,
+            followers: RefCell::default(),
+            engine_failures: Cell::new(0),
+            unkeyed: Cell::new(0),
         }
+    }
+
+    /// Cluster mode: publishes go to `engine`, and the journal is its cache.
+    pub fn with_engine(self, engine: Engine) -> Publisher {
+        Publisher { engine: Some(engine), ..self }
+    }
+
+    pub fn engine(&self) -> Option<&Engine> {
+        self.engine.as_ref()
+    }
+
+    /// Publishes the engine did not take.
+    pub fn engine_failures(&self) -> u64 {
+        self.engine_failures.get()
     }
 
     /// Takes `bytes` of `--max-inflight-bytes` for a publish about to hold them (a body about
@@ -430,6 +480,9 @@ impl Publisher {
         if !self.accepting.get() {
             return Err(Rejection::ShuttingDown);
         }
+        if let Some(engine) = &self.engine {
+            return self.replicate(engine, data, source, fingerprint);
+        }
         match &self.journal {
             Some(journal) => {
                 let place = match (journal.try_place(), when_busy) {
@@ -453,6 +506,81 @@ impl Publisher {
         }
     }
 
+    /// Cluster mode: hands the submission to the engine, with its key as the message id (so a
+    /// retry through any box is stored once), or a fresh one.
+    fn replicate(
+        &self,
+        engine: &Engine,
+        data: Box<RawValue>,
+        source: Source,
+        fingerprint: Option<Fingerprint>,
+    ) -> Result<Staged, Rejection> {
+        let message_id = match &fingerprint {
+            Some(fingerprint) => fingerprint.key.as_str().to_owned(),
+            None => {
+                self.unkeyed.set(self.unkeyed.get() + 1);
+                let started = unix_millis(self.metrics.started_at());
+                format!("{}-{started}-{}", engine.box_name(), self.unkeyed.get())
+            }
+        };
+        let data = String::from(Box::<str>::from(data));
+        let publication =
+            Publication { message_id, received_at_ms: unix_millis(SystemTime::now()), source, data };
+        engine.publish(publication).map(Staged::Replicating).map_err(|reason| self.engine_failed(reason))
+    }
+
+    fn engine_failed(&self, reason: String) -> Rejection {
+        self.engine_failures.set(self.engine_failures.get() + 1);
+        Rejection::EngineUnavailable(reason)
+    }
+
+    /// Cluster mode: waits for the engine's commit, then for this box's hub to have it.
+    async fn replicated(&self, acked: Receiver<EngineReply>) -> Result<Outcome<Receipt>, Rejection> {
+        let acked = match acked.recv().await {
+            Ok(Ok(acked)) => acked,
+            Ok(Err(reason)) => return Err(self.engine_failed(reason)),
+            Err(_) => return Err(self.engine_failed("the nats thread has stopped".into())),
+        };
+        let within = self.engine.as_ref().map_or(RECORD_WAIT, Engine::timeout);
+        let queued_to = self.followed(acked.seq, within).await?;
+        Ok(match acked.duplicate {
+            true => Outcome::Duplicate { seq: acked.seq },
+            false => Outcome::New(Receipt { seq: acked.seq, queued_to }),
+        })
+    }
+
+    /// Waits until the follower has brought `seq` into the hub: the clients it was queued to.
+    async fn followed(&self, seq: u64, within: Duration) -> Result<usize, Rejection> {
+        let known = self.hub().with(|hub| (hub.last_seq() >= seq).then(|| hub.queued_to(seq)));
+        if let Some(queued_to) = known {
+            return Ok(queued_to.unwrap_or(0));
+        }
+        let (sender, receiver) = async_channel::bounded(1);
+        self.followers.borrow_mut().entry(seq).or_default().push(sender);
+        match crate::runtime::deadline::within(within, receiver.recv()).await {
+            Ok(Ok(queued_to)) => Ok(queued_to),
+            // The stream was recreated meanwhile: the seq it was stored as is gone with it.
+            Ok(Err(_)) => Err(self.engine_failed(format!("the stream was recreated after seq {seq}"))),
+            Err(_) => Err(Rejection::NotFollowed { seq, within }),
+        }
+    }
+
+    /// Answers the publishers waiting for `receipt`'s seq, and any waiting for an earlier one
+    /// (a seq the stream no longer has: queued to nobody here).
+    fn wake_followers(&self, receipt: Receipt) {
+        let mut followers = self.followers.borrow_mut();
+        if followers.first_key_value().is_none_or(|(&first, _)| first > receipt.seq) {
+            return;
+        }
+        let later = followers.split_off(&(receipt.seq + 1));
+        for (seq, waiting) in std::mem::replace(&mut *followers, later) {
+            let queued_to = if seq == receipt.seq { receipt.queued_to } else { 0 };
+            for sender in waiting {
+                let _ = sender.try_send(queued_to);
+            }
+        }
+    }
+
     /// Waits until a staged submission is accepted (committed and broadcast, or found to be a
     /// retry of one that was) or refused.
     pub async fn settle(&self, staged: Staged, source: Source) -> Result<Accepted, Rejection> {
@@ -465,6 +593,7 @@ impl Publisher {
                     detail: "the storage thread stopped".into(),
                 })),
             },
+            Staged::Replicating(acked) => self.replicated(acked).await,
         };
         let accepted = outcome.and_then(Accepted::from_outcome);
         match accepted {
@@ -655,13 +784,22 @@ impl Publisher {
     /// Hands what the journal committed to the hub, in seq order, and answers each publisher.
     /// Ends when the journal has stopped and everything it committed is delivered.
     pub async fn deliver_committed(&self, committed: Receiver<Committed>) {
-        while let Ok(Committed { outcomes, events, waiting }) = committed.recv().await {
+        while let Ok(Committed { reset, outcomes, events, waiting }) = committed.recv().await {
+            if let Some(stream_id) = reset {
+                let told = self.hub().with(|hub| hub.reset(&stream_id));
+                // Their seqs were of the stream that is gone: they hear it was recreated.
+                self.followers.borrow_mut().clear();
+                log::warn!(
+                    "history {stream_id}: the engine's stream was recreated; {told} clients reconnect"
+                );
+            }
             for (outcome, reply) in outcomes {
                 let answer = match outcome {
                     Outcome::New(stored) => {
                         let receipt = self.hand_over(|ingress| ingress.deliver(stored)).await;
                         let Receipt { seq, queued_to: clients } = receipt;
                         self.record(vec![ReceiptEvent::Queued { seq, clients }]);
+                        self.wake_followers(receipt);
                         Ok(Outcome::New(receipt))
                     }
                     // Its original came before it, in this batch or an earlier one, so it is in
@@ -670,7 +808,9 @@ impl Publisher {
                     Outcome::Duplicate { seq } => Ok(Outcome::Duplicate { seq }),
                     Outcome::Conflict { seq } => Ok(Outcome::Conflict { seq }),
                 };
-                let _ = reply.try_send(answer);
+                if let Some(reply) = reply {
+                    let _ = reply.try_send(answer);
+                }
             }
             self.apply(events);
             for done in waiting {

@@ -1,0 +1,282 @@
+//! Cluster mode's engine: NATS JetStream as the store beside SQLite. The engine assigns the
+//! seqs (its stream sequence) and keeps the replicated history; the journal becomes the box's
+//! cache of it, for replay while the engine is away and at restart.
+//!
+//! `async-nats` runs on tokio only, so it gets one thread of its own, `nats`, with a
+//! current-thread runtime, as SQLite has the journal's: the executor stays single-threaded and
+//! talks to it over bounded `async-channel`s. Publishes go to the thread as `Command`s and come
+//! back as `PubAcked` (the engine's quorum commit) or the reason they were not stored; the
+//! follower (`follower`) reads the stream in order into the journal (`Cacher`), whose commits
+//! reach the hub by the path local commits take.
+
+mod follower;
+mod stream;
+
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use async_channel::{Receiver, Sender};
+use async_nats::{Client, ConnectOptions, Event, HeaderMap, ServerAddr, jetstream};
+use log::{info, warn};
+
+use crate::support::logger::WarningThrottle;
+
+use crate::store::engine::{
+    Credentials, EngineReply, EngineSettings, EngineStatus, Follow, PubAcked, Publication,
+};
+
+/// Publishes waiting for the `nats` thread to send them; past it a publish is refused at once
+/// (503) rather than queued behind an engine that does not answer.
+pub const ENGINE_QUEUE: usize = 1024;
+/// How long the thread is given to send what it holds when the server stops.
+const STOP_WAIT: Duration = Duration::from_secs(2);
+
+enum Command {
+    Publish(Publication, Sender<EngineReply>),
+}
+
+/// The status, written by the `nats` thread and read by the executor.
+#[derive(Debug, Default)]
+struct SharedStatus(Mutex<EngineStatus>);
+
+impl SharedStatus {
+    fn lock(&self) -> MutexGuard<'_, EngineStatus> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn update(&self, change: impl FnOnce(&mut EngineStatus)) {
+        change(&mut self.lock());
+    }
+
+    /// One log line per connect and disconnect, not per message.
+    fn note(&self, event: Event, box_name: &str) {
+        match event {
+            Event::Connected => {
+                info!("engine: {box_name} connected to NATS");
+                self.update(|status| status.connected = true);
+            }
+            Event::Disconnected => {
+                warn!("engine: {box_name} disconnected from NATS: publishes are refused until it is back");
+                self.update(|status| status.connected = false);
+            }
+            Event::Closed => self.update(|status| status.connected = false),
+            // Every failed reconnect is one: one line per period says so, with the count.
+            Event::ServerError(error) => note_throttled(&format!("engine: NATS server error: {error}")),
+            Event::ClientError(error) => note_throttled(&format!("engine: NATS client error: {error}")),
+            Event::SlowConsumer(_) | Event::LameDuckMode | Event::Draining => {
+                info!("engine: {event}")
+            }
+        }
+    }
+}
+
+thread_local! {
+    /// The engine's errors, on the `nats` thread, where the event callback runs.
+    static ENGINE_ERRORS: WarningThrottle = WarningThrottle::default();
+}
+
+fn note_throttled(message: &str) {
+    ENGINE_ERRORS.with(|throttle| throttle.note(message));
+}
+
+/// The executor's handle on the `nats` thread.
+#[derive(Debug)]
+pub struct Engine {
+    commands: Sender<Command>,
+    follow: Sender<Follow>,
+    status: Arc<SharedStatus>,
+    settings: EngineSettings,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Command {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Publish")
+    }
+}
+
+/// Starts the `nats` thread, connects, and binds (or creates) the stream, waiting for that at
+/// most `--nats-timeout`. Returns the stream identity if the engine answered in time, `None`
+/// if it did not (the box starts on its cache and binds when the engine is back). An error is
+/// a setting that can never work (a URL, a credentials file).
+pub fn start(settings: EngineSettings) -> Result<(Engine, Option<String>), String> {
+    let (commands, incoming) = async_channel::bounded(ENGINE_QUEUE);
+    let (follow, go) = async_channel::bounded(1);
+    let (bound_sender, bound) = async_channel::bounded(1);
+    let status = Arc::new(SharedStatus::default());
+    let thread = {
+        let (settings, status) = (settings.clone(), Arc::clone(&status));
+        std::thread::Builder::new()
+            .name("nats".into())
+            .spawn(move || run(settings, status, incoming, bound_sender, go))
+            .map_err(|e| format!("cannot start the nats thread: {e}"))?
+    };
+    let identity = bound.recv_blocking().map_err(|_| "the nats thread stopped at start".to_owned())??;
+    let engine = Engine { commands, follow, status, settings, thread: Some(thread) };
+    Ok((engine, identity))
+}
+
+impl Engine {
+    /// Starts following the stream into `follow.cacher`, after the seq the cache holds.
+    pub fn follow(&self, follow: Follow) {
+        let _ = self.follow.try_send(follow);
+    }
+
+    /// Hands a publication to the `nats` thread; the receiver hears the engine's commit or why
+    /// there is none. Refused at once when `ENGINE_QUEUE` publishes already wait.
+    pub fn publish(&self, publication: Publication) -> Result<Receiver<EngineReply>, String> {
+        let (reply, acked) = async_channel::bounded(1);
+        match self.commands.try_send(Command::Publish(publication, reply)) {
+            Ok(()) => Ok(acked),
+            Err(async_channel::TrySendError::Full(_)) => {
+                Err(format!("{ENGINE_QUEUE} publishes already wait for the engine"))
+            }
+            Err(async_channel::TrySendError::Closed(_)) => Err("the nats thread has stopped".into()),
+        }
+    }
+
+    pub fn status(&self) -> EngineStatus {
+        self.status.lock().clone()
+    }
+
+    pub fn servers(&self) -> &[String] {
+        &self.settings.urls
+    }
+
+    pub fn stream_name(&self) -> &str {
+        &self.settings.stream.name
+    }
+
+    pub fn box_name(&self) -> &str {
+        &self.settings.box_name
+    }
+
+    /// `--nats-timeout`.
+    pub fn timeout(&self) -> Duration {
+        self.settings.timeout
+    }
+}
+
+impl Drop for Engine {
+    /// Lets the thread send what it holds, for at most `STOP_WAIT`.
+    fn drop(&mut self) {
+        self.commands.close();
+        self.follow.close();
+        if let Some(thread) = self.thread.take()
+            && !crate::support::join::join_within(thread, STOP_WAIT)
+        {
+            warn!("the nats thread is still busy after {STOP_WAIT:?}; exiting anyway");
+        }
+    }
+}
+
+/// The `nats` thread: connect, bind, report, then serve publishes and follow the stream until
+/// the executor's side closes.
+fn run(
+    settings: EngineSettings,
+    status: Arc<SharedStatus>,
+    commands: Receiver<Command>,
+    bound: Sender<Result<Option<String>, String>>,
+    go: Receiver<Follow>,
+) {
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            let _ = bound.try_send(Err(format!("cannot start the nats runtime: {e}")));
+            return;
+        }
+    };
+    runtime.block_on(async move {
+        let client = match connect(&settings, Arc::clone(&status)).await {
+            Ok(client) => client,
+            Err(e) => {
+                let _ = bound.try_send(Err(e));
+                return;
+            }
+        };
+        let mut context = jetstream::new(client.clone());
+        context.set_timeout(settings.timeout);
+        let identity = follower::bind_at_start(&context, &settings, &status).await;
+        let _ = bound.try_send(Ok(identity));
+        let Ok(follow) = go.recv().await else { return };
+        let following =
+            std::pin::pin!(follower::run(context.clone(), settings.stream.clone(), follow, status));
+        let serving = std::pin::pin!(serve(&client, &context, &settings, commands));
+        futures_util::future::select(following, serving).await;
+    });
+}
+
+async fn connect(settings: &EngineSettings, status: Arc<SharedStatus>) -> Result<Client, String> {
+    let addresses = settings
+        .urls
+        .iter()
+        .map(|url| url.parse::<ServerAddr>().map_err(|e| format!("--nats {url}: {e}")))
+        .collect::<Result<Vec<_>, _>>()?;
+    let box_name = settings.box_name.clone();
+    let mut options = ConnectOptions::new()
+        .name(format!("resq-push {box_name}"))
+        .retry_on_initial_connect()
+        .connection_timeout(settings.timeout)
+        .event_callback(move |event| {
+            let (status, box_name) = (Arc::clone(&status), box_name.clone());
+            async move { status.note(event, &box_name) }
+        });
+    options = match &settings.credentials {
+        Credentials::None => options,
+        Credentials::Token(token) => options.token(token.clone()),
+        Credentials::UserPassword { user, password } => {
+            options.user_and_password(user.clone(), password.clone())
+        }
+        Credentials::CredsFile(path) => options
+            .credentials_file(path)
+            .await
+            .map_err(|e| format!("--nats-creds {}: {e}", path.display()))?,
+    };
+    if let Some(ca) = &settings.ca_cert {
+        options = options.add_root_certificates(ca.clone());
+    }
+    options.connect(addresses).await.map_err(|e| format!("cannot connect to NATS: {e}"))
+}
+
+/// Sends each publish in the order it came (so a Unix publisher's lines keep theirs), then
+/// waits for its ack beside the others: a burst is in flight together.
+async fn serve(
+    client: &Client,
+    context: &jetstream::Context,
+    settings: &EngineSettings,
+    commands: Receiver<Command>,
+) {
+    let subject = settings.stream.emergencies_subject();
+    let timeout = settings.timeout;
+    while let Ok(Command::Publish(publication, reply)) = commands.recv().await {
+        if client.connection_state() != async_nats::connection::State::Connected {
+            let _ = reply.try_send(Err("not connected to NATS".into()));
+            continue;
+        }
+        let mut headers = HeaderMap::new();
+        for (name, value) in publication.headers(&settings.box_name) {
+            headers.insert(name, value.as_str());
+        }
+        let sent = context.publish_with_headers(subject.clone(), headers, publication.data.into());
+        let ack = match tokio::time::timeout(timeout, sent).await {
+            Ok(Ok(ack)) => ack,
+            Ok(Err(e)) => {
+                let _ = reply.try_send(Err(e.to_string()));
+                continue;
+            }
+            Err(_) => {
+                let _ = reply.try_send(Err(format!("not sent within {timeout:?}")));
+                continue;
+            }
+        };
+        tokio::spawn(async move {
+            let answer = match tokio::time::timeout(timeout, ack).await {
+                Ok(Ok(ack)) => Ok(PubAcked { seq: ack.sequence, duplicate: ack.duplicate }),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(_) => Err(format!("no ack within {timeout:?}")),
+            };
+            let _ = reply.try_send(answer);
+        });
+    }
+}
