@@ -20,8 +20,10 @@ use crate::store::journal::{Cacher, new_stream_id};
 /// Emergencies taken from the stream into one cache transaction, at most.
 pub const FOLLOW_BATCH: usize = 256;
 /// How often the follower checks that the stream is still the one it follows (same identity,
-/// seqs not gone back), beside reading it.
-const IDENTITY_CHECK: Duration = Duration::from_secs(2);
+/// seqs not gone back) and that its consumer still delivers: a stream that holds seqs the
+/// follower has not had at two checks in a row is read again from a new consumer (after a NATS
+/// server restart, an ordered consumer took some 15 s to notice it was gone).
+const STREAM_CHECK: Duration = Duration::from_secs(1);
 /// Wait between attempts to bind or follow the stream while it fails.
 const RETRY: Duration = Duration::from_millis(500);
 
@@ -70,6 +72,8 @@ pub async fn run(
     status: Arc<SharedStatus>,
 ) {
     let Follow { cacher, mut stream_id, mut last_seq } = follow;
+    // The connection made at start is no reconnect.
+    let _ = status.reconnected.1.try_recv();
     loop {
         let (bound, identity) = match stream::bind(&context, &settings, &new_stream_id()).await {
             Ok(bound) => bound,
@@ -132,14 +136,21 @@ async fn follow_binding(
         Ok(messages) => messages,
         Err(e) => return Ended::Rebind(format!("cannot read it: {e}")),
     };
-    let mut checks = tokio::time::interval(IDENTITY_CHECK);
+    let mut checks = tokio::time::interval(STREAM_CHECK);
+    // The seq the follower was at when a check last found the stream ahead of it.
+    let mut behind_at = None;
     checks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let next = {
             let tick = std::pin::pin!(checks.tick());
-            match futures_util::future::select(messages.next(), tick).await {
+            let reconnect = std::pin::pin!(status.reconnect());
+            let check = futures_util::future::select(tick, reconnect);
+            match futures_util::future::select(messages.next(), check).await {
                 futures_util::future::Either::Left((next, _)) => Some(next),
-                futures_util::future::Either::Right(_) => None,
+                futures_util::future::Either::Right((futures_util::future::Either::Left(_), _)) => None,
+                futures_util::future::Either::Right((futures_util::future::Either::Right(_), _)) => {
+                    return Ended::Rebind("reconnected to NATS".into());
+                }
             }
         };
         let first = match next {
@@ -147,7 +158,19 @@ async fn follow_binding(
             Some(Some(Err(e))) => return Ended::Rebind(e.to_string()),
             Some(None) => return Ended::Rebind("its consumer ended".into()),
             None => match still_the_same(bound, identity, *last_seq).await {
-                Ok(()) => continue,
+                Ok(stream_last) if stream_last <= *last_seq => {
+                    behind_at = None;
+                    continue;
+                }
+                Ok(stream_last) if behind_at == Some(*last_seq) => {
+                    return Ended::Rebind(format!(
+                        "its consumer stalled at seq {last_seq}, the stream is at {stream_last}"
+                    ));
+                }
+                Ok(_) => {
+                    behind_at = Some(*last_seq);
+                    continue;
+                }
                 Err(reason) => return Ended::Rebind(reason),
             },
         };
@@ -181,8 +204,9 @@ async fn follow_binding(
     }
 }
 
-/// The stream bound is still there with the same identity, and its seqs have not gone back.
-async fn still_the_same(bound: &Stream, identity: &str, last_seq: u64) -> Result<(), String> {
+/// The stream bound is still there with the same identity, and its seqs have not gone back:
+/// its last seq.
+async fn still_the_same(bound: &Stream, identity: &str, last_seq: u64) -> Result<u64, String> {
     let info = bound.get_info().await.map_err(|e| format!("its info: {e}"))?;
     let now = stream::identity_of(&info);
     if now != identity {
@@ -191,7 +215,7 @@ async fn still_the_same(bound: &Stream, identity: &str, last_seq: u64) -> Result
     if info.state.last_sequence < last_seq {
         return Err(format!("its last seq went back from {last_seq} to {}", info.state.last_sequence));
     }
-    Ok(())
+    Ok(info.state.last_sequence)
 }
 
 /// The emergency a message of the stream holds.

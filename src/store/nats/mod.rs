@@ -37,12 +37,30 @@ enum Command {
 }
 
 /// The status, written by the `nats` thread and read by the executor.
-#[derive(Debug, Default)]
-struct SharedStatus(Mutex<EngineStatus>);
+#[derive(Debug)]
+struct SharedStatus {
+    state: Mutex<EngineStatus>,
+    /// Rung at each reconnect: the follower reads the stream again at once, rather than wait
+    /// for its consumer to notice that it is gone.
+    reconnected: (Sender<()>, Receiver<()>),
+}
+
+impl Default for SharedStatus {
+    fn default() -> SharedStatus {
+        SharedStatus { state: Mutex::default(), reconnected: async_channel::bounded(1) }
+    }
+}
 
 impl SharedStatus {
     fn lock(&self) -> MutexGuard<'_, EngineStatus> {
-        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Completes at the next reconnect (or at once if one happened since the last call).
+    async fn reconnect(&self) {
+        if self.reconnected.1.recv().await.is_err() {
+            std::future::pending::<()>().await;
+        }
     }
 
     fn update(&self, change: impl FnOnce(&mut EngineStatus)) {
@@ -55,6 +73,7 @@ impl SharedStatus {
             Event::Connected => {
                 info!("engine: {box_name} connected to NATS");
                 self.update(|status| status.connected = true);
+                let _ = self.reconnected.0.try_send(());
             }
             Event::Disconnected => {
                 warn!("engine: {box_name} disconnected from NATS: publishes are refused until it is back");
