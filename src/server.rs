@@ -126,6 +126,10 @@ pub fn serve(
         let app = Rc::clone(&app);
         scheduler.control.spawn(async move { app.publisher.flush_deliveries_periodically().await }).detach();
     }
+    if app.publisher.engine().is_some() {
+        let app = Rc::clone(&app);
+        scheduler.control.spawn(async move { app.publisher.abandon_refused_receipts().await }).detach();
+    }
     if app.config.ack_timeout.is_some() {
         let settings = EscalationSettings {
             command: app.config.on_unacked.clone(),

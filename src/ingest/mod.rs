@@ -34,7 +34,7 @@ use crate::protocol::{Counts, PublishReply, Source};
 use crate::runtime::budget::{ByteBudget, Reservation};
 use crate::runtime::scheduler::FanOut;
 use crate::store::Engine;
-use crate::store::engine::{EngineReply, Publication, unix_millis};
+use crate::store::engine::{EngineReply, Publication, is_cluster_wide, unix_millis};
 use crate::store::journal::{Committed, FailureCause, Journal, StorageError};
 use crate::support::metrics::Metrics;
 
@@ -52,6 +52,13 @@ pub const RECORD_WAIT: Duration = Duration::from_secs(5);
 pub const DELIVERY_FLUSH: Duration = Duration::from_millis(500);
 /// Deliveries held at most: past it they go to the journal at once.
 pub const MAX_HELD_DELIVERIES: usize = 16 * 1024;
+/// Cluster mode: batches of acks and closes the engine refused, waiting to be asked for again
+/// (`Publisher::abandon_refused_receipts`); past it one is dropped, and stays pending until
+/// the tablet's retry finds it so, which only a restart clears.
+const REFUSED_RECEIPTS: usize = 256;
+
+/// Receipt events the engine did not commit, and why.
+type RefusedReceipts = (Vec<ReceiptEvent>, String);
 
 /// Why a submission was not published. `Display` gives the message sent back to the publisher.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -394,6 +401,8 @@ pub struct Publisher {
     engine_failures: Cell<u64>,
     /// Cluster mode: numbers the message ids of publishes without an idempotency key.
     unkeyed: Cell<u64>,
+    /// Cluster mode: acks and closes (from sessions, which do not wait) that the engine refused.
+    refused_receipts: (Sender<RefusedReceipts>, Receiver<RefusedReceipts>),
 }
 
 impl Publisher {
@@ -419,6 +428,7 @@ impl Publisher {
             followers: RefCell::default(),
             engine_failures: Cell::new(0),
             unkeyed: Cell::new(0),
+            refused_receipts: async_channel::bounded(REFUSED_RECEIPTS),
         }
     }
 
@@ -626,7 +636,16 @@ impl Publisher {
     /// change: durably, in the journal's next transaction (the broadcast follows the commit);
     /// in memory, at once. Does not wait.
     /// Deliveries are held (`DELIVERY_FLUSH`) and go with the next other event.
+    /// In cluster mode acks and closes go to the engine first, and come back to the journal
+    /// once it has them (`Engine::publish_receipts`).
     pub fn record(&self, events: Vec<ReceiptEvent>) {
+        let (wide, events) = self.cluster_wide(events);
+        if let (Some(engine), false) = (&self.engine, wide.is_empty())
+            && let Err((events, reason)) =
+                engine.publish_receipts(wide, None, self.refused_receipts.0.clone())
+        {
+            self.receipts_refused(&events, &reason);
+        }
         if events.is_empty() {
             return;
         }
@@ -644,6 +663,64 @@ impl Publisher {
         if let Err(error) = journal.record(self.with_held_deliveries(events), None) {
             self.log_not_stored("receipts", &error);
             self.abandon(&asked_for);
+        }
+    }
+
+    /// Cluster mode: the acks and closes among `events` (those every box applies), and the rest.
+    fn cluster_wide(&self, events: Vec<ReceiptEvent>) -> (Vec<ReceiptEvent>, Vec<ReceiptEvent>) {
+        match &self.engine {
+            Some(_) => events.into_iter().partition(is_cluster_wide),
+            None => (Vec::new(), events),
+        }
+    }
+
+    fn receipts_refused(&self, events: &[ReceiptEvent], reason: &str) {
+        let seqs: Vec<u64> = events.iter().map(ReceiptEvent::seq).collect();
+        log::warn!("acks or closes of seqs {seqs:?} not committed by the engine ({reason}): asked for again");
+        self.engine_failures.set(self.engine_failures.get() + 1);
+        self.abandon(events);
+    }
+
+    /// Cluster mode: clears what the engine refused of the sessions' acks, so that a tablet's
+    /// retry counts; runs as long as the server.
+    pub async fn abandon_refused_receipts(&self) {
+        while let Ok((events, reason)) = self.refused_receipts.1.recv().await {
+            self.receipts_refused(&events, &reason);
+        }
+    }
+
+    /// Cluster mode: commits acks and closes in the engine, then waits until they are stored
+    /// and applied here, for at most `limit` (else `--nats-timeout` twice).
+    async fn record_in_cluster(
+        &self,
+        engine: &Engine,
+        events: Vec<ReceiptEvent>,
+        limit: Option<Duration>,
+    ) -> Result<(), Rejection> {
+        let (done, applied) = async_channel::bounded(1);
+        let (refused, refusal) = async_channel::bounded(1);
+        if let Err((events, reason)) = engine.publish_receipts(events, Some(done), refused) {
+            self.receipts_refused(&events, &reason);
+            return Err(Rejection::EngineUnavailable(reason));
+        }
+        // Once committed, `refused` is dropped unused: only `applied` answers then.
+        let refused = async {
+            match refusal.recv().await {
+                Ok(refused) => Err(Some(refused)),
+                Err(_) => smol::future::pending().await,
+            }
+        };
+        let answer = smol::future::or(async { applied.recv().await.map_err(|_| None) }, refused);
+        let limit = limit.unwrap_or(engine.timeout() * 2);
+        match crate::runtime::deadline::within(limit, answer).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(Some((events, reason)))) => {
+                self.receipts_refused(&events, &reason);
+                Err(Rejection::EngineUnavailable(reason))
+            }
+            Ok(Err(None)) => Err(Rejection::StorageFailed("the storage thread stopped".into())),
+            // Still on its way: a later answer applies it, and a retry is answered from it.
+            Err(_) => Err(Rejection::EngineUnavailable(format!("no answer within {limit:?}"))),
         }
     }
 
@@ -689,6 +766,13 @@ impl Publisher {
         events: Vec<ReceiptEvent>,
         limit: Option<Duration>,
     ) -> Result<(), Rejection> {
+        let (wide, events) = self.cluster_wide(events);
+        if let (Some(engine), false) = (&self.engine, wide.is_empty()) {
+            self.record_in_cluster(engine, wide, limit).await?;
+            if events.is_empty() {
+                return Ok(());
+            }
+        }
         let Some(journal) = &self.journal else {
             self.apply(events);
             return Ok(());

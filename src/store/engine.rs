@@ -12,9 +12,11 @@
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use crate::core::Stored;
+use crate::core::receipts::ReceiptEvent;
 use crate::protocol::{self, Source};
 use crate::store::journal::Cacher;
 
@@ -166,6 +168,63 @@ pub fn decode(seq: u64, received_at: Option<&str>, source: Option<&str>, body: &
     Stored { seq, received_at, envelope }
 }
 
+/// Whether every box must apply `event` (cluster mode): acks and closes go through the engine's
+/// receipts stream; deliveries and queued counts are this box's own.
+pub fn is_cluster_wide(event: &ReceiptEvent) -> bool {
+    matches!(event, ReceiptEvent::Acked { .. } | ReceiptEvent::Closed { .. })
+}
+
+/// One receipt event in the receipts stream, with the stream identity it belongs to (a
+/// recreated stream's boxes ignore the old one's).
+#[derive(Serialize, Deserialize, Debug, PartialEq, Eq)]
+struct WireReceipt {
+    stream: String,
+    kind: String,
+    seq: u64,
+    at_ms: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    tablet: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    detail: Option<String>,
+}
+
+/// `event` as published to the receipts stream, with its message id (the same for a retry of
+/// the same ack or close, so JetStream stores it once); `None` for an event that stays local.
+pub fn encode_receipt(stream: &str, event: &ReceiptEvent) -> Option<(String, String)> {
+    let (kind, seq, at, tablet, detail) = match event {
+        ReceiptEvent::Acked { seq, tablet, at } => ("acked", *seq, *at, Some(tablet.clone()), None),
+        ReceiptEvent::Closed { seq, at, detail } => ("closed", *seq, *at, None, detail.clone()),
+        _ => return None,
+    };
+    let id = match &tablet {
+        Some(tablet) => format!("{stream}-{kind}-{seq}-{tablet}"),
+        None => format!("{stream}-{kind}-{seq}"),
+    };
+    let wire = WireReceipt {
+        stream: stream.to_owned(),
+        kind: kind.to_owned(),
+        seq,
+        at_ms: unix_millis(at),
+        tablet,
+        detail,
+    };
+    Some((id, serde_json::to_string(&wire).ok()?))
+}
+
+/// A receipt event read from the receipts stream, if it is one of the stream `stream`.
+pub fn decode_receipt(stream: &str, body: &[u8]) -> Option<ReceiptEvent> {
+    let wire: WireReceipt = serde_json::from_slice(body).ok()?;
+    if wire.stream != stream {
+        return None;
+    }
+    let at = UNIX_EPOCH + Duration::from_millis(wire.at_ms);
+    match (wire.kind.as_str(), wire.tablet) {
+        ("acked", Some(tablet)) => Some(ReceiptEvent::Acked { seq: wire.seq, tablet, at }),
+        ("closed", _) => Some(ReceiptEvent::Closed { seq: wire.seq, at, detail: wire.detail }),
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -185,6 +244,24 @@ mod tests {
         let followed = decode(7, Some(&headers[1].1), Some(&headers[2].1), publication.data.as_bytes());
         assert_eq!(followed.envelope, local);
         assert_eq!((followed.seq, followed.received_at), (7, received_at));
+    }
+
+    #[test]
+    fn acks_and_closes_cross_the_engine_as_they_were_and_only_for_their_stream() {
+        let at = UNIX_EPOCH + Duration::from_millis(1_764_000_000_500);
+        let ack = ReceiptEvent::Acked { seq: 4, tablet: "tablet-1".into(), at };
+        let close = ReceiptEvent::Closed { seq: 4, at, detail: Some(r#"{"motivo":"x"}"#.into()) };
+        for event in [ack, close] {
+            assert!(is_cluster_wide(&event));
+            let (id, body) = encode_receipt("s1", &event).unwrap();
+            assert!(id.starts_with("s1-"), "{id}");
+            assert_eq!(encode_receipt("s1", &event).unwrap().0, id, "a retry has the same id");
+            assert_eq!(decode_receipt("s1", body.as_bytes()), Some(event));
+            assert_eq!(decode_receipt("s2", body.as_bytes()), None);
+        }
+        let queued = ReceiptEvent::Queued { seq: 4, clients: 2 };
+        assert!(!is_cluster_wide(&queued) && encode_receipt("s1", &queued).is_none());
+        assert_eq!(decode_receipt("s1", b"garbage"), None);
     }
 
     #[test]

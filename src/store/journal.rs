@@ -241,6 +241,8 @@ enum Request {
     Cache(Vec<Stored>, Place),
     /// Cluster mode: the stream was recreated: empty the cache, take this identity.
     Reset(String),
+    /// Cluster mode: receipt events the engine committed, from its receipts stream.
+    CacheEvents(Vec<ReceiptEvent>, Place),
 }
 
 /// The executor's handle on the storage thread.
@@ -261,6 +263,7 @@ impl std::fmt::Debug for Request {
             Request::Record(..) => "Record",
             Request::Cache(..) => "Cache",
             Request::Reset(..) => "Reset",
+            Request::CacheEvents(..) => "CacheEvents",
         })
     }
 }
@@ -415,6 +418,19 @@ impl Cacher {
     pub async fn cache(&self, batch: Vec<Stored>) -> bool {
         let place = Place { _permit: self.places.acquire_arc().await };
         self.requests.send(Request::Cache(batch, place)).await.is_ok()
+    }
+
+    /// Receipt events read from the engine's receipts stream, for the cache and then the hub
+    /// (each at most once: a repeated one changes nothing).
+    pub async fn cache_events(&self, events: Vec<ReceiptEvent>) -> bool {
+        let place = Place { _permit: self.places.acquire_arc().await };
+        self.requests.send(Request::CacheEvents(events, place)).await.is_ok()
+    }
+
+    /// Receipt events the engine committed for this box's own publisher: stored and applied
+    /// as `Journal::record` does; `done` hears once they are.
+    pub fn record(&self, events: Vec<ReceiptEvent>, done: Option<Sender<()>>) -> bool {
+        self.requests.try_send(Request::Record(events, done)).is_ok()
     }
 
     /// Empties the cache for the stream `stream_id`; the hub starts over once it is done.
@@ -844,6 +860,7 @@ fn run(
                     waiting.extend(done);
                 }
                 Request::Cache(batch, _place) => cached.extend(batch),
+                Request::CacheEvents(recorded, _place) => events.extend(recorded),
                 // What came before it is committed first; what comes after it, after it.
                 Request::Reset(stream_id) => reset = Some(stream_id),
                 Request::Sweep => {}

@@ -5,8 +5,9 @@
 use std::convert::Infallible;
 use std::time::Duration;
 
-use async_channel::Receiver;
+use async_channel::{Receiver, Sender};
 
+use crate::core::receipts::ReceiptEvent;
 use crate::store::engine::{EngineReply, EngineSettings, EngineStatus, Follow, Publication};
 
 /// An engine that cannot exist in this build.
@@ -24,6 +25,15 @@ impl Engine {
     }
 
     pub fn publish(&self, _publication: Publication) -> Result<Receiver<EngineReply>, String> {
+        match self.0 {}
+    }
+
+    pub fn publish_receipts(
+        &self,
+        _events: Vec<ReceiptEvent>,
+        _done: Option<Sender<()>>,
+        _failed: Sender<(Vec<ReceiptEvent>, String)>,
+    ) -> Result<(), (Vec<ReceiptEvent>, String)> {
         match self.0 {}
     }
 

@@ -225,3 +225,106 @@ fn stored(taken: &jetstream::Message) -> Option<Stored> {
         |name: &str| taken.headers.as_ref().and_then(|headers| headers.get(name)).map(|v| v.as_str());
     Some(engine::decode(seq, header(RECEIVED_AT), header(SOURCE), &taken.payload))
 }
+
+/// Follows the receipts stream into the cache, for as long as the cache is there: every ack
+/// and close of every box, each applied here (those this box published come back too, and
+/// change nothing the second time). From the start of the stream at each start of the box:
+/// applying a receipt twice changes nothing, so no position needs keeping.
+pub async fn run_receipts(
+    context: jetstream::Context,
+    settings: StreamSettings,
+    cacher: Cacher,
+    status: Arc<SharedStatus>,
+) {
+    let mut last_seq = 0;
+    loop {
+        let bound = match context.get_stream(settings.receipts_stream()).await {
+            Ok(bound) => bound,
+            Err(e) => {
+                super::note_throttled(&format!("engine: stream {}: {e}", settings.receipts_stream()));
+                tokio::time::sleep(RETRY).await;
+                continue;
+            }
+        };
+        match follow_receipts(&bound, &settings, &cacher, &mut last_seq, &status).await {
+            Ended::CacheGone => return,
+            Ended::Rebind(reason) => {
+                super::note_throttled(&format!(
+                    "engine: following {} again: {reason}",
+                    settings.receipts_stream()
+                ));
+                tokio::time::sleep(RETRY).await;
+            }
+        }
+    }
+}
+
+async fn follow_receipts(
+    bound: &Stream,
+    settings: &StreamSettings,
+    cacher: &Cacher,
+    last_seq: &mut u64,
+    status: &SharedStatus,
+) -> Ended {
+    let deliver_policy = match *last_seq {
+        0 => DeliverPolicy::All,
+        last => DeliverPolicy::ByStartSequence { start_sequence: last + 1 },
+    };
+    let config =
+        OrderedConfig { filter_subject: settings.receipts_subject(), deliver_policy, ..Default::default() };
+    let consumer = match bound.create_consumer(config).await {
+        Ok(consumer) => consumer,
+        Err(e) => return Ended::Rebind(format!("cannot create its consumer: {e}")),
+    };
+    let mut messages = match consumer.messages().await {
+        Ok(messages) => messages,
+        Err(e) => return Ended::Rebind(format!("cannot read it: {e}")),
+    };
+    let mut checks = tokio::time::interval(STREAM_CHECK);
+    let mut behind_at = None;
+    loop {
+        let next = {
+            let tick = std::pin::pin!(checks.tick());
+            match futures_util::future::select(messages.next(), tick).await {
+                futures_util::future::Either::Left((next, _)) => Some(next),
+                futures_util::future::Either::Right(_) => None,
+            }
+        };
+        let first = match next {
+            Some(Some(Ok(message))) => message,
+            Some(Some(Err(e))) => return Ended::Rebind(e.to_string()),
+            Some(None) => return Ended::Rebind("its consumer ended".into()),
+            None => {
+                let ahead = match bound.get_info().await {
+                    Ok(info) => info.state.last_sequence > *last_seq,
+                    Err(e) => return Ended::Rebind(format!("its info: {e}")),
+                };
+                if ahead && behind_at == Some(*last_seq) {
+                    return Ended::Rebind(format!("its consumer stalled at seq {last_seq}"));
+                }
+                behind_at = ahead.then_some(*last_seq);
+                continue;
+            }
+        };
+        let stream_id = status.lock().stream_id.clone().unwrap_or_default();
+        let mut events = Vec::new();
+        let mut message = Some(first);
+        while let Some(taken) = message.take() {
+            let Ok(info) = taken.info() else {
+                return Ended::Rebind("a message without its sequence".into());
+            };
+            if info.stream_sequence > *last_seq {
+                *last_seq = info.stream_sequence;
+                events.extend(engine::decode_receipt(&stream_id, &taken.payload));
+            }
+            if events.len() < FOLLOW_BATCH
+                && let Some(Some(Ok(next))) = messages.next().now_or_never()
+            {
+                message = Some(next);
+            }
+        }
+        if !events.is_empty() && !cacher.cache_events(events).await {
+            return Ended::CacheGone;
+        }
+    }
+}

@@ -20,6 +20,9 @@ use async_channel::{Receiver, Sender};
 use async_nats::{Client, ConnectOptions, Event, HeaderMap, ServerAddr, jetstream};
 use log::{info, warn};
 
+use crate::core::receipts::ReceiptEvent;
+use crate::store::engine::{MESSAGE_ID, encode_receipt};
+use crate::store::journal::Cacher;
 use crate::support::logger::WarningThrottle;
 
 use crate::store::engine::{
@@ -34,6 +37,13 @@ const STOP_WAIT: Duration = Duration::from_secs(2);
 
 enum Command {
     Publish(Publication, Sender<EngineReply>),
+    /// Acks and closes for the receipts stream; once the engine has them, stored and applied
+    /// here too (`done` hears it), else `failed` hears why.
+    Receipts {
+        events: Vec<ReceiptEvent>,
+        done: Option<Sender<()>>,
+        failed: Sender<(Vec<ReceiptEvent>, String)>,
+    },
 }
 
 /// The status, written by the `nats` thread and read by the executor.
@@ -111,7 +121,10 @@ pub struct Engine {
 
 impl std::fmt::Debug for Command {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Publish")
+        f.write_str(match self {
+            Command::Publish(..) => "Publish",
+            Command::Receipts { .. } => "Receipts",
+        })
     }
 }
 
@@ -152,6 +165,31 @@ impl Engine {
                 Err(format!("{ENGINE_QUEUE} publishes already wait for the engine"))
             }
             Err(async_channel::TrySendError::Closed(_)) => Err("the nats thread has stopped".into()),
+        }
+    }
+
+    /// Hands acks and closes to the `nats` thread for the receipts stream: once committed
+    /// there they are stored and applied on this box (`done` hears it) and every other box
+    /// follows them; `failed` gets them back, with why, if the engine did not take them.
+    pub fn publish_receipts(
+        &self,
+        events: Vec<ReceiptEvent>,
+        done: Option<Sender<()>>,
+        failed: Sender<(Vec<ReceiptEvent>, String)>,
+    ) -> Result<(), (Vec<ReceiptEvent>, String)> {
+        match self.commands.try_send(Command::Receipts { events, done, failed }) {
+            Ok(()) => Ok(()),
+            Err(refused) => {
+                let reason = if refused.is_full() {
+                    "too many waiting for the engine"
+                } else {
+                    "the nats thread has stopped"
+                };
+                match refused.into_inner() {
+                    Command::Receipts { events, .. } => Err((events, reason.to_owned())),
+                    Command::Publish(..) => unreachable!("sent a Receipts command"),
+                }
+            }
         }
     }
 
@@ -219,10 +257,21 @@ fn run(
         let identity = follower::bind_at_start(&context, &settings, &status).await;
         let _ = bound.try_send(Ok(identity));
         let Ok(follow) = go.recv().await else { return };
-        let following =
-            std::pin::pin!(follower::run(context.clone(), settings.stream.clone(), follow, status));
-        let serving = std::pin::pin!(serve(&client, &context, &settings, commands));
-        futures_util::future::select(following, serving).await;
+        let cacher = follow.cacher.clone();
+        let receipts = std::pin::pin!(follower::run_receipts(
+            context.clone(),
+            settings.stream.clone(),
+            cacher.clone(),
+            Arc::clone(&status)
+        ));
+        let following = std::pin::pin!(follower::run(
+            context.clone(),
+            settings.stream.clone(),
+            follow,
+            Arc::clone(&status)
+        ));
+        let serving = std::pin::pin!(serve(&client, &context, &settings, commands, &cacher, &status));
+        futures_util::future::select(futures_util::future::select(following, receipts), serving).await;
     });
 }
 
@@ -258,6 +307,43 @@ async fn connect(settings: &EngineSettings, status: Arc<SharedStatus>) -> Result
     options.connect(addresses).await.map_err(|e| format!("cannot connect to NATS: {e}"))
 }
 
+/// Publishes `events` to the receipts stream, each with its message id; the future completes
+/// once the engine has committed them all, or with why not, within `--nats-timeout`.
+async fn send_receipts(
+    context: &jetstream::Context,
+    settings: &EngineSettings,
+    stream_id: &str,
+    events: &[ReceiptEvent],
+) -> impl std::future::Future<Output = Result<(), String>> + use<> {
+    let timeout = settings.timeout;
+    let subject = settings.stream.receipts_subject();
+    let mut acks = Vec::new();
+    let mut refused = None;
+    for (id, body) in events.iter().filter_map(|event| encode_receipt(stream_id, event)) {
+        let mut headers = HeaderMap::new();
+        headers.insert(MESSAGE_ID, id.as_str());
+        match context.publish_with_headers(subject.clone(), headers, body.into()).await {
+            Ok(ack) => acks.push(ack),
+            Err(e) => {
+                refused = Some(e.to_string());
+                break;
+            }
+        }
+    }
+    async move {
+        if let Some(reason) = refused {
+            return Err(reason);
+        }
+        let all =
+            futures_util::future::try_join_all(acks.into_iter().map(std::future::IntoFuture::into_future));
+        match tokio::time::timeout(timeout, all).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!("no ack within {timeout:?}")),
+        }
+    }
+}
+
 /// Sends each publish in the order it came (so a Unix publisher's lines keep theirs), then
 /// waits for its ack beside the others: a burst is in flight together.
 async fn serve(
@@ -265,10 +351,41 @@ async fn serve(
     context: &jetstream::Context,
     settings: &EngineSettings,
     commands: Receiver<Command>,
+    cacher: &Cacher,
+    status: &SharedStatus,
 ) {
     let subject = settings.stream.emergencies_subject();
     let timeout = settings.timeout;
-    while let Ok(Command::Publish(publication, reply)) = commands.recv().await {
+    while let Ok(command) = commands.recv().await {
+        let (publication, reply) = match command {
+            Command::Publish(publication, reply) => (publication, reply),
+            Command::Receipts { events, done, failed } => {
+                let stream_id = status.lock().stream_id.clone();
+                let connected = client.connection_state() == async_nats::connection::State::Connected;
+                match stream_id.filter(|_| connected) {
+                    Some(stream_id) => {
+                        let sent = send_receipts(context, settings, &stream_id, &events).await;
+                        let cacher = cacher.clone();
+                        tokio::spawn(async move {
+                            match sent.await {
+                                Ok(()) if cacher.record(events.clone(), done) => {}
+                                Ok(()) => {
+                                    let _ =
+                                        failed.try_send((events, "the storage thread has stopped".into()));
+                                }
+                                Err(reason) => {
+                                    let _ = failed.try_send((events, reason));
+                                }
+                            }
+                        });
+                    }
+                    None => {
+                        let _ = failed.try_send((events, "not connected to NATS".into()));
+                    }
+                }
+                continue;
+            }
+        };
         if client.connection_state() != async_nats::connection::State::Connected {
             let _ = reply.try_send(Err("not connected to NATS".into()));
             continue;
