@@ -42,6 +42,21 @@ const SECTIONS: &[(&str, &[&str])] = &[
             "--min-subscribers",
         ],
     ),
+    (
+        "Cluster (NATS JetStream)",
+        &[
+            "--nats",
+            "--nats-stream",
+            "--nats-replicas",
+            "--nats-token",
+            "--nats-user",
+            "--nats-password-file",
+            "--nats-creds",
+            "--nats-ca-cert",
+            "--nats-timeout",
+            "--box-name",
+        ],
+    ),
     ("Other", &["--version", "--help"]),
 ];
 

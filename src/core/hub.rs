@@ -542,6 +542,28 @@ impl Hub {
         }
     }
 
+    /// Cluster mode: the engine's stream was recreated, with `stream_id`. The history, the
+    /// receipts and the notices start over empty, and every client is told to reconnect: it
+    /// resumes with the old stream and is told `stream_changed`. Returns how many were told.
+    pub fn reset(&mut self, stream_id: &str) -> usize {
+        for (_, subscriber) in &self.subscribers {
+            subscriber.say_farewell(Farewell::StreamChanged);
+        }
+        let told = self.subscribers.len();
+        let mut fresh = Hub::new(self.limits, stream_id);
+        // A session still holding an old key must not unsubscribe a newer client.
+        fresh.next_client_id = self.next_client_id;
+        fresh.shutting_down = self.shutting_down;
+        std::mem::swap(&mut fresh.clock, &mut self.clock);
+        *self = fresh;
+        told
+    }
+
+    /// The clients an emergency of the history was queued to when it came, if it is retained.
+    pub fn queued_to(&self, seq: u64) -> Option<usize> {
+        self.receipts.get(seq).map(|ledger| ledger.queued_to)
+    }
+
     /// Drops every client whose token `still_valid` rejects; returns how many.
     pub fn revoke(&mut self, still_valid: impl Fn(&str) -> bool) -> usize {
         let before = self.subscribers.len();

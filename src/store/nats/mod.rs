@@ -1,0 +1,418 @@
+//! Cluster mode's engine: NATS JetStream as the store beside SQLite. The engine assigns the
+//! seqs (its stream sequence) and keeps the replicated history; the journal becomes the box's
+//! cache of it, for replay while the engine is away and at restart.
+//!
+//! `async-nats` runs on tokio only, so it gets one thread of its own, `nats`, with a
+//! current-thread runtime, as SQLite has the journal's: the executor stays single-threaded and
+//! talks to it over bounded `async-channel`s. Publishes go to the thread as `Command`s and come
+//! back as `PubAcked` (the engine's quorum commit) or the reason they were not stored; the
+//! follower (`follower`) reads the stream in order into the journal (`Cacher`), whose commits
+//! reach the hub by the path local commits take.
+
+mod follower;
+mod stream;
+
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use async_channel::{Receiver, Sender};
+use async_nats::{Client, ConnectOptions, Event, HeaderMap, ServerAddr, jetstream};
+use log::{info, warn};
+
+use crate::core::receipts::ReceiptEvent;
+use crate::store::engine::{MESSAGE_ID, encode_receipt};
+use crate::store::journal::Cacher;
+use crate::support::logger::WarningThrottle;
+
+use crate::store::engine::{
+    Credentials, EngineReply, EngineSettings, EngineStatus, Follow, PubAcked, Publication,
+};
+
+/// Publishes waiting for the `nats` thread to send them; past it a publish is refused at once
+/// (503) rather than queued behind an engine that does not answer.
+pub const ENGINE_QUEUE: usize = 1024;
+/// How long the thread is given to send what it holds when the server stops.
+const STOP_WAIT: Duration = Duration::from_secs(2);
+
+enum Command {
+    Publish(Publication, Sender<EngineReply>),
+    /// Acks and closes for the receipts stream; once the engine has them, stored and applied
+    /// here too (`done` hears it), else `failed` hears why.
+    Receipts {
+        events: Vec<ReceiptEvent>,
+        done: Option<Sender<()>>,
+        failed: Sender<(Vec<ReceiptEvent>, String)>,
+    },
+}
+
+/// The status, written by the `nats` thread and read by the executor.
+#[derive(Debug)]
+struct SharedStatus {
+    state: Mutex<EngineStatus>,
+    /// Rung at each reconnect: the follower reads the stream again at once, rather than wait
+    /// for its consumer to notice that it is gone.
+    reconnected: (Sender<()>, Receiver<()>),
+}
+
+impl Default for SharedStatus {
+    fn default() -> SharedStatus {
+        SharedStatus { state: Mutex::default(), reconnected: async_channel::bounded(1) }
+    }
+}
+
+impl SharedStatus {
+    fn lock(&self) -> MutexGuard<'_, EngineStatus> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Completes at the next reconnect (or at once if one happened since the last call).
+    async fn reconnect(&self) {
+        if self.reconnected.1.recv().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+
+    fn update(&self, change: impl FnOnce(&mut EngineStatus)) {
+        change(&mut self.lock());
+    }
+
+    /// One log line per connect and disconnect, not per message.
+    fn note(&self, event: Event, box_name: &str) {
+        match event {
+            Event::Connected => {
+                info!("engine: {box_name} connected to NATS");
+                self.update(|status| status.connected = true);
+                let _ = self.reconnected.0.try_send(());
+            }
+            Event::Disconnected => {
+                warn!("engine: {box_name} disconnected from NATS: publishes are refused until it is back");
+                self.update(|status| status.connected = false);
+            }
+            Event::Closed => self.update(|status| status.connected = false),
+            // Every failed reconnect is one: one line per period says so, with the count.
+            Event::ServerError(error) => note_throttled(&format!("engine: NATS server error: {error}")),
+            Event::ClientError(error) => note_throttled(&format!("engine: NATS client error: {error}")),
+            Event::SlowConsumer(_) | Event::LameDuckMode | Event::Draining => {
+                info!("engine: {event}")
+            }
+        }
+    }
+}
+
+thread_local! {
+    /// The engine's errors, on the `nats` thread, where the event callback runs.
+    static ENGINE_ERRORS: WarningThrottle = WarningThrottle::default();
+}
+
+fn note_throttled(message: &str) {
+    ENGINE_ERRORS.with(|throttle| throttle.note(message));
+}
+
+/// The executor's handle on the `nats` thread.
+#[derive(Debug)]
+pub struct Engine {
+    commands: Sender<Command>,
+    follow: Sender<Follow>,
+    status: Arc<SharedStatus>,
+    settings: EngineSettings,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Command {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Command::Publish(..) => "Publish",
+            Command::Receipts { .. } => "Receipts",
+        })
+    }
+}
+
+/// Starts the `nats` thread, connects, and binds (or creates) the stream, waiting for that at
+/// most `--nats-timeout`. Returns the stream identity if the engine answered in time, `None`
+/// if it did not (the box starts on its cache and binds when the engine is back). An error is
+/// a setting that can never work (a URL, a credentials file).
+pub fn start(settings: EngineSettings) -> Result<(Engine, Option<String>), String> {
+    let (commands, incoming) = async_channel::bounded(ENGINE_QUEUE);
+    let (follow, go) = async_channel::bounded(1);
+    let (bound_sender, bound) = async_channel::bounded(1);
+    let status = Arc::new(SharedStatus::default());
+    let thread = {
+        let (settings, status) = (settings.clone(), Arc::clone(&status));
+        std::thread::Builder::new()
+            .name("nats".into())
+            .spawn(move || run(settings, status, incoming, bound_sender, go))
+            .map_err(|e| format!("cannot start the nats thread: {e}"))?
+    };
+    let identity = bound.recv_blocking().map_err(|_| "the nats thread stopped at start".to_owned())??;
+    let engine = Engine { commands, follow, status, settings, thread: Some(thread) };
+    Ok((engine, identity))
+}
+
+impl Engine {
+    /// Starts following the stream into `follow.cacher`, after the seq the cache holds.
+    pub fn follow(&self, follow: Follow) {
+        let _ = self.follow.try_send(follow);
+    }
+
+    /// Hands a publication to the `nats` thread; the receiver hears the engine's commit or why
+    /// there is none. Refused at once when `ENGINE_QUEUE` publishes already wait.
+    pub fn publish(&self, publication: Publication) -> Result<Receiver<EngineReply>, String> {
+        let (reply, acked) = async_channel::bounded(1);
+        match self.commands.try_send(Command::Publish(publication, reply)) {
+            Ok(()) => Ok(acked),
+            Err(async_channel::TrySendError::Full(_)) => {
+                Err(format!("{ENGINE_QUEUE} publishes already wait for the engine"))
+            }
+            Err(async_channel::TrySendError::Closed(_)) => Err("the nats thread has stopped".into()),
+        }
+    }
+
+    /// Hands acks and closes to the `nats` thread for the receipts stream: once committed
+    /// there they are stored and applied on this box (`done` hears it) and every other box
+    /// follows them; `failed` gets them back, with why, if the engine did not take them.
+    pub fn publish_receipts(
+        &self,
+        events: Vec<ReceiptEvent>,
+        done: Option<Sender<()>>,
+        failed: Sender<(Vec<ReceiptEvent>, String)>,
+    ) -> Result<(), (Vec<ReceiptEvent>, String)> {
+        match self.commands.try_send(Command::Receipts { events, done, failed }) {
+            Ok(()) => Ok(()),
+            Err(refused) => {
+                let reason = if refused.is_full() {
+                    "too many waiting for the engine"
+                } else {
+                    "the nats thread has stopped"
+                };
+                match refused.into_inner() {
+                    Command::Receipts { events, .. } => Err((events, reason.to_owned())),
+                    Command::Publish(..) => unreachable!("sent a Receipts command"),
+                }
+            }
+        }
+    }
+
+    pub fn status(&self) -> EngineStatus {
+        self.status.lock().clone()
+    }
+
+    pub fn servers(&self) -> &[String] {
+        &self.settings.urls
+    }
+
+    pub fn stream_name(&self) -> &str {
+        &self.settings.stream.name
+    }
+
+    pub fn box_name(&self) -> &str {
+        &self.settings.box_name
+    }
+
+    /// `--nats-timeout`.
+    pub fn timeout(&self) -> Duration {
+        self.settings.timeout
+    }
+}
+
+impl Drop for Engine {
+    /// Lets the thread send what it holds, for at most `STOP_WAIT`.
+    fn drop(&mut self) {
+        self.commands.close();
+        self.follow.close();
+        if let Some(thread) = self.thread.take()
+            && !crate::support::join::join_within(thread, STOP_WAIT)
+        {
+            warn!("the nats thread is still busy after {STOP_WAIT:?}; exiting anyway");
+        }
+    }
+}
+
+/// The `nats` thread: connect, bind, report, then serve publishes and follow the stream until
+/// the executor's side closes.
+fn run(
+    settings: EngineSettings,
+    status: Arc<SharedStatus>,
+    commands: Receiver<Command>,
+    bound: Sender<Result<Option<String>, String>>,
+    go: Receiver<Follow>,
+) {
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            let _ = bound.try_send(Err(format!("cannot start the nats runtime: {e}")));
+            return;
+        }
+    };
+    runtime.block_on(async move {
+        let client = match connect(&settings, Arc::clone(&status)).await {
+            Ok(client) => client,
+            Err(e) => {
+                let _ = bound.try_send(Err(e));
+                return;
+            }
+        };
+        let mut context = jetstream::new(client.clone());
+        context.set_timeout(settings.timeout);
+        let identity = follower::bind_at_start(&context, &settings, &status).await;
+        let _ = bound.try_send(Ok(identity));
+        let Ok(follow) = go.recv().await else { return };
+        let cacher = follow.cacher.clone();
+        let receipts = std::pin::pin!(follower::run_receipts(
+            context.clone(),
+            settings.stream.clone(),
+            cacher.clone(),
+            Arc::clone(&status)
+        ));
+        let following = std::pin::pin!(follower::run(
+            context.clone(),
+            settings.stream.clone(),
+            follow,
+            Arc::clone(&status)
+        ));
+        let serving = std::pin::pin!(serve(&client, &context, &settings, commands, &cacher, &status));
+        futures_util::future::select(futures_util::future::select(following, receipts), serving).await;
+    });
+}
+
+async fn connect(settings: &EngineSettings, status: Arc<SharedStatus>) -> Result<Client, String> {
+    let addresses = settings
+        .urls
+        .iter()
+        .map(|url| url.parse::<ServerAddr>().map_err(|e| format!("--nats {url}: {e}")))
+        .collect::<Result<Vec<_>, _>>()?;
+    let box_name = settings.box_name.clone();
+    let mut options = ConnectOptions::new()
+        .name(format!("resq-push {box_name}"))
+        .retry_on_initial_connect()
+        .connection_timeout(settings.timeout)
+        .event_callback(move |event| {
+            let (status, box_name) = (Arc::clone(&status), box_name.clone());
+            async move { status.note(event, &box_name) }
+        });
+    options = match &settings.credentials {
+        Credentials::None => options,
+        Credentials::Token(token) => options.token(token.clone()),
+        Credentials::UserPassword { user, password } => {
+            options.user_and_password(user.clone(), password.clone())
+        }
+        Credentials::CredsFile(path) => options
+            .credentials_file(path)
+            .await
+            .map_err(|e| format!("--nats-creds {}: {e}", path.display()))?,
+    };
+    if let Some(ca) = &settings.ca_cert {
+        options = options.add_root_certificates(ca.clone());
+    }
+    options.connect(addresses).await.map_err(|e| format!("cannot connect to NATS: {e}"))
+}
+
+/// Publishes `events` to the receipts stream, each with its message id; the future completes
+/// once the engine has committed them all, or with why not, within `--nats-timeout`.
+async fn send_receipts(
+    context: &jetstream::Context,
+    settings: &EngineSettings,
+    stream_id: &str,
+    events: &[ReceiptEvent],
+) -> impl std::future::Future<Output = Result<(), String>> + use<> {
+    let timeout = settings.timeout;
+    let subject = settings.stream.receipts_subject();
+    let mut acks = Vec::new();
+    let mut refused = None;
+    for (id, body) in events.iter().filter_map(|event| encode_receipt(stream_id, event)) {
+        let mut headers = HeaderMap::new();
+        headers.insert(MESSAGE_ID, id.as_str());
+        match context.publish_with_headers(subject.clone(), headers, body.into()).await {
+            Ok(ack) => acks.push(ack),
+            Err(e) => {
+                refused = Some(e.to_string());
+                break;
+            }
+        }
+    }
+    async move {
+        if let Some(reason) = refused {
+            return Err(reason);
+        }
+        let all =
+            futures_util::future::try_join_all(acks.into_iter().map(std::future::IntoFuture::into_future));
+        match tokio::time::timeout(timeout, all).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!("no ack within {timeout:?}")),
+        }
+    }
+}
+
+/// Sends each publish in the order it came (so a Unix publisher's lines keep theirs), then
+/// waits for its ack beside the others: a burst is in flight together.
+async fn serve(
+    client: &Client,
+    context: &jetstream::Context,
+    settings: &EngineSettings,
+    commands: Receiver<Command>,
+    cacher: &Cacher,
+    status: &SharedStatus,
+) {
+    let subject = settings.stream.emergencies_subject();
+    let timeout = settings.timeout;
+    while let Ok(command) = commands.recv().await {
+        let (publication, reply) = match command {
+            Command::Publish(publication, reply) => (publication, reply),
+            Command::Receipts { events, done, failed } => {
+                let stream_id = status.lock().stream_id.clone();
+                let connected = client.connection_state() == async_nats::connection::State::Connected;
+                match stream_id.filter(|_| connected) {
+                    Some(stream_id) => {
+                        let sent = send_receipts(context, settings, &stream_id, &events).await;
+                        let cacher = cacher.clone();
+                        tokio::spawn(async move {
+                            match sent.await {
+                                Ok(()) if cacher.record(events.clone(), done) => {}
+                                Ok(()) => {
+                                    let _ =
+                                        failed.try_send((events, "the storage thread has stopped".into()));
+                                }
+                                Err(reason) => {
+                                    let _ = failed.try_send((events, reason));
+                                }
+                            }
+                        });
+                    }
+                    None => {
+                        let _ = failed.try_send((events, "not connected to NATS".into()));
+                    }
+                }
+                continue;
+            }
+        };
+        if client.connection_state() != async_nats::connection::State::Connected {
+            let _ = reply.try_send(Err("not connected to NATS".into()));
+            continue;
+        }
+        let mut headers = HeaderMap::new();
+        for (name, value) in publication.headers(&settings.box_name) {
+            headers.insert(name, value.as_str());
+        }
+        let sent = context.publish_with_headers(subject.clone(), headers, publication.data.into());
+        let ack = match tokio::time::timeout(timeout, sent).await {
+            Ok(Ok(ack)) => ack,
+            Ok(Err(e)) => {
+                let _ = reply.try_send(Err(e.to_string()));
+                continue;
+            }
+            Err(_) => {
+                let _ = reply.try_send(Err(format!("not sent within {timeout:?}")));
+                continue;
+            }
+        };
+        tokio::spawn(async move {
+            let answer = match tokio::time::timeout(timeout, ack).await {
+                Ok(Ok(ack)) => Ok(PubAcked { seq: ack.sequence, duplicate: ack.duplicate }),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(_) => Err(format!("no ack within {timeout:?}")),
+            };
+            let _ = reply.try_send(answer);
+        });
+    }
+}
