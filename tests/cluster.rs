@@ -609,12 +609,12 @@ fn acks_and_closes_on_one_box_are_seen_on_the_other() {
     let nats = NatsCluster::start();
     let tokens = TempDir::new();
     let token_file = tokens.path().join("subscribe.tokens");
-    std::fs::write(&token_file, "tablet-1 tok-one-1111\ntablet-2 tok-two-2222\n").unwrap();
+    std::fs::write(&token_file, "tablet-1 tablet-one-token-1111\ntablet-2 tablet-two-token-2222\n").unwrap();
     let flags = ["--subscribe-token-file", token_file.to_str().unwrap()];
     let a = start_box(&nats, "a", &flags);
     let b = start_box(&nats, "b", &flags);
-    let mut one = Tablet::connect_with("tablet-1", &a, "&token=tok-one-1111");
-    let mut two = Tablet::connect_with("tablet-2", &b, "&token=tok-two-2222");
+    let mut one = Tablet::connect_with("tablet-1", &a, "&token=tablet-one-token-1111");
+    let mut two = Tablet::connect_with("tablet-2", &b, "&token=tablet-two-token-2222");
     publish(&target(&a), Http, &emergency("e1")).unwrap();
     publish(&target(&b), Unix, &emergency("e2")).unwrap();
     one.recv_until(2);
@@ -623,7 +623,7 @@ fn acks_and_closes_on_one_box_are_seen_on_the_other() {
     let seen = two.recv_notice("ack", 1, |ack| ack["by"] == "tablet-1");
     assert_eq!(seen["acked"], 1, "{seen}");
     let response = b.http(
-        b"POST /emergencias/1/ack?token=tok-two-2222 HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        b"POST /emergencias/1/ack?token=tablet-two-token-2222 HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
     );
     assert_eq!(response.status, 200, "{}", response.body);
     assert_eq!(response.json()["acked"], 2, "{}", response.body);
@@ -634,7 +634,7 @@ fn acks_and_closes_on_one_box_are_seen_on_the_other() {
     two.recv_notice("closed", 1, |_| true);
     // What a console shows: who acked of how many delivered, and the close.
     let status = |server: &Server| {
-        let status = server.get("/emergencias/1?token=tok-one-1111").json()["status"].clone();
+        let status = server.get("/emergencias/1?token=tablet-one-token-1111").json()["status"].clone();
         ["acked", "acked_by", "delivered", "closed", "close"].map(|field| status[field].clone())
     };
     wait_long("the same status on both boxes", || status(&a) == status(&b));
@@ -711,13 +711,18 @@ fn unacked_command_is_taken_over_when_its_box_dies() {
     publish(&target(boxes[0].as_ref().unwrap()), Http, &emergency("e1")).unwrap();
     let lines = || std::fs::read_to_string(&ran).unwrap_or_default();
     wait_long("seq 1's command", || lines().contains("1 "));
+    let claimed = Instant::now();
     let first = lines();
-    let winner = names.iter().position(|name| first.trim_end() == format!("1 {name}")).unwrap();
+    let first = first.lines().next().unwrap();
+    let winner = names.iter().position(|name| first == format!("1 {name}")).unwrap();
     boxes[winner].take().unwrap().kill9();
     let survivor = names[1 - winner];
     wait_long("the surviving box taking seq 1 over", || lines().contains(&format!("1 {survivor}")));
     let text = lines();
     assert_eq!(text.lines().count(), 2, "{text}");
+    // Not before the claim's lease ran out: while its claimer lived, the command was its alone.
+    let waited = claimed.elapsed();
+    assert!(waited >= Duration::from_millis(1900), "taken over after {waited:?}, within the lease:\n{text}");
 }
 
 /// A box frozen (SIGSTOP) while the other publishes more than its tablets' `--queue`: thawed, it
