@@ -187,6 +187,13 @@ fn seq_of(reply: &Value) -> u64 {
     reply["seq"].as_u64().unwrap_or_else(|| panic!("no seq in {reply}"))
 }
 
+/// The value of the Prometheus sample `name` (without labels) on a `/metrics` page.
+fn metric(page: &str, name: &str) -> f64 {
+    page.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in:\n{page}"))
+}
+
 /// A refused publish says the engine is unavailable and that nothing was stored.
 fn assert_engine_unavailable(result: Result<Value, String>) {
     let error = result.expect_err("a publish was accepted without the engine");
@@ -427,8 +434,12 @@ fn stream_leader_killed_mid_burst_loses_and_doubles_nothing() {
         scope.spawn(|| {
             for i in 1..=N {
                 let path = if i % 3 == 0 { Unix } else { Http };
+                let started = Instant::now();
                 let (reply, refused) =
                     publish_until_ok(&targets[i as usize % 2], path, &format!("burst-{i}"));
+                if refused > 0 || started.elapsed() > Duration::from_millis(500) {
+                    eprintln!("burst-{i}: accepted after {refused} refusals, {:?}", started.elapsed());
+                }
                 replies.lock().unwrap().push((i, reply, refused));
                 progress.store(i, Ordering::SeqCst);
             }
@@ -490,6 +501,15 @@ fn quorum_lost_refuses_publishes_then_seqs_go_on() {
                 &emergency(&format!("refused-{path:?}")),
             ));
         }
+        let metrics = server.get("/metrics").body;
+        let failures = metric(&metrics, "resq_engine_publish_failures_total");
+        assert!(failures >= 2.0, "{metrics}");
+        // For deploy/README.md's failure table: what /healthz says without a quorum.
+        eprintln!(
+            "quorum lost: /healthz {} engine {}",
+            server.get("/healthz").status,
+            health(server)["engine"]
+        );
     }
     // A tablet connecting now replays what the box's cache has.
     let mut late = Tablet::connect("b2", &b);
