@@ -77,6 +77,22 @@ impl StreamSettings {
     pub fn receipts_stream(&self) -> String {
         format!("{}_RECEIPTS", self.name)
     }
+
+    /// The KV bucket of escalation claims (`nats::claims`).
+    pub fn escalations_bucket(&self) -> String {
+        format!("{}_ESCALATIONS", self.name)
+    }
+}
+
+/// What became of a box's claim on running an escalation's command (cluster mode).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Claim {
+    /// This box runs it.
+    Won,
+    /// Another box holds it until then: ask again after.
+    Held { until: SystemTime },
+    /// It has run.
+    Done,
 }
 
 /// The engine's commit of one publish.
