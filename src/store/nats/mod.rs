@@ -339,6 +339,15 @@ async fn connect(settings: &EngineSettings, status: Arc<SharedStatus>) -> Result
     options.connect(addresses).await.map_err(|e| format!("cannot connect to NATS: {e}"))
 }
 
+/// The engine's error as an operator reads it: without a quorum of its replicas (or with the
+/// stream gone) JetStream has no responder, which the client reports as no stream.
+fn engine_error(error: String) -> String {
+    if error.contains("no stream found") {
+        return "no JetStream quorum for the stream, or the stream is gone".into();
+    }
+    error
+}
+
 /// The claim key of escalation `seq` in the stream bound.
 fn claim_key(status: &SharedStatus, seq: u64) -> Option<String> {
     status.lock().stream_id.as_ref().map(|stream_id| format!("{stream_id}.{seq}"))
@@ -362,7 +371,7 @@ async fn send_receipts(
         match context.publish_with_headers(subject.clone(), headers, body.into()).await {
             Ok(ack) => acks.push(ack),
             Err(e) => {
-                refused = Some(e.to_string());
+                refused = Some(engine_error(e.to_string()));
                 break;
             }
         }
@@ -375,7 +384,7 @@ async fn send_receipts(
             futures_util::future::try_join_all(acks.into_iter().map(std::future::IntoFuture::into_future));
         match tokio::time::timeout(timeout, all).await {
             Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => Err(e.to_string()),
+            Ok(Err(e)) => Err(engine_error(e.to_string())),
             Err(_) => Err(format!("no ack within {timeout:?}")),
         }
     }
@@ -460,7 +469,7 @@ async fn serve(
         let ack = match tokio::time::timeout(timeout, sent).await {
             Ok(Ok(ack)) => ack,
             Ok(Err(e)) => {
-                let _ = reply.try_send(Err(e.to_string()));
+                let _ = reply.try_send(Err(engine_error(e.to_string())));
                 continue;
             }
             Err(_) => {
@@ -471,7 +480,7 @@ async fn serve(
         tokio::spawn(async move {
             let answer = match tokio::time::timeout(timeout, ack).await {
                 Ok(Ok(ack)) => Ok(PubAcked { seq: ack.sequence, duplicate: ack.duplicate }),
-                Ok(Err(e)) => Err(e.to_string()),
+                Ok(Err(e)) => Err(engine_error(e.to_string())),
                 Err(_) => Err(format!("no ack within {timeout:?}")),
             };
             let _ = reply.try_send(answer);
