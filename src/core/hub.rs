@@ -559,6 +559,16 @@ impl Hub {
         told
     }
 
+    /// The object an emergency of the history carries, as it was published, if it is retained:
+    /// its envelope's last member (`protocol::envelope_json` writes `data` last, after members
+    /// that hold no text of the publisher's).
+    pub fn published_data(&self, seq: u64) -> Option<&str> {
+        let index = self.history.binary_search_by_key(&seq, |retained| retained.seq).ok()?;
+        let envelope: &str = &self.history[index].json;
+        let start = envelope.find("\"data\":")? + "\"data\":".len();
+        envelope.get(start..envelope.len().checked_sub(1)?)
+    }
+
     /// The clients an emergency of the history was queued to when it came, if it is retained.
     pub fn queued_to(&self, seq: u64) -> Option<usize> {
         self.receipts.get(seq).map(|ledger| ledger.queued_to)
@@ -960,6 +970,26 @@ mod tests {
         let mut batch = Vec::new();
         client.take_pending(usize::MAX, usize::MAX, |out| batch.push(out.json));
         batch.iter().map(|json| serde_json::from_str(json).unwrap()).collect()
+    }
+
+    #[test]
+    fn the_object_published_is_read_back_from_its_envelope() {
+        let hub = new_hub(limits(), "s");
+        let data = r#"{"data":"x","nested":{"data":1}}"#;
+        hub.borrow().publish_ok(&raw(data), Source::Unix);
+        assert_eq!(hub.borrow().published_data(1), Some(data));
+        assert_eq!(hub.borrow().published_data(2), None);
+    }
+
+    #[test]
+    fn a_reset_starts_the_history_over_under_the_new_identity_and_tells_every_client() {
+        let hub = new_hub(limits(), "old");
+        hub.borrow().publish_ok(&raw("{}"), Source::Http);
+        let (client, _) = subscribe(&hub, None);
+        assert_eq!(hub.borrow().reset("new"), 1);
+        assert_eq!(client.doorbell.farewell(), Some(Farewell::StreamChanged));
+        let hub = hub.borrow();
+        assert_eq!((hub.stream_id(), hub.last_seq(), hub.client_count()), ("new", 0, 0));
     }
 
     fn pending_seqs(client: &Subscription) -> Vec<u64> {

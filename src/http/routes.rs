@@ -671,7 +671,8 @@ fn client_info(client: ConnectedClient) -> ClientInfo {
 fn engine_health(app: &App) -> Option<EngineHealth> {
     let engine = app.publisher.engine()?;
     let status = engine.status();
-    let state = if status.connected && status.stream_id.is_some() { "connected" } else { "disconnected" };
+    let reachable = status.connected && status.stream_id.is_some() && status.stream_ok;
+    let state = if reachable { "connected" } else { "disconnected" };
     Some(EngineHealth {
         state,
         box_name: engine.box_name().to_owned(),

@@ -11,6 +11,10 @@
 //! own, so the event loop never waits on it: at most `--max-escalation-children` at once (the
 //! rest wait in order), each killed with its process group past `--escalation-time-limit`; its exit status and the end
 //! of its stderr are logged.
+//!
+//! In cluster mode every box tracks every deadline, and before a command starts its box claims
+//! it in the engine (`store::nats::claims`): one box runs it, the others ask again once the
+//! winner's lease is over, and take it over if the winner did not mark it done by then.
 
 use std::collections::VecDeque;
 use std::io::{Read, Write};
@@ -25,6 +29,7 @@ use smol::{Timer, future};
 use crate::core::SharedEnvelope;
 use crate::core::receipts::ReceiptEvent;
 use crate::ingest::Publisher;
+use crate::store::engine::Claim;
 use crate::support::join::join_within;
 
 /// Longest the escalation task sleeps: a new emergency's deadline is seen within this.
@@ -70,8 +75,10 @@ impl ChildEnd {
 /// Runs escalation until the process ends.
 pub async fn run(publisher: &Publisher, settings: EscalationSettings) {
     let hub = publisher.hub();
-    let (finished, ended) = async_channel::unbounded::<ChildEnd>();
+    let (finished, ended) = async_channel::unbounded::<(u64, ChildEnd)>();
     let mut waiting: VecDeque<u64> = VecDeque::new();
+    // Cluster mode: commands another box claimed, and when to ask again.
+    let mut contested: Vec<(u64, SystemTime)> = Vec::new();
     if settings.command.is_some() {
         waiting.extend(hub.with(|hub| hub.commands_owed()));
         if !waiting.is_empty() {
@@ -91,10 +98,21 @@ pub async fn run(publisher: &Publisher, settings: EscalationSettings) {
             None
         })
         .await;
-        if let Some(end) = child_ended {
+        if let Some((seq, end)) = child_ended {
             running -= 1;
             publisher.metrics.count("resq_push_escalation_commands_total", end.label());
+            if let Some(engine) = publisher.engine() {
+                engine.claim_done(seq);
+            }
         }
+        let now = SystemTime::now();
+        contested.retain(|&(seq, until)| {
+            let again = until <= now;
+            if again {
+                waiting.push_back(seq);
+            }
+            !again
+        });
         let due = hub.with(|hub| hub.due_escalations(SystemTime::now()));
         if !due.is_empty() {
             let seqs: Vec<u64> = due.iter().map(ReceiptEvent::seq).collect();
@@ -104,6 +122,7 @@ pub async fn run(publisher: &Publisher, settings: EscalationSettings) {
         }
         let free = settings.max_children.saturating_sub(running);
         let starting = claim_commands(publisher, &mut waiting, free).await;
+        let starting = claim_in_cluster(publisher, &settings, starting, &mut contested).await;
         for (seq, envelope) in starting {
             if start(&settings, seq, &envelope, finished.clone()) {
                 running += 1;
@@ -167,16 +186,47 @@ async fn claim_commands(
     starting
 }
 
+/// Cluster mode: keeps the commands this box wins in the engine (or cannot ask it about: at
+/// least once), and notes when to ask again about those another box holds.
+async fn claim_in_cluster(
+    publisher: &Publisher,
+    settings: &EscalationSettings,
+    starting: Vec<(u64, SharedEnvelope)>,
+    contested: &mut Vec<(u64, SystemTime)>,
+) -> Vec<(u64, SharedEnvelope)> {
+    let Some(engine) = publisher.engine() else { return starting };
+    let mut won = Vec::new();
+    for (seq, envelope) in starting {
+        let claimed = engine.claim(seq, settings.time_limit).recv().await;
+        match claimed {
+            Ok(Ok(Claim::Won)) => won.push((seq, envelope)),
+            Ok(Ok(Claim::Held { until })) => {
+                info!(
+                    "seq {seq}: another box runs --on-unacked; this one takes over if it is not done by then"
+                );
+                contested.push((seq, until));
+            }
+            Ok(Ok(Claim::Done)) => info!("seq {seq}: --on-unacked was run by another box"),
+            Ok(Err(reason)) => {
+                warn!("seq {seq}: cannot claim --on-unacked in the engine ({reason}): running it here");
+                won.push((seq, envelope));
+            }
+            Err(_) => won.push((seq, envelope)),
+        }
+    }
+    won
+}
+
 /// Starts the command for `seq` on a thread of its own; `finished` hears how it ended, even if
 /// that thread panics. `false` if no thread could be started (then nothing runs, nothing is told).
-fn start(settings: &EscalationSettings, seq: u64, envelope: &str, finished: Sender<ChildEnd>) -> bool {
+fn start(settings: &EscalationSettings, seq: u64, envelope: &str, finished: Sender<(u64, ChildEnd)>) -> bool {
     let Some(command) = settings.command.clone() else { return false };
     let (stream, envelope, limit) = (settings.stream.clone(), envelope.to_owned(), settings.time_limit);
     let spawned = std::thread::Builder::new().name("resq-escalation".into()).spawn(move || {
         let run = std::panic::AssertUnwindSafe(|| run_child(&command, seq, &stream, envelope, limit));
         let end = std::panic::catch_unwind(run)
             .unwrap_or_else(|_| ChildEnd::NotStarted(std::io::Error::other("its thread panicked")));
-        let _ = finished.send_blocking(end);
+        let _ = finished.send_blocking((seq, end));
     });
     if let Err(error) = spawned {
         error!("--on-unacked for seq {seq} not run: cannot start a thread: {error}");

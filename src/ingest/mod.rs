@@ -26,7 +26,7 @@ use serde_json::value::RawValue;
 
 use crate::core::handle::Ingress;
 use crate::core::hub::Refusal;
-use crate::core::idempotency::{Fingerprint, IdempotencyKey};
+use crate::core::idempotency::{BodyDigest, Fingerprint, IdempotencyKey};
 use crate::core::receipts::{AckRequest, CloseRequest};
 use crate::core::receipts::{Applied, ReceiptEvent};
 use crate::core::{Outcome, Receipt};
@@ -370,8 +370,8 @@ pub enum Staged {
     Published(Outcome<Receipt>),
     /// Durable history: waiting for the journal to decide and commit it.
     Storing(Receiver<Result<Outcome<Receipt>, StorageError>>),
-    /// Cluster mode: waiting for the engine's commit.
-    Replicating(Receiver<EngineReply>),
+    /// Cluster mode: waiting for the engine's commit; with the submission's key and digest.
+    Replicating(Receiver<EngineReply>, Option<Fingerprint>),
 }
 
 /// The one way into the history, shared by every ingest path.
@@ -536,7 +536,8 @@ impl Publisher {
         let data = String::from(Box::<str>::from(data));
         let publication =
             Publication { message_id, received_at_ms: unix_millis(SystemTime::now()), source, data };
-        engine.publish(publication).map(Staged::Replicating).map_err(|reason| self.engine_failed(reason))
+        let acked = engine.publish(publication).map_err(|reason| self.engine_failed(reason))?;
+        Ok(Staged::Replicating(acked, fingerprint))
     }
 
     fn engine_failed(&self, reason: String) -> Rejection {
@@ -544,8 +545,14 @@ impl Publisher {
         Rejection::EngineUnavailable(reason)
     }
 
-    /// Cluster mode: waits for the engine's commit, then for this box's hub to have it.
-    async fn replicated(&self, acked: Receiver<EngineReply>) -> Result<Outcome<Receipt>, Rejection> {
+    /// Cluster mode: waits for the engine's commit, then for this box's hub to have it. A
+    /// duplicate (the engine knew its message id, the key) whose stored object differs is a
+    /// conflict, as on one box; one that left this box's history is taken as a retry.
+    async fn replicated(
+        &self,
+        acked: Receiver<EngineReply>,
+        fingerprint: Option<Fingerprint>,
+    ) -> Result<Outcome<Receipt>, Rejection> {
         let acked = match acked.recv().await {
             Ok(Ok(acked)) => acked,
             Ok(Err(reason)) => return Err(self.engine_failed(reason)),
@@ -553,9 +560,13 @@ impl Publisher {
         };
         let within = self.engine.as_ref().map_or(RECORD_WAIT, Engine::timeout);
         let queued_to = self.followed(acked.seq, within).await?;
-        Ok(match acked.duplicate {
-            true => Outcome::Duplicate { seq: acked.seq },
-            false => Outcome::New(Receipt { seq: acked.seq, queued_to }),
+        if !acked.duplicate {
+            return Ok(Outcome::New(Receipt { seq: acked.seq, queued_to }));
+        }
+        let stored = self.hub().with(|hub| hub.published_data(acked.seq).map(BodyDigest::of));
+        Ok(match (fingerprint, stored) {
+            (Some(fingerprint), Some(stored)) => fingerprint.against(acked.seq, &stored),
+            _ => Outcome::Duplicate { seq: acked.seq },
         })
     }
 
@@ -603,7 +614,7 @@ impl Publisher {
                     detail: "the storage thread stopped".into(),
                 })),
             },
-            Staged::Replicating(acked) => self.replicated(acked).await,
+            Staged::Replicating(acked, fingerprint) => self.replicated(acked, fingerprint).await,
         };
         let accepted = outcome.and_then(Accepted::from_outcome);
         match accepted {

@@ -77,6 +77,22 @@ impl StreamSettings {
     pub fn receipts_stream(&self) -> String {
         format!("{}_RECEIPTS", self.name)
     }
+
+    /// The KV bucket of escalation claims (`nats::claims`).
+    pub fn escalations_bucket(&self) -> String {
+        format!("{}_ESCALATIONS", self.name)
+    }
+}
+
+/// What became of a box's claim on running an escalation's command (cluster mode).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Claim {
+    /// This box runs it.
+    Won,
+    /// Another box holds it until then: ask again after.
+    Held { until: SystemTime },
+    /// It has run.
+    Done,
 }
 
 /// The engine's commit of one publish.
@@ -98,6 +114,8 @@ pub struct EngineStatus {
     pub stream_id: Option<String>,
     /// The last seq the follower took from the stream.
     pub last_seq: u64,
+    /// The stream answers: its last bind or check succeeded (false without quorum).
+    pub stream_ok: bool,
     /// Why the last attempt to bind or follow the stream failed, until one succeeds.
     pub last_error: Option<String>,
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use async_channel::{Receiver, Sender};
 
 use crate::core::receipts::ReceiptEvent;
-use crate::store::engine::{EngineReply, EngineSettings, EngineStatus, Follow, Publication};
+use crate::store::engine::{Claim, EngineReply, EngineSettings, EngineStatus, Follow, Publication};
 
 /// An engine that cannot exist in this build.
 #[derive(Debug)]
@@ -34,6 +34,14 @@ impl Engine {
         _done: Option<Sender<()>>,
         _failed: Sender<(Vec<ReceiptEvent>, String)>,
     ) -> Result<(), (Vec<ReceiptEvent>, String)> {
+        match self.0 {}
+    }
+
+    pub fn claim(&self, _seq: u64, _time_limit: Duration) -> Receiver<Result<Claim, String>> {
+        match self.0 {}
+    }
+
+    pub fn claim_done(&self, _seq: u64) {
         match self.0 {}
     }
 

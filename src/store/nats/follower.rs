@@ -23,7 +23,7 @@ pub const FOLLOW_BATCH: usize = 256;
 /// seqs not gone back) and that its consumer still delivers: a stream that holds seqs the
 /// follower has not had at two checks in a row is read again from a new consumer (after a NATS
 /// server restart, an ordered consumer took some 15 s to notice it was gone).
-const STREAM_CHECK: Duration = Duration::from_secs(1);
+const STREAM_CHECK: Duration = Duration::from_millis(500);
 /// Wait between attempts to bind or follow the stream while it fails.
 const RETRY: Duration = Duration::from_millis(500);
 
@@ -31,6 +31,8 @@ const RETRY: Duration = Duration::from_millis(500);
 enum Ended {
     /// The storage thread is gone: the server is stopping.
     CacheGone,
+    /// Reconnected to NATS: bind again at once, nothing failed.
+    Reconnected,
     /// The stream must be bound again: it failed, vanished, or is another stream now.
     Rebind(String),
 }
@@ -74,11 +76,15 @@ pub async fn run(
     let Follow { cacher, mut stream_id, mut last_seq } = follow;
     // The connection made at start is no reconnect.
     let _ = status.reconnected.1.try_recv();
+    status.update(|status| status.last_seq = last_seq);
     loop {
         let (bound, identity) = match stream::bind(&context, &settings, &new_stream_id()).await {
             Ok(bound) => bound,
             Err(e) => {
-                status.update(|status| status.last_error = Some(e));
+                status.update(|status| {
+                    status.stream_ok = false;
+                    status.last_error = Some(e);
+                });
                 tokio::time::sleep(RETRY).await;
                 continue;
             }
@@ -93,16 +99,22 @@ pub async fn run(
                 return;
             }
             (stream_id, last_seq) = (identity.clone(), 0);
+            status.update(|status| status.last_seq = 0);
         }
         status.update(|status| {
             status.stream_id = Some(identity.clone());
             status.last_error = None;
+            status.stream_ok = true;
         });
         match follow_binding(&bound, &settings, &cacher, &mut last_seq, &identity, &status).await {
             Ended::CacheGone => return,
+            Ended::Reconnected => {}
             Ended::Rebind(reason) => {
                 super::note_throttled(&format!("engine: following stream {} again: {reason}", settings.name));
-                status.update(|status| status.last_error = Some(reason));
+                status.update(|status| {
+                    status.stream_ok = false;
+                    status.last_error = Some(reason);
+                });
                 tokio::time::sleep(RETRY).await;
             }
         }
@@ -149,7 +161,7 @@ async fn follow_binding(
                 futures_util::future::Either::Left((next, _)) => Some(next),
                 futures_util::future::Either::Right((futures_util::future::Either::Left(_), _)) => None,
                 futures_util::future::Either::Right((futures_util::future::Either::Right(_), _)) => {
-                    return Ended::Rebind("reconnected to NATS".into());
+                    return Ended::Reconnected;
                 }
             }
         };
@@ -248,6 +260,7 @@ pub async fn run_receipts(
         };
         match follow_receipts(&bound, &settings, &cacher, &mut last_seq, &status).await {
             Ended::CacheGone => return,
+            Ended::Reconnected => {}
             Ended::Rebind(reason) => {
                 super::note_throttled(&format!(
                     "engine: following {} again: {reason}",

@@ -9,6 +9,7 @@
 //! follower (`follower`) reads the stream in order into the journal (`Cacher`), whose commits
 //! reach the hub by the path local commits take.
 
+mod claims;
 mod follower;
 mod stream;
 
@@ -21,7 +22,7 @@ use async_nats::{Client, ConnectOptions, Event, HeaderMap, ServerAddr, jetstream
 use log::{info, warn};
 
 use crate::core::receipts::ReceiptEvent;
-use crate::store::engine::{MESSAGE_ID, encode_receipt};
+use crate::store::engine::{Claim, MESSAGE_ID, encode_receipt};
 use crate::store::journal::Cacher;
 use crate::support::logger::WarningThrottle;
 
@@ -43,6 +44,16 @@ enum Command {
         events: Vec<ReceiptEvent>,
         done: Option<Sender<()>>,
         failed: Sender<(Vec<ReceiptEvent>, String)>,
+    },
+    /// Claim the command of escalation `seq` for `lease`.
+    Claim {
+        seq: u64,
+        lease: Duration,
+        reply: Sender<Result<Claim, String>>,
+    },
+    /// The command of escalation `seq` has run.
+    ClaimDone {
+        seq: u64,
     },
 }
 
@@ -124,6 +135,8 @@ impl std::fmt::Debug for Command {
         f.write_str(match self {
             Command::Publish(..) => "Publish",
             Command::Receipts { .. } => "Receipts",
+            Command::Claim { .. } => "Claim",
+            Command::ClaimDone { .. } => "ClaimDone",
         })
     }
 }
@@ -187,10 +200,29 @@ impl Engine {
                 };
                 match refused.into_inner() {
                     Command::Receipts { events, .. } => Err((events, reason.to_owned())),
-                    Command::Publish(..) => unreachable!("sent a Receipts command"),
+                    _ => unreachable!("sent a Receipts command"),
                 }
             }
         }
+    }
+
+    /// Claims the `--on-unacked` command of escalation `seq` for `time_limit` plus
+    /// `claims::LEASE_MARGIN`; the receiver hears whether this box runs it.
+    pub fn claim(&self, seq: u64, time_limit: Duration) -> Receiver<Result<Claim, String>> {
+        let (reply, claimed) = async_channel::bounded(1);
+        let lease = time_limit + claims::LEASE_MARGIN;
+        if let Err(refused) = self.commands.try_send(Command::Claim { seq, lease, reply })
+            && let Command::Claim { reply, .. } = refused.into_inner()
+        {
+            let _ = reply.try_send(Err("too many waiting for the engine".into()));
+        }
+        claimed
+    }
+
+    /// Marks the command of escalation `seq` as run (best effort: if the mark is lost, another
+    /// box may run it again once the lease is over).
+    pub fn claim_done(&self, seq: u64) {
+        let _ = self.commands.try_send(Command::ClaimDone { seq });
     }
 
     pub fn status(&self) -> EngineStatus {
@@ -307,6 +339,20 @@ async fn connect(settings: &EngineSettings, status: Arc<SharedStatus>) -> Result
     options.connect(addresses).await.map_err(|e| format!("cannot connect to NATS: {e}"))
 }
 
+/// The engine's error as an operator reads it: without a quorum of its replicas (or with the
+/// stream gone) JetStream has no responder, which the client reports as no stream.
+fn engine_error(error: String) -> String {
+    if error.contains("no stream found") {
+        return "no JetStream quorum for the stream, or the stream is gone".into();
+    }
+    error
+}
+
+/// The claim key of escalation `seq` in the stream bound.
+fn claim_key(status: &SharedStatus, seq: u64) -> Option<String> {
+    status.lock().stream_id.as_ref().map(|stream_id| format!("{stream_id}.{seq}"))
+}
+
 /// Publishes `events` to the receipts stream, each with its message id; the future completes
 /// once the engine has committed them all, or with why not, within `--nats-timeout`.
 async fn send_receipts(
@@ -325,7 +371,7 @@ async fn send_receipts(
         match context.publish_with_headers(subject.clone(), headers, body.into()).await {
             Ok(ack) => acks.push(ack),
             Err(e) => {
-                refused = Some(e.to_string());
+                refused = Some(engine_error(e.to_string()));
                 break;
             }
         }
@@ -338,7 +384,7 @@ async fn send_receipts(
             futures_util::future::try_join_all(acks.into_iter().map(std::future::IntoFuture::into_future));
         match tokio::time::timeout(timeout, all).await {
             Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => Err(e.to_string()),
+            Ok(Err(e)) => Err(engine_error(e.to_string())),
             Err(_) => Err(format!("no ack within {timeout:?}")),
         }
     }
@@ -359,6 +405,31 @@ async fn serve(
     while let Ok(command) = commands.recv().await {
         let (publication, reply) = match command {
             Command::Publish(publication, reply) => (publication, reply),
+            Command::Claim { seq, lease, reply } => {
+                let answer = match claim_key(status, seq) {
+                    Some(key) => match claims::bucket(context, &settings.stream).await {
+                        Ok(store) => claims::claim(&store, &key, &settings.box_name, lease).await,
+                        Err(e) => Err(e),
+                    },
+                    None => Err("the stream is not bound".into()),
+                };
+                let _ = reply.try_send(answer);
+                continue;
+            }
+            Command::ClaimDone { seq } => {
+                if let Some(key) = claim_key(status, seq) {
+                    let marked = match claims::bucket(context, &settings.stream).await {
+                        Ok(store) => claims::done(&store, &key, &settings.box_name).await,
+                        Err(e) => Err(e),
+                    };
+                    if let Err(e) = marked {
+                        warn!(
+                            "engine: escalation of seq {seq} not marked done ({e}): another box may run it again"
+                        );
+                    }
+                }
+                continue;
+            }
             Command::Receipts { events, done, failed } => {
                 let stream_id = status.lock().stream_id.clone();
                 let connected = client.connection_state() == async_nats::connection::State::Connected;
@@ -398,7 +469,7 @@ async fn serve(
         let ack = match tokio::time::timeout(timeout, sent).await {
             Ok(Ok(ack)) => ack,
             Ok(Err(e)) => {
-                let _ = reply.try_send(Err(e.to_string()));
+                let _ = reply.try_send(Err(engine_error(e.to_string())));
                 continue;
             }
             Err(_) => {
@@ -409,7 +480,7 @@ async fn serve(
         tokio::spawn(async move {
             let answer = match tokio::time::timeout(timeout, ack).await {
                 Ok(Ok(ack)) => Ok(PubAcked { seq: ack.sequence, duplicate: ack.duplicate }),
-                Ok(Err(e)) => Err(e.to_string()),
+                Ok(Err(e)) => Err(engine_error(e.to_string())),
                 Err(_) => Err(format!("no ack within {timeout:?}")),
             };
             let _ = reply.try_send(answer);
