@@ -14,6 +14,7 @@ use log::{info, warn};
 use super::SharedStatus;
 use super::stream;
 use crate::core::Stored;
+use crate::core::receipts::ReceiptEvent;
 use crate::store::engine::{self, EngineSettings, Follow, RECEIVED_AT, SOURCE, StreamSettings};
 use crate::store::journal::{Cacher, new_stream_id};
 
@@ -24,6 +25,9 @@ pub const FOLLOW_BATCH: usize = 256;
 /// follower has not had at two checks in a row is read again from a new consumer (after a NATS
 /// server restart, an ordered consumer took some 15 s to notice it was gone).
 const STREAM_CHECK: Duration = Duration::from_millis(500);
+/// Longest a receipt waits for its emergency to be followed before it is applied anyway (and
+/// then changes nothing if the emergency never comes).
+const RECEIPT_WAIT: Duration = Duration::from_secs(10);
 /// Wait between attempts to bind or follow the stream while it fails.
 const RETRY: Duration = Duration::from_millis(500);
 
@@ -238,6 +242,26 @@ fn stored(taken: &jetstream::Message) -> Option<Stored> {
     Some(engine::decode(seq, header(RECEIVED_AT), header(SOURCE), &taken.payload))
 }
 
+/// The identity of the emergencies' stream, once its follower has bound it: receipts are of it.
+async fn bound_identity(status: &SharedStatus) -> String {
+    loop {
+        if let Some(identity) = status.lock().stream_id.clone() {
+            return identity;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits (at most `RECEIPT_WAIT`) until the emergencies' follower has handed `seq` to the cache:
+/// a receipt applied before its emergency is there would be lost (the two streams are read
+/// apart, and at start the receipts are read again from their beginning).
+async fn emergency_followed(status: &SharedStatus, seq: u64) {
+    let waited = tokio::time::Instant::now();
+    while status.lock().last_seq < seq && waited.elapsed() < RECEIPT_WAIT {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Follows the receipts stream into the cache, for as long as the cache is there: every ack
 /// and close of every box, each applied here (those this box published come back too, and
 /// change nothing the second time). From the start of the stream at each start of the box:
@@ -319,7 +343,7 @@ async fn follow_receipts(
                 continue;
             }
         };
-        let stream_id = status.lock().stream_id.clone().unwrap_or_default();
+        let stream_id = bound_identity(status).await;
         let mut events = Vec::new();
         let mut message = Some(first);
         while let Some(taken) = message.take() {
@@ -335,6 +359,9 @@ async fn follow_receipts(
             {
                 message = Some(next);
             }
+        }
+        if let Some(newest) = events.iter().map(ReceiptEvent::seq).max() {
+            emergency_followed(status, newest).await;
         }
         if !events.is_empty() && !cacher.cache_events(events).await {
             return Ended::CacheGone;
