@@ -734,6 +734,50 @@ mod tests {
         Config::from_args(&["resq-push"], args).map_err(|early| early.output)
     }
 
+    /// Why `CommandLine::parse` refuses `args`, or `None` if it serves.
+    fn refusal(args: &[&str]) -> Option<String> {
+        match CommandLine::parse(args) {
+            CommandLine::Invalid(message) => Some(message),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn nats_urls_are_nats_or_tls_with_a_port_and_no_credentials() {
+        let urls = parse_nats_urls("nats://10.0.0.1:4222, tls://nats.site:4443").unwrap();
+        assert_eq!(urls.0, ["nats://10.0.0.1:4222", "tls://nats.site:4443"]);
+        for bad in ["10.0.0.1:4222", "nats://host", "nats://:4222", "nats://host:x", "http://h:1", ","] {
+            assert!(parse_nats_urls(bad).is_err(), "{bad}");
+        }
+        let secret = parse_nats_urls("nats://user:pass@host:4222").unwrap_err();
+        assert!(secret.contains("no credentials in the URL"), "{secret}");
+        assert!(parse_stream_name("RESQ-site_1").is_ok());
+        assert!(parse_stream_name("a.b").is_err() && parse_stream_name("").is_err());
+    }
+
+    #[test]
+    fn the_cluster_flags_go_together() {
+        let nats = ["--nats", "nats://127.0.0.1:4222"];
+        assert_eq!(
+            refusal(&["--nats-token", "/t"]).as_deref(),
+            Some("the --nats-* credentials go with --nats")
+        );
+        if cfg!(feature = "cluster") {
+            assert_eq!(refusal(&nats), None);
+            let both = refusal(&[&nats[..], &["--nats-token", "/t", "--nats-creds", "/c"]].concat());
+            assert!(both.is_some_and(|m| m.contains("one way")));
+            let user = refusal(&[&nats[..], &["--nats-user", "u"]].concat());
+            assert_eq!(user.as_deref(), Some("--nats-user and --nats-password-file go together"));
+            let memory = refusal(&[&nats[..], &["--in-memory"]].concat());
+            assert!(memory.is_some_and(|m| m.contains("--data-dir")));
+            let replicas = refusal(&[&nats[..], &["--nats-replicas", "6"]].concat());
+            assert_eq!(replicas.as_deref(), Some("--nats-replicas must be 1 to 5"));
+        } else {
+            let refused = refusal(&nats).unwrap_or_default();
+            assert!(refused.contains("built without cluster mode (the cargo feature cluster)"), "{refused}");
+        }
+    }
+
     #[test]
     fn defaults_are_valid() {
         let config = parse(&[]).unwrap();

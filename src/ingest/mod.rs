@@ -491,7 +491,7 @@ impl Publisher {
             return Err(Rejection::ShuttingDown);
         }
         if let Some(engine) = &self.engine {
-            return self.replicate(engine, data, source, fingerprint);
+            return self.replicate(engine, data, source, fingerprint, when_busy).await;
         }
         match &self.journal {
             Some(journal) => {
@@ -517,13 +517,15 @@ impl Publisher {
     }
 
     /// Cluster mode: hands the submission to the engine, with its key as the message id (so a
-    /// retry through any box is stored once), or a fresh one.
-    fn replicate(
+    /// retry through any box is stored once), or a fresh one; when `ENGINE_QUEUE` publishes
+    /// already wait, waits for room or is refused, as `when_busy` says.
+    async fn replicate(
         &self,
         engine: &Engine,
         data: Box<RawValue>,
         source: Source,
         fingerprint: Option<Fingerprint>,
+        when_busy: WhenBusy,
     ) -> Result<Staged, Rejection> {
         let message_id = match &fingerprint {
             Some(fingerprint) => fingerprint.key.as_str().to_owned(),
@@ -536,7 +538,11 @@ impl Publisher {
         let data = String::from(Box::<str>::from(data));
         let publication =
             Publication { message_id, received_at_ms: unix_millis(SystemTime::now()), source, data };
-        let acked = engine.publish(publication).map_err(|reason| self.engine_failed(reason))?;
+        let acked = match when_busy {
+            WhenBusy::Refuse => engine.publish(publication),
+            WhenBusy::Wait => engine.publish_when_room(publication).await,
+        };
+        let acked = acked.map_err(|reason| self.engine_failed(reason))?;
         Ok(Staged::Replicating(acked, fingerprint))
     }
 

@@ -45,6 +45,13 @@ impl Engine {
         match self.0 {}
     }
 
+    pub async fn publish_when_room(
+        &self,
+        _publication: Publication,
+    ) -> Result<Receiver<EngineReply>, String> {
+        match self.0 {}
+    }
+
     pub fn status(&self) -> EngineStatus {
         match self.0 {}
     }

@@ -6,7 +6,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream::consumer::{DeliverPolicy, pull::OrderedConfig};
+use async_nats::jetstream::consumer::DeliverPolicy;
+use async_nats::jetstream::consumer::pull::{Ordered, OrderedConfig};
 use async_nats::jetstream::{self, stream::Stream};
 use futures_util::{FutureExt, StreamExt};
 use log::{info, warn};
@@ -125,6 +126,20 @@ pub async fn run(
     }
 }
 
+/// An ordered consumer of `subject` in `bound`, from the seq after `last_seq`.
+async fn read_after(bound: &Stream, subject: String, last_seq: u64) -> Result<Ordered, Ended> {
+    let deliver_policy = match last_seq {
+        0 => DeliverPolicy::All,
+        last => DeliverPolicy::ByStartSequence { start_sequence: last + 1 },
+    };
+    let config = OrderedConfig { filter_subject: subject, deliver_policy, ..Default::default() };
+    let consumer = bound
+        .create_consumer(config)
+        .await
+        .map_err(|e| Ended::Rebind(format!("cannot create its consumer: {e}")))?;
+    consumer.messages().await.map_err(|e| Ended::Rebind(format!("cannot read it: {e}")))
+}
+
 /// Reads one binding of the stream into the cache, checking meanwhile that it stays the same
 /// stream.
 async fn follow_binding(
@@ -135,22 +150,9 @@ async fn follow_binding(
     identity: &str,
     status: &SharedStatus,
 ) -> Ended {
-    let deliver_policy = match *last_seq {
-        0 => DeliverPolicy::All,
-        last => DeliverPolicy::ByStartSequence { start_sequence: last + 1 },
-    };
-    let config = OrderedConfig {
-        filter_subject: settings.emergencies_subject(),
-        deliver_policy,
-        ..Default::default()
-    };
-    let consumer = match bound.create_consumer(config).await {
-        Ok(consumer) => consumer,
-        Err(e) => return Ended::Rebind(format!("cannot create its consumer: {e}")),
-    };
-    let mut messages = match consumer.messages().await {
+    let mut messages = match read_after(bound, settings.emergencies_subject(), *last_seq).await {
         Ok(messages) => messages,
-        Err(e) => return Ended::Rebind(format!("cannot read it: {e}")),
+        Err(ended) => return ended,
     };
     let mut checks = tokio::time::interval(STREAM_CHECK);
     // The seq the follower was at when a check last found the stream ahead of it.
@@ -303,19 +305,9 @@ async fn follow_receipts(
     last_seq: &mut u64,
     status: &SharedStatus,
 ) -> Ended {
-    let deliver_policy = match *last_seq {
-        0 => DeliverPolicy::All,
-        last => DeliverPolicy::ByStartSequence { start_sequence: last + 1 },
-    };
-    let config =
-        OrderedConfig { filter_subject: settings.receipts_subject(), deliver_policy, ..Default::default() };
-    let consumer = match bound.create_consumer(config).await {
-        Ok(consumer) => consumer,
-        Err(e) => return Ended::Rebind(format!("cannot create its consumer: {e}")),
-    };
-    let mut messages = match consumer.messages().await {
+    let mut messages = match read_after(bound, settings.receipts_subject(), *last_seq).await {
         Ok(messages) => messages,
-        Err(e) => return Ended::Rebind(format!("cannot read it: {e}")),
+        Err(ended) => return ended,
     };
     let mut checks = tokio::time::interval(STREAM_CHECK);
     let mut behind_at = None;

@@ -181,6 +181,16 @@ impl Engine {
         }
     }
 
+    /// As `publish`, waiting for room in `ENGINE_QUEUE` instead (a Unix publisher, which reads
+    /// no more of its socket meanwhile).
+    pub async fn publish_when_room(&self, publication: Publication) -> Result<Receiver<EngineReply>, String> {
+        let (reply, acked) = async_channel::bounded(1);
+        match self.commands.send(Command::Publish(publication, reply)).await {
+            Ok(()) => Ok(acked),
+            Err(_) => Err("the nats thread has stopped".into()),
+        }
+    }
+
     /// Hands acks and closes to the `nats` thread for the receipts stream: once committed
     /// there they are stored and applied on this box (`done` hears it) and every other box
     /// follows them; `failed` gets them back, with why, if the engine did not take them.
