@@ -629,29 +629,46 @@ fn box_restarted_while_engine_down_serves_its_cache_then_catches_up() {
     assert_boxes_store(&[&a, &b], &[&before, &cached, &on_b], 8);
 }
 
-/// Named tablets on two boxes: an ack on one box (WebSocket) and one on the other (HTTP), and a
-/// close, are seen on both boxes: the same "seen by 2", the same status.
-#[test]
-fn acks_and_closes_on_one_box_are_seen_on_the_other() {
-    let nats = NatsCluster::start();
+const TOKEN_ONE: &str = "tablet-one-token-1111";
+const TOKEN_TWO: &str = "tablet-two-token-2222";
+
+/// Boxes `a` and `b` with the subscribe tokens of tablet-1 and tablet-2, tablet-1 on `a` and
+/// tablet-2 on `b`, and two emergencies both got. The token file's directory goes with them.
+fn named_tablets_on_two_boxes(nats: &NatsCluster) -> (Server, Server, Tablet, Tablet, TempDir) {
     let tokens = TempDir::new();
     let token_file = tokens.path().join("subscribe.tokens");
-    std::fs::write(&token_file, "tablet-1 tablet-one-token-1111\ntablet-2 tablet-two-token-2222\n").unwrap();
+    std::fs::write(&token_file, format!("tablet-1 {TOKEN_ONE}\ntablet-2 {TOKEN_TWO}\n")).unwrap();
     let flags = ["--subscribe-token-file", token_file.to_str().unwrap()];
-    let a = start_box(&nats, "a", &flags);
-    let b = start_box(&nats, "b", &flags);
-    let mut one = Tablet::connect_with("tablet-1", &a, "&token=tablet-one-token-1111");
-    let mut two = Tablet::connect_with("tablet-2", &b, "&token=tablet-two-token-2222");
+    let a = start_box(nats, "a", &flags);
+    let b = start_box(nats, "b", &flags);
+    let mut one = Tablet::connect_with("tablet-1", &a, &format!("&token={TOKEN_ONE}"));
+    let mut two = Tablet::connect_with("tablet-2", &b, &format!("&token={TOKEN_TWO}"));
     publish(&target(&a), Http, &emergency("e1")).unwrap();
     publish(&target(&b), Unix, &emergency("e2")).unwrap();
     one.recv_until(2);
     two.recv_until(2);
+    (a, b, one, two, tokens)
+}
+
+/// `GET /emergencias/{seq}`'s status on `server`, its `fields` only.
+fn status_fields<const N: usize>(server: &Server, seq: u64, fields: [&str; N]) -> [Value; N] {
+    let status = server.get(&format!("/emergencias/{seq}?token={TOKEN_ONE}")).json()["status"].clone();
+    fields.map(|field| status[field].clone())
+}
+
+/// Named tablets on two boxes: an ack on one box (WebSocket) and one on the other (HTTP), and a
+/// close, are seen on both boxes: the same acks, the same close.
+#[test]
+fn acks_and_closes_on_one_box_are_seen_on_the_other() {
+    let nats = NatsCluster::start();
+    let (a, b, mut one, mut two, _tokens) = named_tablets_on_two_boxes(&nats);
     one.send(r#"{"type":"ack","seq":1}"#);
     let seen = two.recv_notice("ack", 1, |ack| ack["by"] == "tablet-1");
     assert_eq!(seen["acked"], 1, "{seen}");
-    let response = b.http(
-        b"POST /emergencias/1/ack?token=tablet-two-token-2222 HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+    let request = format!(
+        "POST /emergencias/1/ack?token={TOKEN_TWO} HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
     );
+    let response = b.http(request.as_bytes());
     assert_eq!(response.status, 200, "{}", response.body);
     assert_eq!(response.json()["acked"], 2, "{}", response.body);
     let seen = one.recv_notice("ack", 1, |ack| ack["by"] == "tablet-2");
@@ -659,15 +676,24 @@ fn acks_and_closes_on_one_box_are_seen_on_the_other() {
     let closed = publish_unix(&a.unix_socket, r#"{"type":"cerrar","seq":1,"motivo":"resuelta"}"#).unwrap();
     assert_eq!(closed["closed"], true, "{closed}");
     two.recv_notice("closed", 1, |_| true);
-    // What a console shows: who acked of how many delivered, and the close.
-    let status = |server: &Server| {
-        let status = server.get("/emergencias/1?token=tablet-one-token-1111").json()["status"].clone();
-        ["acked", "acked_by", "delivered", "closed", "close"].map(|field| status[field].clone())
-    };
-    wait_long("the same status on both boxes", || status(&a) == status(&b));
-    let [acked, acked_by, delivered, closed, _] = status(&a);
-    assert_eq!((acked, delivered, closed), (2.into(), 2.into(), true.into()));
+    let fields = ["acked", "acked_by", "closed", "close"];
+    wait_long("the same status on both boxes", || {
+        status_fields(&a, 1, fields) == status_fields(&b, 1, fields)
+    });
+    let [acked, acked_by, closed, close] = status_fields(&a, 1, fields);
+    assert_eq!((acked, closed), (2.into(), true.into()));
     assert_eq!(acked_by, serde_json::json!(["tablet-1", "tablet-2"]));
+    assert_eq!(close, serde_json::json!({"motivo": "resuelta"}));
+    assert_all_got(&[&one, &two], 2);
+}
+
+/// "Seen by 2 of 2" on every box: with one tablet on each box, both deliveries count on both.
+#[test]
+fn deliveries_count_on_every_box() {
+    let nats = NatsCluster::start();
+    let (a, b, one, two, _tokens) = named_tablets_on_two_boxes(&nats);
+    let delivered = |server: &Server| status_fields(server, 1, ["delivered"])[0].clone();
+    wait_long("both deliveries on both boxes", || delivered(&a) == 2 && delivered(&b) == 2);
     assert_all_got(&[&one, &two], 2);
 }
 
