@@ -96,6 +96,9 @@ pub const DEFAULT_NATS_REPLICAS: usize = 3;
 pub const MAX_NATS_REPLICAS: usize = 5;
 /// Default seconds a publish waits for the engine's ack, then for this box to have it (`--nats-timeout`).
 pub const DEFAULT_NATS_TIMEOUT_SECS: f64 = 5.0;
+/// Default publishes, acks and closes waiting for the `nats` thread (`--nats-queue`): past it an
+/// HTTP publish is refused at once (503) rather than queued behind an engine that does not answer.
+pub const DEFAULT_NATS_QUEUE: usize = 1024;
 
 /// resq-push: WebSocket push server for emergency dispatch sites. Tablets connect to
 /// /ws/emergencias; local apps publish over a Unix socket or POST /emergencias.
@@ -323,6 +326,11 @@ pub struct Config {
     #[argh(option, default = "secs(DEFAULT_NATS_TIMEOUT_SECS)", from_str_fn(parse_seconds))]
     pub nats_timeout: Duration,
 
+    /// publishes, acks and closes waiting for the engine's thread; past it HTTP publishes get
+    /// 503 and Unix publishers wait (default 1024)
+    #[argh(option, default = "DEFAULT_NATS_QUEUE")]
+    pub nats_queue: usize,
+
     /// this box's name in logs, /healthz and escalation claims (default: the host name)
     #[argh(option, from_str_fn(parse_box_name))]
     pub box_name: Option<String>,
@@ -432,6 +440,7 @@ impl Config {
             ("--max-unix-connections", self.max_unix_connections),
             ("--status-queue", self.status_queue),
             ("--max-escalation-children", self.max_escalation_children),
+            ("--nats-queue", self.nats_queue),
         ];
         for (flag, value) in positive_counts {
             if value == 0 {

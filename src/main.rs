@@ -197,6 +197,7 @@ fn engine_settings(config: &Config) -> Result<Option<EngineSettings>, String> {
         credentials,
         ca_cert: config.nats_ca_cert.clone(),
         timeout: config.nats_timeout,
+        queue: config.nats_queue,
         box_name,
     }))
 }

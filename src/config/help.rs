@@ -54,6 +54,7 @@ const SECTIONS: &[(&str, &[&str])] = &[
             "--nats-creds",
             "--nats-ca-cert",
             "--nats-timeout",
+            "--nats-queue",
             "--box-name",
         ],
     ),

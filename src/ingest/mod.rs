@@ -517,7 +517,7 @@ impl Publisher {
     }
 
     /// Cluster mode: hands the submission to the engine, with its key as the message id (so a
-    /// retry through any box is stored once), or a fresh one; when `ENGINE_QUEUE` publishes
+    /// retry through any box is stored once), or a fresh one; when `--nats-queue` publishes
     /// already wait, waits for room or is refused, as `when_busy` says.
     async fn replicate(
         &self,

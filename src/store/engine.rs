@@ -49,6 +49,8 @@ pub struct EngineSettings {
     pub ca_cert: Option<PathBuf>,
     /// `--nats-timeout`: for a publish's ack, and for binding the stream at start.
     pub timeout: Duration,
+    /// `--nats-queue`: commands waiting for the `nats` thread.
+    pub queue: usize,
     pub box_name: String,
 }
 

@@ -52,7 +52,15 @@ pub async fn bind_at_start(
     let attempts = async {
         loop {
             match stream::bind(context, &settings.stream, &new_stream_id()).await {
-                Ok((_, identity)) => return identity,
+                Ok((bound, identity)) => {
+                    for difference in stream::differences(bound.cached_info(), &settings.stream) {
+                        warn!(
+                            "engine: stream {} has {difference}; it is used as it is",
+                            settings.stream.name
+                        );
+                    }
+                    return identity;
+                }
                 Err(e) => {
                     status.update(|status| status.last_error = Some(e));
                     tokio::time::sleep(RETRY).await;

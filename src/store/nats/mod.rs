@@ -30,9 +30,6 @@ use crate::store::engine::{
     Credentials, EngineReply, EngineSettings, EngineStatus, Follow, PubAcked, Publication,
 };
 
-/// Publishes waiting for the `nats` thread to send them; past it a publish is refused at once
-/// (503) rather than queued behind an engine that does not answer.
-pub const ENGINE_QUEUE: usize = 1024;
 /// How long the thread is given to send what it holds when the server stops.
 const STOP_WAIT: Duration = Duration::from_secs(2);
 
@@ -146,7 +143,7 @@ impl std::fmt::Debug for Command {
 /// if it did not (the box starts on its cache and binds when the engine is back). An error is
 /// a setting that can never work (a URL, a credentials file).
 pub fn start(settings: EngineSettings) -> Result<(Engine, Option<String>), String> {
-    let (commands, incoming) = async_channel::bounded(ENGINE_QUEUE);
+    let (commands, incoming) = async_channel::bounded(settings.queue);
     let (follow, go) = async_channel::bounded(1);
     let (bound_sender, bound) = async_channel::bounded(1);
     let status = Arc::new(SharedStatus::default());
@@ -169,19 +166,20 @@ impl Engine {
     }
 
     /// Hands a publication to the `nats` thread; the receiver hears the engine's commit or why
-    /// there is none. Refused at once when `ENGINE_QUEUE` publishes already wait.
+    /// there is none. Refused at once when `--nats-queue` commands already wait.
     pub fn publish(&self, publication: Publication) -> Result<Receiver<EngineReply>, String> {
         let (reply, acked) = async_channel::bounded(1);
         match self.commands.try_send(Command::Publish(publication, reply)) {
             Ok(()) => Ok(acked),
-            Err(async_channel::TrySendError::Full(_)) => {
-                Err(format!("{ENGINE_QUEUE} publishes already wait for the engine"))
-            }
+            Err(async_channel::TrySendError::Full(_)) => Err(format!(
+                "{} publishes, acks and closes already wait for the engine (--nats-queue)",
+                self.settings.queue
+            )),
             Err(async_channel::TrySendError::Closed(_)) => Err("the nats thread has stopped".into()),
         }
     }
 
-    /// As `publish`, waiting for room in `ENGINE_QUEUE` instead (a Unix publisher, which reads
+    /// As `publish`, waiting for room in `--nats-queue` instead (a Unix publisher, which reads
     /// no more of its socket meanwhile).
     pub async fn publish_when_room(&self, publication: Publication) -> Result<Receiver<EngineReply>, String> {
         let (reply, acked) = async_channel::bounded(1);

@@ -71,6 +71,26 @@ pub fn identity_of(info: &stream::Info) -> String {
     }
 }
 
+/// How an existing stream differs from what this box would have created (another box's flags,
+/// or a stream made by hand): the stream is bound as it is, and the start-up log says so.
+pub fn differences(info: &stream::Info, settings: &StreamSettings) -> Vec<String> {
+    let config = &info.config;
+    let mut found = Vec::new();
+    if config.max_messages != settings.max_messages.min(i64::MAX as usize) as i64 {
+        found.push(format!("max_msgs {} (--history {})", config.max_messages, settings.max_messages));
+    }
+    if config.max_age != settings.max_age {
+        found.push(format!("max_age {:?} (--history-max-age {:?})", config.max_age, settings.max_age));
+    }
+    if !(config.deny_delete && config.deny_purge) {
+        found.push("deletes or purges allowed: the retained seqs may have gaps".into());
+    }
+    if config.duplicate_window < DUPLICATE_WINDOW {
+        found.push(format!("duplicate window {:?} (retries dedupe within it only)", config.duplicate_window));
+    }
+    found
+}
+
 /// Binds the emergencies' stream, creating it (with `new_identity`) if there is none, and the
 /// receipts' stream likewise; returns the first and its identity. Two boxes creating it at
 /// once: one wins, the other's create fails, and its next try binds the winner's.
