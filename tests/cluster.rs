@@ -545,9 +545,10 @@ fn quorum_lost_refuses_publishes_then_seqs_go_on() {
     assert_boxes_store(&[&a, &b], &views, 5);
 }
 
-/// `kill -9` of a box in the middle of a burst published on the other: its tablets move to the
-/// other box with `?since=&stream=`, the box comes back on its address and catches up from the
-/// stream, and a tablet moves back: no gap, no duplicate, the same bytes.
+/// `kill -9` of a box in the middle of a burst published on both boxes: its publisher retries
+/// what was in flight on the other box (stored once), its tablets move to the other box with
+/// `?since=&stream=`, the box comes back on its address and catches up from the stream, and a
+/// tablet moves back: no gap, no duplicate, the same bytes.
 #[test]
 fn box_killed_mid_burst_its_tablets_move_and_back() {
     let nats = NatsCluster::start();
@@ -555,19 +556,31 @@ fn box_killed_mid_burst_its_tablets_move_and_back() {
     let a_addr = a.addr;
     let mut on_a = [Tablet::connect("a1", &a), Tablet::connect("a2", &a)];
     let mut on_b = Tablet::connect("b1", &b);
-    const N: u64 = 40;
-    let publisher = target(&b);
-    let progress = AtomicU64::new(0);
+    // Two publishers of 20 each, one on each box; the one on the killed box moves to the other
+    // and retries there what was in flight, under its key.
+    const EACH: u64 = 20;
+    const N: u64 = 2 * EACH;
+    let targets = [target(&a), target(&b)];
+    let accepted = AtomicU64::new(0);
+    let stored = Mutex::new(BTreeMap::new());
     let a_dir = std::thread::scope(|scope| {
-        scope.spawn(|| {
-            for i in 1..=N {
-                let path = if i % 2 == 0 { Unix } else { Http };
-                let reply = publish(&publisher, path, &emergency(&format!("burst-{i}"))).unwrap();
-                assert_eq!(seq_of(&reply), i, "{reply}");
-                progress.store(i, Ordering::SeqCst);
-            }
-        });
-        wait_long("10 emergencies accepted", || progress.load(Ordering::SeqCst) >= 10);
+        for (first, prefix) in [(0usize, "a"), (1, "b")] {
+            let (targets, accepted, stored) = (&targets, &accepted, &stored);
+            scope.spawn(move || {
+                let mut current = first;
+                for i in 1..=EACH {
+                    let name = format!("{prefix}-{i}");
+                    let path = if i % 2 == 0 { Unix } else { Http };
+                    let reply = publish(&targets[current], path, &emergency(&name)).unwrap_or_else(|_| {
+                        current = 1;
+                        publish_until_ok(&targets[current], path, &name).0
+                    });
+                    assert!(stored.lock().unwrap().insert(seq_of(&reply), name).is_none(), "{reply}");
+                    accepted.fetch_add(1, Ordering::SeqCst);
+                }
+            });
+        }
+        wait_long("10 emergencies accepted", || accepted.load(Ordering::SeqCst) >= 10);
         let dir = a.kill9();
         for tablet in &mut on_a {
             tablet.recv_until_gone();
@@ -575,6 +588,8 @@ fn box_killed_mid_burst_its_tablets_move_and_back() {
         }
         dir
     });
+    let stored = stored.into_inner().unwrap();
+    assert_eq!(stored.keys().copied().collect::<Vec<_>>(), (1..=N).collect::<Vec<_>>(), "{stored:?}");
     for tablet in on_a.iter_mut().chain([&mut on_b]) {
         tablet.recv_until(N);
     }
@@ -588,7 +603,10 @@ fn box_killed_mid_burst_its_tablets_move_and_back() {
     }
     let views: Vec<&Tablet> = on_a.iter().chain([&on_b]).collect();
     assert_all_got(&views, N + 1);
-    assert_boxes_store(&[&a, &b], &views, N + 1);
+    let history = assert_boxes_store(&[&a, &b], &views, N + 1);
+    for (seq, name) in &stored {
+        assert_eq!(&history[seq], name, "seq {seq}");
+    }
 }
 
 /// A box restarted while every NATS server is down: it listens, `/healthz` says the engine is
