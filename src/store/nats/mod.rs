@@ -7,7 +7,8 @@
 //! talks to it over bounded `async-channel`s. Publishes go to the thread as `Command`s and come
 //! back as `PubAcked` (the engine's quorum commit) or the reason they were not stored; the
 //! follower (`follower`) reads the stream in order into the journal (`Cacher`), whose commits
-//! reach the hub by the path local commits take.
+//! reach the hub by the path local commits take. Acks and closes go to the receipts stream,
+//! which every box follows too; escalation commands are claimed in a KV bucket (`claims`).
 
 mod claims;
 mod follower;
@@ -22,13 +23,12 @@ use async_nats::{Client, ConnectOptions, Event, HeaderMap, ServerAddr, jetstream
 use log::{info, warn};
 
 use crate::core::receipts::ReceiptEvent;
-use crate::store::engine::{Claim, MESSAGE_ID, encode_receipt};
+use crate::store::engine::{
+    Claim, Credentials, EngineReply, EngineSettings, EngineStatus, Follow, MESSAGE_ID, PubAcked, Publication,
+    encode_receipt,
+};
 use crate::store::journal::Cacher;
 use crate::support::logger::WarningThrottle;
-
-use crate::store::engine::{
-    Credentials, EngineReply, EngineSettings, EngineStatus, Follow, PubAcked, Publication,
-};
 
 /// How long the thread is given to send what it holds when the server stops.
 const STOP_WAIT: Duration = Duration::from_secs(2);
