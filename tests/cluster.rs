@@ -37,11 +37,14 @@ const RETRY_PAUSE: Duration = Duration::from_millis(100);
 // ---------------------------------------------------------------------------------------------
 // Boxes
 
-/// Starts a box on `nats` and waits until its engine is connected.
+/// Starts a box on `nats` and waits until its engine is connected and the stream has a leader.
 fn start_box(nats: &NatsCluster, name: &str, extra: &[&str]) -> Server {
     let args = box_args(nats, name, None);
     let server = Server::start(&[args.iter().map(String::as_str).collect(), extra.to_vec()].concat());
     wait_engine(&server, "connected");
+    // A stream the box has just created may still be electing its leader, and publishes to it
+    // then get 503 (with "connected" in /healthz): the tests start once it can take them.
+    wait_long("the stream's leader", || nats.stream_info(STREAM)["cluster"]["leader"].is_string());
     server
 }
 
