@@ -16,7 +16,7 @@
 //! it in the engine (`store::nats::claims`): one box runs it, the others ask again once the
 //! winner's lease is over, and take it over if the winner did not mark it done by then.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::io::{Read, Write};
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -41,6 +41,11 @@ const STDERR_LOGGED_BYTES: usize = 2048;
 const PIPE_GRACE: Duration = Duration::from_secs(1);
 /// How often a running command is checked for its end.
 const CHILD_POLL: Duration = Duration::from_millis(20);
+/// Cluster mode: how long after a claim the engine did not answer it is asked again, and how
+/// many times in a row before the command is given up (logged as an error, run nowhere by this
+/// box): a failed claim never means "run it here", which would run it on every box.
+const CLAIM_RETRY: Duration = Duration::from_secs(1);
+const CLAIM_ATTEMPTS: u32 = 30;
 
 /// What escalation runs, from the flags.
 #[derive(Clone, Debug)]
@@ -77,8 +82,8 @@ pub async fn run(publisher: &Publisher, settings: EscalationSettings) {
     let hub = publisher.hub();
     let (finished, ended) = async_channel::unbounded::<(u64, ChildEnd)>();
     let mut waiting: VecDeque<u64> = VecDeque::new();
-    // Cluster mode: commands another box claimed, and when to ask again.
-    let mut contested: Vec<(u64, SystemTime)> = Vec::new();
+    // Cluster mode: commands another box claimed (or whose claim failed), when to ask again.
+    let mut contested = Contested::default();
     if settings.command.is_some() {
         waiting.extend(hub.with(|hub| hub.commands_owed()));
         if !waiting.is_empty() {
@@ -106,13 +111,7 @@ pub async fn run(publisher: &Publisher, settings: EscalationSettings) {
             }
         }
         let now = SystemTime::now();
-        contested.retain(|&(seq, until)| {
-            let again = until <= now;
-            if again {
-                waiting.push_back(seq);
-            }
-            !again
-        });
+        waiting.extend(contested.due(now));
         let due = hub.with(|hub| hub.due_escalations(SystemTime::now()));
         if !due.is_empty() {
             let seqs: Vec<u64> = due.iter().map(ReceiptEvent::seq).collect();
@@ -186,32 +185,77 @@ async fn claim_commands(
     starting
 }
 
-/// Cluster mode: keeps the commands this box wins in the engine (or cannot ask it about: at
-/// least once), and notes when to ask again about those another box holds.
+/// Cluster mode: the commands to ask the engine about again, with when, and how many claims
+/// in a row the engine did not answer (bounded by the escalations waiting).
+#[derive(Default)]
+struct Contested {
+    asks: Vec<(u64, SystemTime)>,
+    failures: HashMap<u64, u32>,
+}
+
+impl Contested {
+    /// Takes out the seqs to ask about again by `now`.
+    fn due(&mut self, now: SystemTime) -> Vec<u64> {
+        let (due, later): (Vec<_>, Vec<_>) = self.asks.drain(..).partition(|&(_, until)| until <= now);
+        self.asks = later;
+        due.into_iter().map(|(seq, _)| seq).collect()
+    }
+
+    /// Asks about `seq` again at `at`; `failed`: because the engine did not answer (else its
+    /// count of failures in a row starts again).
+    fn ask_again(&mut self, seq: u64, at: SystemTime, failed: bool) {
+        self.asks.push((seq, at));
+        if !failed {
+            self.failures.remove(&seq);
+        }
+    }
+
+    /// One more claim of `seq` the engine did not answer: whether to ask again.
+    fn failed(&mut self, seq: u64) -> bool {
+        let failures = self.failures.entry(seq).or_default();
+        *failures += 1;
+        if *failures >= CLAIM_ATTEMPTS {
+            self.failures.remove(&seq);
+            return false;
+        }
+        true
+    }
+}
+
+/// Cluster mode: keeps the commands this box wins in the engine, and notes when to ask again
+/// about those another box holds or whose claim got no answer (a bounded number of times).
 async fn claim_in_cluster(
     publisher: &Publisher,
     settings: &EscalationSettings,
     starting: Vec<(u64, SharedEnvelope)>,
-    contested: &mut Vec<(u64, SystemTime)>,
+    contested: &mut Contested,
 ) -> Vec<(u64, SharedEnvelope)> {
     let Some(engine) = publisher.engine() else { return starting };
     let mut won = Vec::new();
     for (seq, envelope) in starting {
         let claimed = engine.claim(seq, settings.time_limit).recv().await;
-        match claimed {
-            Ok(Ok(Claim::Won)) => won.push((seq, envelope)),
-            Ok(Ok(Claim::Held { until })) => {
+        match claimed.unwrap_or_else(|_| Err("the nats thread has stopped".into())) {
+            Ok(Claim::Won) => {
+                contested.failures.remove(&seq);
+                won.push((seq, envelope));
+            }
+            Ok(Claim::Held { until }) => {
                 info!(
                     "seq {seq}: another box runs --on-unacked; this one takes over if it is not done by then"
                 );
-                contested.push((seq, until));
+                contested.ask_again(seq, until, false);
             }
-            Ok(Ok(Claim::Done)) => info!("seq {seq}: --on-unacked was run by another box"),
-            Ok(Err(reason)) => {
-                warn!("seq {seq}: cannot claim --on-unacked in the engine ({reason}): running it here");
-                won.push((seq, envelope));
+            Ok(Claim::Done) => {
+                contested.failures.remove(&seq);
+                info!("seq {seq}: --on-unacked was run by another box");
             }
-            Err(_) => won.push((seq, envelope)),
+            Err(reason) if contested.failed(seq) => {
+                warn!("seq {seq}: cannot claim --on-unacked in the engine ({reason}): asking again");
+                contested.ask_again(seq, SystemTime::now() + CLAIM_RETRY, true);
+            }
+            Err(reason) => error!(
+                "seq {seq}: --on-unacked not run by this box: {CLAIM_ATTEMPTS} claims in a row got no answer from the engine (last: {reason})"
+            ),
         }
     }
     won

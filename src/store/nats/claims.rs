@@ -20,47 +20,61 @@ use crate::store::engine::{Claim, StreamSettings, unix_millis};
 /// writing `done`, and clocks a little apart.
 pub const LEASE_MARGIN: Duration = Duration::from_secs(10);
 
-/// The claims' bucket, bound or created (by the first box to need it).
+/// The claims' bucket, created (or brought to this configuration) once per box, with the
+/// replicas of the stream. Its stream is made here rather than by `create_key_value`, which
+/// always allows direct gets: a direct get may be answered by a replica that has not applied the
+/// write just made (or, on a bucket just created, by none: "503 no responders"), whereas a
+/// claim must be read from the leader, which has applied every write it acked.
 pub async fn bucket(context: &jetstream::Context, settings: &StreamSettings) -> Result<kv::Store, String> {
     let name = settings.escalations_bucket();
-    if let Ok(store) = context.get_key_value(&name).await {
-        return Ok(store);
-    }
-    let config = kv::Config {
-        bucket: name.clone(),
-        history: 1,
+    let config = jetstream::stream::Config {
+        name: format!("KV_{name}"),
+        subjects: vec![format!("$KV.{name}.>")],
+        max_messages_per_subject: 1,
         max_age: settings.max_age,
         num_replicas: settings.replicas,
-        ..kv::Config::default()
+        allow_rollup: true,
+        deny_delete: true,
+        allow_direct: false,
+        discard: jetstream::stream::DiscardPolicy::New,
+        ..jetstream::stream::Config::default()
     };
-    match context.create_key_value(config).await {
-        Ok(store) => Ok(store),
-        // Created by another box meanwhile.
-        Err(_) => context.get_key_value(&name).await.map_err(|e| format!("bucket {name}: {e}")),
-    }
+    context.create_or_update_stream(config).await.map_err(|e| format!("bucket {name}: {e}"))?;
+    context.get_key_value(&name).await.map_err(|e| format!("bucket {name}: {e}"))
 }
 
-/// Tries to claim `key` for `box_name` for `lease`.
+/// Tries to claim `key` for `box_name` for `lease`. An error means that nothing is known (the
+/// engine did not answer): ask again later, never run it on that account.
 pub async fn claim(store: &kv::Store, key: &str, box_name: &str, lease: Duration) -> Result<Claim, String> {
     let now = SystemTime::now();
     let value = format!("claimed {box_name} {}", unix_millis(now + lease));
-    match store.create(key, value.clone().into()).await {
+    // An update expecting revision 0 is a create that only one box wins; `kv::Store::create`
+    // would read the key itself on losing and report a failed read as its error.
+    match store.update(key, value.clone().into(), 0).await {
         Ok(_) => return Ok(Claim::Won),
-        Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {}
-        Err(e) => return Err(e.to_string()),
+        Err(e) if lost_race(&e) => {}
+        Err(e) => return Err(format!("claim {key}: {e}")),
     }
-    let Some(entry) = store.entry(key).await.map_err(|e| e.to_string())? else {
-        // Deleted in between: the next try creates it.
-        return Ok(Claim::Held { until: now });
-    };
+    let entry = store.entry(key).await.map_err(|e| format!("read claim {key}: {e}"))?;
+    let Some(entry) = entry else { return Err(format!("claim {key} exists but cannot be read yet")) };
     match parse(&String::from_utf8_lossy(&entry.value)) {
         Held::Done => Ok(Claim::Done),
-        Held::Until(until) if until > now => Ok(Claim::Held { until }),
-        Held::Until(_) => match store.update(key, value.into(), entry.revision).await {
+        // Its own claim, whose answer was lost (a timeout after the engine stored it).
+        Held::By(holder, until) if holder == box_name && until > now => Ok(Claim::Won),
+        Held::By(_, until) if until > now => Ok(Claim::Held { until }),
+        Held::By(..) => match store.update(key, value.into(), entry.revision).await {
             Ok(_) => Ok(Claim::Won),
-            Err(_) => Ok(Claim::Held { until: now + lease }),
+            Err(e) if lost_race(&e) => Ok(Claim::Held { until: now + lease }),
+            Err(e) => Err(format!("take over claim {key}: {e}")),
         },
     }
+}
+
+/// Whether an update failed because the key's revision was not the one expected: another box
+/// wrote it first.
+fn lost_race(error: &kv::UpdateError) -> bool {
+    error.kind() == kv::UpdateErrorKind::WrongLastRevision
+        || error.to_string().contains("wrong last sequence")
 }
 
 /// Marks `key`'s command as run: no box runs it again.
@@ -72,16 +86,19 @@ pub async fn done(store: &kv::Store, key: &str, box_name: &str) -> Result<(), St
 #[derive(Debug, PartialEq, Eq)]
 enum Held {
     Done,
-    /// Claimed until then; a value that cannot be read is a claim already over.
-    Until(SystemTime),
+    /// Claimed by that box until then; a value that cannot be read is a claim already over.
+    By(String, SystemTime),
 }
 
 fn parse(value: &str) -> Held {
     let mut words = value.split_whitespace();
-    match (words.next(), words.nth(1).and_then(|until| until.parse::<u64>().ok())) {
-        (Some("done"), _) => Held::Done,
-        (Some("claimed"), Some(until)) => Held::Until(SystemTime::UNIX_EPOCH + Duration::from_millis(until)),
-        _ => Held::Until(SystemTime::UNIX_EPOCH),
+    let (kind, holder) = (words.next(), words.next());
+    match (kind, holder, words.next().and_then(|until| until.parse::<u64>().ok())) {
+        (Some("done"), ..) => Held::Done,
+        (Some("claimed"), Some(holder), Some(until)) => {
+            Held::By(holder.to_owned(), SystemTime::UNIX_EPOCH + Duration::from_millis(until))
+        }
+        _ => Held::By(String::new(), SystemTime::UNIX_EPOCH),
     }
 }
 
@@ -92,8 +109,8 @@ mod tests {
     #[test]
     fn a_claim_says_who_holds_it_until_when_or_that_it_is_done() {
         let until = SystemTime::UNIX_EPOCH + Duration::from_millis(1_764_000_000_000);
-        assert_eq!(parse("claimed box-a 1764000000000"), Held::Until(until));
+        assert_eq!(parse("claimed box-a 1764000000000"), Held::By("box-a".into(), until));
         assert_eq!(parse("done box-a"), Held::Done);
-        assert_eq!(parse("garbage"), Held::Until(SystemTime::UNIX_EPOCH));
+        assert_eq!(parse("garbage"), Held::By(String::new(), SystemTime::UNIX_EPOCH));
     }
 }

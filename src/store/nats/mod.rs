@@ -19,7 +19,8 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use async_channel::{Receiver, Sender};
-use async_nats::{Client, ConnectOptions, Event, HeaderMap, ServerAddr, jetstream};
+use async_nats::jetstream::{self, kv};
+use async_nats::{Client, ConnectOptions, Event, HeaderMap, ServerAddr};
 use log::{info, warn};
 
 use crate::core::receipts::ReceiptEvent;
@@ -361,6 +362,19 @@ fn claim_key(status: &SharedStatus, seq: u64) -> Option<String> {
     status.lock().stream_id.as_ref().map(|stream_id| format!("{stream_id}.{seq}"))
 }
 
+/// The claims' bucket, made at the first claim and kept: not made again per claim.
+async fn claims_bucket<'a>(
+    bucket: &'a mut Option<kv::Store>,
+    context: &jetstream::Context,
+    settings: &EngineSettings,
+) -> Result<&'a kv::Store, String> {
+    let store = match bucket.take() {
+        Some(store) => store,
+        None => claims::bucket(context, &settings.stream).await?,
+    };
+    Ok(bucket.insert(store))
+}
+
 /// Publishes `events` to the receipts stream, each with its message id; the future completes
 /// once the engine has committed them all, or with why not, within `--nats-timeout`.
 async fn send_receipts(
@@ -410,13 +424,14 @@ async fn serve(
 ) {
     let subject = settings.stream.emergencies_subject();
     let timeout = settings.timeout;
+    let mut bucket = None;
     while let Ok(command) = commands.recv().await {
         let (publication, reply) = match command {
             Command::Publish(publication, reply) => (publication, reply),
             Command::Claim { seq, lease, reply } => {
                 let answer = match claim_key(status, seq) {
-                    Some(key) => match claims::bucket(context, &settings.stream).await {
-                        Ok(store) => claims::claim(&store, &key, &settings.box_name, lease).await,
+                    Some(key) => match claims_bucket(&mut bucket, context, settings).await {
+                        Ok(store) => claims::claim(store, &key, &settings.box_name, lease).await,
                         Err(e) => Err(e),
                     },
                     None => Err("the stream is not bound".into()),
@@ -426,8 +441,8 @@ async fn serve(
             }
             Command::ClaimDone { seq } => {
                 if let Some(key) = claim_key(status, seq) {
-                    let marked = match claims::bucket(context, &settings.stream).await {
-                        Ok(store) => claims::done(&store, &key, &settings.box_name).await,
+                    let marked = match claims_bucket(&mut bucket, context, settings).await {
+                        Ok(store) => claims::done(store, &key, &settings.box_name).await,
                         Err(e) => Err(e),
                     };
                     if let Err(e) = marked {
