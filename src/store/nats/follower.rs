@@ -234,6 +234,9 @@ async fn follow_binding(
 /// its last seq.
 async fn still_the_same(bound: &Stream, identity: &str, last_seq: u64) -> Result<u64, String> {
     let info = bound.get_info().await.map_err(|e| format!("its info: {e}"))?;
+    if !stream::leader_known(&info) {
+        return Err("it has no leader (no JetStream quorum)".into());
+    }
     let now = stream::identity_of(&info);
     if now != identity {
         return Err(format!("its identity changed from {identity} to {now}"));

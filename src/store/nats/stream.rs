@@ -71,6 +71,15 @@ pub fn identity_of(info: &stream::Info) -> String {
     }
 }
 
+/// Whether the stream answers with a leader (a standalone server's has no cluster part): a
+/// stream without one (no quorum, or just created and not elected yet) refuses publishes,
+/// though another server may still answer for its info.
+pub fn leader_known(info: &stream::Info) -> bool {
+    info.cluster
+        .as_ref()
+        .is_none_or(|cluster| cluster.leader.as_ref().is_some_and(|leader| !leader.is_empty()))
+}
+
 /// How an existing stream differs from what this box would have created (another box's flags,
 /// or a stream made by hand): the stream is bound as it is, and the start-up log says so.
 pub fn differences(info: &stream::Info, settings: &StreamSettings) -> Vec<String> {
@@ -108,6 +117,9 @@ pub async fn bind(
         .await
         .map_err(|e| format!("stream {}: {e}", settings.receipts_stream()))?;
     let info = emergencies.info().await.map_err(|e| format!("stream {}: {e}", settings.name))?;
+    if !leader_known(info) {
+        return Err(format!("stream {}: no leader (no JetStream quorum, or not elected yet)", settings.name));
+    }
     let identity = identity_of(info);
     Ok((emergencies, identity))
 }
