@@ -34,7 +34,7 @@ use crate::protocol::{Counts, PublishReply, Source};
 use crate::runtime::budget::{ByteBudget, Reservation};
 use crate::runtime::scheduler::FanOut;
 use crate::store::Engine;
-use crate::store::engine::{EngineReply, Publication, is_cluster_wide, unix_millis};
+use crate::store::engine::{EngineError, EngineReply, Publication, is_cluster_wide, unix_millis};
 use crate::store::journal::{Committed, FailureCause, Journal, StorageError};
 use crate::support::metrics::Metrics;
 
@@ -90,6 +90,9 @@ pub enum Rejection {
     /// Cluster mode: the engine did not commit it (not connected, no ack within
     /// `--nats-timeout`), and why.
     EngineUnavailable(String),
+    /// Cluster mode: sent to the engine, which did not answer (no ack within `--nats-timeout`):
+    /// it may have stored it.
+    EngineUncertain(String),
     /// Cluster mode: the engine committed it as `seq`, but this box's follower did not bring it
     /// back within `within`, so no tablet here can have it yet.
     NotFollowed { seq: u64, within: Duration },
@@ -105,6 +108,7 @@ impl Rejection {
                 | Rejection::Overloaded
                 | Rejection::StorageFailed(_)
                 | Rejection::EngineUnavailable(_)
+                | Rejection::EngineUncertain(_)
                 | Rejection::NotFollowed { .. }
         )
     }
@@ -123,7 +127,7 @@ impl Rejection {
             Rejection::StorageBusy => "storage_busy",
             Rejection::Overloaded => "busy",
             Rejection::StorageFailed(_) => "storage_failed",
-            Rejection::EngineUnavailable(_) => "engine_unavailable",
+            Rejection::EngineUnavailable(_) | Rejection::EngineUncertain(_) => "engine_unavailable",
             Rejection::NotFollowed { .. } => "not_followed",
         }
     }
@@ -164,6 +168,10 @@ impl std::fmt::Display for Rejection {
             Rejection::EngineUnavailable(reason) => {
                 write!(f, "engine unavailable: {reason}; nothing was stored")
             }
+            Rejection::EngineUncertain(reason) => write!(
+                f,
+                "engine unavailable: {reason}; it may have been stored: retry with the same Idempotency-Key"
+            ),
             Rejection::NotFollowed { seq, within } => write!(
                 f,
                 "engine unavailable: stored as seq {seq}, but this box has not received it back within \
@@ -561,7 +569,11 @@ impl Publisher {
     ) -> Result<Outcome<Receipt>, Rejection> {
         let acked = match acked.recv().await {
             Ok(Ok(acked)) => acked,
-            Ok(Err(reason)) => return Err(self.engine_failed(reason)),
+            Ok(Err(EngineError { reason, maybe_stored: false })) => return Err(self.engine_failed(reason)),
+            Ok(Err(EngineError { reason, maybe_stored: true })) => {
+                self.engine_failures.set(self.engine_failures.get() + 1);
+                return Err(Rejection::EngineUncertain(reason));
+            }
             Err(_) => return Err(self.engine_failed("the nats thread has stopped".into())),
         };
         let within = self.engine.as_ref().map_or(RECORD_WAIT, Engine::timeout);
@@ -737,7 +749,7 @@ impl Publisher {
             }
             Ok(Err(None)) => Err(Rejection::StorageFailed("the storage thread stopped".into())),
             // Still on its way: a later answer applies it, and a retry is answered from it.
-            Err(_) => Err(Rejection::EngineUnavailable(format!("no answer within {limit:?}"))),
+            Err(_) => Err(Rejection::EngineUncertain(format!("no answer within {limit:?}"))),
         }
     }
 

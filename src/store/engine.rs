@@ -105,8 +105,27 @@ pub struct PubAcked {
     pub duplicate: bool,
 }
 
+/// Why the engine gave no commit for a publish.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EngineError {
+    pub reason: String,
+    /// It was sent and no answer came (a PubAck timeout): the engine may have stored it.
+    pub maybe_stored: bool,
+}
+
+impl EngineError {
+    /// Refused before it was sent, or by an engine that had no stream to store it in.
+    pub fn not_stored(reason: impl Into<String>) -> EngineError {
+        EngineError { reason: reason.into(), maybe_stored: false }
+    }
+
+    pub fn maybe_stored(reason: impl Into<String>) -> EngineError {
+        EngineError { reason: reason.into(), maybe_stored: true }
+    }
+}
+
 /// What the publisher hears back: the commit, or why there is none.
-pub type EngineReply = Result<PubAcked, String>;
+pub type EngineReply = Result<PubAcked, EngineError>;
 
 /// What `/healthz` and `/metrics` show of the engine.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

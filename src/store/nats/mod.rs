@@ -25,8 +25,8 @@ use log::{info, warn};
 
 use crate::core::receipts::ReceiptEvent;
 use crate::store::engine::{
-    Claim, Credentials, EngineReply, EngineSettings, EngineStatus, Follow, MESSAGE_ID, PubAcked, Publication,
-    encode_receipt,
+    Claim, Credentials, EngineError, EngineReply, EngineSettings, EngineStatus, Follow, MESSAGE_ID, PubAcked,
+    Publication, encode_receipt,
 };
 use crate::store::journal::Cacher;
 use crate::support::logger::WarningThrottle;
@@ -357,6 +357,16 @@ fn engine_error(error: String) -> String {
     error
 }
 
+/// A publish's ack that failed: certain that nothing was stored only when no stream received
+/// it (no responders); a timeout leaves it open.
+fn ack_error(error: jetstream::context::PublishError) -> EngineError {
+    let reason = engine_error(error.to_string());
+    match error.kind() {
+        jetstream::context::PublishErrorKind::StreamNotFound => EngineError::not_stored(reason),
+        _ => EngineError::maybe_stored(reason),
+    }
+}
+
 /// The claim key of escalation `seq` in the stream bound.
 fn claim_key(status: &SharedStatus, seq: u64) -> Option<String> {
     status.lock().stream_id.as_ref().map(|stream_id| format!("{stream_id}.{seq}"))
@@ -481,7 +491,7 @@ async fn serve(
             }
         };
         if client.connection_state() != async_nats::connection::State::Connected {
-            let _ = reply.try_send(Err("not connected to NATS".into()));
+            let _ = reply.try_send(Err(EngineError::not_stored("not connected to NATS")));
             continue;
         }
         let mut headers = HeaderMap::new();
@@ -492,19 +502,20 @@ async fn serve(
         let ack = match tokio::time::timeout(timeout, sent).await {
             Ok(Ok(ack)) => ack,
             Ok(Err(e)) => {
-                let _ = reply.try_send(Err(engine_error(e.to_string())));
+                let _ = reply.try_send(Err(EngineError::not_stored(engine_error(e.to_string()))));
                 continue;
             }
             Err(_) => {
-                let _ = reply.try_send(Err(format!("not sent within {timeout:?}")));
+                let _ =
+                    reply.try_send(Err(EngineError::maybe_stored(format!("not sent within {timeout:?}"))));
                 continue;
             }
         };
         tokio::spawn(async move {
             let answer = match tokio::time::timeout(timeout, ack).await {
                 Ok(Ok(ack)) => Ok(PubAcked { seq: ack.sequence, duplicate: ack.duplicate }),
-                Ok(Err(e)) => Err(engine_error(e.to_string())),
-                Err(_) => Err(format!("no ack within {timeout:?}")),
+                Ok(Err(e)) => Err(ack_error(e)),
+                Err(_) => Err(EngineError::maybe_stored(format!("no ack within {timeout:?}"))),
             };
             let _ = reply.try_send(answer);
         });
