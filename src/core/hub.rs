@@ -811,6 +811,23 @@ impl Hub {
         applied
     }
 
+    /// Cluster mode: applies other boxes' deliveries (from the engine's receipts stream), each
+    /// under the hub's one `Rc` of a named tablet, as at a restart; a repeated one changes
+    /// nothing.
+    pub fn apply_followed_deliveries(&mut self, events: Vec<ReceiptEvent>) {
+        for event in events {
+            let ReceiptEvent::Delivered { tablet, .. } = &event else { continue };
+            let name = match tablet.starts_with("client-") {
+                true => None,
+                false => Some(self.canonical_name(&Rc::from(tablet.as_str())))
+                    .filter(|(_, one)| *one)
+                    .map(|(name, _)| name),
+            };
+            self.remember_receipt(&event);
+            self.receipts.apply_as(event, name);
+        }
+    }
+
     /// Keeps the roster's last delivered and acked seqs of a named tablet.
     fn remember_receipt(&mut self, event: &ReceiptEvent) {
         match event {

@@ -753,9 +753,10 @@ impl Publisher {
         }
     }
 
-    /// Sends the held deliveries to the journal.
+    /// Sends the held deliveries to the journal (and in cluster mode to the other boxes).
     pub fn flush_deliveries(&self) {
         let held = std::mem::take(&mut *self.held_deliveries.borrow_mut());
+        self.share_deliveries(&held);
         if let (Some(journal), false) = (&self.journal, held.is_empty())
             && let Err(error) = journal.record(held, None)
         {
@@ -781,11 +782,24 @@ impl Publisher {
         }
     }
 
-    /// The held deliveries, then `events`: they go to the journal together.
+    /// The held deliveries, then `events`: they go to the journal together (and the
+    /// deliveries in cluster mode to the other boxes).
     fn with_held_deliveries(&self, events: Vec<ReceiptEvent>) -> Vec<ReceiptEvent> {
         let mut all = std::mem::take(&mut *self.held_deliveries.borrow_mut());
+        self.share_deliveries(&all);
         all.extend(events);
         all
+    }
+
+    /// Cluster mode: this box's deliveries among `held`, one receipts message per flush, so
+    /// that every box's consoles count them ("seen by 2 of 3" whichever box each tablet is on).
+    fn share_deliveries(&self, held: &[ReceiptEvent]) {
+        let delivered = || held.iter().filter(|event| matches!(event, ReceiptEvent::Delivered { .. }));
+        if let Some(engine) = &self.engine
+            && delivered().next().is_some()
+        {
+            engine.publish_deliveries(delivered().cloned().collect());
+        }
     }
 
     /// As `record`, and waits until the events are stored and applied (a close, an escalation,
@@ -897,7 +911,9 @@ impl Publisher {
     /// Hands what the journal committed to the hub, in seq order, and answers each publisher.
     /// Ends when the journal has stopped and everything it committed is delivered.
     pub async fn deliver_committed(&self, committed: Receiver<Committed>) {
-        while let Ok(Committed { reset, outcomes, events, waiting }) = committed.recv().await {
+        while let Ok(Committed { reset, outcomes, events, followed_deliveries, waiting }) =
+            committed.recv().await
+        {
             if let Some(stream_id) = reset {
                 let told = self.hub().with(|hub| hub.reset(&stream_id));
                 // Their seqs were of the stream that is gone: they hear it was recreated.
@@ -926,6 +942,9 @@ impl Publisher {
                 }
             }
             self.apply(events);
+            if !followed_deliveries.is_empty() {
+                self.ingress.hub().with(|hub| hub.apply_followed_deliveries(followed_deliveries));
+            }
             for done in waiting {
                 let _ = done.try_send(());
             }

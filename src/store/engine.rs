@@ -207,8 +207,9 @@ pub fn decode(seq: u64, received_at: Option<&str>, source: Option<&str>, body: &
     Stored { seq, received_at, envelope }
 }
 
-/// Whether every box must apply `event` (cluster mode): acks and closes go through the engine's
-/// receipts stream; deliveries and queued counts are this box's own.
+/// Whether every box must apply `event` before it is stored (cluster mode): acks and closes go
+/// through the engine's receipts stream first. Deliveries are this box's at once and shared
+/// afterwards, in batches (`encode_deliveries`); queued counts stay this box's own.
 pub fn is_cluster_wide(event: &ReceiptEvent) -> bool {
     matches!(event, ReceiptEvent::Acked { .. } | ReceiptEvent::Closed { .. })
 }
@@ -225,6 +226,59 @@ struct WireReceipt {
     tablet: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     detail: Option<String>,
+}
+
+/// Deliveries in one receipts message, at most: a message stays far below NATS's payload limit.
+pub const DELIVERIES_PER_MESSAGE: usize = 2048;
+
+/// One box's batch of deliveries in the receipts stream: (seq, tablet, at in Unix ms) each.
+#[derive(Serialize, Deserialize, Debug, PartialEq, Eq)]
+struct WireDeliveries {
+    stream: String,
+    kind: String,
+    #[serde(rename = "box")]
+    box_name: String,
+    deliveries: Vec<(u64, String, u64)>,
+}
+
+/// The deliveries among `events` as receipts messages of `box_name`, `DELIVERIES_PER_MESSAGE`
+/// each at most.
+pub fn encode_deliveries(stream: &str, box_name: &str, events: &[ReceiptEvent]) -> Vec<String> {
+    let deliveries: Vec<(u64, String, u64)> = events
+        .iter()
+        .filter_map(|event| match event {
+            ReceiptEvent::Delivered { seq, tablet, at } => Some((*seq, tablet.clone(), unix_millis(*at))),
+            _ => None,
+        })
+        .collect();
+    deliveries
+        .chunks(DELIVERIES_PER_MESSAGE)
+        .filter_map(|chunk| {
+            let wire = WireDeliveries {
+                stream: stream.to_owned(),
+                kind: "delivered".into(),
+                box_name: box_name.to_owned(),
+                deliveries: chunk.to_vec(),
+            };
+            serde_json::to_string(&wire).ok()
+        })
+        .collect()
+}
+
+/// The receipt events of one receipts message of the stream `stream`: an ack or a close, or
+/// the deliveries of another box than `own_box` (its own are applied and stored already).
+pub fn decode_receipts(stream: &str, own_box: &str, body: &[u8]) -> Vec<ReceiptEvent> {
+    let Ok(wire) = serde_json::from_slice::<WireDeliveries>(body) else {
+        return decode_receipt(stream, body).into_iter().collect();
+    };
+    if wire.stream != stream || wire.kind != "delivered" || wire.box_name == own_box {
+        return Vec::new();
+    }
+    let at = |ms: u64| UNIX_EPOCH + Duration::from_millis(ms);
+    wire.deliveries
+        .into_iter()
+        .map(|(seq, tablet, ms)| ReceiptEvent::Delivered { seq, tablet, at: at(ms) })
+        .collect()
 }
 
 /// `event` as published to the receipts stream, with its message id (the same for a retry of
@@ -301,6 +355,21 @@ mod tests {
         let queued = ReceiptEvent::Queued { seq: 4, clients: 2 };
         assert!(!is_cluster_wide(&queued) && encode_receipt("s1", &queued).is_none());
         assert_eq!(decode_receipt("s1", b"garbage"), None);
+    }
+
+    #[test]
+    fn deliveries_cross_the_engine_in_batches_to_the_other_boxes() {
+        let at = UNIX_EPOCH + Duration::from_millis(1_764_000_000_500);
+        let delivered = |seq| ReceiptEvent::Delivered { seq, tablet: format!("tablet-{seq}"), at };
+        let mut events: Vec<ReceiptEvent> = (1..=DELIVERIES_PER_MESSAGE as u64 + 1).map(delivered).collect();
+        events.push(ReceiptEvent::Queued { seq: 1, clients: 2 });
+        let messages = encode_deliveries("s1", "a", &events);
+        assert_eq!(messages.len(), 2);
+        let decoded: Vec<ReceiptEvent> =
+            messages.iter().flat_map(|body| decode_receipts("s1", "b", body.as_bytes())).collect();
+        assert_eq!(decoded, events[..events.len() - 1]);
+        assert!(decode_receipts("s1", "a", messages[0].as_bytes()).is_empty(), "its own box skips it");
+        assert!(decode_receipts("s2", "b", messages[0].as_bytes()).is_empty());
     }
 
     #[test]

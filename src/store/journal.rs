@@ -207,6 +207,9 @@ pub struct Committed {
     pub reset: Option<String>,
     pub outcomes: Vec<(Outcome<Stored>, Option<Reply>)>,
     pub events: Vec<ReceiptEvent>,
+    /// Cluster mode: the deliveries of other boxes among `events`, which the hub applies (its
+    /// own are in its receipts from the moment they were made).
+    pub followed_deliveries: Vec<ReceiptEvent>,
     pub waiting: Vec<Sender<()>>,
 }
 
@@ -847,6 +850,7 @@ fn run(
     // Receipt events not yet committed: a failed commit keeps them for the next one.
     let mut events: Vec<ReceiptEvent> = Vec::new();
     let mut waiting: Vec<Sender<()>> = Vec::new();
+    let mut followed_deliveries: Vec<ReceiptEvent> = Vec::new();
     while let Ok(first) = incoming.0.recv_blocking() {
         let mut appends = Vec::new();
         let mut cached = Vec::new();
@@ -860,7 +864,12 @@ fn run(
                     waiting.extend(done);
                 }
                 Request::Cache(batch, _place) => cached.extend(batch),
-                Request::CacheEvents(recorded, _place) => events.extend(recorded),
+                Request::CacheEvents(recorded, _place) => {
+                    let delivered =
+                        recorded.iter().filter(|event| matches!(event, ReceiptEvent::Delivered { .. }));
+                    followed_deliveries.extend(delivered.cloned());
+                    events.extend(recorded);
+                }
                 // What came before it is committed first; what comes after it, after it.
                 Request::Reset(stream_id) => reset = Some(stream_id),
                 Request::Sweep => {}
@@ -913,6 +922,7 @@ fn run(
                     reset: None,
                     outcomes: outcomes.into_iter().zip(replies).collect(),
                     events: std::mem::take(&mut events),
+                    followed_deliveries: std::mem::take(&mut followed_deliveries),
                     waiting: std::mem::take(&mut waiting),
                 };
                 let anything =

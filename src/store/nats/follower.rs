@@ -282,6 +282,7 @@ async fn emergency_followed(status: &SharedStatus, seq: u64) {
 pub async fn run_receipts(
     context: jetstream::Context,
     settings: StreamSettings,
+    box_name: String,
     cacher: Cacher,
     status: Arc<SharedStatus>,
 ) {
@@ -295,7 +296,7 @@ pub async fn run_receipts(
                 continue;
             }
         };
-        match follow_receipts(&bound, &settings, &cacher, &mut last_seq, &status).await {
+        match follow_receipts(&bound, (&settings, &box_name), &cacher, &mut last_seq, &status).await {
             Ended::CacheGone => return,
             Ended::Reconnected => {}
             Ended::Rebind(reason) => {
@@ -309,9 +310,11 @@ pub async fn run_receipts(
     }
 }
 
+/// Reads one binding of the receipts stream into the cache; `(settings, box_name)`: the
+/// streams, and this box, whose own deliveries are stored already.
 async fn follow_receipts(
     bound: &Stream,
-    settings: &StreamSettings,
+    (settings, box_name): (&StreamSettings, &str),
     cacher: &Cacher,
     last_seq: &mut u64,
     status: &SharedStatus,
@@ -355,7 +358,7 @@ async fn follow_receipts(
             };
             if info.stream_sequence > *last_seq {
                 *last_seq = info.stream_sequence;
-                events.extend(engine::decode_receipt(&stream_id, &taken.payload));
+                events.extend(engine::decode_receipts(&stream_id, box_name, &taken.payload));
             }
             if events.len() < FOLLOW_BATCH
                 && let Some(Some(Ok(next))) = messages.next().now_or_never()

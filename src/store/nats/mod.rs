@@ -26,7 +26,7 @@ use log::{info, warn};
 use crate::core::receipts::ReceiptEvent;
 use crate::store::engine::{
     Claim, Credentials, EngineError, EngineReply, EngineSettings, EngineStatus, Follow, MESSAGE_ID, PubAcked,
-    Publication, encode_receipt,
+    Publication, encode_deliveries, encode_receipt,
 };
 use crate::store::journal::Cacher;
 use crate::support::logger::WarningThrottle;
@@ -43,6 +43,8 @@ enum Command {
         done: Option<Sender<()>>,
         failed: Sender<(Vec<ReceiptEvent>, String)>,
     },
+    /// This box's deliveries, already stored and applied here, for the other boxes.
+    Deliveries(Vec<ReceiptEvent>),
     /// Claim the command of escalation `seq` for `lease`.
     Claim {
         seq: u64,
@@ -133,6 +135,7 @@ impl std::fmt::Debug for Command {
         f.write_str(match self {
             Command::Publish(..) => "Publish",
             Command::Receipts { .. } => "Receipts",
+            Command::Deliveries(..) => "Deliveries",
             Command::Claim { .. } => "Claim",
             Command::ClaimDone { .. } => "ClaimDone",
         })
@@ -212,6 +215,17 @@ impl Engine {
                     _ => unreachable!("sent a Receipts command"),
                 }
             }
+        }
+    }
+
+    /// Shares this box's deliveries (stored and applied here already) with the other boxes,
+    /// through the receipts stream; best effort: if the engine does not take them, the other
+    /// boxes do not count them (logged).
+    pub fn publish_deliveries(&self, events: Vec<ReceiptEvent>) {
+        if self.commands.try_send(Command::Deliveries(events)).is_err() {
+            note_throttled(
+                "engine: deliveries not shared with the other boxes: too many waiting for the engine",
+            );
         }
     }
 
@@ -302,6 +316,7 @@ fn run(
         let receipts = std::pin::pin!(follower::run_receipts(
             context.clone(),
             settings.stream.clone(),
+            settings.box_name.clone(),
             cacher.clone(),
             Arc::clone(&status)
         ));
@@ -422,6 +437,38 @@ async fn send_receipts(
     }
 }
 
+/// Publishes this box's deliveries to the receipts stream, one message per
+/// `DELIVERIES_PER_MESSAGE`; the acks are awaited beside the other commands, and a failure is
+/// logged (once per period): the other boxes then miss those deliveries.
+async fn share_deliveries(
+    context: &jetstream::Context,
+    settings: &EngineSettings,
+    stream_id: &str,
+    events: &[ReceiptEvent],
+) {
+    let (subject, timeout) = (settings.stream.receipts_subject(), settings.timeout);
+    for body in encode_deliveries(stream_id, &settings.box_name, events) {
+        let ack = match context.publish(subject.clone(), body.into()).await {
+            Ok(ack) => ack,
+            Err(e) => {
+                note_throttled(&format!("engine: deliveries not shared with the other boxes: {e}"));
+                return;
+            }
+        };
+        tokio::spawn(async move {
+            match tokio::time::timeout(timeout, ack).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    note_throttled(&format!("engine: deliveries not shared with the other boxes: {e}"))
+                }
+                Err(_) => note_throttled(&format!(
+                    "engine: deliveries not shared with the other boxes: no ack within {timeout:?}"
+                )),
+            }
+        });
+    }
+}
+
 /// Sends each publish in the order it came (so a Unix publisher's lines keep theirs), then
 /// waits for its ack beside the others: a burst is in flight together.
 async fn serve(
@@ -460,6 +507,13 @@ async fn serve(
                             "engine: escalation of seq {seq} not marked done ({e}): another box may run it again"
                         );
                     }
+                }
+                continue;
+            }
+            Command::Deliveries(events) => {
+                let stream_id = status.lock().stream_id.clone();
+                if let Some(stream_id) = stream_id {
+                    share_deliveries(context, settings, &stream_id, &events).await;
                 }
                 continue;
             }
