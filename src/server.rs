@@ -91,8 +91,11 @@ pub fn serve(
     let (mut hub, journal, committed) = match storage {
         Storage::Memory => (Hub::new(limits, &journal::new_stream_id()), None, None),
         Storage::Durable { journal, loaded, committed, engine } => {
-            let hub =
+            let mut hub =
                 Hub::new(limits, &loaded.stream_id).restored(loaded.last_seq, loaded.retained, loaded.events);
+            if let Some(engine) = &engine {
+                hub = hub.with_box_name(engine.box_name());
+            }
             (hub, Some((journal, engine)), Some(committed))
         }
     };

@@ -724,6 +724,33 @@ fn acks_and_closes_on_one_box_are_seen_on_the_other() {
     assert_all_got(&[&one, &two], 2);
 }
 
+/// Tablets without a name on two boxes: each is labelled with its box (`a/client-...`,
+/// `b/client-...`), so the two never count as one, and both boxes count both deliveries and acks.
+#[test]
+fn unnamed_tablets_on_two_boxes_stay_distinct() {
+    let nats = NatsCluster::start();
+    let (a, b) = two_boxes(&nats);
+    let mut on_a = Tablet::connect("unnamed-a", &a);
+    let mut on_b = Tablet::connect("unnamed-b", &b);
+    publish(&target(&a), Http, &emergency("e1")).unwrap();
+    on_a.recv_until(1);
+    on_b.recv_until(1);
+    on_a.send(r#"{"type":"ack","seq":1}"#);
+    on_b.send(r#"{"type":"ack","seq":1}"#);
+    let status = |server: &Server| server.get("/emergencias/1").json()["status"].clone();
+    wait_long("both acks and deliveries on both boxes", || {
+        [&a, &b].iter().all(|server| {
+            let status = status(server);
+            status["acked"] == 2 && status["delivered"] == 2
+        })
+    });
+    let acked_by = status(&a)["acked_by"].clone();
+    let mut labels: Vec<&str> = acked_by.as_array().unwrap().iter().filter_map(Value::as_str).collect();
+    labels.sort();
+    assert_eq!(labels.len(), 2, "{acked_by}");
+    assert!(labels[0].starts_with("a/client-") && labels[1].starts_with("b/client-"), "{acked_by}");
+}
+
 /// "Seen by 2 of 2" on every box: with one tablet on each box, both deliveries count on both.
 #[test]
 fn deliveries_count_on_every_box() {

@@ -25,7 +25,7 @@ use crate::core::doorbell::{Doorbell, Farewell};
 use crate::core::idempotency::{Fingerprint, IdempotencyKey, KeyIndex};
 use crate::core::notices::Notices;
 use crate::core::receipts::{
-    AckRequest, Applied, CloseRequest, ReceiptEvent, ReceiptLimits, Receipts, Tablet,
+    self, AckRequest, Applied, CloseRequest, ReceiptEvent, ReceiptLimits, Receipts, Tablet,
 };
 use crate::core::{Outcome, Outgoing, Receipt, SharedEnvelope, Stored};
 use crate::protocol::{self, Counts, HistoryRange, ReplayInfo, Source};
@@ -165,6 +165,8 @@ pub struct Hub {
     /// Connected clients; only the hub inserts and removes.
     subscribers: Slab<Subscriber>,
     next_client_id: u64,
+    /// Before the label of a connection without a name: in cluster mode `BOX/`.
+    unnamed_prefix: Rc<str>,
     /// The last seq assigned; 0 before the first emergency.
     last_seq: u64,
     /// Consecutive seqs, oldest first: the catch-up history, bounded by `limits.history`,
@@ -210,6 +212,7 @@ impl Hub {
             stream_id: stream_id.into(),
             subscribers: Slab::new(),
             next_client_id: 1,
+            unnamed_prefix: Rc::from(""),
             last_seq: 0,
             history: VecDeque::new(),
             history_bytes: 0,
@@ -317,7 +320,7 @@ impl Hub {
                 ReceiptEvent::Delivered { seq, tablet, .. } | ReceiptEvent::Acked { seq, tablet, .. } => {
                     let name = match &last {
                         Some((last_seq, name)) if last_seq == seq && **name == **tablet => Rc::clone(name),
-                        _ if tablet.starts_with("client-") => Rc::from(tablet.as_str()),
+                        _ if !receipts::is_named(tablet) => Rc::from(tablet.as_str()),
                         _ => self.canonical_name(&Rc::from(tablet.as_str())).0,
                     };
                     last = Some((*seq, Rc::clone(&name)));
@@ -467,7 +470,7 @@ impl Hub {
         self.next_client_id += 1;
         let (tablet, tablet_by_pointer) = match &identity {
             Some(identity) => self.canonical_name(&identity.name),
-            None => (format!("client-{client_id}@{peer}").into(), true),
+            None => (format!("{}client-{client_id}@{peer}", self.unnamed_prefix).into(), true),
         };
         let since = resume.filter(|_| replay.is_some_and(|info| !info.reset && !info.stream_changed));
         // Open ones it already had (up to `since`) get a status, not the emergency again.
@@ -542,6 +545,18 @@ impl Hub {
         }
     }
 
+    /// Cluster mode: connections without a name are labelled `BOX/client-...`, distinct from
+    /// every other box's.
+    pub fn with_box_name(mut self, box_name: &str) -> Hub {
+        self.unnamed_prefix = format!("{box_name}/").into();
+        self
+    }
+
+    /// What comes before an unnamed connection's label (`""`, or `BOX/` in cluster mode).
+    pub fn unnamed_prefix(&self) -> &str {
+        &self.unnamed_prefix
+    }
+
     /// Cluster mode: the engine's stream was recreated, with `stream_id`. The history, the
     /// receipts and the notices start over empty, and every client is told to reconnect: it
     /// resumes with the old stream and is told `stream_changed`. Returns how many were told.
@@ -553,6 +568,7 @@ impl Hub {
         let mut fresh = Hub::new(self.limits, stream_id);
         // A session still holding an old key must not unsubscribe a newer client.
         fresh.next_client_id = self.next_client_id;
+        fresh.unnamed_prefix = Rc::clone(&self.unnamed_prefix);
         fresh.shutting_down = self.shutting_down;
         std::mem::swap(&mut fresh.clock, &mut self.clock);
         *self = fresh;
@@ -817,7 +833,7 @@ impl Hub {
     pub fn apply_followed_deliveries(&mut self, events: Vec<ReceiptEvent>) {
         for event in events {
             let ReceiptEvent::Delivered { tablet, .. } = &event else { continue };
-            let name = match tablet.starts_with("client-") {
+            let name = match !receipts::is_named(tablet) {
                 true => None,
                 false => Some(self.canonical_name(&Rc::from(tablet.as_str())))
                     .filter(|(_, one)| *one)
@@ -854,7 +870,7 @@ impl Hub {
     fn update_roster(&mut self, tablet: &str, update: impl FnOnce(&mut TabletRecord)) {
         if let Some(record) = self.roster.get_mut(tablet) {
             update(record);
-        } else if self.roster.len() < MAX_ROSTER && !tablet.starts_with("client-") {
+        } else if self.roster.len() < MAX_ROSTER && receipts::is_named(tablet) {
             let mut record = TabletRecord::default();
             update(&mut record);
             self.roster.insert(tablet.into(), record);

@@ -226,7 +226,7 @@ async fn http_ack(app: &App, request: &Request, peer: SocketAddr, seq: u64) -> R
     let (tablet, named) = match &identity {
         Some(identity) => (identity.name.to_string(), true),
         // Labelled as a connection is: never in the roster, under the unnamed cap after a restart.
-        None => (format!("client-{}", peer.ip()), false),
+        None => (app.hub.with(|hub| format!("{}client-{}", hub.unnamed_prefix(), peer.ip())), false),
     };
     match app.publisher.ack(&tablet, named, seq).await {
         Ok(AckOutcome::Unknown) => unknown_seq(),
