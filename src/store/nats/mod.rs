@@ -31,6 +31,10 @@ use crate::store::engine::{
 use crate::store::journal::Cacher;
 use crate::support::logger::WarningThrottle;
 
+/// Threads of tokio's blocking pool beside the `nats` thread: the client resolves the servers'
+/// names there (one connect at a time). Bounded, so that `TasksMax` in
+/// deploy/resq-push.service holds (tokio's default is 512).
+const BLOCKING_THREADS: usize = 2;
 /// How long the thread is given to send what it holds when the server stops.
 const STOP_WAIT: Duration = Duration::from_secs(2);
 
@@ -292,7 +296,12 @@ fn run(
     bound: Sender<Result<Option<String>, String>>,
     go: Receiver<Follow>,
 ) {
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .max_blocking_threads(BLOCKING_THREADS)
+        .thread_name("nats-blocking")
+        .build();
+    let runtime = match runtime {
         Ok(runtime) => runtime,
         Err(e) => {
             let _ = bound.try_send(Err(format!("cannot start the nats runtime: {e}")));
