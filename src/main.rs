@@ -155,7 +155,7 @@ fn open_storage(config: &Config) -> Result<Storage, String> {
     );
     if let Some(engine) = &engine {
         let follow = Follow {
-            cacher: journal.cacher(),
+            cacher: journal.cacher(engine),
             stream_id: loaded.stream_id.clone(),
             last_seq: loaded.last_seq,
         };

@@ -34,7 +34,9 @@ use crate::protocol::{Counts, PublishReply, Source};
 use crate::runtime::budget::{ByteBudget, Reservation};
 use crate::runtime::scheduler::FanOut;
 use crate::store::Engine;
-use crate::store::engine::{EngineError, EngineReply, Publication, is_cluster_wide, unix_millis};
+use crate::store::engine::{
+    ClusterOnly, EngineError, EngineReply, Publication, is_cluster_wide, unix_millis,
+};
 use crate::store::journal::{Committed, FailureCause, Journal, StorageError};
 use crate::support::metrics::Metrics;
 
@@ -379,7 +381,7 @@ pub enum Staged {
     /// Durable history: waiting for the journal to decide and commit it.
     Storing(Receiver<Result<Outcome<Receipt>, StorageError>>),
     /// Cluster mode: waiting for the engine's commit; with the submission's key and digest.
-    Replicating(Receiver<EngineReply>, Option<Fingerprint>),
+    Replicating(Receiver<EngineReply>, Option<Fingerprint>, ClusterOnly),
 }
 
 /// The one way into the history, shared by every ingest path.
@@ -551,7 +553,7 @@ impl Publisher {
             WhenBusy::Wait => engine.publish_when_room(publication).await,
         };
         let acked = acked.map_err(|reason| self.engine_failed(reason))?;
-        Ok(Staged::Replicating(acked, fingerprint))
+        Ok(Staged::Replicating(acked, fingerprint, engine.cluster_only()))
     }
 
     fn engine_failed(&self, reason: String) -> Rejection {
@@ -632,7 +634,7 @@ impl Publisher {
                     detail: "the storage thread stopped".into(),
                 })),
             },
-            Staged::Replicating(acked, fingerprint) => self.replicated(acked, fingerprint).await,
+            Staged::Replicating(acked, fingerprint, _) => self.replicated(acked, fingerprint).await,
         };
         let accepted = outcome.and_then(Accepted::from_outcome);
         match accepted {

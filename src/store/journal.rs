@@ -37,6 +37,7 @@ use crate::core::idempotency::{BodyDigest, Fingerprint};
 use crate::core::receipts::ReceiptEvent;
 use crate::core::{Outcome, Receipt, Stored};
 use crate::protocol::{self, Source};
+use crate::store::engine::ClusterOnly;
 use crate::support::logger::WarningThrottle;
 
 /// Submissions waiting for the storage thread (`Place`s); a publisher that cannot wait for one
@@ -241,11 +242,11 @@ enum Request {
     Record(Vec<ReceiptEvent>, Option<Sender<()>>),
     /// Cluster mode: emergencies the engine committed, with its seqs, for the cache and then
     /// the hub (`Cacher::cache`). One place for the batch.
-    Cache(Vec<Stored>, Place),
+    Cache(Vec<Stored>, Place, ClusterOnly),
     /// Cluster mode: the stream was recreated: empty the cache, take this identity.
-    Reset(String),
+    Reset(String, ClusterOnly),
     /// Cluster mode: receipt events the engine committed, from its receipts stream.
-    CacheEvents(Vec<ReceiptEvent>, Place),
+    CacheEvents(Vec<ReceiptEvent>, Place, ClusterOnly),
 }
 
 /// The executor's handle on the storage thread.
@@ -363,8 +364,12 @@ impl Journal {
     }
 
     /// The storage thread's door for the engine's follower (cluster mode), usable from its thread.
-    pub fn cacher(&self) -> Cacher {
-        Cacher { requests: self.requests.clone(), places: Arc::clone(&self.places) }
+    pub fn cacher(&self, engine: &crate::store::Engine) -> Cacher {
+        Cacher {
+            requests: self.requests.clone(),
+            places: Arc::clone(&self.places),
+            only: engine.cluster_only(),
+        }
     }
 
     /// The outcome of the last commit.
@@ -414,20 +419,21 @@ impl Drop for Journal {
 pub struct Cacher {
     requests: Sender<Request>,
     places: Arc<Semaphore>,
+    only: ClusterOnly,
 }
 
 impl Cacher {
     /// Queues `batch` for the cache and then the hub; `false` once the storage thread is gone.
     pub async fn cache(&self, batch: Vec<Stored>) -> bool {
         let place = Place { _permit: self.places.acquire_arc().await };
-        self.requests.send(Request::Cache(batch, place)).await.is_ok()
+        self.requests.send(Request::Cache(batch, place, self.only)).await.is_ok()
     }
 
     /// Receipt events read from the engine's receipts stream, for the cache and then the hub
     /// (each at most once: a repeated one changes nothing).
     pub async fn cache_events(&self, events: Vec<ReceiptEvent>) -> bool {
         let place = Place { _permit: self.places.acquire_arc().await };
-        self.requests.send(Request::CacheEvents(events, place)).await.is_ok()
+        self.requests.send(Request::CacheEvents(events, place, self.only)).await.is_ok()
     }
 
     /// Receipt events the engine committed for this box's own publisher: stored and applied
@@ -438,7 +444,7 @@ impl Cacher {
 
     /// Empties the cache for the stream `stream_id`; the hub starts over once it is done.
     pub async fn reset(&self, stream_id: String) -> bool {
-        self.requests.send(Request::Reset(stream_id)).await.is_ok()
+        self.requests.send(Request::Reset(stream_id, self.only)).await.is_ok()
     }
 }
 
@@ -863,15 +869,15 @@ fn run(
                     events.extend(recorded);
                     waiting.extend(done);
                 }
-                Request::Cache(batch, _place) => cached.extend(batch),
-                Request::CacheEvents(recorded, _place) => {
+                Request::Cache(batch, _place, _) => cached.extend(batch),
+                Request::CacheEvents(recorded, _place, _) => {
                     let delivered =
                         recorded.iter().filter(|event| matches!(event, ReceiptEvent::Delivered { .. }));
                     followed_deliveries.extend(delivered.cloned());
                     events.extend(recorded);
                 }
                 // What came before it is committed first; what comes after it, after it.
-                Request::Reset(stream_id) => reset = Some(stream_id),
+                Request::Reset(stream_id, _) => reset = Some(stream_id),
                 Request::Sweep => {}
             }
             if reset.is_none() && appends.len() + cached.len() < MAX_BATCH && events.len() < MAX_BATCH_EVENTS

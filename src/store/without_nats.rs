@@ -8,7 +8,9 @@ use std::time::Duration;
 use async_channel::{Receiver, Sender};
 
 use crate::core::receipts::ReceiptEvent;
-use crate::store::engine::{Claim, EngineReply, EngineSettings, EngineStatus, Follow, Publication};
+use crate::store::engine::{
+    Claim, ClusterOnly, EngineReply, EngineSettings, EngineStatus, Follow, Publication,
+};
 
 /// An engine that cannot exist in this build.
 #[derive(Debug)]
@@ -53,6 +55,10 @@ impl Engine {
         &self,
         _publication: Publication,
     ) -> Result<Receiver<EngineReply>, String> {
+        match self.0 {}
+    }
+
+    pub fn cluster_only(&self) -> ClusterOnly {
         match self.0 {}
     }
 

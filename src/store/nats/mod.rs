@@ -25,8 +25,8 @@ use log::{info, warn};
 
 use crate::core::receipts::ReceiptEvent;
 use crate::store::engine::{
-    Claim, Credentials, EngineError, EngineReply, EngineSettings, EngineStatus, Follow, MESSAGE_ID, PubAcked,
-    Publication, encode_deliveries, encode_receipt,
+    Claim, ClusterOnly, Credentials, EngineError, EngineReply, EngineSettings, EngineStatus, Follow,
+    MESSAGE_ID, PubAcked, Publication, encode_deliveries, encode_receipt,
 };
 use crate::store::journal::Cacher;
 use crate::support::logger::WarningThrottle;
@@ -251,6 +251,9 @@ impl Engine {
     pub fn claim_done(&self, seq: u64) {
         let _ = self.commands.try_send(Command::ClaimDone { seq });
     }
+
+    /// What only cluster mode can make (`engine::ClusterOnly`).
+    pub fn cluster_only(&self) -> ClusterOnly {}
 
     pub fn status(&self) -> EngineStatus {
         self.status.lock().clone()
