@@ -253,7 +253,9 @@ impl Engine {
     }
 
     /// What only cluster mode can make (`engine::ClusterOnly`).
-    pub fn cluster_only(&self) -> ClusterOnly {}
+    pub fn cluster_only(&self) -> ClusterOnly {
+        ClusterOnly
+    }
 
     pub fn status(&self) -> EngineStatus {
         self.status.lock().clone()
