@@ -166,7 +166,8 @@ fn open_storage(config: &Config) -> Result<Storage, String> {
 
 /// Cluster mode's settings, with the NATS secrets read from their files; `None` without `--nats`.
 fn engine_settings(config: &Config) -> Result<Option<EngineSettings>, String> {
-    let Some(urls) = &config.nats else { return Ok(None) };
+    // Without the feature `Config::validate` refused `--nats` already; the compiler sees it here.
+    let Some(urls) = config.nats.as_ref().filter(|_| cfg!(feature = "cluster")) else { return Ok(None) };
     let secret = |flag: &str, path: &std::path::Path| {
         let text = std::fs::read_to_string(path).map_err(|e| format!("{flag} {}: {e}", path.display()))?;
         match text.trim() {

@@ -447,8 +447,10 @@ impl Publisher {
         Publisher { engine: Some(engine), ..self }
     }
 
+    /// Cluster mode's engine. Never one in a build without the cargo feature `cluster`, as the
+    /// compiler sees: every cluster path behind it is left out of the edge binary.
     pub fn engine(&self) -> Option<&Engine> {
-        self.engine.as_ref()
+        if cfg!(feature = "cluster") { self.engine.as_ref() } else { None }
     }
 
     /// Publishes the engine did not take.
@@ -500,7 +502,7 @@ impl Publisher {
         if !self.accepting.get() {
             return Err(Rejection::ShuttingDown);
         }
-        if let Some(engine) = &self.engine {
+        if let Some(engine) = self.engine() {
             return self.replicate(engine, data, source, fingerprint, when_busy).await;
         }
         match &self.journal {
@@ -578,7 +580,7 @@ impl Publisher {
             }
             Err(_) => return Err(self.engine_failed("the nats thread has stopped".into())),
         };
-        let within = self.engine.as_ref().map_or(RECORD_WAIT, Engine::timeout);
+        let within = self.engine().map_or(RECORD_WAIT, Engine::timeout);
         let queued_to = self.followed(acked.seq, within).await?;
         if !acked.duplicate {
             return Ok(Outcome::New(Receipt { seq: acked.seq, queued_to }));
@@ -671,7 +673,7 @@ impl Publisher {
     /// once it has them (`Engine::publish_receipts`).
     pub fn record(&self, events: Vec<ReceiptEvent>) {
         let (wide, events) = self.cluster_wide(events);
-        if let (Some(engine), false) = (&self.engine, wide.is_empty())
+        if let (Some(engine), false) = (self.engine(), wide.is_empty())
             && let Err((events, reason)) =
                 engine.publish_receipts(wide, None, self.refused_receipts.0.clone())
         {
@@ -699,7 +701,7 @@ impl Publisher {
 
     /// Cluster mode: the acks and closes among `events` (those every box applies), and the rest.
     fn cluster_wide(&self, events: Vec<ReceiptEvent>) -> (Vec<ReceiptEvent>, Vec<ReceiptEvent>) {
-        match &self.engine {
+        match self.engine() {
             Some(_) => events.into_iter().partition(is_cluster_wide),
             None => (Vec::new(), events),
         }
@@ -797,7 +799,7 @@ impl Publisher {
     /// that every box's consoles count them ("seen by 2 of 3" whichever box each tablet is on).
     fn share_deliveries(&self, held: &[ReceiptEvent]) {
         let delivered = || held.iter().filter(|event| matches!(event, ReceiptEvent::Delivered { .. }));
-        if let Some(engine) = &self.engine
+        if let Some(engine) = self.engine()
             && delivered().next().is_some()
         {
             engine.publish_deliveries(delivered().cloned().collect());
@@ -812,7 +814,7 @@ impl Publisher {
         limit: Option<Duration>,
     ) -> Result<(), Rejection> {
         let (wide, events) = self.cluster_wide(events);
-        if let (Some(engine), false) = (&self.engine, wide.is_empty()) {
+        if let (Some(engine), false) = (self.engine(), wide.is_empty()) {
             self.record_in_cluster(engine, wide, limit).await?;
             if events.is_empty() {
                 return Ok(());
