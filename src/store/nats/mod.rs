@@ -386,6 +386,36 @@ fn engine_error(error: String) -> String {
     error
 }
 
+/// Pause before sending again a publish that no stream received.
+const NO_RESPONDERS_RETRY: Duration = Duration::from_millis(100);
+
+/// Waits for a publish's ack within `timeout`. A publish that no stream received (no
+/// responders: a leader just elected whose interest has not reached this server yet, or no
+/// quorum) stored nothing, so it is sent again, under the same `Nats-Msg-Id`, until `timeout`.
+async fn acked_within(
+    mut ack: jetstream::context::PublishAckFuture,
+    (context, subject, headers, payload): (jetstream::Context, String, HeaderMap, bytes::Bytes),
+    timeout: Duration,
+) -> EngineReply {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let error = match tokio::time::timeout_at(deadline, ack).await {
+            Ok(Ok(ack)) => return Ok(PubAcked { seq: ack.sequence, duplicate: ack.duplicate }),
+            Ok(Err(e)) => e,
+            Err(_) => return Err(EngineError::maybe_stored(format!("no ack within {timeout:?}"))),
+        };
+        let unreceived = error.kind() == jetstream::context::PublishErrorKind::StreamNotFound;
+        if !unreceived || tokio::time::Instant::now() + NO_RESPONDERS_RETRY >= deadline {
+            return Err(ack_error(error));
+        }
+        tokio::time::sleep(NO_RESPONDERS_RETRY).await;
+        ack = match context.publish_with_headers(subject.clone(), headers.clone(), payload.clone()).await {
+            Ok(ack) => ack,
+            Err(e) => return Err(EngineError::not_stored(engine_error(e.to_string()))),
+        };
+    }
+}
+
 /// A publish's ack that failed: certain that nothing was stored only when no stream received
 /// it (no responders); a timeout leaves it open.
 fn ack_error(error: jetstream::context::PublishError) -> EngineError {
@@ -566,7 +596,8 @@ async fn serve(
         for (name, value) in publication.headers(&settings.box_name) {
             headers.insert(name, value.as_str());
         }
-        let sent = context.publish_with_headers(subject.clone(), headers, publication.data.into());
+        let payload = bytes::Bytes::from(publication.data);
+        let sent = context.publish_with_headers(subject.clone(), headers.clone(), payload.clone());
         let ack = match tokio::time::timeout(timeout, sent).await {
             Ok(Ok(ack)) => ack,
             Ok(Err(e)) => {
@@ -579,12 +610,9 @@ async fn serve(
                 continue;
             }
         };
+        let again = (context.clone(), subject.clone(), headers, payload);
         tokio::spawn(async move {
-            let answer = match tokio::time::timeout(timeout, ack).await {
-                Ok(Ok(ack)) => Ok(PubAcked { seq: ack.sequence, duplicate: ack.duplicate }),
-                Ok(Err(e)) => Err(ack_error(e)),
-                Err(_) => Err(EngineError::maybe_stored(format!("no ack within {timeout:?}"))),
-            };
+            let answer = acked_within(ack, again, timeout).await;
             let _ = reply.try_send(answer);
         });
     }
