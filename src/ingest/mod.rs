@@ -33,10 +33,9 @@ use crate::core::{Outcome, Receipt};
 use crate::protocol::{Counts, PublishReply, Source};
 use crate::runtime::budget::{ByteBudget, Reservation};
 use crate::runtime::scheduler::FanOut;
+use crate::store::ClusterOnly;
 use crate::store::Engine;
-use crate::store::engine::{
-    ClusterOnly, EngineError, EngineReply, Publication, is_cluster_wide, unix_millis,
-};
+use crate::store::engine::{EngineError, EngineReply, Publication, is_cluster_wide, unix_millis};
 use crate::store::journal::{Committed, FailureCause, Journal, StorageError};
 use crate::support::metrics::Metrics;
 

@@ -20,17 +20,6 @@ use crate::core::receipts::ReceiptEvent;
 use crate::protocol::{self, Source};
 use crate::store::journal::Cacher;
 
-/// A value only cluster mode can make (`Engine::cluster_only`): a unit struct with the cargo
-/// feature `cluster`, uninhabited without it. The variants only cluster mode takes (a publish waiting for
-/// the engine, the follower's requests to the journal) hold one, so that in the edge build they
-/// are provably dead and the compiler leaves their code out.
-#[cfg(feature = "cluster")]
-#[derive(Clone, Copy, Debug)]
-pub struct ClusterOnly;
-#[cfg(not(feature = "cluster"))]
-#[derive(Clone, Copy, Debug)]
-pub enum ClusterOnly {}
-
 /// How a box proves itself to NATS: read from files by `main`, never from the command line.
 #[derive(Clone)]
 pub enum Credentials {

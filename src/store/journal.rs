@@ -37,7 +37,7 @@ use crate::core::idempotency::{BodyDigest, Fingerprint};
 use crate::core::receipts::ReceiptEvent;
 use crate::core::{Outcome, Receipt, Stored};
 use crate::protocol::{self, Source};
-use crate::store::engine::ClusterOnly;
+use crate::store::ClusterOnly;
 use crate::support::logger::WarningThrottle;
 
 /// Submissions waiting for the storage thread (`Place`s); a publisher that cannot wait for one

@@ -24,6 +24,17 @@ pub use nats::{Engine, start};
 #[cfg(not(feature = "cluster"))]
 pub use without_nats::{Engine, start};
 
+/// A value only cluster mode can make (`Engine::cluster_only`): a unit struct with the cargo
+/// feature `cluster`, uninhabited without it. The variants only cluster mode takes (a publish waiting for
+/// the engine, the follower's requests to the journal) hold one, so that in the edge build they
+/// are provably dead and the compiler leaves their code out.
+#[cfg(feature = "cluster")]
+#[derive(Clone, Copy, Debug)]
+pub struct ClusterOnly;
+#[cfg(not(feature = "cluster"))]
+#[derive(Clone, Copy, Debug)]
+pub enum ClusterOnly {}
+
 /// Where the history lives.
 #[derive(Debug)]
 pub enum Storage {

@@ -8,9 +8,8 @@ use std::time::Duration;
 use async_channel::{Receiver, Sender};
 
 use crate::core::receipts::ReceiptEvent;
-use crate::store::engine::{
-    Claim, ClusterOnly, EngineReply, EngineSettings, EngineStatus, Follow, Publication,
-};
+use crate::store::ClusterOnly;
+use crate::store::engine::{Claim, EngineReply, EngineSettings, EngineStatus, Follow, Publication};
 
 /// An engine that cannot exist in this build.
 #[derive(Debug)]

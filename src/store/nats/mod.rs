@@ -24,9 +24,10 @@ use async_nats::{Client, ConnectOptions, Event, HeaderMap, ServerAddr};
 use log::{info, warn};
 
 use crate::core::receipts::ReceiptEvent;
+use crate::store::ClusterOnly;
 use crate::store::engine::{
-    Claim, ClusterOnly, Credentials, EngineError, EngineReply, EngineSettings, EngineStatus, Follow,
-    MESSAGE_ID, PubAcked, Publication, encode_deliveries, encode_receipt,
+    Claim, Credentials, EngineError, EngineReply, EngineSettings, EngineStatus, Follow, MESSAGE_ID, PubAcked,
+    Publication, encode_deliveries, encode_receipt,
 };
 use crate::store::journal::Cacher;
 use crate::support::logger::WarningThrottle;
