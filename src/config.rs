@@ -93,6 +93,18 @@ pub const DEFAULT_MAX_ESCALATION_CHILDREN: usize = 4;
 /// Default seconds an `--on-unacked` command may run before it is killed.
 pub const DEFAULT_ESCALATION_TIME_LIMIT_SECS: f64 = 30.0;
 
+/// Default JetStream stream of a site (`--nats-stream`).
+pub const DEFAULT_NATS_STREAM: &str = "RESQ";
+/// Default replicas of the stream when a box creates it (`--nats-replicas`): a three-node cluster.
+pub const DEFAULT_NATS_REPLICAS: usize = 3;
+/// JetStream keeps at most 5 replicas of a stream.
+pub const MAX_NATS_REPLICAS: usize = 5;
+/// Default seconds a publish waits for the engine's ack, then for this box to have it (`--nats-timeout`).
+pub const DEFAULT_NATS_TIMEOUT_SECS: f64 = 5.0;
+/// Default publishes, acks and closes waiting for the `nats` thread (`--nats-queue`): past it an
+/// HTTP publish is refused at once (503) rather than queued behind an engine that does not answer.
+pub const DEFAULT_NATS_QUEUE: usize = 1024;
+
 /// resq-push: WebSocket push server for emergency dispatch sites. Tablets connect to
 /// /ws/emergencias; local apps publish over a Unix socket or POST /emergencias.
 #[derive(FromArgs, Debug, Clone)]
@@ -284,9 +296,106 @@ pub struct Config {
     #[argh(option)]
     pub min_subscribers: Option<usize>,
 
+    /// NATS servers of the cluster's engine, nats://HOST:PORT or tls://HOST:PORT, comma
+    /// separated: cluster mode, several boxes on one history in JetStream (default: none, one
+    /// box; needs a build with the cargo feature cluster)
+    #[argh(option, from_str_fn(parse_nats_urls))]
+    pub nats: Option<NatsUrls>,
+
+    /// the site's JetStream stream: emergencies on NAME.emergencias, acks and closes on
+    /// NAME.receipts in the stream NAME_RECEIPTS (default RESQ)
+    #[argh(option, default = "DEFAULT_NATS_STREAM.to_owned()", from_str_fn(parse_stream_name))]
+    pub nats_stream: String,
+
+    /// replicas of the streams when this box creates them, 1 to 5 (default 3)
+    #[argh(option, default = "DEFAULT_NATS_REPLICAS")]
+    pub nats_replicas: usize,
+
+    /// file holding the NATS token (default: none)
+    #[argh(option)]
+    pub nats_token: Option<PathBuf>,
+
+    /// NATS user name; its password comes from --nats-password-file (default: none)
+    #[argh(option)]
+    pub nats_user: Option<String>,
+
+    /// file holding the password of --nats-user
+    #[argh(option)]
+    pub nats_password_file: Option<PathBuf>,
+
+    /// NATS credentials file (a user JWT and its NKey seed) (default: none)
+    #[argh(option)]
+    pub nats_creds: Option<PathBuf>,
+
+    /// PEM file of the CA that signed the NATS servers' certificates, for tls:// URLs
+    /// (default: the system's roots)
+    #[argh(option)]
+    pub nats_ca_cert: Option<PathBuf>,
+
+    /// seconds a publish waits for the engine's ack, and then for this box to have the
+    /// emergency, before it is answered 503 (default 5)
+    #[argh(option, default = "secs(DEFAULT_NATS_TIMEOUT_SECS)", from_str_fn(parse_seconds))]
+    pub nats_timeout: Duration,
+
+    /// publishes, acks and closes waiting for the engine's thread; past it HTTP publishes get
+    /// 503 and Unix publishers wait (default 1024)
+    #[argh(option, default = "DEFAULT_NATS_QUEUE")]
+    pub nats_queue: usize,
+
+    /// this box's name in logs, /healthz and escalation claims (default: the host name)
+    #[argh(option, from_str_fn(parse_box_name))]
+    pub box_name: Option<String>,
+
     /// print the version and exit
     #[argh(switch)]
     pub version: bool,
+}
+
+/// The NATS servers of `--nats`, each `nats://HOST:PORT` or `tls://HOST:PORT`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NatsUrls(pub Vec<String>);
+
+fn parse_nats_urls(text: &str) -> Result<NatsUrls, String> {
+    let mut urls = Vec::new();
+    for url in text.split(',').map(str::trim).filter(|url| !url.is_empty()) {
+        let rest = url
+            .strip_prefix("nats://")
+            .or_else(|| url.strip_prefix("tls://"))
+            .ok_or_else(|| format!("'{url}' must start with nats:// or tls://"))?;
+        let address = rest.rsplit('@').next().unwrap_or(rest);
+        let (host, port) = address.rsplit_once(':').ok_or_else(|| format!("'{url}' needs a :PORT"))?;
+        if host.is_empty() || port.parse::<u16>().is_err() || address.contains('/') {
+            return Err(format!("'{url}' is not nats://HOST:PORT or tls://HOST:PORT"));
+        }
+        if rest.contains('@') {
+            return Err(format!(
+                "'{url}': no credentials in the URL (they would show in ps): use --nats-token, \
+                 --nats-user with --nats-password-file, or --nats-creds"
+            ));
+        }
+        urls.push(url.to_owned());
+    }
+    if urls.is_empty() {
+        return Err("needs at least one nats://HOST:PORT".into());
+    }
+    Ok(NatsUrls(urls))
+}
+
+/// A stream name JetStream takes, that also makes a subject token: letters, digits, `-`, `_`.
+fn parse_stream_name(text: &str) -> Result<String, String> {
+    let valid = |c: char| c.is_ascii_alphanumeric() || c == '-' || c == '_';
+    if text.is_empty() || text.len() > 64 || !text.chars().all(valid) {
+        return Err(format!("'{text}' must be 1 to 64 letters, digits, '-' or '_'"));
+    }
+    Ok(text.to_owned())
+}
+
+fn parse_box_name(text: &str) -> Result<String, String> {
+    let valid = |c: char| c.is_ascii_alphanumeric() || "-_.".contains(c);
+    if text.is_empty() || text.len() > 64 || !text.chars().all(valid) {
+        return Err(format!("'{text}' must be 1 to 64 letters, digits, '-', '_' or '.'"));
+    }
+    Ok(text.to_owned())
 }
 
 /// What the command line asks for.
@@ -342,6 +451,7 @@ impl Config {
             ("--max-unix-connections", self.max_unix_connections),
             ("--status-queue", self.status_queue),
             ("--max-escalation-children", self.max_escalation_children),
+            ("--nats-queue", self.nats_queue),
         ];
         for (flag, value) in positive_counts {
             if value == 0 {
@@ -381,6 +491,7 @@ impl Config {
         if self.tls_listen.is_some() && self.tls_listen == Some(self.listen) && self.listen.port() != 0 {
             return Err("--tls-listen must differ from --listen: a port is plain or TLS".into());
         }
+        self.validate_cluster()?;
         if self.on_unacked.is_some() && self.ack_timeout.is_none() {
             return Err("--on-unacked needs --ack-timeout".into());
         }
@@ -394,12 +505,49 @@ impl Config {
             ("--header-timeout", self.header_timeout),
             ("--write-timeout", self.write_timeout),
             ("--escalation-time-limit", self.escalation_time_limit),
+            ("--nats-timeout", self.nats_timeout),
             ("--ack-timeout", self.ack_timeout.unwrap_or(Duration::MAX)),
         ];
         for (flag, value) in positive_durations {
             if value < Duration::from_millis(10) {
                 return Err(format!("{flag} must be at least 0.01 seconds"));
             }
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    /// The cluster flags together: refused in a build without the feature, credentials given
+    /// one way only, and a local cache to follow the stream into.
+    fn validate_cluster(&self) -> Result<(), String> {
+        let credentials = [
+            ("--nats-token", self.nats_token.is_some()),
+            ("--nats-user", self.nats_user.is_some()),
+            ("--nats-creds", self.nats_creds.is_some()),
+        ];
+        let given: Vec<&str> =
+            credentials.iter().filter(|(_, given)| *given).map(|(flag, _)| *flag).collect();
+        if self.nats.is_none() {
+            let any = !given.is_empty() || self.nats_password_file.is_some() || self.nats_ca_cert.is_some();
+            return if any { Err("the --nats-* credentials go with --nats".into()) } else { Ok(()) };
+        }
+        if cfg!(not(feature = "cluster")) {
+            return Err(
+                "--nats: this resq-push was built without cluster mode (the cargo feature cluster)".into()
+            );
+        }
+        if given.len() > 1 {
+            return Err(format!("{} and {}: give the NATS credentials one way", given[0], given[1]));
+        }
+        if self.nats_user.is_some() != self.nats_password_file.is_some() {
+            return Err("--nats-user and --nats-password-file go together".into());
+        }
+        if self.in_memory {
+            return Err("--nats needs --data-dir (its cache of the stream), not --in-memory".into());
+        }
+        if !(1..=MAX_NATS_REPLICAS).contains(&self.nats_replicas) {
+            return Err(format!("--nats-replicas must be 1 to {MAX_NATS_REPLICAS}"));
         }
         Ok(())
     }
@@ -607,6 +755,50 @@ mod tests {
 
     fn parse(args: &[&str]) -> Result<Config, String> {
         Config::from_args(&["resq-push"], args).map_err(|early| early.output)
+    }
+
+    /// Why `CommandLine::parse` refuses `args`, or `None` if it serves.
+    fn refusal(args: &[&str]) -> Option<String> {
+        match CommandLine::parse(args) {
+            CommandLine::Invalid(message) => Some(message),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn nats_urls_are_nats_or_tls_with_a_port_and_no_credentials() {
+        let urls = parse_nats_urls("nats://10.0.0.1:4222, tls://nats.site:4443").unwrap();
+        assert_eq!(urls.0, ["nats://10.0.0.1:4222", "tls://nats.site:4443"]);
+        for bad in ["10.0.0.1:4222", "nats://host", "nats://:4222", "nats://host:x", "http://h:1", ","] {
+            assert!(parse_nats_urls(bad).is_err(), "{bad}");
+        }
+        let secret = parse_nats_urls("nats://user:pass@host:4222").unwrap_err();
+        assert!(secret.contains("no credentials in the URL"), "{secret}");
+        assert!(parse_stream_name("RESQ-site_1").is_ok());
+        assert!(parse_stream_name("a.b").is_err() && parse_stream_name("").is_err());
+    }
+
+    #[test]
+    fn the_cluster_flags_go_together() {
+        let nats = ["--nats", "nats://127.0.0.1:4222"];
+        assert_eq!(
+            refusal(&["--nats-token", "/t"]).as_deref(),
+            Some("the --nats-* credentials go with --nats")
+        );
+        if cfg!(feature = "cluster") {
+            assert_eq!(refusal(&nats), None);
+            let both = refusal(&[&nats[..], &["--nats-token", "/t", "--nats-creds", "/c"]].concat());
+            assert!(both.is_some_and(|m| m.contains("one way")));
+            let user = refusal(&[&nats[..], &["--nats-user", "u"]].concat());
+            assert_eq!(user.as_deref(), Some("--nats-user and --nats-password-file go together"));
+            let memory = refusal(&[&nats[..], &["--in-memory"]].concat());
+            assert!(memory.is_some_and(|m| m.contains("--data-dir")));
+            let replicas = refusal(&[&nats[..], &["--nats-replicas", "6"]].concat());
+            assert_eq!(replicas.as_deref(), Some("--nats-replicas must be 1 to 5"));
+        } else {
+            let refused = refusal(&nats).unwrap_or_default();
+            assert!(refused.contains("built without cluster mode (the cargo feature cluster)"), "{refused}");
+        }
     }
 
     #[test]

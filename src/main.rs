@@ -7,8 +7,8 @@ use std::process::ExitCode;
 use async_signal::{Signal, Signals};
 use log::{info, warn};
 use resq_push::{
-    Access, CertificateFiles, CommandLine, Config, Control, Retention, ServerCertificate, Storage,
-    TlsListener,
+    Access, CertificateFiles, CommandLine, Config, Control, Credentials, EngineSettings, Follow, Retention,
+    ServerCertificate, Storage, StreamSettings, TlsListener,
 };
 use smol::stream::StreamExt;
 use socket2::{Domain, Protocol, Socket, Type};
@@ -136,15 +136,80 @@ fn open_storage(config: &Config) -> Result<Storage, String> {
     }
     let retention =
         Retention { max_count: config.history, max_age: config.history_max_age, max_open: config.max_open };
-    let (journal, loaded, committed) = resq_push::open_journal(&config.data_dir, retention)?;
+    let (engine, identity) = match engine_settings(config)? {
+        Some(settings) => {
+            let (engine, identity) = resq_push::start_engine(settings)?;
+            (Some(Box::new(engine)), identity)
+        }
+        None => (None, None),
+    };
+    let (journal, loaded, committed) =
+        resq_push::open_journal(&config.data_dir, retention, identity.as_deref())?;
+    let what = if engine.is_some() { "cache of the cluster's history" } else { "history" };
     info!(
-        "history {} in {}: last seq {}, {} emergencies retained",
+        "{what} {} in {}: last seq {}, {} emergencies retained",
         loaded.stream_id,
         config.data_dir.display(),
         loaded.last_seq,
         loaded.retained.len()
     );
-    Ok(Storage::Durable { journal, loaded, committed })
+    if let Some(engine) = &engine {
+        let follow = Follow {
+            cacher: journal.cacher(engine),
+            stream_id: loaded.stream_id.clone(),
+            last_seq: loaded.last_seq,
+        };
+        engine.follow(follow);
+    }
+    Ok(Storage::Durable { journal, loaded, committed, engine })
+}
+
+/// Cluster mode's settings, with the NATS secrets read from their files; `None` without `--nats`.
+fn engine_settings(config: &Config) -> Result<Option<EngineSettings>, String> {
+    // Without the feature `Config::validate` refused `--nats` already; the compiler sees it here.
+    let Some(urls) = config.nats.as_ref().filter(|_| cfg!(feature = "cluster")) else { return Ok(None) };
+    let secret = |flag: &str, path: &std::path::Path| {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{flag} {}: {e}", path.display()))?;
+        match text.trim() {
+            "" => Err(format!("{flag} {}: the file is empty", path.display())),
+            secret => Ok(secret.to_owned()),
+        }
+    };
+    let credentials =
+        match (&config.nats_token, &config.nats_user, &config.nats_password_file, &config.nats_creds) {
+            (Some(token), ..) => Credentials::Token(secret("--nats-token", token)?),
+            (_, Some(user), Some(password), _) => Credentials::UserPassword {
+                user: user.clone(),
+                password: secret("--nats-password-file", password)?,
+            },
+            (.., Some(creds)) => Credentials::CredsFile(creds.clone()),
+            _ => Credentials::None,
+        };
+    let box_name = config.box_name.clone().unwrap_or_else(host_name);
+    info!("cluster mode: box {box_name}, NATS {}, stream {}", urls.0.join(","), config.nats_stream);
+    Ok(Some(EngineSettings {
+        urls: urls.0.clone(),
+        stream: StreamSettings {
+            name: config.nats_stream.clone(),
+            replicas: config.nats_replicas,
+            max_messages: config.history,
+            max_age: config.history_max_age,
+        },
+        credentials,
+        ca_cert: config.nats_ca_cert.clone(),
+        timeout: config.nats_timeout,
+        queue: config.nats_queue,
+        box_name,
+    }))
+}
+
+/// The host's name, for `--box-name`'s default.
+fn host_name() -> String {
+    let name = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    match name.trim() {
+        "" => "resq-push".to_owned(),
+        name => name.to_owned(),
+    }
 }
 
 /// Binds the TCP listener with a listen backlog of our choosing (std's is fixed at 128).

@@ -194,7 +194,28 @@ pub struct Health<'a> {
     /// Why the status is `degraded`: fewer clients than `--min-subscribers`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// Cluster mode: the engine's state.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub engine: Option<EngineHealth>,
     pub client_list: Vec<ClientInfo>,
+}
+
+/// `/healthz`'s `engine` in cluster mode.
+#[derive(Serialize, Debug, Clone)]
+pub struct EngineHealth {
+    /// `connected` or `disconnected` (then `/healthz` is 503).
+    pub state: &'static str,
+    #[serde(rename = "box")]
+    pub box_name: String,
+    pub servers: Vec<String>,
+    pub stream: String,
+    /// The stream identity bound, once it is.
+    pub stream_id: Option<String>,
+    /// The last seq this box took from the stream.
+    pub last_seq: u64,
+    pub publish_failures: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
 }
 
 /// `/healthz`'s summary of the roster: named tablets expected (the subscribe tokens' names) and

@@ -37,7 +37,8 @@ use crate::runtime::linger::Refusals;
 use crate::runtime::scheduler::Scheduler;
 use crate::runtime::slots::{ConnectionSlots, HTTP_CONNECTIONS, SlotGuard};
 use crate::runtime::tasks::{AllTasksDone, TaskTokens, back_off_after_accept_error};
-use crate::store::journal::{self, Storage};
+use crate::store::Storage;
+use crate::store::journal;
 use crate::support::logger::WarningThrottle;
 use crate::support::metrics::Metrics;
 use crate::tls::transport::Transport;
@@ -90,12 +91,16 @@ pub fn serve(
     let limits = hub_limits(&config);
     let (mut hub, journal, committed) = match storage {
         Storage::Memory => (Hub::new(limits, &journal::new_stream_id()), None, None),
-        Storage::Durable { journal, loaded, committed } => {
-            let hub =
+        Storage::Durable { journal, loaded, committed, engine } => {
+            let mut hub =
                 Hub::new(limits, &loaded.stream_id).restored(loaded.last_seq, loaded.retained, loaded.events);
-            (hub, Some(journal), Some(committed))
+            if let Some(engine) = &engine {
+                hub = hub.with_box_name(engine.box_name());
+            }
+            (hub, Some((journal, engine)), Some(committed))
         }
     };
+    let (journal, engine) = journal.map_or((None, None), |(journal, engine)| (Some(journal), engine));
     // The clock at start is what the sweeps' readings are checked against.
     hub.expire(Reading::now());
     let (hub, ingress) = HubHandle::new(hub);
@@ -110,6 +115,10 @@ pub fn serve(
         config.max_body_bytes,
         config.max_inflight_bytes,
     );
+    let publisher = match engine {
+        Some(engine) => publisher.with_engine(*engine),
+        None => publisher,
+    };
     let heartbeat = Heartbeat::new(config.ping_interval, config.pong_timeout, config.max_clients);
     let access = RefCell::new(access);
     let app = Rc::new(App { config, hub, access, publisher, metrics, heartbeat, stop });
@@ -124,6 +133,10 @@ pub fn serve(
     if app.publisher.journal().is_some() {
         let app = Rc::clone(&app);
         scheduler.control.spawn(async move { app.publisher.flush_deliveries_periodically().await }).detach();
+    }
+    if app.publisher.engine().is_some() {
+        let app = Rc::clone(&app);
+        scheduler.control.spawn(async move { app.publisher.abandon_refused_receipts().await }).detach();
     }
     if app.config.ack_timeout.is_some() {
         let settings = EscalationSettings {

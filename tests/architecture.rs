@@ -59,8 +59,18 @@ const ALLOWED: &[(&str, &[&str])] = &[
 ];
 
 /// Crates and std modules that do I/O or know a wire format; the core names none of them.
-const NOT_IN_CORE: &[&str] =
-    &["smol", "async_tungstenite", "tungstenite", "rusqlite", "httparse", "std::fs", "std::io", "socket2"];
+const NOT_IN_CORE: &[&str] = &[
+    "smol",
+    "async_tungstenite",
+    "tungstenite",
+    "rusqlite",
+    "httparse",
+    "std::fs",
+    "std::io",
+    "socket2",
+    "async_nats",
+    "tokio",
+];
 
 /// A library module: its path (`core::hub`) and its whole source.
 struct Module {

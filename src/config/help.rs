@@ -43,6 +43,22 @@ const SECTIONS: &[(&str, &[&str])] = &[
             "--min-subscribers",
         ],
     ),
+    (
+        "Cluster (NATS JetStream)",
+        &[
+            "--nats",
+            "--nats-stream",
+            "--nats-replicas",
+            "--nats-token",
+            "--nats-user",
+            "--nats-password-file",
+            "--nats-creds",
+            "--nats-ca-cert",
+            "--nats-timeout",
+            "--nats-queue",
+            "--box-name",
+        ],
+    ),
     ("Other", &["--version", "--help"]),
 ];
 

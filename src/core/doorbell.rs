@@ -12,6 +12,8 @@ pub enum Farewell {
     ShuttingDown,
     /// Its token is no longer in the subscribe token file.
     Revoked,
+    /// Cluster mode: the engine's stream was recreated; the history it was following is gone.
+    StreamChanged,
 }
 
 /// The hub rings, the session awaits; one ring covers any number of events, and ringing never

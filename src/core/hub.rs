@@ -25,7 +25,7 @@ use crate::core::doorbell::{Doorbell, Farewell};
 use crate::core::idempotency::{Fingerprint, IdempotencyKey, KeyIndex};
 use crate::core::notices::Notices;
 use crate::core::receipts::{
-    AckRequest, Applied, CloseRequest, ReceiptEvent, ReceiptLimits, Receipts, Tablet,
+    self, AckRequest, Applied, CloseRequest, ReceiptEvent, ReceiptLimits, Receipts, Tablet,
 };
 use crate::core::{Outcome, Outgoing, Receipt, SharedEnvelope, Stored};
 use crate::protocol::{self, Counts, HistoryRange, ReplayInfo, Source};
@@ -165,6 +165,8 @@ pub struct Hub {
     /// Connected clients; only the hub inserts and removes.
     subscribers: Slab<Subscriber>,
     next_client_id: u64,
+    /// Before the label of a connection without a name: in cluster mode `BOX/`.
+    unnamed_prefix: Rc<str>,
     /// The last seq assigned; 0 before the first emergency.
     last_seq: u64,
     /// Consecutive seqs, oldest first: the catch-up history, bounded by `limits.history`,
@@ -213,6 +215,7 @@ impl Hub {
             limits,
             stream_id: stream_id.into(),
             next_client_id: 1,
+            unnamed_prefix: Rc::from(""),
             last_seq: 0,
             history: VecDeque::new(),
             history_bytes: 0,
@@ -320,7 +323,7 @@ impl Hub {
                 ReceiptEvent::Delivered { seq, tablet, .. } | ReceiptEvent::Acked { seq, tablet, .. } => {
                     let name = match &last {
                         Some((last_seq, name)) if last_seq == seq && **name == **tablet => Rc::clone(name),
-                        _ if tablet.starts_with("client-") => Rc::from(tablet.as_str()),
+                        _ if !receipts::is_named(tablet) => Rc::from(tablet.as_str()),
                         _ => self.canonical_name(&Rc::from(tablet.as_str())).0,
                     };
                     last = Some((*seq, Rc::clone(&name)));
@@ -470,7 +473,7 @@ impl Hub {
         self.next_client_id += 1;
         let (tablet, tablet_by_pointer) = match &identity {
             Some(identity) => self.canonical_name(&identity.name),
-            None => (format!("client-{client_id}@{peer}").into(), true),
+            None => (format!("{}client-{client_id}@{peer}", self.unnamed_prefix).into(), true),
         };
         let since = resume.filter(|_| replay.is_some_and(|info| !info.reset && !info.stream_changed));
         // Open ones it already had (up to `since`) get a status, not the emergency again.
@@ -543,6 +546,51 @@ impl Hub {
         for (_, subscriber) in &self.subscribers {
             subscriber.say_farewell(Farewell::ShuttingDown);
         }
+    }
+
+    /// Cluster mode: connections without a name are labelled `BOX/client-...`, distinct from
+    /// every other box's.
+    pub fn with_box_name(mut self, box_name: &str) -> Hub {
+        self.unnamed_prefix = format!("{box_name}/").into();
+        self
+    }
+
+    /// What comes before an unnamed connection's label (`""`, or `BOX/` in cluster mode).
+    pub fn unnamed_prefix(&self) -> &str {
+        &self.unnamed_prefix
+    }
+
+    /// Cluster mode: the engine's stream was recreated, with `stream_id`. The history, the
+    /// receipts and the notices start over empty, and every client is told to reconnect: it
+    /// resumes with the old stream and is told `stream_changed`. Returns how many were told.
+    pub fn reset(&mut self, stream_id: &str) -> usize {
+        for (_, subscriber) in &self.subscribers {
+            subscriber.say_farewell(Farewell::StreamChanged);
+        }
+        let told = self.subscribers.len();
+        let mut fresh = Hub::new(self.limits, stream_id);
+        // A session still holding an old key must not unsubscribe a newer client.
+        fresh.next_client_id = self.next_client_id;
+        fresh.unnamed_prefix = Rc::clone(&self.unnamed_prefix);
+        fresh.shutting_down = self.shutting_down;
+        std::mem::swap(&mut fresh.clock, &mut self.clock);
+        *self = fresh;
+        told
+    }
+
+    /// The object an emergency of the history carries, as it was published, if it is retained:
+    /// its envelope's last member (`protocol::envelope_json` writes `data` last, after members
+    /// that hold no text of the publisher's).
+    pub fn published_data(&self, seq: u64) -> Option<&str> {
+        let index = self.history.binary_search_by_key(&seq, |retained| retained.seq).ok()?;
+        let envelope: &str = &self.history[index].json;
+        let start = envelope.find("\"data\":")? + "\"data\":".len();
+        envelope.get(start..envelope.len().checked_sub(1)?)
+    }
+
+    /// The clients an emergency of the history was queued to when it came, if it is retained.
+    pub fn queued_to(&self, seq: u64) -> Option<usize> {
+        self.receipts.get(seq).map(|ledger| ledger.queued_to)
     }
 
     /// Drops every client whose token `still_valid` rejects; returns how many.
@@ -782,6 +830,23 @@ impl Hub {
         applied
     }
 
+    /// Cluster mode: applies other boxes' deliveries (from the engine's receipts stream), each
+    /// under the hub's one `Rc` of a named tablet, as at a restart; a repeated one changes
+    /// nothing.
+    pub fn apply_followed_deliveries(&mut self, events: Vec<ReceiptEvent>) {
+        for event in events {
+            let ReceiptEvent::Delivered { tablet, .. } = &event else { continue };
+            let name = match !receipts::is_named(tablet) {
+                true => None,
+                false => Some(self.canonical_name(&Rc::from(tablet.as_str())))
+                    .filter(|(_, one)| *one)
+                    .map(|(name, _)| name),
+            };
+            self.remember_receipt(&event);
+            self.receipts.apply_as(event, name);
+        }
+    }
+
     /// Keeps the roster's last delivered and acked seqs of a named tablet.
     fn remember_receipt(&mut self, event: &ReceiptEvent) {
         match event {
@@ -808,7 +873,7 @@ impl Hub {
     fn update_roster(&mut self, tablet: &str, update: impl FnOnce(&mut TabletRecord)) {
         if let Some(record) = self.roster.get_mut(tablet) {
             update(record);
-        } else if self.roster.len() < MAX_ROSTER && !tablet.starts_with("client-") {
+        } else if self.roster.len() < MAX_ROSTER && receipts::is_named(tablet) {
             let mut record = TabletRecord::default();
             update(&mut record);
             self.roster.insert(tablet.into(), record);
@@ -941,6 +1006,26 @@ mod tests {
         let mut batch = Vec::new();
         client.take_pending(usize::MAX, usize::MAX, |out| batch.push(out.json));
         batch.iter().map(|json| serde_json::from_str(json).unwrap()).collect()
+    }
+
+    #[test]
+    fn the_object_published_is_read_back_from_its_envelope() {
+        let hub = new_hub(limits(), "s");
+        let data = r#"{"data":"x","nested":{"data":1}}"#;
+        hub.borrow().publish_ok(&raw(data), Source::Unix);
+        assert_eq!(hub.borrow().published_data(1), Some(data));
+        assert_eq!(hub.borrow().published_data(2), None);
+    }
+
+    #[test]
+    fn a_reset_starts_the_history_over_under_the_new_identity_and_tells_every_client() {
+        let hub = new_hub(limits(), "old");
+        hub.borrow().publish_ok(&raw("{}"), Source::Http);
+        let (client, _) = subscribe(&hub, None);
+        assert_eq!(hub.borrow().reset("new"), 1);
+        assert_eq!(client.doorbell.farewell(), Some(Farewell::StreamChanged));
+        let hub = hub.borrow();
+        assert_eq!((hub.stream_id(), hub.last_seq(), hub.client_count()), ("new", 0, 0));
     }
 
     fn pending_seqs(client: &Subscription) -> Vec<u64> {

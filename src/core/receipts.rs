@@ -573,10 +573,12 @@ impl Receipts {
 }
 
 /// Whether a stored receipt's tablet is a token's name: a connection without one is stored as
-/// `client-...` (its own label, or `client-ADDRESS` for an HTTP ack), and stays under the
-/// unnamed cap when it is restored.
-fn is_named(tablet: &str) -> bool {
-    !tablet.starts_with("client-")
+/// `client-...` (its own label, or `client-ADDRESS` for an HTTP ack; in cluster mode with its
+/// box's name before it, `BOX/client-...`, so that two boxes' labels never meet), and stays
+/// under the unnamed cap when it is restored.
+pub fn is_named(tablet: &str) -> bool {
+    let label = tablet.split_once('/').map_or(tablet, |(_, label)| label);
+    !label.starts_with("client-")
 }
 
 fn millis(time: SystemTime) -> u64 {

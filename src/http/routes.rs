@@ -37,8 +37,8 @@ use crate::http::forwarded;
 use crate::http::status::Status;
 use crate::ingest::{self, AckOutcome, CloseOutcome, Rejection, Staged, WhenBusy};
 use crate::protocol::{
-    self, AckReply, ClientInfo, CloseReply, Health, Source, StorageHealth, TabletInfo, TabletSummary,
-    Tablets, error_json,
+    self, AckReply, ClientInfo, CloseReply, EngineHealth, Health, Source, StorageHealth, TabletInfo,
+    TabletSummary, Tablets, error_json,
 };
 use crate::runtime::budget::Reservation;
 use crate::runtime::slots::SlotGuard;
@@ -312,7 +312,7 @@ async fn http_ack(app: &App, request: &Request, peer: SocketAddr, seq: u64) -> R
     let (tablet, named) = match &identity {
         Some(identity) => (identity.name.to_string(), true),
         // Labelled as a connection is: never in the roster, under the unnamed cap after a restart.
-        None => (format!("client-{}", peer.ip()), false),
+        None => (app.hub.with(|hub| format!("{}client-{}", hub.unnamed_prefix(), peer.ip())), false),
     };
     match app.publisher.ack(&tablet, named, seq).await {
         Ok(AckOutcome::Unknown) => unknown_seq(),
@@ -675,7 +675,17 @@ fn metrics(app: &App) -> Response {
         open_emergencies: hub.open_count(),
         open_unacked: hub.open_unacked(),
     });
-    let page = app.metrics.render(&gauges);
+    let mut page = app.metrics.render(&gauges);
+    if let Some(engine) = app.publisher.engine() {
+        let connected = u8::from(engine.status().connected);
+        let failures = app.publisher.engine_failures();
+        page.push_str(&format!(
+            "# HELP resq_engine_connected Whether this box is connected to NATS (cluster mode).\n\
+             # TYPE resq_engine_connected gauge\nresq_engine_connected {connected}\n\
+             # HELP resq_engine_publish_failures_total Publishes the engine did not commit.\n\
+             # TYPE resq_engine_publish_failures_total counter\nresq_engine_publish_failures_total {failures}\n"
+        ));
+    }
     Response { content_type: "text/plain; version=0.0.4; charset=utf-8", ..Response::json(Status::OK, page) }
 }
 
@@ -693,10 +703,17 @@ fn tablet_summary(app: &App) -> TabletSummary {
 /// are connected, so that a monitor alerts on the status alone.
 fn health(app: &App) -> Response {
     let storage = storage_health(app);
+    let engine = engine_health(app);
     let clients = app.hub.with(|hub| hub.client_count());
     let below_minimum = app.config.min_subscribers.filter(|&minimum| clients < minimum);
+    let engine_down = engine.as_ref().is_some_and(|engine| engine.state != "connected");
     let (status, code, reason) = match (storage.state, below_minimum) {
         ("failing", _) => ("failing", Status::SERVICE_UNAVAILABLE, None),
+        _ if engine_down => (
+            "failing",
+            Status::SERVICE_UNAVAILABLE,
+            Some("engine disconnected: publishes are refused, tablets are served from the cache".into()),
+        ),
         (_, Some(minimum)) => (
             "degraded",
             Status::SERVICE_UNAVAILABLE,
@@ -718,6 +735,7 @@ fn health(app: &App) -> Response {
             history: hub.history_range(),
             tablets,
             reason,
+            engine,
             client_list: hub.clients().map(client_info).collect(),
         })
     });
@@ -733,6 +751,24 @@ fn client_info(client: ConnectedClient) -> ClientInfo {
         connected_at: rfc3339_millis(client.connected_at),
         queued: client.queued,
     }
+}
+
+/// Cluster mode's engine, for `/healthz`: disconnected also while the stream is not bound.
+fn engine_health(app: &App) -> Option<EngineHealth> {
+    let engine = app.publisher.engine()?;
+    let status = engine.status();
+    let reachable = status.connected && status.stream_id.is_some() && status.stream_ok;
+    let state = if reachable { "connected" } else { "disconnected" };
+    Some(EngineHealth {
+        state,
+        box_name: engine.box_name().to_owned(),
+        servers: engine.servers().to_vec(),
+        stream: engine.stream_name().to_owned(),
+        stream_id: status.stream_id,
+        last_seq: status.last_seq,
+        publish_failures: app.publisher.engine_failures(),
+        last_error: status.last_error,
+    })
 }
 
 fn storage_health(app: &App) -> StorageHealth {

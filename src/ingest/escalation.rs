@@ -11,8 +11,12 @@
 //! own, so the event loop never waits on it: at most `--max-escalation-children` at once (the
 //! rest wait in order), each killed with its process group past `--escalation-time-limit`; its exit status and the end
 //! of its stderr are logged.
+//!
+//! In cluster mode every box tracks every deadline, and before a command starts its box claims
+//! it in the engine (`store::nats::claims`): one box runs it, the others ask again once the
+//! winner's lease is over, and take it over if the winner did not mark it done by then.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::io::{Read, Write};
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -25,6 +29,7 @@ use smol::{Timer, future};
 use crate::core::SharedEnvelope;
 use crate::core::receipts::ReceiptEvent;
 use crate::ingest::Publisher;
+use crate::store::engine::Claim;
 use crate::support::join::join_within;
 
 /// Longest the escalation task sleeps: a new emergency's deadline is seen within this.
@@ -36,6 +41,11 @@ const STDERR_LOGGED_BYTES: usize = 2048;
 const PIPE_GRACE: Duration = Duration::from_secs(1);
 /// How often a running command is checked for its end.
 const CHILD_POLL: Duration = Duration::from_millis(20);
+/// Cluster mode: how long after a claim the engine did not answer it is asked again, and how
+/// many times in a row before the command is given up (logged as an error, run nowhere by this
+/// box): a failed claim never means "run it here", which would run it on every box.
+const CLAIM_RETRY: Duration = Duration::from_secs(1);
+const CLAIM_ATTEMPTS: u32 = 30;
 
 /// What escalation runs, from the flags.
 #[derive(Clone, Debug)]
@@ -70,8 +80,10 @@ impl ChildEnd {
 /// Runs escalation until the process ends.
 pub async fn run(publisher: &Publisher, settings: EscalationSettings) {
     let hub = publisher.hub();
-    let (finished, ended) = async_channel::unbounded::<ChildEnd>();
+    let (finished, ended) = async_channel::unbounded::<(u64, ChildEnd)>();
     let mut waiting: VecDeque<u64> = VecDeque::new();
+    // Cluster mode: commands another box claimed (or whose claim failed), when to ask again.
+    let mut contested = Contested::default();
     if settings.command.is_some() {
         waiting.extend(hub.with(|hub| hub.commands_owed()));
         if !waiting.is_empty() {
@@ -91,10 +103,15 @@ pub async fn run(publisher: &Publisher, settings: EscalationSettings) {
             None
         })
         .await;
-        if let Some(end) = child_ended {
+        if let Some((seq, end)) = child_ended {
             running -= 1;
             publisher.metrics.count("resq_push_escalation_commands_total", end.label());
+            if let Some(engine) = publisher.engine() {
+                engine.claim_done(seq);
+            }
         }
+        let now = SystemTime::now();
+        waiting.extend(contested.due(now));
         let due = hub.with(|hub| hub.due_escalations(SystemTime::now()));
         if !due.is_empty() {
             let seqs: Vec<u64> = due.iter().map(ReceiptEvent::seq).collect();
@@ -104,6 +121,7 @@ pub async fn run(publisher: &Publisher, settings: EscalationSettings) {
         }
         let free = settings.max_children.saturating_sub(running);
         let starting = claim_commands(publisher, &mut waiting, free).await;
+        let starting = claim_in_cluster(publisher, &settings, starting, &mut contested).await;
         for (seq, envelope) in starting {
             if start(&settings, seq, &envelope, finished.clone()) {
                 running += 1;
@@ -167,16 +185,92 @@ async fn claim_commands(
     starting
 }
 
+/// Cluster mode: the commands to ask the engine about again, with when, and how many claims
+/// in a row the engine did not answer (bounded by the escalations waiting).
+#[derive(Default)]
+struct Contested {
+    asks: Vec<(u64, SystemTime)>,
+    failures: HashMap<u64, u32>,
+}
+
+impl Contested {
+    /// Takes out the seqs to ask about again by `now`.
+    fn due(&mut self, now: SystemTime) -> Vec<u64> {
+        let (due, later): (Vec<_>, Vec<_>) = self.asks.drain(..).partition(|&(_, until)| until <= now);
+        self.asks = later;
+        due.into_iter().map(|(seq, _)| seq).collect()
+    }
+
+    /// Asks about `seq` again at `at`; `failed`: because the engine did not answer (else its
+    /// count of failures in a row starts again).
+    fn ask_again(&mut self, seq: u64, at: SystemTime, failed: bool) {
+        self.asks.push((seq, at));
+        if !failed {
+            self.failures.remove(&seq);
+        }
+    }
+
+    /// One more claim of `seq` the engine did not answer: whether to ask again.
+    fn failed(&mut self, seq: u64) -> bool {
+        let failures = self.failures.entry(seq).or_default();
+        *failures += 1;
+        if *failures >= CLAIM_ATTEMPTS {
+            self.failures.remove(&seq);
+            return false;
+        }
+        true
+    }
+}
+
+/// Cluster mode: keeps the commands this box wins in the engine, and notes when to ask again
+/// about those another box holds or whose claim got no answer (a bounded number of times).
+async fn claim_in_cluster(
+    publisher: &Publisher,
+    settings: &EscalationSettings,
+    starting: Vec<(u64, SharedEnvelope)>,
+    contested: &mut Contested,
+) -> Vec<(u64, SharedEnvelope)> {
+    let Some(engine) = publisher.engine() else { return starting };
+    let mut won = Vec::new();
+    for (seq, envelope) in starting {
+        let claimed = engine.claim(seq, settings.time_limit).recv().await;
+        match claimed.unwrap_or_else(|_| Err("the nats thread has stopped".into())) {
+            Ok(Claim::Won) => {
+                contested.failures.remove(&seq);
+                won.push((seq, envelope));
+            }
+            Ok(Claim::Held { until }) => {
+                info!(
+                    "seq {seq}: another box runs --on-unacked; this one takes over if it is not done by then"
+                );
+                contested.ask_again(seq, until, false);
+            }
+            Ok(Claim::Done) => {
+                contested.failures.remove(&seq);
+                info!("seq {seq}: --on-unacked was run by another box");
+            }
+            Err(reason) if contested.failed(seq) => {
+                warn!("seq {seq}: cannot claim --on-unacked in the engine ({reason}): asking again");
+                contested.ask_again(seq, SystemTime::now() + CLAIM_RETRY, true);
+            }
+            Err(reason) => error!(
+                "seq {seq}: --on-unacked not run by this box: {CLAIM_ATTEMPTS} claims in a row got no answer from the engine (last: {reason})"
+            ),
+        }
+    }
+    won
+}
+
 /// Starts the command for `seq` on a thread of its own; `finished` hears how it ended, even if
 /// that thread panics. `false` if no thread could be started (then nothing runs, nothing is told).
-fn start(settings: &EscalationSettings, seq: u64, envelope: &str, finished: Sender<ChildEnd>) -> bool {
+fn start(settings: &EscalationSettings, seq: u64, envelope: &str, finished: Sender<(u64, ChildEnd)>) -> bool {
     let Some(command) = settings.command.clone() else { return false };
     let (stream, envelope, limit) = (settings.stream.clone(), envelope.to_owned(), settings.time_limit);
     let spawned = std::thread::Builder::new().name("resq-escalation".into()).spawn(move || {
         let run = std::panic::AssertUnwindSafe(|| run_child(&command, seq, &stream, envelope, limit));
         let end = std::panic::catch_unwind(run)
             .unwrap_or_else(|_| ChildEnd::NotStarted(std::io::Error::other("its thread panicked")));
-        let _ = finished.send_blocking(end);
+        let _ = finished.send_blocking((seq, end));
     });
     if let Err(error) = spawned {
         error!("--on-unacked for seq {seq} not run: cannot start a thread: {error}");

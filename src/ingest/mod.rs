@@ -16,6 +16,7 @@ pub mod escalation;
 mod strict;
 
 use std::cell::{Cell, RefCell};
+use std::collections::BTreeMap;
 use std::rc::Rc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -25,13 +26,16 @@ use serde_json::value::RawValue;
 
 use crate::core::handle::Ingress;
 use crate::core::hub::Refusal;
-use crate::core::idempotency::{Fingerprint, IdempotencyKey};
+use crate::core::idempotency::{BodyDigest, Fingerprint, IdempotencyKey};
 use crate::core::receipts::{AckRequest, CloseRequest};
 use crate::core::receipts::{Applied, ReceiptEvent};
 use crate::core::{Outcome, Receipt};
 use crate::protocol::{Counts, PublishReply, Source};
 use crate::runtime::budget::{ByteBudget, Reservation};
 use crate::runtime::scheduler::FanOut;
+use crate::store::ClusterOnly;
+use crate::store::Engine;
+use crate::store::engine::{EngineError, EngineReply, Publication, is_cluster_wide, unix_millis};
 use crate::store::journal::{Committed, FailureCause, Journal, StorageError};
 use crate::support::metrics::Metrics;
 
@@ -49,6 +53,13 @@ pub const RECORD_WAIT: Duration = Duration::from_secs(5);
 pub const DELIVERY_FLUSH: Duration = Duration::from_millis(500);
 /// Deliveries held at most: past it they go to the journal at once.
 pub const MAX_HELD_DELIVERIES: usize = 16 * 1024;
+/// Cluster mode: batches of acks and closes the engine refused, waiting to be asked for again
+/// (`Publisher::abandon_refused_receipts`); past it one is dropped, and stays pending until
+/// the tablet's retry finds it so, which only a restart clears.
+const REFUSED_RECEIPTS: usize = 256;
+
+/// Receipt events the engine did not commit, and why.
+type RefusedReceipts = (Vec<ReceiptEvent>, String);
 
 /// Why a submission was not published. `Display` gives the message sent back to the publisher.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -77,6 +88,15 @@ pub enum Rejection {
     Overloaded,
     /// Writing to the data dir failed; nothing was stored.
     StorageFailed(String),
+    /// Cluster mode: the engine did not commit it (not connected, no ack within
+    /// `--nats-timeout`), and why.
+    EngineUnavailable(String),
+    /// Cluster mode: sent to the engine, which did not answer (no ack within `--nats-timeout`):
+    /// it may have stored it.
+    EngineUncertain(String),
+    /// Cluster mode: the engine committed it as `seq`, but this box's follower did not bring it
+    /// back within `within`, so no tablet here can have it yet.
+    NotFollowed { seq: u64, within: Duration },
 }
 
 impl Rejection {
@@ -88,6 +108,9 @@ impl Rejection {
                 | Rejection::StorageBusy
                 | Rejection::Overloaded
                 | Rejection::StorageFailed(_)
+                | Rejection::EngineUnavailable(_)
+                | Rejection::EngineUncertain(_)
+                | Rejection::NotFollowed { .. }
         )
     }
 
@@ -105,6 +128,8 @@ impl Rejection {
             Rejection::StorageBusy => "storage_busy",
             Rejection::Overloaded => "busy",
             Rejection::StorageFailed(_) => "storage_failed",
+            Rejection::EngineUnavailable(_) | Rejection::EngineUncertain(_) => "engine_unavailable",
+            Rejection::NotFollowed { .. } => "not_followed",
         }
     }
 }
@@ -141,6 +166,18 @@ impl std::fmt::Display for Rejection {
                 "server busy: --max-inflight-bytes of emergencies already in flight; publish again shortly",
             ),
             Rejection::StorageFailed(detail) => write!(f, "storage failed, nothing was stored: {detail}"),
+            Rejection::EngineUnavailable(reason) => {
+                write!(f, "engine unavailable: {reason}; nothing was stored")
+            }
+            Rejection::EngineUncertain(reason) => write!(
+                f,
+                "engine unavailable: {reason}; it may have been stored: retry with the same Idempotency-Key"
+            ),
+            Rejection::NotFollowed { seq, within } => write!(
+                f,
+                "engine unavailable: stored as seq {seq}, but this box has not received it back within \
+                 {within:?}; publish again with the same idempotency key to be answered from it"
+            ),
         }
     }
 }
@@ -342,6 +379,8 @@ pub enum Staged {
     Published(Outcome<Receipt>),
     /// Durable history: waiting for the journal to decide and commit it.
     Storing(Receiver<Result<Outcome<Receipt>, StorageError>>),
+    /// Cluster mode: waiting for the engine's commit; with the submission's key and digest.
+    Replicating(Receiver<EngineReply>, Option<Fingerprint>, ClusterOnly),
 }
 
 /// The one way into the history, shared by every ingest path.
@@ -365,6 +404,17 @@ pub struct Publisher {
     /// Rung when the first delivery is held: the flush waits for it rather than ticking, so an
     /// idle server sleeps (BENCHMARKS.md, "the idle server's wake-ups").
     deliveries_held: (Sender<()>, Receiver<()>),
+    /// Cluster mode: the engine, which assigns the seqs; the journal is then its cache.
+    engine: Option<Engine>,
+    /// Cluster mode: publishers whose emergency the engine committed, by seq, waiting for this
+    /// box's follower to bring it into the hub (as many as `--max-inflight-bytes` lets in).
+    followers: RefCell<BTreeMap<u64, Vec<Sender<usize>>>>,
+    /// Cluster mode: publishes the engine did not take, for `/metrics`.
+    engine_failures: Cell<u64>,
+    /// Cluster mode: numbers the message ids of publishes without an idempotency key.
+    unkeyed: Cell<u64>,
+    /// Cluster mode: acks and closes (from sessions, which do not wait) that the engine refused.
+    refused_receipts: (Sender<RefusedReceipts>, Receiver<RefusedReceipts>),
 }
 
 impl Publisher {
@@ -387,7 +437,28 @@ impl Publisher {
             accepting: Cell::new(true),
             held_deliveries: RefCell::default(),
             deliveries_held: async_channel::bounded(1),
+            engine: None,
+            followers: RefCell::default(),
+            engine_failures: Cell::new(0),
+            unkeyed: Cell::new(0),
+            refused_receipts: async_channel::bounded(REFUSED_RECEIPTS),
         }
+    }
+
+    /// Cluster mode: publishes go to `engine`, and the journal is its cache.
+    pub fn with_engine(self, engine: Engine) -> Publisher {
+        Publisher { engine: Some(engine), ..self }
+    }
+
+    /// Cluster mode's engine. Never one in a build without the cargo feature `cluster`, as the
+    /// compiler sees: every cluster path behind it is left out of the edge binary.
+    pub fn engine(&self) -> Option<&Engine> {
+        if cfg!(feature = "cluster") { self.engine.as_ref() } else { None }
+    }
+
+    /// Publishes the engine did not take.
+    pub fn engine_failures(&self) -> u64 {
+        self.engine_failures.get()
     }
 
     /// Takes `bytes` of `--max-inflight-bytes` for a publish about to hold them (a body about
@@ -434,6 +505,9 @@ impl Publisher {
         if !self.accepting.get() {
             return Err(Rejection::ShuttingDown);
         }
+        if let Some(engine) = self.engine() {
+            return self.replicate(engine, data, source, fingerprint, when_busy).await;
+        }
         match &self.journal {
             Some(journal) => {
                 let place = match (journal.try_place(), when_busy) {
@@ -457,6 +531,102 @@ impl Publisher {
         }
     }
 
+    /// Cluster mode: hands the submission to the engine, with its key as the message id (so a
+    /// retry through any box is stored once), or a fresh one; when `--nats-queue` publishes
+    /// already wait, waits for room or is refused, as `when_busy` says.
+    async fn replicate(
+        &self,
+        engine: &Engine,
+        data: Box<RawValue>,
+        source: Source,
+        fingerprint: Option<Fingerprint>,
+        when_busy: WhenBusy,
+    ) -> Result<Staged, Rejection> {
+        let message_id = match &fingerprint {
+            Some(fingerprint) => fingerprint.key.as_str().to_owned(),
+            None => {
+                self.unkeyed.set(self.unkeyed.get() + 1);
+                let started = unix_millis(self.metrics.started_at());
+                format!("{}-{started}-{}", engine.box_name(), self.unkeyed.get())
+            }
+        };
+        let data = String::from(Box::<str>::from(data));
+        let publication =
+            Publication { message_id, received_at_ms: unix_millis(SystemTime::now()), source, data };
+        let acked = match when_busy {
+            WhenBusy::Refuse => engine.publish(publication),
+            WhenBusy::Wait => engine.publish_when_room(publication).await,
+        };
+        let acked = acked.map_err(|reason| self.engine_failed(reason))?;
+        Ok(Staged::Replicating(acked, fingerprint, engine.cluster_only()))
+    }
+
+    fn engine_failed(&self, reason: String) -> Rejection {
+        self.engine_failures.set(self.engine_failures.get() + 1);
+        Rejection::EngineUnavailable(reason)
+    }
+
+    /// Cluster mode: waits for the engine's commit, then for this box's hub to have it. A
+    /// duplicate (the engine knew its message id, the key) whose stored object differs is a
+    /// conflict, as on one box; one that left this box's history is taken as a retry.
+    async fn replicated(
+        &self,
+        acked: Receiver<EngineReply>,
+        fingerprint: Option<Fingerprint>,
+    ) -> Result<Outcome<Receipt>, Rejection> {
+        let acked = match acked.recv().await {
+            Ok(Ok(acked)) => acked,
+            Ok(Err(EngineError { reason, maybe_stored: false })) => return Err(self.engine_failed(reason)),
+            Ok(Err(EngineError { reason, maybe_stored: true })) => {
+                self.engine_failures.set(self.engine_failures.get() + 1);
+                return Err(Rejection::EngineUncertain(reason));
+            }
+            Err(_) => return Err(self.engine_failed("the nats thread has stopped".into())),
+        };
+        let within = self.engine().map_or(RECORD_WAIT, Engine::timeout);
+        let queued_to = self.followed(acked.seq, within).await?;
+        if !acked.duplicate {
+            return Ok(Outcome::New(Receipt { seq: acked.seq, queued_to }));
+        }
+        let stored = self.hub().with(|hub| hub.published_data(acked.seq).map(BodyDigest::of));
+        Ok(match (fingerprint, stored) {
+            (Some(fingerprint), Some(stored)) => fingerprint.against(acked.seq, &stored),
+            _ => Outcome::Duplicate { seq: acked.seq },
+        })
+    }
+
+    /// Waits until the follower has brought `seq` into the hub: the clients it was queued to.
+    async fn followed(&self, seq: u64, within: Duration) -> Result<usize, Rejection> {
+        let known = self.hub().with(|hub| (hub.last_seq() >= seq).then(|| hub.queued_to(seq)));
+        if let Some(queued_to) = known {
+            return Ok(queued_to.unwrap_or(0));
+        }
+        let (sender, receiver) = async_channel::bounded(1);
+        self.followers.borrow_mut().entry(seq).or_default().push(sender);
+        match crate::runtime::deadline::within(within, receiver.recv()).await {
+            Ok(Ok(queued_to)) => Ok(queued_to),
+            // The stream was recreated meanwhile: the seq it was stored as is gone with it.
+            Ok(Err(_)) => Err(self.engine_failed(format!("the stream was recreated after seq {seq}"))),
+            Err(_) => Err(Rejection::NotFollowed { seq, within }),
+        }
+    }
+
+    /// Answers the publishers waiting for `receipt`'s seq, and any waiting for an earlier one
+    /// (a seq the stream no longer has: queued to nobody here).
+    fn wake_followers(&self, receipt: Receipt) {
+        let mut followers = self.followers.borrow_mut();
+        if followers.first_key_value().is_none_or(|(&first, _)| first > receipt.seq) {
+            return;
+        }
+        let later = followers.split_off(&(receipt.seq + 1));
+        for (seq, waiting) in std::mem::replace(&mut *followers, later) {
+            let queued_to = if seq == receipt.seq { receipt.queued_to } else { 0 };
+            for sender in waiting {
+                let _ = sender.try_send(queued_to);
+            }
+        }
+    }
+
     /// Waits until a staged submission is accepted (committed and broadcast, or found to be a
     /// retry of one that was) or refused.
     pub async fn settle(&self, staged: Staged, source: Source) -> Result<Accepted, Rejection> {
@@ -469,6 +639,7 @@ impl Publisher {
                     detail: "the storage thread stopped".into(),
                 })),
             },
+            Staged::Replicating(acked, fingerprint, _) => self.replicated(acked, fingerprint).await,
         };
         let accepted = outcome.and_then(Accepted::from_outcome);
         match accepted {
@@ -501,7 +672,16 @@ impl Publisher {
     /// change: durably, in the journal's next transaction (the broadcast follows the commit);
     /// in memory, at once. Does not wait.
     /// Deliveries are held (`DELIVERY_FLUSH`) and go with the next other event.
+    /// In cluster mode acks and closes go to the engine first, and come back to the journal
+    /// once it has them (`Engine::publish_receipts`).
     pub fn record(&self, events: Vec<ReceiptEvent>) {
+        let (wide, events) = self.cluster_wide(events);
+        if let (Some(engine), false) = (self.engine(), wide.is_empty())
+            && let Err((events, reason)) =
+                engine.publish_receipts(wide, None, self.refused_receipts.0.clone())
+        {
+            self.receipts_refused(&events, &reason);
+        }
         if events.is_empty() {
             return;
         }
@@ -526,9 +706,68 @@ impl Publisher {
         }
     }
 
-    /// Sends the held deliveries to the journal.
+    /// Cluster mode: the acks and closes among `events` (those every box applies), and the rest.
+    fn cluster_wide(&self, events: Vec<ReceiptEvent>) -> (Vec<ReceiptEvent>, Vec<ReceiptEvent>) {
+        match self.engine() {
+            Some(_) => events.into_iter().partition(is_cluster_wide),
+            None => (Vec::new(), events),
+        }
+    }
+
+    fn receipts_refused(&self, events: &[ReceiptEvent], reason: &str) {
+        let seqs: Vec<u64> = events.iter().map(ReceiptEvent::seq).collect();
+        log::warn!("acks or closes of seqs {seqs:?} not committed by the engine ({reason}): asked for again");
+        self.engine_failures.set(self.engine_failures.get() + 1);
+        self.abandon(events);
+    }
+
+    /// Cluster mode: clears what the engine refused of the sessions' acks, so that a tablet's
+    /// retry counts; runs as long as the server.
+    pub async fn abandon_refused_receipts(&self) {
+        while let Ok((events, reason)) = self.refused_receipts.1.recv().await {
+            self.receipts_refused(&events, &reason);
+        }
+    }
+
+    /// Cluster mode: commits acks and closes in the engine, then waits until they are stored
+    /// and applied here, for at most `limit` (else `--nats-timeout` twice).
+    async fn record_in_cluster(
+        &self,
+        engine: &Engine,
+        events: Vec<ReceiptEvent>,
+        limit: Option<Duration>,
+    ) -> Result<(), Rejection> {
+        let (done, applied) = async_channel::bounded(1);
+        let (refused, refusal) = async_channel::bounded(1);
+        if let Err((events, reason)) = engine.publish_receipts(events, Some(done), refused) {
+            self.receipts_refused(&events, &reason);
+            return Err(Rejection::EngineUnavailable(reason));
+        }
+        // Once committed, `refused` is dropped unused: only `applied` answers then.
+        let refused = async {
+            match refusal.recv().await {
+                Ok(refused) => Err(Some(refused)),
+                Err(_) => smol::future::pending().await,
+            }
+        };
+        let answer = smol::future::or(async { applied.recv().await.map_err(|_| None) }, refused);
+        let limit = limit.unwrap_or(engine.timeout() * 2);
+        match crate::runtime::deadline::within(limit, answer).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(Some((events, reason)))) => {
+                self.receipts_refused(&events, &reason);
+                Err(Rejection::EngineUnavailable(reason))
+            }
+            Ok(Err(None)) => Err(Rejection::StorageFailed("the storage thread stopped".into())),
+            // Still on its way: a later answer applies it, and a retry is answered from it.
+            Err(_) => Err(Rejection::EngineUncertain(format!("no answer within {limit:?}"))),
+        }
+    }
+
+    /// Sends the held deliveries to the journal (and in cluster mode to the other boxes).
     pub fn flush_deliveries(&self) {
         let held = std::mem::take(&mut *self.held_deliveries.borrow_mut());
+        self.share_deliveries(&held);
         if let (Some(journal), false) = (&self.journal, held.is_empty())
             && let Err(error) = journal.record(held, None)
         {
@@ -556,11 +795,24 @@ impl Publisher {
         }
     }
 
-    /// The held deliveries, then `events`: they go to the journal together.
+    /// The held deliveries, then `events`: they go to the journal together (and the
+    /// deliveries in cluster mode to the other boxes).
     fn with_held_deliveries(&self, events: Vec<ReceiptEvent>) -> Vec<ReceiptEvent> {
         let mut all = std::mem::take(&mut *self.held_deliveries.borrow_mut());
+        self.share_deliveries(&all);
         all.extend(events);
         all
+    }
+
+    /// Cluster mode: this box's deliveries among `held`, one receipts message per flush, so
+    /// that every box's consoles count them ("seen by 2 of 3" whichever box each tablet is on).
+    fn share_deliveries(&self, held: &[ReceiptEvent]) {
+        let delivered = || held.iter().filter(|event| matches!(event, ReceiptEvent::Delivered { .. }));
+        if let Some(engine) = self.engine()
+            && delivered().next().is_some()
+        {
+            engine.publish_deliveries(delivered().cloned().collect());
+        }
     }
 
     /// As `record`, and waits until the events are stored and applied (a close, an escalation,
@@ -570,6 +822,13 @@ impl Publisher {
         events: Vec<ReceiptEvent>,
         limit: Option<Duration>,
     ) -> Result<(), Rejection> {
+        let (wide, events) = self.cluster_wide(events);
+        if let (Some(engine), false) = (self.engine(), wide.is_empty()) {
+            self.record_in_cluster(engine, wide, limit).await?;
+            if events.is_empty() {
+                return Ok(());
+            }
+        }
         let Some(journal) = &self.journal else {
             self.apply(events);
             return Ok(());
@@ -654,15 +913,26 @@ impl Publisher {
     /// Hands what the journal committed to the hub, in seq order, and answers each publisher.
     /// Ends when the journal has stopped and everything it committed is delivered.
     pub async fn deliver_committed(&self, committed: Receiver<Committed>) {
-        while let Ok(Committed { outcomes, events, waiting }) = committed.recv().await {
+        while let Ok(Committed { reset, outcomes, events, followed_deliveries, waiting }) =
+            committed.recv().await
+        {
             let carrying = if outcomes.is_empty() { "receipts" } else { "emergencies" };
             self.metrics.count("resq_push_journal_commits_total", carrying);
+            if let Some(stream_id) = reset {
+                let told = self.hub().with(|hub| hub.reset(&stream_id));
+                // Their seqs were of the stream that is gone: they hear it was recreated.
+                self.followers.borrow_mut().clear();
+                log::warn!(
+                    "history {stream_id}: the engine's stream was recreated; {told} clients reconnect"
+                );
+            }
             for (outcome, reply) in outcomes {
                 let answer = match outcome {
                     Outcome::New(stored) => {
                         let receipt = self.hand_over(|ingress| ingress.deliver(stored)).await;
                         let Receipt { seq, queued_to: clients } = receipt;
                         self.record(vec![ReceiptEvent::Queued { seq, clients }]);
+                        self.wake_followers(receipt);
                         Ok(Outcome::New(receipt))
                     }
                     // Its original came before it, in this batch or an earlier one, so it is in
@@ -671,9 +941,14 @@ impl Publisher {
                     Outcome::Duplicate { seq } => Ok(Outcome::Duplicate { seq }),
                     Outcome::Conflict { seq } => Ok(Outcome::Conflict { seq }),
                 };
-                let _ = reply.try_send(answer);
+                if let Some(reply) = reply {
+                    let _ = reply.try_send(answer);
+                }
             }
             self.apply(events);
+            if !followed_deliveries.is_empty() {
+                self.ingress.hub().with(|hub| hub.apply_followed_deliveries(followed_deliveries));
+            }
             for done in waiting {
                 let _ = done.try_send(());
             }

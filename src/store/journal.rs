@@ -37,6 +37,7 @@ use crate::core::idempotency::{BodyDigest, Fingerprint};
 use crate::core::receipts::ReceiptEvent;
 use crate::core::{Outcome, Receipt, Stored};
 use crate::protocol::{self, Source};
+use crate::store::ClusterOnly;
 use crate::support::logger::WarningThrottle;
 
 /// Submissions waiting for the storage thread (`Place`s); a publisher that cannot wait for one
@@ -197,10 +198,19 @@ pub type Reply = Sender<Result<Outcome<Receipt>, StorageError>>;
 /// What one transaction committed: the submissions decided, in the order they came, with their
 /// publishers' replies (the new emergencies among them in seq order), then the receipt events
 /// stored, and those waiting to hear that their events are stored.
+///
+/// In cluster mode the journal is the cache of the engine's stream: what the follower took from
+/// it comes out here too (`Journal::cacher`), as new emergencies that no local publisher waits
+/// for (`None` replies), and a `reset` (the stream was recreated) comes before anything after it.
 #[derive(Debug, Default)]
 pub struct Committed {
-    pub outcomes: Vec<(Outcome<Stored>, Reply)>,
+    /// The cache was emptied for this new stream identity before the outcomes (cluster mode).
+    pub reset: Option<String>,
+    pub outcomes: Vec<(Outcome<Stored>, Option<Reply>)>,
     pub events: Vec<ReceiptEvent>,
+    /// Cluster mode: the deliveries of other boxes among `events`, which the hub applies (its
+    /// own are in its receipts from the moment they were made).
+    pub followed_deliveries: Vec<ReceiptEvent>,
     pub waiting: Vec<Sender<()>>,
 }
 
@@ -230,6 +240,13 @@ enum Request {
     /// `Place`: the hub asks for each delivery, ack, close and escalation once, so these are
     /// bounded by the receipts it holds.
     Record(Vec<ReceiptEvent>, Option<Sender<()>>),
+    /// Cluster mode: emergencies the engine committed, with its seqs, for the cache and then
+    /// the hub (`Cacher::cache`). One place for the batch.
+    Cache(Vec<Stored>, Place, ClusterOnly),
+    /// Cluster mode: the stream was recreated: empty the cache, take this identity.
+    Reset(String, ClusterOnly),
+    /// Cluster mode: receipt events the engine committed, from its receipts stream.
+    CacheEvents(Vec<ReceiptEvent>, Place, ClusterOnly),
 }
 
 /// The executor's handle on the storage thread.
@@ -248,22 +265,27 @@ impl std::fmt::Debug for Request {
             Request::Append(..) => "Append",
             Request::Sweep => "Sweep",
             Request::Record(..) => "Record",
+            Request::Cache(..) => "Cache",
+            Request::Reset(..) => "Reset",
+            Request::CacheEvents(..) => "CacheEvents",
         })
     }
 }
 
-/// Where the history lives.
-#[derive(Debug)]
-pub enum Storage {
-    /// Lost at restart.
-    Memory,
-    /// In a data dir: what it held at start, and the journal that keeps it.
-    Durable { journal: Journal, loaded: Loaded, committed: Receiver<Committed> },
-}
-
 /// Opens (or creates) the history in `dir`, loads it, and starts the storage thread. Every
 /// error names the data dir and what is wrong with it.
+#[cfg(test)]
 pub fn open(dir: &Path, retention: Retention) -> Result<(Journal, Loaded, Receiver<Committed>), String> {
+    open_as(dir, retention, None)
+}
+
+/// As `open`; with `stream_id` (cluster mode: the engine's stream identity, read at start) a
+/// cache of another stream is emptied first and takes that identity.
+pub fn open_as(
+    dir: &Path,
+    retention: Retention,
+    stream_id: Option<&str>,
+) -> Result<(Journal, Loaded, Receiver<Committed>), String> {
     let shown = dir.display();
     fs::create_dir_all(dir).map_err(|e| format!("cannot create data dir {shown}: {e}"))?;
     let lock =
@@ -273,6 +295,9 @@ pub fn open(dir: &Path, retention: Retention) -> Result<(Journal, Loaded, Receiv
     let mut db = open_database(&path).map_err(|unusable| unusable.explain(dir, &path))?;
     let file = DatabaseFile::opened(dir, &path).map_err(|e| format!("data dir {shown}: {e}"))?;
     let mut expiry = Expiry::new(retention);
+    if let Some(stream_id) = stream_id {
+        adopt(&mut db, stream_id).map_err(|e| format!("data dir {shown}: cannot reset the cache: {e}"))?;
+    }
     let loaded = load(&mut db, &mut expiry, Reading::now())
         .map_err(|e| format!("data dir {shown}: cannot read the history: {e}"))?;
 
@@ -338,6 +363,15 @@ impl Journal {
         })
     }
 
+    /// The storage thread's door for the engine's follower (cluster mode), usable from its thread.
+    pub fn cacher(&self, engine: &crate::store::Engine) -> Cacher {
+        Cacher {
+            requests: self.requests.clone(),
+            places: Arc::clone(&self.places),
+            only: engine.cluster_only(),
+        }
+    }
+
     /// The outcome of the last commit.
     pub fn state(&self) -> StorageState {
         self.state.get()
@@ -375,6 +409,65 @@ impl Drop for Journal {
             );
         }
     }
+}
+
+/// What the engine's follower (on its own thread) hands the storage thread: emergencies the
+/// engine committed, in seq order, and a new stream identity when the stream was recreated.
+/// Each batch waits for a place like a local submission, so a cache that does not keep up
+/// stops the follower instead of queueing without bound.
+#[derive(Debug, Clone)]
+pub struct Cacher {
+    requests: Sender<Request>,
+    places: Arc<Semaphore>,
+    only: ClusterOnly,
+}
+
+impl Cacher {
+    /// Queues `batch` for the cache and then the hub; `false` once the storage thread is gone.
+    pub async fn cache(&self, batch: Vec<Stored>) -> bool {
+        let place = Place { _permit: self.places.acquire_arc().await };
+        self.requests.send(Request::Cache(batch, place, self.only)).await.is_ok()
+    }
+
+    /// Receipt events read from the engine's receipts stream, for the cache and then the hub
+    /// (each at most once: a repeated one changes nothing).
+    pub async fn cache_events(&self, events: Vec<ReceiptEvent>) -> bool {
+        let place = Place { _permit: self.places.acquire_arc().await };
+        self.requests.send(Request::CacheEvents(events, place, self.only)).await.is_ok()
+    }
+
+    /// Receipt events the engine committed for this box's own publisher: stored and applied
+    /// as `Journal::record` does; `done` hears once they are.
+    pub fn record(&self, events: Vec<ReceiptEvent>, done: Option<Sender<()>>) -> bool {
+        self.requests.try_send(Request::Record(events, done)).is_ok()
+    }
+
+    /// Empties the cache for the stream `stream_id`; the hub starts over once it is done.
+    pub async fn reset(&self, stream_id: String) -> bool {
+        self.requests.send(Request::Reset(stream_id, self.only)).await.is_ok()
+    }
+}
+
+/// Empties a cache that holds another stream than `stream_id`, and takes that identity.
+fn adopt(db: &mut Connection, stream_id: &str) -> rusqlite::Result<()> {
+    let held: Option<String> =
+        db.query_row("SELECT value FROM meta WHERE key = 'stream_id'", [], |row| row.get(0)).optional()?;
+    if held.as_deref() == Some(stream_id) {
+        return Ok(());
+    }
+    if let Some(held) = held {
+        log::warn!("the engine's stream is {stream_id}, the cache held {held}: the cache starts over");
+    }
+    empty_cache(db, stream_id)
+}
+
+/// Deletes every emergency and receipt, and makes `stream_id` the history's identity.
+fn empty_cache(db: &mut Connection, stream_id: &str) -> rusqlite::Result<()> {
+    let transaction = db.transaction()?;
+    transaction.execute_batch("DELETE FROM receipts; DELETE FROM emergencies; DELETE FROM meta;")?;
+    transaction
+        .execute("INSERT INTO meta (key, value) VALUES ('stream_id', ?1), ('last_seq', '0')", [stream_id])?;
+    transaction.commit()
 }
 
 /// The database file as it was opened, to notice when the data dir is removed or replaced under
@@ -792,8 +885,11 @@ fn run(
     // Receipt events not yet committed: a failed commit keeps them for the next one.
     let mut events: Vec<ReceiptEvent> = Vec::new();
     let mut waiting: Vec<Sender<()>> = Vec::new();
+    let mut followed_deliveries: Vec<ReceiptEvent> = Vec::new();
     while let Ok(first) = incoming.0.recv_blocking() {
         let mut appends = Vec::new();
+        let mut cached = Vec::new();
+        let mut reset = None;
         let mut request = Some(first);
         while let Some(next) = request.take() {
             match next {
@@ -802,10 +898,37 @@ fn run(
                     events.extend(recorded);
                     waiting.extend(done);
                 }
+                Request::Cache(batch, _place, _) => cached.extend(batch),
+                Request::CacheEvents(recorded, _place, _) => {
+                    let delivered =
+                        recorded.iter().filter(|event| matches!(event, ReceiptEvent::Delivered { .. }));
+                    followed_deliveries.extend(delivered.cloned());
+                    events.extend(recorded);
+                }
+                // What came before it is committed first; what comes after it, after it.
+                Request::Reset(stream_id, _) => reset = Some(stream_id),
                 Request::Sweep => {}
             }
-            if appends.len() < MAX_BATCH && events.len() < MAX_BATCH_EVENTS {
+            if reset.is_none() && appends.len() + cached.len() < MAX_BATCH && events.len() < MAX_BATCH_EVENTS
+            {
                 request = incoming.0.try_recv().ok();
+            }
+        }
+        if !cached.is_empty() {
+            let batch = cache_batch(&mut db, &mut tail, cached, &mut expiry, state, &failures);
+            if committed.send_blocking(batch).is_err() {
+                return;
+            }
+        }
+        if let Some(stream_id) = reset {
+            if let Err(e) = empty_cache(&mut db, &stream_id) {
+                failures
+                    .note_at(Level::Error, &format!("emptying the cache for stream {stream_id} failed: {e}"));
+            }
+            tail = Tail { seq: 0, received_at: UNIX_EPOCH };
+            let batch = Committed { reset: Some(stream_id), ..Committed::default() };
+            if committed.send_blocking(batch).is_err() {
+                return;
             }
         }
         if let Err(detail) = file.check() {
@@ -829,10 +952,12 @@ fn run(
                     state.succeeded();
                 }
                 tail = tail.after(&outcomes);
-                let replies = appends.into_iter().map(|append| append.reply);
+                let replies = appends.into_iter().map(|append| Some(append.reply));
                 let batch = Committed {
+                    reset: None,
                     outcomes: outcomes.into_iter().zip(replies).collect(),
                     events: std::mem::take(&mut events),
+                    followed_deliveries: std::mem::take(&mut followed_deliveries),
                     waiting: std::mem::take(&mut waiting),
                 };
                 let anything =
@@ -853,6 +978,55 @@ fn run(
             }
         }
     }
+}
+
+/// Stores what the engine committed (cluster mode) in one transaction, each at its own seq
+/// (those the cache has already are skipped), and hands it on for the hub. A failed write is
+/// logged and handed on all the same: the engine holds it, the cache is only a cache, and
+/// nothing may stop the box from following the stream.
+fn cache_batch(
+    db: &mut Connection,
+    tail: &mut Tail,
+    cached: Vec<Stored>,
+    expiry: &mut Expiry,
+    state: &SharedState,
+    failures: &WarningThrottle,
+) -> Committed {
+    let fresh: Vec<Stored> = cached.into_iter().filter(|stored| stored.seq > tail.seq).collect();
+    match write_cached(db, &fresh, expiry, Reading::now()) {
+        Ok(()) => state.succeeded(),
+        Err(e) => {
+            let what = format!("caching {} emergencies failed (the engine holds them): {e}", fresh.len());
+            failures.note_at(Level::Error, &what);
+            state.failed(FailureCause::of(&e), e.to_string());
+        }
+    }
+    if let Some(newest) = fresh.last() {
+        *tail = Tail { seq: newest.seq, received_at: newest.received_at.max(tail.received_at) };
+    }
+    let outcomes = fresh.into_iter().map(|stored| (Outcome::New(stored), None)).collect();
+    Committed { outcomes, ..Committed::default() }
+}
+
+fn write_cached(
+    db: &mut Connection,
+    cached: &[Stored],
+    expiry: &mut Expiry,
+    reading: Reading,
+) -> rusqlite::Result<()> {
+    let Some(newest) = cached.last() else { return Ok(()) };
+    let transaction = db.transaction()?;
+    {
+        let mut insert = transaction.prepare(
+            "INSERT OR REPLACE INTO emergencies (seq, received_at_ms, envelope) VALUES (?1, ?2, ?3)",
+        )?;
+        for stored in cached {
+            insert.execute(params![stored.seq as i64, unix_millis(stored.received_at), stored.envelope])?;
+        }
+    }
+    transaction.execute("UPDATE meta SET value = ?1 WHERE key = 'last_seq'", [newest.seq.to_string()])?;
+    expiry.delete_expired(&transaction, newest.seq, reading)?;
+    transaction.commit()
 }
 
 /// Decides `appends` in one transaction, in order: each new one is stored as the next seq after

@@ -455,6 +455,10 @@ impl Session {
                 self.close(CloseCode::Policy, "token revoked").await;
                 SessionEnd::Revoked
             }
+            Some(Farewell::StreamChanged) => {
+                self.close(CloseCode::Restart, "new history: reconnect with ?since=&stream=").await;
+                SessionEnd::Shutdown
+            }
             Some(Farewell::ShuttingDown) | None => {
                 if let Err(end) = self.send_pending(Vec::new()).await {
                     return end;

@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 pub mod browser;
+pub mod nats;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -270,17 +271,20 @@ pub fn spawn_command(mut command: Command) -> (Child, Arc<Mutex<String>>) {
     let mut child =
         command.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
     let logs = Arc::new(Mutex::new(String::new()));
-    let stderr = child.stderr.take().unwrap();
-    let sink = Arc::clone(&logs);
+    collect_lines(child.stderr.take().unwrap(), Arc::clone(&logs));
+    (child, logs)
+}
+
+/// Appends every line `pipe` gives to `sink`, in the background, until it closes.
+pub fn collect_lines(pipe: impl Read + Send + 'static, sink: Arc<Mutex<String>>) {
     std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines() {
+        for line in BufReader::new(pipe).lines() {
             let Ok(line) = line else { break };
             let mut logs = sink.lock().unwrap();
             logs.push_str(&line);
             logs.push('\n');
         }
     });
-    (child, logs)
 }
 
 /// How a run of the binary that ended by itself ended, and what it printed.
