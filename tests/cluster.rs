@@ -745,7 +745,17 @@ fn one_named_tablet_acking_on_two_boxes_counts_once() {
     let (a, b, _tokens) = boxes_with_tokens(&nats);
     publish(&target(&a), Http, &emergency("e1")).unwrap();
     wait_box_seq(&b, 1);
-    let response = http_ack(&a, 1, TOKEN_ONE);
+    // Right after the boxes start, the receipts stream may have no leader yet (a box says
+    // "connected" for the emergencies' stream): the ack is refused with a 503, and a retry
+    // (acks are idempotent) is taken once it has one.
+    let deadline = Instant::now() + ENGINE_PATIENCE;
+    let response = loop {
+        let response = http_ack(&a, 1, TOKEN_ONE);
+        if response.status != 503 || Instant::now() >= deadline {
+            break response;
+        }
+        std::thread::sleep(RETRY_PAUSE);
+    };
     assert_eq!((response.status, response.json()["acked"].clone()), (200, 1.into()), "{}", response.body);
     wait_long("the ack on b", || status_fields(&b, 1, ["acked"])[0] == 1);
     let mut on_b = Tablet::connect_with("tablet-1", &b, &format!("&token={TOKEN_ONE}"));
