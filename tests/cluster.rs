@@ -669,15 +669,22 @@ fn box_restarted_while_engine_down_serves_its_cache_then_catches_up() {
 const TOKEN_ONE: &str = "tablet-one-token-1111";
 const TOKEN_TWO: &str = "tablet-two-token-2222";
 
-/// Boxes `a` and `b` with the subscribe tokens of tablet-1 and tablet-2, tablet-1 on `a` and
-/// tablet-2 on `b`, and two emergencies both got. The token file's directory goes with them.
-fn named_tablets_on_two_boxes(nats: &NatsCluster) -> (Server, Server, Tablet, Tablet, TempDir) {
+/// Boxes `a` and `b` with the subscribe tokens of tablet-1 and tablet-2. The token file's
+/// directory goes with them.
+fn boxes_with_tokens(nats: &NatsCluster) -> (Server, Server, TempDir) {
     let tokens = TempDir::new();
     let token_file = tokens.path().join("subscribe.tokens");
     std::fs::write(&token_file, format!("tablet-1 {TOKEN_ONE}\ntablet-2 {TOKEN_TWO}\n")).unwrap();
     let flags = ["--subscribe-token-file", token_file.to_str().unwrap()];
     let a = start_box(nats, "a", &flags);
     let b = start_box(nats, "b", &flags);
+    (a, b, tokens)
+}
+
+/// Boxes `a` and `b` with the subscribe tokens of tablet-1 and tablet-2, tablet-1 on `a` and
+/// tablet-2 on `b`, and two emergencies both got. The token file's directory goes with them.
+fn named_tablets_on_two_boxes(nats: &NatsCluster) -> (Server, Server, Tablet, Tablet, TempDir) {
+    let (a, b, tokens) = boxes_with_tokens(nats);
     let mut one = Tablet::connect_with("tablet-1", &a, &format!("&token={TOKEN_ONE}"));
     let mut two = Tablet::connect_with("tablet-2", &b, &format!("&token={TOKEN_TWO}"));
     publish(&target(&a), Http, &emergency("e1")).unwrap();
@@ -702,10 +709,7 @@ fn acks_and_closes_on_one_box_are_seen_on_the_other() {
     one.send(r#"{"type":"ack","seq":1}"#);
     let seen = two.recv_notice("ack", 1, |ack| ack["by"] == "tablet-1");
     assert_eq!(seen["acked"], 1, "{seen}");
-    let request = format!(
-        "POST /emergencias/1/ack?token={TOKEN_TWO} HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-    );
-    let response = b.http(request.as_bytes());
+    let response = http_ack(&b, 1, TOKEN_TWO);
     assert_eq!(response.status, 200, "{}", response.body);
     assert_eq!(response.json()["acked"], 2, "{}", response.body);
     let seen = one.recv_notice("ack", 1, |ack| ack["by"] == "tablet-2");
@@ -722,6 +726,51 @@ fn acks_and_closes_on_one_box_are_seen_on_the_other() {
     assert_eq!(acked_by, serde_json::json!(["tablet-1", "tablet-2"]));
     assert_eq!(close, serde_json::json!({"motivo": "resuelta"}));
     assert_all_got(&[&one, &two], 2);
+}
+
+/// `POST /emergencias/{seq}/ack` on `server` as the tablet of `token`.
+fn http_ack(server: &Server, seq: u64, token: &str) -> common::HttpResponse {
+    let request = format!(
+        "POST /emergencias/{seq}/ack?token={token} HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    );
+    server.http(request.as_bytes())
+}
+
+/// One token's tablet acking on two boxes: its ack on `a` reaches `b` before the tablet acks
+/// there too; `b` keeps one receipt for the name, so the second ack is a repeat and every box
+/// counts one ack and one delivery, by tablet-1.
+#[test]
+fn one_named_tablet_acking_on_two_boxes_counts_once() {
+    let nats = NatsCluster::start();
+    let (a, b, _tokens) = boxes_with_tokens(&nats);
+    publish(&target(&a), Http, &emergency("e1")).unwrap();
+    wait_box_seq(&b, 1);
+    // Right after the boxes start, the receipts stream may have no leader yet (a box says
+    // "connected" for the emergencies' stream): the ack is refused with a 503, and a retry
+    // (acks are idempotent) is taken once it has one.
+    let deadline = Instant::now() + ENGINE_PATIENCE;
+    let response = loop {
+        let response = http_ack(&a, 1, TOKEN_ONE);
+        if response.status != 503 || Instant::now() >= deadline {
+            break response;
+        }
+        std::thread::sleep(RETRY_PAUSE);
+    };
+    assert_eq!((response.status, response.json()["acked"].clone()), (200, 1.into()), "{}", response.body);
+    wait_long("the ack on b", || status_fields(&b, 1, ["acked"])[0] == 1);
+    let mut on_b = Tablet::connect_with("tablet-1", &b, &format!("&token={TOKEN_ONE}"));
+    on_b.recv_until(1);
+    let response = http_ack(&b, 1, TOKEN_ONE);
+    assert_eq!(response.status, 200, "{}", response.body);
+    assert_eq!(response.json()["acked"], 1, "tablet-1 counted twice on b: {}", response.body);
+    assert_eq!(response.json()["duplicate"], true, "{}", response.body);
+    for server in [&a, &b] {
+        wait_long("tablet-1's delivery on both boxes", || status_fields(server, 1, ["delivered"])[0] == 1);
+        let [acked, acked_by, delivered] = status_fields(server, 1, ["acked", "acked_by", "delivered"]);
+        assert_eq!((acked, delivered), (1.into(), 1.into()));
+        assert_eq!(acked_by, serde_json::json!(["tablet-1"]));
+    }
+    assert_all_got(&[&on_b], 1);
 }
 
 /// Tablets without a name on two boxes: each is labelled with its box (`a/client-...`,

@@ -791,7 +791,11 @@ impl Hub {
                 continue;
             }
             self.remember_receipt(&event);
-            let change = self.receipts.apply(event);
+            let name = match &event {
+                ReceiptEvent::Acked { tablet, .. } => self.shared_name(tablet),
+                _ => None,
+            };
+            let change = self.receipts.apply_as(event, name);
             let notice = match &change {
                 Applied::Nothing => continue,
                 Applied::Ack { seq, tablet, at, acked, delivered, .. } => {
@@ -836,15 +840,22 @@ impl Hub {
     pub fn apply_followed_deliveries(&mut self, events: Vec<ReceiptEvent>) {
         for event in events {
             let ReceiptEvent::Delivered { tablet, .. } = &event else { continue };
-            let name = match !receipts::is_named(tablet) {
-                true => None,
-                false => Some(self.canonical_name(&Rc::from(tablet.as_str())))
-                    .filter(|(_, one)| *one)
-                    .map(|(name, _)| name),
-            };
+            let name = self.shared_name(tablet);
             self.remember_receipt(&event);
             self.receipts.apply_as(event, name);
         }
+    }
+
+    /// The hub's one `Rc` of a named tablet, for a receipt that arrives by its name alone (an
+    /// ack or a delivery another box stored, a stored ack): its receipt is then the one the
+    /// tablet's connection here finds by pointer, not a second one that would count it twice.
+    /// `None` for a connection's label, or when the roster is full (found by name then).
+    fn shared_name(&mut self, tablet: &str) -> Option<Rc<str>> {
+        if !receipts::is_named(tablet) {
+            return None;
+        }
+        let (name, one) = self.canonical_name(&Rc::from(tablet));
+        one.then_some(name)
     }
 
     /// Keeps the roster's last delivered and acked seqs of a named tablet.
@@ -1015,6 +1026,21 @@ mod tests {
         hub.borrow().publish_ok(&raw(data), Source::Unix);
         assert_eq!(hub.borrow().published_data(1), Some(data));
         assert_eq!(hub.borrow().published_data(2), None);
+    }
+
+    /// Cluster mode: a named tablet's ack stored by another box, applied here before the
+    /// tablet's own ack here, is the same tablet's receipt: its ack here is a repeat.
+    #[test]
+    fn an_ack_from_another_box_is_the_same_tablet_as_its_ack_here() {
+        let mut limits = limits();
+        limits.receipts.max_open = 4;
+        let hub = new_hub(limits, "s");
+        hub.borrow().publish_ok(&raw("{}"), Source::Http);
+        let at = SystemTime::now();
+        let remote = ReceiptEvent::Acked { seq: 1, tablet: "tablet-1".into(), at };
+        assert_eq!(hub.borrow().apply(vec![remote]).len(), 1);
+        assert_eq!(hub.borrow().ack_from("tablet-1", true, 1, at), AckRequest::Repeated);
+        assert_eq!(hub.borrow().counts(1).acked, 1);
     }
 
     #[test]

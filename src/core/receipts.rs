@@ -486,7 +486,8 @@ impl Receipts {
         self.open().filter(|ledger| ledger.acked == 0).count()
     }
 
-    /// Applies a stored event; says what to broadcast.
+    /// Applies a stored event; says what to broadcast (the hub gives the tablet's name: `apply_as`).
+    #[cfg(test)]
     pub fn apply(&mut self, event: ReceiptEvent) -> Applied {
         self.apply_as(event, None)
     }
