@@ -90,7 +90,7 @@ const REPLICA_SEEN: Duration = Duration::from_secs(3);
 /// gone. A standalone server's stream (no cluster part) has no quorum to lose.
 pub fn quorum_proven(info: &stream::Info) -> bool {
     let Some(cluster) = &info.cluster else { return true };
-    if !leader_known(info) {
+    if !cluster.leader.as_ref().is_some_and(|leader| !leader.is_empty()) {
         return false;
     }
     let live = |peer: &&stream::PeerInfo| peer.current && !peer.offline && peer.active <= REPLICA_SEEN;
