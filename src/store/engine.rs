@@ -135,9 +135,7 @@ pub struct EngineStatus {
     pub stream_id: Option<String>,
     /// The last seq the follower took from the stream.
     pub last_seq: u64,
-    /// The stream answers: an info proved its quorum (a leader and a majority of current
-    /// replicas) or a publish was acked, and nothing failed since (a bind, an info, a publish's
-    /// ack, the connection). Once false it stays so until proven again (`nats::follower`).
+    /// The stream answers: its last bind or check succeeded (false without quorum).
     pub stream_ok: bool,
     /// Why the last attempt to bind or follow the stream failed, until one succeeds.
     pub last_error: Option<String>,

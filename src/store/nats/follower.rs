@@ -117,12 +117,11 @@ pub async fn run(
         status.update(|status| {
             status.stream_id = Some(identity.clone());
             status.last_error = None;
+            status.stream_ok = true;
         });
-        note_quorum(&status, bound.cached_info());
         match follow_binding(&bound, &settings, &cacher, &mut last_seq, &identity, &status).await {
             Ended::CacheGone => return,
-            // Another server now: the stream answers once it proves its quorum there.
-            Ended::Reconnected => status.update(|status| status.stream_ok = false),
+            Ended::Reconnected => {}
             Ended::Rebind(reason) => {
                 super::note_throttled(&format!("engine: following stream {} again: {reason}", settings.name));
                 status.update(|status| {
@@ -184,7 +183,7 @@ async fn follow_binding(
             Some(Some(Ok(message))) => message,
             Some(Some(Err(e))) => return Ended::Rebind(e.to_string()),
             Some(None) => return Ended::Rebind("its consumer ended".into()),
-            None => match still_the_same(bound, identity, *last_seq, status).await {
+            None => match still_the_same(bound, identity, *last_seq).await {
                 Ok(stream_last) if stream_last <= *last_seq => {
                     behind_at = None;
                     continue;
@@ -233,17 +232,11 @@ async fn follow_binding(
 
 /// The stream bound is still there with the same identity, and its seqs have not gone back:
 /// its last seq.
-async fn still_the_same(
-    bound: &Stream,
-    identity: &str,
-    last_seq: u64,
-    status: &SharedStatus,
-) -> Result<u64, String> {
+async fn still_the_same(bound: &Stream, identity: &str, last_seq: u64) -> Result<u64, String> {
     let info = bound.get_info().await.map_err(|e| format!("its info: {e}"))?;
     if !stream::leader_known(&info) {
         return Err("it has no leader (no JetStream quorum)".into());
     }
-    note_quorum(status, &info);
     let now = stream::identity_of(&info);
     if now != identity {
         return Err(format!("its identity changed from {identity} to {now}"));
@@ -252,16 +245,6 @@ async fn still_the_same(
         return Err(format!("its last seq went back from {last_seq} to {}", info.state.last_sequence));
     }
     Ok(info.state.last_sequence)
-}
-
-/// The stream answers (`/healthz` "connected") once an info proves its quorum. An info that
-/// names a leader without proving one changes nothing: once lost (a failed info or bind, a
-/// disconnect, a reconnect, a failed publish), the quorum stays lost until proven again, so
-/// that `/healthz` does not flap back on a survivor's stale answer.
-fn note_quorum(status: &SharedStatus, info: &async_nats::jetstream::stream::Info) {
-    if stream::quorum_proven(info) {
-        status.update(|status| status.stream_ok = true);
-    }
 }
 
 /// The emergency a message of the stream holds.

@@ -93,13 +93,6 @@ impl SharedStatus {
         change(&mut self.lock());
     }
 
-    /// A publish's ack proves the stream's quorum (it committed); its failure (no ack in time,
-    /// or no stream received it) is taken as the quorum lost until a proof (`follower`).
-    fn note_publish(&self, answer: &EngineReply) {
-        let answered = answer.is_ok();
-        self.update(|status| status.stream_ok = answered);
-    }
-
     /// One log line per connect and disconnect, not per message.
     fn note(&self, event: Event, box_name: &str) {
         match event {
@@ -110,10 +103,7 @@ impl SharedStatus {
             }
             Event::Disconnected => {
                 warn!("engine: {box_name} disconnected from NATS: publishes are refused until it is back");
-                self.update(|status| {
-                    status.connected = false;
-                    status.stream_ok = false;
-                });
+                self.update(|status| status.connected = false);
             }
             Event::Closed => self.update(|status| status.connected = false),
             // Every failed reconnect is one: one line per period says so, with the count.
@@ -532,7 +522,7 @@ async fn serve(
     settings: &EngineSettings,
     commands: Receiver<Command>,
     cacher: &Cacher,
-    status: &Arc<SharedStatus>,
+    status: &SharedStatus,
 ) {
     let subject = settings.stream.emergencies_subject();
     let timeout = settings.timeout;
@@ -622,10 +612,8 @@ async fn serve(
             }
         };
         let again = (context.clone(), subject.clone(), headers, payload);
-        let status = Arc::clone(status);
         tokio::spawn(async move {
             let answer = acked_within(ack, again, timeout).await;
-            status.note_publish(&answer);
             let _ = reply.try_send(answer);
         });
     }

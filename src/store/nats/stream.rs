@@ -80,24 +80,6 @@ pub fn leader_known(info: &stream::Info) -> bool {
         .is_none_or(|cluster| cluster.leader.as_ref().is_some_and(|leader| !leader.is_empty()))
 }
 
-/// Longest since a replica was last heard for it to count towards a quorum: a few of the Raft
-/// group's one-second heartbeats (a dead replica stays "current" in a leader's view for longer).
-const REPLICA_SEEN: Duration = Duration::from_secs(3);
-
-/// Whether the stream's info proves a quorum: a leader, and with it a majority of the
-/// configured replicas current, not offline and heard from lately. A leader alone does not:
-/// right after two of three servers die, the survivor can still answer naming a leader that is
-/// gone. A standalone server's stream (no cluster part) has no quorum to lose.
-pub fn quorum_proven(info: &stream::Info) -> bool {
-    let Some(cluster) = &info.cluster else { return true };
-    if !cluster.leader.as_ref().is_some_and(|leader| !leader.is_empty()) {
-        return false;
-    }
-    let live = |peer: &&stream::PeerInfo| peer.current && !peer.offline && peer.active <= REPLICA_SEEN;
-    let voters = 1 + cluster.replicas.iter().filter(live).count();
-    2 * voters > info.config.num_replicas.max(1)
-}
-
 /// How an existing stream differs from what this box would have created (another box's flags,
 /// or a stream made by hand): the stream is bound as it is, and the start-up log says so.
 pub fn differences(info: &stream::Info, settings: &StreamSettings) -> Vec<String> {
@@ -144,45 +126,7 @@ pub async fn bind(
 
 #[cfg(test)]
 mod tests {
-    use serde_json::{Value, json};
-
     use super::*;
-
-    /// A stream's info as a server answers it, with `cluster` (none: a standalone server).
-    fn info(replicas: usize, cluster: Value) -> stream::Info {
-        let never = "0001-01-01T00:00:00Z";
-        let mut info = json!({
-            "config": {"name": "SITE", "num_replicas": replicas, "discard": "old", "retention": "limits",
-                       "storage": "file", "allow_rollup": false, "deny_delete": true},
-            "created": "2026-12-01T00:00:00Z",
-            "state": {"messages": 0, "bytes": 0, "first_seq": 0, "first_ts": never, "last_seq": 0,
-                      "last_ts": never, "consumer_count": 0},
-        });
-        if !cluster.is_null() {
-            info["cluster"] = cluster;
-        }
-        serde_json::from_value(info).unwrap()
-    }
-
-    /// A replica, last heard `active_ms` ago.
-    fn peer(name: &str, current: bool, offline: bool, active_ms: u64) -> Value {
-        json!({"name": name, "current": current, "offline": offline, "active": active_ms * 1_000_000})
-    }
-
-    #[test]
-    fn only_a_leader_with_a_majority_of_live_replicas_proves_a_quorum() {
-        let cluster = |leader: &str, replicas: Vec<Value>| json!({"leader": leader, "replicas": replicas});
-        let (live, dead) = (peer("n2", true, false, 50), peer("n3", false, true, 10_000));
-        assert!(quorum_proven(&info(1, Value::Null)), "a standalone server has no quorum to lose");
-        assert!(quorum_proven(&info(1, cluster("n1", vec![]))));
-        assert!(quorum_proven(&info(3, cluster("n1", vec![live.clone(), dead.clone()]))));
-        // A survivor naming a leader that is gone: no replica current with it.
-        assert!(!quorum_proven(&info(3, cluster("n1", vec![peer("n2", false, false, 50), dead.clone()]))));
-        assert!(!quorum_proven(&info(3, cluster("n1", vec![]))));
-        assert!(!quorum_proven(&info(3, cluster("n1", vec![peer("n2", true, false, 5_000), dead.clone()]))));
-        assert!(!quorum_proven(&info(3, cluster("n1", vec![peer("n2", true, true, 50), dead]))));
-        assert!(!quorum_proven(&info(3, cluster("", vec![live.clone(), live]))));
-    }
 
     #[test]
     fn the_streams_keep_a_contiguous_range_and_the_identity() {
