@@ -740,7 +740,6 @@ fn http_ack(server: &Server, seq: u64, token: &str) -> common::HttpResponse {
 /// there too; `b` keeps one receipt for the name, so the second ack is a repeat and every box
 /// counts one ack and one delivery, by tablet-1.
 #[test]
-#[ignore = "flaky: the first ack can be refused until the receipts stream has a leader (issue 17 open; deploy/README.md, known gaps); the unit test hub::tests::an_ack_from_another_box_is_the_same_tablet_as_its_ack_here covers the counting"]
 fn one_named_tablet_acking_on_two_boxes_counts_once() {
     let nats = NatsCluster::start();
     let (a, b, _tokens) = boxes_with_tokens(&nats);

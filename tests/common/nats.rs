@@ -12,7 +12,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -54,7 +54,13 @@ struct Node {
 pub struct NatsCluster {
     nodes: Vec<Node>,
     _dir: TempDir,
+    /// Held while the cluster lives: one at a time, so that two tests' nine nats-servers and
+    /// their boxes do not share the two cores and time out each other's publishes.
+    _turn: MutexGuard<'static, ()>,
 }
+
+/// Whose turn it is to run a NATS cluster (see `NatsCluster::_turn`).
+static ONE_CLUSTER_AT_A_TIME: Mutex<()> = Mutex::new(());
 
 impl NatsCluster {
     /// Starts three nodes and waits until JetStream is up on each and the cluster has a meta
@@ -76,6 +82,8 @@ impl NatsCluster {
 
     /// Writes the nodes' config files with freshly picked ports.
     fn configure(count: usize) -> NatsCluster {
+        // A test that failed while holding the turn poisons it; the next one may still run.
+        let turn = ONE_CLUSTER_AT_A_TIME.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let dir = TempDir::new();
         let ports = free_ports(count * 3);
         let route_ports = &ports[count..count * 2];
@@ -110,7 +118,7 @@ impl NatsCluster {
                 }
             })
             .collect();
-        NatsCluster { nodes, _dir: dir }
+        NatsCluster { nodes, _dir: dir, _turn: turn }
     }
 
     fn spawn(&mut self, index: usize) {

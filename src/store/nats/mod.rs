@@ -460,8 +460,12 @@ async fn send_receipts(
     for (id, body) in events.iter().filter_map(|event| encode_receipt(stream_id, event)) {
         let mut headers = HeaderMap::new();
         headers.insert(MESSAGE_ID, id.as_str());
-        match context.publish_with_headers(subject.clone(), headers, body.into()).await {
-            Ok(ack) => acks.push(ack),
+        let payload = bytes::Bytes::from(body);
+        match context.publish_with_headers(subject.clone(), headers.clone(), payload.clone()).await {
+            // As publishes: sent again under its id while no stream receives it.
+            Ok(ack) => {
+                acks.push(acked_within(ack, (context.clone(), subject.clone(), headers, payload), timeout))
+            }
             Err(e) => {
                 refused = Some(engine_error(e.to_string()));
                 break;
@@ -472,12 +476,9 @@ async fn send_receipts(
         if let Some(reason) = refused {
             return Err(reason);
         }
-        let all =
-            futures_util::future::try_join_all(acks.into_iter().map(std::future::IntoFuture::into_future));
-        match tokio::time::timeout(timeout, all).await {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => Err(engine_error(e.to_string())),
-            Err(_) => Err(format!("no ack within {timeout:?}")),
+        match futures_util::future::try_join_all(acks).await {
+            Ok(_) => Ok(()),
+            Err(error) => Err(error.reason),
         }
     }
 }
