@@ -531,8 +531,14 @@ fn quorum_lost_refuses_publishes_then_seqs_go_on() {
     // A tablet connecting now replays what the box's cache has.
     let mut late = Tablet::connect("b2", &b);
     late.recv_until(3);
-    // Not checked while issue 17 is open: that it then stays "disconnected" until the stream
-    // answers again (it can flip back to "connected" for a moment: deploy/README.md, known gaps).
+    // And stays so until the quorum is back: no flapping back to "connected" on a survivor's
+    // answer naming a leader that is gone.
+    let steady = Instant::now();
+    while steady.elapsed() < Duration::from_secs(3) {
+        for server in [&a, &b] {
+            assert_eq!(engine_state(server), "disconnected", "/healthz flapped: {}", health(server));
+        }
+    }
     nats.restart(leader);
     nats.restart(other);
     nats.wait_all_healthy();

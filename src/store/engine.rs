@@ -135,7 +135,7 @@ pub struct EngineStatus {
     pub stream_id: Option<String>,
     /// The last seq the follower took from the stream.
     pub last_seq: u64,
-    /// The stream answers: its last bind or check succeeded (false without quorum).
+    /// A write the engine committed proves its quorum, and nothing failed since (`nats::quorum`).
     pub stream_ok: bool,
     /// Why the last attempt to bind or follow the stream failed, until one succeeds.
     pub last_error: Option<String>,

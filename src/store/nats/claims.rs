@@ -9,6 +9,7 @@
 //! over by compare-and-set on its revision (again one winner), so a command whose box died
 //! mid-run runs on another. Once the command has ended its box writes `done <box>`, and nobody
 //! runs it again. The lease is read against each box's wall clock: keep the boxes on NTP.
+//! The bucket also holds one key per box, `health.<box>`: its last quorum proof (`quorum`).
 
 use std::time::{Duration, SystemTime};
 

@@ -117,7 +117,6 @@ pub async fn run(
         status.update(|status| {
             status.stream_id = Some(identity.clone());
             status.last_error = None;
-            status.stream_ok = true;
         });
         match follow_binding(&bound, &settings, &cacher, &mut last_seq, &identity, &status).await {
             Ended::CacheGone => return,

@@ -12,6 +12,7 @@
 
 mod claims;
 mod follower;
+mod quorum;
 mod stream;
 
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -93,6 +94,12 @@ impl SharedStatus {
         change(&mut self.lock());
     }
 
+    /// A publish's ack proves the quorum; a publish without one clears it (`quorum`).
+    fn note_publish(&self, answer: &EngineReply) {
+        let acked = answer.is_ok();
+        self.update(|status| status.stream_ok = acked);
+    }
+
     /// One log line per connect and disconnect, not per message.
     fn note(&self, event: Event, box_name: &str) {
         match event {
@@ -103,7 +110,10 @@ impl SharedStatus {
             }
             Event::Disconnected => {
                 warn!("engine: {box_name} disconnected from NATS: publishes are refused until it is back");
-                self.update(|status| status.connected = false);
+                self.update(|status| {
+                    status.connected = false;
+                    status.stream_ok = false;
+                });
             }
             Event::Closed => self.update(|status| status.connected = false),
             // Every failed reconnect is one: one line per period says so, with the count.
@@ -341,6 +351,7 @@ fn run(
             follow,
             Arc::clone(&status)
         ));
+        tokio::spawn(quorum::prove_whenever_lost(context.clone(), settings.clone(), Arc::clone(&status)));
         let serving = std::pin::pin!(serve(&client, &context, &settings, commands, &cacher, &status));
         futures_util::future::select(futures_util::future::select(following, receipts), serving).await;
     });
@@ -523,7 +534,7 @@ async fn serve(
     settings: &EngineSettings,
     commands: Receiver<Command>,
     cacher: &Cacher,
-    status: &SharedStatus,
+    status: &Arc<SharedStatus>,
 ) {
     let subject = settings.stream.emergencies_subject();
     let timeout = settings.timeout;
@@ -613,8 +624,10 @@ async fn serve(
             }
         };
         let again = (context.clone(), subject.clone(), headers, payload);
+        let status = Arc::clone(status);
         tokio::spawn(async move {
             let answer = acked_within(ack, again, timeout).await;
+            status.note_publish(&answer);
             let _ = reply.try_send(answer);
         });
     }
