@@ -518,6 +518,8 @@ fn quorum_lost_refuses_publishes_then_seqs_go_on() {
                 &emergency(&format!("refused-{path:?}")),
             ));
         }
+        // A close is refused the same way, with the engine's reason.
+        assert_engine_unavailable(publish_unix(&server.unix_socket, r#"{"type":"cerrar","seq":1}"#));
         let metrics = server.get("/metrics").body;
         let failures = metric(&metrics, "resq_engine_publish_failures_total");
         assert!(failures >= 2.0, "{metrics}");

@@ -743,14 +743,14 @@ impl Publisher {
             self.receipts_refused(&events, &reason);
             return Err(Rejection::EngineUnavailable(reason));
         }
-        // Once committed, `refused` is dropped unused: only `applied` answers then.
-        let refused = async {
-            match refusal.recv().await {
-                Ok(refused) => Err(Some(refused)),
-                Err(_) => smol::future::pending().await,
+        // Once committed, `applied` answers and `refused` is dropped unused; refused, the
+        // reason is sent before `done` is dropped, so it is there once `applied` ends.
+        let answer = async {
+            match applied.recv().await {
+                Ok(()) => Ok(()),
+                Err(_) => Err(refusal.recv().await.ok()),
             }
         };
-        let answer = smol::future::or(async { applied.recv().await.map_err(|_| None) }, refused);
         let limit = limit.unwrap_or(engine.timeout() * 2);
         match crate::runtime::deadline::within(limit, answer).await {
             Ok(Ok(())) => Ok(()),
@@ -758,7 +758,7 @@ impl Publisher {
                 self.receipts_refused(&events, &reason);
                 Err(Rejection::EngineUnavailable(reason))
             }
-            Ok(Err(None)) => Err(Rejection::StorageFailed("the storage thread stopped".into())),
+            Ok(Err(None)) => Err(Rejection::StorageFailed("the nats thread stopped".into())),
             // Still on its way: a later answer applies it, and a retry is answered from it.
             Err(_) => Err(Rejection::EngineUncertain(format!("no answer within {limit:?}"))),
         }
