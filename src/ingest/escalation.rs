@@ -1,8 +1,8 @@
 //! Escalation: an emergency nobody acked within `--ack-timeout` is stored as escalated, broadcast
 //! as `unacked`, and then runs `--on-unacked` once.
 //!
-//! One task and one timer for every emergency: it wakes at the earliest deadline (at least once
-//! a second, to see new emergencies), asks the hub which fell due (each is asked for once), has
+//! One task and one timer for every emergency: it sleeps until the earliest deadline (with none,
+//! until an emergency is added: an idle server does not wake for it), asks the hub which fell due (each is asked for once), has
 //! the journal store them, and only then queues the commands. Each command's start is stored
 //! (`ReceiptEvent::CommandStarted`) before it starts: a restart runs the commands of escalated
 //! emergencies whose start was never stored (they waited for a slot, or the server stopped
@@ -32,8 +32,9 @@ use crate::ingest::Publisher;
 use crate::store::engine::Claim;
 use crate::support::join::join_within;
 
-/// Longest the escalation task sleeps: a new emergency's deadline is seen within this.
-const ESCALATION_TICK: Duration = Duration::from_secs(1);
+/// How long escalation waits after the journal did not store the escalations due, before it
+/// asks for them again.
+const STORE_RETRY: Duration = Duration::from_secs(1);
 /// Bytes of a command's stderr kept for the log (its end); the rest is read and dropped.
 const STDERR_LOGGED_BYTES: usize = 2048;
 /// How long the threads writing a command's stdin and reading its stderr get to end once it has:
@@ -95,28 +96,14 @@ pub async fn run(publisher: &Publisher, settings: EscalationSettings) {
     let mut running = 0;
     loop {
         let now = SystemTime::now();
-        let next = hub.with(|hub| hub.next_escalation());
-        let sleep = next.map_or(ESCALATION_TICK, |next| next.duration_since(now).unwrap_or_default());
-        let timer = Timer::at(Instant::now() + sleep.min(ESCALATION_TICK));
-        let child_ended = future::or(async { ended.recv().await.ok() }, async {
-            timer.await;
-            None
-        })
-        .await;
-        if let Some((seq, end)) = child_ended {
-            running -= 1;
-            publisher.metrics.count("resq_push_escalation_commands_total", end.label());
-            if let Some(engine) = publisher.engine() {
-                engine.claim_done(seq);
-            }
-        }
-        let now = SystemTime::now();
         waiting.extend(contested.due(now));
         let due = hub.with(|hub| hub.due_escalations(SystemTime::now()));
         if !due.is_empty() {
             let seqs: Vec<u64> = due.iter().map(ReceiptEvent::seq).collect();
             if escalate(publisher, &settings, due).await {
                 waiting.extend(seqs.into_iter().filter(|_| settings.command.is_some()));
+            } else {
+                Timer::after(STORE_RETRY).await;
             }
         }
         let free = settings.max_children.saturating_sub(running);
@@ -129,7 +116,41 @@ pub async fn run(publisher: &Publisher, settings: EscalationSettings) {
                 publisher.metrics.count("resq_push_escalation_commands_total", "not_started");
             }
         }
+        // Commands left waiting with a slot free: their start could not be stored.
+        let retry = (!waiting.is_empty() && running < settings.max_children).then(|| now + STORE_RETRY);
+        if let Some((seq, end)) = next_wake(publisher, &contested, retry, &ended).await {
+            running -= 1;
+            publisher.metrics.count("resq_push_escalation_commands_total", end.label());
+            if let Some(engine) = publisher.engine() {
+                engine.claim_done(seq);
+            }
+        }
     }
+}
+
+/// Waits for what the loop acts on: a command's end (returned), the next deadline, the time to
+/// ask again about a contested claim, `retry`, or an emergency added (whose deadline may come
+/// first).
+async fn next_wake(
+    publisher: &Publisher,
+    contested: &Contested,
+    retry: Option<SystemTime>,
+    ended: &async_channel::Receiver<(u64, ChildEnd)>,
+) -> Option<(u64, ChildEnd)> {
+    let deadline = publisher.hub().with(|hub| hub.next_escalation());
+    let wake_at = deadline.into_iter().chain(contested.next()).chain(retry).min();
+    let timer = async {
+        match wake_at {
+            Some(at) => drop(Timer::after(at.duration_since(SystemTime::now()).unwrap_or_default()).await),
+            None => future::pending().await,
+        }
+    };
+    let woken = future::or(timer, publisher.emergency_added());
+    future::or(async { ended.recv().await.ok() }, async {
+        woken.await;
+        None
+    })
+    .await
 }
 
 /// Stores the escalations `due`, and with them, without a command, that there is none to
@@ -199,6 +220,11 @@ impl Contested {
         let (due, later): (Vec<_>, Vec<_>) = self.asks.drain(..).partition(|&(_, until)| until <= now);
         self.asks = later;
         due.into_iter().map(|(seq, _)| seq).collect()
+    }
+
+    /// The earliest time to ask again about one.
+    fn next(&self) -> Option<SystemTime> {
+        self.asks.iter().map(|&(_, at)| at).min()
     }
 
     /// Asks about `seq` again at `at`; `failed`: because the engine did not answer (else its

@@ -404,6 +404,9 @@ pub struct Publisher {
     /// Rung when the first delivery is held: the flush waits for it rather than ticking, so an
     /// idle server sleeps (BENCHMARKS.md, "the idle server's wake-ups").
     deliveries_held: (Sender<()>, Receiver<()>),
+    /// Rung when an emergency is added to the hub: escalation sleeps until the next deadline, or
+    /// until this when it has none, rather than ticking (`escalation::run`).
+    emergency_added: (Sender<()>, Receiver<()>),
     /// Cluster mode: the engine, which assigns the seqs; the journal is then its cache.
     engine: Option<Engine>,
     /// Cluster mode: publishers whose emergency the engine committed, by seq, waiting for this
@@ -437,6 +440,7 @@ impl Publisher {
             accepting: Cell::new(true),
             held_deliveries: RefCell::default(),
             deliveries_held: async_channel::bounded(1),
+            emergency_added: async_channel::bounded(1),
             engine: None,
             followers: RefCell::default(),
             engine_failures: Cell::new(0),
@@ -764,6 +768,13 @@ impl Publisher {
         }
     }
 
+    /// Completes once an emergency was added to the hub since the last call.
+    pub async fn emergency_added(&self) {
+        if self.emergency_added.1.recv().await.is_err() {
+            smol::future::pending::<()>().await;
+        }
+    }
+
     /// Sends the held deliveries to the journal (and in cluster mode to the other boxes).
     pub fn flush_deliveries(&self) {
         let held = std::mem::take(&mut *self.held_deliveries.borrow_mut());
@@ -963,6 +974,8 @@ impl Publisher {
         let handed = deliver(&self.ingress);
         if handed.is_new() {
             self.fan_out.published();
+            // Full means escalation has yet to look at the last one.
+            let _ = self.emergency_added.0.try_send(());
         }
         handed
     }
