@@ -16,7 +16,7 @@
 //! it in the engine (`store::nats::claims`): one box runs it, the others ask again once the
 //! winner's lease is over, and take it over if the winner did not mark it done by then.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::io::{Read, Write};
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -31,6 +31,7 @@ use crate::core::receipts::ReceiptEvent;
 use crate::ingest::Publisher;
 use crate::store::engine::Claim;
 use crate::support::join::join_within;
+use crate::support::logger::WarningThrottle;
 
 /// How long escalation waits after the journal did not store the escalations due, before it
 /// asks for them again.
@@ -42,11 +43,10 @@ const STDERR_LOGGED_BYTES: usize = 2048;
 const PIPE_GRACE: Duration = Duration::from_secs(1);
 /// How often a running command is checked for its end.
 const CHILD_POLL: Duration = Duration::from_millis(20);
-/// Cluster mode: how long after a claim the engine did not answer it is asked again, and how
-/// many times in a row before the command is given up (logged as an error, run nowhere by this
-/// box): a failed claim never means "run it here", which would run it on every box.
+/// Cluster mode: how long after a claim the engine did not answer it is asked again, for as
+/// long as the emergency stays unanswered: a failed claim never means "run it here", which
+/// would run it on every box, nor "run it nowhere", which would lose it.
 const CLAIM_RETRY: Duration = Duration::from_secs(1);
-const CLAIM_ATTEMPTS: u32 = 30;
 
 /// What escalation runs, from the flags.
 #[derive(Clone, Debug)]
@@ -206,12 +206,12 @@ async fn claim_commands(
     starting
 }
 
-/// Cluster mode: the commands to ask the engine about again, with when, and how many claims
-/// in a row the engine did not answer (bounded by the escalations waiting).
+/// Cluster mode: the commands to ask the engine about again, with when (bounded by the
+/// escalations waiting), and the warning that claims get no answer, once per period.
 #[derive(Default)]
 struct Contested {
     asks: Vec<(u64, SystemTime)>,
-    failures: HashMap<u64, u32>,
+    unanswered: WarningThrottle,
 }
 
 impl Contested {
@@ -227,29 +227,14 @@ impl Contested {
         self.asks.iter().map(|&(_, at)| at).min()
     }
 
-    /// Asks about `seq` again at `at`; `failed`: because the engine did not answer (else its
-    /// count of failures in a row starts again).
-    fn ask_again(&mut self, seq: u64, at: SystemTime, failed: bool) {
+    /// Asks about `seq` again at `at`.
+    fn ask_again(&mut self, seq: u64, at: SystemTime) {
         self.asks.push((seq, at));
-        if !failed {
-            self.failures.remove(&seq);
-        }
-    }
-
-    /// One more claim of `seq` the engine did not answer: whether to ask again.
-    fn failed(&mut self, seq: u64) -> bool {
-        let failures = self.failures.entry(seq).or_default();
-        *failures += 1;
-        if *failures >= CLAIM_ATTEMPTS {
-            self.failures.remove(&seq);
-            return false;
-        }
-        true
     }
 }
 
 /// Cluster mode: keeps the commands this box wins in the engine, and notes when to ask again
-/// about those another box holds or whose claim got no answer (a bounded number of times).
+/// about those another box holds or whose claim got no answer.
 async fn claim_in_cluster(
     publisher: &Publisher,
     settings: &EscalationSettings,
@@ -261,27 +246,21 @@ async fn claim_in_cluster(
     for (seq, envelope) in starting {
         let claimed = engine.claim(seq, settings.time_limit).recv().await;
         match claimed.unwrap_or_else(|_| Err("the nats thread has stopped".into())) {
-            Ok(Claim::Won) => {
-                contested.failures.remove(&seq);
-                won.push((seq, envelope));
-            }
+            Ok(Claim::Won) => won.push((seq, envelope)),
             Ok(Claim::Held { until }) => {
                 info!(
                     "seq {seq}: another box runs --on-unacked; this one takes over if it is not done by then"
                 );
-                contested.ask_again(seq, until, false);
+                contested.ask_again(seq, until);
             }
-            Ok(Claim::Done) => {
-                contested.failures.remove(&seq);
-                info!("seq {seq}: --on-unacked was run by another box");
+            Ok(Claim::Done) => info!("seq {seq}: --on-unacked was run by another box"),
+            Err(reason) => {
+                contested.unanswered.note(&format!(
+                    "seq {seq}: cannot claim --on-unacked in the engine ({reason}): asking again every \
+                     {CLAIM_RETRY:?} until it answers, or the emergency is acked or closed"
+                ));
+                contested.ask_again(seq, SystemTime::now() + CLAIM_RETRY);
             }
-            Err(reason) if contested.failed(seq) => {
-                warn!("seq {seq}: cannot claim --on-unacked in the engine ({reason}): asking again");
-                contested.ask_again(seq, SystemTime::now() + CLAIM_RETRY, true);
-            }
-            Err(reason) => error!(
-                "seq {seq}: --on-unacked not run by this box: {CLAIM_ATTEMPTS} claims in a row got no answer from the engine (last: {reason})"
-            ),
         }
     }
     won
