@@ -21,5 +21,5 @@ pub use crate::ingest::{
     KEY_MEMBER, Rejection, Submission, owned_submission, parse_emergency, parse_submission,
 };
 pub use crate::unix::lines::{Line, LineSplitter};
-pub use crate::ws::handshake::websocket_config;
+pub use crate::ws::reader::{ClientClose, ClientFrame, FrameReader};
 pub use crate::ws::session::{ClientText, client_text};
