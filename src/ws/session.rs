@@ -7,10 +7,10 @@
 //! several per system call when several are waiting; over WebSocket, the client's frames are read
 //! into a buffer on the stack and parsed by `ws::reader` (nothing kept between reads unless a read
 //! cut a frame short), and Pongs and Closes are answered as `Frame`s too. The `Wire` is the one
-//! part that differs between
-//! the two: the framing (`Frame::text` or `ws::events::EventStream`), what the client can send, how
-//! the heartbeat is answered and how the connection ends. The hub subscription, the queue and its
-//! slow-client rule, `--write-timeout`, the heartbeat and the counting are the same code for both.
+//! part that differs between the two: the framing (`Frame::text` or `ws::events::EventStream`),
+//! what the client can send, how the heartbeat is answered and how the connection ends. The hub
+//! subscription, the queue and its slow-client rule, `--write-timeout`, the heartbeat and the
+//! counting are the same code for both.
 //! Every way out of the loop ends in `SessionEnd`, logged once; dropping the `Subscription` frees
 //! the client.
 
