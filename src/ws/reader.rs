@@ -98,8 +98,9 @@ impl FrameReader {
         let outcome =
             parse_frames(&mut input, &mut used, &mut unfinished.message, max_message, &mut on_frame);
         input.drain(..used);
+        // Kept only while a frame is incomplete: at most its header and `max_message` bytes, and
+        // one chunk more; not shrunk, since a frame trickling in would be copied at every read.
         if !input.is_empty() || unfinished.message.is_some() {
-            input.shrink_to_fit();
             unfinished.input = input;
             self.unfinished = Some(unfinished);
         }
