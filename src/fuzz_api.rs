@@ -6,7 +6,7 @@
 
 /// `Config::from_args`, for a target to build the server's configuration from flags.
 pub use argh::FromArgs;
-/// The tungstenite the server reads client frames with (the same version and features).
+/// The tungstenite whose header parser and codes the server reads client frames with.
 pub use async_tungstenite;
 
 pub use crate::auth::TokenSet;
@@ -21,5 +21,5 @@ pub use crate::ingest::{
     KEY_MEMBER, Rejection, Submission, owned_submission, parse_emergency, parse_submission,
 };
 pub use crate::unix::lines::{Line, LineSplitter};
-pub use crate::ws::handshake::websocket_config;
+pub use crate::ws::reader::{ClientClose, ClientFrame, FrameReader, READ_CHUNK_BYTES};
 pub use crate::ws::session::{ClientText, client_text};

@@ -483,3 +483,136 @@ fn a_client_that_stops_reading_holds_at_most_its_send_buffer_in_the_kernel() {
     let (queued, buffer) = server_side_send_queue(&server, stalled.ws.get_ref());
     assert!(buffer <= CAP, "a send buffer of {buffer} bytes ({queued} queued) for a cap of {CAP}");
 }
+
+/// A client frame as its bytes go on the wire: `first` is FIN, the RSV bits and the opcode; the
+/// payload is masked with `mask`, or sent in the clear when there is none.
+fn raw_frame(first: u8, payload: &[u8], mask: Option<[u8; 4]>) -> Vec<u8> {
+    let masked = if mask.is_some() { 0x80 } else { 0 };
+    let mut wire = vec![first];
+    match payload.len() {
+        short @ 0..=125 => wire.push(masked | short as u8),
+        medium @ 126..=65535 => {
+            wire.push(masked | 126);
+            wire.extend((medium as u16).to_be_bytes());
+        }
+        long => {
+            wire.push(masked | 127);
+            wire.extend((long as u64).to_be_bytes());
+        }
+    }
+    match mask {
+        Some(mask) => {
+            wire.extend(mask);
+            wire.extend(payload.iter().zip(mask.iter().cycle()).map(|(byte, key)| byte ^ key));
+        }
+        None => wire.extend(payload),
+    }
+    wire
+}
+
+const MASK: Option<[u8; 4]> = Some([0x9c, 0x08, 0x71, 0xe6]);
+
+/// RFC 6455's rules for what a server reads, each broken by one client: each is closed with the
+/// code that says why, counted as dropped for the protocol, and the others go on being served.
+#[test]
+fn frames_a_server_must_refuse_close_only_their_client_with_the_right_code() {
+    let server = Server::start(&[]);
+    let (mut bystander, _) = server.subscribe();
+    let cases = [
+        ("unmasked", raw_frame(0x81, b"ping", None), CloseCode::Protocol),
+        ("RSV1 without an extension", raw_frame(0xc1, b"ping", MASK), CloseCode::Protocol),
+        ("unknown data opcode", raw_frame(0x83, b"", MASK), CloseCode::Protocol),
+        ("unknown control opcode", raw_frame(0x8b, b"", MASK), CloseCode::Protocol),
+        ("fragmented Ping", raw_frame(0x09, b"", MASK), CloseCode::Protocol),
+        ("Ping of 126 bytes", raw_frame(0x89, &[b'p'; 126], MASK), CloseCode::Protocol),
+        ("continuation without a start", raw_frame(0x80, b"x", MASK), CloseCode::Protocol),
+        (
+            "a new text inside a fragmented one",
+            [raw_frame(0x01, b"a", MASK), raw_frame(0x81, b"b", MASK)].concat(),
+            CloseCode::Protocol,
+        ),
+        ("Close of one byte", raw_frame(0x88, &[3], MASK), CloseCode::Protocol),
+        (
+            "a character cut between fragments, never completed",
+            [raw_frame(0x01, "é".as_bytes().split_at(1).0, MASK), raw_frame(0x80, b"(", MASK)].concat(),
+            CloseCode::Invalid,
+        ),
+        (
+            "fragments larger than --max-client-message-bytes together",
+            [raw_frame(0x01, &[b'x'; 3000], MASK), raw_frame(0x80, &[b'x'; 1500], MASK)].concat(),
+            CloseCode::Size,
+        ),
+    ];
+    for (case, bytes, code) in &cases {
+        let (mut client, _) = server.subscribe();
+        client.ws.get_mut().write_all(bytes).unwrap();
+        assert_eq!(client.recv_close().map(|f| f.code), Some(*code), "{case}");
+        // tungstenite answers the Close: the server need not wait for CLOSE_REPLY_TIMEOUT.
+        let _ = client.ws.flush();
+    }
+    server.wait_for_clients(1);
+    let seq = server.unix().publish("{}");
+    bystander.recv_emergency(seq);
+    let dropped = server.counter(r#"resq_push_clients_dropped_total{reason="protocol"}"#);
+    assert_eq!(dropped, cases.len() as u64);
+}
+
+/// A Close's code (and reason) come back in the server's Close, and the session ends as the
+/// client's; a code no endpoint may send is answered with 1002.
+#[test]
+fn a_client_close_is_echoed_with_its_code() {
+    let server = Server::start(&[]);
+    let (mut client, _) = server.subscribe();
+    let mut payload = 4321u16.to_be_bytes().to_vec();
+    payload.extend(b"leaving");
+    client.ws.get_mut().write_all(&raw_frame(0x88, &payload, MASK)).unwrap();
+    let reply = client.recv_close().unwrap();
+    assert_eq!((reply.code, reply.reason.as_str()), (CloseCode::from(4321), "leaving"));
+    server.wait_for_log("client closed (4321)");
+    let (mut reserved, _) = server.subscribe();
+    reserved.ws.get_mut().write_all(&raw_frame(0x88, &1005u16.to_be_bytes(), MASK)).unwrap();
+    assert_eq!(reserved.recv_close().map(|f| f.code), Some(CloseCode::Protocol));
+    server.wait_for_clients(0);
+}
+
+/// An ack may come in fragments, with a Ping between them, and every frame cut across reads:
+/// it is still an ack, and the Ping gets a Pong with its payload (any bytes, up to 125).
+#[test]
+fn a_fragmented_ack_with_a_ping_inside_is_an_ack() {
+    let server = Server::start(&["--in-memory"]);
+    let (mut acking, _) = server.subscribe();
+    let (mut other, _) = server.subscribe();
+    server.wait_for_clients(2);
+    assert_eq!(server.unix().publish("{}"), 1);
+    acking.recv_emergency(1);
+    other.recv_emergency(1);
+    let ping: Vec<u8> = (0..125).map(|i| 0x80 | i as u8).collect();
+    let bytes = [
+        raw_frame(0x01, br#"{"type":"a"#, MASK),
+        raw_frame(0x89, &ping, MASK),
+        raw_frame(0x00, br#"ck","seq""#, MASK),
+        raw_frame(0x80, b":1}", MASK),
+    ]
+    .concat();
+    let socket = acking.ws.get_mut();
+    socket.set_nodelay(true).unwrap();
+    for piece in bytes.chunks(5) {
+        socket.write_all(piece).unwrap();
+    }
+    let pong = loop {
+        match acking.ws.read().unwrap() {
+            Message::Pong(payload) => break payload,
+            Message::Ping(_) => {}
+            unexpected => panic!("expected the Pong, got {unexpected:?}"),
+        }
+    };
+    assert_eq!(&pong[..], &ping[..]);
+    let told = loop {
+        let message = other.recv_json();
+        if message["type"] == "ack" {
+            break message;
+        }
+    };
+    assert_eq!(told["seq"], 1, "{told}");
+    assert!(told["by"].as_str().unwrap().starts_with("client-"), "{told}");
+}

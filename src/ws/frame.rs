@@ -1,4 +1,5 @@
-//! What a session writes, framed: WebSocket frames (`Frame::text`, `Frame::ping`) and, through
+//! What a session writes, framed: WebSocket frames (`Frame::text`, `Frame::ping`, and the
+//! answers to a client, `Frame::pong` and `Frame::close`) and, through
 //! `Frame::event`, Server-Sent Events (`ws::sse` builds them); and the `writev` slices that send
 //! them.
 
@@ -15,7 +16,8 @@ use crate::core::SharedEnvelope;
 pub struct Frame {
     prefix: Option<Rc<str>>,
     header: FrameHeader,
-    payload: SharedEnvelope,
+    /// An envelope's bytes (`SharedEnvelope`, the same allocation), or a control frame's payload.
+    payload: Rc<[u8]>,
     tail: &'static str,
 }
 
@@ -24,17 +26,41 @@ const PARTS: usize = 4;
 
 impl Frame {
     pub fn text(json: SharedEnvelope) -> Frame {
-        Frame { prefix: None, header: FrameHeader::new(OPCODE_TEXT, json.len()), payload: json, tail: "" }
+        Frame {
+            prefix: None,
+            header: FrameHeader::new(OPCODE_TEXT, json.len()),
+            payload: json.into(),
+            tail: "",
+        }
     }
 
     pub fn ping() -> Frame {
-        Frame { prefix: None, header: FrameHeader::new(OPCODE_PING, 0), payload: Rc::from(""), tail: "" }
+        Frame::control(OPCODE_PING, b"")
+    }
+
+    /// The answer to a client's Ping: its payload (at most 125 bytes) back.
+    pub fn pong(payload: &[u8]) -> Frame {
+        Frame::control(OPCODE_PONG, payload)
+    }
+
+    /// A Close frame: `payload` is a code (two bytes, big-endian) and a reason, or nothing.
+    pub fn close(payload: &[u8]) -> Frame {
+        Frame::control(OPCODE_CLOSE, payload)
+    }
+
+    fn control(opcode: u8, payload: &[u8]) -> Frame {
+        Frame {
+            prefix: None,
+            header: FrameHeader::new(opcode, payload.len()),
+            payload: Rc::from(payload),
+            tail: "",
+        }
     }
 
     /// A frame of other bytes around a payload (an SSE event): `prefix`, `head` (at most
     /// `MAX_HEAD_BYTES`: longer is cut), `payload`, `tail`.
     pub fn event(prefix: Option<Rc<str>>, head: &[u8], payload: SharedEnvelope, tail: &'static str) -> Frame {
-        Frame { prefix, header: FrameHeader::raw(head), payload, tail }
+        Frame { prefix, header: FrameHeader::raw(head), payload: payload.into(), tail }
     }
 
     /// The prefix's bytes, the header's, the payload's, then the tail's (the first and the last are
@@ -43,7 +69,7 @@ impl Frame {
         [
             self.prefix.as_deref().unwrap_or("").as_bytes(),
             &self.header.bytes[..usize::from(self.header.len)],
-            self.payload.as_bytes(),
+            &self.payload,
             self.tail.as_bytes(),
         ]
     }
@@ -62,7 +88,9 @@ pub const fn slices_for(frames: usize) -> usize {
 pub const MAX_HEAD_BYTES: usize = 40;
 
 const OPCODE_TEXT: u8 = 0x1;
+const OPCODE_CLOSE: u8 = 0x8;
 const OPCODE_PING: u8 = 0x9;
+const OPCODE_PONG: u8 = 0xa;
 
 /// RFC 6455 section 5.2: FIN and the opcode, then the length in 7, 7+16 or 7+64 bits, no mask;
 /// or an SSE event's head.
@@ -125,8 +153,9 @@ pub fn unwritten_slices<'a>(frames: &'a [Frame], mut skip: usize, slices: &mut [
 mod tests {
     use super::*;
     use async_tungstenite::tungstenite::Bytes;
+    use async_tungstenite::tungstenite::protocol::CloseFrame;
     use async_tungstenite::tungstenite::protocol::frame::Frame as TungsteniteFrame;
-    use async_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+    use async_tungstenite::tungstenite::protocol::frame::coding::{CloseCode, Data, OpCode};
 
     #[test]
     fn unwritten_slices_resume_mid_frame() {
@@ -173,5 +202,12 @@ mod tests {
         let mut ping = Vec::new();
         TungsteniteFrame::ping(Bytes::new()).format(&mut ping).unwrap();
         assert_eq!(wire(&Frame::ping()), ping);
+        let mut pong = Vec::new();
+        TungsteniteFrame::pong(vec![0xff; 125]).format(&mut pong).unwrap();
+        assert_eq!(wire(&Frame::pong(&[0xff; 125])), pong);
+        let mut close = Vec::new();
+        let reason = CloseFrame { code: CloseCode::Size, reason: "message too large".into() };
+        TungsteniteFrame::close(Some(reason)).format(&mut close).unwrap();
+        assert_eq!(wire(&Frame::close(b"\x03\xf1message too large")), close);
     }
 }

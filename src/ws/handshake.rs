@@ -6,13 +6,10 @@ use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::Instant;
 
-use async_tungstenite::WebSocketStream;
-use async_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use log::{info, warn};
 use sha1::{Digest, Sha1};
 
 use crate::app::App;
-use crate::config::Config;
 use crate::core::hub::Greeting;
 use crate::core::subscription::Subscription;
 use crate::http::conn::{Request, Response};
@@ -21,15 +18,9 @@ use crate::http::routes::Upgrade;
 use crate::http::status::Status;
 use crate::protocol::error_json;
 use crate::ws::admission::{Subscribed, cap_send_buffer, subscribe};
+use crate::ws::reader::FrameReader;
 use crate::ws::session::{Session, Wire};
 
-/// Initial read buffer per client, allocated (and zeroed) for its whole life. Clients send pongs
-/// and pings of a few bytes and acks of about 40; tungstenite grows the buffer for a larger
-/// message, up to `--max-client-message-bytes`. 128 rather than 256: 128 bytes less per idle
-/// client (BENCHMARKS.md, "Idle clients: where each byte and wake-up goes").
-const READ_BUFFER_BYTES: usize = 128;
-/// Room for the control frames tungstenite writes when the socket is full (a Pong, a Close).
-const CONTROL_WRITE_BUFFER_BYTES: usize = 1024;
 /// The GUID that RFC 6455 appends to the client's key.
 const WEBSOCKET_GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
 
@@ -55,20 +46,9 @@ pub async fn upgrade(app: &Rc<App>, upgrade: Upgrade) -> Option<Session> {
     }
     drop(slot);
     cap_send_buffer(connection.stream.tcp(), config.client_send_buffer);
-    // What the client sent after its request head; shrunk, because tungstenite keeps this
-    // vector's allocation as its read buffer.
-    let mut early_frames = connection.buffered;
-    early_frames.shrink_to_fit();
     let socket = connection.stream.socket();
-    let ws = WebSocketStream::from_partially_read(
-        connection.stream,
-        early_frames,
-        Role::Server,
-        Some(websocket_config(config)),
-    )
-    .await;
     let (client_id, name) = (admitted.subscription.client_id, admitted.name);
-    let scheme = if ws.get_ref().is_tls() { "wss" } else { "ws" };
+    let scheme = if connection.stream.is_tls() { "wss" } else { "ws" };
     match admitted.since {
         Some(since) => {
             info!("client {client_id}{name} connected from {peer} over {scheme}, resuming after seq {since}")
@@ -77,7 +57,8 @@ pub async fn upgrade(app: &Rc<App>, upgrade: Upgrade) -> Option<Session> {
     }
     let label = format!("client {client_id}{name} ({peer})").into_boxed_str();
     Some(Session::new(
-        Wire::WebSocket(ws),
+        // What the client sent after its request head, parsed at the session's first read.
+        Wire::WebSocket(FrameReader::with_early_bytes(connection.buffered), connection.stream),
         socket,
         Rc::clone(app),
         admitted.subscription,
@@ -105,17 +86,6 @@ fn admit(app: &App, request: &Request, peer: SocketAddr) -> Result<Admitted, Res
     let admitted = subscribe(app, request, peer, "WebSocket client", || parse_resume(request, peer))?;
     let Subscribed { name, resume, subscription, greeting } = admitted;
     Ok(Admitted { accept_key, name, since: resume.map(|resume| resume.since), subscription, greeting })
-}
-
-/// Settings for clients that send almost nothing: a small read buffer and small message limits.
-/// tungstenite writes only control frames (Pongs, Close: at most 131 bytes each), at once.
-pub fn websocket_config(config: &Config) -> WebSocketConfig {
-    WebSocketConfig::default()
-        .read_buffer_size(READ_BUFFER_BYTES)
-        .write_buffer_size(0)
-        .max_write_buffer_size(CONTROL_WRITE_BUFFER_BYTES)
-        .max_message_size(Some(config.max_client_message_bytes))
-        .max_frame_size(Some(config.max_client_message_bytes))
 }
 
 /// Checks the RFC 6455 upgrade headers and returns the `Sec-WebSocket-Accept` value.

@@ -8,6 +8,7 @@ pub mod admission;
 pub mod events;
 pub mod frame;
 pub mod handshake;
+pub mod reader;
 pub mod session;
 pub mod sse;
 

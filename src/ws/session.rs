@@ -4,30 +4,29 @@
 //!
 //! Tablets never have to send anything: a WebSocket client stays as long as it answers pings
 //! (browsers do so automatically). Emergencies are written as `Frame`s straight to the socket,
-//! several per system call when several are waiting; over WebSocket, tungstenite reads the
-//! client's frames and runs the close handshake. The `Wire` is the one part that differs between
-//! the two: the framing (`Frame::text` or `ws::events::EventStream`), what the client can send, how
-//! the heartbeat is answered and how the connection ends. The hub subscription, the queue and its
-//! slow-client rule, `--write-timeout`, the heartbeat and the counting are the same code for both.
+//! several per system call when several are waiting; over WebSocket, the client's frames are read
+//! into a buffer on the stack and parsed by `ws::reader` (nothing kept between reads unless a read
+//! cut a frame short), and Pongs and Closes are answered as `Frame`s too. The `Wire` is the one
+//! part that differs between the two: the framing (`Frame::text` or `ws::events::EventStream`),
+//! what the client can send, how the heartbeat is answered and how the connection ends. The hub
+//! subscription, the queue and its slow-client rule, `--write-timeout`, the heartbeat and the
+//! counting are the same code for both.
 //! Every way out of the loop ends in `SessionEnd`, logged once; dropping the `Subscription` frees
 //! the client.
 
 use std::fmt;
 use std::io::{self, IoSlice};
+use std::mem;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::{Duration, Instant, SystemTime};
 
-use async_tungstenite::WebSocketStream;
-use async_tungstenite::tungstenite::protocol::CloseFrame;
+use async_tungstenite::tungstenite::Error as WsError;
 use async_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use async_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
-use futures_util::SinkExt;
 use log::{debug, info, warn};
-use smol::io::{AsyncReadExt, AsyncWrite};
-use smol::stream::StreamExt;
+use smol::io::{AsyncRead, AsyncWrite};
 use smol::{Async, Timer, future};
 
 use crate::app::App;
@@ -37,12 +36,13 @@ use crate::core::hub::Greeting;
 use crate::core::receipts::AckRequest;
 use crate::core::subscription::Subscription;
 use crate::protocol::{self, PONG, WELCOME_MESSAGE, Welcome};
-use crate::runtime::deadline::{self, TimedOut};
+use crate::runtime::deadline;
 use crate::runtime::heartbeat::Pulse;
 use crate::runtime::linger::HalfClose;
 use crate::tls::transport::Transport;
 use crate::ws::events::EventStream;
 use crate::ws::frame::{Frame, slices_for, unwritten_slices};
+use crate::ws::reader::{ClientClose, ClientFrame, FrameReader, READ_CHUNK_BYTES};
 
 /// A write stops adding emergencies at this many bytes...
 const WRITE_BATCH_BYTES: usize = 64 * 1024;
@@ -116,12 +116,10 @@ enum Wake {
 }
 
 /// How a session's client is spoken to.
-// An SSE session carries the WebSocket variant's size unused (some 400 bytes a client): boxing
-// the stream instead would cost every WebSocket client an allocation and an indirection.
-#[allow(clippy::large_enum_variant)]
 pub enum Wire {
-    /// tungstenite reads the client's frames, answers its Pings and runs the close handshake.
-    WebSocket(WebSocketStream<Transport>),
+    /// The client's frames are read by a `FrameReader` (what a read left unfinished, if any), and
+    /// answered (Pong, Close) like everything else, with `Frame`s written to the transport.
+    WebSocket(FrameReader, Transport),
     /// Server-Sent Events: the client sends nothing, its events are framed by `EventStream` and
     /// written to the transport.
     EventStream(EventStream, Transport),
@@ -131,14 +129,14 @@ impl Wire {
     /// The client's byte stream (plain or TLS), which frames as the hub framed them are written to.
     fn transport(&self) -> &Transport {
         match self {
-            Wire::WebSocket(ws) => ws.get_ref(),
+            Wire::WebSocket(_, transport) => transport,
             Wire::EventStream(_, transport) => transport,
         }
     }
 
     fn transport_mut(&mut self) -> &mut Transport {
         match self {
-            Wire::WebSocket(ws) => ws.get_mut(),
+            Wire::WebSocket(_, transport) => transport,
             Wire::EventStream(_, transport) => transport,
         }
     }
@@ -320,7 +318,7 @@ impl Session {
         };
         let welcome = protocol::to_json(&welcome).into();
         let first = match &mut self.wire {
-            Wire::WebSocket(_) => vec![Frame::text(welcome)],
+            Wire::WebSocket(..) => vec![Frame::text(welcome)],
             Wire::EventStream(events, _) => events.welcome(welcome),
         };
         self.send_pending(first).await
@@ -337,7 +335,7 @@ impl Session {
             let taken = self.subscription.take_pending(WRITE_BATCH_FRAMES, WRITE_BATCH_BYTES, |outgoing| {
                 seqs.extend(outgoing.seq);
                 batch.push(match wire {
-                    Wire::WebSocket(_) => Frame::text(outgoing.json),
+                    Wire::WebSocket(..) => Frame::text(outgoing.json),
                     Wire::EventStream(events, _) => events.message(outgoing.json, outgoing.seq),
                 });
             });
@@ -367,20 +365,9 @@ impl Session {
         self.app.publisher.record(events);
     }
 
-    /// An ack from the client: recorded (and broadcast once stored) if it is this tablet's first
-    /// for a known seq; anything else is ignored.
-    fn handle_ack(&self, seq: u64) {
-        match self.subscription.ack(seq, SystemTime::now()) {
-            AckRequest::First(event) => self.app.publisher.record(vec![event]),
-            AckRequest::Repeated => debug!("{}: repeated ack of seq {seq}", self.label),
-            AckRequest::Unknown => debug!("{}: ack of unknown seq {seq} ignored", self.label),
-            AckRequest::Uncounted => debug!("{}: ack of seq {seq} past --max-unnamed-receipts", self.label),
-        }
-    }
-
-    /// Handles every frame the client has sent; returns when no complete frame is left, with
-    /// tungstenite's answers to the client's Pings sent. An SSE client has nothing to say: what
-    /// it sends is dropped, and its end of the connection ends the session.
+    /// Handles every frame the client has sent; returns when the socket has nothing more, with
+    /// the answers to its Pings and text pings written. An SSE client has nothing to say: what it
+    /// sends is dropped, and its end of the connection ends the session.
     async fn read_frames(&mut self) -> Result<(), SessionEnd> {
         if let Wire::EventStream(_, transport) = &mut self.wire {
             let drained = EventStream::drain(transport).await;
@@ -393,54 +380,71 @@ impl Session {
             };
         }
         self.subscription.heard(SystemTime::now());
-        while let Wire::WebSocket(ws) = &mut self.wire {
-            let Some(frame) = future::poll_once(ws.next()).await else { break };
-            self.handle_frame(frame).await?;
-            // A client flooding frames must not monopolize the thread: frames already
-            // buffered are read without ever returning Pending.
-            future::yield_now().await;
+        // Frames that came with the upgrade request are parsed before anything is read.
+        let mut early = matches!(&self.wire, Wire::WebSocket(reader, _) if reader.holds_input());
+        loop {
+            let mut replies = Vec::new();
+            let read = self.read_once(mem::take(&mut early), &mut replies).await;
+            if !replies.is_empty() {
+                Box::pin(self.write(&replies)).await?;
+            }
+            match read {
+                Read::Nothing => return Ok(()),
+                // A client flooding frames must not monopolize the thread.
+                Read::Bytes(Ok(None)) => future::yield_now().await,
+                Read::Bytes(Ok(Some(close))) => return Err(Box::pin(self.answer_close(close)).await),
+                Read::Bytes(Err(error)) => return Err(Box::pin(self.refuse(error)).await),
+                Read::Closed => return Err(SessionEnd::ConnectionLost),
+                Read::Failed(error) => return Err(SessionEnd::Io(error.into())),
+            }
         }
-        self.flush_control_frames().await
     }
 
-    /// Its rare paths (a text ping's pong, every close) are boxed: `read_frames` holds this
-    /// future across its yield, in every session that one batch of pongs wakes at once, and
-    /// inline they made it 1192 bytes instead of 304 (BENCHMARKS.md, "Idle clients").
-    async fn handle_frame(&mut self, frame: Option<Result<Message, WsError>>) -> Result<(), SessionEnd> {
-        match frame {
-            Some(Ok(Message::Text(text))) => match client_text(&text) {
-                ClientText::Ping => Box::pin(self.write(&[Frame::text(PONG.into())])).await,
-                ClientText::Ack(seq) => {
-                    self.handle_ack(seq);
-                    Ok(())
-                }
-                ClientText::Other => Ok(()),
-            },
-            Some(Ok(Message::Close(frame))) => {
-                // tungstenite has queued the Close reply; flushing sends it.
-                if let Wire::WebSocket(ws) = &mut self.wire {
-                    let _ = Box::pin(deadline::within(CLOSE_REPLY_TIMEOUT, ws.flush())).await;
-                }
-                Err(SessionEnd::ClientClosed(frame.map(|f| f.code)))
-            }
-            // Other text, binary, and Ping/Pong frames only show the client is alive. tungstenite
-            // queues the answer to a Ping; `write` sends it before anything else.
-            Some(Ok(_)) => Ok(()),
-            Some(Err(error @ WsError::Capacity(_))) => {
-                Box::pin(self.close(CloseCode::Size, "message too large")).await;
-                Err(SessionEnd::ProtocolError(error))
-            }
-            Some(Err(error @ WsError::Utf8(_))) => {
-                Box::pin(self.close(CloseCode::Invalid, "text is not UTF-8")).await;
-                Err(SessionEnd::ProtocolError(error))
-            }
-            Some(Err(error @ WsError::Protocol(_))) => {
-                Box::pin(self.close(CloseCode::Protocol, "protocol error")).await;
-                Err(SessionEnd::ProtocolError(error))
-            }
-            Some(Err(error)) => Err(SessionEnd::Io(error)),
-            None => Err(SessionEnd::ConnectionLost),
+    /// One read of the client's bytes (none when `early`: only what came with the upgrade is
+    /// parsed), each frame handled as it is parsed: acks recorded, the answers to Pings and text
+    /// pings added to `replies`.
+    async fn read_once(
+        &mut self,
+        early: bool,
+        replies: &mut Vec<Frame>,
+    ) -> Read<Result<Option<ClientClose>, WsError>> {
+        let Session { wire: Wire::WebSocket(reader, transport), subscription, app, label, .. } = self else {
+            return Read::Nothing;
+        };
+        let max_message = app.config.max_client_message_bytes;
+        let mut parse = |chunk: &mut [u8]| {
+            reader.feed(chunk, max_message, |frame| match frame {
+                ClientFrame::Text(text) => match client_text(text) {
+                    ClientText::Ping => replies.push(Frame::text(PONG.into())),
+                    ClientText::Ack(seq) => handle_ack(subscription, app, label, seq),
+                    ClientText::Other => {}
+                },
+                ClientFrame::Ping(payload) => replies.push(Frame::pong(payload)),
+            })
+        };
+        if early {
+            return Read::Bytes(parse(&mut []));
         }
+        read_chunk(transport, false, parse).await
+    }
+
+    /// The client sent a Close: it gets one back, with its code (and reason), and the session ends.
+    async fn answer_close(&mut self, close: ClientClose) -> SessionEnd {
+        let limit = self.config().write_timeout.min(CLOSE_REPLY_TIMEOUT);
+        let _ = write_all(self.wire.transport_mut(), &[Frame::close(&close.payload)], limit).await;
+        SessionEnd::ClientClosed(close.code)
+    }
+
+    /// The client broke the protocol, sent text that is not UTF-8 or a message too large: closed
+    /// with the code that says which.
+    async fn refuse(&mut self, error: WsError) -> SessionEnd {
+        let (code, reason) = match &error {
+            WsError::Capacity(_) => (CloseCode::Size, "message too large"),
+            WsError::Utf8(_) => (CloseCode::Invalid, "text is not UTF-8"),
+            _ => (CloseCode::Protocol, "protocol error"),
+        };
+        self.close(code, reason).await;
+        SessionEnd::ProtocolError(error)
     }
 
     /// The hub closed the doorbell: say why, with the matching close code. At shutdown the
@@ -475,8 +479,9 @@ impl Session {
     /// reads it.
     async fn close(&mut self, code: CloseCode, reason: &'static str) {
         let limit = self.config().write_timeout.min(CLOSE_REPLY_TIMEOUT);
-        let ws = match &mut self.wire {
-            Wire::WebSocket(ws) => ws,
+        let max_message = self.config().max_client_message_bytes;
+        let (reader, transport) = match &mut self.wire {
+            Wire::WebSocket(reader, transport) => (reader, transport),
             Wire::EventStream(_, transport) => {
                 let _ = write_all(transport, &[EventStream::farewell(reason)], limit).await;
                 transport.end_writing();
@@ -484,17 +489,19 @@ impl Session {
                 return;
             }
         };
-        let frame = CloseFrame { code, reason: Utf8Bytes::from_static(reason) };
-        if deadline::within(limit, ws.close(Some(frame))).await.is_err() {
+        let mut payload = u16::from(code).to_be_bytes().to_vec();
+        payload.extend_from_slice(reason.as_bytes());
+        if write_all(transport, &[Frame::close(&payload)], limit).await.is_err() {
             return;
         }
         let _ = deadline::within(CLOSE_REPLY_TIMEOUT, async {
-            // After a read error tungstenite reads no more frames, so drain the socket directly.
-            while let Some(Ok(_)) = ws.next().await {}
-            ws.get_mut().end_writing();
-            let mut discard = vec![0u8; 1024];
+            // Frames up to the client's Close are parsed and dropped; after a protocol error the
+            // reader stops at the same error, and the rest is drained unparsed.
+            let mut until_close = |chunk: &mut [u8]| reader.feed(chunk, max_message, |_| {});
+            while let Read::Bytes(Ok(None)) = read_chunk(transport, true, &mut until_close).await {}
+            transport.end_writing();
             for _ in 0..64 {
-                if !matches!(ws.get_mut().read(&mut discard).await, Ok(n) if n > 0) {
+                if !matches!(read_chunk(transport, true, |_| ()).await, Read::Bytes(())) {
                     break;
                 }
             }
@@ -502,24 +509,52 @@ impl Session {
         .await;
     }
 
-    /// Writes `frames` to the socket. What tungstenite still holds (the answer to a client's
-    /// Ping) goes first, so that frames never interleave.
+    /// Writes `frames` to the socket.
     async fn write(&mut self, frames: &[Frame]) -> Result<(), SessionEnd> {
-        self.flush_control_frames().await?;
         let limit = self.config().write_timeout;
         write_all(self.wire.transport_mut(), frames, limit).await
     }
+}
 
-    /// Sends what tungstenite holds (an answer to a client's Ping that met a full socket);
-    /// nothing to do, and no system call, in the common case.
-    async fn flush_control_frames(&mut self) -> Result<(), SessionEnd> {
-        let limit = self.config().write_timeout;
-        let Wire::WebSocket(ws) = &mut self.wire else { return Ok(()) };
-        if future::poll_once(ws.flush()).await.is_none_or(|flushed| flushed.is_err()) {
-            Box::pin(bounded(limit, ws.flush())).await?;
-        }
-        Ok(())
+/// An ack from the client: recorded (and broadcast once stored) if it is this tablet's first for
+/// a known seq; anything else is ignored.
+fn handle_ack(subscription: &Subscription, app: &App, label: &str, seq: u64) {
+    match subscription.ack(seq, SystemTime::now()) {
+        AckRequest::First(event) => app.publisher.record(vec![event]),
+        AckRequest::Repeated => debug!("{label}: repeated ack of seq {seq}"),
+        AckRequest::Unknown => debug!("{label}: ack of unknown seq {seq} ignored"),
+        AckRequest::Uncounted => debug!("{label}: ack of seq {seq} past --max-unnamed-receipts"),
     }
+}
+
+/// What one read of a client's bytes gave.
+enum Read<T> {
+    /// Nothing yet (only when not waiting for input).
+    Nothing,
+    /// What was made of the bytes read.
+    Bytes(T),
+    /// The client closed the connection.
+    Closed,
+    Failed(io::Error),
+}
+
+/// Reads once into a buffer on the stack (so no future holds it) and hands the bytes to `parse`;
+/// waits for input if `wait`, else returns `Nothing` when there is none yet.
+fn read_chunk<T>(
+    transport: &mut Transport,
+    wait: bool,
+    mut parse: impl FnMut(&mut [u8]) -> T,
+) -> impl Future<Output = Read<T>> {
+    future::poll_fn(move |cx| {
+        let mut chunk = [0u8; READ_CHUNK_BYTES];
+        match Pin::new(&mut *transport).poll_read(cx, &mut chunk) {
+            Poll::Ready(Ok(0)) => Poll::Ready(Read::Closed),
+            Poll::Ready(Ok(n)) => Poll::Ready(Read::Bytes(parse(&mut chunk[..n]))),
+            Poll::Ready(Err(error)) => Poll::Ready(Read::Failed(error)),
+            Poll::Pending if wait => Poll::Pending,
+            Poll::Pending => Poll::Ready(Read::Nothing),
+        }
+    })
 }
 
 /// Writes every byte of `frames` with as few `writev` calls as the socket allows (under TLS,
@@ -570,14 +605,6 @@ async fn drain_to_end(socket: &Async<std::net::TcpStream>, transport: &mut Trans
     }
 }
 
-async fn bounded(limit: Duration, work: impl Future<Output = Result<(), WsError>>) -> Result<(), SessionEnd> {
-    match deadline::within(limit, work).await {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(error)) => Err(SessionEnd::Io(error)),
-        Err(TimedOut) => Err(SessionEnd::WriteTimeout),
-    }
-}
-
 /// What a client's text frame asks for.
 #[derive(Debug, PartialEq, Eq)]
 pub enum ClientText {
@@ -610,14 +637,13 @@ pub fn client_text(text: &str) -> ClientText {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use async_tungstenite::tungstenite::protocol::Role;
 
     /// What a connected client's task may hold: the session's future is allocated once per
     /// client and lives as long as it does, so a refactor that grows it grows every client.
-    const MAX_SESSION_FUTURE_BYTES: usize = 704;
+    const MAX_SESSION_FUTURE_BYTES: usize = 432;
     /// What reading a client's frames boxes: alive in every session woken by the same batch of
     /// pongs, since it yields between frames (the close paths inside it are boxed again).
-    const MAX_READ_FRAMES_FUTURE_BYTES: usize = 384;
+    const MAX_READ_FRAMES_FUTURE_BYTES: usize = 224;
 
     #[test]
     fn a_session_future_stays_small() {
@@ -627,10 +653,9 @@ mod tests {
             let (stream, peer) = listener.accept().await.unwrap();
             let (app, _stop_sender) = App::for_tests();
             let socket = Arc::from(stream.clone());
-            let ws = WebSocketStream::from_raw_socket(Transport::Plain(stream), Role::Server, None).await;
             let (subscription, greeting) = Subscription::open(&app.hub, peer, None, None).unwrap();
             let session = Session::new(
-                Wire::WebSocket(ws),
+                Wire::WebSocket(FrameReader::default(), Transport::Plain(stream)),
                 socket,
                 Rc::clone(&app),
                 subscription,
