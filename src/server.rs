@@ -318,7 +318,7 @@ async fn serve_tcp(
 ) -> Option<Session> {
     let transport = match tls {
         Some(acceptor) => Box::pin(open_tls(&app, acceptor, stream, peer, &slot)).await?,
-        None => Transport::Plain(stream),
+        None => Transport::plain(stream),
     };
     let upgrade = http::routes::serve_requests(&app, transport, peer, slot).await?;
     ws::accept(&app, upgrade).await
@@ -349,7 +349,7 @@ async fn open_tls(
                 NOT_TLS,
                 &format!("closed {peer}: not TLS on the TLS port (plain http:// or ws:// to --tls-listen?)"),
             );
-            let connection = HttpConnection::new(Transport::Plain(stream), Rc::clone(&app.metrics));
+            let connection = HttpConnection::new(Transport::plain(stream), Rc::clone(&app.metrics));
             let refusal = Response::json(
                 Status::BAD_REQUEST,
                 error_json("this port speaks TLS only: use https:// or wss://"),

@@ -1,9 +1,10 @@
 //! `Transport`: a client's byte stream, plain TCP or TLS over it, for `http` and `ws` to read and
 //! write alike. Reads and writes go through rustls when it is TLS; what needs the socket itself
-//! (its send buffer, its readiness) gets the TCP stream under it.
+//! (its send buffer, its readiness) gets the TCP socket under it.
 
 use std::io::{self, IoSlice};
 use std::net::Shutdown;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -18,19 +19,26 @@ use crate::runtime::linger::HalfClose;
 
 /// A client's connection, plain or encrypted.
 pub enum Transport {
-    Plain(TcpStream),
+    /// The socket itself, read and written through `&Async`, which waits for readiness in the
+    /// socket's own slots: `smol::net::TcpStream` would keep a readiness future for each
+    /// direction, about 140 bytes in every plain client's session (BENCHMARKS.md, "Round 4").
+    Plain(Arc<Async<std::net::TcpStream>>),
     /// Boxed: rustls's connection state is large, and a session's future holds its transport.
     #[cfg(feature = "tls")]
     Tls(Box<TlsStream<TcpStream>>),
 }
 
 impl Transport {
-    /// The TCP connection under it.
-    pub fn tcp(&self) -> &TcpStream {
+    pub fn plain(stream: TcpStream) -> Transport {
+        Transport::Plain(Arc::from(stream))
+    }
+
+    /// The TCP socket under it, for its options.
+    pub fn tcp(&self) -> BorrowedFd<'_> {
         match self {
-            Transport::Plain(stream) => stream,
+            Transport::Plain(socket) => socket.as_fd(),
             #[cfg(feature = "tls")]
-            Transport::Tls(tls) => tls.get_ref().0,
+            Transport::Tls(tls) => tls.get_ref().0.as_fd(),
         }
     }
 
@@ -41,7 +49,11 @@ impl Transport {
 
     /// The socket, shared, to wait for readiness on.
     pub fn socket(&self) -> Arc<Async<std::net::TcpStream>> {
-        Arc::from(self.tcp().clone())
+        match self {
+            Transport::Plain(socket) => Arc::clone(socket),
+            #[cfg(feature = "tls")]
+            Transport::Tls(tls) => Arc::from(tls.get_ref().0.clone()),
+        }
     }
 
     /// Whether input waits above the socket, which will therefore not signal it: plaintext
@@ -58,7 +70,7 @@ impl Transport {
 impl AsyncRead for Transport {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
         match self.get_mut() {
-            Transport::Plain(stream) => Pin::new(stream).poll_read(cx, buf),
+            Transport::Plain(socket) => Pin::new(&mut &**socket).poll_read(cx, buf),
             #[cfg(feature = "tls")]
             Transport::Tls(tls) => Pin::new(tls.as_mut()).poll_read(cx, buf),
         }
@@ -68,7 +80,7 @@ impl AsyncRead for Transport {
 impl AsyncWrite for Transport {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         match self.get_mut() {
-            Transport::Plain(stream) => Pin::new(stream).poll_write(cx, buf),
+            Transport::Plain(socket) => Pin::new(&mut &**socket).poll_write(cx, buf),
             #[cfg(feature = "tls")]
             Transport::Tls(tls) => Pin::new(tls.as_mut()).poll_write(cx, buf),
         }
@@ -82,7 +94,7 @@ impl AsyncWrite for Transport {
         bufs: &[IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
-            Transport::Plain(stream) => Pin::new(stream).poll_write_vectored(cx, bufs),
+            Transport::Plain(socket) => Pin::new(&mut &**socket).poll_write_vectored(cx, bufs),
             #[cfg(feature = "tls")]
             Transport::Tls(tls) => Pin::new(tls.as_mut()).poll_write_vectored(cx, bufs),
         }
@@ -92,7 +104,7 @@ impl AsyncWrite for Transport {
     /// is full); nothing to do in plain.
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            Transport::Plain(stream) => Pin::new(stream).poll_flush(cx),
+            Transport::Plain(socket) => Pin::new(&mut &**socket).poll_flush(cx),
             #[cfg(feature = "tls")]
             Transport::Tls(tls) => Pin::new(tls.as_mut()).poll_flush(cx),
         }
@@ -100,7 +112,8 @@ impl AsyncWrite for Transport {
 
     fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            Transport::Plain(stream) => Pin::new(stream).poll_close(cx),
+            // As `smol::net::TcpStream` closes: the write side shut down.
+            Transport::Plain(socket) => Poll::Ready(socket.get_ref().shutdown(Shutdown::Write)),
             #[cfg(feature = "tls")]
             Transport::Tls(tls) => Pin::new(tls.as_mut()).poll_close(cx),
         }
@@ -123,6 +136,6 @@ impl HalfClose for Transport {
                 }
             }
         }
-        let _ = self.tcp().shutdown(Shutdown::Write);
+        let _ = socket2::SockRef::from(&self.tcp()).shutdown(Shutdown::Write);
     }
 }

@@ -6,7 +6,7 @@
 use std::net::SocketAddr;
 
 use log::{debug, warn};
-use smol::net::TcpStream;
+use std::os::fd::BorrowedFd;
 
 use crate::app::App;
 use crate::core::hub::{Greeting, Refusal, Resume};
@@ -64,13 +64,13 @@ pub fn subscribe(
 /// Caps the kernel's send buffer (`--client-send-buffer`, 0 for none): it holds what a client
 /// that stopped reading has not taken, until `--write-timeout`, and autotuning would grow it to
 /// megabytes a client. Set after the handshake, so HTTP answers (polls) keep the kernel's sizing.
-pub fn cap_send_buffer(stream: &TcpStream, bytes: usize) {
+pub fn cap_send_buffer(socket: BorrowedFd<'_>, bytes: usize) {
     if bytes == 0 {
         return;
     }
     // Linux keeps twice what `SO_SNDBUF` asks for (the other half is for its bookkeeping): half
     // is asked, so that the buffer is the size given.
-    if let Err(error) = socket2::SockRef::from(stream).set_send_buffer_size(bytes / 2) {
+    if let Err(error) = socket2::SockRef::from(&socket).set_send_buffer_size(bytes / 2) {
         debug!("could not cap a client's send buffer at {bytes} bytes: {error}");
     }
 }

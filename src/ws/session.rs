@@ -640,7 +640,7 @@ mod tests {
 
     /// What a connected client's task may hold: the session's future is allocated once per
     /// client and lives as long as it does, so a refactor that grows it grows every client.
-    const MAX_SESSION_FUTURE_BYTES: usize = 432;
+    const MAX_SESSION_FUTURE_BYTES: usize = 320;
     /// What reading a client's frames boxes: alive in every session woken by the same batch of
     /// pongs, since it yields between frames (the close paths inside it are boxed again).
     const MAX_READ_FRAMES_FUTURE_BYTES: usize = 224;
@@ -655,7 +655,7 @@ mod tests {
             let socket = Arc::from(stream.clone());
             let (subscription, greeting) = Subscription::open(&app.hub, peer, None, None).unwrap();
             let session = Session::new(
-                Wire::WebSocket(FrameReader::default(), Transport::Plain(stream)),
+                Wire::WebSocket(FrameReader::default(), Transport::plain(stream)),
                 socket,
                 Rc::clone(&app),
                 subscription,

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use log::{debug, info, warn};
 use smol::io::AsyncWriteExt;
-use smol::net::TcpStream;
+use std::os::fd::BorrowedFd;
 
 use crate::app::App;
 use crate::core::hub::Resume;
@@ -84,8 +84,8 @@ pub async fn open(app: &Rc<App>, upgrade: Upgrade) -> Option<Session> {
 /// An SSE client cannot answer a heartbeat, so `--pong-timeout` is applied by TCP instead
 /// (`TCP_USER_TIMEOUT`): data the peer has not acknowledged for that long (a heartbeat, at the
 /// latest) ends the connection, and the session with it, as a missing pong ends a WebSocket's.
-fn give_up_unacknowledged_after(stream: &TcpStream, timeout: Duration) {
-    if let Err(error) = socket2::SockRef::from(stream).set_tcp_user_timeout(Some(timeout)) {
+fn give_up_unacknowledged_after(socket: BorrowedFd<'_>, timeout: Duration) {
+    if let Err(error) = socket2::SockRef::from(&socket).set_tcp_user_timeout(Some(timeout)) {
         debug!("could not set an SSE client's TCP user timeout: {error}");
     }
 }
