@@ -111,8 +111,9 @@ pub async fn run(publisher: &Publisher, settings: EscalationSettings) {
                 engine.claim_done(seq);
             }
         }
-        let now = SystemTime::now();
-        waiting.extend(contested.due(now));
+        if publisher.engine().is_some() {
+            waiting.extend(contested.due(SystemTime::now()));
+        }
         let due = hub.with(|hub| hub.due_escalations(SystemTime::now()));
         if !due.is_empty() {
             let seqs: Vec<u64> = due.iter().map(ReceiptEvent::seq).collect();

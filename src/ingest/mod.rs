@@ -422,6 +422,15 @@ struct Cluster {
     refused_receipts: (Sender<RefusedReceipts>, Receiver<RefusedReceipts>),
 }
 
+impl Drop for Cluster {
+    /// Nothing to do, but in the edge build a point never reached: an `Option<Cluster>` keeps
+    /// its `Some` there (a `Cluster` is not zero-sized), and this is what leaves the code that
+    /// would drop its fields out of the binary.
+    fn drop(&mut self) {
+        Engine::cluster_only(&self.engine);
+    }
+}
+
 impl Cluster {
     /// Answers the publishers waiting for `receipt`'s seq, and any waiting for an earlier one
     /// (a seq the stream no longer has: queued to nobody here).
