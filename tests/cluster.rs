@@ -518,6 +518,8 @@ fn quorum_lost_refuses_publishes_then_seqs_go_on() {
                 &emergency(&format!("refused-{path:?}")),
             ));
         }
+        // A close is refused the same way, with the engine's reason.
+        assert_engine_unavailable(publish_unix(&server.unix_socket, r#"{"type":"cerrar","seq":1}"#));
         let metrics = server.get("/metrics").body;
         let failures = metric(&metrics, "resq_engine_publish_failures_total");
         assert!(failures >= 2.0, "{metrics}");
@@ -669,13 +671,18 @@ fn box_restarted_while_engine_down_serves_its_cache_then_catches_up() {
 
 const TOKEN_ONE: &str = "tablet-one-token-1111";
 const TOKEN_TWO: &str = "tablet-two-token-2222";
+const TOKEN_THREE: &str = "tablet-three-token-3333";
 
 /// Boxes `a` and `b` with the subscribe tokens of tablet-1 and tablet-2. The token file's
 /// directory goes with them.
 fn boxes_with_tokens(nats: &NatsCluster) -> (Server, Server, TempDir) {
     let tokens = TempDir::new();
     let token_file = tokens.path().join("subscribe.tokens");
-    std::fs::write(&token_file, format!("tablet-1 {TOKEN_ONE}\ntablet-2 {TOKEN_TWO}\n")).unwrap();
+    std::fs::write(
+        &token_file,
+        format!("tablet-1 {TOKEN_ONE}\ntablet-2 {TOKEN_TWO}\ntablet-3 {TOKEN_THREE}\n"),
+    )
+    .unwrap();
     let flags = ["--subscribe-token-file", token_file.to_str().unwrap()];
     let a = start_box(nats, "a", &flags);
     let b = start_box(nats, "b", &flags);
@@ -801,14 +808,28 @@ fn unnamed_tablets_on_two_boxes_stay_distinct() {
     assert!(labels[0].starts_with("a/client-") && labels[1].starts_with("b/client-"), "{acked_by}");
 }
 
-/// "Seen by 2 of 2" on every box: with one tablet on each box, both deliveries count on both.
+/// "Seen by 2 of 2" on every box: with one tablet on each box, both deliveries count on both;
+/// and a delivery made while the quorum is lost (a replay from a box's cache) counts on the
+/// other box once the engine is back.
 #[test]
 fn deliveries_count_on_every_box() {
-    let nats = NatsCluster::start();
+    let mut nats = NatsCluster::start();
     let (a, b, one, two, _tokens) = named_tablets_on_two_boxes(&nats);
     let delivered = |server: &Server| status_fields(server, 1, ["delivered"])[0].clone();
     wait_long("both deliveries on both boxes", || delivered(&a) == 2 && delivered(&b) == 2);
     assert_all_got(&[&one, &two], 2);
+    let leader = nats.stream_leader(STREAM);
+    let other = (leader + 1) % nats.len();
+    nats.kill9(leader);
+    nats.kill9(other);
+    wait_engine(&a, "disconnected");
+    let mut three = Tablet::connect_with("tablet-3", &a, &format!("&token={TOKEN_THREE}"));
+    three.recv_until(2);
+    wait_long("the replay's delivery on its box", || delivered(&a) == 3);
+    nats.restart(leader);
+    nats.restart(other);
+    nats.wait_all_healthy();
+    wait_long("the delivery made while the quorum was lost, on the other box", || delivered(&b) == 3);
 }
 
 /// `--on-unacked` on three boxes: each box broadcasts `unacked`, and the command runs on one box

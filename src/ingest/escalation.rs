@@ -1,8 +1,8 @@
 //! Escalation: an emergency nobody acked within `--ack-timeout` is stored as escalated, broadcast
 //! as `unacked`, and then runs `--on-unacked` once.
 //!
-//! One task and one timer for every emergency: it wakes at the earliest deadline (at least once
-//! a second, to see new emergencies), asks the hub which fell due (each is asked for once), has
+//! One task and one timer for every emergency: it sleeps until the earliest deadline (with none,
+//! until an emergency is added: an idle server does not wake for it), asks the hub which fell due (each is asked for once), has
 //! the journal store them, and only then queues the commands. Each command's start is stored
 //! (`ReceiptEvent::CommandStarted`) before it starts: a restart runs the commands of escalated
 //! emergencies whose start was never stored (they waited for a slot, or the server stopped
@@ -16,7 +16,7 @@
 //! it in the engine (`store::nats::claims`): one box runs it, the others ask again once the
 //! winner's lease is over, and take it over if the winner did not mark it done by then.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::io::{Read, Write};
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -32,9 +32,11 @@ use crate::ingest::Publisher;
 use crate::store::engine::Claim;
 use crate::store::{Engine, in_cluster};
 use crate::support::join::join_within;
+use crate::support::logger::WarningThrottle;
 
-/// Longest the escalation task sleeps: a new emergency's deadline is seen within this.
-const ESCALATION_TICK: Duration = Duration::from_secs(1);
+/// How long escalation waits after the journal did not store the escalations due, before it
+/// asks for them again.
+const STORE_RETRY: Duration = Duration::from_secs(1);
 /// Bytes of a command's stderr kept for the log (its end); the rest is read and dropped.
 const STDERR_LOGGED_BYTES: usize = 2048;
 /// How long the threads writing a command's stdin and reading its stderr get to end once it has:
@@ -42,11 +44,10 @@ const STDERR_LOGGED_BYTES: usize = 2048;
 const PIPE_GRACE: Duration = Duration::from_secs(1);
 /// How often a running command is checked for its end.
 const CHILD_POLL: Duration = Duration::from_millis(20);
-/// Cluster mode: how long after a claim the engine did not answer it is asked again, and how
-/// many times in a row before the command is given up (logged as an error, run nowhere by this
-/// box): a failed claim never means "run it here", which would run it on every box.
+/// Cluster mode: how long after a claim the engine did not answer it is asked again, for as
+/// long as the emergency stays unanswered: a failed claim never means "run it here", which
+/// would run it on every box, nor "run it nowhere", which would lose it.
 const CLAIM_RETRY: Duration = Duration::from_secs(1);
-const CLAIM_ATTEMPTS: u32 = 30;
 
 /// What escalation runs, from the flags.
 #[derive(Clone, Debug)]
@@ -96,29 +97,16 @@ pub async fn run(publisher: &Publisher, settings: EscalationSettings) {
     let mut running = 0;
     loop {
         let now = SystemTime::now();
-        let next = hub.with(|hub| hub.next_escalation());
-        let sleep = next.map_or(ESCALATION_TICK, |next| next.duration_since(now).unwrap_or_default());
-        let timer = Timer::at(Instant::now() + sleep.min(ESCALATION_TICK));
-        let child_ended = future::or(async { ended.recv().await.ok() }, async {
-            timer.await;
-            None
-        })
-        .await;
-        if let Some((seq, end)) = child_ended {
-            running -= 1;
-            publisher.metrics.count("resq_push_escalation_commands_total", end.label());
-            if let Some(engine) = publisher.engine() {
-                engine.claim_done(seq);
-            }
-        }
         if publisher.engine().is_some() {
-            waiting.extend(contested.due(SystemTime::now()));
+            waiting.extend(contested.due(now));
         }
         let due = hub.with(|hub| hub.due_escalations(SystemTime::now()));
         if !due.is_empty() {
             let seqs: Vec<u64> = due.iter().map(ReceiptEvent::seq).collect();
             if escalate(publisher, &settings, due).await {
                 waiting.extend(seqs.into_iter().filter(|_| settings.command.is_some()));
+            } else {
+                Timer::after(STORE_RETRY).await;
             }
         }
         let free = settings.max_children.saturating_sub(running);
@@ -137,7 +125,41 @@ pub async fn run(publisher: &Publisher, settings: EscalationSettings) {
                 publisher.metrics.count("resq_push_escalation_commands_total", "not_started");
             }
         }
+        // Commands left waiting with a slot free: their start could not be stored.
+        let retry = (!waiting.is_empty() && running < settings.max_children).then(|| now + STORE_RETRY);
+        if let Some((seq, end)) = next_wake(publisher, &contested, retry, &ended).await {
+            running -= 1;
+            publisher.metrics.count("resq_push_escalation_commands_total", end.label());
+            if let Some(engine) = publisher.engine() {
+                engine.claim_done(seq);
+            }
+        }
     }
+}
+
+/// Waits for what the loop acts on: a command's end (returned), the next deadline, the time to
+/// ask again about a contested claim, `retry`, or an emergency added (whose deadline may come
+/// first).
+async fn next_wake(
+    publisher: &Publisher,
+    contested: &Contested,
+    retry: Option<SystemTime>,
+    ended: &async_channel::Receiver<(u64, ChildEnd)>,
+) -> Option<(u64, ChildEnd)> {
+    let deadline = publisher.hub().with(|hub| hub.next_escalation());
+    let wake_at = deadline.into_iter().chain(contested.next()).chain(retry).min();
+    let timer = async {
+        match wake_at {
+            Some(at) => drop(Timer::after(at.duration_since(SystemTime::now()).unwrap_or_default()).await),
+            None => future::pending().await,
+        }
+    };
+    let woken = future::or(timer, publisher.emergency_added());
+    future::or(async { ended.recv().await.ok() }, async {
+        woken.await;
+        None
+    })
+    .await
 }
 
 /// Stores the escalations `due`, and with them, without a command, that there is none to
@@ -193,12 +215,12 @@ async fn claim_commands(
     starting
 }
 
-/// Cluster mode: the commands to ask the engine about again, with when, and how many claims
-/// in a row the engine did not answer (bounded by the escalations waiting).
+/// Cluster mode: the commands to ask the engine about again, with when (bounded by the
+/// escalations waiting), and the warning that claims get no answer, once per period.
 #[derive(Default)]
 struct Contested {
     asks: Vec<(u64, SystemTime)>,
-    failures: HashMap<u64, u32>,
+    unanswered: WarningThrottle,
 }
 
 impl Contested {
@@ -209,29 +231,19 @@ impl Contested {
         due.into_iter().map(|(seq, _)| seq).collect()
     }
 
-    /// Asks about `seq` again at `at`; `failed`: because the engine did not answer (else its
-    /// count of failures in a row starts again).
-    fn ask_again(&mut self, seq: u64, at: SystemTime, failed: bool) {
-        self.asks.push((seq, at));
-        if !failed {
-            self.failures.remove(&seq);
-        }
+    /// The earliest time to ask again about one.
+    fn next(&self) -> Option<SystemTime> {
+        self.asks.iter().map(|&(_, at)| at).min()
     }
 
-    /// One more claim of `seq` the engine did not answer: whether to ask again.
-    fn failed(&mut self, seq: u64) -> bool {
-        let failures = self.failures.entry(seq).or_default();
-        *failures += 1;
-        if *failures >= CLAIM_ATTEMPTS {
-            self.failures.remove(&seq);
-            return false;
-        }
-        true
+    /// Asks about `seq` again at `at`.
+    fn ask_again(&mut self, seq: u64, at: SystemTime) {
+        self.asks.push((seq, at));
     }
 }
 
 /// Cluster mode: keeps the commands this box wins in the engine, and notes when to ask again
-/// about those another box holds or whose claim got no answer (a bounded number of times).
+/// about those another box holds or whose claim got no answer.
 async fn claim_in_cluster(
     engine: &Engine,
     settings: &EscalationSettings,
@@ -242,27 +254,21 @@ async fn claim_in_cluster(
     for (seq, envelope) in starting {
         let claimed = engine.claim(seq, settings.time_limit).recv().await;
         match claimed.unwrap_or_else(|_| Err("the nats thread has stopped".into())) {
-            Ok(Claim::Won) => {
-                contested.failures.remove(&seq);
-                won.push((seq, envelope));
-            }
+            Ok(Claim::Won) => won.push((seq, envelope)),
             Ok(Claim::Held { until }) => {
                 info!(
                     "seq {seq}: another box runs --on-unacked; this one takes over if it is not done by then"
                 );
-                contested.ask_again(seq, until, false);
+                contested.ask_again(seq, until);
             }
-            Ok(Claim::Done) => {
-                contested.failures.remove(&seq);
-                info!("seq {seq}: --on-unacked was run by another box");
+            Ok(Claim::Done) => info!("seq {seq}: --on-unacked was run by another box"),
+            Err(reason) => {
+                contested.unanswered.note(&format!(
+                    "seq {seq}: cannot claim --on-unacked in the engine ({reason}): asking again every \
+                     {CLAIM_RETRY:?} until it answers, or the emergency is acked or closed"
+                ));
+                contested.ask_again(seq, SystemTime::now() + CLAIM_RETRY);
             }
-            Err(reason) if contested.failed(seq) => {
-                warn!("seq {seq}: cannot claim --on-unacked in the engine ({reason}): asking again");
-                contested.ask_again(seq, SystemTime::now() + CLAIM_RETRY, true);
-            }
-            Err(reason) => error!(
-                "seq {seq}: --on-unacked not run by this box: {CLAIM_ATTEMPTS} claims in a row got no answer from the engine (last: {reason})"
-            ),
         }
     }
     won

@@ -403,6 +403,9 @@ pub struct Publisher {
     /// Rung when the first delivery is held: the flush waits for it rather than ticking, so an
     /// idle server sleeps (BENCHMARKS.md, "the idle server's wake-ups").
     deliveries_held: (Sender<()>, Receiver<()>),
+    /// Rung when an emergency is added to the hub: escalation sleeps until the next deadline, or
+    /// until this when it has none, rather than ticking (`escalation::run`).
+    emergency_added: (Sender<()>, Receiver<()>),
     /// Cluster mode: the engine and what the publisher keeps for it.
     cluster: Option<Cluster>,
     /// Cluster mode: publishes the engine did not take, for `/metrics`.
@@ -469,6 +472,7 @@ impl Publisher {
             accepting: Cell::new(true),
             held_deliveries: RefCell::default(),
             deliveries_held: async_channel::bounded(1),
+            emergency_added: async_channel::bounded(1),
             cluster: None,
             engine_failures: Cell::new(0),
         }
@@ -776,14 +780,14 @@ impl Publisher {
             self.receipts_refused(&events, &reason);
             return Err(Rejection::EngineUnavailable(reason));
         }
-        // Once committed, `refused` is dropped unused: only `applied` answers then.
-        let refused = async {
-            match refusal.recv().await {
-                Ok(refused) => Err(Some(refused)),
-                Err(_) => smol::future::pending().await,
+        // Once committed, `applied` answers and `refused` is dropped unused; refused, the
+        // reason is sent before `done` is dropped, so it is there once `applied` ends.
+        let answer = async {
+            match applied.recv().await {
+                Ok(()) => Ok(()),
+                Err(_) => Err(refusal.recv().await.ok()),
             }
         };
-        let answer = smol::future::or(async { applied.recv().await.map_err(|_| None) }, refused);
         let limit = limit.unwrap_or(engine.timeout() * 2);
         match crate::runtime::deadline::within(limit, answer).await {
             Ok(Ok(())) => Ok(()),
@@ -791,9 +795,16 @@ impl Publisher {
                 self.receipts_refused(&events, &reason);
                 Err(Rejection::EngineUnavailable(reason))
             }
-            Ok(Err(None)) => Err(Rejection::StorageFailed("the storage thread stopped".into())),
+            Ok(Err(None)) => Err(Rejection::StorageFailed("the nats thread stopped".into())),
             // Still on its way: a later answer applies it, and a retry is answered from it.
             Err(_) => Err(Rejection::EngineUncertain(format!("no answer within {limit:?}"))),
+        }
+    }
+
+    /// Completes once an emergency was added to the hub since the last call.
+    pub async fn emergency_added(&self) {
+        if self.emergency_added.1.recv().await.is_err() {
+            smol::future::pending::<()>().await;
         }
     }
 
@@ -1017,6 +1028,8 @@ impl Publisher {
         let handed = deliver(&self.ingress);
         if handed.is_new() {
             self.fan_out.published();
+            // Full means escalation has yet to look at the last one.
+            let _ = self.emergency_added.0.try_send(());
         }
         handed
     }

@@ -15,6 +15,7 @@ mod follower;
 mod quorum;
 mod stream;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -494,34 +495,56 @@ async fn send_receipts(
     }
 }
 
+/// Messages of deliveries being shared at once, at most (each `DELIVERIES_PER_MESSAGE`
+/// deliveries at most); past it a flush's deliveries are not shared (logged).
+const MAX_SHARING: usize = 256;
+/// How many times a message of deliveries is sent before it is given up (logged), and the wait
+/// between two sends: together about as long as the cache serves a site without the engine.
+const SHARE_ATTEMPTS: u32 = 60;
+const SHARE_RETRY: Duration = Duration::from_secs(1);
+
 /// Publishes this box's deliveries to the receipts stream, one message per
-/// `DELIVERIES_PER_MESSAGE`; the acks are awaited beside the other commands, and a failure is
-/// logged (once per period): the other boxes then miss those deliveries.
-async fn share_deliveries(
+/// `DELIVERIES_PER_MESSAGE`, each sent again until the engine acks it (`SHARE_ATTEMPTS`): a
+/// delivery made while the engine is away (a replay from the cache) counts on the other boxes
+/// once it is back. Applying a delivery twice changes nothing, so a send whose ack was lost
+/// may be repeated. `sharing` counts the messages in flight, at most `MAX_SHARING`.
+fn share_deliveries(
     context: &jetstream::Context,
     settings: &EngineSettings,
     stream_id: &str,
     events: &[ReceiptEvent],
+    sharing: &Arc<AtomicUsize>,
 ) {
     let (subject, timeout) = (settings.stream.receipts_subject(), settings.timeout);
     for body in encode_deliveries(stream_id, &settings.box_name, events) {
-        let ack = match context.publish(subject.clone(), body.into()).await {
-            Ok(ack) => ack,
-            Err(e) => {
-                note_throttled(&format!("engine: deliveries not shared with the other boxes: {e}"));
-                return;
-            }
-        };
+        if sharing.fetch_add(1, Ordering::Relaxed) >= MAX_SHARING {
+            sharing.fetch_sub(1, Ordering::Relaxed);
+            note_throttled(
+                "engine: deliveries not shared with the other boxes: too many waiting for the engine",
+            );
+            return;
+        }
+        let (context, subject, sharing) = (context.clone(), subject.clone(), Arc::clone(sharing));
         tokio::spawn(async move {
-            match tokio::time::timeout(timeout, ack).await {
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => {
-                    note_throttled(&format!("engine: deliveries not shared with the other boxes: {e}"))
+            let payload = bytes::Bytes::from(body);
+            let mut last_error = String::new();
+            for attempt in 0..SHARE_ATTEMPTS {
+                if attempt > 0 {
+                    tokio::time::sleep(SHARE_RETRY).await;
                 }
-                Err(_) => note_throttled(&format!(
-                    "engine: deliveries not shared with the other boxes: no ack within {timeout:?}"
-                )),
+                last_error = match context.publish(subject.clone(), payload.clone()).await {
+                    Ok(ack) => match tokio::time::timeout(timeout, ack).await {
+                        Ok(Ok(_)) => break,
+                        Ok(Err(e)) => e.to_string(),
+                        Err(_) => format!("no ack within {timeout:?}"),
+                    },
+                    Err(e) => e.to_string(),
+                };
             }
+            if !last_error.is_empty() {
+                note_throttled(&format!("engine: deliveries not shared with the other boxes: {last_error}"));
+            }
+            sharing.fetch_sub(1, Ordering::Relaxed);
         });
     }
 }
@@ -539,6 +562,7 @@ async fn serve(
     let subject = settings.stream.emergencies_subject();
     let timeout = settings.timeout;
     let mut bucket = None;
+    let sharing = Arc::new(AtomicUsize::new(0));
     while let Ok(command) = commands.recv().await {
         let (publication, reply) = match command {
             Command::Publish(publication, reply) => (publication, reply),
@@ -570,7 +594,7 @@ async fn serve(
             Command::Deliveries(events) => {
                 let stream_id = status.lock().stream_id.clone();
                 if let Some(stream_id) = stream_id {
-                    share_deliveries(context, settings, &stream_id, &events).await;
+                    share_deliveries(context, settings, &stream_id, &events, &sharing);
                 }
                 continue;
             }
