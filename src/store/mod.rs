@@ -5,7 +5,8 @@
 //! `nats` (cargo feature `cluster`): NATS JetStream, the engine of cluster mode, beside the
 //! journal, which is then its cache; `engine` is the plain data the two sides exchange. Without
 //! the feature `without_nats` stands in for `nats` with the same names and an `Engine` that
-//! cannot be made, so no caller has a `cfg` of its own.
+//! cannot be made, so no caller has a `cfg` of its own; a cluster-only `.await` goes through
+//! `in_cluster`, so that the edge binary leaves its code out.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -51,7 +52,8 @@ impl ClusterOnly {
 /// keeps the states it may resume in even behind a branch the edge build never takes (the state
 /// is read from memory at each poll); this future's poll and drop begin at a point the edge
 /// build never reaches, so there `future`'s code is left out. `only` comes last: in the edge
-/// build, where it cannot be made, nothing after it is reached.
+/// build a call that makes one never returns, and an argument after it would be unreachable
+/// code (a warning).
 pub fn in_cluster<F: Future>(future: F, only: ClusterOnly) -> InCluster<F> {
     InCluster { future: Box::pin(future), only }
 }
