@@ -30,6 +30,7 @@ use crate::core::SharedEnvelope;
 use crate::core::receipts::ReceiptEvent;
 use crate::ingest::Publisher;
 use crate::store::engine::Claim;
+use crate::store::{Engine, in_cluster};
 use crate::support::join::join_within;
 use crate::support::logger::WarningThrottle;
 
@@ -96,7 +97,9 @@ pub async fn run(publisher: &Publisher, settings: EscalationSettings) {
     let mut running = 0;
     loop {
         let now = SystemTime::now();
-        waiting.extend(contested.due(now));
+        if publisher.engine().is_some() {
+            waiting.extend(contested.due(now));
+        }
         let due = hub.with(|hub| hub.due_escalations(SystemTime::now()));
         if !due.is_empty() {
             let seqs: Vec<u64> = due.iter().map(ReceiptEvent::seq).collect();
@@ -108,7 +111,13 @@ pub async fn run(publisher: &Publisher, settings: EscalationSettings) {
         }
         let free = settings.max_children.saturating_sub(running);
         let starting = claim_commands(publisher, &mut waiting, free).await;
-        let starting = claim_in_cluster(publisher, &settings, starting, &mut contested).await;
+        let starting = match publisher.engine() {
+            Some(engine) => {
+                let claiming = claim_in_cluster(engine, &settings, starting, &mut contested);
+                in_cluster(claiming, engine.cluster_only()).await
+            }
+            None => starting,
+        };
         for (seq, envelope) in starting {
             if start(&settings, seq, &envelope, finished.clone()) {
                 running += 1;
@@ -236,12 +245,11 @@ impl Contested {
 /// Cluster mode: keeps the commands this box wins in the engine, and notes when to ask again
 /// about those another box holds or whose claim got no answer.
 async fn claim_in_cluster(
-    publisher: &Publisher,
+    engine: &Engine,
     settings: &EscalationSettings,
     starting: Vec<(u64, SharedEnvelope)>,
     contested: &mut Contested,
 ) -> Vec<(u64, SharedEnvelope)> {
-    let Some(engine) = publisher.engine() else { return starting };
     let mut won = Vec::new();
     for (seq, envelope) in starting {
         let claimed = engine.claim(seq, settings.time_limit).recv().await;

@@ -29,14 +29,13 @@ use crate::core::hub::Refusal;
 use crate::core::idempotency::{BodyDigest, Fingerprint, IdempotencyKey};
 use crate::core::receipts::{AckRequest, CloseRequest};
 use crate::core::receipts::{Applied, ReceiptEvent};
-use crate::core::{Outcome, Receipt};
+use crate::core::{Outcome, Receipt, Stored};
 use crate::protocol::{Counts, PublishReply, Source};
 use crate::runtime::budget::{ByteBudget, Reservation};
 use crate::runtime::scheduler::FanOut;
-use crate::store::ClusterOnly;
-use crate::store::Engine;
 use crate::store::engine::{EngineError, EngineReply, Publication, is_cluster_wide, unix_millis};
-use crate::store::journal::{Committed, FailureCause, Journal, StorageError};
+use crate::store::journal::{Cached, Committed, FailureCause, Journal, StorageError};
+use crate::store::{ClusterOnly, Engine, in_cluster};
 use crate::support::metrics::Metrics;
 
 /// The member of an emergency that holds its idempotency key.
@@ -407,17 +406,50 @@ pub struct Publisher {
     /// Rung when an emergency is added to the hub: escalation sleeps until the next deadline, or
     /// until this when it has none, rather than ticking (`escalation::run`).
     emergency_added: (Sender<()>, Receiver<()>),
-    /// Cluster mode: the engine, which assigns the seqs; the journal is then its cache.
-    engine: Option<Engine>,
-    /// Cluster mode: publishers whose emergency the engine committed, by seq, waiting for this
-    /// box's follower to bring it into the hub (as many as `--max-inflight-bytes` lets in).
-    followers: RefCell<BTreeMap<u64, Vec<Sender<usize>>>>,
+    /// Cluster mode: the engine and what the publisher keeps for it.
+    cluster: Option<Cluster>,
     /// Cluster mode: publishes the engine did not take, for `/metrics`.
     engine_failures: Cell<u64>,
-    /// Cluster mode: numbers the message ids of publishes without an idempotency key.
+}
+
+/// Cluster mode: the engine, which assigns the seqs (the journal is then its cache), and what
+/// the publisher keeps for it. It cannot be made in the edge build, whose `Engine` cannot.
+struct Cluster {
+    engine: Engine,
+    /// Publishers whose emergency the engine committed, by seq, waiting for this box's
+    /// follower to bring it into the hub (as many as `--max-inflight-bytes` lets in).
+    followers: RefCell<BTreeMap<u64, Vec<Sender<usize>>>>,
+    /// Numbers the message ids of publishes without an idempotency key.
     unkeyed: Cell<u64>,
-    /// Cluster mode: acks and closes (from sessions, which do not wait) that the engine refused.
+    /// Acks and closes (from sessions, which do not wait) that the engine refused.
     refused_receipts: (Sender<RefusedReceipts>, Receiver<RefusedReceipts>),
+}
+
+impl Drop for Cluster {
+    /// Nothing to do, but in the edge build a point never reached: an `Option<Cluster>` keeps
+    /// its `Some` there (a `Cluster` is not zero-sized), and this is what leaves the code that
+    /// would drop its fields out of the binary.
+    fn drop(&mut self) {
+        Engine::cluster_only(&self.engine);
+    }
+}
+
+impl Cluster {
+    /// Answers the publishers waiting for `receipt`'s seq, and any waiting for an earlier one
+    /// (a seq the stream no longer has: queued to nobody here).
+    fn wake_followers(&self, receipt: Receipt) {
+        let mut followers = self.followers.borrow_mut();
+        if followers.first_key_value().is_none_or(|(&first, _)| first > receipt.seq) {
+            return;
+        }
+        let later = followers.split_off(&(receipt.seq + 1));
+        for (seq, waiting) in std::mem::replace(&mut *followers, later) {
+            let queued_to = if seq == receipt.seq { receipt.queued_to } else { 0 };
+            for sender in waiting {
+                let _ = sender.try_send(queued_to);
+            }
+        }
+    }
 }
 
 impl Publisher {
@@ -441,23 +473,32 @@ impl Publisher {
             held_deliveries: RefCell::default(),
             deliveries_held: async_channel::bounded(1),
             emergency_added: async_channel::bounded(1),
-            engine: None,
-            followers: RefCell::default(),
+            cluster: None,
             engine_failures: Cell::new(0),
-            unkeyed: Cell::new(0),
-            refused_receipts: async_channel::bounded(REFUSED_RECEIPTS),
         }
     }
 
     /// Cluster mode: publishes go to `engine`, and the journal is its cache.
     pub fn with_engine(self, engine: Engine) -> Publisher {
-        Publisher { engine: Some(engine), ..self }
+        let cluster = Cluster {
+            engine,
+            followers: RefCell::default(),
+            unkeyed: Cell::new(0),
+            refused_receipts: async_channel::bounded(REFUSED_RECEIPTS),
+        };
+        Publisher { cluster: Some(cluster), ..self }
     }
 
-    /// Cluster mode's engine. Never one in a build without the cargo feature `cluster`, as the
-    /// compiler sees: every cluster path behind it is left out of the edge binary.
+    /// Cluster mode's engine and state. Never any in a build without the cargo feature
+    /// `cluster`, as the compiler sees: every cluster path behind it is left out of the edge
+    /// binary (an `.await` behind it goes through `ClusterOnly::run`, or its states stay).
+    fn cluster(&self) -> Option<&Cluster> {
+        if cfg!(feature = "cluster") { self.cluster.as_ref() } else { None }
+    }
+
+    /// Cluster mode's engine (`cluster`).
     pub fn engine(&self) -> Option<&Engine> {
-        if cfg!(feature = "cluster") { self.engine.as_ref() } else { None }
+        self.cluster().map(|cluster| &cluster.engine)
     }
 
     /// Publishes the engine did not take.
@@ -509,8 +550,9 @@ impl Publisher {
         if !self.accepting.get() {
             return Err(Rejection::ShuttingDown);
         }
-        if let Some(engine) = self.engine() {
-            return self.replicate(engine, data, source, fingerprint, when_busy).await;
+        if let Some(cluster) = self.cluster() {
+            let replicating = self.replicate(cluster, data, source, fingerprint, when_busy);
+            return in_cluster(replicating, cluster.engine.cluster_only()).await;
         }
         match &self.journal {
             Some(journal) => {
@@ -540,18 +582,19 @@ impl Publisher {
     /// already wait, waits for room or is refused, as `when_busy` says.
     async fn replicate(
         &self,
-        engine: &Engine,
+        cluster: &Cluster,
         data: Box<RawValue>,
         source: Source,
         fingerprint: Option<Fingerprint>,
         when_busy: WhenBusy,
     ) -> Result<Staged, Rejection> {
+        let engine = &cluster.engine;
         let message_id = match &fingerprint {
             Some(fingerprint) => fingerprint.key.as_str().to_owned(),
             None => {
-                self.unkeyed.set(self.unkeyed.get() + 1);
+                cluster.unkeyed.set(cluster.unkeyed.get() + 1);
                 let started = unix_millis(self.metrics.started_at());
-                format!("{}-{started}-{}", engine.box_name(), self.unkeyed.get())
+                format!("{}-{started}-{}", engine.box_name(), cluster.unkeyed.get())
             }
         };
         let data = String::from(Box::<str>::from(data));
@@ -575,6 +618,7 @@ impl Publisher {
     /// conflict, as on one box; one that left this box's history is taken as a retry.
     async fn replicated(
         &self,
+        cluster: &Cluster,
         acked: Receiver<EngineReply>,
         fingerprint: Option<Fingerprint>,
     ) -> Result<Outcome<Receipt>, Rejection> {
@@ -587,8 +631,7 @@ impl Publisher {
             }
             Err(_) => return Err(self.engine_failed("the nats thread has stopped".into())),
         };
-        let within = self.engine().map_or(RECORD_WAIT, Engine::timeout);
-        let queued_to = self.followed(acked.seq, within).await?;
+        let queued_to = self.followed(cluster, acked.seq).await?;
         if !acked.duplicate {
             return Ok(Outcome::New(Receipt { seq: acked.seq, queued_to }));
         }
@@ -600,34 +643,19 @@ impl Publisher {
     }
 
     /// Waits until the follower has brought `seq` into the hub: the clients it was queued to.
-    async fn followed(&self, seq: u64, within: Duration) -> Result<usize, Rejection> {
+    async fn followed(&self, cluster: &Cluster, seq: u64) -> Result<usize, Rejection> {
+        let within = cluster.engine.timeout();
         let known = self.hub().with(|hub| (hub.last_seq() >= seq).then(|| hub.queued_to(seq)));
         if let Some(queued_to) = known {
             return Ok(queued_to.unwrap_or(0));
         }
         let (sender, receiver) = async_channel::bounded(1);
-        self.followers.borrow_mut().entry(seq).or_default().push(sender);
+        cluster.followers.borrow_mut().entry(seq).or_default().push(sender);
         match crate::runtime::deadline::within(within, receiver.recv()).await {
             Ok(Ok(queued_to)) => Ok(queued_to),
             // The stream was recreated meanwhile: the seq it was stored as is gone with it.
             Ok(Err(_)) => Err(self.engine_failed(format!("the stream was recreated after seq {seq}"))),
             Err(_) => Err(Rejection::NotFollowed { seq, within }),
-        }
-    }
-
-    /// Answers the publishers waiting for `receipt`'s seq, and any waiting for an earlier one
-    /// (a seq the stream no longer has: queued to nobody here).
-    fn wake_followers(&self, receipt: Receipt) {
-        let mut followers = self.followers.borrow_mut();
-        if followers.first_key_value().is_none_or(|(&first, _)| first > receipt.seq) {
-            return;
-        }
-        let later = followers.split_off(&(receipt.seq + 1));
-        for (seq, waiting) in std::mem::replace(&mut *followers, later) {
-            let queued_to = if seq == receipt.seq { receipt.queued_to } else { 0 };
-            for sender in waiting {
-                let _ = sender.try_send(queued_to);
-            }
         }
     }
 
@@ -643,7 +671,11 @@ impl Publisher {
                     detail: "the storage thread stopped".into(),
                 })),
             },
-            Staged::Replicating(acked, fingerprint, _) => self.replicated(acked, fingerprint).await,
+            Staged::Replicating(acked, fingerprint, only) => match self.cluster() {
+                Some(cluster) => in_cluster(self.replicated(cluster, acked, fingerprint), only).await,
+                // Only `replicate` makes one, with the engine.
+                None => Err(self.engine_failed("not in cluster mode".into())),
+            },
         };
         let accepted = outcome.and_then(Accepted::from_outcome);
         match accepted {
@@ -680,9 +712,9 @@ impl Publisher {
     /// once it has them (`Engine::publish_receipts`).
     pub fn record(&self, events: Vec<ReceiptEvent>) {
         let (wide, events) = self.cluster_wide(events);
-        if let (Some(engine), false) = (self.engine(), wide.is_empty())
+        if let (Some(cluster), false) = (self.cluster(), wide.is_empty())
             && let Err((events, reason)) =
-                engine.publish_receipts(wide, None, self.refused_receipts.0.clone())
+                cluster.engine.publish_receipts(wide, None, cluster.refused_receipts.0.clone())
         {
             self.receipts_refused(&events, &reason);
         }
@@ -728,7 +760,8 @@ impl Publisher {
     /// Cluster mode: clears what the engine refused of the sessions' acks, so that a tablet's
     /// retry counts; runs as long as the server.
     pub async fn abandon_refused_receipts(&self) {
-        while let Ok((events, reason)) = self.refused_receipts.1.recv().await {
+        let Some(cluster) = self.cluster() else { return };
+        while let Ok((events, reason)) = cluster.refused_receipts.1.recv().await {
             self.receipts_refused(&events, &reason);
         }
     }
@@ -835,7 +868,7 @@ impl Publisher {
     ) -> Result<(), Rejection> {
         let (wide, events) = self.cluster_wide(events);
         if let (Some(engine), false) = (self.engine(), wide.is_empty()) {
-            self.record_in_cluster(engine, wide, limit).await?;
+            in_cluster(self.record_in_cluster(engine, wide, limit), engine.cluster_only()).await?;
             if events.is_empty() {
                 return Ok(());
             }
@@ -924,37 +957,27 @@ impl Publisher {
     /// Hands what the journal committed to the hub, in seq order, and answers each publisher.
     /// Ends when the journal has stopped and everything it committed is delivered.
     pub async fn deliver_committed(&self, committed: Receiver<Committed>) {
-        while let Ok(Committed { reset, outcomes, events, followed_deliveries, waiting }) =
-            committed.recv().await
-        {
-            let carrying = if outcomes.is_empty() { "receipts" } else { "emergencies" };
+        while let Ok(Committed { outcomes, events, waiting, cached }) = committed.recv().await {
+            let followed = cached.as_ref().is_some_and(|cached| !cached.emergencies.is_empty());
+            let carrying = if outcomes.is_empty() && !followed { "receipts" } else { "emergencies" };
             self.metrics.count("resq_push_journal_commits_total", carrying);
-            if let Some(stream_id) = reset {
-                let told = self.hub().with(|hub| hub.reset(&stream_id));
-                // Their seqs were of the stream that is gone: they hear it was recreated.
-                self.followers.borrow_mut().clear();
-                log::warn!(
-                    "history {stream_id}: the engine's stream was recreated; {told} clients reconnect"
-                );
-            }
+            let followed_deliveries = match cached {
+                Some(cached) => {
+                    let only = cached.only;
+                    in_cluster(self.deliver_cached(cached), only).await
+                }
+                None => Vec::new(),
+            };
             for (outcome, reply) in outcomes {
                 let answer = match outcome {
-                    Outcome::New(stored) => {
-                        let receipt = self.hand_over(|ingress| ingress.deliver(stored)).await;
-                        let Receipt { seq, queued_to: clients } = receipt;
-                        self.record(vec![ReceiptEvent::Queued { seq, clients }]);
-                        self.wake_followers(receipt);
-                        Ok(Outcome::New(receipt))
-                    }
+                    Outcome::New(stored) => Ok(Outcome::New(self.deliver_new(stored).await)),
                     // Its original came before it, in this batch or an earlier one, so it is in
                     // the hub already: the publisher of a retry hears "ok" only once a tablet can
                     // see the emergency, as the original's publisher does.
                     Outcome::Duplicate { seq } => Ok(Outcome::Duplicate { seq }),
                     Outcome::Conflict { seq } => Ok(Outcome::Conflict { seq }),
                 };
-                if let Some(reply) = reply {
-                    let _ = reply.try_send(answer);
-                }
+                let _ = reply.try_send(answer);
             }
             self.apply(events);
             if !followed_deliveries.is_empty() {
@@ -965,6 +988,37 @@ impl Publisher {
             }
             smol::future::yield_now().await;
         }
+    }
+
+    /// Cluster mode: a new stream (`reset`) first, then what the follower brought from the
+    /// engine, for which no publisher here waits; the other boxes' deliveries, for after the
+    /// commit's events.
+    async fn deliver_cached(&self, cached: Cached) -> Vec<ReceiptEvent> {
+        let Cached { reset, emergencies, followed_deliveries, .. } = cached;
+        if let Some(stream_id) = reset {
+            let told = self.hub().with(|hub| hub.reset(&stream_id));
+            // Their seqs were of the stream that is gone: they hear it was recreated.
+            if let Some(cluster) = self.cluster() {
+                cluster.followers.borrow_mut().clear();
+            }
+            log::warn!("history {stream_id}: the engine's stream was recreated; {told} clients reconnect");
+        }
+        for stored in emergencies {
+            self.deliver_new(stored).await;
+        }
+        followed_deliveries
+    }
+
+    /// A new emergency the journal committed, into the hub; its queued_to recorded, and in
+    /// cluster mode its publisher, waiting for it here, answered.
+    async fn deliver_new(&self, stored: Stored) -> Receipt {
+        let receipt = self.hand_over(|ingress| ingress.deliver(stored)).await;
+        let Receipt { seq, queued_to: clients } = receipt;
+        self.record(vec![ReceiptEvent::Queued { seq, clients }]);
+        if let Some(cluster) = self.cluster() {
+            cluster.wake_followers(receipt);
+        }
+        receipt
     }
 
     /// The one way an emergency reaches the hub: wait for room in the fan-out, hand it over with

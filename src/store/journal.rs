@@ -200,18 +200,28 @@ pub type Reply = Sender<Result<Outcome<Receipt>, StorageError>>;
 /// stored, and those waiting to hear that their events are stored.
 ///
 /// In cluster mode the journal is the cache of the engine's stream: what the follower took from
-/// it comes out here too (`Journal::cacher`), as new emergencies that no local publisher waits
-/// for (`None` replies), and a `reset` (the stream was recreated) comes before anything after it.
+/// it comes out here too (`Journal::cacher`), in `cached`.
 #[derive(Debug, Default)]
 pub struct Committed {
-    /// The cache was emptied for this new stream identity before the outcomes (cluster mode).
-    pub reset: Option<String>,
-    pub outcomes: Vec<(Outcome<Stored>, Option<Reply>)>,
+    pub outcomes: Vec<(Outcome<Stored>, Reply)>,
     pub events: Vec<ReceiptEvent>,
-    /// Cluster mode: the deliveries of other boxes among `events`, which the hub applies (its
-    /// own are in its receipts from the moment they were made).
-    pub followed_deliveries: Vec<ReceiptEvent>,
     pub waiting: Vec<Sender<()>>,
+    /// Cluster mode only: `None` in the edge build, as the compiler sees (`Cached` holds a
+    /// `ClusterOnly`), so the executor's code for it is left out there.
+    pub cached: Option<Cached>,
+}
+
+/// What a transaction of the cache (cluster mode) hands the executor, beside `Committed`'s.
+#[derive(Debug)]
+pub struct Cached {
+    /// The cache was emptied for this new stream identity: it comes before anything after it.
+    pub reset: Option<String>,
+    /// New emergencies the engine committed, in seq order: no local publisher waits for them.
+    pub emergencies: Vec<Stored>,
+    /// The deliveries of other boxes among `Committed::events`, which the hub applies (its own
+    /// are in its receipts from the moment they were made).
+    pub followed_deliveries: Vec<ReceiptEvent>,
+    pub only: ClusterOnly,
 }
 
 /// One checked submission for the storage thread.
@@ -886,10 +896,12 @@ fn run(
     let mut events: Vec<ReceiptEvent> = Vec::new();
     let mut waiting: Vec<Sender<()>> = Vec::new();
     let mut followed_deliveries: Vec<ReceiptEvent> = Vec::new();
+    // Cluster mode, from the follower's first request on; never in the edge build.
+    let mut cluster: Option<ClusterOnly> = None;
     while let Ok(first) = incoming.0.recv_blocking() {
         let mut appends = Vec::new();
         let mut cached = Vec::new();
-        let mut reset = None;
+        let mut reset: Option<(String, ClusterOnly)> = None;
         let mut request = Some(first);
         while let Some(next) = request.take() {
             match next {
@@ -898,15 +910,19 @@ fn run(
                     events.extend(recorded);
                     waiting.extend(done);
                 }
-                Request::Cache(batch, _place, _) => cached.extend(batch),
-                Request::CacheEvents(recorded, _place, _) => {
+                Request::Cache(batch, _place, only) => {
+                    cached.extend(batch);
+                    cluster = Some(only);
+                }
+                Request::CacheEvents(recorded, _place, only) => {
                     let delivered =
                         recorded.iter().filter(|event| matches!(event, ReceiptEvent::Delivered { .. }));
                     followed_deliveries.extend(delivered.cloned());
                     events.extend(recorded);
+                    cluster = Some(only);
                 }
                 // What came before it is committed first; what comes after it, after it.
-                Request::Reset(stream_id, _) => reset = Some(stream_id),
+                Request::Reset(stream_id, only) => reset = Some((stream_id, only)),
                 Request::Sweep => {}
             }
             if reset.is_none() && appends.len() + cached.len() < MAX_BATCH && events.len() < MAX_BATCH_EVENTS
@@ -914,19 +930,27 @@ fn run(
                 request = incoming.0.try_recv().ok();
             }
         }
-        if !cached.is_empty() {
-            let batch = cache_batch(&mut db, &mut tail, cached, &mut expiry, state, &failures);
+        if let Some(only) = cluster.filter(|_| !cached.is_empty()) {
+            let emergencies = cache_batch(&mut db, &mut tail, cached, &mut expiry, state, &failures);
+            let cached = Cached { reset: None, emergencies, followed_deliveries: Vec::new(), only };
+            let batch = Committed { cached: Some(cached), ..Committed::default() };
             if committed.send_blocking(batch).is_err() {
                 return;
             }
         }
-        if let Some(stream_id) = reset {
+        if let Some((stream_id, only)) = reset {
             if let Err(e) = empty_cache(&mut db, &stream_id) {
                 failures
                     .note_at(Level::Error, &format!("emptying the cache for stream {stream_id} failed: {e}"));
             }
             tail = Tail { seq: 0, received_at: UNIX_EPOCH };
-            let batch = Committed { reset: Some(stream_id), ..Committed::default() };
+            let cached = Cached {
+                reset: Some(stream_id),
+                emergencies: Vec::new(),
+                followed_deliveries: Vec::new(),
+                only,
+            };
+            let batch = Committed { cached: Some(cached), ..Committed::default() };
             if committed.send_blocking(batch).is_err() {
                 return;
             }
@@ -952,13 +976,18 @@ fn run(
                     state.succeeded();
                 }
                 tail = tail.after(&outcomes);
-                let replies = appends.into_iter().map(|append| Some(append.reply));
+                let replies = appends.into_iter().map(|append| append.reply);
+                let followed_deliveries = std::mem::take(&mut followed_deliveries);
                 let batch = Committed {
-                    reset: None,
                     outcomes: outcomes.into_iter().zip(replies).collect(),
                     events: std::mem::take(&mut events),
-                    followed_deliveries: std::mem::take(&mut followed_deliveries),
                     waiting: std::mem::take(&mut waiting),
+                    cached: cluster.map(|only| Cached {
+                        reset: None,
+                        emergencies: Vec::new(),
+                        followed_deliveries,
+                        only,
+                    }),
                 };
                 let anything =
                     !(batch.outcomes.is_empty() && batch.events.is_empty() && batch.waiting.is_empty());
@@ -981,7 +1010,7 @@ fn run(
 }
 
 /// Stores what the engine committed (cluster mode) in one transaction, each at its own seq
-/// (those the cache has already are skipped), and hands it on for the hub. A failed write is
+/// (those the cache has already are skipped), and returns what is new, for the hub. A failed write is
 /// logged and handed on all the same: the engine holds it, the cache is only a cache, and
 /// nothing may stop the box from following the stream.
 fn cache_batch(
@@ -991,7 +1020,7 @@ fn cache_batch(
     expiry: &mut Expiry,
     state: &SharedState,
     failures: &WarningThrottle,
-) -> Committed {
+) -> Vec<Stored> {
     let fresh: Vec<Stored> = cached.into_iter().filter(|stored| stored.seq > tail.seq).collect();
     match write_cached(db, &fresh, expiry, Reading::now()) {
         Ok(()) => state.succeeded(),
@@ -1004,8 +1033,7 @@ fn cache_batch(
     if let Some(newest) = fresh.last() {
         *tail = Tail { seq: newest.seq, received_at: newest.received_at.max(tail.received_at) };
     }
-    let outcomes = fresh.into_iter().map(|stored| (Outcome::New(stored), None)).collect();
-    Committed { outcomes, ..Committed::default() }
+    fresh
 }
 
 fn write_cached(

@@ -5,7 +5,11 @@
 //! `nats` (cargo feature `cluster`): NATS JetStream, the engine of cluster mode, beside the
 //! journal, which is then its cache; `engine` is the plain data the two sides exchange. Without
 //! the feature `without_nats` stands in for `nats` with the same names and an `Engine` that
-//! cannot be made, so no caller has a `cfg` of its own.
+//! cannot be made, so no caller has a `cfg` of its own; a cluster-only `.await` goes through
+//! `in_cluster`, so that the edge binary leaves its code out.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
 
 use async_channel::Receiver;
 
@@ -34,6 +38,47 @@ pub struct ClusterOnly;
 #[cfg(not(feature = "cluster"))]
 #[derive(Clone, Copy, Debug)]
 pub enum ClusterOnly {}
+
+impl ClusterOnly {
+    /// Nothing in cluster mode; in the edge build a point the code never reaches.
+    #[inline(always)]
+    fn reached(self) {
+        #[cfg(not(feature = "cluster"))]
+        match self {}
+    }
+}
+
+/// `future`, awaited only in cluster mode, where `only` can be had. An `.await` on an async fn
+/// keeps the states it may resume in even behind a branch the edge build never takes (the state
+/// is read from memory at each poll); this future's poll and drop begin at a point the edge
+/// build never reaches, so there `future`'s code is left out. `only` comes last: in the edge
+/// build a call that makes one never returns, and an argument after it would be unreachable
+/// code (a warning).
+pub fn in_cluster<F: Future>(future: F, only: ClusterOnly) -> InCluster<F> {
+    InCluster { future: Box::pin(future), only }
+}
+
+/// A future of cluster mode only (`in_cluster`).
+pub struct InCluster<F> {
+    future: Pin<Box<F>>,
+    only: ClusterOnly,
+}
+
+impl<F: Future> Future for InCluster<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = self.get_mut();
+        this.only.reached();
+        this.future.as_mut().poll(cx)
+    }
+}
+
+impl<F> Drop for InCluster<F> {
+    fn drop(&mut self) {
+        self.only.reached();
+    }
+}
 
 /// Where the history lives.
 #[derive(Debug)]
