@@ -389,11 +389,14 @@ impl Session {
                 Box::pin(self.write(&replies)).await?;
             }
             match read {
-                Read::Nothing => return Ok(()),
+                // A read short of a chunk took all there was: no second read to find nothing.
+                Read::Nothing | Read::Bytes { parsed: Ok(None), more: false } => return Ok(()),
                 // A client flooding frames must not monopolize the thread.
-                Read::Bytes(Ok(None)) => future::yield_now().await,
-                Read::Bytes(Ok(Some(close))) => return Err(Box::pin(self.answer_close(close)).await),
-                Read::Bytes(Err(error)) => return Err(Box::pin(self.refuse(error)).await),
+                Read::Bytes { parsed: Ok(None), more: true } => future::yield_now().await,
+                Read::Bytes { parsed: Ok(Some(close)), .. } => {
+                    return Err(Box::pin(self.answer_close(close)).await);
+                }
+                Read::Bytes { parsed: Err(error), .. } => return Err(Box::pin(self.refuse(error)).await),
                 Read::Closed => return Err(SessionEnd::ConnectionLost),
                 Read::Failed(error) => return Err(SessionEnd::Io(error.into())),
             }
@@ -423,7 +426,7 @@ impl Session {
             })
         };
         if early {
-            return Read::Bytes(parse(&mut []));
+            return Read::Bytes { parsed: parse(&mut []), more: true };
         }
         read_chunk(transport, false, parse).await
     }
@@ -498,10 +501,12 @@ impl Session {
             // Frames up to the client's Close are parsed and dropped; after a protocol error the
             // reader stops at the same error, and the rest is drained unparsed.
             let mut until_close = |chunk: &mut [u8]| reader.feed(chunk, max_message, |_| {});
-            while let Read::Bytes(Ok(None)) = read_chunk(transport, true, &mut until_close).await {}
+            while let Read::Bytes { parsed: Ok(None), .. } =
+                read_chunk(transport, true, &mut until_close).await
+            {}
             transport.end_writing();
             for _ in 0..64 {
-                if !matches!(read_chunk(transport, true, |_| ()).await, Read::Bytes(())) {
+                if !matches!(read_chunk(transport, true, |_| ()).await, Read::Bytes { .. }) {
                     break;
                 }
             }
@@ -531,8 +536,12 @@ fn handle_ack(subscription: &Subscription, app: &App, label: &str, seq: u64) {
 enum Read<T> {
     /// Nothing yet (only when not waiting for input).
     Nothing,
-    /// What was made of the bytes read.
-    Bytes(T),
+    /// What was made of the bytes read; `more`: they filled the chunk, so more may be waiting
+    /// (a TCP read short of it took everything the socket had).
+    Bytes {
+        parsed: T,
+        more: bool,
+    },
     /// The client closed the connection.
     Closed,
     Failed(io::Error),
@@ -549,7 +558,9 @@ fn read_chunk<T>(
         let mut chunk = [0u8; READ_CHUNK_BYTES];
         match Pin::new(&mut *transport).poll_read(cx, &mut chunk) {
             Poll::Ready(Ok(0)) => Poll::Ready(Read::Closed),
-            Poll::Ready(Ok(n)) => Poll::Ready(Read::Bytes(parse(&mut chunk[..n]))),
+            Poll::Ready(Ok(n)) => {
+                Poll::Ready(Read::Bytes { parsed: parse(&mut chunk[..n]), more: n == chunk.len() })
+            }
             Poll::Ready(Err(error)) => Poll::Ready(Read::Failed(error)),
             Poll::Pending if wait => Poll::Pending,
             Poll::Pending => Poll::Ready(Read::Nothing),
