@@ -1096,3 +1096,73 @@ fn nats_harness_elects_a_new_leader_and_restarts_a_node() {
     let jsz: Value = serde_json::from_str(&jsz).unwrap();
     assert_eq!(jsz["config"]["sync_always"], true, "{jsz}");
 }
+
+/// `deploy/site-ca`'s CA and server certificate for localhost and 127.0.0.1, in `dir/site`.
+fn site_certificates(dir: &Path) -> PathBuf {
+    let site = dir.join("site");
+    let user =
+        String::from_utf8(std::process::Command::new("id").arg("-un").output().unwrap().stdout).unwrap();
+    let output = std::process::Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/site-ca"))
+        .args(["--dir", site.to_str().unwrap(), "--owner", user.trim()])
+        .args(["--name", "localhost", "--ip", "127.0.0.1", "--no-reload"])
+        .output()
+        .expect("cannot run deploy/site-ca (is openssl installed?)");
+    assert!(output.status.success(), "deploy/site-ca failed: {}", String::from_utf8_lossy(&output.stderr));
+    site
+}
+
+/// A box's flags for `nats` with `urls` instead of its plain ones, and `extra`.
+fn box_flags_with(nats: &NatsCluster, urls: &str, extra: &[String]) -> Vec<String> {
+    let mut flags = box_args(nats, "a", None);
+    flags[1] = urls.to_owned();
+    flags.extend_from_slice(extra);
+    flags
+}
+
+fn start_with_flags(flags: &[String]) -> Server {
+    Server::start(&flags.iter().map(String::as_str).collect::<Vec<_>>())
+}
+
+/// The credentials and TLS to NATS: a box connects over `tls://` trusting only the site CA
+/// (`--nats-ca-cert`), as a user with its password file, and publishes; with a wrong password
+/// it stays disconnected and a publish gets 503. Then a token (`--nats-token`) on a cluster
+/// that asks for one.
+#[test]
+fn credentials_and_tls_to_nats_are_used() {
+    let dir = TempDir::new();
+    let certs = site_certificates(dir.path());
+    let file = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path.display().to_string()
+    };
+    let (right, wrong) = (file("nats.password", "s3cret-password\n"), file("wrong.password", "not-it\n"));
+    let cert = |name: &str| certs.join(name).display().to_string();
+    let nats = NatsCluster::start_with(&format!(
+        "authorization {{ users: [ {{ user: resq, password: \"s3cret-password\" }} ] }}\n\
+         tls {{ cert_file: \"{}\", key_file: \"{}\" }}",
+        cert("server.crt"),
+        cert("server.key")
+    ));
+    let urls = nats.urls().replace("nats://", "tls://");
+    let user = |password: &str| -> Vec<String> {
+        let flags =
+            ["--nats-user", "resq", "--nats-password-file", password, "--nats-ca-cert", &cert("ca.crt")];
+        flags.map(str::to_owned).to_vec()
+    };
+    let good = start_with_flags(&box_flags_with(&nats, &urls, &user(&right)));
+    wait_engine(&good, "connected");
+    let mut tablet = Tablet::connect("t1", &good);
+    assert_eq!(seq_of(&publish(&target(&good), Http, &emergency("over-tls")).unwrap()), 1);
+    tablet.recv_until(1);
+    let refused = start_with_flags(&box_flags_with(&nats, &urls, &user(&wrong)));
+    assert_engine_unavailable(publish(&target(&refused), Http, &emergency("wrong-password")));
+    assert_eq!(engine_state(&refused), "disconnected", "{}", health(&refused));
+    drop((good, refused, nats));
+
+    let nats = NatsCluster::start_with("authorization { token: \"t0ken-for-resq\" }");
+    let token = ["--nats-token".to_owned(), file("nats.token", "t0ken-for-resq\n")];
+    let with_token = start_with_flags(&box_flags_with(&nats, &nats.urls(), &token));
+    wait_engine(&with_token, "connected");
+    assert_eq!(seq_of(&publish(&target(&with_token), Unix, &emergency("with-token")).unwrap()), 1);
+}

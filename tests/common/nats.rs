@@ -66,9 +66,15 @@ impl NatsCluster {
     /// Starts three nodes and waits until JetStream is up on each and the cluster has a meta
     /// leader (so a stream can be created).
     pub fn start() -> NatsCluster {
+        NatsCluster::start_with("")
+    }
+
+    /// As `start`, with `client_config` (an `authorization` or `tls` block: what clients
+    /// must present) in every node's configuration.
+    pub fn start_with(client_config: &str) -> NatsCluster {
         let mut failures = String::new();
         for _ in 0..START_ATTEMPTS {
-            let mut cluster = NatsCluster::configure(3);
+            let mut cluster = NatsCluster::configure(3, client_config);
             for index in 0..cluster.nodes.len() {
                 cluster.spawn(index);
             }
@@ -81,7 +87,7 @@ impl NatsCluster {
     }
 
     /// Writes the nodes' config files with freshly picked ports.
-    fn configure(count: usize) -> NatsCluster {
+    fn configure(count: usize, client_config: &str) -> NatsCluster {
         // A test that failed while holding the turn poisons it; the next one may still run.
         let turn = ONE_CLUSTER_AT_A_TIME.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let dir = TempDir::new();
@@ -100,7 +106,8 @@ impl NatsCluster {
                      http: 127.0.0.1:{monitor}\n\
                      jetstream {{\n  store_dir: \"{store}\"\n  sync_interval: always\n  \
                      max_memory_store: 64MB\n  max_file_store: 1GB\n}}\n\
-                     cluster {{\n  name: resq-test\n  listen: 127.0.0.1:{route}\n  routes: [{routes}]\n}}\n",
+                     cluster {{\n  name: resq-test\n  listen: 127.0.0.1:{route}\n  routes: [{routes}]\n}}\n\
+                     {client_config}\n",
                     client = ports[index],
                     monitor = ports[count * 2 + index],
                     route = route_ports[index],
