@@ -526,27 +526,37 @@ fn share_deliveries(
         }
         let (context, subject, sharing) = (context.clone(), subject.clone(), Arc::clone(sharing));
         tokio::spawn(async move {
-            let payload = bytes::Bytes::from(body);
-            let mut last_error = String::new();
-            for attempt in 0..SHARE_ATTEMPTS {
-                if attempt > 0 {
-                    tokio::time::sleep(SHARE_RETRY).await;
-                }
-                last_error = match context.publish(subject.clone(), payload.clone()).await {
-                    Ok(ack) => match tokio::time::timeout(timeout, ack).await {
-                        Ok(Ok(_)) => break,
-                        Ok(Err(e)) => e.to_string(),
-                        Err(_) => format!("no ack within {timeout:?}"),
-                    },
-                    Err(e) => e.to_string(),
-                };
-            }
-            if !last_error.is_empty() {
-                note_throttled(&format!("engine: deliveries not shared with the other boxes: {last_error}"));
+            if let Err(e) = send_until_acked(&context, subject, bytes::Bytes::from(body), timeout).await {
+                note_throttled(&format!("engine: deliveries not shared with the other boxes: {e}"));
             }
             sharing.fetch_sub(1, Ordering::Relaxed);
         });
     }
+}
+
+/// Sends `payload` to `subject` until the engine acks it, `SHARE_ATTEMPTS` times at most,
+/// `SHARE_RETRY` apart: the last error if it never did.
+async fn send_until_acked(
+    context: &jetstream::Context,
+    subject: String,
+    payload: bytes::Bytes,
+    timeout: Duration,
+) -> Result<(), String> {
+    let mut last_error = String::new();
+    for attempt in 0..SHARE_ATTEMPTS {
+        if attempt > 0 {
+            tokio::time::sleep(SHARE_RETRY).await;
+        }
+        last_error = match context.publish(subject.clone(), payload.clone()).await {
+            Ok(ack) => match tokio::time::timeout(timeout, ack).await {
+                Ok(Ok(_)) => return Ok(()),
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => format!("no ack within {timeout:?}"),
+            },
+            Err(e) => e.to_string(),
+        };
+    }
+    Err(last_error)
 }
 
 /// Sends each publish in the order it came (so a Unix publisher's lines keep theirs), then
