@@ -45,6 +45,7 @@ use crate::tls::transport::Transport;
 use crate::tls::{self, Acceptor, HandshakeError, ServerCertificate};
 use crate::unix::{self, BoundUnixSocket};
 use crate::ws;
+use crate::ws::express::Express;
 use crate::ws::session::Session;
 
 /// How long shutdown waits for each of its steps: the journal to hand over what it committed,
@@ -130,6 +131,12 @@ pub fn serve(
     scheduler.control.spawn(expire_history(Rc::clone(&app))).detach();
     let heartbeat = Rc::clone(&app.heartbeat);
     scheduler.control.spawn(async move { heartbeat.sweep().await }).detach();
+    // A session's turn: it writes what parked sessions would have.
+    let express = Express::new(app.config.max_clients);
+    scheduler
+        .sessions
+        .spawn(Rc::clone(&express).run(Rc::clone(&app), Rc::clone(&scheduler.fan_out)))
+        .detach();
     if app.publisher.journal().is_some() {
         let app = Rc::clone(&app);
         scheduler.control.spawn(async move { app.publisher.flush_deliveries_periodically().await }).detach();
@@ -152,11 +159,12 @@ pub fn serve(
     // One cap for every TCP connection, plain or TLS, until it upgrades.
     let slots = ConnectionSlots::new(app.config.max_http_connections, HTTP_CONNECTIONS);
     scheduler.block_on(async {
-        let plain = accept_tcp(&scheduler, &app, tcp, None, &slots, tasks.clone());
+        let plain = accept_tcp(&scheduler, &app, &express, tcp, None, &slots, tasks.clone());
         let encrypted = async {
             match tls_listener {
                 Some(listener) => {
-                    accept_tcp(&scheduler, &app, listener, certificate.as_ref(), &slots, tasks.clone()).await
+                    let certificate = certificate.as_ref();
+                    accept_tcp(&scheduler, &app, &express, listener, certificate, &slots, tasks.clone()).await
                 }
                 None => future::pending().await,
             }
@@ -263,6 +271,7 @@ fn reload_certificate(certificate: &ServerCertificate) {
 async fn accept_tcp(
     scheduler: &Scheduler,
     app: &Rc<App>,
+    express: &Rc<Express>,
     listener: TcpListener,
     tls: Option<&ServerCertificate>,
     slots: &Rc<ConnectionSlots>,
@@ -285,13 +294,14 @@ async fn accept_tcp(
                 let _ = stream.set_nodelay(true);
                 // Its requests are control work; once it upgrades, its session moves over.
                 let (sessions, session_tasks) = (Rc::clone(&scheduler.sessions), tasks.clone());
-                let fan_out = Rc::clone(&scheduler.fan_out);
+                let (fan_out, express) = (Rc::clone(&scheduler.fan_out), Rc::clone(express));
                 let acceptor = tls.map(ServerCertificate::acceptor);
                 let connection =
                     serve_tcp(Rc::clone(app), stream, acceptor, peer, slot).map(move |upgraded| {
                         if let Some(session) = upgraded {
                             let ticket = fan_out.session_ticket();
-                            session_tasks.spawn(&sessions, session.serve().map(move |()| drop(ticket)));
+                            session_tasks
+                                .spawn(&sessions, session.serve(&express).map(move |()| drop(ticket)));
                         }
                     });
                 tasks.spawn(&scheduler.control, connection);

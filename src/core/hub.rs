@@ -14,6 +14,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::rc::Rc;
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, SystemTime};
 
 use serde_json::value::RawValue;
@@ -132,6 +133,8 @@ struct Subscriber {
     /// Sent before and after its replay; `None` once sent.
     backlog: Option<Box<Backlog>>,
     last_heard: SystemTime,
+    /// Emergencies written to it in full, by its session or the express lane.
+    sent: u64,
 }
 
 impl Subscriber {
@@ -146,6 +149,34 @@ impl Subscriber {
 
     fn named(&self) -> bool {
         self.identity.is_some()
+    }
+
+    /// Rings its doorbell; a parked one is listed for the express lane instead.
+    fn ring(&self, key: usize, express: &mut ExpressList) {
+        if self.doorbell.ring() {
+            express.list(key, self.client_id);
+        }
+    }
+}
+
+/// The parked clients something was queued for, which the express lane (`ws::express`) writes to
+/// without waking their sessions. Each client is on it at most once while it stays listed, so it
+/// holds no more than `max_clients` entries.
+#[derive(Default)]
+struct ExpressList {
+    listed: Vec<(usize, u64)>,
+    /// The express lane's task, waiting for the list to fill.
+    waker: Option<Waker>,
+}
+
+impl ExpressList {
+    fn list(&mut self, key: usize, client_id: u64) {
+        if self.listed.is_empty()
+            && let Some(waker) = self.waker.take()
+        {
+            waker.wake();
+        }
+        self.listed.push((key, client_id));
     }
 }
 
@@ -191,6 +222,7 @@ pub struct Hub {
     roster: HashMap<Rc<str>, TabletRecord>,
     /// The open cap, once reached, is reached at every publish: one line per period says so.
     open_cap_warnings: WarningThrottle,
+    express: ExpressList,
 }
 
 /// What the welcome tells a new client about the history, as of its subscription.
@@ -227,6 +259,7 @@ impl Hub {
             notices: Notices::default(),
             roster: HashMap::new(),
             open_cap_warnings: WarningThrottle::default(),
+            express: ExpressList::default(),
         }
     }
 
@@ -276,13 +309,14 @@ impl Hub {
         self.history.push_back(Retained { seq, json: Rc::clone(&json), received_at, key });
         let queue = self.limits.queue as u64;
         let mut queued_to = 0;
-        self.subscribers.retain(|_, subscriber| {
+        let express = &mut self.express;
+        self.subscribers.retain(|key, subscriber| {
             if subscriber.lag(seq) > queue {
                 // The session logs the disconnection, with the reason set here.
                 subscriber.say_farewell(Farewell::TooSlow);
                 return false;
             }
-            subscriber.doorbell.ring();
+            subscriber.ring(key, express);
             queued_to += 1;
             true
         });
@@ -502,6 +536,7 @@ impl Hub {
             notice_cursor: self.notices.end(),
             backlog: has_backlog.then(|| Box::new(backlog)),
             last_heard: now,
+            sent: 0,
         });
         let greeting = Greeting {
             stream: Rc::clone(&self.stream_id),
@@ -685,6 +720,50 @@ impl Hub {
 }
 
 /// Receipts, notices and the roster: acks, deliveries, closes and escalations.
+/// The express lane's side: `ws::express` takes the listed clients and writes for them.
+impl Hub {
+    /// Ready once a parked client is listed; the waker is kept until one is.
+    pub fn poll_listed(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if !self.express.listed.is_empty() {
+            return Poll::Ready(());
+        }
+        self.express.waker = Some(cx.waker().clone());
+        Poll::Pending
+    }
+
+    /// Moves the listed clients to the end of `into` (key and client id), oldest first.
+    pub fn take_listed(&mut self, into: &mut Vec<(usize, u64)>) {
+        into.append(&mut self.express.listed);
+    }
+
+    /// As `take_pending`, for a client that is still listed (not woken since, still connected);
+    /// `None` for any other, which its session serves. Until `express_served`, it stays listed.
+    pub fn take_listed_pending(
+        &mut self,
+        key: usize,
+        client_id: u64,
+        max_frames: usize,
+        max_bytes: usize,
+        push: impl FnMut(Outgoing),
+    ) -> Option<usize> {
+        let subscriber = self.subscribers.get(key).filter(|s| s.client_id == client_id)?;
+        if !subscriber.doorbell.is_listed() {
+            return None;
+        }
+        Some(self.take_pending(key, client_id, max_frames, max_bytes, push))
+    }
+
+    /// The express lane wrote for a listed client: everything, so it is parked again
+    /// (`all_written`), or not: its session is woken to finish.
+    pub fn express_served(&mut self, key: usize, client_id: u64, all_written: bool) {
+        let Some(subscriber) = self.subscribers.get(key).filter(|s| s.client_id == client_id) else { return };
+        match all_written {
+            true => subscriber.doorbell.served(),
+            false => subscriber.doorbell.hand_back(),
+        }
+    }
+}
+
 impl Hub {
     /// Records that a client was written `seqs` in full; returns the events to store (first
     /// deliveries only).
@@ -695,9 +774,10 @@ impl Hub {
         seqs: &[u64],
         at: SystemTime,
     ) -> Vec<ReceiptEvent> {
-        let Some(subscriber) = self.subscribers.get(key).filter(|s| s.client_id == client_id) else {
+        let Some(subscriber) = self.subscribers.get_mut(key).filter(|s| s.client_id == client_id) else {
             return Vec::new();
         };
+        subscriber.sent += seqs.len() as u64;
         let name = Rc::clone(&subscriber.tablet);
         let tablet =
             Tablet { name: &name, named: subscriber.named(), by_pointer: subscriber.tablet_by_pointer };
@@ -707,6 +787,11 @@ impl Hub {
             self.update_roster(&name, |record| record.last_delivered_seq = Some(newest.seq()));
         }
         events
+    }
+
+    /// Emergencies written to a client in full so far.
+    pub fn sent(&self, key: usize, client_id: u64) -> u64 {
+        self.subscribers.get(key).filter(|s| s.client_id == client_id).map_or(0, |s| s.sent)
     }
 
     /// A client sent something: it is alive, as of `at`.
@@ -909,12 +994,13 @@ impl Hub {
         self.notices.push(json);
         let end = self.notices.end();
         let limit = self.limits.status_queue as u64;
-        self.subscribers.retain(|_, subscriber| {
+        let express = &mut self.express;
+        self.subscribers.retain(|key, subscriber| {
             if end - subscriber.notice_cursor > limit {
                 subscriber.say_farewell(Farewell::TooSlow);
                 return false;
             }
-            subscriber.doorbell.ring();
+            subscriber.ring(key, express);
             true
         });
         let oldest_unsent = self.subscribers.iter().map(|(_, s)| s.notice_cursor).min().unwrap_or(end);
@@ -1017,6 +1103,57 @@ mod tests {
         let mut batch = Vec::new();
         client.take_pending(usize::MAX, usize::MAX, |out| batch.push(out.json));
         batch.iter().map(|json| serde_json::from_str(json).unwrap()).collect()
+    }
+
+    /// What the express lane would take for `client` now, if anything (`None`: not listed).
+    fn take_listed(hub: &HubHandle, client: &Subscription) -> Option<Vec<u64>> {
+        let (key, client_id) = (client.key(), client.client_id);
+        let mut seqs = Vec::new();
+        let taken = hub.borrow().take_listed_pending(key, client_id, 32, 1 << 20, |out| seqs.extend(out.seq));
+        taken.map(|_| seqs)
+    }
+
+    fn listed(hub: &HubHandle) -> Vec<(usize, u64)> {
+        let mut listed = Vec::new();
+        hub.borrow().take_listed(&mut listed);
+        listed
+    }
+
+    #[test]
+    fn a_parked_client_is_listed_once_for_the_express_lane_and_not_woken() {
+        let hub = new_hub(limits(), "s");
+        let (client, _) = subscribe(&hub, None);
+        let (busy, _) = subscribe(&hub, None);
+        client.doorbell.park();
+        hub.borrow().publish_ok(&raw("{}"), Source::Unix);
+        hub.borrow().publish_ok(&raw("{}"), Source::Unix);
+        assert!(!client.doorbell.is_rung() && busy.doorbell.is_rung());
+        assert_eq!(listed(&hub), [(client.key(), client.client_id)]);
+        assert_eq!(take_listed(&hub, &busy), None, "a busy client is its session's to serve");
+        assert_eq!(take_listed(&hub, &client), Some(vec![1, 2]));
+        hub.borrow().express_served(client.key(), client.client_id, true);
+        hub.borrow().publish_ok(&raw("{}"), Source::Unix);
+        assert_eq!(listed(&hub).len(), 1, "served, it is parked again");
+        assert_eq!(take_listed(&hub, &client), Some(vec![3]));
+        hub.borrow().express_served(client.key(), client.client_id, false);
+        assert!(client.doorbell.is_rung(), "what the lane hands back wakes the session");
+        assert_eq!(take_listed(&hub, &client), None);
+    }
+
+    #[test]
+    fn a_listed_client_that_wakes_serves_itself() {
+        let hub = new_hub(limits(), "s");
+        let (client, _) = subscribe(&hub, None);
+        client.doorbell.park();
+        hub.borrow().publish_ok(&raw("{}"), Source::Unix);
+        client.doorbell.unpark();
+        assert!(client.doorbell.is_rung(), "it finds its doorbell rung");
+        assert_eq!(take_listed(&hub, &client), None, "the lane keeps off");
+        assert_eq!(take_all(&client).len(), 1);
+        client.doorbell.park();
+        hub.borrow().shut_down();
+        assert!(client.doorbell.is_rung() && client.doorbell.farewell().is_some());
+        assert_eq!(take_listed(&hub, &client), None, "a closed doorbell is never listed");
     }
 
     #[test]

@@ -55,6 +55,16 @@ impl Subscription {
         self.hub.try_with(|hub| hub.delivered(key, client_id, seqs, at)).unwrap_or_default()
     }
 
+    /// Emergencies written to this client in full so far, by its session or the express lane.
+    pub fn sent(&self) -> u64 {
+        self.hub.try_with(|hub| hub.sent(self.key, self.client_id)).unwrap_or(0)
+    }
+
+    /// The client's slab key, which the express lane knows it by.
+    pub fn key(&self) -> usize {
+        self.key
+    }
+
     /// This client sent something.
     pub fn heard(&self, at: SystemTime) {
         let (key, client_id) = (self.key, self.client_id);
@@ -66,12 +76,6 @@ impl Subscription {
         let (key, client_id) = (self.key, self.client_id);
         let request = self.hub.try_with(|hub| hub.ack_from_client(key, client_id, seq, at));
         request.unwrap_or(AckRequest::Unknown)
-    }
-
-    /// The client's slab key, for tests of the hub's bookkeeping.
-    #[cfg(test)]
-    pub(crate) fn key(&self) -> usize {
-        self.key
     }
 }
 

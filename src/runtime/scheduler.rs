@@ -17,6 +17,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::future::Future;
+use std::mem;
 use std::rc::Rc;
 use std::task::{Poll, Waker};
 
@@ -78,6 +79,8 @@ pub struct FanOut {
     /// even if the sessions never all go idle (clients that keep sending keep theirs busy).
     release_at: Cell<Option<u64>>,
     waiting: RefCell<Vec<Waker>>,
+    /// Session-side tasks with more to do in the next round (`next_round`): the express lane.
+    next_round: RefCell<Vec<Waker>>,
 }
 
 impl FanOut {
@@ -89,6 +92,7 @@ impl FanOut {
             sessions: Cell::new(0),
             release_at: Cell::new(None),
             waiting: RefCell::new(Vec::new()),
+            next_round: RefCell::new(Vec::new()),
         }
     }
 
@@ -129,8 +133,28 @@ impl FanOut {
         .await
     }
 
+    /// For a session-side task with more to write than one turn should: waits for the next
+    /// scheduling round, so that control tasks and the reactor go first, as between session
+    /// turns. Meanwhile the sessions do not count as idle: publishing stays paced to it.
+    pub async fn next_round(&self) {
+        let mut queued = false;
+        future::poll_fn(|cx| {
+            if mem::replace(&mut queued, true) {
+                return Poll::Ready(());
+            }
+            self.next_round.borrow_mut().push(cx.waker().clone());
+            Poll::Pending
+        })
+        .await
+    }
+
     /// After a round: `turns` sessions ran, and `idle` says none is left to run.
     fn sessions_ran(&self, turns: usize, idle: bool) {
+        let next_round = self.next_round.take();
+        let idle = idle && next_round.is_empty();
+        for waker in next_round {
+            waker.wake();
+        }
         self.session_turns.set(self.session_turns.get() + turns as u64);
         if idle || self.release_at.get().is_some_and(|at| self.session_turns.get() >= at) {
             self.published.set(0);

@@ -79,6 +79,11 @@ impl Frame {
     }
 }
 
+/// A batch of frames, one `writev`, stops adding emergencies at this many bytes...
+pub const WRITE_BATCH_BYTES: usize = 64 * 1024;
+/// ...or at this many.
+pub const WRITE_BATCH_FRAMES: usize = 32;
+
 /// Slices a `writev` needs for `frames` frames.
 pub const fn slices_for(frames: usize) -> usize {
     PARTS * frames

@@ -6,6 +6,7 @@
 
 pub mod admission;
 pub mod events;
+pub mod express;
 pub mod frame;
 pub mod handshake;
 pub mod reader;

@@ -41,13 +41,10 @@ use crate::runtime::heartbeat::Pulse;
 use crate::runtime::linger::HalfClose;
 use crate::tls::transport::Transport;
 use crate::ws::events::EventStream;
-use crate::ws::frame::{Frame, slices_for, unwritten_slices};
+use crate::ws::express::{Express, Leftover};
+use crate::ws::frame::{Frame, WRITE_BATCH_BYTES, WRITE_BATCH_FRAMES, slices_for, unwritten_slices};
 use crate::ws::reader::{ClientClose, ClientFrame, FrameReader, READ_CHUNK_BYTES};
 
-/// A write stops adding emergencies at this many bytes...
-const WRITE_BATCH_BYTES: usize = 64 * 1024;
-/// ...or at this many (each is two slices, header and payload, of one `writev`).
-const WRITE_BATCH_FRAMES: usize = 32;
 /// How long a client gets to answer our Close before the connection is dropped anyway.
 const CLOSE_REPLY_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -156,7 +153,8 @@ pub struct Session {
     /// `client ID (name) (peer)`, for its last log line.
     label: Box<str>,
     started: Instant,
-    events_sent: u64,
+    /// The express lane, for a plain WebSocket session: it writes while the session is parked.
+    express: Option<Rc<Express>>,
 }
 
 impl Session {
@@ -178,15 +176,20 @@ impl Session {
             greeting: Some(Box::new(greeting)),
             label,
             started: Instant::now(),
-            events_sent: 0,
+            express: None,
         }
     }
 
-    /// Runs the session to its end and logs how it ended.
-    pub fn serve(self) -> impl Future<Output = ()> + 'static {
+    /// Runs the session to its end and logs how it ended. A plain WebSocket session joins the
+    /// express lane.
+    pub fn serve(self, express: &Rc<Express>) -> impl Future<Output = ()> + 'static {
         // Moved into the block and borrowed by the future it awaits, never moved again: an
         // `async fn` taking `self` would keep two copies of it for the client's whole life.
         let mut session = self;
+        if let Wire::WebSocket(_, Transport::Plain(socket)) = &session.wire {
+            express.join(session.subscription.key(), session.subscription.client_id, Arc::clone(socket));
+            session.express = Some(Rc::clone(express));
+        }
         async move {
             let end = session.run().await;
             session.log_end(end);
@@ -199,7 +202,7 @@ impl Session {
             "{} disconnected after {:.0?}, {} events sent: {end}",
             self.label,
             self.started.elapsed(),
-            self.events_sent
+            self.subscription.sent()
         );
         match end.drop_reason() {
             Some(reason) => {
@@ -229,6 +232,7 @@ impl Session {
             return self.explain(end);
         }
         loop {
+            let parks = self.express.is_some();
             let wake = {
                 let socket = &self.socket;
                 let transport = self.wire.transport();
@@ -242,7 +246,10 @@ impl Session {
                 let readable = |cx: &mut std::task::Context<'_>| {
                     transport.has_buffered_input() || socket.poll_readable(cx).is_ready()
                 };
-                future::poll_fn(|cx| {
+                if parks {
+                    doorbell.park();
+                }
+                let wake = future::poll_fn(|cx| {
                     if client_first && readable(cx) {
                         return Poll::Ready(Wake::Readable);
                     }
@@ -254,8 +261,15 @@ impl Session {
                     }
                     pulse.poll_due(cx).map(|()| Wake::Heartbeat)
                 })
-                .await
+                .await;
+                doorbell.unpark();
+                wake
             };
+            if let Some(leftover) = self.express_leftover()
+                && let Err(end) = Box::pin(self.finish(leftover)).await
+            {
+                return self.explain(end);
+            }
             let result = match wake {
                 Wake::Readable => {
                     self.pulse.answered();
@@ -284,6 +298,20 @@ impl Session {
                 return self.explain(end);
             }
         }
+    }
+
+    /// What the express lane could not write for it while it was parked.
+    fn express_leftover(&self) -> Option<Box<Leftover>> {
+        let express = self.express.as_ref()?;
+        express.take_leftover(self.subscription.key(), self.subscription.client_id)
+    }
+
+    /// Writes the rest of a batch the express lane began, before anything else.
+    async fn finish(&mut self, leftover: Box<Leftover>) -> Result<(), SessionEnd> {
+        let limit = self.config().write_timeout;
+        write_rest(self.wire.transport_mut(), &leftover.frames, leftover.written, limit).await?;
+        self.record_delivered(&leftover.seqs);
+        Ok(())
     }
 
     /// A write that failed or timed out after the hub dropped the client as too slow ended
@@ -359,7 +387,6 @@ impl Session {
         if seqs.is_empty() {
             return;
         }
-        self.events_sent += seqs.len() as u64;
         self.app.metrics.count_delivered(seqs.len() as u64);
         let events = self.subscription.delivered(seqs, SystemTime::now());
         self.app.publisher.record(events);
@@ -521,6 +548,14 @@ impl Session {
     }
 }
 
+impl Drop for Session {
+    fn drop(&mut self) {
+        if let Some(express) = &self.express {
+            express.leave(self.subscription.key(), self.subscription.client_id);
+        }
+    }
+}
+
 /// An ack from the client: recorded (and broadcast once stored) if it is this tablet's first for
 /// a known seq; anything else is ignored.
 fn handle_ack(subscription: &Subscription, app: &App, label: &str, seq: u64) {
@@ -572,8 +607,17 @@ fn read_chunk<T>(
 /// one rustls write a batch: one record, not one per frame), then what rustls still holds. The
 /// clock starts only if the socket is full: a write that goes through at once costs no timer.
 async fn write_all(transport: &mut Transport, frames: &[Frame], limit: Duration) -> Result<(), SessionEnd> {
+    write_rest(transport, frames, 0, limit).await
+}
+
+/// As `write_all`, for `frames` of which `written` bytes are on the socket already.
+async fn write_rest(
+    transport: &mut Transport,
+    frames: &[Frame],
+    mut written: usize,
+    limit: Duration,
+) -> Result<(), SessionEnd> {
     let total: usize = frames.iter().map(Frame::len).sum();
-    let mut written = 0;
     let mut deadline: Option<Timer> = None;
     future::poll_fn(|cx| {
         let mut wait = |cx: &mut std::task::Context<'_>| {
@@ -677,7 +721,7 @@ mod tests {
             let mut session = session;
             // Boxed, but alive at once in every session a batch of pongs wakes (it yields).
             let reading = size_of_val(&session.read_frames());
-            let size = std::mem::size_of_val(&session.serve());
+            let size = std::mem::size_of_val(&session.serve(&Express::new(1)));
             // `cargo test --release --lib a_session_future -- --nocapture` prints the figures.
             eprintln!(
                 "session {session_bytes} bytes (its wire {}), its future {size}, reading {reading}",
