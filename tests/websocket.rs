@@ -247,6 +247,12 @@ fn a_client_that_stops_reading_is_dropped_while_others_get_everything() {
     let elapsed = started.elapsed();
     server.wait_for_log("too slow: --queue events behind");
     server.wait_for_clients(1);
+    // The hub dropped it before its session ended: its last line still names it and counts.
+    let peer = stalled.local_addr().unwrap();
+    let logs = server.logs();
+    let line = logs.lines().find(|line| line.contains("too slow: --queue")).unwrap();
+    assert!(line.contains(&format!("({peer}) disconnected after")), "{line}");
+    assert!(!line.contains(" 0 events sent"), "{line}");
     assert!(elapsed < PATIENCE, "publishing took {elapsed:?}");
     println!("{total} emergencies of {} bytes to the healthy client in {elapsed:?}", payload.len());
 }

@@ -86,6 +86,15 @@ pub struct ConnectedClient {
     pub last_heard: SystemTime,
 }
 
+/// A client as its log lines name it, and what it was sent.
+#[derive(Clone, Debug)]
+pub struct ClientSummary {
+    pub name: Option<Rc<str>>,
+    pub peer: SocketAddr,
+    /// Emergencies written to it in full.
+    pub sent: u64,
+}
+
 /// What the roster remembers of a named tablet across its connections.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct TabletRecord {
@@ -143,8 +152,16 @@ impl Subscriber {
         last_seq.saturating_sub(self.cursor.max(self.live_from))
     }
 
-    fn say_farewell(&self, farewell: Farewell) {
+    /// Closes its doorbell with the reason; the hub then drops it, and keeps its summary in
+    /// `departed` until its session ends.
+    fn say_farewell(&self, farewell: Farewell, departed: &mut HashMap<u64, ClientSummary>) {
         self.doorbell.close(farewell);
+        departed.insert(self.client_id, self.summary());
+    }
+
+    fn summary(&self) -> ClientSummary {
+        let name = self.identity.as_ref().map(|identity| Rc::clone(&identity.name));
+        ClientSummary { name, peer: self.peer, sent: self.sent }
     }
 
     fn named(&self) -> bool {
@@ -223,6 +240,9 @@ pub struct Hub {
     /// The open cap, once reached, is reached at every publish: one line per period says so.
     open_cap_warnings: WarningThrottle,
     express: ExpressList,
+    /// Clients dropped (too slow, revoked, a new history) whose sessions have not ended yet, by
+    /// client id: at most `max_clients`, each removed as its session unsubscribes.
+    departed: HashMap<u64, ClientSummary>,
 }
 
 /// What the welcome tells a new client about the history, as of its subscription.
@@ -260,6 +280,7 @@ impl Hub {
             roster: HashMap::new(),
             open_cap_warnings: WarningThrottle::default(),
             express: ExpressList::default(),
+            departed: HashMap::new(),
         }
     }
 
@@ -309,11 +330,11 @@ impl Hub {
         self.history.push_back(Retained { seq, json: Rc::clone(&json), received_at, key });
         let queue = self.limits.queue as u64;
         let mut queued_to = 0;
-        let express = &mut self.express;
+        let (express, departed) = (&mut self.express, &mut self.departed);
         self.subscribers.retain(|key, subscriber| {
             if subscriber.lag(seq) > queue {
                 // The session logs the disconnection, with the reason set here.
-                subscriber.say_farewell(Farewell::TooSlow);
+                subscriber.say_farewell(Farewell::TooSlow, departed);
                 return false;
             }
             subscriber.ring(key, express);
@@ -579,7 +600,8 @@ impl Hub {
     pub fn shut_down(&mut self) {
         self.shutting_down = true;
         for (_, subscriber) in &self.subscribers {
-            subscriber.say_farewell(Farewell::ShuttingDown);
+            // Closed, not dropped: each session still takes what it has not been sent.
+            subscriber.doorbell.close(Farewell::ShuttingDown);
         }
     }
 
@@ -599,11 +621,12 @@ impl Hub {
     /// receipts and the notices start over empty, and every client is told to reconnect: it
     /// resumes with the old stream and is told `stream_changed`. Returns how many were told.
     pub fn reset(&mut self, stream_id: &str) -> usize {
+        let mut fresh = Hub::new(self.limits, stream_id);
+        fresh.departed = std::mem::take(&mut self.departed);
         for (_, subscriber) in &self.subscribers {
-            subscriber.say_farewell(Farewell::StreamChanged);
+            subscriber.say_farewell(Farewell::StreamChanged, &mut fresh.departed);
         }
         let told = self.subscribers.len();
-        let mut fresh = Hub::new(self.limits, stream_id);
         // A session still holding an old key must not unsubscribe a newer client.
         fresh.next_client_id = self.next_client_id;
         fresh.unnamed_prefix = Rc::clone(&self.unnamed_prefix);
@@ -631,9 +654,10 @@ impl Hub {
     /// Drops every client whose token `still_valid` rejects; returns how many.
     pub fn revoke(&mut self, still_valid: impl Fn(&str) -> bool) -> usize {
         let before = self.subscribers.len();
+        let departed = &mut self.departed;
         self.subscribers.retain(|_, subscriber| match &subscriber.identity {
             Some(identity) if !still_valid(&identity.token) => {
-                subscriber.say_farewell(Farewell::Revoked);
+                subscriber.say_farewell(Farewell::Revoked, departed);
                 false
             }
             _ => true,
@@ -651,6 +675,15 @@ impl Hub {
             queued: self.last_seq.saturating_sub(subscriber.cursor),
             last_heard: subscriber.last_heard,
         })
+    }
+
+    /// Who a client is and what it was sent, while it is subscribed and, once the hub dropped it,
+    /// until its session ends.
+    pub fn summary(&self, key: usize, client_id: u64) -> Option<ClientSummary> {
+        match self.subscribers.get(key).filter(|s| s.client_id == client_id) {
+            Some(subscriber) => Some(subscriber.summary()),
+            None => self.departed.get(&client_id).cloned(),
+        }
     }
 
     pub fn history_bytes(&self) -> usize {
@@ -694,6 +727,8 @@ impl Hub {
         // The key may already be gone (dropped as too slow) and even reused by a newer client.
         if self.subscribers.get(key).is_some_and(|s| s.client_id == client_id) {
             self.subscribers.remove(key);
+        } else {
+            self.departed.remove(&client_id);
         }
     }
 
@@ -787,11 +822,6 @@ impl Hub {
             self.update_roster(&name, |record| record.last_delivered_seq = Some(newest.seq()));
         }
         events
-    }
-
-    /// Emergencies written to a client in full so far.
-    pub fn sent(&self, key: usize, client_id: u64) -> u64 {
-        self.subscribers.get(key).filter(|s| s.client_id == client_id).map_or(0, |s| s.sent)
     }
 
     /// A client sent something: it is alive, as of `at`.
@@ -994,10 +1024,10 @@ impl Hub {
         self.notices.push(json);
         let end = self.notices.end();
         let limit = self.limits.status_queue as u64;
-        let express = &mut self.express;
+        let (express, departed) = (&mut self.express, &mut self.departed);
         self.subscribers.retain(|key, subscriber| {
             if end - subscriber.notice_cursor > limit {
-                subscriber.say_farewell(Farewell::TooSlow);
+                subscriber.say_farewell(Farewell::TooSlow, departed);
                 return false;
             }
             subscriber.ring(key, express);
@@ -1361,6 +1391,25 @@ mod tests {
         let newest = hub.history.back().unwrap();
         assert_eq!(newest.received_at, before_the_step);
         assert!(newest.json.contains(&rfc3339_millis(before_the_step)), "{}", newest.json);
+    }
+
+    #[test]
+    fn a_dropped_client_keeps_its_name_and_count_until_its_session_ends() {
+        let hub = new_hub(limits(), "stream-a");
+        let (slow, _) = subscribe(&hub, None);
+        hub.borrow().publish_ok(&raw("{}"), Source::Unix);
+        assert_eq!(pending_seqs(&slow), [1]);
+        slow.delivered(&[1], SystemTime::now());
+        for _ in 0..3 {
+            hub.borrow().publish_ok(&raw("{}"), Source::Unix);
+        }
+        assert_eq!(slow.doorbell.farewell(), Some(Farewell::TooSlow));
+        assert_eq!(hub.borrow().client_count(), 0);
+        assert_eq!(slow.sent(), 1);
+        assert_eq!(slow.label(", SSE"), format!("client {} (127.0.0.1:9, SSE)", slow.client_id));
+        let (key, client_id) = (slow.key(), slow.client_id);
+        drop(slow);
+        assert!(hub.borrow().summary(key, client_id).is_none(), "forgotten once its session ends");
     }
 
     #[test]

@@ -8,7 +8,7 @@ use crate::auth::Identity;
 use crate::core::Outgoing;
 use crate::core::doorbell::Doorbell;
 use crate::core::handle::HubHandle;
-use crate::core::hub::{Greeting, Refusal, Resume};
+use crate::core::hub::{ClientSummary, Greeting, Refusal, Resume};
 use crate::core::receipts::{AckRequest, ReceiptEvent};
 
 /// What a client holds while it is connected. Dropping it unsubscribes, whichever side ended
@@ -57,7 +57,18 @@ impl Subscription {
 
     /// Emergencies written to this client in full so far, by its session or the express lane.
     pub fn sent(&self) -> u64 {
-        self.hub.try_with(|hub| hub.sent(self.key, self.client_id)).unwrap_or(0)
+        self.summary().map_or(0, |summary| summary.sent)
+    }
+
+    /// `client ID (name) (peer)`, for log lines: made when needed, not kept by every client.
+    pub fn label(&self, transport: &str) -> String {
+        let Some(client) = self.summary() else { return format!("client {}", self.client_id) };
+        let name = client.name.map(|name| format!(" ({name})")).unwrap_or_default();
+        format!("client {}{name} ({}{transport})", self.client_id, client.peer)
+    }
+
+    fn summary(&self) -> Option<ClientSummary> {
+        self.hub.try_with(|hub| hub.summary(self.key, self.client_id)).flatten()
     }
 
     /// The client's slab key, which the express lane knows it by.

@@ -55,7 +55,6 @@ pub async fn upgrade(app: &Rc<App>, upgrade: Upgrade) -> Option<Session> {
         }
         None => info!("client {client_id}{name} connected from {peer} over {scheme}"),
     }
-    let label = format!("client {client_id}{name} ({peer})").into_boxed_str();
     Some(Session::new(
         // What the client sent after its request head, parsed at the session's first read.
         Wire::WebSocket(FrameReader::with_early_bytes(connection.buffered), connection.stream),
@@ -63,7 +62,6 @@ pub async fn upgrade(app: &Rc<App>, upgrade: Upgrade) -> Option<Session> {
         Rc::clone(app),
         admitted.subscription,
         admitted.greeting,
-        label,
     ))
 }
 

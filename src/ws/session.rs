@@ -150,22 +150,19 @@ pub struct Session {
     pulse: Pulse,
     /// For the welcome; taken when it is sent.
     greeting: Option<Box<Greeting>>,
-    /// `client ID (name) (peer)`, for its last log line.
-    label: Box<str>,
     started: Instant,
     /// The express lane, for a plain WebSocket session: it writes while the session is parked.
     express: Option<Rc<Express>>,
 }
 
 impl Session {
-    /// A session for a client the handshake admitted; `label` names it in its last log line.
+    /// A session for a client the handshake admitted.
     pub fn new(
         wire: Wire,
         socket: Arc<Async<std::net::TcpStream>>,
         app: Rc<App>,
         subscription: Subscription,
         greeting: Greeting,
-        label: Box<str>,
     ) -> Session {
         Session {
             wire,
@@ -174,7 +171,6 @@ impl Session {
             app,
             subscription,
             greeting: Some(Box::new(greeting)),
-            label,
             started: Instant::now(),
             express: None,
         }
@@ -200,7 +196,7 @@ impl Session {
         let app = &self.app;
         let summary = format!(
             "{} disconnected after {:.0?}, {} events sent: {end}",
-            self.label,
+            self.label(),
             self.started.elapsed(),
             self.subscription.sent()
         );
@@ -211,6 +207,12 @@ impl Session {
             }
             None => info!("{summary}"),
         }
+    }
+
+    /// `client ID (name) (peer)`, for its log lines.
+    fn label(&self) -> String {
+        let transport = if matches!(self.wire, Wire::EventStream(..)) { ", SSE" } else { "" };
+        self.subscription.label(transport)
     }
 
     fn config(&self) -> &Config {
@@ -438,7 +440,7 @@ impl Session {
         early: bool,
         replies: &mut Vec<Frame>,
     ) -> Read<Result<Option<ClientClose>, WsError>> {
-        let Session { wire: Wire::WebSocket(reader, transport), subscription, app, label, .. } = self else {
+        let Session { wire: Wire::WebSocket(reader, transport), subscription, app, .. } = self else {
             return Read::Nothing;
         };
         let max_message = app.config.max_client_message_bytes;
@@ -446,7 +448,7 @@ impl Session {
             reader.feed(chunk, max_message, |frame| match frame {
                 ClientFrame::Text(text) => match client_text(text) {
                     ClientText::Ping => replies.push(Frame::text(PONG.into())),
-                    ClientText::Ack(seq) => handle_ack(subscription, app, label, seq),
+                    ClientText::Ack(seq) => handle_ack(subscription, app, seq),
                     ClientText::Other => {}
                 },
                 ClientFrame::Ping(payload) => replies.push(Frame::pong(payload)),
@@ -558,12 +560,13 @@ impl Drop for Session {
 
 /// An ack from the client: recorded (and broadcast once stored) if it is this tablet's first for
 /// a known seq; anything else is ignored.
-fn handle_ack(subscription: &Subscription, app: &App, label: &str, seq: u64) {
+fn handle_ack(subscription: &Subscription, app: &App, seq: u64) {
+    let label = || subscription.label("");
     match subscription.ack(seq, SystemTime::now()) {
         AckRequest::First(event) => app.publisher.record(vec![event]),
-        AckRequest::Repeated => debug!("{label}: repeated ack of seq {seq}"),
-        AckRequest::Unknown => debug!("{label}: ack of unknown seq {seq} ignored"),
-        AckRequest::Uncounted => debug!("{label}: ack of seq {seq} past --max-unnamed-receipts"),
+        AckRequest::Repeated => debug!("{}: repeated ack of seq {seq}", label()),
+        AckRequest::Unknown => debug!("{}: ack of unknown seq {seq} ignored", label()),
+        AckRequest::Uncounted => debug!("{}: ack of seq {seq} past --max-unnamed-receipts", label()),
     }
 }
 
@@ -715,7 +718,6 @@ mod tests {
                 Rc::clone(&app),
                 subscription,
                 greeting,
-                "test".into(),
             );
             let session_bytes = std::mem::size_of_val(&session);
             let mut session = session;

@@ -70,14 +70,12 @@ pub async fn open(app: &Rc<App>, upgrade: Upgrade) -> Option<Session> {
     }
     let events = EventStream::new(&greeting, resume.as_ref());
     let socket = connection.stream.socket();
-    let label = format!("client {client_id}{name} ({peer}, SSE)").into_boxed_str();
     Some(Session::new(
         Wire::EventStream(events, connection.stream),
         socket,
         Rc::clone(app),
         subscription,
         greeting,
-        label,
     ))
 }
 
