@@ -12,6 +12,7 @@
 //! are one sequence read from one place.
 
 use std::collections::{HashMap, VecDeque};
+use std::mem;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::task::{Context, Poll, Waker};
@@ -144,6 +145,20 @@ struct Subscriber {
     last_heard: SystemTime,
     /// Emergencies written to it in full, by its session or the express lane.
     sent: u64,
+    /// Here, not in the doorbell: a fan-out then touches only the slab for a parked client.
+    stance: Stance,
+}
+
+/// Where a client's session is, as far as the express lane (`ws::express`) goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stance {
+    /// Running, or waiting for something else than the doorbell (a write, a read): only the
+    /// session may write to its client.
+    Busy,
+    /// Waiting for the doorbell with everything written: what comes may be written for it.
+    Parked,
+    /// Parked, and listed for the express lane: a ring adds nothing until it is served.
+    Listed,
 }
 
 impl Subscriber {
@@ -169,9 +184,14 @@ impl Subscriber {
     }
 
     /// Rings its doorbell; a parked one is listed for the express lane instead.
-    fn ring(&self, key: usize, express: &mut ExpressList) {
-        if self.doorbell.ring() {
-            express.list(key, self.client_id);
+    fn ring(&mut self, key: usize, express: &mut ExpressList) {
+        match self.stance {
+            Stance::Busy => self.doorbell.ring(),
+            Stance::Parked => {
+                self.stance = Stance::Listed;
+                express.list(key, self.client_id);
+            }
+            Stance::Listed => {}
         }
     }
 }
@@ -558,6 +578,7 @@ impl Hub {
             backlog: has_backlog.then(|| Box::new(backlog)),
             last_heard: now,
             sent: 0,
+            stance: Stance::Busy,
         });
         let greeting = Greeting {
             stream: Rc::clone(&self.stream_id),
@@ -599,8 +620,9 @@ impl Hub {
     /// goodbye; refuses new ones.
     pub fn shut_down(&mut self) {
         self.shutting_down = true;
-        for (_, subscriber) in &self.subscribers {
-            // Closed, not dropped: each session still takes what it has not been sent.
+        for (_, subscriber) in &mut self.subscribers {
+            // Closed, not dropped: each session still takes what it has not been sent, itself.
+            subscriber.stance = Stance::Busy;
             subscriber.doorbell.close(Farewell::ShuttingDown);
         }
     }
@@ -622,7 +644,7 @@ impl Hub {
     /// resumes with the old stream and is told `stream_changed`. Returns how many were told.
     pub fn reset(&mut self, stream_id: &str) -> usize {
         let mut fresh = Hub::new(self.limits, stream_id);
-        fresh.departed = std::mem::take(&mut self.departed);
+        fresh.departed = mem::take(&mut self.departed);
         for (_, subscriber) in &self.subscribers {
             subscriber.say_farewell(Farewell::StreamChanged, &mut fresh.departed);
         }
@@ -782,7 +804,7 @@ impl Hub {
         push: impl FnMut(Outgoing),
     ) -> Option<usize> {
         let subscriber = self.subscribers.get(key).filter(|s| s.client_id == client_id)?;
-        if !subscriber.doorbell.is_listed() {
+        if subscriber.stance != Stance::Listed {
             return None;
         }
         Some(self.take_pending(key, client_id, max_frames, max_bytes, push))
@@ -791,11 +813,35 @@ impl Hub {
     /// The express lane wrote for a listed client: everything, so it is parked again
     /// (`all_written`), or not: its session is woken to finish.
     pub fn express_served(&mut self, key: usize, client_id: u64, all_written: bool) {
-        let Some(subscriber) = self.subscribers.get(key).filter(|s| s.client_id == client_id) else { return };
-        match all_written {
-            true => subscriber.doorbell.served(),
-            false => subscriber.doorbell.hand_back(),
+        let Some(subscriber) = self.subscriber_mut(key, client_id) else { return };
+        if all_written {
+            subscriber.stance = Stance::Parked;
+        } else {
+            subscriber.stance = Stance::Busy;
+            subscriber.doorbell.ring();
         }
+    }
+
+    /// Its session is about to wait for the doorbell with everything it was handed written: the
+    /// express lane may write for it until it wakes.
+    pub fn park(&mut self, key: usize, client_id: u64) {
+        if let Some(subscriber) = self.subscriber_mut(key, client_id) {
+            subscriber.stance = Stance::Parked;
+        }
+    }
+
+    /// Its session woke (for whatever reason) and may write again: the express lane keeps off.
+    /// Listed and not yet served, it finds its doorbell rung instead.
+    pub fn unpark(&mut self, key: usize, client_id: u64) {
+        if let Some(subscriber) = self.subscriber_mut(key, client_id)
+            && mem::replace(&mut subscriber.stance, Stance::Busy) == Stance::Listed
+        {
+            subscriber.doorbell.mark_rung();
+        }
+    }
+
+    fn subscriber_mut(&mut self, key: usize, client_id: u64) -> Option<&mut Subscriber> {
+        self.subscribers.get_mut(key).filter(|s| s.client_id == client_id)
     }
 }
 
@@ -1154,7 +1200,7 @@ mod tests {
         let hub = new_hub(limits(), "s");
         let (client, _) = subscribe(&hub, None);
         let (busy, _) = subscribe(&hub, None);
-        client.doorbell.park();
+        client.park();
         hub.borrow().publish_ok(&raw("{}"), Source::Unix);
         hub.borrow().publish_ok(&raw("{}"), Source::Unix);
         assert!(!client.doorbell.is_rung() && busy.doorbell.is_rung());
@@ -1174,13 +1220,13 @@ mod tests {
     fn a_listed_client_that_wakes_serves_itself() {
         let hub = new_hub(limits(), "s");
         let (client, _) = subscribe(&hub, None);
-        client.doorbell.park();
+        client.park();
         hub.borrow().publish_ok(&raw("{}"), Source::Unix);
-        client.doorbell.unpark();
+        client.unpark();
         assert!(client.doorbell.is_rung(), "it finds its doorbell rung");
         assert_eq!(take_listed(&hub, &client), None, "the lane keeps off");
         assert_eq!(take_all(&client).len(), 1);
-        client.doorbell.park();
+        client.park();
         hub.borrow().shut_down();
         assert!(client.doorbell.is_rung() && client.doorbell.farewell().is_some());
         assert_eq!(take_listed(&hub, &client), None, "a closed doorbell is never listed");

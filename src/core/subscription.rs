@@ -71,6 +71,16 @@ impl Subscription {
         self.hub.try_with(|hub| hub.summary(self.key, self.client_id)).flatten()
     }
 
+    /// See `Hub::park`.
+    pub fn park(&self) {
+        self.hub.try_with(|hub| hub.park(self.key, self.client_id));
+    }
+
+    /// See `Hub::unpark`.
+    pub fn unpark(&self) {
+        self.hub.try_with(|hub| hub.unpark(self.key, self.client_id));
+    }
+
     /// The client's slab key, which the express lane knows it by.
     pub fn key(&self) -> usize {
         self.key

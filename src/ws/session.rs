@@ -249,7 +249,7 @@ impl Session {
                     transport.has_buffered_input() || socket.poll_readable(cx).is_ready()
                 };
                 if parks {
-                    doorbell.park();
+                    self.subscription.park();
                 }
                 let wake = future::poll_fn(|cx| {
                     if client_first && readable(cx) {
@@ -264,7 +264,9 @@ impl Session {
                     pulse.poll_due(cx).map(|()| Wake::Heartbeat)
                 })
                 .await;
-                doorbell.unpark();
+                if parks {
+                    self.subscription.unpark();
+                }
                 wake
             };
             if let Some(leftover) = self.express_leftover()
