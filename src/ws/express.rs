@@ -26,9 +26,11 @@ use crate::ws::frame::{Frame, WRITE_BATCH_BYTES, WRITE_BATCH_FRAMES, slices_for,
 use smol::{Async, future};
 use socket2::SockRef;
 
-/// Listed clients written per scheduling round: what one round of session turns would write, so
-/// that publishes, pings and accepts get their turns during a large fan-out.
-const CLIENTS_PER_TURN: usize = 64;
+/// Listed clients written per scheduling round, so that publishes, pings and accepts get their
+/// turns during a large fan-out: a round then writes for about 3 ms (a `send` to a loopback socket
+/// is about 13 µs). 64 (a round of session turns) made a fan-out to 1000 clients 16 rounds and its
+/// p99 about 4 ms later (BENCHMARKS.md, "Round 6").
+const CLIENTS_PER_TURN: usize = 256;
 
 /// The plain WebSocket sessions that may park, by their hub key.
 pub struct Express {
