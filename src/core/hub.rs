@@ -94,6 +94,8 @@ pub struct ClientSummary {
     pub peer: SocketAddr,
     /// Emergencies written to it in full.
     pub sent: u64,
+    /// Why the hub closed its doorbell, once it has.
+    pub farewell: Option<Farewell>,
 }
 
 /// What the roster remembers of a named tablet across its connections.
@@ -128,14 +130,16 @@ struct Subscriber {
     identity: Option<Identity>,
     connected_at: SystemTime,
     /// Rung when there is something after `cursor`; closed to end the session.
-    doorbell: Rc<Doorbell>,
+    doorbell: Doorbell,
     /// The last seq handed to its session for writing.
     cursor: u64,
     /// The last seq when it subscribed: what came after is live, what came before is replay.
     live_from: u64,
     /// Who its receipts are for: its token's name (the roster's `Rc` of it), else
-    /// `client-ID@PEER` (its own).
-    tablet: Rc<str>,
+    /// `client-ID@PEER` (its own), made only once it gets a receipt: past
+    /// `--max-unnamed-receipts` per emergency most connections without a name never do, and do
+    /// not keep 48 bytes of name each.
+    tablet: Option<Rc<str>>,
     /// Whether `tablet` is the hub's one `Rc` for that name (not when the roster was full).
     tablet_by_pointer: bool,
     /// The position in `Hub::notices` of the next notice its session takes.
@@ -171,16 +175,34 @@ impl Subscriber {
     /// `departed` until its session ends.
     fn say_farewell(&self, farewell: Farewell, departed: &mut HashMap<u64, ClientSummary>) {
         self.doorbell.close(farewell);
-        departed.insert(self.client_id, self.summary());
+        departed.insert(self.client_id, ClientSummary { farewell: Some(farewell), ..self.summary() });
     }
 
     fn summary(&self) -> ClientSummary {
         let name = self.identity.as_ref().map(|identity| Rc::clone(&identity.name));
-        ClientSummary { name, peer: self.peer, sent: self.sent }
+        ClientSummary { name, peer: self.peer, sent: self.sent, farewell: self.doorbell.farewell() }
     }
 
     fn named(&self) -> bool {
         self.identity.is_some()
+    }
+
+    /// Who a receipt of `seq` for this client is for, its unnamed label made now if it has
+    /// none yet; `None` if it has none and `seq` takes no more unnamed receipts (so it has none).
+    fn receipt_tablet<'a>(
+        &'a mut self,
+        receipts: &Receipts,
+        seq: u64,
+        unnamed_prefix: &str,
+    ) -> Option<Tablet<'a>> {
+        if self.tablet.is_none() {
+            if !receipts.takes_unnamed(seq) {
+                return None;
+            }
+            self.tablet = Some(format!("{unnamed_prefix}client-{}@{}", self.client_id, self.peer).into());
+        }
+        let named = self.named();
+        Some(Tablet { name: self.tablet.as_ref()?, named, by_pointer: self.tablet_by_pointer })
     }
 
     /// Rings its doorbell; a parked one is listed for the express lane instead.
@@ -528,7 +550,7 @@ impl Hub {
         peer: SocketAddr,
         identity: Option<Identity>,
         resume: Option<&Resume>,
-    ) -> Result<(usize, u64, Rc<Doorbell>, Greeting), Refusal> {
+    ) -> Result<(usize, u64, Greeting), Refusal> {
         if self.shutting_down {
             return Err(Refusal::ShuttingDown);
         }
@@ -543,12 +565,14 @@ impl Hub {
             }
             None => (self.last_seq, None),
         };
-        let doorbell = Rc::new(Doorbell::default());
         let client_id = self.next_client_id;
         self.next_client_id += 1;
         let (tablet, tablet_by_pointer) = match &identity {
-            Some(identity) => self.canonical_name(&identity.name),
-            None => (format!("{}client-{client_id}@{peer}", self.unnamed_prefix).into(), true),
+            Some(identity) => {
+                let (name, by_pointer) = self.canonical_name(&identity.name);
+                (Some(name), by_pointer)
+            }
+            None => (None, true),
         };
         let since = resume.filter(|_| replay.is_some_and(|info| !info.reset && !info.stream_changed));
         // Open ones it already had (up to `since`) get a status, not the emergency again.
@@ -569,7 +593,7 @@ impl Hub {
             peer,
             identity,
             connected_at: now,
-            doorbell: Rc::clone(&doorbell),
+            doorbell: Doorbell::default(),
             cursor,
             live_from: self.last_seq,
             tablet,
@@ -587,7 +611,7 @@ impl Hub {
             replay,
             open,
         };
-        Ok((key, client_id, doorbell, greeting))
+        Ok((key, client_id, greeting))
     }
 
     /// Retained envelopes with seq greater than `since`, oldest first, and what that means for
@@ -645,6 +669,8 @@ impl Hub {
     pub fn reset(&mut self, stream_id: &str) -> usize {
         let mut fresh = Hub::new(self.limits, stream_id);
         fresh.departed = mem::take(&mut self.departed);
+        // The express lane waits on this hub's list: it must hear of the fresh one's.
+        fresh.express.waker = self.express.waker.take();
         for (_, subscriber) in &self.subscribers {
             subscriber.say_farewell(Farewell::StreamChanged, &mut fresh.departed);
         }
@@ -840,6 +866,26 @@ impl Hub {
         }
     }
 
+    /// Ready once the client's doorbell was rung since it was last polled, or closed; a client
+    /// the hub dropped stays closed until its session ends.
+    pub fn poll_rung(&self, key: usize, client_id: u64, cx: &mut Context<'_>) -> Poll<()> {
+        match self.subscribers.get(key).filter(|s| s.client_id == client_id) {
+            Some(subscriber) => subscriber.doorbell.poll_rung(cx),
+            None => Poll::Ready(()),
+        }
+    }
+
+    /// Why the hub closed the client's doorbell, once it has.
+    pub fn farewell(&self, key: usize, client_id: u64) -> Option<Farewell> {
+        self.summary(key, client_id).and_then(|summary| summary.farewell)
+    }
+
+    /// Whether the client's doorbell was rung and not yet polled, for tests of the hub.
+    #[cfg(test)]
+    pub(crate) fn is_rung(&self, key: usize, client_id: u64) -> bool {
+        self.subscribers.get(key).filter(|s| s.client_id == client_id).is_some_and(|s| s.doorbell.is_rung())
+    }
+
     fn subscriber_mut(&mut self, key: usize, client_id: u64) -> Option<&mut Subscriber> {
         self.subscribers.get_mut(key).filter(|s| s.client_id == client_id)
     }
@@ -855,21 +901,19 @@ impl Hub {
         seqs: &[u64],
         at: SystemTime,
     ) -> Vec<ReceiptEvent> {
-        let Hub { subscribers, receipts, .. } = self;
+        let Hub { subscribers, receipts, unnamed_prefix, .. } = self;
         let Some(subscriber) = subscribers.get_mut(key).filter(|s| s.client_id == client_id) else {
             return Vec::new();
         };
         subscriber.sent += seqs.len() as u64;
-        // The name borrowed, not cloned: at a fan-out, its count is one more line to load per client.
-        let tablet = Tablet {
-            name: &subscriber.tablet,
-            named: subscriber.named(),
-            by_pointer: subscriber.tablet_by_pointer,
-        };
-        let events: Vec<ReceiptEvent> =
-            seqs.iter().filter_map(|&seq| receipts.delivered(seq, tablet, at)).collect();
-        if let Some(newest) = events.last() {
-            let name = Rc::clone(&subscriber.tablet);
+        let mut events = Vec::new();
+        for &seq in seqs {
+            // The name borrowed, not cloned: at a fan-out, its count is one more line to load.
+            if let Some(tablet) = subscriber.receipt_tablet(receipts, seq, unnamed_prefix) {
+                events.extend(receipts.delivered(seq, tablet, at));
+            }
+        }
+        if let (Some(newest), Some(name)) = (events.last(), subscriber.tablet.clone()) {
             self.update_roster(&name, |record| record.last_delivered_seq = Some(newest.seq()));
         }
         events
@@ -881,21 +925,24 @@ impl Hub {
             return;
         };
         subscriber.last_heard = at;
-        if subscriber.identity.is_some() {
-            let tablet = Rc::clone(&subscriber.tablet);
+        if subscriber.identity.is_some()
+            && let Some(tablet) = subscriber.tablet.clone()
+        {
             self.update_roster(&tablet, |record| record.last_heard = Some(at));
         }
     }
 
     /// A connected client acks `seq`.
     pub fn ack_from_client(&mut self, key: usize, client_id: u64, seq: u64, at: SystemTime) -> AckRequest {
-        let Some(subscriber) = self.subscribers.get(key).filter(|s| s.client_id == client_id) else {
+        let Hub { subscribers, receipts, unnamed_prefix, .. } = self;
+        let Some(subscriber) = subscribers.get_mut(key).filter(|s| s.client_id == client_id) else {
             return AckRequest::Unknown;
         };
-        let name = Rc::clone(&subscriber.tablet);
-        let tablet =
-            Tablet { name: &name, named: subscriber.named(), by_pointer: subscriber.tablet_by_pointer };
-        self.receipts.begin_ack(seq, tablet, at)
+        match subscriber.receipt_tablet(receipts, seq, unnamed_prefix) {
+            Some(tablet) => receipts.begin_ack(seq, tablet, at),
+            None if receipts.knows(seq) => AckRequest::Uncounted,
+            None => AckRequest::Unknown,
+        }
     }
 
     /// A tablet acks `seq` without a connection (`POST /emergencias/{seq}/ack`). A named
@@ -1128,6 +1175,8 @@ impl Hub {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
     use std::time::Instant;
 
     use super::*;
@@ -1208,7 +1257,7 @@ mod tests {
         client.park();
         hub.borrow().publish_ok(&raw("{}"), Source::Unix);
         hub.borrow().publish_ok(&raw("{}"), Source::Unix);
-        assert!(!client.doorbell.is_rung() && busy.doorbell.is_rung());
+        assert!(!client.is_rung() && busy.is_rung());
         assert_eq!(listed(&hub), [(client.key(), client.client_id)]);
         assert_eq!(take_listed(&hub, &busy), None, "a busy client is its session's to serve");
         assert_eq!(take_listed(&hub, &client), Some(vec![1, 2]));
@@ -1217,8 +1266,31 @@ mod tests {
         assert_eq!(listed(&hub).len(), 1, "served, it is parked again");
         assert_eq!(take_listed(&hub, &client), Some(vec![3]));
         hub.borrow().express_served(client.key(), client.client_id, false);
-        assert!(client.doorbell.is_rung(), "what the lane hands back wakes the session");
+        assert!(client.is_rung(), "what the lane hands back wakes the session");
         assert_eq!(take_listed(&hub, &client), None);
+    }
+
+    #[test]
+    fn the_express_lane_still_hears_of_listed_clients_after_a_reset() {
+        let hub = new_hub(limits(), "s");
+        let woken = Arc::new(CountingWaker::default());
+        let waker = Waker::from(Arc::clone(&woken));
+        assert!(hub.borrow().poll_listed(&mut Context::from_waker(&waker)).is_pending());
+        hub.borrow().reset("t");
+        let (client, _) = subscribe(&hub, None);
+        client.park();
+        hub.borrow().publish_ok(&raw("{}"), Source::Unix);
+        assert_eq!(woken.0.load(Ordering::SeqCst), 1, "the lane was not woken");
+        assert_eq!(listed(&hub), [(client.key(), client.client_id)]);
+    }
+
+    #[derive(Default)]
+    struct CountingWaker(AtomicUsize);
+
+    impl std::task::Wake for CountingWaker {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
     }
 
     #[test]
@@ -1228,12 +1300,12 @@ mod tests {
         client.park();
         hub.borrow().publish_ok(&raw("{}"), Source::Unix);
         client.unpark();
-        assert!(client.doorbell.is_rung(), "it finds its doorbell rung");
+        assert!(client.is_rung(), "it finds its doorbell rung");
         assert_eq!(take_listed(&hub, &client), None, "the lane keeps off");
         assert_eq!(take_all(&client).len(), 1);
         client.park();
         hub.borrow().shut_down();
-        assert!(client.doorbell.is_rung() && client.doorbell.farewell().is_some());
+        assert!(client.is_rung() && client.farewell().is_some());
         assert_eq!(take_listed(&hub, &client), None, "a closed doorbell is never listed");
     }
 
@@ -1267,7 +1339,7 @@ mod tests {
         hub.borrow().publish_ok(&raw("{}"), Source::Http);
         let (client, _) = subscribe(&hub, None);
         assert_eq!(hub.borrow().reset("new"), 1);
-        assert_eq!(client.doorbell.farewell(), Some(Farewell::StreamChanged));
+        assert_eq!(client.farewell(), Some(Farewell::StreamChanged));
         let hub = hub.borrow();
         assert_eq!((hub.stream_id(), hub.last_seq(), hub.client_count()), ("new", 0, 0));
     }
@@ -1284,7 +1356,7 @@ mod tests {
         let second = hub.borrow().publish_ok(&raw("{}"), Source::Http);
         assert_eq!((first.seq, second.seq), (1, 2));
         assert_eq!(first.queued_to, 1);
-        assert!(client.doorbell.is_rung());
+        assert!(client.is_rung());
         let mut batch = Vec::new();
         assert_eq!(client.take_pending(1, usize::MAX, |out| batch.push(out.json)), 1);
         let json = &batch[0];
@@ -1454,7 +1526,7 @@ mod tests {
         for _ in 0..3 {
             hub.borrow().publish_ok(&raw("{}"), Source::Unix);
         }
-        assert_eq!(slow.doorbell.farewell(), Some(Farewell::TooSlow));
+        assert_eq!(slow.farewell(), Some(Farewell::TooSlow));
         assert_eq!(hub.borrow().client_count(), 0);
         assert_eq!(slow.sent(), 1);
         assert_eq!(slow.label(", SSE"), format!("client {} (127.0.0.1:9, SSE)", slow.client_id));
@@ -1472,9 +1544,9 @@ mod tests {
             hub.borrow().publish_ok(&raw("{}"), Source::Unix);
             assert_eq!(pending_seqs(&fast), [seq]);
         }
-        assert_eq!(slow.doorbell.farewell(), Some(Farewell::TooSlow));
+        assert_eq!(slow.farewell(), Some(Farewell::TooSlow));
         assert_eq!(pending_seqs(&slow), [] as [u64; 0]);
-        assert_eq!(fast.doorbell.farewell(), None);
+        assert_eq!(fast.farewell(), None);
         assert_eq!(hub.borrow().client_count(), 1);
     }
 
@@ -1488,13 +1560,13 @@ mod tests {
         for _ in 0..2 {
             hub.borrow().publish_ok(&raw("{}"), Source::Unix);
         }
-        assert_eq!(client.doorbell.farewell(), None);
+        assert_eq!(client.farewell(), None);
         assert_eq!(pending_seqs(&client), [1, 2, 3, 4, 5, 6, 7]);
         hub.borrow().publish_ok(&raw("{}"), Source::Unix);
         for _ in 0..3 {
             hub.borrow().publish_ok(&raw("{}"), Source::Unix);
         }
-        assert_eq!(client.doorbell.farewell(), Some(Farewell::TooSlow));
+        assert_eq!(client.farewell(), Some(Farewell::TooSlow));
     }
 
     #[test]
@@ -1515,7 +1587,7 @@ mod tests {
         hub.borrow().publish_ok(&raw("{}"), Source::Unix);
         assert_eq!(hub.borrow().history_range().first_seq, 4);
         assert_eq!(pending_seqs(&client), [5, 6]);
-        assert_eq!(client.doorbell.farewell(), None);
+        assert_eq!(client.farewell(), None);
     }
 
     #[test]
@@ -1600,8 +1672,8 @@ mod tests {
         let (kept, _) = Subscription::open(&hub, peer(), identity("kept"), None).unwrap();
         let (revoked, _) = Subscription::open(&hub, peer(), identity("revoked"), None).unwrap();
         assert_eq!(hub.borrow().revoke(|token| token == "kept-token"), 1);
-        assert_eq!(revoked.doorbell.farewell(), Some(Farewell::Revoked));
-        assert_eq!(kept.doorbell.farewell(), None);
+        assert_eq!(revoked.farewell(), Some(Farewell::Revoked));
+        assert_eq!(kept.farewell(), None);
         let before = SystemTime::now();
         let clients: Vec<ConnectedClient> = hub.borrow().clients().collect();
         assert_eq!(clients.len(), 1);

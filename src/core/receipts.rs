@@ -400,6 +400,16 @@ impl Receipts {
         }
     }
 
+    /// Whether `seq` is known and may still take a receipt of a tablet without a name.
+    pub fn takes_unnamed(&self, seq: u64) -> bool {
+        self.ledgers.get(&seq).is_some_and(|ledger| ledger.unnamed < self.limits.max_unnamed)
+    }
+
+    /// Whether `seq` has a ledger (it is retained, or open).
+    pub fn knows(&self, seq: u64) -> bool {
+        self.ledgers.contains_key(&seq)
+    }
+
     /// Records that `seq` was written in full to `tablet`: the event to store, the first time.
     pub fn delivered(&mut self, seq: u64, tablet: Tablet<'_>, at: SystemTime) -> Option<ReceiptEvent> {
         let max_unnamed = self.limits.max_unnamed;

@@ -1,12 +1,12 @@
 //! `Subscription`: a connected client's membership in the hub, from `open` to its drop.
 
 use std::net::SocketAddr;
-use std::rc::Rc;
+use std::task::{Context, Poll};
 use std::time::SystemTime;
 
 use crate::auth::Identity;
 use crate::core::Outgoing;
-use crate::core::doorbell::Doorbell;
+use crate::core::doorbell::Farewell;
 use crate::core::handle::HubHandle;
 use crate::core::hub::{ClientSummary, Greeting, Refusal, Resume};
 use crate::core::receipts::{AckRequest, ReceiptEvent};
@@ -15,8 +15,6 @@ use crate::core::receipts::{AckRequest, ReceiptEvent};
 /// the session: join and leave come in pairs.
 pub struct Subscription {
     pub client_id: u64,
-    /// Rung when there is something to send; closed, with the reason, to end the session.
-    pub doorbell: Rc<Doorbell>,
     hub: HubHandle,
     /// Its slab key; checked against `client_id`, because keys are reused.
     key: usize,
@@ -31,8 +29,27 @@ impl Subscription {
         identity: Option<Identity>,
         resume: Option<&Resume>,
     ) -> Result<(Subscription, Greeting), Refusal> {
-        let (key, client_id, doorbell, greeting) = hub.with(|hub| hub.subscribe(peer, identity, resume))?;
-        Ok((Subscription { client_id, doorbell, hub: hub.clone(), key }, greeting))
+        let (key, client_id, greeting) = hub.with(|hub| hub.subscribe(peer, identity, resume))?;
+        Ok((Subscription { client_id, hub: hub.clone(), key }, greeting))
+    }
+
+    /// Ready once its doorbell was rung (there is something to send) or closed (the session must
+    /// end: `farewell` says why).
+    pub fn poll_rung(&self, cx: &mut Context<'_>) -> Poll<()> {
+        let polled = self.hub.try_with(|hub| hub.poll_rung(self.key, self.client_id, cx));
+        // The hub busy is unreachable from a session's poll; a spurious wake-up is harmless.
+        polled.unwrap_or(Poll::Ready(()))
+    }
+
+    /// Why the hub closed its doorbell, once it has.
+    pub fn farewell(&self) -> Option<Farewell> {
+        self.hub.try_with(|hub| hub.farewell(self.key, self.client_id)).flatten()
+    }
+
+    /// Whether its doorbell was rung and not yet polled, for tests of the hub.
+    #[cfg(test)]
+    pub(crate) fn is_rung(&self) -> bool {
+        self.hub.try_with(|hub| hub.is_rung(self.key, self.client_id)).unwrap_or(false)
     }
 
     /// Hands `push` what this client has not been sent yet (emergencies oldest first, then status

@@ -238,7 +238,7 @@ impl Session {
             let wake = {
                 let socket = &self.socket;
                 let transport = self.wire.transport();
-                let doorbell = &self.subscription.doorbell;
+                let subscription = &self.subscription;
                 let pulse = &self.pulse;
                 // The socket is polled for readiness, not read: a read that finds nothing
                 // would cost a system call on every wake. While a pong is awaited the client
@@ -255,7 +255,7 @@ impl Session {
                     if client_first && readable(cx) {
                         return Poll::Ready(Wake::Readable);
                     }
-                    if doorbell.poll_rung(cx).is_ready() {
+                    if subscription.poll_rung(cx).is_ready() {
                         return Poll::Ready(Wake::Doorbell);
                     }
                     if !client_first && readable(cx) {
@@ -279,7 +279,7 @@ impl Session {
                     self.pulse.answered();
                     Box::pin(self.read_frames()).await
                 }
-                Wake::Doorbell if self.subscription.doorbell.farewell().is_some() => {
+                Wake::Doorbell if self.subscription.farewell().is_some() => {
                     Err(Box::pin(self.say_farewell()).await)
                 }
                 Wake::Doorbell => Box::pin(self.send_pending(Vec::new())).await,
@@ -323,7 +323,7 @@ impl Session {
     fn explain(&self, end: SessionEnd) -> SessionEnd {
         match end {
             SessionEnd::WriteTimeout | SessionEnd::Io(_)
-                if self.subscription.doorbell.farewell() == Some(Farewell::TooSlow) =>
+                if self.subscription.farewell() == Some(Farewell::TooSlow) =>
             {
                 SessionEnd::TooSlow
             }
@@ -484,7 +484,7 @@ impl Session {
     /// The hub closed the doorbell: say why, with the matching close code. At shutdown the
     /// client first gets everything it has not been sent.
     async fn say_farewell(&mut self) -> SessionEnd {
-        match self.subscription.doorbell.farewell() {
+        match self.subscription.farewell() {
             Some(Farewell::TooSlow) => {
                 self.close(CloseCode::Policy, "too slow: reconnect with ?since=").await;
                 SessionEnd::TooSlow
