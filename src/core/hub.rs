@@ -149,7 +149,8 @@ struct Subscriber {
     last_heard: SystemTime,
     /// Emergencies written to it in full, by its session or the express lane.
     sent: u64,
-    /// Here, not in the doorbell: a fan-out then touches only the slab for a parked client.
+    /// Whether the express lane may write for it: a fan-out to a parked client touches only this
+    /// entry.
     stance: Stance,
 }
 
