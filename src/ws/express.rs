@@ -69,18 +69,15 @@ impl Express {
 
     /// The session ended: its socket is no longer written here.
     pub fn leave(&self, key: usize, client_id: u64) {
-        if let Some(slot) = self.lanes.borrow_mut().get_mut(key)
-            && slot.as_ref().is_some_and(|lane| lane.client_id == client_id)
-        {
-            *slot = None;
+        let mut lanes = self.lanes.borrow_mut();
+        if lane_mut(&mut lanes, key, client_id).is_some() {
+            lanes[key] = None;
         }
     }
 
     /// What the lane left for this session to finish, if anything.
     pub fn take_leftover(&self, key: usize, client_id: u64) -> Option<Box<Leftover>> {
-        let mut lanes = self.lanes.borrow_mut();
-        let lane = lanes.get_mut(key)?.as_mut().filter(|lane| lane.client_id == client_id)?;
-        lane.leftover.take()
+        lane_mut(&mut self.lanes.borrow_mut(), key, client_id)?.leftover.take()
     }
 
     /// Serves the hub's list until the server stops, `CLIENTS_PER_TURN` per scheduling round.
@@ -103,7 +100,7 @@ impl Express {
         let mut lanes = self.lanes.borrow_mut();
         app.hub.with(|hub| {
             for &(key, client_id) in turn {
-                match lanes.get_mut(key).and_then(Option::as_mut).filter(|lane| lane.client_id == client_id) {
+                match lane_mut(&mut lanes, key, client_id) {
                     Some(lane) => batch.write_for(hub, key, lane),
                     // Not a session that parks: it cannot be listed, but if it were, it is woken.
                     None => hub.express_served(key, client_id, false),
@@ -116,6 +113,11 @@ impl Express {
             app.publisher.record(batch.events);
         }
     }
+}
+
+/// The lane of the session `client_id` under hub key `key`, if it still has one: keys are reused.
+fn lane_mut(lanes: &mut [Option<Lane>], key: usize, client_id: u64) -> Option<&mut Lane> {
+    lanes.get_mut(key)?.as_mut().filter(|lane| lane.client_id == client_id)
 }
 
 /// One turn's buffers, reused from client to client, and what it delivered.
