@@ -729,7 +729,7 @@ impl Hub {
     /// Who a client is and what it was sent, while it is subscribed and, once the hub dropped it,
     /// until its session ends.
     pub fn summary(&self, key: usize, client_id: u64) -> Option<ClientSummary> {
-        match self.subscribers.get(key).filter(|s| s.client_id == client_id) {
+        match self.subscriber(key, client_id) {
             Some(subscriber) => Some(subscriber.summary()),
             None => self.departed.get(&client_id).cloned(),
         }
@@ -830,7 +830,7 @@ impl Hub {
         max_bytes: usize,
         push: impl FnMut(Outgoing),
     ) -> Option<usize> {
-        let subscriber = self.subscribers.get(key).filter(|s| s.client_id == client_id)?;
+        let subscriber = self.subscriber(key, client_id)?;
         if subscriber.stance != Stance::Listed {
             return None;
         }
@@ -870,7 +870,7 @@ impl Hub {
     /// Ready once the client's doorbell was rung since it was last polled, or closed; a client
     /// the hub dropped stays closed until its session ends.
     pub fn poll_rung(&self, key: usize, client_id: u64, cx: &mut Context<'_>) -> Poll<()> {
-        match self.subscribers.get(key).filter(|s| s.client_id == client_id) {
+        match self.subscriber(key, client_id) {
             Some(subscriber) => subscriber.doorbell.poll_rung(cx),
             None => Poll::Ready(()),
         }
@@ -884,7 +884,12 @@ impl Hub {
     /// Whether the client's doorbell was rung and not yet polled, for tests of the hub.
     #[cfg(test)]
     pub(crate) fn is_rung(&self, key: usize, client_id: u64) -> bool {
-        self.subscribers.get(key).filter(|s| s.client_id == client_id).is_some_and(|s| s.doorbell.is_rung())
+        self.subscriber(key, client_id).is_some_and(|s| s.doorbell.is_rung())
+    }
+
+    /// The client under `key`, if it is still `client_id`: keys are reused.
+    fn subscriber(&self, key: usize, client_id: u64) -> Option<&Subscriber> {
+        self.subscribers.get(key).filter(|s| s.client_id == client_id)
     }
 
     fn subscriber_mut(&mut self, key: usize, client_id: u64) -> Option<&mut Subscriber> {
@@ -922,7 +927,7 @@ impl Hub {
 
     /// A client sent something: it is alive, as of `at`.
     pub fn heard(&mut self, key: usize, client_id: u64, at: SystemTime) {
-        let Some(subscriber) = self.subscribers.get_mut(key).filter(|s| s.client_id == client_id) else {
+        let Some(subscriber) = self.subscriber_mut(key, client_id) else {
             return;
         };
         subscriber.last_heard = at;
