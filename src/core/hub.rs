@@ -152,6 +152,9 @@ struct Subscriber {
     /// Whether the express lane may write for it: a fan-out to a parked client touches only this
     /// entry.
     stance: Stance,
+    /// Whether the express list (or the lane, working through it) holds an entry for it: a
+    /// client woken and parked again before the lane came is not listed twice.
+    on_list: bool,
 }
 
 /// Where a client's session is, as far as the express lane (`ws::express`) goes.
@@ -212,7 +215,9 @@ impl Subscriber {
             Stance::Busy => self.doorbell.ring(),
             Stance::Parked => {
                 self.stance = Stance::Listed;
-                express.list(key, self.client_id);
+                if !mem::replace(&mut self.on_list, true) {
+                    express.list(key, self.client_id);
+                }
             }
             Stance::Listed => {}
         }
@@ -220,8 +225,8 @@ impl Subscriber {
 }
 
 /// The parked clients something was queued for, which the express lane (`ws::express`) writes to
-/// without waking their sessions. Each client is on it at most once while it stays listed, so it
-/// holds no more than `max_clients` entries.
+/// without waking their sessions. A client has one entry at most, here or in the lane's hands,
+/// until the lane has taken it (`Subscriber::on_list`): no more than `max_clients` in all.
 #[derive(Default)]
 struct ExpressList {
     listed: Vec<(usize, u64)>,
@@ -604,6 +609,7 @@ impl Hub {
             last_heard: now,
             sent: 0,
             stance: Stance::Busy,
+            on_list: false,
         });
         let greeting = Greeting {
             stream: Rc::clone(&self.stream_id),
@@ -830,7 +836,8 @@ impl Hub {
         max_bytes: usize,
         push: impl FnMut(Outgoing),
     ) -> Option<usize> {
-        let subscriber = self.subscriber(key, client_id)?;
+        let subscriber = self.subscriber_mut(key, client_id)?;
+        subscriber.on_list = false;
         if subscriber.stance != Stance::Listed {
             return None;
         }
@@ -841,6 +848,7 @@ impl Hub {
     /// (`all_written`), or not: its session is woken to finish.
     pub fn express_served(&mut self, key: usize, client_id: u64, all_written: bool) {
         let Some(subscriber) = self.subscriber_mut(key, client_id) else { return };
+        subscriber.on_list = false;
         if all_written {
             subscriber.stance = Stance::Parked;
         } else {
@@ -1297,6 +1305,22 @@ mod tests {
         fn wake(self: Arc<Self>) {
             self.0.fetch_add(1, Ordering::SeqCst);
         }
+    }
+
+    #[test]
+    fn a_client_woken_and_parked_again_before_the_lane_comes_is_listed_once() {
+        let hub = new_hub(limits(), "s");
+        let (client, _) = subscribe(&hub, None);
+        for _ in 0..3 {
+            client.park();
+            hub.borrow().publish_ok(&raw("{}"), Source::Unix);
+            client.unpark();
+            assert_eq!(take_all(&client).len(), 1, "woken, it serves itself");
+        }
+        client.park();
+        hub.borrow().publish_ok(&raw("{}"), Source::Unix);
+        assert_eq!(listed(&hub), [(client.key(), client.client_id)]);
+        assert_eq!(take_listed(&hub, &client), Some(vec![4]));
     }
 
     #[test]
