@@ -55,7 +55,11 @@ pub const DEFAULT_MIN_BODY_RATE: usize = 1024;
 /// Default seconds a write to a client may take before the client is dropped.
 pub const DEFAULT_WRITE_TIMEOUT_SECS: f64 = 10.0;
 /// Default live events a WebSocket client may fall behind before it counts as too slow and is dropped.
-pub const DEFAULT_QUEUE: usize = 16;
+/// Half of it is how far publishing runs ahead of the fan-out (`Config::publish_burst`): 32, one
+/// write batch (`ws::frame::WRITE_BATCH_FRAMES`), so that a burst of publishes reaches each client
+/// in writes of up to 32 frames. A client's queue is a place in the shared ring, not a copy: the
+/// ring holds at most this many emergencies more than `--history`.
+pub const DEFAULT_QUEUE: usize = 64;
 /// Default connected WebSocket clients.
 pub const DEFAULT_MAX_CLIENTS: usize = 1000;
 /// Default HTTP connections that are not (yet) WebSocket clients, including those mid-head.
@@ -201,7 +205,7 @@ pub struct Config {
     #[argh(option, default = "secs(DEFAULT_WRITE_TIMEOUT_SECS)", from_str_fn(parse_seconds))]
     pub write_timeout: Duration,
 
-    /// live events a WebSocket client may fall behind before it is dropped (default 16)
+    /// live events a WebSocket client may fall behind before it is dropped (default 64)
     #[argh(option, default = "DEFAULT_QUEUE")]
     pub queue: usize,
 

@@ -421,10 +421,11 @@ fn metrics_count_what_happened() {
 }
 
 /// Publishers whose requests arrive in the same instant each wait for room before publishing,
-/// so even 40 at once never push a client that keeps up past `--queue` (16).
+/// so even 40 at once never push a client that keeps up past `--queue` (16 here: more than 40
+/// would fit in the default).
 #[test]
 fn concurrent_publishers_never_push_a_client_that_keeps_up_past_its_queue() {
-    let server = Server::start(&["--in-memory"]);
+    let server = Server::start(&["--in-memory", "--queue", "16"]);
     let mut clients: Vec<_> = (0..3).map(|_| server.subscribe().0).collect();
     let ready = std::sync::Arc::new(std::sync::Barrier::new(40));
     let publishers: Vec<_> = (0..40)
