@@ -137,6 +137,9 @@ pub fn serve(
         .sessions
         .spawn(Rc::clone(&express).run(Rc::clone(&app), Rc::clone(&scheduler.fan_out)))
         .detach();
+    let (lane, hub) = (Rc::clone(&express), app.hub.clone());
+    let ping_parked = move |key| hub.try_with(|hub| lane.ping(hub, key)).unwrap_or(false);
+    app.heartbeat.ping_parked_with(Box::new(ping_parked));
     if app.publisher.journal().is_some() {
         let app = Rc::clone(&app);
         scheduler.control.spawn(async move { app.publisher.flush_deliveries_periodically().await }).detach();

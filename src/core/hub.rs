@@ -857,6 +857,12 @@ impl Hub {
         }
     }
 
+    /// Whether its session waits parked and nothing is listed for it: the express lane may write
+    /// to it now.
+    pub fn is_parked(&self, key: usize, client_id: u64) -> bool {
+        self.subscriber(key, client_id).is_some_and(|subscriber| subscriber.stance == Stance::Parked)
+    }
+
     /// Its session is about to wait for the doorbell with everything it was handed written: the
     /// express lane may write for it until it wakes.
     pub fn park(&mut self, key: usize, client_id: u64) {

@@ -11,8 +11,14 @@
 //! deadline falls on the next slot boundary, at most one slot (`--ping-interval` / 8) late, never
 //! early. A session is a `Pulse` (its key in the slab of `Beat`s, removed on drop) and keeps its
 //! own waker there; the sweep visits every beat, a few nanoseconds each.
+//!
+//! A session that waits parked (`ws::express`) is not woken to ping: the sweep hands its ping to
+//! the `ParkedPinger` the server installed, which writes it from the express lane, and wakes the
+//! session only if that cannot be done at once. An idle tablet then costs a task wake per pong, not
+//! one per ping and one per pong. Pong deadlines always wake the session: it must close.
 
 use std::cell::{Cell, RefCell};
+use std::num::NonZeroU64;
 use std::rc::Rc;
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
@@ -24,6 +30,16 @@ use smol::future;
 /// Slots per `--ping-interval`: how often the sweep wakes, and the granularity of pings and pong
 /// deadlines (one slot of 30 s is 3.75 s).
 pub const SLOTS_PER_INTERVAL: u64 = 8;
+
+/// Pings written for parked sessions per turn of the sweep; it then yields, so that a slot where
+/// thousands are due (they all connected together) does not hold the thread for tens of
+/// milliseconds: 256 loopback `send`s are about 2 ms.
+const PARKED_PINGS_PER_TURN: usize = 256;
+
+/// Writes a ping for the parked session under a hub key, if it can at once: `true` once the ping
+/// is on its way (the session is next due at its pong deadline), `false` to wake the session to
+/// ping itself.
+pub type ParkedPinger = Box<dyn Fn(usize) -> bool>;
 
 /// A slot's number, counted from the heartbeat's start.
 type Tick = u64;
@@ -40,15 +56,32 @@ pub struct Heartbeat {
     beats: RefCell<Slab<Beat>>,
     /// The sweep, waiting for a first beat.
     sweeper: Cell<Option<Waker>>,
+    parked_pinger: RefCell<Option<ParkedPinger>>,
 }
 
 /// One session's place in the heartbeat.
 struct Beat {
     /// The slot at which the session is woken: its next ping, or its pong deadline.
     due: Tick,
-    /// While a pong is awaited, the slot the ping was due at.
-    pinged_at: Option<Tick>,
+    /// While a pong is awaited, the slot the ping was due at (never slot 0: the first ping is
+    /// due one interval after registering).
+    pinged_at: Option<NonZeroU64>,
     waker: Option<Waker>,
+    /// While its session waits parked: the session's hub key, which `ParkedPinger` knows it by.
+    parked_as: Option<u32>,
+}
+
+impl Beat {
+    /// Its ping is due (not its pong deadline) at `tick`.
+    fn ping_due(&self, tick: Tick) -> bool {
+        self.due <= tick && self.pinged_at.is_none()
+    }
+
+    /// A ping went out: next due at its pong deadline, the slot it was due at kept for the next.
+    fn pinged(&mut self, deadline: Tick) {
+        self.pinged_at = NonZeroU64::new(self.due.max(1));
+        self.due = deadline;
+    }
 }
 
 impl Heartbeat {
@@ -63,13 +96,20 @@ impl Heartbeat {
             swept: Cell::new(0),
             beats: RefCell::new(Slab::with_capacity(clients)),
             sweeper: Cell::new(None),
+            parked_pinger: RefCell::new(None),
         })
+    }
+
+    /// How pings of parked sessions are written from now on; until then, they are woken.
+    pub fn ping_parked_with(&self, pinger: ParkedPinger) {
+        *self.parked_pinger.borrow_mut() = Some(pinger);
     }
 
     /// A session's heartbeat, first due one `--ping-interval` from now (rounded up to a slot).
     pub fn register(self: &Rc<Self>) -> Pulse {
         let due = self.first_tick_from(Instant::now() + self.ping_interval);
-        let key = self.beats.borrow_mut().insert(Beat { due, pinged_at: None, waker: None });
+        let beat = Beat { due, pinged_at: None, waker: None, parked_as: None };
+        let key = self.beats.borrow_mut().insert(beat);
         if let Some(sweeper) = self.sweeper.take() {
             sweeper.wake();
         }
@@ -89,19 +129,52 @@ impl Heartbeat {
             })
             .await;
             Timer::at(self.instant_of(self.swept.get() + 1)).await;
-            self.sweep_now(self.tick_at(Instant::now()));
+            let tick = self.tick_at(Instant::now());
+            let mut next = Some(0);
+            while let Some(from) = next {
+                next = self.sweep_from(tick, from);
+                if next.is_some() {
+                    future::yield_now().await;
+                }
+            }
         }
     }
 
+    #[cfg(test)]
     fn sweep_now(&self, tick: Tick) {
+        let mut next = Some(0);
+        while let Some(from) = next {
+            next = self.sweep_from(tick, from);
+        }
+    }
+
+    /// Marks slot `tick` swept and serves the beats due from key `from` on: a parked session's
+    /// ping is written for it, any other session due is woken. Returns the key to go on from
+    /// after `PARKED_PINGS_PER_TURN` pings, `None` once every beat is served.
+    fn sweep_from(&self, tick: Tick, from: usize) -> Option<usize> {
         self.swept.set(tick);
-        for (_, beat) in self.beats.borrow_mut().iter_mut() {
-            if beat.due <= tick
-                && let Some(waker) = beat.waker.take()
-            {
+        let pinger = self.parked_pinger.borrow();
+        // The pings go out now, which is never before the slot began.
+        let sent = Instant::now().max(self.instant_of(tick));
+        let deadline = self.first_tick_from(sent + self.pong_timeout);
+        let mut pings = 0;
+        for (key, beat) in self.beats.borrow_mut().iter_mut().skip_while(|(key, _)| *key < from) {
+            if beat.due > tick {
+                continue;
+            }
+            let parked_ping = beat.ping_due(tick)
+                && beat.parked_as.zip(pinger.as_ref()).is_some_and(|(hub_key, ping)| ping(hub_key as usize));
+            if parked_ping {
+                beat.pinged(deadline);
+                pings += 1;
+                if pings == PARKED_PINGS_PER_TURN {
+                    return Some(key + 1);
+                }
+            } else if let Some(waker) = beat.waker.take() {
                 waker.wake();
             }
         }
+        None
     }
 
     /// The slot under way at `now`.
@@ -149,6 +222,17 @@ impl Pulse {
         if due.unwrap_or(false) { Poll::Ready(()) } else { Poll::Pending }
     }
 
+    /// Its session waits parked under `hub_key`: its pings may be written without waking it.
+    pub fn park(&self, hub_key: usize) {
+        let parked_as = u32::try_from(hub_key).ok();
+        self.heartbeat.with_beat(self.key, |beat, _| beat.parked_as = parked_as);
+    }
+
+    /// Its session is awake: it pings for itself.
+    pub fn unpark(&self) {
+        self.heartbeat.with_beat(self.key, |beat, _| beat.parked_as = None);
+    }
+
     /// Whether a ping went out and nothing has come back since.
     pub fn awaiting_answer(&self) -> bool {
         self.heartbeat.with_beat(self.key, |beat, _| beat.pinged_at.is_some()).unwrap_or(false)
@@ -161,10 +245,7 @@ impl Pulse {
 
     fn pinged_at(&self, now: Instant) {
         let deadline = self.heartbeat.first_tick_from(now + self.heartbeat.pong_timeout);
-        self.heartbeat.with_beat(self.key, |beat, _| {
-            beat.pinged_at = Some(beat.due);
-            beat.due = deadline;
-        });
+        self.heartbeat.with_beat(self.key, |beat, _| beat.pinged(deadline));
     }
 
     /// The client answered (anything it sends counts): the next ping is one interval after the
@@ -172,7 +253,7 @@ impl Pulse {
     pub fn answered(&self) {
         self.heartbeat.with_beat(self.key, |beat, _| {
             if let Some(pinged_at) = beat.pinged_at.take() {
-                beat.due = pinged_at + SLOTS_PER_INTERVAL;
+                beat.due = pinged_at.get() + SLOTS_PER_INTERVAL;
             }
         });
     }
@@ -273,6 +354,80 @@ mod tests {
         drop(early);
         drop(late);
         assert!(heartbeat.beats.borrow().is_empty());
+    }
+
+    /// Installs a pinger that answers `writes` and records the hub keys it was asked for.
+    fn pinger(heartbeat: &Heartbeat, writes: bool) -> Rc<RefCell<Vec<usize>>> {
+        let asked = Rc::new(RefCell::new(Vec::new()));
+        let log = Rc::clone(&asked);
+        heartbeat.ping_parked_with(Box::new(move |key| {
+            log.borrow_mut().push(key);
+            writes
+        }));
+        asked
+    }
+
+    #[test]
+    fn a_parked_session_is_pinged_for_without_a_wake_until_its_pong_deadline() {
+        let heartbeat = slow_heartbeat();
+        let asked = pinger(&heartbeat, true);
+        let pulse = heartbeat.register();
+        let counter = Arc::new(CountingWaker::default());
+        assert!(!due(&pulse, &counter));
+        pulse.park(7);
+        heartbeat.sweep_now(9);
+        assert_eq!(*asked.borrow(), [7], "the pinger wrote its ping");
+        assert_eq!(counter.0.load(Ordering::Relaxed), 0, "and the session slept on");
+        assert!(pulse.awaiting_answer());
+        // Written as slot 9 began (in this test): the pong deadline is two slots later.
+        heartbeat.sweep_now(10);
+        assert!(!due(&pulse, &counter), "due next at the pong deadline, slot 11");
+        heartbeat.sweep_now(11);
+        assert_eq!(counter.0.load(Ordering::Relaxed), 1, "a pong deadline wakes a parked session");
+        assert_eq!(asked.borrow().len(), 1, "and is not a ping");
+        pulse.answered();
+        pulse.unpark();
+        heartbeat.sweep_now(17);
+        assert_eq!(asked.borrow().len(), 1, "an awake session pings for itself");
+        assert!(due(&pulse, &counter));
+    }
+
+    #[test]
+    fn a_parked_session_whose_ping_cannot_be_written_is_woken_to_write_it() {
+        let heartbeat = slow_heartbeat();
+        let asked = pinger(&heartbeat, false);
+        let pulse = heartbeat.register();
+        let counter = Arc::new(CountingWaker::default());
+        assert!(!due(&pulse, &counter));
+        pulse.park(3);
+        heartbeat.sweep_now(9);
+        assert_eq!(*asked.borrow(), [3]);
+        assert_eq!(counter.0.load(Ordering::Relaxed), 1);
+        assert!(!pulse.awaiting_answer());
+        assert!(due(&pulse, &counter));
+    }
+
+    #[test]
+    fn a_sweep_yields_after_a_turn_of_parked_pings_and_then_goes_on() {
+        let heartbeat = Heartbeat::new(Duration::from_secs(8 * 3600), Duration::from_secs(2 * 3600), 0);
+        let asked = pinger(&heartbeat, true);
+        let pulses: Vec<Pulse> = (0..PARKED_PINGS_PER_TURN + 10).map(|_| heartbeat.register()).collect();
+        for (key, pulse) in pulses.iter().enumerate() {
+            pulse.park(key);
+        }
+        let next = heartbeat.sweep_from(9, 0);
+        assert_eq!(next, Some(PARKED_PINGS_PER_TURN));
+        assert_eq!(asked.borrow().len(), PARKED_PINGS_PER_TURN);
+        assert_eq!(heartbeat.sweep_from(9, PARKED_PINGS_PER_TURN), None);
+        let all: Vec<usize> = (0..pulses.len()).collect();
+        assert_eq!(*asked.borrow(), all, "each pinged once");
+        assert!(pulses.iter().all(Pulse::awaiting_answer));
+    }
+
+    #[test]
+    fn a_beat_stays_small() {
+        // Every idle client has one (BENCHMARKS.md, "Per idle WebSocket client").
+        assert!(size_of::<Beat>() <= 40, "{}", size_of::<Beat>());
     }
 
     #[test]

@@ -9,6 +9,9 @@
 //! error) is left here, with the session woken to write the rest under `--write-timeout` and its
 //! slow-client rule, before anything else: a frame is never cut by another. TLS and SSE sessions
 //! never park: their framing state is their session's.
+//!
+//! The heartbeat's sweep writes a parked client's pings here too (`Express::ping`), so that an
+//! idle tablet's session wakes only to read its pong.
 
 use std::cell::RefCell;
 use std::io::{self, IoSlice};
@@ -22,7 +25,7 @@ use crate::app::App;
 use crate::core::hub::Hub;
 use crate::core::receipts::ReceiptEvent;
 use crate::runtime::scheduler::FanOut;
-use crate::ws::frame::{Frame, WRITE_BATCH_BYTES, WRITE_BATCH_FRAMES, slices_for, unwritten_slices};
+use crate::ws::frame::{Frame, PING, WRITE_BATCH_BYTES, WRITE_BATCH_FRAMES, slices_for, unwritten_slices};
 use smol::{Async, future};
 use socket2::SockRef;
 
@@ -78,6 +81,27 @@ impl Express {
     /// What the lane left for this session to finish, if anything.
     pub fn take_leftover(&self, key: usize, client_id: u64) -> Option<Box<Leftover>> {
         lane_mut(&mut self.lanes.borrow_mut(), key, client_id)?.leftover.take()
+    }
+
+    /// Writes a ping to the client under hub key `key` for the heartbeat, while its session is
+    /// parked with nothing of the lane's left to finish (a listed one is left to its session):
+    /// `true` once it is on its way, `false` if its session must write it.
+    pub fn ping(&self, hub: &mut Hub, key: usize) -> bool {
+        let mut lanes = self.lanes.borrow_mut();
+        let Some(lane) = lanes.get_mut(key).and_then(Option::as_mut) else { return false };
+        if lane.leftover.is_some() || !hub.is_parked(key, lane.client_id) {
+            return false;
+        }
+        let written = send_now(lane.socket.get_ref(), PING);
+        if written == 0 {
+            return false;
+        }
+        if written < PING.len() {
+            let frames = vec![Frame::ping()];
+            lane.leftover = Some(Box::new(Leftover { frames, written, seqs: Vec::new() }));
+            hub.express_served(key, lane.client_id, false);
+        }
+        true
     }
 
     /// Serves the hub's list until the server stops, `CLIENTS_PER_TURN` per scheduling round.

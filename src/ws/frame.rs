@@ -92,6 +92,9 @@ pub const fn slices_for(frames: usize) -> usize {
 /// The longest head a frame holds inline: an SSE event's `<seq>\ndata: ` or `event: <name>\ndata: `.
 pub const MAX_HEAD_BYTES: usize = 40;
 
+/// A Ping with no payload, as `Frame::ping` frames it: what the express lane sends as it is.
+pub const PING: &[u8] = &[0x80 | OPCODE_PING, 0];
+
 const OPCODE_TEXT: u8 = 0x1;
 const OPCODE_CLOSE: u8 = 0x8;
 const OPCODE_PING: u8 = 0x9;
@@ -161,6 +164,11 @@ mod tests {
     use async_tungstenite::tungstenite::protocol::CloseFrame;
     use async_tungstenite::tungstenite::protocol::frame::Frame as TungsteniteFrame;
     use async_tungstenite::tungstenite::protocol::frame::coding::{CloseCode, Data, OpCode};
+
+    #[test]
+    fn the_ping_bytes_are_the_ping_frame() {
+        assert_eq!(Frame::ping().parts().concat(), PING);
+    }
 
     #[test]
     fn unwritten_slices_resume_mid_frame() {

@@ -250,6 +250,7 @@ impl Session {
                 };
                 if parks {
                     self.subscription.park();
+                    pulse.park(self.subscription.key());
                 }
                 let wake = future::poll_fn(|cx| {
                     if client_first && readable(cx) {
@@ -266,6 +267,7 @@ impl Session {
                 .await;
                 if parks {
                     self.subscription.unpark();
+                    self.pulse.unpark();
                 }
                 wake
             };
