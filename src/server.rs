@@ -130,7 +130,8 @@ pub fn serve(
     });
     scheduler.control.spawn(expire_history(Rc::clone(&app))).detach();
     let heartbeat = Rc::clone(&app.heartbeat);
-    scheduler.control.spawn(async move { heartbeat.sweep().await }).detach();
+    let rounds = Rc::clone(&scheduler.fan_out);
+    scheduler.control.spawn(async move { heartbeat.sweep(&rounds).await }).detach();
     // A session's turn: it writes what parked sessions would have.
     let express = Express::new(app.config.max_clients);
     scheduler
@@ -138,7 +139,7 @@ pub fn serve(
         .spawn(Rc::clone(&express).run(Rc::clone(&app), Rc::clone(&scheduler.fan_out)))
         .detach();
     let (lane, hub) = (Rc::clone(&express), app.hub.clone());
-    let ping_parked = move |key| hub.try_with(|hub| lane.ping(hub, key)).unwrap_or(false);
+    let ping_parked = move |key, tag| hub.try_with(|hub| lane.ping(hub, key, tag)).unwrap_or(false);
     app.heartbeat.ping_parked_with(Box::new(ping_parked));
     if app.publisher.journal().is_some() {
         let app = Rc::clone(&app);

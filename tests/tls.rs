@@ -342,11 +342,11 @@ fn a_bad_key_or_certificate_file_stops_the_start_with_a_clear_error() {
 fn a_burst_reaches_a_wss_client_in_one_tls_record_not_one_per_emergency() {
     let dir = TempDir::new();
     let ca = SiteCa::make(dir.path(), "tls");
-    let (server, addr) = start(&ca, &["--in-memory"]);
+    let (server, addr) = start(&ca, &["--in-memory", "--queue", "16"]);
     let mut client = WssClient::connect(&ca, addr);
     assert_eq!(client.recv_json()["type"], "connection");
-    // Half a queue (the default --queue is 16) in one write to the Unix socket: the hub takes all
-    // eight before the session writes, as one batch.
+    // Half a queue (--queue 16 here) in one write to the Unix socket: the hub takes all eight
+    // before the session writes, as one batch.
     let burst: String = (1..=8).map(|n| format!("{{\"n\":{n}}}\n")).collect();
     let mut unix = server.unix();
     unix.send(burst.as_bytes());

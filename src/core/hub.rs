@@ -863,6 +863,15 @@ impl Hub {
         self.subscriber(key, client_id).is_some_and(|subscriber| subscriber.stance == Stance::Parked)
     }
 
+    /// The express lane began a write for a parked client outside the list (a ping) and left the
+    /// rest to its session: woken, it finishes it first. An entry on the list stays as it is.
+    pub fn wake_to_finish(&mut self, key: usize, client_id: u64) {
+        if let Some(subscriber) = self.subscriber_mut(key, client_id) {
+            subscriber.stance = Stance::Busy;
+            subscriber.doorbell.ring();
+        }
+    }
+
     /// Its session is about to wait for the doorbell with everything it was handed written: the
     /// express lane may write for it until it wakes.
     pub fn park(&mut self, key: usize, client_id: u64) {

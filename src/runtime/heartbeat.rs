@@ -5,9 +5,9 @@
 //!
 //! Why not a timer per session: each costs an entry in the reactor's timer tree, a wake-up of the
 //! thread when it fires and a task poll, so an idle server with N tablets woke about N times per
-//! interval. Swept, the sessions due in a slot are woken together, write their pings in one pass,
-//! and their pongs come back together, returned by one `epoll_wait`: the thread wakes a handful of
-//! times per interval, whatever the number of clients. The price is granularity: a ping or a pong
+//! interval. Swept, the pings due in a slot go out in one pass, and the thread wakes once per slot
+//! for the sweep, whatever the number of clients, and then as the pongs come back (at 1000 idle
+//! tablets about as often as uWebSockets' one loop, BENCHMARKS.md). The price is granularity: a ping or a pong
 //! deadline falls on the next slot boundary, at most one slot (`--ping-interval` / 8) late, never
 //! early. A session is a `Pulse` (its key in the slab of `Beat`s, removed on drop) and keeps its
 //! own waker there; the sweep visits every beat, a few nanoseconds each.
@@ -18,7 +18,7 @@
 //! one per ping and one per pong. Pong deadlines always wake the session: it must close.
 
 use std::cell::{Cell, RefCell};
-use std::num::NonZeroU64;
+use std::num::{NonZeroU32, NonZeroU64};
 use std::rc::Rc;
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
@@ -27,19 +27,22 @@ use slab::Slab;
 use smol::Timer;
 use smol::future;
 
+use crate::runtime::scheduler::FanOut;
+
 /// Slots per `--ping-interval`: how often the sweep wakes, and the granularity of pings and pong
 /// deadlines (one slot of 30 s is 3.75 s).
 pub const SLOTS_PER_INTERVAL: u64 = 8;
 
-/// Pings written for parked sessions per turn of the sweep; it then yields, so that a slot where
-/// thousands are due (they all connected together) does not hold the thread for tens of
-/// milliseconds: 256 loopback `send`s are about 2 ms.
+/// Pings written for parked sessions per turn of the sweep; it then waits for the next scheduling
+/// round (sessions, the express lane and the reactor go first), so that a slot where thousands are
+/// due (they all connected together) does not hold the thread: 256 `send`s to loopback sockets are
+/// 3-5 ms (13-19 µs each, BENCHMARKS.md "Round 7").
 const PARKED_PINGS_PER_TURN: usize = 256;
 
-/// Writes a ping for the parked session under a hub key, if it can at once: `true` once the ping
-/// is on its way (the session is next due at its pong deadline), `false` to wake the session to
-/// ping itself.
-pub type ParkedPinger = Box<dyn Fn(usize) -> bool>;
+/// Writes a ping for the parked session under a hub key whose client id's low 32 bits are the
+/// tag, if it can at once: `true` once the ping is on its way (the session is next due at its
+/// pong deadline), `false` to wake the session to ping itself.
+pub type ParkedPinger = Box<dyn Fn(usize, u32) -> bool>;
 
 /// A slot's number, counted from the heartbeat's start.
 type Tick = u64;
@@ -51,7 +54,8 @@ pub struct Heartbeat {
     slot_nanos: u128,
     ping_interval: Duration,
     pong_timeout: Duration,
-    /// The last slot swept: a beat due at or before it has been woken.
+    /// The last slot the sweep began: a beat due at or before it is ready to its session's poll,
+    /// and the sweep serves it (pings for it, or wakes it) unless the session came first.
     swept: Cell<Tick>,
     beats: RefCell<Slab<Beat>>,
     /// The sweep, waiting for a first beat.
@@ -67,8 +71,16 @@ struct Beat {
     /// due one interval after registering).
     pinged_at: Option<NonZeroU64>,
     waker: Option<Waker>,
-    /// While its session waits parked: the session's hub key, which `ParkedPinger` knows it by.
-    parked_as: Option<u32>,
+    /// While its session waits parked: who `ParkedPinger` writes its ping to.
+    parked_as: Option<ParkedAs>,
+}
+
+/// A parked session's client, as the express lane knows it: its hub key (plus one, so that the
+/// `Option` costs nothing) and the low 32 bits of its client id, since hub keys are reused.
+#[derive(Clone, Copy)]
+struct ParkedAs {
+    key_plus_one: NonZeroU32,
+    tag: u32,
 }
 
 impl Beat {
@@ -116,9 +128,10 @@ impl Heartbeat {
         Pulse { heartbeat: Rc::clone(self), key }
     }
 
-    /// The one timer task: at each slot's start, wakes the sessions due. Sleeps without a timer
-    /// while no session is registered.
-    pub async fn sweep(&self) {
+    /// The one timer task: at each slot's start, serves the sessions due, a turn of parked pings
+    /// per scheduling round (`FanOut::next_round`). Sleeps without a timer while no session is
+    /// registered.
+    pub async fn sweep(&self, rounds: &FanOut) {
         loop {
             future::poll_fn(|cx| {
                 if self.beats.borrow().is_empty() {
@@ -134,14 +147,15 @@ impl Heartbeat {
             while let Some(from) = next {
                 next = self.sweep_from(tick, from);
                 if next.is_some() {
-                    future::yield_now().await;
+                    rounds.next_round().await;
                 }
             }
         }
     }
 
+    /// Sweeps slot `tick` at once, every turn, for tests.
     #[cfg(test)]
-    fn sweep_now(&self, tick: Tick) {
+    pub(crate) fn sweep_now(&self, tick: Tick) {
         let mut next = Some(0);
         while let Some(from) = next {
             next = self.sweep_from(tick, from);
@@ -154,18 +168,19 @@ impl Heartbeat {
     fn sweep_from(&self, tick: Tick, from: usize) -> Option<usize> {
         self.swept.set(tick);
         let pinger = self.parked_pinger.borrow();
-        // The pings go out now, which is never before the slot began.
-        let sent = Instant::now().max(self.instant_of(tick));
-        let deadline = self.first_tick_from(sent + self.pong_timeout);
+        let mut beats = self.beats.borrow_mut();
         let mut pings = 0;
-        for (key, beat) in self.beats.borrow_mut().iter_mut().skip_while(|(key, _)| *key < from) {
-            if beat.due > tick {
-                continue;
-            }
+        for key in from..beats.capacity() {
+            let Some(beat) = beats.get_mut(key).filter(|beat| beat.due <= tick) else { continue };
             let parked_ping = beat.ping_due(tick)
-                && beat.parked_as.zip(pinger.as_ref()).is_some_and(|(hub_key, ping)| ping(hub_key as usize));
+                && beat
+                    .parked_as
+                    .zip(pinger.as_ref())
+                    .is_some_and(|(client, ping)| ping(client.key_plus_one.get() as usize - 1, client.tag));
             if parked_ping {
-                beat.pinged(deadline);
+                // Sent now, which is never before the slot began.
+                let sent = Instant::now().max(self.instant_of(tick));
+                beat.pinged(self.first_tick_from(sent + self.pong_timeout));
                 pings += 1;
                 if pings == PARKED_PINGS_PER_TURN {
                     return Some(key + 1);
@@ -222,9 +237,12 @@ impl Pulse {
         if due.unwrap_or(false) { Poll::Ready(()) } else { Poll::Pending }
     }
 
-    /// Its session waits parked under `hub_key`: its pings may be written without waking it.
-    pub fn park(&self, hub_key: usize) {
-        let parked_as = u32::try_from(hub_key).ok();
+    /// Its session waits parked as client `client_id` under `hub_key`: its pings may be written
+    /// without waking it.
+    pub fn park(&self, hub_key: usize, client_id: u64) {
+        let key_plus_one = u32::try_from(hub_key + 1).ok().and_then(NonZeroU32::new);
+        // The tag tells apart the clients a reused key has had: the low bits are enough.
+        let parked_as = key_plus_one.map(|key_plus_one| ParkedAs { key_plus_one, tag: client_id as u32 });
         self.heartbeat.with_beat(self.key, |beat, _| beat.parked_as = parked_as);
     }
 
@@ -276,6 +294,8 @@ mod tests {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::task::Wake;
+
+    use crate::runtime::scheduler::Scheduler;
 
     #[derive(Default)]
     struct CountingWaker(AtomicUsize);
@@ -360,7 +380,7 @@ mod tests {
     fn pinger(heartbeat: &Heartbeat, writes: bool) -> Rc<RefCell<Vec<usize>>> {
         let asked = Rc::new(RefCell::new(Vec::new()));
         let log = Rc::clone(&asked);
-        heartbeat.ping_parked_with(Box::new(move |key| {
+        heartbeat.ping_parked_with(Box::new(move |key, _tag| {
             log.borrow_mut().push(key);
             writes
         }));
@@ -374,7 +394,7 @@ mod tests {
         let pulse = heartbeat.register();
         let counter = Arc::new(CountingWaker::default());
         assert!(!due(&pulse, &counter));
-        pulse.park(7);
+        pulse.park(7, 70);
         heartbeat.sweep_now(9);
         assert_eq!(*asked.borrow(), [7], "the pinger wrote its ping");
         assert_eq!(counter.0.load(Ordering::Relaxed), 0, "and the session slept on");
@@ -399,7 +419,7 @@ mod tests {
         let pulse = heartbeat.register();
         let counter = Arc::new(CountingWaker::default());
         assert!(!due(&pulse, &counter));
-        pulse.park(3);
+        pulse.park(3, 30);
         heartbeat.sweep_now(9);
         assert_eq!(*asked.borrow(), [3]);
         assert_eq!(counter.0.load(Ordering::Relaxed), 1);
@@ -413,7 +433,7 @@ mod tests {
         let asked = pinger(&heartbeat, true);
         let pulses: Vec<Pulse> = (0..PARKED_PINGS_PER_TURN + 10).map(|_| heartbeat.register()).collect();
         for (key, pulse) in pulses.iter().enumerate() {
-            pulse.park(key);
+            pulse.park(key, key as u64);
         }
         let next = heartbeat.sweep_from(9, 0);
         assert_eq!(next, Some(PARKED_PINGS_PER_TURN));
@@ -422,6 +442,50 @@ mod tests {
         let all: Vec<usize> = (0..pulses.len()).collect();
         assert_eq!(*asked.borrow(), all, "each pinged once");
         assert!(pulses.iter().all(Pulse::awaiting_answer));
+    }
+
+    /// The sweep as the server runs it, with a session that is always busy: one turn's pings go
+    /// out together, and the sessions run before the next turn's.
+    #[test]
+    fn a_sweep_lets_the_sessions_run_between_its_turns_of_parked_pings() {
+        let scheduler = Scheduler::new(8);
+        let heartbeat = Heartbeat::new(Duration::from_millis(80), Duration::from_secs(3600), 0);
+        let count = PARKED_PINGS_PER_TURN + 1;
+        let session_turns = Rc::new(Cell::new(0u64));
+        // The session turns run so far, at each ping.
+        let seen = Rc::new(RefCell::new(Vec::new()));
+        let (all_pinged, pinged) = async_channel::bounded(1);
+        let (log, turns) = (Rc::clone(&seen), Rc::clone(&session_turns));
+        heartbeat.ping_parked_with(Box::new(move |_, _| {
+            log.borrow_mut().push(turns.get());
+            if log.borrow().len() == count {
+                let _ = all_pinged.try_send(());
+            }
+            true
+        }));
+        let pulses: Vec<Pulse> = (0..count).map(|_| heartbeat.register()).collect();
+        for (key, pulse) in pulses.iter().enumerate() {
+            pulse.park(key, key as u64);
+        }
+        let turns = Rc::clone(&session_turns);
+        let busy = async move {
+            loop {
+                turns.set(turns.get() + 1);
+                future::yield_now().await;
+            }
+        };
+        scheduler.sessions.spawn(busy).detach();
+        let (sweeper, rounds) = (Rc::clone(&heartbeat), Rc::clone(&scheduler.fan_out));
+        scheduler.control.spawn(async move { sweeper.sweep(&rounds).await }).detach();
+        let gave_up = async {
+            Timer::after(Duration::from_secs(10)).await;
+            false
+        };
+        assert!(scheduler.block_on(future::or(async { pinged.recv().await.is_ok() }, gave_up)));
+        let seen = seen.borrow();
+        let (first_turn, next) = seen.split_at(PARKED_PINGS_PER_TURN);
+        assert!(first_turn.iter().all(|&turns| turns == first_turn[0]), "sessions ran within a turn");
+        assert!(next[0] > first_turn[0], "no session ran between the turns ({} turns)", next[0]);
     }
 
     #[test]
@@ -435,7 +499,8 @@ mod tests {
         let heartbeat = Heartbeat::new(Duration::from_millis(80), Duration::from_millis(40), 1);
         let pulse = heartbeat.register();
         let started = Instant::now();
-        let sweep = heartbeat.sweep();
+        let rounds = Rc::clone(&Scheduler::new(1).fan_out);
+        let sweep = heartbeat.sweep(&rounds);
         let woken = future::poll_fn(|cx| pulse.poll_due(cx));
         smol::block_on(future::or(woken, sweep));
         let elapsed = started.elapsed();

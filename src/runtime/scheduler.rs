@@ -133,9 +133,10 @@ impl FanOut {
         .await
     }
 
-    /// For a session-side task with more to write than one turn should: waits for the next
-    /// scheduling round, so that control tasks and the reactor go first, as between session
-    /// turns. Meanwhile the sessions do not count as idle: publishing stays paced to it.
+    /// For a task with more to write than one turn should (the express lane, the heartbeat's
+    /// sweep): waits for the next scheduling round, so that the other side's tasks and the
+    /// reactor go first, as between session turns. Meanwhile the sessions do not count as idle:
+    /// publishing stays paced to it.
     pub async fn next_round(&self) {
         let mut queued = false;
         future::poll_fn(|cx| {
@@ -212,6 +213,25 @@ mod tests {
         });
         scheduler.block_on(future::zip(session, publisher));
         assert_eq!(order.borrow().as_slice(), ["publish", "publish", "session", "publish", "publish"]);
+    }
+
+    /// The heartbeat's sweep, a control task, waits for the next round between its turns of
+    /// pings: the sessions (and the express lane) run in between. `yield_now` would not let them:
+    /// a control task that yields runs again within the same round.
+    #[test]
+    fn a_control_task_waiting_for_the_next_round_lets_the_sessions_run_first() {
+        let scheduler = Scheduler::new(8);
+        let order = Rc::new(RefCell::new(Vec::new()));
+        let (log, fan_out) = (Rc::clone(&order), Rc::clone(&scheduler.fan_out));
+        let control = scheduler.control.spawn(async move {
+            log.borrow_mut().push("turn 1");
+            fan_out.next_round().await;
+            log.borrow_mut().push("turn 2");
+        });
+        let log = Rc::clone(&order);
+        scheduler.sessions.spawn(async move { log.borrow_mut().push("session") }).detach();
+        scheduler.block_on(control);
+        assert_eq!(order.borrow().as_slice(), ["turn 1", "session", "turn 2"]);
     }
 
     /// Pins the invariant that `FanOut` relies on (ARCHITECTURE.md): the session executor's run

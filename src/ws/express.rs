@@ -83,23 +83,29 @@ impl Express {
         lane_mut(&mut self.lanes.borrow_mut(), key, client_id)?.leftover.take()
     }
 
-    /// Writes a ping to the client under hub key `key` for the heartbeat, while its session is
-    /// parked with nothing of the lane's left to finish (a listed one is left to its session):
-    /// `true` once it is on its way, `false` if its session must write it.
-    pub fn ping(&self, hub: &mut Hub, key: usize) -> bool {
+    /// Writes a ping for the heartbeat (`heartbeat::ParkedPinger`) to the client under hub key
+    /// `key` whose client id's low 32 bits are `tag`, while its session is parked with nothing
+    /// of the lane's left to finish (a listed one is left to its session): `true` once it is on
+    /// its way, `false` if its session must write it.
+    pub fn ping(&self, hub: &mut Hub, key: usize, tag: u32) -> bool {
+        self.ping_with(hub, key, tag, send_now)
+    }
+
+    /// `ping`, with the system call given: tests make the socket take part of the Ping.
+    fn ping_with(&self, hub: &mut Hub, key: usize, tag: u32, send: fn(&TcpStream, &[u8]) -> usize) -> bool {
         let mut lanes = self.lanes.borrow_mut();
         let Some(lane) = lanes.get_mut(key).and_then(Option::as_mut) else { return false };
-        if lane.leftover.is_some() || !hub.is_parked(key, lane.client_id) {
+        if lane.client_id as u32 != tag || lane.leftover.is_some() || !hub.is_parked(key, lane.client_id) {
             return false;
         }
-        let written = send_now(lane.socket.get_ref(), PING);
+        let written = send(lane.socket.get_ref(), PING);
         if written == 0 {
             return false;
         }
         if written < PING.len() {
             let frames = vec![Frame::ping()];
             lane.leftover = Some(Box::new(Leftover { frames, written, seqs: Vec::new() }));
-            hub.express_served(key, lane.client_id, false);
+            hub.wake_to_finish(key, lane.client_id);
         }
         true
     }
@@ -242,4 +248,143 @@ fn send_until_full(total: usize, mut send: impl FnMut(usize) -> io::Result<usize
         }
     }
     written
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::handle::{HubHandle, Ingress};
+    use crate::core::hub::HubLimits;
+    use crate::core::receipts::ReceiptLimits;
+    use crate::core::subscription::Subscription;
+    use crate::protocol::Source;
+    use crate::runtime::heartbeat::Heartbeat;
+    use serde_json::value::RawValue;
+    use std::io::Read;
+    use std::net::TcpListener;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::task::{Context, Wake, Waker};
+    use std::time::Duration;
+
+    fn hub() -> (HubHandle, Ingress) {
+        let limits = HubLimits {
+            history: 8,
+            history_bytes: 1 << 20,
+            queue: 8,
+            max_clients: 4,
+            history_max_age: Duration::from_secs(3600),
+            status_queue: 8,
+            receipts: ReceiptLimits { max_open: 0, max_open_bytes: 1 << 20, max_unnamed: 4 },
+            ack_timeout: None,
+        };
+        HubHandle::new(Hub::new(limits, "s"))
+    }
+
+    /// A client of `hub` on a lane of `express`, its session parked, and the peer's end of its
+    /// socket.
+    fn parked_client(hub: &HubHandle, express: &Express) -> (Subscription, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let peer = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (socket, _) = listener.accept().unwrap();
+        let (client, _) = Subscription::open(hub, "127.0.0.1:9".parse().unwrap(), None, None).unwrap();
+        express.join(client.key(), client.client_id, Arc::new(Async::new(socket).unwrap()));
+        client.park();
+        (client, peer)
+    }
+
+    fn ping(express: &Express, hub: &HubHandle, client: &Subscription) -> bool {
+        hub.with(|hub| express.ping(hub, client.key(), client.client_id as u32))
+    }
+
+    /// What the peer has been sent so far (a loopback `send` is there when it returns).
+    fn received(peer: &mut TcpStream) -> Vec<u8> {
+        peer.set_nonblocking(true).unwrap();
+        let mut bytes = vec![0; 64];
+        let count = peer.read(&mut bytes).unwrap_or(0);
+        bytes.truncate(count);
+        bytes
+    }
+
+    #[test]
+    fn a_parked_client_is_sent_its_ping_and_stays_parked() {
+        let (hub, _) = hub();
+        let express = Express::new(4);
+        let (client, mut peer) = parked_client(&hub, &express);
+        assert!(ping(&express, &hub, &client));
+        assert_eq!(received(&mut peer), PING);
+        assert!(hub.with(|hub| hub.is_parked(client.key(), client.client_id)));
+    }
+
+    #[test]
+    fn a_ping_is_left_to_the_session_of_a_listed_busy_or_unfinished_client_or_another_one() {
+        let (hub, ingress) = hub();
+        let express = Express::new(4);
+        let (client, mut peer) = parked_client(&hub, &express);
+        let tag = client.client_id as u32;
+        let key = client.key();
+        // Listed: an emergency came for it, which the lane writes first.
+        let data = RawValue::from_string("{}".to_owned()).unwrap();
+        assert!(ingress.publish(&data, Source::Http, None).is_ok());
+        assert!(!ping(&express, &hub, &client), "listed");
+        // Busy: its session woke.
+        client.unpark();
+        assert!(!ping(&express, &hub, &client), "busy");
+        // A batch the lane began and its session has not finished.
+        client.park();
+        let leftover = Leftover { frames: vec![Frame::ping()], written: 1, seqs: Vec::new() };
+        lane_mut(&mut express.lanes.borrow_mut(), key, client.client_id).unwrap().leftover =
+            Some(Box::new(leftover));
+        assert!(!ping(&express, &hub, &client), "unfinished");
+        assert!(express.take_leftover(key, client.client_id).is_some());
+        // Another client under the same key (keys are reused).
+        assert!(!hub.with(|hub| express.ping(hub, key, tag.wrapping_add(1))), "another client");
+        assert!(received(&mut peer).is_empty(), "nothing was written");
+        assert!(ping(&express, &hub, &client), "parked again, with nothing left over");
+    }
+
+    #[test]
+    fn a_ping_the_socket_takes_in_part_is_finished_by_its_session() {
+        let (hub, _) = hub();
+        let express = Express::new(4);
+        let (client, _peer) = parked_client(&hub, &express);
+        let (key, id) = (client.key(), client.client_id);
+        let none = hub.with(|hub| express.ping_with(hub, key, id as u32, |_, _| 0));
+        assert!(!none, "a socket that takes nothing leaves the ping to the session");
+        assert!(express.take_leftover(key, id).is_none());
+        assert!(hub.with(|hub| express.ping_with(hub, key, id as u32, |_, _| 1)));
+        assert!(!hub.with(|hub| hub.is_parked(key, id)));
+        assert!(hub.borrow().is_rung(key, id), "its session is woken");
+        let leftover = express.take_leftover(key, id).expect("the rest is its session's");
+        assert_eq!((leftover.frames.len(), leftover.written), (1, 1));
+    }
+
+    #[derive(Default)]
+    struct CountingWaker(AtomicUsize);
+
+    impl Wake for CountingWaker {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// The heartbeat wired to the lane as `server` wires them: the sweep pings a parked client
+    /// without waking its session.
+    #[test]
+    fn the_sweep_pings_a_parked_client_through_the_lane_without_waking_it() {
+        let (hub, _) = hub();
+        let express = Express::new(4);
+        let (client, mut peer) = parked_client(&hub, &express);
+        let heartbeat = Heartbeat::new(Duration::from_secs(8 * 3600), Duration::from_secs(2 * 3600), 1);
+        let (lane, handle) = (Rc::clone(&express), hub.clone());
+        heartbeat.ping_parked_with(Box::new(move |key, tag| handle.with(|hub| lane.ping(hub, key, tag))));
+        let pulse = heartbeat.register();
+        let session = Arc::new(CountingWaker::default());
+        let waker = Waker::from(Arc::clone(&session));
+        assert!(pulse.poll_due(&mut Context::from_waker(&waker)).is_pending());
+        pulse.park(client.key(), client.client_id);
+        heartbeat.sweep_now(9);
+        assert_eq!(received(&mut peer), PING);
+        assert_eq!(session.0.load(Ordering::Relaxed), 0, "the session slept on");
+        assert!(pulse.awaiting_answer());
+    }
 }

@@ -250,7 +250,7 @@ impl Session {
                 };
                 if parks {
                     self.subscription.park();
-                    pulse.park(self.subscription.key());
+                    pulse.park(self.subscription.key(), self.subscription.client_id);
                 }
                 let wake = future::poll_fn(|cx| {
                     if client_first && readable(cx) {
