@@ -7,10 +7,10 @@
 //! thread when it fires and a task poll, so an idle server with N tablets woke about N times per
 //! interval. Swept, the pings due in a slot go out in one pass, and the thread wakes once per slot
 //! for the sweep, whatever the number of clients, and then as the pongs come back (at 1000 idle
-//! tablets about as often as uWebSockets' one loop, BENCHMARKS.md). The price is granularity: a ping or a pong
-//! deadline falls on the next slot boundary, at most one slot (`--ping-interval` / 8) late, never
-//! early. A session is a `Pulse` (its key in the slab of `Beat`s, removed on drop) and keeps its
-//! own waker there; the sweep visits every beat, a few nanoseconds each.
+//! tablets about as often as uWebSockets' one loop, BENCHMARKS.md). The price is granularity: a
+//! ping or a pong deadline falls on the next slot boundary, at most one slot (`--ping-interval` /
+//! 8) late, never early. A session is a `Pulse` (its key in the slab of `Beat`s, removed on drop)
+//! and keeps its own waker there; the sweep visits every beat, a few nanoseconds each.
 //!
 //! A session that waits parked (`ws::express`) is not woken to ping: the sweep hands its ping to
 //! the `ParkedPinger` the server installed, which writes it from the express lane, and wakes the
