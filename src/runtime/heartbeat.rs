@@ -12,9 +12,9 @@
 //! 8) late, never early. A session is a `Pulse` (its key in the slab of `Beat`s, removed on drop)
 //! and keeps its own waker there; the sweep visits every beat, a few nanoseconds each.
 //!
-//! A session that waits parked (`ws::express`) is not woken to ping: the sweep hands its ping to
-//! the `ParkedPinger` the server installed, which writes it from the express lane, and wakes the
-//! session only if that cannot be done at once. An idle tablet then costs a task wake per pong, not
+//! A session that waits parked (`ws::express`) is not woken to ping: the sweep hands every due
+//! ping to the `ParkedPinger` the server installed, which writes it from the express lane if the
+//! hub has the client parked, and wakes the session only if it did not. An idle tablet then costs a task wake per pong, not
 //! one per ping and one per pong. Pong deadlines always wake the session: it must close.
 
 use std::cell::{Cell, RefCell};
@@ -39,9 +39,9 @@ pub const SLOTS_PER_INTERVAL: u64 = 8;
 /// 3-5 ms (13-19 µs each, BENCHMARKS.md "Round 7").
 const PARKED_PINGS_PER_TURN: usize = 256;
 
-/// Writes a ping for the parked session under a hub key whose client id's low 32 bits are the
-/// tag, if it can at once: `true` once the ping is on its way (the session is next due at its
-/// pong deadline), `false` to wake the session to ping itself.
+/// Writes a ping for the client under a hub key whose client id's low 32 bits are the tag, if its
+/// session is parked and the socket takes it at once: `true` once the ping is on its way (the
+/// session is next due at its pong deadline), `false` to wake the session to ping itself.
 pub type ParkedPinger = Box<dyn Fn(usize, u32) -> bool>;
 
 /// A slot's number, counted from the heartbeat's start.
@@ -71,14 +71,14 @@ struct Beat {
     /// due one interval after registering).
     pinged_at: Option<NonZeroU64>,
     waker: Option<Waker>,
-    /// While its session waits parked: who `ParkedPinger` writes its ping to.
-    parked_as: Option<ParkedAs>,
+    /// Its session's client, whom `ParkedPinger` may write its ping to.
+    client: Option<ClientRef>,
 }
 
-/// A parked session's client, as the express lane knows it: its hub key (plus one, so that the
-/// `Option` costs nothing) and the low 32 bits of its client id, since hub keys are reused.
+/// A session's client as the express lane knows it: its hub key (plus one, so that the `Option`
+/// costs nothing) and the low 32 bits of its client id, since hub keys are reused.
 #[derive(Clone, Copy)]
-struct ParkedAs {
+struct ClientRef {
     key_plus_one: NonZeroU32,
     tag: u32,
 }
@@ -117,10 +117,14 @@ impl Heartbeat {
         *self.parked_pinger.borrow_mut() = Some(pinger);
     }
 
-    /// A session's heartbeat, first due one `--ping-interval` from now (rounded up to a slot).
-    pub fn register(self: &Rc<Self>) -> Pulse {
+    /// The heartbeat of the session of client `client_id` under `hub_key`, first due one
+    /// `--ping-interval` from now (rounded up to a slot).
+    pub fn register(self: &Rc<Self>, hub_key: usize, client_id: u64) -> Pulse {
         let due = self.first_tick_from(Instant::now() + self.ping_interval);
-        let beat = Beat { due, pinged_at: None, waker: None, parked_as: None };
+        let key_plus_one = u32::try_from(hub_key + 1).ok().and_then(NonZeroU32::new);
+        // The tag tells apart the clients a reused key has had: the low bits are enough.
+        let client = key_plus_one.map(|key_plus_one| ClientRef { key_plus_one, tag: client_id as u32 });
+        let beat = Beat { due, pinged_at: None, waker: None, client };
         let key = self.beats.borrow_mut().insert(beat);
         if let Some(sweeper) = self.sweeper.take() {
             sweeper.wake();
@@ -162,8 +166,8 @@ impl Heartbeat {
         }
     }
 
-    /// Marks slot `tick` swept and serves the beats due from key `from` on: a parked session's
-    /// ping is written for it, any other session due is woken. Returns the key to go on from
+    /// Marks slot `tick` swept and serves the beats due from key `from` on: a ping the pinger
+    /// writes (its session is parked) is written for it, any other session due is woken. Returns the key to go on from
     /// after `PARKED_PINGS_PER_TURN` pings, `None` once every beat is served.
     fn sweep_from(&self, tick: Tick, from: usize) -> Option<usize> {
         self.swept.set(tick);
@@ -174,7 +178,7 @@ impl Heartbeat {
             let Some(beat) = beats.get_mut(key).filter(|beat| beat.due <= tick) else { continue };
             let parked_ping = beat.ping_due(tick)
                 && beat
-                    .parked_as
+                    .client
                     .zip(pinger.as_ref())
                     .is_some_and(|(client, ping)| ping(client.key_plus_one.get() as usize - 1, client.tag));
             if parked_ping {
@@ -237,20 +241,6 @@ impl Pulse {
         if due.unwrap_or(false) { Poll::Ready(()) } else { Poll::Pending }
     }
 
-    /// Its session waits parked as client `client_id` under `hub_key`: its pings may be written
-    /// without waking it.
-    pub fn park(&self, hub_key: usize, client_id: u64) {
-        let key_plus_one = u32::try_from(hub_key + 1).ok().and_then(NonZeroU32::new);
-        // The tag tells apart the clients a reused key has had: the low bits are enough.
-        let parked_as = key_plus_one.map(|key_plus_one| ParkedAs { key_plus_one, tag: client_id as u32 });
-        self.heartbeat.with_beat(self.key, |beat, _| beat.parked_as = parked_as);
-    }
-
-    /// Its session is awake: it pings for itself.
-    pub fn unpark(&self) {
-        self.heartbeat.with_beat(self.key, |beat, _| beat.parked_as = None);
-    }
-
     /// Whether a ping went out and nothing has come back since.
     pub fn awaiting_answer(&self) -> bool {
         self.heartbeat.with_beat(self.key, |beat, _| beat.pinged_at.is_some()).unwrap_or(false)
@@ -289,7 +279,7 @@ impl Drop for Pulse {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
@@ -297,8 +287,9 @@ mod tests {
 
     use crate::runtime::scheduler::Scheduler;
 
+    /// A waker that counts its wakes, for tests of what wakes a session.
     #[derive(Default)]
-    struct CountingWaker(AtomicUsize);
+    pub(crate) struct CountingWaker(pub(crate) AtomicUsize);
 
     impl Wake for CountingWaker {
         fn wake(self: Arc<Self>) {
@@ -320,7 +311,7 @@ mod tests {
     #[test]
     fn a_ping_is_due_one_interval_after_registering_then_its_pong_deadline() {
         let heartbeat = slow_heartbeat();
-        let pulse = heartbeat.register();
+        let pulse = heartbeat.register(0, 0);
         let counter = Arc::new(CountingWaker::default());
         // Registered just after slot 0 began: due one interval later, rounded up: slot 9.
         heartbeat.sweep_now(8);
@@ -348,7 +339,7 @@ mod tests {
     #[test]
     fn an_sse_heartbeat_is_due_every_interval() {
         let heartbeat = slow_heartbeat();
-        let pulse = heartbeat.register();
+        let pulse = heartbeat.register(0, 0);
         let counter = Arc::new(CountingWaker::default());
         heartbeat.sweep_now(9);
         assert!(due(&pulse, &counter));
@@ -363,7 +354,7 @@ mod tests {
     #[test]
     fn only_the_sessions_due_are_woken_and_a_dropped_pulse_is_gone() {
         let heartbeat = slow_heartbeat();
-        let (early, late) = (heartbeat.register(), heartbeat.register());
+        let (early, late) = (heartbeat.register(0, 0), heartbeat.register(1, 1));
         let (early_waker, late_waker) =
             (Arc::new(CountingWaker::default()), Arc::new(CountingWaker::default()));
         assert!(!due(&early, &early_waker) && !due(&late, &late_waker));
@@ -376,25 +367,31 @@ mod tests {
         assert!(heartbeat.beats.borrow().is_empty());
     }
 
-    /// Installs a pinger that answers `writes` and records the hub keys it was asked for.
-    fn pinger(heartbeat: &Heartbeat, writes: bool) -> Rc<RefCell<Vec<usize>>> {
-        let asked = Rc::new(RefCell::new(Vec::new()));
-        let log = Rc::clone(&asked);
+    /// Installs a pinger that answers what `writes` holds (as the express lane does, whether the
+    /// client is parked) and records the hub keys it was asked for.
+    fn pinger(heartbeat: &Heartbeat, writes: bool) -> (Rc<RefCell<Vec<usize>>>, Rc<Cell<bool>>) {
+        let (asked, writes) = (Rc::new(RefCell::new(Vec::new())), Rc::new(Cell::new(writes)));
+        let (log, answer) = (Rc::clone(&asked), Rc::clone(&writes));
         heartbeat.ping_parked_with(Box::new(move |key, _tag| {
             log.borrow_mut().push(key);
-            writes
+            answer.get()
         }));
-        asked
+        (asked, writes)
+    }
+
+    /// A session registered under hub key `key`, waiting for its heartbeat (not yet due).
+    fn waiting(heartbeat: &Rc<Heartbeat>, key: usize) -> (Pulse, Arc<CountingWaker>) {
+        let pulse = heartbeat.register(key, 10 * key as u64);
+        let counter = Arc::new(CountingWaker::default());
+        assert!(!due(&pulse, &counter));
+        (pulse, counter)
     }
 
     #[test]
     fn a_parked_session_is_pinged_for_without_a_wake_until_its_pong_deadline() {
         let heartbeat = slow_heartbeat();
-        let asked = pinger(&heartbeat, true);
-        let pulse = heartbeat.register();
-        let counter = Arc::new(CountingWaker::default());
-        assert!(!due(&pulse, &counter));
-        pulse.park(7, 70);
+        let (asked, writes) = pinger(&heartbeat, true);
+        let (pulse, counter) = waiting(&heartbeat, 7);
         heartbeat.sweep_now(9);
         assert_eq!(*asked.borrow(), [7], "the pinger wrote its ping");
         assert_eq!(counter.0.load(Ordering::Relaxed), 0, "and the session slept on");
@@ -406,20 +403,19 @@ mod tests {
         assert_eq!(counter.0.load(Ordering::Relaxed), 1, "a pong deadline wakes a parked session");
         assert_eq!(asked.borrow().len(), 1, "and is not a ping");
         pulse.answered();
-        pulse.unpark();
+        assert!(!due(&pulse, &counter), "answered: not due until the next ping");
+        writes.set(false);
         heartbeat.sweep_now(17);
-        assert_eq!(asked.borrow().len(), 1, "an awake session pings for itself");
+        assert_eq!(asked.borrow().len(), 2);
+        assert_eq!(counter.0.load(Ordering::Relaxed), 2, "an awake session pings for itself");
         assert!(due(&pulse, &counter));
     }
 
     #[test]
     fn a_parked_session_whose_ping_cannot_be_written_is_woken_to_write_it() {
         let heartbeat = slow_heartbeat();
-        let asked = pinger(&heartbeat, false);
-        let pulse = heartbeat.register();
-        let counter = Arc::new(CountingWaker::default());
-        assert!(!due(&pulse, &counter));
-        pulse.park(3, 30);
+        let (asked, _) = pinger(&heartbeat, false);
+        let (pulse, counter) = waiting(&heartbeat, 3);
         heartbeat.sweep_now(9);
         assert_eq!(*asked.borrow(), [3]);
         assert_eq!(counter.0.load(Ordering::Relaxed), 1);
@@ -430,11 +426,9 @@ mod tests {
     #[test]
     fn a_sweep_yields_after_a_turn_of_parked_pings_and_then_goes_on() {
         let heartbeat = Heartbeat::new(Duration::from_secs(8 * 3600), Duration::from_secs(2 * 3600), 0);
-        let asked = pinger(&heartbeat, true);
-        let pulses: Vec<Pulse> = (0..PARKED_PINGS_PER_TURN + 10).map(|_| heartbeat.register()).collect();
-        for (key, pulse) in pulses.iter().enumerate() {
-            pulse.park(key, key as u64);
-        }
+        let (asked, _) = pinger(&heartbeat, true);
+        let pulses: Vec<Pulse> =
+            (0..PARKED_PINGS_PER_TURN + 10).map(|key| heartbeat.register(key, key as u64)).collect();
         let next = heartbeat.sweep_from(9, 0);
         assert_eq!(next, Some(PARKED_PINGS_PER_TURN));
         assert_eq!(asked.borrow().len(), PARKED_PINGS_PER_TURN);
@@ -463,10 +457,7 @@ mod tests {
             }
             true
         }));
-        let pulses: Vec<Pulse> = (0..count).map(|_| heartbeat.register()).collect();
-        for (key, pulse) in pulses.iter().enumerate() {
-            pulse.park(key, key as u64);
-        }
+        let _pulses: Vec<Pulse> = (0..count).map(|key| heartbeat.register(key, key as u64)).collect();
         let turns = Rc::clone(&session_turns);
         let busy = async move {
             loop {
@@ -497,7 +488,7 @@ mod tests {
     #[test]
     fn the_sweep_wakes_a_session_within_a_slot_of_its_ping() {
         let heartbeat = Heartbeat::new(Duration::from_millis(80), Duration::from_millis(40), 1);
-        let pulse = heartbeat.register();
+        let pulse = heartbeat.register(0, 0);
         let started = Instant::now();
         let rounds = Rc::clone(&Scheduler::new(1).fan_out);
         let sweep = heartbeat.sweep(&rounds);

@@ -259,11 +259,12 @@ mod tests {
     use crate::core::subscription::Subscription;
     use crate::protocol::Source;
     use crate::runtime::heartbeat::Heartbeat;
+    use crate::runtime::heartbeat::tests::CountingWaker;
     use serde_json::value::RawValue;
     use std::io::Read;
     use std::net::TcpListener;
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::task::{Context, Wake, Waker};
+    use std::sync::atomic::Ordering;
+    use std::task::{Context, Waker};
     use std::time::Duration;
 
     fn hub() -> (HubHandle, Ingress) {
@@ -358,15 +359,6 @@ mod tests {
         assert_eq!((leftover.frames.len(), leftover.written), (1, 1));
     }
 
-    #[derive(Default)]
-    struct CountingWaker(AtomicUsize);
-
-    impl Wake for CountingWaker {
-        fn wake(self: Arc<Self>) {
-            self.0.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-
     /// The heartbeat wired to the lane as `server` wires them: the sweep pings a parked client
     /// without waking its session.
     #[test]
@@ -377,11 +369,10 @@ mod tests {
         let heartbeat = Heartbeat::new(Duration::from_secs(8 * 3600), Duration::from_secs(2 * 3600), 1);
         let (lane, handle) = (Rc::clone(&express), hub.clone());
         heartbeat.ping_parked_with(Box::new(move |key, tag| handle.with(|hub| lane.ping(hub, key, tag))));
-        let pulse = heartbeat.register();
+        let pulse = heartbeat.register(client.key(), client.client_id);
         let session = Arc::new(CountingWaker::default());
         let waker = Waker::from(Arc::clone(&session));
         assert!(pulse.poll_due(&mut Context::from_waker(&waker)).is_pending());
-        pulse.park(client.key(), client.client_id);
         heartbeat.sweep_now(9);
         assert_eq!(received(&mut peer), PING);
         assert_eq!(session.0.load(Ordering::Relaxed), 0, "the session slept on");

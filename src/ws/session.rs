@@ -167,7 +167,7 @@ impl Session {
         Session {
             wire,
             socket,
-            pulse: app.heartbeat.register(),
+            pulse: app.heartbeat.register(subscription.key(), subscription.client_id),
             app,
             subscription,
             greeting: Some(Box::new(greeting)),
@@ -250,7 +250,6 @@ impl Session {
                 };
                 if parks {
                     self.subscription.park();
-                    pulse.park(self.subscription.key(), self.subscription.client_id);
                 }
                 let wake = future::poll_fn(|cx| {
                     if client_first && readable(cx) {
@@ -267,7 +266,6 @@ impl Session {
                 .await;
                 if parks {
                     self.subscription.unpark();
-                    self.pulse.unpark();
                 }
                 wake
             };
